@@ -1,0 +1,279 @@
+"""The facade users call: ``FastModel`` (also importable as ``FastLanguageModel``).
+
+from fastlm import FastModel
+model, tokenizer = FastModel.from_pretrained("path/or/name", max_seq_length=2048)
+model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlm import models
+from fastlm.errors import UnsupportedDtypeError, UnsupportedKeywordError
+from fastlm.versions import check_versions
+
+logger = logging.getLogger("fastlm")
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Unsloth keywords fastlm does not implement. Passing Unsloth's default value is harmless and
+# accepted; any other value raises, naming the keyword (never silently ignored).
+_FROM_PRETRAINED_DEFAULTS: dict[str, Any] = {
+    "load_in_8bit": False,
+    "fast_inference": False,
+    "gpu_memory_utilization": None,
+    "float8_kv_cache": False,
+    "max_lora_rank": None,
+    "disable_log_stats": None,
+    "qat_scheme": None,
+    "rope_scaling": None,
+    "resize_model_vocab": None,
+    "use_exact_model_name": False,
+    "fix_tokenizer": True,
+    "full_finetuning_8bit": False,
+    "unsloth_vllm_standby": False,
+    "offload_embedding": False,
+    "load_in_fp8": False,
+}
+_GET_PEFT_MODEL_DEFAULTS: dict[str, Any] = {
+    "loftq_config": None,
+    "qat_scheme": None,
+    "temporary_location": "_unsloth_temporary_saved_buffers",
+    "layers_pattern": None,
+}
+
+
+class FastModel:
+    """Load, patch and LoRA-wrap Hugging Face causal LMs (Llama, Gemma 3 text)."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str,
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | None = None,
+        load_in_4bit: bool = False,
+        full_finetuning: bool = False,
+        device_map: str | dict | None = "auto",
+        token: str | None = None,
+        trust_remote_code: bool = False,
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        load_in_16bit: bool = True,
+        allow_untested_versions: bool = False,
+        check_finite_loss: bool = True,
+        **kwargs: Any,
+    ) -> tuple[nn.Module, Any]:
+        """Load a checkpoint, patch it with fastlm's kernels, return ``(model, tokenizer)``.
+
+        Usage: ``model, tok = FastModel.from_pretrained("./llama", max_seq_length=4096)``.
+        ``tokenizer`` is None when the folder has no tokenizer files.
+        """
+        _refuse_unimplemented(kwargs, _FROM_PRETRAINED_DEFAULTS, "from_pretrained")
+        if load_in_4bit:
+            raise UnsupportedKeywordError(
+                "load_in_4bit=True (QLoRA) is not implemented in this fastlm version yet; load "
+                "in 16-bit (load_in_4bit=False) or use plain transformers + bitsandbytes."
+            )
+        if not allow_untested_versions:
+            check_versions(("torch", "transformers", "peft"))
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(random_state)
+        config_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision") if k in kwargs}
+        config = AutoConfig.from_pretrained(
+            model_name, token=token, trust_remote_code=trust_remote_code, **config_kwargs
+        )
+        spec = models.spec_for(config)
+        device = _target_device(device_map)
+        dtype = resolve_dtype(dtype, device)
+        kwargs.setdefault("attn_implementation", "sdpa")
+        if device_map == "auto" and device == "cpu":
+            device_map = None
+        model = AutoModelForCausalLM.from_pretrained(
+            model_name,
+            dtype=dtype,
+            device_map=device_map,
+            token=token,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
+        if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
+            # A GGUF checkpoint is dequantised on load; the leftover quantizer would make
+            # Trainer and save_pretrained refuse the (plain floating-point) model.
+            model.hf_quantizer = None
+            model.is_quantized = False
+        model.max_seq_length = max_seq_length
+        models.patch_model(model, spec, max_seq_length, check_finite_loss=check_finite_loss)
+        if full_finetuning:
+            model.requires_grad_(True)
+            if use_gradient_checkpointing:
+                _enable_checkpointing(model)
+        tokenizer = _load_tokenizer(model_name, token, trust_remote_code, config_kwargs)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model: nn.Module,
+        r: int = 16,
+        target_modules: list[str] | str | None = None,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        layers_to_transform: list[int] | None = None,
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+        ensure_weight_tying: bool = False,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Wrap a fastlm-loaded model with LoRA adapters (a normal ``peft.PeftModel``).
+
+        Usage: ``model = FastModel.get_peft_model(model, r=16, lora_alpha=16)``.
+        Layers that cannot run fused (dropout, DoRA, bias...) still work through PEFT and are
+        listed by ``FastModel.fused_report(model)``.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        _refuse_unimplemented(kwargs, _GET_PEFT_MODEL_DEFAULTS, "get_peft_model")
+        max_seq_length = kwargs.pop("max_seq_length", None)
+        if not models.is_patched(model):
+            raise ValueError(
+                "get_peft_model expects a model from FastModel.from_pretrained (it carries the "
+                "fastlm patches)."
+            )
+        if max_seq_length is not None:
+            models.patch_state(model).max_seq_length = max_seq_length
+            model.max_seq_length = max_seq_length
+        torch.manual_seed(random_state)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            target_modules=ALL_PROJECTIONS if target_modules is None else target_modules,
+            layers_to_transform=layers_to_transform,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            init_lora_weights=init_lora_weights,
+            use_dora=use_dora,
+            ensure_weight_tying=ensure_weight_tying,
+            task_type=kwargs.pop("task_type", "CAUSAL_LM"),
+            **kwargs,
+        )
+        peft_model = get_peft_model(model, config)
+        if use_gradient_checkpointing:
+            _enable_checkpointing(peft_model)
+        _log_fused_summary(peft_model)
+        return peft_model
+
+    @staticmethod
+    def for_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
+        """Switch to training mode (checkpointing on, KV cache off). Usage: ``for_training(m)``."""
+        model.train()
+        if use_gradient_checkpointing:
+            _enable_checkpointing(model)
+        _set_use_cache(model, False)
+        return model
+
+    @staticmethod
+    def for_inference(model: nn.Module) -> nn.Module:
+        """Switch to generation mode (eval, KV cache on). Usage: ``for_inference(m)``."""
+        model.eval()
+        _set_use_cache(model, True)
+        return model
+
+    @staticmethod
+    def fused_report(model: nn.Module) -> list[dict]:
+        """Which projections run fused and why the others do not."""
+        return models.fused_report(model)
+
+    @staticmethod
+    def unpatch(model: nn.Module) -> nn.Module:
+        """Remove fastlm's patches: the model runs transformers' own code again."""
+        return models.unpatch_model(model)
+
+
+FastLanguageModel = FastModel
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """The compute dtype: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if device == "cpu":
+        if dtype in (None, torch.float32):
+            return torch.float32
+        raise UnsupportedDtypeError(
+            f"dtype={dtype} on the CPU: fastlm trains in float32 on CPU (no fast half-precision "
+            "matmuls there). Pass dtype=None or torch.float32, or run on a GPU."
+        )
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if dtype is None:
+        return torch.bfloat16 if bf16_ok else torch.float16
+    if dtype == torch.bfloat16 and not bf16_ok:
+        raise UnsupportedDtypeError(
+            f"{torch.cuda.get_device_name()} has no bfloat16 support: pass dtype=torch.float16 "
+            "(or dtype=None to choose automatically)."
+        )
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise UnsupportedDtypeError(f"dtype={dtype} is not a training dtype: use bf16/fp16/fp32.")
+    return dtype
+
+
+def _target_device(device_map) -> str:
+    if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def _refuse_unimplemented(kwargs: dict, defaults: dict, where: str) -> None:
+    for key, default in defaults.items():
+        if key in kwargs and kwargs[key] != default:
+            raise UnsupportedKeywordError(
+                f"{where}({key}={kwargs[key]!r}) is not implemented by fastlm yet; remove the "
+                f"keyword or pass {default!r}."
+            )
+        kwargs.pop(key, None)  # Unsloth's default: nothing to do, and not a transformers keyword
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _set_use_cache(model, False)
+
+
+def _set_use_cache(model: nn.Module, value: bool) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = value
+
+
+def _load_tokenizer(model_name: str, token, trust_remote_code: bool, extra: dict):
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    local = os.path.isdir(model_name) and "gguf_file" not in extra
+    if local and not any(os.path.exists(os.path.join(model_name, n)) for n in names):
+        logger.warning("no tokenizer files in %s: returning tokenizer=None", model_name)
+        return None
+    return AutoTokenizer.from_pretrained(
+        model_name, token=token, trust_remote_code=trust_remote_code, **extra
+    )
+
+
+def _log_fused_summary(model: nn.Module) -> None:
+    rows = models.fused_report(model)
+    slow = [row for row in rows if not row["fused"]]
+    logger.info("fastlm: %d of %d projections run fused", len(rows) - len(slow), len(rows))
+    for row in slow:
+        logger.warning("fastlm: %s runs unfused: %s", row["module"], row["reason"])

@@ -1,0 +1,31 @@
+"""Errors that say what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class FastLMError(Exception):
+    """Base class of every error fastlm raises on purpose."""
+
+
+class UnsupportedArchitectureError(FastLMError, ValueError):
+    """The checkpoint's ``model_type`` has no fastlm spec."""
+
+
+class UnsupportedVersionError(FastLMError, RuntimeError):
+    """A dependency is outside the range fastlm was tested with."""
+
+
+class UnsupportedDtypeError(FastLMError, ValueError):
+    """The requested dtype cannot run on the device."""
+
+
+class SequenceTooLongError(FastLMError, ValueError):
+    """A batch is longer than the ``max_seq_length`` the model was loaded with."""
+
+
+class NonFiniteLossError(FastLMError, FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class UnsupportedKeywordError(FastLMError, TypeError):
+    """A keyword that Unsloth accepts but fastlm does not implement (yet)."""

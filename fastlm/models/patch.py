@@ -1,0 +1,310 @@
+"""The shared decoder path: patches one loaded model *instance* according to its spec.
+
+Every patched module gets an instance-level ``forward`` (the class and every other model in the
+process are untouched), the set of patched modules is recorded on the model, and
+``unpatch_model`` removes them again. Parameters and state-dict keys never change, so adapters
+save and load in plain PEFT.
+
+What runs where:
+- RMSNorm modules  → ``fastlm.kernels.rms_norm`` (fp32 inside, Llama or Gemma offset).
+- attention        → fused LoRA QKV, q/k norm, the RoPE kernel, then the model's own attention
+                     function (SDPA / eager, with its masks, sliding windows and soft-caps), then
+                     fused LoRA O.
+- MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
+- causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
+                     otherwise the model's own forward (generation and evaluation see logits).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
+from fastlm.errors import NonFiniteLossError, SequenceTooLongError
+from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from fastlm.kernels.geglu import geglu
+from fastlm.kernels.rms_norm import rms_norm
+from fastlm.kernels.rope import apply_rope
+from fastlm.kernels.swiglu import swiglu
+from fastlm.models.lora_layers import linear_weights
+from fastlm.models.spec import ArchitectureSpec
+
+_GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
+_STATE_ATTR = "_fastlm_patch_state"
+
+
+@dataclass
+class PatchState:
+    """What fastlm changed on a model, so that it can be reported and undone."""
+
+    spec: ArchitectureSpec
+    max_seq_length: int
+    check_finite_loss: bool = True
+    patched: list[nn.Module] = field(default_factory=list)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model`` (or the model inside a PEFT wrapper) carries fastlm patches."""
+    return _find_state(model) is not None
+
+
+def patch_model(
+    model: nn.Module, spec: ArchitectureSpec, max_seq_length: int, check_finite_loss: bool = True
+) -> nn.Module:
+    """Patch a loaded ``*ForCausalLM`` instance in place and return it.
+
+    Usage: ``patch_model(model, spec_for(model.config), max_seq_length=2048)``.
+    """
+    if is_patched(model):
+        return model
+    state = PatchState(spec, max_seq_length, check_finite_loss)
+    for module in model.modules():
+        name = type(module).__name__
+        if name == spec.norm_class:
+            _set_forward(state, module, _norm_forward, offset=spec.norm_offset)
+        elif name == spec.attention_class:
+            _set_forward(state, module, _attention_forward, spec=spec)
+        elif name == spec.mlp_class:
+            _set_forward(state, module, _mlp_forward, activation=spec.activation)
+    _set_causal_lm_forward(state, model)
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo ``patch_model``: every module gets its class forward back."""
+    target = _find_owner(model)
+    if target is None:
+        return model
+    state = target.__dict__.pop(_STATE_ATTR)
+    for module in state.patched:
+        module.__dict__.pop("forward", None)
+    return model
+
+
+def patch_state(model: nn.Module) -> PatchState | None:
+    """The PatchState of a patched model (PEFT-wrapped or not), else None."""
+    return _find_state(model)
+
+
+def fused_report(model: nn.Module) -> list[dict]:
+    """One row per projection / head: does it run fused, and if not, why.
+
+    Usage: ``for row in fused_report(model): print(row)``.
+    """
+    state = _find_state(model)
+    if state is None:
+        return []
+    rows = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls == state.spec.attention_class:
+            projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+        elif cls == state.spec.mlp_class:
+            projections = ("gate_proj", "up_proj", "down_proj")
+        else:
+            continue
+        for projection in projections:
+            weights, reason = linear_weights(getattr(module, projection))
+            rows.append(
+                {
+                    "module": f"{name}.{projection}",
+                    "fused": weights is not None,
+                    "lora": weights is not None and weights.lora_A is not None,
+                    "reason": reason,
+                }
+            )
+    owner = _find_owner(model)
+    head = owner.get_output_embeddings()
+    head_ok = type(head) is nn.Linear
+    rows.append(
+        {
+            "module": "lm_head (cross-entropy)",
+            "fused": head_ok,
+            "lora": False,
+            "reason": "" if head_ok else f"{type(head).__name__} is not a plain nn.Linear",
+        }
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _find_owner(model: nn.Module) -> nn.Module | None:
+    for module in model.modules():
+        if _STATE_ATTR in module.__dict__:  # not hasattr: PEFT wrappers forward attributes
+            return module
+    return None
+
+
+def _find_state(model: nn.Module) -> PatchState | None:
+    owner = _find_owner(model)
+    return None if owner is None else getattr(owner, _STATE_ATTR)
+
+
+def _set_forward(state: PatchState, module: nn.Module, function, **options) -> None:
+    bound = functools.partial(function, **options) if options else function
+    module.forward = types.MethodType(bound, module)
+    state.patched.append(module)
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return norm.eps if eps is None else eps
+
+
+# --------------------------------------------------------------------------- forwards
+
+
+def _norm_forward(self, hidden_states: torch.Tensor, *, offset: float) -> torch.Tensor:
+    return rms_norm(hidden_states, self.weight, _eps(self), offset)
+
+
+def _project_qkv(self, x: torch.Tensor):
+    q, _ = linear_weights(self.q_proj)
+    k, _ = linear_weights(self.k_proj)
+    v, _ = linear_weights(self.v_proj)
+    if q is not None and k is not None and v is not None:
+        return lora_qkv(x, q, k, v)
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weights, _ = linear_weights(linear)
+    return lora_linear(x, weights) if weights is not None else linear(x)
+
+
+def _attention_interface(self):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(self).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+
+
+def _attention_forward(
+    self,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    *,
+    spec: ArchitectureSpec,
+    **kwargs,
+):
+    batch, seq = hidden_states.shape[:-1]
+    query, key, value = _project_qkv(self, hidden_states)
+    query = query.view(batch, seq, -1, self.head_dim)  # (B, S, Hq, D)
+    key = key.view(batch, seq, -1, self.head_dim)  # (B, S, Hk, D)
+    value = value.view(batch, seq, -1, self.head_dim)
+    if spec.qk_norm:
+        query, key = self.q_norm(query), self.k_norm(key)
+    cos, sin = position_embeddings
+    query, key = apply_rope(query, key, cos, sin)
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    extra = {}
+    if hasattr(self, "sliding_window"):
+        extra["sliding_window"] = self.sliding_window
+    softcap = (
+        getattr(self, spec.attention_softcap_attr, None) if spec.attention_softcap_attr else None
+    )
+    if softcap is not None:
+        extra["softcap"] = softcap
+    output, weights = _attention_interface(self)(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=self.attention_dropout if self.training else 0.0,
+        scaling=self.scaling,
+        **extra,
+        **kwargs,
+    )
+    output = output.reshape(batch, seq, -1)
+    return _project(self.o_proj, output), weights
+
+
+def _mlp_forward(self, x: torch.Tensor, *, activation: str) -> torch.Tensor:
+    gate, _ = linear_weights(self.gate_proj)
+    up, _ = linear_weights(self.up_proj)
+    down, _ = linear_weights(self.down_proj)
+    if gate is not None and up is not None and down is not None:
+        return lora_mlp(x, gate, up, down, activation)
+    return self.down_proj(_GATED_ACTIVATIONS[activation](self.gate_proj(x), self.up_proj(x)))
+
+
+def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
+    original = type(model).forward
+    names = list(inspect.signature(original).parameters)[1:]
+
+    @functools.wraps(original)  # keep the signature: generate() and Trainer inspect it
+    def forward(self, *args, **kwargs):
+        kwargs.update(zip(names, args))
+        _check_length(kwargs, state.max_seq_length)
+        labels = kwargs.get("labels")
+        head = self.get_output_embeddings()
+        if labels is None or not self.training or type(head) is not nn.Linear:
+            return original(self, **kwargs)
+        return _fused_loss_forward(self, head, state, kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    state.patched.append(model)
+
+
+def _check_length(kwargs: dict, max_seq_length: int) -> None:
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] > max_seq_length:
+        raise SequenceTooLongError(
+            f"batch has sequences of {tokens.shape[1]} tokens but the model was loaded with "
+            f"max_seq_length={max_seq_length}. Truncate the data (e.g. SFTConfig(max_length="
+            f"{max_seq_length})) or load with a larger max_seq_length."
+        )
+
+
+def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
+    labels = kwargs.pop("labels")
+    shift_labels = kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("return_dict", None)
+    outputs = getattr(self, self.base_model_prefix)(**kwargs)
+    hidden = outputs.last_hidden_state  # (B, S, H)
+    if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
+        shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    attr = state.spec.final_logit_softcap_attr
+    softcap = getattr(self.config, attr, None) if attr else None
+    loss = fused_linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        shift_labels.reshape(-1).to(hidden.device),
+        bias=head.bias,
+        num_items_in_batch=num_items_in_batch,
+        softcap=softcap,
+    )
+    if state.check_finite_loss and not torch.isfinite(loss.detach()).item():
+        raise NonFiniteLossError(
+            f"the training loss is {loss.item()}: stopped before the optimizer could apply it. "
+            "Lower the learning rate, check the data for broken examples, use bf16 rather than "
+            "fp16 on GPUs that support it, or clip gradients (max_grad_norm)."
+        )
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )

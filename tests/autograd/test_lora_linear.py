@@ -1,0 +1,101 @@
+"""lora_linear: the Function vs plain autograd of F.linear + the LoRA term in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm.autograd import LoRAWeights, lora_linear
+
+IN_F, OUT_F, RANK, SCALING = 24, 40, 4, 2.0
+X_SHAPE = (2, 7, IN_F)
+
+
+def _make(device, seed=0, adapter=True, bias=False, train_base=False):
+    gen = torch.Generator().manual_seed(seed)
+
+    def p(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.3).to(device).requires_grad_()
+
+    w = p(OUT_F, IN_F).detach().requires_grad_(train_base)
+    b = p(OUT_F).detach().requires_grad_(train_base) if bias else None
+    proj = LoRAWeights(w, b, p(RANK, IN_F), p(OUT_F, RANK), SCALING)
+    if not adapter:
+        proj = LoRAWeights(w, b, None, None, SCALING)
+    x = torch.randn(*X_SHAPE, generator=gen).to(device).requires_grad_()
+    d_out = torch.randn(*X_SHAPE[:-1], OUT_F, generator=gen).to(device)
+    return x, proj, d_out
+
+
+def _linear(x, w: LoRAWeights):
+    y = F.linear(x, w.weight, w.bias)
+    if w.lora_A is not None:
+        y = y + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
+    return y
+
+
+def _leaves(x, p):
+    return [t for t in (x, *p[:4]) if t is not None and t.requires_grad]
+
+
+def _to64(x, p):
+    def c(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    return c(x), LoRAWeights(*(c(t) for t in p[:4]), p.scaling)
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check(x, proj, d_out, tol=1e-5):
+    out = lora_linear(x, proj)
+    x64, proj64 = _to64(x, proj)
+    out64 = _linear(x64, proj64)
+    assert out.shape == out64.shape and _rel(out, out64) <= tol
+    leaves = _leaves(x, proj)
+    grads = torch.autograd.grad(out, leaves, d_out.to(out.dtype))
+    grads64 = torch.autograd.grad(out64, _leaves(x64, proj64), d_out.double())
+    for g, g64, leaf in zip(grads, grads64, leaves):
+        assert g.shape == leaf.shape and g.dtype == leaf.dtype
+        assert _rel(g, g64) <= tol, (tuple(leaf.shape), _rel(g, g64))
+    return out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(bias=True),
+        dict(adapter=False, train_base=True),
+        dict(bias=True, train_base=True),
+    ],
+    ids=["lora", "lora-bias", "full-ft", "full-ft-lora-bias"],
+)
+def test_matches_unfused(kw, device):
+    x, proj, d_out = _make(device, **kw)
+    _check(x, proj, d_out)
+
+
+def test_input_without_grad_and_frozen_b(device):
+    x, proj, d_out = _make(device, seed=1)
+    x.requires_grad_(False)
+    proj.lora_B.requires_grad_(False)
+    _check(x, proj, d_out)
+    lora_linear(x, proj).backward(d_out)
+    assert proj.lora_B.grad is None and proj.lora_A.grad is not None
+
+
+def test_autocast_bf16_base_fp32_adapters(device):
+    x, proj, d_out = _make(device, seed=2)
+    proj = proj._replace(weight=proj.weight.detach().bfloat16())
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = _check(x, proj, d_out, tol=3e-2)
+    assert out.dtype == torch.bfloat16
+
+
+def test_fp32_input_with_bf16_params_returns_param_dtype_grads(device):
+    # without autocast the compute dtype is x's (fp32); grads still come back in bf16
+    x, proj, d_out = _make(device, seed=3, bias=True, train_base=True)
+    proj = LoRAWeights(*(t.detach().bfloat16().requires_grad_() for t in proj[:4]), proj.scaling)
+    _check(x, proj, d_out, tol=1e-2)

@@ -1,0 +1,209 @@
+"""lora_mlp: the fused Function vs plain autograd of the unfused computation in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm.autograd import LoRAWeights, lora_mlp
+
+HIDDEN, INTER, RANK, SCALING = 24, 40, 4, 2.0
+X_SHAPE = (2, 7, HIDDEN)
+N = X_SHAPE[0] * X_SHAPE[1]
+
+
+def _proj(out_f, in_f, gen, device, adapter=True, train_base=False, bias=False):
+    def p(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.3).to(device).requires_grad_()
+
+    w = p(out_f, in_f).detach().requires_grad_(train_base)
+    b = p(out_f).detach().requires_grad_(train_base) if bias else None
+    if not adapter:
+        return LoRAWeights(w, b, None, None, SCALING)
+    return LoRAWeights(w, b, p(RANK, in_f), p(out_f, RANK), SCALING)
+
+
+def _make(device, seed=0, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    adapters = kw.pop("adapters", (True, True, True))
+    gate = _proj(INTER, HIDDEN, gen, device, adapter=adapters[0], **kw)
+    up = _proj(INTER, HIDDEN, gen, device, adapter=adapters[1], **kw)
+    down = _proj(HIDDEN, INTER, gen, device, adapter=adapters[2], **kw)
+    x = torch.randn(*X_SHAPE, generator=gen).to(device)
+    d_out = torch.randn(*X_SHAPE, generator=gen).to(device)
+    return x, (gate, up, down), d_out
+
+
+def _linear(x, w: LoRAWeights):
+    y = F.linear(x, w.weight, w.bias)
+    if w.lora_A is not None:
+        y = y + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
+    return y
+
+
+def _unfused(x, gate, up, down, activation):
+    act = F.silu if activation == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+    return _linear(act(_linear(x, gate)) * _linear(x, up), down)
+
+
+def _leaves(x, projs):
+    out = [x] + [t for p in projs for t in (p.weight, p.bias, p.lora_A, p.lora_B)]
+    return [t for t in out if t is not None and t.requires_grad]
+
+
+def _to64(x, projs):
+    def c(t):
+        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+    return c(x), [LoRAWeights(*(c(t) for t in p[:4]), p.scaling) for p in projs]
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check_against_unfused(x, projs, d_out, activation):
+    out = lora_mlp(x, *projs, activation=activation)
+    x64, projs64 = _to64(x, projs)
+    out64 = _unfused(x64, *projs64, activation)
+    assert out.shape == out64.shape and out.dtype == x.dtype
+    assert _rel(out, out64) <= 1e-5
+    leaves, leaves64 = _leaves(x, projs), _leaves(x64, projs64)
+    assert len(leaves) == len(leaves64) > 0
+    grads = torch.autograd.grad(out, leaves, d_out)
+    grads64 = torch.autograd.grad(out64, leaves64, d_out.double())
+    for g, g64, leaf in zip(grads, grads64, leaves):
+        assert g.shape == leaf.shape and g.dtype == leaf.dtype
+        assert _rel(g, g64) <= 1e-5, (tuple(leaf.shape), _rel(g, g64))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_lora_on_all_projections(activation, device):
+    x, projs, d_out = _make(device)
+    x.requires_grad_()
+    _check_against_unfused(x, projs, d_out, activation)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_projection_without_adapter(activation, device):
+    x, projs, d_out = _make(device, seed=1, adapters=(True, False, True))
+    x.requires_grad_()
+    _check_against_unfused(x, projs, d_out, activation)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_full_finetuning_weights_and_bias_get_grads(activation, device):
+    x, projs, d_out = _make(
+        device, seed=2, train_base=True, bias=True, adapters=(True, False, False)
+    )
+    x.requires_grad_()
+    _check_against_unfused(x, projs, d_out, activation)
+
+
+def test_input_without_grad(device):
+    # x not requiring grad (e.g. frozen embeddings): adapters still get exact grads
+    x, projs, d_out = _make(device, seed=3)
+    _check_against_unfused(x, projs, d_out, "swiglu")
+
+
+def test_only_down_adapter_trains(device):
+    # nothing upstream of h needs a grad: the backward must still recompute h for down's grads
+    x, projs, d_out = _make(device, seed=4, adapters=(False, False, True))
+    _check_against_unfused(x, projs, d_out, "geglu")
+
+
+def test_no_grads_for_frozen_tensors(device):
+    x, (gate, up, down), d_out = _make(device, seed=5)
+    gate.lora_A.requires_grad_(False)
+    out = lora_mlp(x, gate, up, down)
+    out.backward(d_out)
+    assert gate.weight.grad is None and gate.lora_A.grad is None and x.grad is None
+    assert gate.lora_B.grad is not None and down.lora_A.grad is not None
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_h_is_not_saved(activation, device):
+    x, projs, _ = _make(device, seed=6)
+    x.requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(t.detach().clone())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lora_mlp(x, *projs, activation=activation)
+    x64, projs64 = _to64(x, projs)
+    with torch.no_grad():
+        gate, up, _ = projs64
+        act = F.silu if activation == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+        h = (act(_linear(x64, gate)) * _linear(x64, up)).reshape(N, INTER)
+    inter_sized = [t for t in packed if t.numel() == N * INTER]
+    assert len(inter_sized) == 2, [tuple(t.shape) for t in packed]  # e and g only
+    for t in inter_sized:
+        assert not torch.allclose(t.double().reshape(N, INTER), h, atol=1e-4)
+    assert out.grad_fn is not None
+
+
+def test_second_backward_through_retained_graph_is_refused(device):
+    # the backward overwrites the saved e, g in place; reusing the graph must fail loudly
+    x, projs, d_out = _make(device, seed=7)
+    x.requires_grad_()
+    out = lora_mlp(x, *projs)
+    out.backward(d_out, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(d_out)
+
+
+def test_autocast_bf16_with_fp32_adapters(device):
+    # PEFT layout: bf16 base, fp32 adapters, autocast bf16. Grads come back in each param's dtype.
+    x, projs, d_out = _make(device, seed=8)
+    projs = [
+        LoRAWeights(p.weight.detach().bfloat16(), None, p.lora_A, p.lora_B, p.scaling)
+        for p in projs
+    ]
+    x.requires_grad_()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = lora_mlp(x, *projs)
+    assert out.dtype == torch.bfloat16
+    leaves = _leaves(x, projs)
+    grads = torch.autograd.grad(out, leaves, d_out.bfloat16())
+    x64, projs64 = _to64(x, projs)
+    out64 = _unfused(x64, *projs64, "swiglu")
+    grads64 = torch.autograd.grad(out64, _leaves(x64, projs64), d_out.double())
+    assert _rel(out, out64) <= 3e-2
+    for g, g64, leaf in zip(grads, grads64, leaves):
+        assert g.dtype == leaf.dtype == torch.float32
+        assert _rel(g, g64) <= 3e-2
+
+
+def test_bad_activation_raises(device):
+    x, projs, _ = _make(device)
+    with pytest.raises(ValueError):
+        lora_mlp(x, *projs, activation="relu")
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Route the MLP's activation through the Triton kernels (the interpreter on CPU)."""
+    import fastlm.kernels.geglu as geglu_mod
+    import fastlm.kernels.swiglu as swiglu_mod
+
+    if not torch.cuda.is_available():
+        from fastlm.kernels._dispatch import triton_can_run
+
+        if not triton_can_run(torch.empty(0)):
+            pytest.skip("no GPU and no Triton interpreter")
+    monkeypatch.setattr(swiglu_mod, "use_triton", lambda t: True)
+    monkeypatch.setattr(geglu_mod, "use_triton", lambda t: True)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_triton_activation_path_in_place(activation, device, force_triton):
+    # the in-place Triton backward inside the Function, and its retained-graph refusal
+    x, projs, d_out = _make(device, seed=9)
+    x.requires_grad_()
+    _check_against_unfused(x, projs, d_out, activation)
+    out = lora_mlp(x, *projs, activation=activation)
+    out.backward(d_out, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(d_out)

@@ -1,0 +1,29 @@
+"""Test set-up: on a machine without a GPU, Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before anything imports triton (peft and transformers do).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402  (torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+import sys  # noqa: E402
+
+# Shared helpers (tiny configs, tokenizer) live beside this file.
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,75 @@
+"""fastlm models run unchanged under TRL's SFTTrainer and the HF Trainer."""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import save_tiny_model
+
+from fastlm import FastModel
+
+
+def _data(n=64):
+    from datasets import Dataset
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"add {i} {i + 1}"},
+                {"role": "assistant", "content": str(2 * i + 1)},
+            ]
+        }
+        for i in range(n)
+    ]
+    return Dataset.from_list(rows)
+
+
+def test_sft_trainer_runs_and_loss_falls(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    path = save_tiny_model("llama", tmp_path / "llama")
+    model, tokenizer = FastModel.from_pretrained(str(path), max_seq_length=64, device_map="cpu")
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=12,
+        learning_rate=1e-2,
+        logging_steps=1,
+        max_length=64,
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=_data(), args=args)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_hf_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    path = save_tiny_model("gemma3_text", tmp_path / "gemma3")
+    model, tokenizer = FastModel.from_pretrained(str(path), max_seq_length=64, device_map="cpu")
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
+    texts = [f"{i} plus {i} is {2 * i}." for i in range(48)]
+    dataset = [tokenizer(t) for t in texts]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=10,
+        learning_rate=1e-2,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0]

@@ -7,6 +7,9 @@ from tiny_models import save_tiny_model
 
 from fastlm import FastModel
 
+ON_GPU = torch.cuda.is_available()
+DEVICE_MAP = "cuda" if ON_GPU else "cpu"
+
 
 def _data(n=64):
     from datasets import Dataset
@@ -27,7 +30,9 @@ def test_sft_trainer_runs_and_loss_falls(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     path = save_tiny_model("llama", tmp_path / "llama")
-    model, tokenizer = FastModel.from_pretrained(str(path), max_seq_length=64, device_map="cpu")
+    model, tokenizer = FastModel.from_pretrained(
+        str(path), max_seq_length=64, device_map=DEVICE_MAP
+    )
     model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
     args = SFTConfig(
         output_dir=str(tmp_path / "out"),
@@ -37,8 +42,8 @@ def test_sft_trainer_runs_and_loss_falls(tmp_path):
         learning_rate=1e-2,
         logging_steps=1,
         max_length=64,
-        bf16=False,
-        use_cpu=True,
+        bf16=ON_GPU,
+        use_cpu=not ON_GPU,
         report_to=[],
         save_strategy="no",
     )
@@ -53,7 +58,9 @@ def test_hf_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     path = save_tiny_model("gemma3_text", tmp_path / "gemma3")
-    model, tokenizer = FastModel.from_pretrained(str(path), max_seq_length=64, device_map="cpu")
+    model, tokenizer = FastModel.from_pretrained(
+        str(path), max_seq_length=64, device_map=DEVICE_MAP
+    )
     model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
     texts = [f"{i} plus {i} is {2 * i}." for i in range(48)]
     dataset = [tokenizer(t) for t in texts]
@@ -64,7 +71,8 @@ def test_hf_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path):
         max_steps=10,
         learning_rate=1e-2,
         logging_steps=1,
-        use_cpu=True,
+        bf16=ON_GPU,
+        use_cpu=not ON_GPU,
         report_to=[],
         save_strategy="no",
     )

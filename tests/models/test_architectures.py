@@ -26,14 +26,14 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
-def _pair(tmp_path, model_type, checkpointing, **overrides):
+def _pair(tmp_path, model_type, checkpointing, device="cpu", dtype=torch.float32, **overrides):
     path = save_tiny_model(model_type, tmp_path / model_type, **overrides)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     reference = get_peft_model(
         reference,
         LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False),
     )
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map="cpu")
+    fast, _ = FastModel.from_pretrained(path, dtype=dtype, device_map=device)
     fast = FastModel.get_peft_model(
         fast, r=4, lora_alpha=8, init_lora_weights=False, use_gradient_checkpointing=checkpointing
     )
@@ -49,9 +49,10 @@ def _pair(tmp_path, model_type, checkpointing, **overrides):
 
 def _loss_and_lora_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    output = model(**batch)
+    device = next(model.parameters()).device
+    output = model(**{k: v.to(device) for k, v in batch.items()})
     output.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if "lora_" in n}
     return output, grads
 
 
@@ -141,3 +142,32 @@ def test_adapter_keys_are_plain_peft(tmp_path):
     for name, value in loaded.state_dict().items():
         if "lora_" in name:
             assert torch.equal(value, fast.state_dict()[name.replace(".default", ".default")])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real Triton kernels)")
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_gpu_fp32_matches_hf_and_bf16_is_as_close_as_hf(tmp_path, model_type):
+    """On the GPU: fp32 within 1e-4 as on CPU. In bf16 (under autocast, as the Trainer runs it)
+    fastlm's error against the fp32 HF truth is at most 1.5× (+1e-3) the error of HF + PEFT in
+    bf16 (loss and every LoRA gradient)."""
+    batch = tiny_batch()
+    truth_model, fast32 = _pair(tmp_path / "fp32", model_type, True, device="cuda")
+    truth, truth_grads = _loss_and_lora_grads(truth_model, batch)
+    fast, fast_grads = _loss_and_lora_grads(fast32, batch)
+    assert abs(fast.loss.item() - truth.loss.item()) <= RTOL * truth.loss.item()
+    for name, grad in truth_grads.items():
+        assert _relative_error(fast_grads[name], grad) <= RTOL, name
+
+    hf16, fast16 = _pair(tmp_path / "bf16", model_type, True, device="cuda", dtype=torch.bfloat16)
+    state = {k: v for k, v in truth_model.state_dict().items()}
+    hf16.load_state_dict(state)
+    fast16.load_state_dict(state)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        hf, hf_grads = _loss_and_lora_grads(hf16, batch)
+        ours, our_grads = _loss_and_lora_grads(fast16, batch)
+    hf_error = abs(hf.loss.item() - truth.loss.item())
+    assert abs(ours.loss.item() - truth.loss.item()) <= 1.5 * hf_error + 1e-3 * truth.loss.item()
+    for name, grad in truth_grads.items():
+        hf_error = _relative_error(hf_grads[name], grad)
+        assert _relative_error(our_grads[name], grad) <= 1.5 * hf_error + 1e-3, name

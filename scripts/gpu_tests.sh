@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the test suite on a CUDA machine (real Triton, no interpreter) and keeps the log.
+# Usage (repo root, GPU machine): bash scripts/gpu_tests.sh [pytest args...]
+set -uo pipefail
+if [ -f .gpu/site.tgz ]; then
+  mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+OUTDIR=${OUT:-benchmarks/results}
+mkdir -p "$OUTDIR"
+python3 - <<'PY' | tee "$OUTDIR/gpu-tests-env.txt"
+import torch, triton, transformers, peft
+print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
+try:
+    import trl; print("trl", trl.__version__)
+except ImportError as e: print("trl missing", e)
+PY
+python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUTDIR/gpu-tests.log"

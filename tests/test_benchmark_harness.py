@@ -1,0 +1,120 @@
+"""CPU smoke test of the training benchmark harness (benchmarks/train_bench.py), tiny shapes.
+
+The parent part (checkpoint, report) runs in this process; each system runs in a child process
+as on the GPU machine (about 10 s of imports each, so at most two children).
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    """Import a module of benchmarks/ the way train_bench.py's own imports find them."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def _fastlm_available() -> bool:
+    try:
+        import fastlm
+
+        return hasattr(fastlm, "FastModel")
+    except Exception:
+        return False
+
+
+def test_shape_table_builds_configs():
+    shapes = _load("_shapes")
+    for name in ("llama-3.2-1b", "llama-3.1-8b", "qwen3-4b", "tiny-llama", "tiny-gemma3"):
+        assert name in shapes.SHAPES
+    for shape in shapes.SHAPES.values():
+        config = shapes.make_config(shape)
+        assert config.model_type == shape.model_type
+        assert config.vocab_size == shape.vocab_size
+        assert config.hidden_size == shape.config["hidden_size"]
+    big = shapes.make_config(shapes.SHAPES["llama-3.2-1b"])
+    rope = big.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["rope_theta"] == 500000.0
+    assert (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]) == (32.0, 1.0, 4.0)
+    assert rope["original_max_position_embeddings"] == 8192
+    assert big.tie_word_embeddings and big.num_key_value_heads == 8
+    assert shapes.make_config(shapes.SHAPES["llama-3.1-8b"]).rope_parameters["factor"] == 8.0
+    assert not shapes.make_config(shapes.SHAPES["llama-3.1-8b"]).tie_word_embeddings
+    qwen = shapes.make_config(shapes.SHAPES["qwen3-4b"])
+    assert qwen.head_dim == 128 and qwen.tie_word_embeddings
+    assert qwen.rope_parameters["rope_theta"] == 1e6
+    # A changed config must not reuse a cached checkpoint.
+    a = shapes.SHAPES["tiny-llama"]
+    b = shapes.Shape(a.name, a.model_type, {**a.config, "hidden_size": 72}, a.batch)
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_report_ratios_against_hf(tmp_path):
+    report = _load("_report")
+    common = {"shape": "s", "mode": "lora", "status": "ok", "device": "cpu"}
+    records = [
+        {**common, "system": "hf", "tokens_per_s": 1000.0, "ms_per_step": 8.0, "peak_gib": 4.0,
+         "step0_loss": 11.75, "last_loss": 11.0},
+        {**common, "system": "fastlm", "tokens_per_s": 2500.0, "ms_per_step": 3.2,
+         "peak_gib": 1.0, "step0_loss": 11.7525, "last_loss": 11.0},
+        {"shape": "s", "mode": "lora", "system": "liger", "status": "skipped", "reason": "absent"},
+    ]  # fmt: skip
+    d = report.derived(records[1], records[0])
+    assert d["speedup"] == pytest.approx(2.5)
+    assert d["memory_ratio"] == pytest.approx(0.25)
+    assert d["loss_delta"] == pytest.approx(0.0025)
+    table = report.markdown_table(records)
+    lines = table.splitlines()
+    assert len(lines) == 5 and all(line.count(" | ") == 9 for line in lines)  # 10 columns
+    assert "| s | fastlm | 2,500 | 2.50× | 3.2 | 1.00 | 0.25× | 11.7525 | 0.0025 |" in table
+    assert "| s | liger | skipped |" in table
+    md = report.write_outputs(tmp_path, {"date": "d", "runs": [], "records": records})
+    assert "absent" in md
+    assert json.loads((tmp_path / "results.json").read_text())["records"][1]["vs_hf"]["speedup"]
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_harness_end_to_end_on_cpu(tmp_path, capsys):
+    bench = _load("train_bench")
+    systems = ["hf"] + (["fastlm"] if _fastlm_available() else [])
+    out = tmp_path / "out"
+    argv = [
+        "--shapes", "tiny-llama", "--systems", ",".join(systems), "--warmup", "1",
+        "--steps", "2", "--seq", "16", "--batch", "2", "--out", str(out),
+        "--cache", str(tmp_path / "cache"), "--child-timeout", "300",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.rstrip().splitlines()[-1].startswith("| tiny-llama |")  # the table comes last
+
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["runs"][0]["command"].startswith("python benchmarks/train_bench.py --shapes")
+    records = {r["system"]: r for r in payload["records"]}
+    assert set(records) == set(systems)
+    for system, rec in records.items():
+        assert rec["status"] == "ok", (system, rec.get("error"), rec.get("traceback"))
+        assert math.isfinite(rec["step0_loss"])
+        assert abs(rec["step0_loss"] - math.log(128)) < 0.5  # random init: about ln(vocab)
+        assert rec["tokens_per_s"] > 0 and rec["ms_per_step"] > 0
+        assert len(rec["losses"]) == 3
+        # LoRA r=16 on 2 layers: q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64.
+        assert rec["trainable_params"] == 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
+        assert rec["device"] == "cpu" and rec["versions"]["torch"]
+    if "fastlm" in records:  # same weights, data, LoRA init: same losses
+        assert records["fastlm"]["step0_loss"] == pytest.approx(records["hf"]["step0_loss"])
+    assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0
+    assert "| tiny-llama | hf |" in (out / "results.md").read_text()
+
+    # The cached checkpoint carries a tokenizer whose pad token is not EOS (Unsloth needs that).
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "cache" / "tiny-llama"))
+    assert len(tok) == 128 and tok.pad_token_id not in (None, tok.eos_token_id)

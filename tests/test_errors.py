@@ -59,14 +59,20 @@ def test_half_precision_on_cpu_is_refused(llama_path):
         FastModel.from_pretrained(llama_path, dtype=torch.float16, device_map="cpu")
 
 
-def test_nan_loss_stops_before_the_update(llama_path):
-    model, _ = FastModel.from_pretrained(llama_path, device_map="cpu")
+def test_nan_loss_raises(llama_path):
+    """CPU: raised before backward. CUDA: raised at the next forward (no per-step sync)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = FastModel.from_pretrained(llama_path, device_map=device)
     model = FastModel.get_peft_model(model, r=4)
     model.train()
     with torch.no_grad():
         model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight.fill_(float("nan"))
-    with pytest.raises(NonFiniteLossError, match="loss is nan"):
-        model(**tiny_batch())
+    batch = {k: v.to(device) for k, v in tiny_batch().items()}
+    with pytest.raises(NonFiniteLossError, match="(?i)nan"):
+        for _ in range(3):
+            model(**batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,55 @@ _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
 _STATE_ATTR = "_fastlm_patch_state"
 
 
+_NON_FINITE_ADVICE = (
+    "Lower the learning rate, check the data for broken examples, use bf16 rather than fp16 on "
+    "GPUs that support it, or clip gradients (max_grad_norm)."
+)
+
+
+class FiniteLossMonitor:
+    """Raises NonFiniteLossError for a NaN/inf training loss without stalling the GPU.
+
+    On CPU the check is immediate (before backward). On CUDA an immediate check would be a host
+    synchronisation per step, which idles the GPU while the CPU launches the backward (measured:
+    the 1B reference loop is launch-bound). So the finiteness flag is copied to pinned memory
+    asynchronously and read at the next forward, once its event has completed: the error then
+    names the step, whose optimizer update has already been applied.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
+
+    def watch(self, loss: torch.Tensor) -> None:
+        self.step += 1
+        if not loss.is_cuda:
+            if not torch.isfinite(loss.detach()).item():
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at step {self.step}: stopped before the "
+                    f"optimizer could apply it. {_NON_FINITE_ADVICE}"
+                )
+            return
+        self.check_completed()
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((self.step, flag, event))
+
+    def check_completed(self) -> None:
+        """Raise for any finished step whose loss was not finite (never blocks)."""
+        while self._pending and self._pending[0][2].query():
+            step, flag, _ = self._pending.pop(0)
+            if not bool(flag):
+                self._pending.clear()
+                raise NonFiniteLossError(
+                    f"the training loss was NaN/inf at step {step} (of this model's training "
+                    f"forwards); that step's update has been applied, so restart from the last "
+                    f"checkpoint. {_NON_FINITE_ADVICE}"
+                )
+
+
 @dataclass
 class PatchState:
     """What fastlm changed on a model, so that it can be reported and undone."""
@@ -50,6 +99,7 @@ class PatchState:
     max_seq_length: int
     check_finite_loss: bool = True
     patched: list[nn.Module] = field(default_factory=list)
+    loss_monitor: FiniteLossMonitor = field(default_factory=lambda: FiniteLossMonitor())
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -295,12 +345,8 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         num_items_in_batch=num_items_in_batch,
         softcap=softcap,
     )
-    if state.check_finite_loss and not torch.isfinite(loss.detach()).item():
-        raise NonFiniteLossError(
-            f"the training loss is {loss.item()}: stopped before the optimizer could apply it. "
-            "Lower the learning rate, check the data for broken examples, use bf16 rather than "
-            "fp16 on GPUs that support it, or clip gradients (max_grad_norm)."
-        )
+    if state.check_finite_loss:
+        state.loss_monitor.watch(loss)
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,

@@ -1,0 +1,65 @@
+"""Where a training step's GPU time goes: torch.profiler over two steps of the reference loop.
+
+    python benchmarks/profile_step.py --shape llama-3.2-1b --system fastlm [--rows 30]
+
+Prints the kernels sorted by total CUDA time (a diagnosis aid; the numbers that count come from
+train_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _checkpoint import ensure_checkpoint  # noqa: E402
+from _shapes import get_shape  # noqa: E402
+from _systems import LOADERS, Ctx, preimport  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--system", default="fastlm")
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--cache", default="/tmp/fastlm-bench")
+    args = parser.parse_args()
+    preimport(args.system)
+    import torch
+
+    shape = get_shape(args.shape)
+    path = ensure_checkpoint(shape, args.cache)["path"]
+    ctx = Ctx(shape=shape, path=path, mode="lora", seq=shape.seq, cuda=True, dtype=torch.bfloat16)
+    model = LOADERS[args.system](ctx)
+    model.train()
+    ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq), device="cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    averages = profiler.key_averages()
+    try:
+        table = averages.table(sort_by="self_cuda_time_total", row_limit=args.rows)
+    except (AttributeError, KeyError):
+        table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
+    print(f"== {args.system} {args.shape}: 2 steps ==")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

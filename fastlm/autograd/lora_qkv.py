@@ -2,6 +2,7 @@
 
 Q = x Wq^T + bq + sq (x Aq^T) Bq^T, and likewise K, V (see lora_weights.py for the gradients).
 x is saved once for the three; dx = dQ-part + dK-part + dV-part, accumulated in one buffer.
+The weights and adapters are cast to the compute dtype once in forward and those copies saved.
 """
 
 from __future__ import annotations
@@ -10,50 +11,65 @@ import torch
 from torch import Tensor
 
 from fastlm.autograd.lora_weights import (
+    NO_GRADS,
     LoRAWeights,
+    cast_projections,
     compute_dtype,
     flatten_weights,
-    lora_backward,
+    grad_input,
+    grad_params,
     lora_forward,
-    needs_of,
 )
 
 
 class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, *flat) -> tuple[Tensor, Tensor, Tensor]:
-        projections = [LoRAWeights(*flat[i : i + 5]) for i in range(0, 15, 5)]
         dtype = compute_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        cast, saved, ctx.dtypes = cast_projections(flat, dtype)
+        scalings = flat[4::5]
+        lead = x.shape[:-1]
         outs, xas = [], []
-        for p in projections:
-            y, xa = lora_forward(x2, p, dtype)
-            outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+        for i in range(3):
+            y, xa = lora_forward(x2, *cast[4 * i : 4 * i + 4], scalings[i])
+            outs.append(y.reshape(*lead, y.shape[-1]))
             xas.append(xa)
-        tensors = [t for i, t in enumerate(flat) if i % 5 != 4]  # all but the scalings
-        ctx.save_for_backward(x2, *xas, *tensors)
-        ctx.scalings = [float(s) for s in flat[4::5]]
-        ctx.dtype, ctx.x_shape, ctx.x_dtype = dtype, x.shape, x.dtype
+        ctx.save_for_backward(x2, *xas, *saved)
+        ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = scalings, dtype, x.shape, x.dtype
         ctx.set_materialize_grads(False)  # an unused output's grad stays None: skip its matmuls
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None):
         x2, *rest = ctx.saved_tensors
-        xas, tensors = rest[:3], rest[3:]
-        nig, dtype = ctx.needs_input_grad, ctx.dtype
+        nig, dtype, dtypes, scalings = ctx.needs_input_grad, ctx.dtype, ctx.dtypes, ctx.scalings
+        need_x = nig[0]
         dx, grads = None, []
         for i, d_out in enumerate((dq, dk, dv)):
-            w = LoRAWeights(*tensors[4 * i : 4 * i + 4], ctx.scalings[i])
-            needs = needs_of(nig, 1 + 5 * i)
             if d_out is None:  # output unused: contributes nothing
-                grads.extend((None,) * 4 + (None,))
+                grads += (*NO_GRADS, None)
                 continue
-            dy = d_out.reshape(-1, d_out.shape[-1]).to(dtype)
-            dx, g = lora_backward(dy, x2, xas[i], w, dtype, needs, dx=dx, need_dx=nig[0])
-            grads.extend((*g, None))
+            weight, lora_a, lora_b = rest[3 + 3 * i : 6 + 3 * i]
+            dy = d_out.reshape(-1, d_out.shape[-1])
+            if dy.dtype != dtype:
+                dy = dy.to(dtype)
+            dyb = None
+            if need_x:
+                dx, dyb = grad_input(dy, weight, lora_a, lora_b, scalings[i], dx)
+            needs = nig[1 + 5 * i : 5 + 5 * i]
+            if any(needs):
+                dtypes_i = dtypes[4 * i : 4 * i + 4]
+                grads += grad_params(dy, x2, rest[i], dyb, lora_b, scalings[i], dtypes_i, needs)
+            else:
+                grads += NO_GRADS
+            grads.append(None)
         if dx is not None:
-            dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+            dx = dx.reshape(ctx.x_shape)
+            if dx.dtype != ctx.x_dtype:
+                dx = dx.to(ctx.x_dtype)
         return (dx, *grads)
 
 

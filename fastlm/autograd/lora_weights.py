@@ -8,6 +8,11 @@ For Y = X W^T + b + s * (X A^T) B^T, with X (N, in), W (out, in), A (r, in), B (
     db = sum_rows dY
 Matmuls run in the compute dtype (the autocast dtype when autocast is on, else X's dtype); each
 gradient is returned in its parameter's own dtype (PEFT keeps adapters in fp32 over a bf16 base).
+
+Per-call cost matters here (7 projections per layer, forward run twice under gradient
+checkpointing, and the CPU must keep up with the GPU), so the Functions cast every weight to the
+compute dtype once in forward (no call at all when it already has that dtype), save those copies,
+and the backward casts no weight: each fp32 -> bf16 adapter cast is a kernel launch on the GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -28,19 +34,14 @@ class LoRAWeights(NamedTuple):
     scaling: float = 1.0  # lora_alpha / r (or rsLoRA's)
 
 
-class LoRAGrads(NamedTuple):
-    """Parameter gradients of one projection (None where not requested)."""
-
-    weight: Tensor | None
-    bias: Tensor | None
-    lora_A: Tensor | None
-    lora_B: Tensor | None
+NO_GRADS = (None, None, None, None)  # (dW, db, dA, dB) of a projection that needs none
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the matmuls run in: autocast's when it is on for x's device, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return x.dtype
 
 
@@ -50,22 +51,48 @@ def flatten_weights(*projections: LoRAWeights) -> list:
     for p in projections:
         if (p.lora_A is None) != (p.lora_B is None):
             raise ValueError("LoRAWeights: lora_A and lora_B must both be set or both be None")
-        out.extend((p.weight, p.bias, p.lora_A, p.lora_B, float(p.scaling)))
+        out += (p.weight, p.bias, p.lora_A, p.lora_B, float(p.scaling))
     return out
 
 
-def lora_forward(x: Tensor, w: LoRAWeights, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(Y, X A^T) for 2-D x already in ``dtype``; X A^T is None without an adapter."""
-    weight = w.weight.to(dtype)
-    if w.bias is not None:
-        y = torch.addmm(w.bias.to(dtype), x, weight.t())
-    else:
-        y = x @ weight.t()
-    if w.lora_A is None:
+def cast_projections(flat: tuple, dtype: torch.dtype) -> tuple[list, list, list]:
+    """Cast the flattened projections' tensors to ``dtype``, each once.
+
+    Returns (cast: weight, bias, lora_A, lora_B per projection, for the forward matmuls;
+    saved: weight, lora_A, lora_B per projection, for save_for_backward -- the backward needs no
+    bias; dtypes: the original dtypes of weight, bias, lora_A, lora_B per projection, None for
+    an absent tensor, so that each gradient comes back in its parameter's own dtype).
+    """
+    cast: list = []
+    dtypes: list = []
+    for i in range(0, len(flat), 5):
+        for t in flat[i : i + 4]:
+            if t is None:
+                dtypes.append(None)
+                cast.append(None)
+            else:
+                t_dtype = t.dtype
+                dtypes.append(t_dtype)
+                cast.append(t if t_dtype == dtype else t.to(dtype))
+    saved = [t for i, t in enumerate(cast) if i % 4 != 1]
+    return cast, saved, dtypes
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+) -> tuple[Tensor, Tensor | None]:
+    """(Y, X A^T) for 2-D x, all tensors already in one dtype; X A^T is None without an adapter."""
+    y = F.linear(x, weight, bias)  # addmm(b, x, W^T), or mm without a bias
+    if lora_a is None:
         return y, None
-    xa = x @ w.lora_A.to(dtype).t()
+    xa = F.linear(x, lora_a)
     # The scaling rides on the GEMM's alpha: no extra pass over the (N, out) output.
-    y.addmm_(xa, w.lora_B.to(dtype).t(), alpha=w.scaling)
+    y.addmm_(xa, lora_b.t(), alpha=scaling)
     return y, xa
 
 
@@ -76,8 +103,10 @@ _MM_OUT_DTYPE_OK = True
 def _mm_to(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     """a @ b returned in ``out_dtype``; fp32 parameters get an fp32-accumulated, fp32 result."""
     global _MM_OUT_DTYPE_OK
-    if a.dtype == out_dtype or out_dtype != torch.float32:
-        return (a @ b).to(out_dtype)
+    if a.dtype == out_dtype:
+        return torch.mm(a, b)
+    if out_dtype != torch.float32:
+        return torch.mm(a, b).to(out_dtype)
     if a.is_cuda and _MM_OUT_DTYPE_OK:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -87,56 +116,62 @@ def _mm_to(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
             _MM_OUT_DTYPE_OK = False
     if a.is_cuda:
         # The GEMM still accumulates in fp32; only its output is rounded (what PEFT+autocast gets).
-        return (a @ b).float()
-    return a.float() @ b.float()
+        return torch.mm(a, b).float()
+    return torch.mm(a.float(), b.float())
 
 
-def lora_backward(
+def grad_input(
+    dy: Tensor,
+    weight: Tensor,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+    dx: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """(dX, dY B) of one projection; weight and the adapter in dy's dtype (the saved copies).
+
+    dX = dY W + s * (dY B) A, accumulated in place into ``dx`` when given (several projections
+    share one input). dY B (N, r) is returned so that grad_params need not compute it again.
+    """
+    if dx is None:
+        dx = torch.mm(dy, weight)
+    else:
+        dx.addmm_(dy, weight)
+    if lora_a is None:
+        return dx, None
+    dyb = torch.mm(dy, lora_b)
+    dx.addmm_(dyb, lora_a, alpha=scaling)
+    return dx, dyb
+
+
+def grad_params(
     dy: Tensor,
     x: Tensor,
     xa: Tensor | None,
-    w: LoRAWeights,
-    dtype: torch.dtype,
-    needs: tuple[bool, bool, bool, bool],
-    dx: Tensor | None = None,
-    need_dx: bool = True,
-) -> tuple[Tensor | None, LoRAGrads]:
-    """Gradients of one projection from dy (N, out) and the saved x (N, in), xa = X A^T.
+    dyb: Tensor | None,
+    lora_b: Tensor | None,
+    scaling: float,
+    dtypes: list,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(dW, db, dA, dB) of one projection, each in its parameter's dtype (None if not needed).
 
-    ``needs`` = needs_input_grad for (weight, bias, lora_A, lora_B). When ``dx`` is given the dX
-    contribution is accumulated into it in place (several projections share one input); with
-    ``need_dx`` False dX is not computed. Returns (dX in ``dtype`` or None, LoRAGrads).
+    dy (N, out) and the saved x (N, in), xa = X A^T (N, r) and lora_b are in the compute dtype;
+    dyb = dY B from grad_input, or None to compute it here. ``dtypes`` and ``needs`` hold the
+    original dtypes and needs_input_grad of (weight, bias, lora_A, lora_B).
     """
-    need_w, need_b, need_a, need_b_lora = needs
-    has_lora = w.lora_A is not None
-    dyb = None
-    if has_lora and (need_dx or need_a):
-        dyb = dy @ w.lora_B.to(dtype)  # dY B: (N, r)
-
-    if need_dx:
-        weight = w.weight.to(dtype)
-        # dX = dY W + s * (dY B) A
-        if dx is None:
-            dx = dy @ weight
-        else:
-            dx.addmm_(dy, weight)
-        if has_lora:
-            dx.addmm_(dyb, w.lora_A.to(dtype), alpha=w.scaling)
-
+    need_w, need_b, need_a, need_lb = needs
     d_weight = d_bias = d_a = d_b = None
     if need_w:  # dW = dY^T X
-        d_weight = _mm_to(dy.t(), x, w.weight.dtype)
-    if need_b and w.bias is not None:  # db = sum over rows of dY, summed in fp32
-        d_bias = dy.sum(0, dtype=torch.float32).to(w.bias.dtype)
-    if has_lora and need_a:  # dA = s * (dY B)^T X
-        d_a = _mm_to(dyb.t(), x, w.lora_A.dtype).mul_(w.scaling)
-    if has_lora and need_b_lora:  # dB = s * dY^T (X A^T)
-        if xa is None:
-            xa = x @ w.lora_A.to(dtype).t()
-        d_b = _mm_to(dy.t(), xa, w.lora_B.dtype).mul_(w.scaling)
-    return dx, LoRAGrads(d_weight, d_bias, d_a, d_b)
-
-
-def needs_of(needs_input_grad: tuple[bool, ...], start: int) -> tuple[bool, bool, bool, bool]:
-    """needs_input_grad of (weight, bias, lora_A, lora_B) for the projection at ``start``."""
-    return tuple(needs_input_grad[start : start + 4])  # type: ignore[return-value]
+        d_weight = _mm_to(dy.t(), x, dtypes[0])
+    if need_b:  # db = sum over rows of dY, summed in fp32
+        d_bias = dy.sum(0, dtype=torch.float32)
+        if dtypes[1] != torch.float32:
+            d_bias = d_bias.to(dtypes[1])
+    if need_a:  # dA = s * (dY B)^T X
+        if dyb is None:
+            dyb = torch.mm(dy, lora_b)
+        d_a = _mm_to(dyb.t(), x, dtypes[2]).mul_(scaling)
+    if need_lb:  # dB = s * dY^T (X A^T)
+        d_b = _mm_to(dy.t(), xa, dtypes[3]).mul_(scaling)
+    return d_weight, d_bias, d_a, d_b

@@ -1,0 +1,186 @@
+"""The weight casts of lora_mlp / lora_qkv / lora_linear under autocast (lora_weights.py).
+
+PEFT layout: bf16 base, fp32 adapters, forward under autocast bf16. Each Function casts every
+weight once in forward and saves the copies: the backward casts no weight, and every gradient
+still comes back in its parameter's own dtype, close to plain autograd under the same autocast.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastlm.autograd import LoRAWeights, lora_linear, lora_mlp, lora_qkv
+
+HIDDEN, INTER, KV_OUT, RANK, SCALING = 24, 40, 8, 4, 2.0
+X_SHAPE = (2, 7, HIDDEN)  # N = 14 rows: no activation shares a shape with a weight or adapter
+OPS = ["mlp", "qkv", "linear"]
+# base weight dtype, bias (its dtype, or None), whether the base trains, x's dtype
+LAYOUTS = {
+    "peft-bf16-base": (torch.bfloat16, torch.bfloat16, False, torch.bfloat16),
+    "full-ft-bf16": (torch.bfloat16, torch.bfloat16, True, torch.bfloat16),
+    "full-ft-fp32-base": (torch.float32, torch.float32, True, torch.float32),
+}
+
+
+def _proj(out_f, in_f, gen, device, layout):
+    w_dtype, b_dtype, train_base, _ = LAYOUTS[layout]
+
+    def p(*shape, dtype=torch.float32, grad=True):
+        t = torch.randn(*shape, generator=gen) * 0.3
+        return t.to(device=device, dtype=dtype).requires_grad_(grad)
+
+    bias = None if b_dtype is None else p(out_f, dtype=b_dtype, grad=train_base)
+    weight = p(out_f, in_f, dtype=w_dtype, grad=train_base)
+    return LoRAWeights(weight, bias, p(RANK, in_f), p(out_f, RANK), SCALING)
+
+
+def _make(op, device, layout, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if op == "mlp":
+        projs = [_proj(o, i, gen, device, layout) for o, i in ((INTER, HIDDEN),) * 2]
+        projs.append(_proj(HIDDEN, INTER, gen, device, layout))
+    elif op == "qkv":
+        projs = [_proj(o, HIDDEN, gen, device, layout) for o in (HIDDEN, KV_OUT, KV_OUT)]
+    else:
+        projs = [_proj(INTER, HIDDEN, gen, device, layout)]
+    x_dtype = LAYOUTS[layout][3]
+    x = torch.randn(*X_SHAPE, generator=gen).to(device=device, dtype=x_dtype).requires_grad_()
+    return x, projs
+
+
+def _fused(op, x, projs):
+    if op == "mlp":
+        return [lora_mlp(x, *projs)]
+    if op == "qkv":
+        return list(lora_qkv(x, *projs))
+    return [lora_linear(x, projs[0])]
+
+
+def _linear(x, w: LoRAWeights):
+    return F.linear(x, w.weight, w.bias) + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
+
+
+def _plain(op, x, projs):
+    if op == "mlp":
+        gate, up, down = projs
+        return [_linear(F.silu(_linear(x, gate)) * _linear(x, up), down)]
+    return [_linear(x, p) for p in projs]
+
+
+def _leaves(x, projs):
+    out = [x] + [t for p in projs for t in p[:4]]
+    return [t for t in out if t is not None and t.requires_grad]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("op", OPS)
+def test_autocast_grads_in_param_dtype_match_plain_autograd(op, layout, device):
+    x, projs = _make(op, device, layout)
+    leaves = _leaves(x, projs)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        outs = _fused(op, x, projs)
+        outs_ref = _plain(op, x, projs)
+    gen = torch.Generator().manual_seed(1)
+    d_outs = [torch.randn(o.shape, generator=gen).to(device, torch.bfloat16) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, d_outs)
+    grads_ref = torch.autograd.grad(outs_ref, leaves, d_outs)
+    for out, ref in zip(outs, outs_ref):
+        assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
+        assert _rel(out, ref) <= 2e-2
+    for g, g_ref, leaf in zip(grads, grads_ref, leaves):
+        assert g.dtype == g_ref.dtype == leaf.dtype and g.shape == leaf.shape
+        assert _rel(g, g_ref) <= 2e-2, (tuple(leaf.shape), leaf.dtype, _rel(g, g_ref))
+
+
+_CAST_METHODS = {
+    torch.Tensor.to,
+    torch.Tensor.float,
+    torch.Tensor.bfloat16,
+    torch.Tensor.half,
+    torch.Tensor.double,
+    torch.Tensor.type,
+    torch.Tensor.type_as,
+}
+
+
+class _CastCounter(TorchFunctionMode):
+    """Counts casts whose source has one of ``shapes``: Python-level ``.to``/``.float``... calls
+    (no-ops included) and the ``aten._to_copy`` kernels under them (see _CopyCounter)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.calls = shapes, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _CAST_METHODS and tuple(args[0].shape) in self.shapes:
+            self.calls.append((func.__name__, tuple(args[0].shape), args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+class _CopyCounter(TorchDispatchMode):
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.calls = shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) in self.shapes:
+            self.calls.append((tuple(args[0].shape), args[0].dtype, (kwargs or {}).get("dtype")))
+        return func(*args, **(kwargs or {}))
+
+
+def _weight_shapes(projs):
+    # the 2-D weights and adapters (a bias's shape could be a bias gradient's legit cast)
+    return {tuple(t.shape) for p in projs for t in (p.weight, p.lora_A, p.lora_B)}
+
+
+CAST_LAYOUTS = ["peft-bf16-base", "full-ft-fp32-base"]
+
+
+@pytest.mark.parametrize("layout", CAST_LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_forward_casts_each_weight_once(op, layout, device):
+    x, projs = _make(op, device, layout, seed=2)
+    fp32 = [t for p in projs for t in (p.weight, p.lora_A, p.lora_B) if t.dtype == torch.float32]
+    py, copy = _CastCounter(_weight_shapes(projs)), _CopyCounter(_weight_shapes(projs))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16), py, copy:
+        _fused(op, x, projs)
+    assert len(copy.calls) == len(fp32) > 0, copy.calls  # each fp32 one once, and only those
+    assert len(py.calls) == len(fp32), py.calls  # and no no-op .to on the bf16 ones
+
+
+@pytest.mark.parametrize("layout", CAST_LAYOUTS)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_casts_no_weight(op, layout, device):
+    x, projs = _make(op, device, layout, seed=3)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        outs = _fused(op, x, projs)
+    leaves = _leaves(x, projs)
+    py, copy = _CastCounter(_weight_shapes(projs)), _CopyCounter(_weight_shapes(projs))
+    with py, copy:
+        grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+    assert copy.calls == [], copy.calls  # aten._to_copy of a weight, adapter or their copies
+    assert py.calls == [], py.calls  # not even a no-op .to
+    assert [g.dtype for g in grads] == [t.dtype for t in leaves]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradient_checkpointing_gives_the_same_grads(op, device):
+    # non-reentrant checkpointing drops the saved cast copies and recomputes them in a 2nd forward
+    from torch.utils.checkpoint import checkpoint
+
+    x, projs = _make(op, device, "peft-bf16-base", seed=4)
+    leaves = _leaves(x, projs)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        outs = _fused(op, x, projs)
+        outs_ckpt = checkpoint(_fused, op, x, projs, use_reentrant=False)
+    d_outs = [torch.ones_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, d_outs)
+    grads_ckpt = torch.autograd.grad(outs_ckpt, leaves, d_outs)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        assert g.dtype == g_ckpt.dtype and torch.equal(g, g_ckpt)

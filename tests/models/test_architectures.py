@@ -144,40 +144,51 @@ def test_adapter_keys_are_plain_peft(tmp_path):
             assert torch.equal(value, fast.state_dict()[name.replace(".default", ".default")])
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real Triton kernels)")
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_gpu_fp32_matches_hf_and_bf16_is_as_close_as_hf(tmp_path, model_type):
-    """On the GPU: fp32 within 1e-4 as on CPU. In bf16 (under autocast, as the Trainer runs it)
-    against the fp32 HF truth: fastlm's loss error ≤ 1.5× HF-bf16's (+1e-3 relative); over all
-    LoRA gradients together ≤ 1.5× HF-bf16's error (+1e-3), and each one ≤ 3× (+1e-2) — bf16
-    rounding on a tiny model scatters single tensors (seen: 0.076 vs HF's 0.045 on one)."""
-    batch = tiny_batch()
-    truth_model, fast32 = _pair(tmp_path / "fp32", model_type, True, device="cuda")
-    truth, truth_grads = _loss_and_lora_grads(truth_model, batch)
-    fast, fast_grads = _loss_and_lora_grads(fast32, batch)
-    assert abs(fast.loss.item() - truth.loss.item()) <= RTOL * truth.loss.item()
+def test_gpu_fp32_matches_hf(tmp_path, model_type):
+    """On the GPU, real Triton kernels in fp32: loss and LoRA gradients within 1e-4 as on CPU."""
+    truth_model, fast = _pair(tmp_path, model_type, True, device="cuda")
+    truth, truth_grads = _loss_and_lora_grads(truth_model, tiny_batch())
+    actual, actual_grads = _loss_and_lora_grads(fast, tiny_batch())
+    assert abs(actual.loss.item() - truth.loss.item()) <= RTOL * truth.loss.item()
     for name, grad in truth_grads.items():
-        assert _relative_error(fast_grads[name], grad) <= RTOL, name
+        assert _relative_error(actual_grads[name], grad) <= RTOL, name
 
-    hf16, fast16 = _pair(tmp_path / "bf16", model_type, True, device="cuda", dtype=torch.bfloat16)
-    state = {k: v for k, v in truth_model.state_dict().items()}
-    hf16.load_state_dict(state)
-    fast16.load_state_dict(state)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        hf, hf_grads = _loss_and_lora_grads(hf16, batch)
-        ours, our_grads = _loss_and_lora_grads(fast16, batch)
-    hf_error = abs(hf.loss.item() - truth.loss.item())
-    assert abs(ours.loss.item() - truth.loss.item()) <= 1.5 * hf_error + 1e-3 * truth.loss.item()
-    names = list(truth_grads)
-    flat = {
-        k: torch.cat([g[n].flatten() for n in names])
-        for k, g in (("truth", truth_grads), ("hf", hf_grads), ("ours", our_grads))
-    }
-    hf_total = _relative_error(flat["hf"], flat["truth"])
-    our_total = _relative_error(flat["ours"], flat["truth"])
-    print(f"{model_type} bf16 LoRA-gradient error: fastlm {our_total:.4f}, HF {hf_total:.4f}")
-    assert our_total <= 1.5 * hf_total + 1e-3
-    for name, grad in truth_grads.items():
-        hf_error = _relative_error(hf_grads[name], grad)
-        assert _relative_error(our_grads[name], grad) <= 3 * hf_error + 1e-2, name
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
+    """bf16 under autocast (as the Trainer runs it), against the fp32 HF truth, over 6 batches:
+    fastlm's mean error (loss, and all LoRA gradients together) is at most 1.25× that of HF +
+    PEFT in bf16 (+1e-3). Single batches scatter both ways on tiny models (seen on CPU, Gemma 3:
+    ratios 0.33–2.24 per batch, 0.8 on average), hence the average."""
+    truth_model, _ = _pair(tmp_path / "fp32", model_type, True, device=device)
+    state = truth_model.state_dict()
+    load_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf16, fast16 = _pair(tmp_path / "bf16", model_type, True, device=device, dtype=load_dtype)
+    for model in (hf16, fast16):
+        if device == "cpu":  # from_pretrained refuses bf16 on CPU; cast for this numerics test
+            model.to(torch.bfloat16)
+            for name, param in model.named_parameters():
+                if "lora_" in name:  # PEFT keeps adapters in fp32 over a bf16 base
+                    param.data = param.data.float()
+        model.load_state_dict(state)
+    errors = {"hf": [], "ours": [], "hf_loss": [], "ours_loss": []}
+    for seed in range(6):
+        batch = tiny_batch(seed=seed)
+        truth, truth_grads = _loss_and_lora_grads(truth_model, batch)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            hf, hf_grads = _loss_and_lora_grads(hf16, batch)
+            ours, our_grads = _loss_and_lora_grads(fast16, batch)
+
+        def flat(grads, names=tuple(truth_grads)):
+            return torch.cat([grads[n].flatten() for n in names])
+
+        errors["hf"].append(_relative_error(flat(hf_grads), flat(truth_grads)))
+        errors["ours"].append(_relative_error(flat(our_grads), flat(truth_grads)))
+        errors["hf_loss"].append(abs(hf.loss.item() - truth.loss.item()) / truth.loss.item())
+        errors["ours_loss"].append(abs(ours.loss.item() - truth.loss.item()) / truth.loss.item())
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    print(f"{model_type} {device} bf16 mean errors vs fp32: {mean}")
+    assert mean["ours"] <= 1.25 * mean["hf"] + 1e-3
+    assert mean["ours_loss"] <= 1.25 * mean["hf_loss"] + 1e-3

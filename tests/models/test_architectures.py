@@ -158,10 +158,11 @@ def test_gpu_fp32_matches_hf(tmp_path, model_type):
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
-    """bf16 under autocast (as the Trainer runs it), against the fp32 HF truth, over 6 batches:
+    """bf16 under autocast (as the Trainer runs it), against the fp32 HF truth, over 16 batches:
     fastlm's mean error (loss, and all LoRA gradients together) is at most 1.25× that of HF +
     PEFT in bf16 (+1e-3). Single batches scatter both ways on tiny models (seen on CPU, Gemma 3:
-    ratios 0.33–2.24 per batch, 0.8 on average), hence the average."""
+    ratios 0.33–2.24 per batch, 0.8 on average; on the H100 over 16 batches: Llama 0.80,
+    Gemma 3 1.15), hence the average."""
     truth_model, _ = _pair(tmp_path / "fp32", model_type, True, device=device)
     state = truth_model.state_dict()
     load_dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -174,7 +175,7 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
                     param.data = param.data.float()
         model.load_state_dict(state)
     errors = {"hf": [], "ours": [], "hf_loss": [], "ours_loss": []}
-    for seed in range(6):
+    for seed in range(16):
         batch = tiny_batch(seed=seed)
         truth, truth_grads = _loss_and_lora_grads(truth_model, batch)
         with torch.autocast(device, dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
 """fastlm: fast, exact fine-tuning of language models on Hugging Face + PEFT.
 
-    from fastlm import FastModel   # FastLanguageModel is the same class
+from fastlm import FastModel   # FastLanguageModel is the same class
 """
 
 from fastlm.api import FastLanguageModel, FastModel

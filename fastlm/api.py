@@ -92,7 +92,6 @@ class FastModel:
         spec = models.spec_for(config)
         device = _target_device(device_map)
         dtype = resolve_dtype(dtype, device)
-        kwargs.setdefault("attn_implementation", "sdpa")
         if device_map == "auto" and device == "cpu":
             device_map = None
         model = AutoModelForCausalLM.from_pretrained(

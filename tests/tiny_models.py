@@ -6,9 +6,14 @@ import string
 
 import torch
 from transformers import (
+    Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
+    MistralConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 131  # odd on purpose
@@ -51,6 +56,69 @@ def tiny_config(model_type: str, **overrides):
             layer_types=["sliding_attention", "sliding_attention", "full_attention"],
             final_logit_softcapping=None,
             tie_word_embeddings=True,
+        )
+    elif model_type == "mistral":
+        config = MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            sliding_window=4,  # shorter than the test sequences, so the window matters
+            tie_word_embeddings=False,
+        )
+    elif model_type == "qwen2":
+        config = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+    elif model_type == "qwen3":
+        config = Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,  # explicit: heads·head_dim (96) ≠ hidden (72)
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+    elif model_type == "gemma":
+        config = GemmaConfig(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=90,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=24,
+            hidden_act="gelu_pytorch_tanh",
+            max_position_embeddings=256,
+        )
+    elif model_type == "gemma2":
+        config = Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=72,
+            intermediate_size=90,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=24,
+            query_pre_attn_scalar=24,
+            max_position_embeddings=256,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=2.0,  # small, so that capping changes the scores
+            final_logit_softcapping=3.0,
         )
     else:
         raise ValueError(model_type)

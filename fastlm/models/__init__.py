@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from fastlm.errors import UnsupportedArchitectureError
+from fastlm.models.gemma import GEMMA, GEMMA2
 from fastlm.models.gemma3 import GEMMA3_TEXT
 from fastlm.models.llama import LLAMA
+from fastlm.models.mistral import MISTRAL
 from fastlm.models.patch import fused_report, is_patched, patch_model, patch_state, unpatch_model
+from fastlm.models.qwen import QWEN2, QWEN3
 from fastlm.models.spec import ArchitectureSpec
 
-SPECS: dict[str, ArchitectureSpec] = {spec.model_type: spec for spec in (LLAMA, GEMMA3_TEXT)}
+SPECS: dict[str, ArchitectureSpec] = {
+    spec.model_type: spec for spec in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT)
+}
 
 
 def spec_for(config) -> ArchitectureSpec:

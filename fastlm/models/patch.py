@@ -263,9 +263,13 @@ def _attention_forward(
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
     if past_key_values is not None:
         key, value = past_key_values.update(key, value, self.layer_idx)
+    # The mask already carries any sliding window; the kwarg is for kernels that take it
+    # directly. Per-layer modules (Qwen, Gemma) hold it; Mistral reads it from the config.
     extra = {}
     if hasattr(self, "sliding_window"):
         extra["sliding_window"] = self.sliding_window
+    elif getattr(self.config, "sliding_window", None) is not None:
+        extra["sliding_window"] = self.config.sliding_window
     softcap = (
         getattr(self, spec.attention_softcap_attr, None) if spec.attention_softcap_attr else None
     )

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from fastlm import FastModel
 from fastlm.models import fused_report
 
-ARCHITECTURES = ["llama", "gemma3_text"]
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 GEMMA3_SOFTCAP = {"final_logit_softcapping": 5.0}
 RTOL = 1e-4
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,8 +59,8 @@ def _loss_and_lora_grads(model, batch):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 @pytest.mark.parametrize(
     "model_type,overrides",
-    [("llama", {}), ("gemma3_text", {}), ("gemma3_text", GEMMA3_SOFTCAP)],
-    ids=["llama", "gemma3", "gemma3-softcap"],
+    [(arch, {}) for arch in ARCHITECTURES] + [("gemma3_text", GEMMA3_SOFTCAP)],
+    ids=[*ARCHITECTURES, "gemma3-softcap"],
 )
 def test_loss_and_lora_gradients_match_hf(tmp_path, model_type, overrides, checkpointing):
     reference, fast = _pair(tmp_path, model_type, checkpointing, **overrides)

@@ -30,6 +30,7 @@ class Shape:
     seq: int = 2048
     liger: str | None = None  # suffix of liger_kernel.transformers.apply_liger_kernel_to_*
     tiny: bool = False  # a CPU smoke-test shape
+    attn_implementation: str = "sdpa"  # Gemma 2 soft-caps attention logits: eager only in HF
 
     @property
     def vocab_size(self) -> int:
@@ -135,6 +136,55 @@ SHAPES: dict[str, Shape] = {
                 "bos_token_id": 151643,
                 "eos_token_id": 151645,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
+        Shape(
+            name="mistral-7b",
+            model_type="mistral",
+            batch=2,
+            config={
+                "vocab_size": 32768,
+                "hidden_size": 4096,
+                "intermediate_size": 14336,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "max_position_embeddings": 32768,
+                "rms_norm_eps": 1e-5,
+                "hidden_act": "silu",
+                "sliding_window": None,
+                "tie_word_embeddings": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
+        Shape(
+            name="gemma2-2b",
+            model_type="gemma2",
+            batch=2,
+            attn_implementation="eager",
+            config={
+                "vocab_size": 256000,
+                "hidden_size": 2304,
+                "intermediate_size": 9216,
+                "num_hidden_layers": 26,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+                "head_dim": 256,
+                "query_pre_attn_scalar": 256,
+                "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-6,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "sliding_window": 4096,
+                "attn_logit_softcapping": 50.0,
+                "final_logit_softcapping": 30.0,
+                "tie_word_embeddings": True,
+                "bos_token_id": 2,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
         Shape(

@@ -77,7 +77,7 @@ def load_hf(ctx: Ctx):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": ctx.dtype, "attn_implementation": "sdpa"}
+    kwargs = {"dtype": ctx.dtype, "attn_implementation": ctx.shape.attn_implementation}
     if ctx.cuda:
         kwargs["device_map"] = {"": 0}
     if ctx.qlora:

@@ -128,7 +128,7 @@ def load_fastlm(ctx: Ctx):
         lora_dropout=0,
         bias="none",
         target_modules=list(LORA_TARGETS),
-        use_gradient_checkpointing=True,
+        use_gradient_checkpointing="fastlm",  # offloaded, as Unsloth's "unsloth" mode
         random_state=LORA_SEED,
     )
     return _to_device(model, ctx)

@@ -112,7 +112,7 @@ class FastModel:
         if full_finetuning:
             model.requires_grad_(True)
             if use_gradient_checkpointing:
-                _enable_checkpointing(model)
+                _enable_checkpointing(model, use_gradient_checkpointing)
         tokenizer = _load_tokenizer(model_name, token, trust_remote_code, config_kwargs)
         return model, tokenizer
 
@@ -170,16 +170,16 @@ class FastModel:
         )
         peft_model = get_peft_model(model, config)
         if use_gradient_checkpointing:
-            _enable_checkpointing(peft_model)
+            _enable_checkpointing(peft_model, use_gradient_checkpointing)
         _log_fused_summary(peft_model)
         return peft_model
 
     @staticmethod
-    def for_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
+    def for_training(model: nn.Module, use_gradient_checkpointing: bool | str = True) -> nn.Module:
         """Switch to training mode (checkpointing on, KV cache off). Usage: ``for_training(m)``."""
         model.train()
         if use_gradient_checkpointing:
-            _enable_checkpointing(model)
+            _enable_checkpointing(model, use_gradient_checkpointing)
         _set_use_cache(model, False)
         return model
 
@@ -245,8 +245,20 @@ def _refuse_unimplemented(kwargs: dict, defaults: dict, where: str) -> None:
         kwargs.pop(key, None)  # Unsloth's default: nothing to do, and not a transformers keyword
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def _enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
+    """True: transformers' non-reentrant checkpointing. "fastlm" / "unsloth": the same, with each
+    layer's saved input offloaded to pinned CPU memory (fastlm.offload)."""
+    if mode in ("fastlm", "unsloth"):
+        from fastlm.offload import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model)
+    elif mode is True:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError(
+            f"use_gradient_checkpointing={mode!r}: use True, False, 'fastlm' (offloaded) or "
+            "'unsloth' (the same as 'fastlm')."
+        )
     _set_use_cache(model, False)
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
 from fastlm.models import fused_report
+from fastlm.offload import offloaded_checkpoint
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 GEMMA3_SOFTCAP = {"final_logit_softcapping": 5.0}
@@ -56,7 +57,9 @@ def _loss_and_lora_grads(model, batch):
     return output, grads
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize(
+    "checkpointing", [False, True, "fastlm"], ids=["plain", "checkpointed", "offloaded"]
+)
 @pytest.mark.parametrize(
     "model_type,overrides",
     [(arch, {}) for arch in ARCHITECTURES] + [("gemma3_text", GEMMA3_SOFTCAP)],
@@ -66,6 +69,10 @@ def test_loss_and_lora_gradients_match_hf(tmp_path, model_type, overrides, check
     reference, fast = _pair(tmp_path, model_type, checkpointing, **overrides)
     batch = tiny_batch()
     assert all(row["fused"] for row in fused_report(fast)), fused_report(fast)
+    layers = [m for m in fast.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert bool(layers) == bool(checkpointing)
+    offloaded = [m._gradient_checkpointing_func is offloaded_checkpoint for m in layers]
+    assert all(offloaded) if checkpointing == "fastlm" else not any(offloaded)
 
     expected, expected_grads = _loss_and_lora_grads(reference, batch)
     actual, actual_grads = _loss_and_lora_grads(fast, batch)
@@ -145,10 +152,12 @@ def test_adapter_keys_are_plain_peft(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real Triton kernels)")
+@pytest.mark.parametrize("checkpointing", [True, "fastlm"], ids=["checkpointed", "offloaded"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_gpu_fp32_matches_hf(tmp_path, model_type):
-    """On the GPU, real Triton kernels in fp32: loss and LoRA gradients within 1e-4 as on CPU."""
-    truth_model, fast = _pair(tmp_path, model_type, True, device="cuda")
+def test_gpu_fp32_matches_hf(tmp_path, model_type, checkpointing):
+    """On the GPU, real Triton kernels in fp32: loss and LoRA gradients within 1e-4 as on CPU,
+    with plain and with offloaded (pinned host memory, side-stream copies) checkpointing."""
+    truth_model, fast = _pair(tmp_path, model_type, checkpointing, device="cuda")
     truth, truth_grads = _loss_and_lora_grads(truth_model, tiny_batch())
     actual, actual_grads = _loss_and_lora_grads(fast, tiny_batch())
     assert abs(actual.loss.item() - truth.loss.item()) <= RTOL * truth.loss.item()

@@ -152,6 +152,17 @@ def _default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
 def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
     """Chunked forward: returns the loss and the (unscaled by grad_output) input gradients."""
     ignore_index, softcap, chunk_size, needs, use_kernel = cfg
+    if not use_kernel and not hidden.is_cuda:
+        # On the CPU a boolean index costs no device sync: skip the rows that carry no loss (the
+        # prompt and padding of instruction data, often most of a batch). Their gradient is 0.
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        if keep.numel() < labels.numel():
+            loss, grad_h, grad_w, grad_b = _loss_and_grads(
+                hidden[keep], weight, bias, labels[keep], denom, cfg
+            )
+            if grad_h is not None:
+                grad_h = torch.zeros_like(hidden).index_copy_(0, keep, grad_h)
+            return loss, grad_h, grad_w, grad_b
     N, _ = hidden.shape
     V = weight.shape[0]
     need_h, need_w, need_b = needs

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from typing import Any
 
 import torch
@@ -109,6 +110,7 @@ class FastModel:
             model.is_quantized = False
         model.max_seq_length = max_seq_length
         models.patch_model(model, spec, max_seq_length, check_finite_loss=check_finite_loss)
+        _attach_export_methods(model)
         if full_finetuning:
             model.requires_grad_(True)
             if use_gradient_checkpointing:
@@ -169,6 +171,7 @@ class FastModel:
             **kwargs,
         )
         peft_model = get_peft_model(model, config)
+        _attach_export_methods(peft_model)
         if use_gradient_checkpointing:
             _enable_checkpointing(peft_model, use_gradient_checkpointing)
         _log_fused_summary(peft_model)
@@ -280,6 +283,17 @@ def _load_tokenizer(model_name: str, token, trust_remote_code: bool, extra: dict
     return AutoTokenizer.from_pretrained(
         model_name, token=token, trust_remote_code=trust_remote_code, **extra
     )
+
+
+def _attach_export_methods(model: nn.Module) -> None:
+    """``model.save_pretrained_merged(dir, tokenizer, save_method=...)`` as Unsloth users call it
+    (an instance attribute, like the other patches: no class is changed)."""
+    from fastlm.export import save_pretrained_merged
+
+    def save_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
+        return save_pretrained_merged(self, save_directory, tokenizer, save_method, **kwargs)
+
+    model.save_pretrained_merged = types.MethodType(save_merged, model)
 
 
 def _log_fused_summary(model: nn.Module) -> None:

@@ -1,0 +1,17 @@
+"""Exporting trained models.
+
+from fastlm.export import save_pretrained_merged
+save_pretrained_merged(model, "out/merged", tokenizer, save_method="merged_16bit")
+"""
+
+from fastlm.export._atomic import atomic_directory, atomic_file, check_free_disk
+from fastlm.export.merged import SAVE_METHODS, parse_size, save_pretrained_merged
+
+__all__ = [
+    "SAVE_METHODS",
+    "atomic_directory",
+    "atomic_file",
+    "check_free_disk",
+    "parse_size",
+    "save_pretrained_merged",
+]

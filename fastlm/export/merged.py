@@ -1,0 +1,383 @@
+"""Save a LoRA-trained model: the plain adapter, or LoRA merged into a standalone checkpoint.
+
+from fastlm.export import save_pretrained_merged
+save_pretrained_merged(model, "out/merged", tokenizer, save_method="merged_16bit")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastlm.export._atomic import atomic_directory, check_free_disk
+
+logger = logging.getLogger("fastlm")
+
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+# PEFT's per-adapter containers: never written to a merged checkpoint as such.
+_ADAPTER_PARTS = {
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+@dataclass
+class _Entry:
+    """One tensor of the merged checkpoint: where it comes from and what it becomes."""
+
+    name: str  # key in the written checkpoint
+    source: str  # key in the (PEFT-wrapped) base model's state dict
+    lora: nn.Module | None  # the LoRA layer to merge into this weight, if any
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+def save_pretrained_merged(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any = None,
+    save_method: str = "merged_16bit",
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Save ``model`` as a LoRA adapter (``"lora"``) or a merged checkpoint (``"merged_16bit"``).
+
+    Usage: ``save_pretrained_merged(model, "out/merged", tokenizer, save_method="merged_16bit")``.
+    The merged folder loads with plain ``AutoModelForCausalLM.from_pretrained``. The write is
+    atomic (nothing appears under ``save_directory`` unless it completes) and ``model`` is left
+    unchanged. Returns the absolute path of the folder.
+    """
+    if save_method == "merged_4bit":
+        raise NotImplementedError(
+            "save_method='merged_4bit' needs QLoRA (4-bit base weights), which is not implemented "
+            "in this fastlm version yet; use save_method='merged_16bit' or 'lora'."
+        )
+    if save_method == "lora":
+        return _save_lora(model, save_directory, tokenizer)
+    if save_method == "merged_16bit":
+        return _save_merged(model, save_directory, tokenizer, max_shard_size, dtype)
+    raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}.")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a size such as ``"5GB"``, ``"500MiB"`` or ``1024``.
+
+    Usage: ``parse_size("5GB")  # 5_000_000_000`` (GB is 10⁹ as in transformers, GiB is 2³⁰).
+    """
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"Cannot read the size {size!r}; write it like '5GB', '500MB' or 1024.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+# ---------------------------------------------------------------------------------------------
+# save_method="lora"
+
+
+def _save_lora(model: nn.Module, save_directory: str | os.PathLike, tokenizer: Any) -> Path:
+    from peft import PeftModel, get_peft_model_state_dict
+
+    if not isinstance(model, PeftModel):
+        raise ValueError(
+            "save_method='lora' needs a PEFT model (from FastModel.get_peft_model); for a full "
+            "fine-tune use save_method='merged_16bit'."
+        )
+    needed = sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
+    check_free_disk(save_directory, needed, "the LoRA adapter")
+    with atomic_directory(save_directory) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory).absolute()
+
+
+# ---------------------------------------------------------------------------------------------
+# save_method="merged_16bit"
+
+
+def _save_merged(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer: Any,
+    max_shard_size: int | str,
+    dtype: torch.dtype | str | None,
+) -> Path:
+    base = _base_model(model)
+    target_dtype = _resolve_dtype(base, dtype)
+    entries = _plan(base, target_dtype)
+    shards = _split(entries, parse_size(max_shard_size))
+    total = sum(entry.nbytes for entry in entries)
+    check_free_disk(save_directory, total, "the merged model")
+    with atomic_directory(save_directory) as tmp:
+        _write_shards(base, shards, tmp, total)
+        _write_config(base, tmp, target_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    logger.info("Saved the merged model (%d shard(s)) to %s", len(shards), save_directory)
+    return Path(save_directory).absolute()
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    from peft import PeftModel, PeftType
+
+    if not isinstance(model, PeftModel):
+        return model  # a full fine-tune: nothing to merge, the weights are written as they are
+    for name, config in model.peft_config.items():
+        if config.peft_type != PeftType.LORA:
+            raise ValueError(
+                f"Adapter {name!r} is {config.peft_type}; save_pretrained_merged merges LoRA only."
+            )
+    return model.get_base_model()
+
+
+def _resolve_dtype(base: nn.Module, dtype: torch.dtype | str | None) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype is None:
+        # The base weights' dtype: LoRA matrices are often fp32 beside a bf16 model.
+        dtype = getattr(base, "dtype", None) or next(base.parameters()).dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
+    return dtype
+
+
+def _check_plain_lora(base: nn.Module) -> None:
+    from peft.tuners.lora import Embedding, LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if module.use_dora.get(adapter, False):
+                raise NotImplementedError(
+                    f"{name} uses DoRA (use_dora=True, adapter {adapter!r}); "
+                    "save_pretrained_merged merges plain LoRA only. Save it with "
+                    "save_method='lora', or merge it with PEFT's merge_and_unload on a copy."
+                )
+            variant = getattr(module, "lora_variant", {}).get(adapter)
+            if variant is not None:
+                raise NotImplementedError(
+                    f"{name} uses the LoRA variant {type(variant).__name__}; "
+                    "save_pretrained_merged merges plain LoRA only (save_method='lora' works)."
+                )
+            if module.lora_bias.get(adapter, False):
+                raise NotImplementedError(
+                    f"{name} has a LoRA bias (lora_bias=True); save_pretrained_merged merges "
+                    "plain LoRA only (save_method='lora' works)."
+                )
+        if not isinstance(module, LoraLinear | Embedding):
+            raise NotImplementedError(
+                f"{name} is a {type(module).__name__}; save_pretrained_merged merges LoRA on "
+                "Linear and Embedding layers only."
+            )
+
+
+def _tied_names(base: nn.Module) -> set[str]:
+    config = getattr(base, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    tied = getattr(base, "_tied_weights_keys", None)
+    # transformers 5: {"lm_head.weight": "model.embed_tokens.weight"}; older: a list.
+    return set(tied) if tied else {"lm_head.weight"}
+
+
+def _plan(base: nn.Module, dtype: torch.dtype) -> list[_Entry]:
+    """Every tensor of the merged checkpoint, in state-dict order, without reading any data."""
+    _check_plain_lora(base)
+    tied = _tied_names(base)
+    entries: dict[str, _Entry] = {}
+    for key, tensor in base.state_dict().items():
+        resolved = _resolve_key(base, key)
+        if resolved is None:
+            continue
+        name, lora = resolved
+        if name in tied:
+            if key != name:  # the head itself was adapted: merging would silently untie it
+                raise NotImplementedError(
+                    f"{name} is tied to the input embeddings but was adapted ({key}); merging "
+                    "would break the tie. Save with save_method='lora'."
+                )
+            continue
+        if name in entries:
+            raise RuntimeError(f"Both {entries[name].source} and {key} map to {name}.")
+        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        entries[name] = _Entry(name, key, lora, tuple(tensor.shape), out_dtype)
+    _refuse_adapted_tied_source(base, entries, tied)
+    return list(entries.values())
+
+
+def _refuse_adapted_tied_source(base: nn.Module, entries: dict[str, _Entry], tied: set) -> None:
+    # With tied embeddings the in-memory head keeps using the *unadapted* embedding matrix, so a
+    # merged (still tied) checkpoint would compute something else.
+    sources = getattr(base, "_tied_weights_keys", None)
+    sources = set(sources.values()) if isinstance(sources, dict) else set()
+    if tied and not sources:
+        sources = {"model.embed_tokens.weight"}
+    for name in sources:
+        entry = entries.get(name)
+        if entry is not None and (entry.lora is not None or entry.source != name):
+            raise NotImplementedError(
+                f"{name} is tied to the LM head but was adapted ({entry.source}); merging would "
+                "change the head too. Save with save_method='lora'."
+            )
+
+
+def _resolve_key(base: nn.Module, key: str) -> tuple[str, nn.Module | None] | None:
+    """``(checkpoint name, LoRA layer to merge or None)`` for a state-dict key; None skips it."""
+    from peft.tuners.lora import LoraLayer
+
+    parts = key.split(".")
+    if _ADAPTER_PARTS & set(parts):
+        return None
+    if "token_adapter" in parts:
+        raise NotImplementedError(
+            f"{key}: trainable-token adapters are not merged by save_pretrained_merged yet; "
+            "save with save_method='lora'."
+        )
+    parts = _resolve_modules_to_save(base, parts)
+    if parts is None:
+        return None
+    lora = None
+    if "base_layer" in parts:
+        index = len(parts) - 1 - parts[::-1].index("base_layer")
+        module = base.get_submodule(".".join(parts[:index]))
+        if isinstance(module, LoraLayer) and parts[index + 1 :] == ["weight"]:
+            lora = module
+        parts = [part for part in parts if part != "base_layer"]
+    return ".".join(parts), lora
+
+
+def _resolve_modules_to_save(base: nn.Module, parts: list[str]) -> list[str] | None:
+    # ModulesToSaveWrapper holds the frozen original and one trained copy per adapter; the
+    # forward uses the active adapter's copy (or the original when adapters are disabled).
+    for marker in ("original_module", "modules_to_save"):
+        if marker not in parts:
+            continue
+        index = parts.index(marker)
+        wrapper = base.get_submodule(".".join(parts[:index]))
+        active = None
+        if not wrapper.disable_adapters and wrapper.active_adapters[0] in wrapper.modules_to_save:
+            active = wrapper.active_adapters[0]
+        if marker == "original_module":
+            return parts[:index] + parts[index + 1 :] if active is None else None
+        if parts[index + 1] != active:
+            return None
+        return parts[:index] + parts[index + 2 :]
+    return parts
+
+
+def _split(entries: list[_Entry], limit: int) -> list[list[_Entry]]:
+    """Greedy shards of at most ``limit`` bytes (a bigger tensor gets a shard of its own)."""
+    shards: list[list[_Entry]] = []
+    current: list[_Entry] = []
+    size = 0
+    for entry in entries:
+        if current and size + entry.nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _shard_name(index: int, count: int) -> str:
+    if count == 1:
+        return "model.safetensors"
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _write_shards(base: nn.Module, shards: list[list[_Entry]], folder: Path, total: int) -> None:
+    """Build one shard at a time, write it, drop it: at most one shard is ever held in memory."""
+    state = base.state_dict()  # references to the live tensors, no copies
+    weight_map: dict[str, str] = {}
+    count = len(shards)
+    with tqdm(total=sum(map(len, shards)), desc="Merging LoRA", unit="tensor") as progress:
+        for index, shard in enumerate(shards):
+            filename = _shard_name(index, count)
+            tensors = {}
+            for entry in shard:
+                tensors[entry.name] = _materialise(state[entry.source], entry)
+                weight_map[entry.name] = filename
+                progress.update(1)
+            _write_shard(tensors, folder / filename)
+            del tensors
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        (folder / "model.safetensors.index.json").write_text(text)
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _materialise(tensor: torch.Tensor, entry: _Entry) -> torch.Tensor:
+    """The CPU tensor to write: a fresh copy (never a view of the live model), merged if LoRA."""
+    if entry.lora is None:
+        return tensor.detach().to("cpu", entry.dtype, copy=True).contiguous()
+    return _merge(entry.lora, tensor).to("cpu", entry.dtype).contiguous()
+
+
+def _merge(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """W + Σ scaling·B·A over the active adapters, in fp32, on a copy of ``weight``."""
+    merged = weight.detach().to(torch.float32, copy=True)
+    if layer.disable_adapters:
+        return merged
+    for adapter in layer.active_adapters:
+        if adapter in layer.merged_adapters:
+            continue  # PEFT already folded it into the base weight
+        if adapter in layer.lora_A:
+            delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+            if getattr(layer, "fan_in_fan_out", False):
+                delta = delta.T
+        elif adapter in layer.lora_embedding_A:
+            a, b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+            delta = (b.float() @ a.float()).T
+        else:
+            continue
+        merged.add_(delta.detach().to(merged.device), alpha=layer.scaling[adapter])
+    return merged
+
+
+def _write_config(base: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    config = getattr(base, "config", None)
+    if config is None:
+        return
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        # The merged weights are plain floating point; a leftover quantization_config would make
+        # from_pretrained try to quantise or dequantise them.
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    generation_config = getattr(base, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)

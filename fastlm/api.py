@@ -286,14 +286,18 @@ def _load_tokenizer(model_name: str, token, trust_remote_code: bool, extra: dict
 
 
 def _attach_export_methods(model: nn.Module) -> None:
-    """``model.save_pretrained_merged(dir, tokenizer, save_method=...)`` as Unsloth users call it
-    (an instance attribute, like the other patches: no class is changed)."""
-    from fastlm.export import save_pretrained_merged
+    """``model.save_pretrained_merged(...)`` / ``model.save_pretrained_gguf(...)`` as Unsloth users
+    call them (instance attributes, like the other patches: no class is changed)."""
+    from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     def save_merged(self, save_directory, tokenizer=None, save_method="merged_16bit", **kwargs):
         return save_pretrained_merged(self, save_directory, tokenizer, save_method, **kwargs)
 
+    def save_gguf(self, save_directory, tokenizer, quantization_method="q8_0", **kwargs):
+        return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **kwargs)
+
     model.save_pretrained_merged = types.MethodType(save_merged, model)
+    model.save_pretrained_gguf = types.MethodType(save_gguf, model)
 
 
 def _log_fused_summary(model: nn.Module) -> None:

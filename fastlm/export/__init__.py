@@ -1,10 +1,12 @@
 """Exporting trained models.
 
-from fastlm.export import save_pretrained_merged
+from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 save_pretrained_merged(model, "out/merged", tokenizer, save_method="merged_16bit")
+save_pretrained_gguf(model, "out/gguf", tokenizer, quantization_method="q8_0")
 """
 
 from fastlm.export._atomic import atomic_directory, atomic_file, check_free_disk
+from fastlm.export.gguf_writer import save_pretrained_gguf
 from fastlm.export.merged import SAVE_METHODS, parse_size, save_pretrained_merged
 
 __all__ = [
@@ -13,5 +15,6 @@ __all__ = [
     "atomic_file",
     "check_free_disk",
     "parse_size",
+    "save_pretrained_gguf",
     "save_pretrained_merged",
 ]

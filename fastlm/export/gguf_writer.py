@@ -1,0 +1,458 @@
+"""Export a (LoRA-)fine-tuned model to GGUF for llama.cpp / Ollama, without llama.cpp's converter.
+
+LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names are mapped with
+``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
+rows permuted to its interleaved RoPE; Gemma 3: RMSNorm weights stored as ``1 + w``).
+
+Usage: ``save_pretrained_gguf(model, "out", tokenizer, quantization_method=["f16", "q8_0"])``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastlm")
+
+METHODS = ("f16", "bf16", "q8_0")
+# HF model_type -> gguf.MODEL_ARCH member name.
+ARCHES = {"llama": "LLAMA", "gemma3_text": "GEMMA3"}
+# The HF Llama-3 pre-tokenizer regex starts like this; llama.cpp calls that pre-tokenizer so.
+LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+# GGUF token types (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def save_pretrained_gguf(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    tokenizer,
+    quantization_method: str | list[str] = "q8_0",
+    name: str | None = None,
+) -> list[Path]:
+    """Write ``<save_directory>/<name>.<method>.gguf`` per method plus an Ollama ``Modelfile``.
+
+    Usage: ``paths = save_pretrained_gguf(peft_model, "out", tok, ["f16", "q8_0"])``.
+    ``model`` may be a ``peft.PeftModel`` (the active LoRA adapter is merged into the exported
+    weights; the model itself is not modified). Returns the written GGUF paths.
+    """
+    import gguf
+
+    from fastlm.export._atomic import check_free_disk
+
+    methods = [quantization_method] if isinstance(quantization_method, str) else quantization_method
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"quantization_method {method!r} is not one of {METHODS}")
+    base = _base_model(model)
+    config = base.config
+    if config.model_type not in ARCHES:
+        raise ValueError(f"GGUF export supports {sorted(ARCHES)}, not {config.model_type!r}")
+    arch = gguf.MODEL_ARCH[ARCHES[config.model_type]]
+    vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
+    out_dir = Path(save_directory)
+    # f16/bf16 take 2 bytes a weight, q8_0 ~1.06: 2 bytes each is a safe upper bound.
+    weights = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
+    check_free_disk(out_dir, 2 * weights * len(methods), "GGUF export")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name or _default_name(config)
+    paths = []
+    for method in methods:
+        target = out_dir / f"{stem}.{method}.gguf"
+        _write_gguf(base, model, arch, vocab, tokenizer, method, target)
+        paths.append(target)
+    _write_modelfile(out_dir, paths[-1].name, getattr(tokenizer, "chat_template", None))
+    return paths
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _default_name(config) -> str:
+    raw = getattr(config, "_name_or_path", "") or config.model_type
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(raw)).name).strip("-") or config.model_type
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, fp32 tensor) with the active LoRA adapter merged: W + scaling·B·A.
+
+    Usage: ``dict(merged_state(peft_model))``. Works on a copy per tensor, never in place.
+    """
+    base = _base_model(model)
+    lora_parents = {}
+    for module_name, module in base.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            lora_parents[module_name] = module
+    seen = set()
+    for param_name, param in base.state_dict(keep_vars=True).items():
+        if "lora_" in param_name or "lora_magnitude" in param_name:
+            continue
+        clean = param_name.replace(".base_layer.", ".")
+        if clean in seen:  # tied weights appear once
+            continue
+        seen.add(clean)
+        tensor = param.detach().to(torch.float32)
+        parent = param_name.rsplit(".base_layer.", 1)[0] if ".base_layer." in param_name else None
+        if parent in lora_parents and param_name.endswith("base_layer.weight"):
+            tensor = _merge_lora(lora_parents[parent], tensor)
+        yield clean, tensor
+
+
+def _merge_lora(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """W + Σ_active scaling·B·A in fp32 (a new tensor); refuses LoRA variants it cannot merge."""
+    if getattr(module, "merged", False):
+        return weight  # already folded into base_layer.weight
+    if getattr(module, "lora_magnitude_vector", None):
+        raise NotImplementedError("GGUF export does not merge DoRA adapters yet")
+    merged = weight.clone()
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        if not isinstance(module.lora_A[adapter], nn.Linear):
+            raise NotImplementedError(f"GGUF export merges only Linear LoRA, not {module}")
+        a = module.lora_A[adapter].weight.detach().float()
+        b = module.lora_B[adapter].weight.detach().float()
+        delta = (b @ a) * float(module.scaling[adapter])
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        merged += delta
+    return merged
+
+
+def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split RoPE rows -> llama.cpp's interleaved pairs (per head: 0,h/2,1,h/2+1,..)."""
+    rows, cols = weight.shape
+    head_dim = rows // n_heads
+    return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (GGUF name, fp32 tensor) in llama.cpp's layout for ``arch``.
+
+    Usage: ``dict(gguf_tensors(model, gguf.MODEL_ARCH.LLAMA))``.
+    """
+    import gguf
+
+    config = _base_model(model).config
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in merged_state(model):
+        if "rotary_emb" in hf_name:
+            continue  # buffers recomputed by llama.cpp
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new_name is None:
+            raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
+        yield new_name, _to_llama_cpp_layout(arch, config, hf_name, tensor)
+    if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
+        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
+
+
+def _to_llama_cpp_layout(arch, config, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    import gguf
+
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        if hf_name.endswith("q_proj.weight"):
+            return _permute_rope_rows(tensor, config.num_attention_heads)
+        if hf_name.endswith("k_proj.weight"):
+            return _permute_rope_rows(tensor, config.num_key_value_heads)
+    if arch == gguf.MODEL_ARCH.GEMMA3 and hf_name.endswith("norm.weight"):
+        return tensor + 1.0  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
+    return tensor
+
+
+def _rope(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return dict(params or {})
+
+
+def _llama3_rope(config) -> bool:
+    return _rope(config).get("rope_type") == "llama3"
+
+
+def _llama3_factors(config) -> torch.Tensor:
+    """Per-frequency divisors of Llama 3.1 RoPE scaling; llama.cpp divides θ_i by rope_freqs[i]."""
+    rope = _rope(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inv_freq = 1.0 / rope["rope_theta"] ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    )
+    factor, old_ctx = rope["factor"], rope["original_max_position_embeddings"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    divisor = 1.0 / ((1 - smooth) / factor + smooth)  # the blend HF applies between the bands
+    divisor = torch.where(wavelen < old_ctx / high, torch.ones_like(divisor), divisor)
+    divisor = torch.where(wavelen > old_ctx / low, torch.full_like(divisor, factor), divisor)
+    return divisor.float()
+
+
+def _encode(tensor: torch.Tensor, method: str):
+    """(array, raw GGML type or None) for GGUFWriter.add_tensor; 1-D tensors stay F32."""
+    import gguf
+
+    array = tensor.numpy()
+    if array.ndim < 2:
+        return array.astype(np.float32), None
+    if (
+        method == "q8_0"
+        and array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0
+    ):
+        qtype = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(array, qtype), qtype
+    if method == "bf16":
+        qtype = gguf.GGMLQuantizationType.BF16
+        return gguf.quants.quantize(array, qtype), qtype
+    return array.astype(np.float16), None  # f16, and the q8_0 fallback for odd rows
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _write_gguf(base, model, arch, vocab: dict, tokenizer, method: str, target: Path) -> None:
+    import gguf
+
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp_name, arch_name)
+        writer.add_name(_default_name(base.config))
+        _add_hparams(writer, arch, base.config, method)
+        _add_tokenizer(writer, vocab, getattr(tokenizer, "chat_template", None))
+        for gguf_name, tensor in gguf_tensors(model, arch):
+            array, raw_dtype = _encode(tensor, method)
+            writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp_name, target)  # a reader never sees a half-written file under the name
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def _add_hparams(writer, arch, config, method: str) -> None:
+    import gguf
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    rope = _rope(config)
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        _add_gemma3(writer, config, rope)
+    else:
+        writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+        writer.add_rope_dimension_count(head_dim)
+    writer.add_file_type(
+        {
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[method]
+    )
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_gemma3(writer, config, rope: dict) -> None:
+    """Gemma 3: per-layer-type RoPE bases, the sliding window and its pattern, soft-caps."""
+    full = rope.get("full_attention", rope)
+    local = rope.get("sliding_attention", {})
+    for params in (full, local):
+        if params and params.get("rope_type", "default") != "default":
+            raise NotImplementedError(f"Gemma 3 RoPE scaling {params} is not exported yet")
+    writer.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
+    writer.add_rope_freq_base_swa(local.get("rope_theta", 10_000.0))
+    writer.add_sliding_window(config.sliding_window)
+    layer_types = list(getattr(config, "layer_types", []) or [])
+    if layer_types:
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_vocab(tokenizer, config=None) -> dict:
+    """Tokens, scores, types, merges, special ids and the llama.cpp tokenizer kind.
+
+    Usage: ``tokenizer_vocab(tok)["model"]`` -> ``"llama"`` or ``"gpt2"``; raises ValueError for a
+    vocabulary llama.cpp could not tokenise like the HF tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
+    if backend is None:
+        raise ValueError("GGUF export needs a fast (tokenizers) tokenizer")
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(
+            f"unknown tokenizer kind for GGUF: {model.get('type')} (llama.cpp needs a "
+            "SentencePiece-style or byte-level BPE vocabulary); this file would tokenise wrongly"
+        )
+    kind = _bpe_kind(spec)
+    size = max(len(tokenizer), getattr(config, "vocab_size", 0) or 0)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [UNUSED] * size
+    for text, index in model["vocab"].items():
+        tokens[index] = text
+        types[index] = (
+            BYTE if kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text) else NORMAL
+        )
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    vocab = {
+        "model": kind,
+        "pre": "default" if kind == "llama" else _gpt2_pre(spec),
+        "tokens": tokens,
+        "types": types,
+        "scores": _scores(tokens, types, merges) if kind == "llama" else None,
+        "merges": merges if kind == "gpt2" else None,
+        "add_space_prefix": "Prepend" in json.dumps(spec.get("normalizer"))
+        or '"prepend_scheme": "always"' in json.dumps(spec.get("pre_tokenizer")),
+    }
+    for role in ("bos", "eos", "unk", "pad"):
+        vocab[f"{role}_id"] = getattr(tokenizer, f"{role}_token_id", None)
+    vocab["add_bos"], vocab["add_eos"] = _adds_bos_eos(tokenizer)
+    return vocab
+
+
+def _bpe_kind(spec: dict) -> str:
+    """ "llama" for SentencePiece-style BPE (▁, byte fallback), "gpt2" for byte-level BPE."""
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if "ByteLevel" in text:
+        return "gpt2"
+    if (
+        spec["model"].get("byte_fallback")
+        and "\\u2581" in json.dumps(spec.get("normalizer")) + text
+    ):
+        return "llama"
+    raise ValueError(
+        "unknown tokenizer kind for GGUF: a BPE that is neither SentencePiece-style (▁ + byte "
+        "fallback) nor byte-level; this file would tokenise wrongly"
+    )
+
+
+def _gpt2_pre(spec: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE (only Llama 3's is known here)."""
+    if LLAMA3_REGEX_START in json.dumps(spec.get("pre_tokenizer"), ensure_ascii=False).replace(
+        "\\\\", "\\"
+    ):
+        return "llama-bpe"
+    raise ValueError("unknown byte-level BPE pre-tokenizer for GGUF (only Llama 3's is supported)")
+
+
+def _scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """SentencePiece-style scores: llama.cpp merges the bigram of highest score first, so a token
+    made by BPE merge r scores -r (earlier merge wins); control/unused tokens never merge."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), r)
+    scores = []
+    for text, kind in zip(tokens, types):
+        if kind in (CONTROL, UNUSED, UNKNOWN):
+            scores.append(-1e9)
+        else:
+            scores.append(-float(rank.get(text, 0)))
+    return scores
+
+
+def _adds_bos_eos(tokenizer) -> tuple[bool, bool]:
+    """Whether the tokenizer adds bos/eos itself, read off an encoding of plain text."""
+    ids = tokenizer("a")["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return bool(ids and bos is not None and ids[0] == bos), bool(
+        ids and eos is not None and ids[-1] == eos
+    )
+
+
+def _add_tokenizer(writer, vocab: dict, chat_template: str | None) -> None:
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_tokenizer_pre(vocab["pre"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    if vocab["scores"] is not None:
+        writer.add_token_scores(vocab["scores"])
+    if vocab["merges"]:
+        writer.add_token_merges(vocab["merges"])
+    for role, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        if vocab[f"{role}_id"] is not None:
+            add(vocab[f"{role}_id"])
+    writer.add_add_bos_token(vocab["add_bos"])
+    writer.add_add_eos_token(vocab["add_eos"])
+    if vocab["model"] == "llama":
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+# ----------------------------------------------------------------------------- Ollama
+
+
+def modelfile_text(gguf_name: str, chat_template: str | None) -> str:
+    """An Ollama Modelfile: FROM, plus TEMPLATE/stop for chat formats recognised here.
+
+    Usage: ``Path("Modelfile").write_text(modelfile_text("m.q8_0.gguf", tok.chat_template))``.
+    """
+    lines = [f"FROM ./{gguf_name}"]
+    template = chat_template or ""
+    if "<start_of_turn>" in template:  # Gemma turns
+        lines += [
+            'TEMPLATE """{{- range .Messages }}<start_of_turn>'
+            '{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+            '{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n"""',
+            'PARAMETER stop "<end_of_turn>"',
+        ]
+    elif "<|start_header_id|>" in template:  # Llama 3 turns
+        lines += [
+            'TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>'
+            "\n\n{{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>"
+            '\n\n"""',
+            'PARAMETER stop "<|eot_id|>"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_modelfile(out_dir: Path, gguf_name: str, chat_template: str | None) -> None:
+    target = out_dir / "Modelfile"
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".Modelfile.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(modelfile_text(gguf_name, chat_template))
+    os.replace(tmp_name, target)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastlm.export.merged import check_plain_lora, lora_base_model, merge_lora_weight
+
 logger = logging.getLogger("fastlm")
 
 METHODS = ("f16", "bf16", "q8_0")
@@ -54,7 +56,7 @@ def save_pretrained_gguf(
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"quantization_method {method!r} is not one of {METHODS}")
-    base = _base_model(model)
+    base = lora_base_model(model)
     config = base.config
     if config.model_type not in ARCHES:
         raise ValueError(f"GGUF export supports {sorted(ARCHES)}, not {config.model_type!r}")
@@ -75,11 +77,6 @@ def save_pretrained_gguf(
     return paths
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _default_name(config) -> str:
     raw = getattr(config, "_name_or_path", "") or config.model_type
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(raw)).name).strip("-") or config.model_type
@@ -93,7 +90,8 @@ def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     Usage: ``dict(merged_state(peft_model))``. Works on a copy per tensor, never in place.
     """
-    base = _base_model(model)
+    base = lora_base_model(model)
+    check_plain_lora(base)
     lora_parents = {}
     for module_name, module in base.named_modules():
         if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
@@ -109,29 +107,8 @@ def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         tensor = param.detach().to(torch.float32)
         parent = param_name.rsplit(".base_layer.", 1)[0] if ".base_layer." in param_name else None
         if parent in lora_parents and param_name.endswith("base_layer.weight"):
-            tensor = _merge_lora(lora_parents[parent], tensor)
+            tensor = merge_lora_weight(lora_parents[parent], tensor)
         yield clean, tensor
-
-
-def _merge_lora(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """W + Σ_active scaling·B·A in fp32 (a new tensor); refuses LoRA variants it cannot merge."""
-    if getattr(module, "merged", False):
-        return weight  # already folded into base_layer.weight
-    if getattr(module, "lora_magnitude_vector", None):
-        raise NotImplementedError("GGUF export does not merge DoRA adapters yet")
-    merged = weight.clone()
-    for adapter in module.active_adapters:
-        if adapter not in module.lora_A:
-            continue
-        if not isinstance(module.lora_A[adapter], nn.Linear):
-            raise NotImplementedError(f"GGUF export merges only Linear LoRA, not {module}")
-        a = module.lora_A[adapter].weight.detach().float()
-        b = module.lora_B[adapter].weight.detach().float()
-        delta = (b @ a) * float(module.scaling[adapter])
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
-        merged += delta
-    return merged
 
 
 def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -148,7 +125,7 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     """
     import gguf
 
-    config = _base_model(model).config
+    config = lora_base_model(model).config
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in merged_state(model):

@@ -127,7 +127,7 @@ def _save_merged(
     max_shard_size: int | str,
     dtype: torch.dtype | str | None,
 ) -> Path:
-    base = _base_model(model)
+    base = lora_base_model(model)
     target_dtype = _resolve_dtype(base, dtype)
     entries = _plan(base, target_dtype)
     shards = _split(entries, parse_size(max_shard_size))
@@ -142,7 +142,11 @@ def _save_merged(
     return Path(save_directory).absolute()
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def lora_base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a LoRA PeftModel (or the model itself, for a full fine-tune).
+
+    Usage: ``base = lora_base_model(peft_model)``; other adapter types raise ValueError.
+    """
     from peft import PeftModel, PeftType
 
     if not isinstance(model, PeftModel):
@@ -166,7 +170,11 @@ def _resolve_dtype(base: nn.Module, dtype: torch.dtype | str | None) -> torch.dt
     return dtype
 
 
-def _check_plain_lora(base: nn.Module) -> None:
+def check_plain_lora(base: nn.Module) -> None:
+    """Raise NotImplementedError naming any layer that is not plain LoRA on Linear/Embedding.
+
+    Usage: ``check_plain_lora(lora_base_model(model))`` before merging.
+    """
     from peft.tuners.lora import Embedding, LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -209,7 +217,7 @@ def _tied_names(base: nn.Module) -> set[str]:
 
 def _plan(base: nn.Module, dtype: torch.dtype) -> list[_Entry]:
     """Every tensor of the merged checkpoint, in state-dict order, without reading any data."""
-    _check_plain_lora(base)
+    check_plain_lora(base)
     tied = _tied_names(base)
     entries: dict[str, _Entry] = {}
     for key, tensor in base.state_dict().items():
@@ -343,11 +351,14 @@ def _materialise(tensor: torch.Tensor, entry: _Entry) -> torch.Tensor:
     """The CPU tensor to write: a fresh copy (never a view of the live model), merged if LoRA."""
     if entry.lora is None:
         return tensor.detach().to("cpu", entry.dtype, copy=True).contiguous()
-    return _merge(entry.lora, tensor).to("cpu", entry.dtype).contiguous()
+    return merge_lora_weight(entry.lora, tensor).to("cpu", entry.dtype).contiguous()
 
 
-def _merge(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """W + Σ scaling·B·A over the active adapters, in fp32, on a copy of ``weight``."""
+def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """W + Σ scaling·B·A over the active adapters, in fp32, on a copy of ``weight``.
+
+    Usage: ``merged = merge_lora_weight(lora_layer, lora_layer.base_layer.weight)``.
+    """
     merged = weight.detach().to(torch.float32, copy=True)
     if layer.disable_adapters:
         return merged

@@ -2,7 +2,8 @@
 
 LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names are mapped with
 ``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
-rows permuted to its interleaved RoPE; Gemma 3: RMSNorm weights stored as ``1 + w``).
+rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
+``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE).
 
 Usage: ``save_pretrained_gguf(model, "out", tokenizer, quantization_method=["f16", "q8_0"])``.
 """
@@ -28,7 +29,17 @@ logger = logging.getLogger("fastlm")
 
 METHODS = ("f16", "bf16", "q8_0")
 # HF model_type -> gguf.MODEL_ARCH member name.
-ARCHES = {"llama": "LLAMA", "gemma3_text": "GEMMA3"}
+ARCHES = {
+    "llama": "LLAMA",
+    "mistral": "LLAMA",  # llama.cpp runs Mistral as "llama" (without a sliding window)
+    "gemma": "GEMMA",
+    "gemma2": "GEMMA2",
+    "gemma3_text": "GEMMA3",
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+}
+# Arches whose HF RMSNorm scales by (1 + w) while llama.cpp's scales by w.
+GEMMA_NORM_ARCHES = ("GEMMA", "GEMMA2", "GEMMA3")
 # The HF Llama-3 pre-tokenizer regex starts like this; llama.cpp calls that pre-tokenizer so.
 LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 # GGUF token types (llama.cpp's llama_token_type).
@@ -61,6 +72,7 @@ def save_pretrained_gguf(
     if config.model_type not in ARCHES:
         raise ValueError(f"GGUF export supports {sorted(ARCHES)}, not {config.model_type!r}")
     arch = gguf.MODEL_ARCH[ARCHES[config.model_type]]
+    _check_representable(config)  # before any big work: fail fast on what llama.cpp can't run
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
     out_dir = Path(save_directory)
     # f16/bf16 take 2 bytes a weight, q8_0 ~1.06: 2 bytes each is a safe upper bound.
@@ -75,6 +87,49 @@ def save_pretrained_gguf(
         paths.append(target)
     _write_modelfile(out_dir, paths[-1].name, getattr(tokenizer, "chat_template", None))
     return paths
+
+
+def _check_representable(config) -> None:
+    """Raise for attention features the chosen llama.cpp arch would silently run differently."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral" and window and window < config.max_position_embeddings:
+        # llama.cpp's "llama" arch attends to the whole context: outputs would differ past it.
+        raise NotImplementedError(
+            f"Mistral sliding_window={window} < max_position_embeddings="
+            f"{config.max_position_embeddings} cannot be represented in GGUF (llama.cpp runs "
+            "full attention); set config.sliding_window = None if full attention is acceptable"
+        )
+    rope_type = _rope(config).get("rope_type", "default")
+    if config.model_type in ("mistral", "gemma", "qwen2", "qwen3") and rope_type != "default":
+        # only rope_theta is written for these: a scaled RoPE would run unscaled in llama.cpp
+        raise NotImplementedError(f"{config.model_type} RoPE type {rope_type!r} is not exported")
+    if config.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise NotImplementedError(f"{config.model_type} with use_sliding_window is not exported")
+    if config.model_type == "gemma2":
+        _check_gemma2(config)
+
+
+def _check_gemma2(config) -> None:
+    """llama.cpp's gemma2 hard-codes what HF configures: alternate windows, 1/√head_dim scale."""
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    alternating = [
+        "sliding_attention" if i % 2 == 0 else "full_attention"
+        for i in range(config.num_hidden_layers)
+    ]
+    if layer_types and layer_types != alternating:
+        raise NotImplementedError(f"Gemma 2 layer_types {layer_types} are not llama.cpp's pattern")
+    if config.query_pre_attn_scalar != config.head_dim:  # no GGUF key carries the query scale
+        raise NotImplementedError(
+            f"Gemma 2 query_pre_attn_scalar={config.query_pre_attn_scalar} != "
+            f"head_dim={config.head_dim} is not exported"
+        )
+    rope_type = _rope(config).get("rope_type", "default")
+    if rope_type != "default":
+        raise NotImplementedError(f"Gemma 2 RoPE type {rope_type!r} is not exported")
+    # HF's None means "no cap"; the gemma2 arch has no way to say so: refuse rather than guess.
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if not getattr(config, key, None):
+            raise NotImplementedError(f"Gemma 2 without {key} is not exported")
 
 
 def _default_name(config) -> str:
@@ -149,7 +204,7 @@ def _to_llama_cpp_layout(arch, config, hf_name: str, tensor: torch.Tensor) -> to
             return _permute_rope_rows(tensor, config.num_attention_heads)
         if hf_name.endswith("k_proj.weight"):
             return _permute_rope_rows(tensor, config.num_key_value_heads)
-    if arch == gguf.MODEL_ARCH.GEMMA3 and hf_name.endswith("norm.weight"):
+    if arch.name in GEMMA_NORM_ARCHES and hf_name.endswith("norm.weight"):
         return tensor + 1.0  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
     return tensor
 
@@ -244,6 +299,8 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     rope = _rope(config)
     if arch == gguf.MODEL_ARCH.GEMMA3:
         _add_gemma3(writer, config, rope)
+    elif arch == gguf.MODEL_ARCH.GEMMA2:
+        _add_gemma2(writer, config, rope)
     else:
         writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
         writer.add_rope_dimension_count(head_dim)
@@ -255,6 +312,15 @@ def _add_hparams(writer, arch, config, method: str) -> None:
         }[method]
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_gemma2(writer, config, rope: dict) -> None:
+    """Gemma 2: one RoPE base, the sliding window (pattern fixed in llama.cpp), soft-caps."""
+    writer.add_rope_freq_base(rope.get("rope_theta", 10_000.0))
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
 def _add_gemma3(writer, config, rope: dict) -> None:

@@ -152,6 +152,7 @@ def _complete(server, prompt, steps: int) -> tuple[list[int], list[float], int]:
         "temperature": 0,
         "n_probs": 1,
         "cache_prompt": False,
+        "ignore_eos": True,  # compare every step, even past an end-of-generation token
     }
     response = server.handle_completions(request)
     content = response["choices"][0]["logprobs"]["content"]
@@ -234,3 +235,136 @@ def test_real_gemma3_in_llama_cpp(tmp_path, method):
     tol = {"f16": 0.05, "q8_0": 0.15}[method]
     assert np.abs(np.array(text_logp[:steps]) - np.array(hf_logp[:steps])).max() < tol
     assert json.dumps(tokenizer.decode(text_ids))  # decodable
+
+
+# (arch, tensors that must be there in block 0 besides the Llama-style ones, extra metadata keys)
+FAMILIES = {
+    "mistral": ("LLAMA", [], {}),
+    "gemma": ("GEMMA", [], {}),
+    "gemma2": (
+        "GEMMA2",
+        ["blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"],
+        {
+            "attention.sliding_window": 4,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "qwen2": ("QWEN2", ["blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"], {}),
+    "qwen3": ("QWEN3", ["blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"], {}),
+}
+# Mistral's tiny window (4) is shorter than the prompt; llama.cpp's "llama" has no window.
+FAMILY_OVERRIDES = {"mistral": {"sliding_window": None}}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_tiny_family_in_llama_cpp(tmp_path, model_type):
+    """Each added family: names, shapes, layout and metadata read back, then same greedy tokens
+    in llama.cpp as in transformers (a wrong norm offset, RoPE layout or cap changes them)."""
+    arch_name, extra_tensors, extra_fields = FAMILIES[model_type]
+    arch = gguf.MODEL_ARCH[arch_name]
+    overrides = FAMILY_OVERRIDES.get(model_type, {})
+    path = save_tiny_model(model_type, tmp_path / "hf", vocab_size=300, **overrides)
+    model = _sharpen(_lora(path))
+    tokenizer = spm_tokenizer()
+    (out,) = save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, "f16")
+
+    config = model.get_base_model().config
+    merged = dict(merged_state(model))
+    expected = dict(gguf_tensors(model, arch))
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == set(expected)
+    assert set(extra_tensors) <= set(tensors)
+    assert ("output.weight" in tensors) == (not config.tie_word_embeddings)
+    for name, want in expected.items():
+        got = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+        np.testing.assert_allclose(got.reshape(want.shape), want.numpy(), rtol=2e-3, atol=2e-3)
+    hf_norm = merged["model.layers.0.input_layernorm.weight"]
+    offset = 1.0 if arch_name.startswith("GEMMA") else 0.0  # llama.cpp's Gemma norm is x·w
+    torch.testing.assert_close(expected["blk.0.attn_norm.weight"], hf_norm + offset)
+    q_want = merged["model.layers.0.self_attn.q_proj.weight"]
+    if arch_name == "LLAMA":  # rows permuted: a plain copy would not match
+        assert not torch.equal(expected["blk.0.attn_q.weight"], q_want)
+    else:
+        torch.testing.assert_close(expected["blk.0.attn_q.weight"], q_want)
+
+    prefix = gguf.MODEL_ARCH_NAMES[arch]
+    fields = reader.fields
+    assert fields["general.architecture"].contents() == prefix
+    assert fields[f"{prefix}.block_count"].contents() == config.num_hidden_layers
+    assert fields[f"{prefix}.attention.head_count"].contents() == config.num_attention_heads
+    assert fields[f"{prefix}.attention.head_count_kv"].contents() == config.num_key_value_heads
+    assert fields[f"{prefix}.attention.key_length"].contents() == (
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+    for key, value in extra_fields.items():
+        assert fields[f"{prefix}.{key}"].contents() == pytest.approx(value), key
+
+    ids = tokenizer("the cat in a hat sat on the mat the").input_ids
+    hf_ids, hf_logp = _hf_greedy(_hf_merged(model), ids, 12)
+    server = _server(out)
+    response = server.handle_completions(
+        {"prompt": ids, "n_predict": 12, "temperature": 0, "n_probs": 1, "ignore_eos": True}
+    )
+    assert response["usage"]["prompt_tokens"] == len(ids)
+    assert response["usage"]["completion_tokens"] == 12
+    content = response["choices"][0]["logprobs"]["content"]
+    steps = _aligned_steps(content, hf_ids, hf_logp, tol=5e-3)
+    assert max(steps) >= 8  # llama.cpp's greedy run follows transformers' for 8+ steps
+
+
+def _sharpen(model):
+    """Base weights ×8 and random q/k/v biases: at init scale the tiny models' next-token
+    distributions are near uniform, so a wrong RoPE layout, cap or zeroed bias went unnoticed
+    (measured); sharpened, each of those changes llama.cpp's tokens or log-probs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                continue
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.5)
+            elif name.endswith("weight") and "norm" not in name:
+                param.mul_(8.0)
+    return model
+
+
+def _aligned_steps(
+    content: list[dict], hf_ids: list[int], hf_logp: list[float], tol: float
+) -> list[int]:
+    """Match llama.cpp's log-prob entries to transformers' greedy steps; return the steps matched.
+
+    The server reports one entry per complete UTF-8 piece, under the last token of a run of byte
+    tokens (random tiny models emit many), so HF byte tokens may be skipped, nothing else.
+    """
+    steps, pos = [], 0
+    for entry in content:
+        while pos < len(hf_ids) and hf_ids[pos] != entry["id"] and _is_byte_token(hf_ids[pos]):
+            pos += 1
+        assert pos < len(hf_ids) and hf_ids[pos] == entry["id"], (content, hf_ids)
+        assert abs(entry["logprob"] - hf_logp[pos]) < tol, (pos, entry, hf_logp[pos])
+        steps.append(pos)
+        pos += 1
+    return steps
+
+
+def _is_byte_token(token_id: int) -> bool:
+    return 4 <= token_id < 4 + 256  # spm_tokenizer's <0xNN> tokens
+
+
+def test_mistral_sliding_window_is_refused(tmp_path):
+    """A window shorter than the context would be silently dropped by llama.cpp: refuse it."""
+    path = save_tiny_model("mistral", tmp_path / "hf", vocab_size=300)
+    model, _ = FastModel.from_pretrained(str(path), dtype=torch.float32, device_map="cpu")
+    with pytest.raises(NotImplementedError, match="sliding_window=4"):
+        save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), "f16")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_gemma2_odd_window_pattern_is_refused(tmp_path):
+    """llama.cpp's gemma2 alternates sliding/full from layer 0; another pattern would differ."""
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    path = save_tiny_model("gemma2", tmp_path / "hf", vocab_size=300, layer_types=types)
+    model, _ = FastModel.from_pretrained(str(path), dtype=torch.float32, device_map="cpu")
+    with pytest.raises(NotImplementedError, match="layer_types"):
+        save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), "f16")

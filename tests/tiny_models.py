@@ -17,19 +17,23 @@ from transformers import (
 )
 
 VOCAB = 131  # odd on purpose
+# Odd sizes shared by the Llama-shaped families (GQA 6/2, hidden 72, intermediate 100).
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=72,
+    intermediate_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def tiny_config(model_type: str, **overrides):
     """A 2–3 layer config with odd sizes (GQA, non-power-of-two dims)."""
     if model_type == "llama":
         config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+            **_LLAMA_LIKE,
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
             rope_parameters={
@@ -59,25 +63,13 @@ def tiny_config(model_type: str, **overrides):
         )
     elif model_type == "mistral":
         config = MistralConfig(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+            **_LLAMA_LIKE,
             sliding_window=4,  # shorter than the test sequences, so the window matters
             tie_word_embeddings=False,
         )
     elif model_type == "qwen2":
         config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
+            **_LLAMA_LIKE,
             tie_word_embeddings=True,
         )
     elif model_type == "qwen3":

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
 from fastlm.errors import NonFiniteLossError, SequenceTooLongError
@@ -235,8 +236,6 @@ def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_interface(self):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     eager = sys.modules[type(self).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
 

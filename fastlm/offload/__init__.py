@@ -1,5 +1,10 @@
 """Activation offload for gradient checkpointing (CPU-resident weight streaming comes later)."""
 
-from fastlm.offload.checkpoint import enable_offloaded_checkpointing, offloaded_checkpoint
+from fastlm.offload.checkpoint import (
+    BUDGET,
+    PinnedBudget,
+    enable_offloaded_checkpointing,
+    offloaded_checkpoint,
+)
 
-__all__ = ["enable_offloaded_checkpointing", "offloaded_checkpoint"]
+__all__ = ["BUDGET", "PinnedBudget", "enable_offloaded_checkpointing", "offloaded_checkpoint"]

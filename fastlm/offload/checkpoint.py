@@ -3,17 +3,34 @@
 Plain checkpointing keeps one (batch, seq, hidden) input per decoder layer on the GPU for the
 whole step — 1 GiB for a 32-layer 7B model at 4,096 tokens. Here each layer's input is copied to
 pinned host memory on a side stream as soon as the forward has produced it (the GPU copy is then
-free), and copied back just before that layer is recomputed in backward. The layer runs under
-the autocast state of the forward, so the recomputed graph is the one the forward built.
+free), and copied back on the side stream while the layer after it is still being recomputed in
+backward, so the copy overlaps compute. The layer runs under the autocast state of the forward,
+so the recomputed graph is the one the forward built.
+
+Pinned memory is finite: ``BUDGET`` (half the available RAM by default) caps what is offloaded;
+beyond it, or when pinning fails, a layer keeps its input on the GPU (plain checkpointing for
+that layer) and a warning says so once -- never a false out-of-memory error. Inputs under
+``MIN_OFFLOAD_BYTES`` (short sequences) stay on the GPU too: there the copies cost more time
+than the memory is worth.
 
     enable_offloaded_checkpointing(model)   # what use_gradient_checkpointing="fastlm" does
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import weakref
+
 import torch
 from torch import nn
 
+logger = logging.getLogger("fastlm")
+
+# Layer inputs smaller than this stay on the GPU: for short sequences the copies cost more time
+# than the memory they save is worth (plain checkpointing is then the faster choice).
+MIN_OFFLOAD_BYTES = 4 * 1024**2
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -21,6 +38,113 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _STREAMS:
         _STREAMS[device] = torch.cuda.Stream(device)
     return _STREAMS[device]
+
+
+def default_pinned_budget() -> int:
+    """Half of the RAM that is available now: pinned pages cannot be swapped out."""
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not POSIX: a conservative 8 GiB
+        return 8 * 1024**3
+    return pages // 2
+
+
+class PinnedBudget:
+    """Bytes of pinned host memory the offloaded layer inputs may hold at once.
+
+    ``reserve`` says whether a tensor may go to the host; when the budget is spent (or pinning
+    fails) the layer keeps its input on the GPU -- plain checkpointing for that layer -- and this
+    is logged once, instead of failing with an out-of-memory error.
+    Usage: ``offload.BUDGET.limit = 16 * 2**30``.
+    """
+
+    def __init__(self, limit: int | None = None, min_bytes: int = MIN_OFFLOAD_BYTES):
+        self.limit = default_pinned_budget() if limit is None else limit
+        self.min_bytes = min_bytes
+        self.in_use = 0
+        self.fallbacks = 0
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def reserve(self, nbytes: int) -> bool:
+        if nbytes < self.min_bytes:
+            return False
+        with self._lock:
+            if self.in_use + nbytes > self.limit:
+                budget_gib = self.limit / 2**30
+                self._fall_back(f"the pinned-memory budget of {budget_gib:.1f} GiB is spent")
+                return False
+            self.in_use += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.in_use -= nbytes
+
+    def _fall_back(self, why: str) -> None:
+        self.fallbacks += 1
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "offloaded checkpointing: %s; some layer inputs stay on the GPU (plain "
+                "checkpointing for them). Raise fastlm.offload.BUDGET.limit to offload more.",
+                why,
+            )
+
+
+BUDGET = PinnedBudget()
+
+
+class _SavedInput:
+    """A layer input kept for the backward: on the host (pinned) or, on fallback, on the GPU.
+
+    Entries are stacked in forward order so that the backward of one layer can start copying
+    the input of the layer before it (the next to be recomputed) while it computes.
+    """
+
+    def __init__(self, tensor: torch.Tensor, budget: PinnedBudget):
+        self.device = tensor.device
+        self.budget = budget
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.host = self.ready = self.on_device = None
+        if tensor.is_cuda and budget.reserve(self.nbytes):
+            try:
+                self.host, self.ready = _to_host(tensor)
+            except RuntimeError as error:  # pinning refused by the OS or the driver
+                budget.release(self.nbytes)
+                budget._fall_back(f"pinning host memory failed ({error})")
+        if self.host is None:
+            self.on_device = tensor.detach()
+
+    def prefetch(self) -> None:
+        """Start the copy back to the GPU on the side stream (no-op if it is there already)."""
+        if self.on_device is not None or self.host is None:
+            return
+        stream = _copy_stream(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(self.ready)
+            self.on_device = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self) -> torch.Tensor:
+        """The input on its device, ready to use on the current stream; frees the host copy."""
+        self.prefetch()
+        tensor, self.on_device = self.on_device, None
+        if self.host is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self.ready)
+            tensor.record_stream(current)  # allocated on the side stream, used on this one
+            self._free_host()
+        return tensor
+
+    def _free_host(self) -> None:
+        if self.host is not None:
+            self.host = None
+            self.budget.release(self.nbytes)
+
+    def __del__(self):  # a graph freed without backward (e.g. an exception) returns its budget
+        self._free_host()
 
 
 def _to_host(tensor: torch.Tensor):
@@ -36,6 +160,29 @@ def _to_host(tensor: torch.Tensor):
     return host, done
 
 
+# Weak references to the saved inputs whose backward has not run yet, in forward order (per
+# thread: one graph's backward runs on one thread). Weak, so a graph dropped without a backward
+# (a forward with grad whose loss is discarded) frees its inputs as usual.
+_PENDING = threading.local()
+
+
+def _pending() -> list:
+    if not hasattr(_PENDING, "stack"):
+        _PENDING.stack = []
+    return _PENDING.stack
+
+
+def _next_pending() -> _SavedInput | None:
+    """The most recent saved input still alive (the next layer to be recomputed), pruning."""
+    stack = _pending()
+    while stack:
+        saved = stack[-1]()
+        if saved is not None:
+            return saved
+        stack.pop()
+    return None
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     """out = run(hidden); saves hidden on the host; backward recomputes run and backpropagates."""
 
@@ -46,31 +193,32 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        ctx.run, ctx.args, ctx.device = run, args, hidden.device
+        ctx.run, ctx.args = run, args
         with torch.no_grad():
             output = run(hidden, *args)
-        if hidden.is_cuda:
-            ctx.host, ctx.done = _to_host(hidden)
-        else:  # nothing to gain on a CPU: keep the tensor itself
-            ctx.host, ctx.done = hidden.detach(), None
+        ctx.saved = _SavedInput(hidden, BUDGET)
+        stack = _pending()
+        stack[:] = [ref for ref in stack if ref() is not None]
+        stack.append(weakref.ref(ctx.saved))
         ctx.is_tuple = isinstance(output, tuple)
         return output[0] if ctx.is_tuple else output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.done is not None:
-            torch.cuda.current_stream(ctx.device).wait_event(ctx.done)
-            hidden = ctx.host.to(ctx.device, non_blocking=True)
-        else:
-            hidden = ctx.host
+        saved, stack = ctx.saved, _pending()
+        stack[:] = [ref for ref in stack if ref() is not None and ref() is not saved]
+        hidden = saved.take()
+        following = _next_pending()
+        if following is not None:  # recomputed next (the layer before): bring its input in now
+            following.prefetch()
         hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
             output = ctx.run(hidden, *ctx.args)
         output = output[0] if ctx.is_tuple else output
         torch.autograd.backward(output, grad_output)
         extra = len(ctx.args)
-        ctx.host = ctx.run = ctx.args = None
+        ctx.saved = ctx.run = ctx.args = None
         return (None, hidden.grad, *([None] * extra))
 
 

@@ -76,11 +76,6 @@ class FastModel:
         ``tokenizer`` is None when the folder has no tokenizer files.
         """
         _refuse_unimplemented(kwargs, _FROM_PRETRAINED_DEFAULTS, "from_pretrained")
-        if load_in_4bit:
-            raise UnsupportedKeywordError(
-                "load_in_4bit=True (QLoRA) is not implemented in this fastlm version yet; load "
-                "in 16-bit (load_in_4bit=False) or use plain transformers + bitsandbytes."
-            )
         if not allow_untested_versions:
             check_versions(("torch", "transformers", "peft"))
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -95,6 +90,13 @@ class FastModel:
         dtype = resolve_dtype(dtype, device)
         if device_map == "auto" and device == "cpu":
             device_map = None
+        if load_in_4bit:
+            if full_finetuning:
+                raise ValueError(
+                    "full_finetuning=True with load_in_4bit=True: 4-bit weights cannot be trained; "
+                    "use LoRA on the 4-bit model (QLoRA) or load in 16-bit for full fine-tuning."
+                )
+            kwargs["quantization_config"] = nf4_config(dtype, kwargs.get("quantization_config"))
         model = AutoModelForCausalLM.from_pretrained(
             model_name,
             dtype=dtype,
@@ -236,6 +238,35 @@ def _target_device(device_map) -> str:
     if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
+
+
+def nf4_config(compute_dtype: torch.dtype, given=None):
+    """QLoRA's quantisation: NF4, double-quantised absmax, matmuls in ``compute_dtype``.
+
+    Usage: ``AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(bf16))``.
+    A ``BitsAndBytesConfig`` the caller passed is kept if it asks for NF4 4-bit.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as error:
+        raise ImportError(
+            "load_in_4bit=True needs bitsandbytes: pip install 'fastlm[quant]'"
+        ) from error
+    if given is not None:
+        if not (getattr(given, "load_in_4bit", False) and given.bnb_4bit_quant_type == "nf4"):
+            raise UnsupportedKeywordError(
+                "load_in_4bit=True with a quantization_config that is not NF4 4-bit: fastlm's "
+                "QLoRA path takes bitsandbytes NF4 (drop quantization_config to get it)."
+            )
+        return given
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 def _refuse_unimplemented(kwargs: dict, defaults: dict, where: str) -> None:

@@ -28,7 +28,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        cast, saved, ctx.dtypes = cast_projections(flat, dtype)
+        cast, saved, ctx.dtypes, ctx.quant_states = cast_projections(flat, dtype)
         scaling = flat[4]
         y, xa = lora_forward(x2, *cast, scaling)
         ctx.save_for_backward(x2, xa, *saved)
@@ -45,7 +45,9 @@ class LoRALinearFunction(torch.autograd.Function):
             dy = dy.to(ctx.dtype)
         dx = dyb = None
         if nig[0]:
-            dx, dyb = grad_input(dy, weight, lora_a, lora_b, ctx.scaling)
+            dx, dyb = grad_input(
+                dy, weight, lora_a, lora_b, ctx.scaling, quant_state=ctx.quant_states[0]
+            )
             dx = dx.reshape(ctx.x_shape)
             if dx.dtype != ctx.x_dtype:
                 dx = dx.to(ctx.x_dtype)

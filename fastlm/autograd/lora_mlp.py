@@ -45,7 +45,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        cast, saved, ctx.dtypes = cast_projections(flat, dtype)
+        cast, saved, ctx.dtypes, ctx.quant_states = cast_projections(flat, dtype)
         scalings = flat[4::5]
         e, xa_gate = lora_forward(x2, *cast[0:4], scalings[0])
         g, xa_up = lora_forward(x2, *cast[4:8], scalings[1])
@@ -63,6 +63,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             ctx.saved_tensors
         )
         s_g, s_u, s_d = ctx.scalings
+        q_g, q_u, q_d = ctx.quant_states
         dtypes, nig = ctx.dtypes, ctx.needs_input_grad
         need_gate, need_up, need_down = nig[2:6], nig[7:11], nig[12:16]
         need_x = nig[0]
@@ -75,7 +76,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         dyb_d = None  # dOut B_d, shared by dh and dA_d
         if need_inner:
             # dh = dOut W_d + s_d (dOut B_d) A_d
-            dh, dyb_d = grad_input(dy, w_d, a_d, b_d, s_d)
+            dh, dyb_d = grad_input(dy, w_d, a_d, b_d, s_d, quant_state=q_d)
             # h -> dh's buffer, de -> e's, dg -> g's (matmul outputs, so contiguous unless a
             # saved-tensor hook changed them). Bump the versions of the saved e, g so a retained
             # graph cannot silently reuse them.
@@ -95,8 +96,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         if need_inner:
             dyb_g = dyb_u = None
             if need_x:  # dx = gate-backward(de) + up-backward(dg), in one buffer
-                dx, dyb_g = grad_input(de, w_g, a_g, b_g, s_g)
-                dx, dyb_u = grad_input(dg, w_u, a_u, b_u, s_u, dx)
+                dx, dyb_g = grad_input(de, w_g, a_g, b_g, s_g, quant_state=q_g)
+                dx, dyb_u = grad_input(dg, w_u, a_u, b_u, s_u, dx, quant_state=q_u)
             if any(need_gate):
                 grads_gate = grad_params(de, x2, xa_gate, dyb_g, b_g, s_g, dtypes[0:4], need_gate)
             if any(need_up):

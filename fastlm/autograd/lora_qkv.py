@@ -29,7 +29,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        cast, saved, ctx.dtypes = cast_projections(flat, dtype)
+        cast, saved, ctx.dtypes, ctx.quant_states = cast_projections(flat, dtype)
         scalings = flat[4::5]
         lead = x.shape[:-1]
         outs, xas = [], []
@@ -58,7 +58,9 @@ class LoRAQKVFunction(torch.autograd.Function):
                 dy = dy.to(dtype)
             dyb = None
             if need_x:
-                dx, dyb = grad_input(dy, weight, lora_a, lora_b, scalings[i], dx)
+                dx, dyb = grad_input(
+                    dy, weight, lora_a, lora_b, scalings[i], dx, ctx.quant_states[i]
+                )
             needs = nig[1 + 5 * i : 5 + 5 * i]
             if any(needs):
                 dtypes_i = dtypes[4 * i : 4 * i + 4]

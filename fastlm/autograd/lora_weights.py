@@ -13,6 +13,10 @@ Per-call cost matters here (7 projections per layer, forward run twice under gra
 checkpointing, and the CPU must keep up with the GPU), so the Functions cast every weight to the
 compute dtype once in forward (no call at all when it already has that dtype), save those copies,
 and the backward casts no weight: each fp32 -> bf16 adapter cast is a kernel launch on the GPU.
+
+A 4-bit base (QLoRA: a bitsandbytes NF4 ``Params4bit`` with its ``quant_state``) is dequantised
+to the compute dtype in forward, and the *packed* weight is what gets saved: the backward
+dequantises it again for dX, so no full-precision copy lives between forward and backward.
 """
 
 from __future__ import annotations
@@ -55,27 +59,51 @@ def flatten_weights(*projections: LoRAWeights) -> list:
     return out
 
 
-def cast_projections(flat: tuple, dtype: torch.dtype) -> tuple[list, list, list]:
+def quant_state_of(weight: Tensor):
+    """The bitsandbytes 4-bit ``quant_state`` of a packed base weight, or None for a dense one."""
+    return getattr(weight, "quant_state", None)
+
+
+def dense_weight(weight: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
+    """``weight`` in ``dtype``: dequantised when 4-bit packed, cast (only if needed) otherwise."""
+    if quant_state is not None:
+        from fastlm.kernels.nf4_dequant import dequantize_nf4
+
+        return dequantize_nf4(weight, quant_state, dtype)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def cast_projections(flat: tuple, dtype: torch.dtype) -> tuple[list, list, list, list]:
     """Cast the flattened projections' tensors to ``dtype``, each once.
 
     Returns (cast: weight, bias, lora_A, lora_B per projection, for the forward matmuls;
     saved: weight, lora_A, lora_B per projection, for save_for_backward -- the backward needs no
-    bias; dtypes: the original dtypes of weight, bias, lora_A, lora_B per projection, None for
-    an absent tensor, so that each gradient comes back in its parameter's own dtype).
+    bias, and a 4-bit weight is saved packed; dtypes: the original dtypes of weight, bias,
+    lora_A, lora_B per projection, None for an absent tensor, so that each gradient comes back in
+    its parameter's own dtype; quant_states: per projection, the 4-bit weight's quant_state or
+    None, for ``grad_input`` to dequantise the saved packed weight again).
     """
     cast: list = []
     dtypes: list = []
+    quant_states: list = []
+    saved: list = []
     for i in range(0, len(flat), 5):
-        for t in flat[i : i + 4]:
+        weight, bias, lora_a, lora_b = flat[i : i + 4]
+        quant_state = quant_state_of(weight)
+        quant_states.append(quant_state)
+        dense = dense_weight(weight, quant_state, dtype)
+        cast.append(dense)
+        dtypes.append(weight.dtype)
+        saved.append(weight if quant_state is not None else dense)
+        for t in (bias, lora_a, lora_b):
             if t is None:
                 dtypes.append(None)
                 cast.append(None)
             else:
-                t_dtype = t.dtype
-                dtypes.append(t_dtype)
-                cast.append(t if t_dtype == dtype else t.to(dtype))
-    saved = [t for i, t in enumerate(cast) if i % 4 != 1]
-    return cast, saved, dtypes
+                dtypes.append(t.dtype)
+                cast.append(t if t.dtype == dtype else t.to(dtype))
+        saved += cast[-2:]
+    return cast, saved, dtypes, quant_states
 
 
 def lora_forward(
@@ -127,12 +155,16 @@ def grad_input(
     lora_b: Tensor | None,
     scaling: float,
     dx: Tensor | None = None,
+    quant_state=None,
 ) -> tuple[Tensor, Tensor | None]:
     """(dX, dY B) of one projection; weight and the adapter in dy's dtype (the saved copies).
 
     dX = dY W + s * (dY B) A, accumulated in place into ``dx`` when given (several projections
     share one input). dY B (N, r) is returned so that grad_params need not compute it again.
+    With a ``quant_state`` the weight is the packed 4-bit one, dequantised here for this matmul.
     """
+    if quant_state is not None:
+        weight = dense_weight(weight, quant_state, dy.dtype)
     if dx is None:
         dx = torch.mm(dy, weight)
     else:

@@ -1,0 +1,200 @@
+"""NF4 dequantisation of bitsandbytes 4-bit weights, bit-exact against ``dequantize_4bit``.
+
+For element ``i`` of the flattened weight (``n`` elements, blocks of ``B = quant_state.blocksize``):
+
+    nibble_i = byte[i // 2] >> 4      if i is even   (the high nibble comes first)
+               byte[i // 2] & 0xF     if i is odd
+    absmax_b = code2[qabsmax[b]] * absmax2[b // B2]  (fp32 product)  then  + offset  (fp32 sum)
+                                                     (double quant; otherwise absmax_b is stored)
+    w_i      = round_to_dtype(NF4[nibble_i] * absmax_{i // B})       (fp32 product, rounded once)
+
+This is bitsandbytes' own order of operations (bitsandbytes 0.50). Its CUDA source
+(``kDequantizeBlockwise``) multiplies a hard-coded fp32 NF4 table (``quant_state.code`` is not read)
+by the fp32 absmax and assigns the product to the output type (round to nearest even); the nested
+absmax comes from the 8-bit blockwise kernel (``code2[q] * absmax2``, fp32), then a separate torch
+``absmax += offset``. On CPU, bnb's C++ kernel and its torch fallback (odd last dimension) give the
+same bits, checked by experiment, ties included: CPU and CUDA bnb do not differ in rounding.
+
+Two things keep the Triton kernel exact: fp contraction is turned off at launch
+(``code2 * absmax2 + offset`` must not become an FMA), and fp32 -> bf16 is rounded to nearest even
+with integer ops (the same bits as the GPU's conversion, and exact in the CPU interpreter, whose own
+bf16 cast truncates).
+
+Only NF4 is supported; FP4 states raise ``ValueError``. bnb's legacy transposed ``(1, n/2)`` input
+(for which ``dequantize_4bit`` returns ``out.t()``) is not special-cased: the output always has
+``quant_state.shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels._dispatch import use_triton
+
+if TYPE_CHECKING:  # bitsandbytes is an optional dependency
+    from bitsandbytes.functional import QuantState
+
+# bitsandbytes' NF4 code book (get_4bit_type("nf4") and the CUDA kernel's table), as fp32.
+NF4_TABLE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+# Packed bytes per program (2 outputs each); raised to one quant block when a block is larger.
+_BLOCK_BYTES = 1024
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_tables: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def _nf4_dequant_kernel(
+    W, ABSMAX, CODE2, ABSMAX2, OFFSET, TABLE, OUT, n_bytes, n_blocks, n_out, blocksize2,
+    HALF_BS: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr,
+    BF16: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCKS_PER_PROG whole quant blocks, a [blocks, HALF_BS] tile of packed bytes.
+    pid = tl.program_id(0).to(tl.int64)
+    blk = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    blk_mask = blk < n_blocks
+    if NESTED:
+        q = tl.load(ABSMAX + blk, mask=blk_mask, other=0).to(tl.int32)
+        scaled = tl.load(CODE2 + q) * tl.load(ABSMAX2 + blk // blocksize2, mask=blk_mask, other=0.0)
+        absmax = scaled + tl.load(OFFSET)  # two roundings, as bnb: the launch disables FMA
+    else:
+        absmax = tl.load(ABSMAX + blk, mask=blk_mask, other=0.0).to(tl.float32)
+    byte = blk[:, None] * HALF_BS + tl.arange(0, HALF_BS)[None, :]
+    packed = tl.load(W + byte, mask=byte < n_bytes, other=0)
+    hi = tl.load(TABLE + (packed >> 4).to(tl.int32)) * absmax[:, None]
+    lo = tl.load(TABLE + (packed & 15).to(tl.int32)) * absmax[:, None]
+    # join + reshape interleaves (hi, lo) per byte, so the store is one contiguous run.
+    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCKS_PER_PROG * HALF_BS,))
+    if BF16:
+        # Round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top 16 bits.
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        res = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        res = vals.to(OUT.dtype.element_ty)
+    offs = pid * (2 * BLOCKS_PER_PROG * HALF_BS) + tl.arange(0, 2 * BLOCKS_PER_PROG * HALF_BS)
+    tl.store(OUT + offs, res, mask=offs < n_out)
+
+
+def _table(device: torch.device) -> torch.Tensor:
+    if device not in _tables:
+        _tables[device] = torch.tensor(NF4_TABLE, dtype=torch.float32, device=device)
+    return _tables[device]
+
+
+def _prepare(weight: torch.Tensor, qs: Any, dtype: torch.dtype | None, out: torch.Tensor | None):
+    """Validated (quant_state, flat uint8 bytes, element count, output dtype)."""
+    qs = qs if qs is not None else getattr(weight, "quant_state", None)
+    if qs is None:
+        raise ValueError("dequantize_nf4: no quant_state given and the weight carries none")
+    if getattr(qs, "quant_type", None) != "nf4":
+        raise ValueError(f"dequantize_nf4 supports quant_type 'nf4' only, got {qs.quant_type!r}")
+    bs = int(qs.blocksize)
+    if bs < 32 or bs & (bs - 1):
+        raise ValueError(f"NF4 blocksize must be a power of two >= 32, got {bs}")
+    if dtype is None:
+        dtype = out.dtype if out is not None else qs.dtype
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"NF4 dequantisation outputs fp32, fp16 or bf16, got {dtype}")
+    n = math.prod(qs.shape)
+    # quant_storage may be another dtype (e.g. bf16 for FSDP); the bytes are what count.
+    packed = weight.contiguous().view(torch.uint8).reshape(-1)
+    if packed.numel() < (n + 1) // 2:
+        need = (n + 1) // 2
+        raise ValueError(
+            f"packed weight: {packed.numel()} bytes, shape {tuple(qs.shape)} needs {need}"
+        )
+    if out is not None and (out.dtype != dtype or out.numel() != n or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {n} elements")
+    return qs, packed, n, dtype
+
+
+def _offset(qs: Any, device: torch.device) -> torch.Tensor:
+    off = qs.offset
+    if not isinstance(off, torch.Tensor):
+        off = torch.tensor(float(off))
+    return off.to(device=device, dtype=torch.float32).reshape(1)
+
+
+def dequantize_nf4_triton(
+    weight: torch.Tensor,
+    quant_state: QuantState | None = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    block_bytes: int = _BLOCK_BYTES,
+) -> torch.Tensor:
+    """Triton launcher of the NF4 dequantisation (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    qs, packed, n, dtype = _prepare(weight, quant_state, dtype, out)
+    dev = packed.device
+    if out is None:
+        out = torch.empty(tuple(qs.shape), dtype=dtype, device=dev)
+    if n == 0:
+        return out
+    half = int(qs.blocksize) // 2
+    per_prog = triton.next_power_of_2(max(block_bytes // half, 1))
+    n_blocks = triton.cdiv(n, int(qs.blocksize))
+    absmax = qs.absmax.to(dev)
+    if qs.nested:
+        code2, absmax2 = qs.state2.code.to(dev), qs.state2.absmax.to(dev)
+        offset, bs2 = _offset(qs, dev), int(qs.state2.blocksize)
+    else:  # unused pointers
+        code2 = absmax2 = offset = absmax
+        bs2 = 1
+    _nf4_dequant_kernel[(triton.cdiv(n_blocks, per_prog),)](
+        packed, absmax, code2, absmax2, offset, _table(dev), out,
+        (n + 1) // 2, n_blocks, n, bs2,
+        HALF_BS=half, BLOCKS_PER_PROG=per_prog, NESTED=bool(qs.nested),
+        BF16=dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_nf4(
+    weight: torch.Tensor,
+    quant_state: QuantState | None = None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense weight of a bitsandbytes NF4 tensor: ``w = dequantize_nf4(p, p.quant_state)``."""
+    if use_triton(weight):
+        return dequantize_nf4_triton(weight, quant_state, dtype, out)
+    _, _, _, dtype = _prepare(weight, quant_state, dtype, out)  # the Triton path's checks
+    res = dequantize_nf4_reference(weight, quant_state, dtype)
+    return res if out is None else out.copy_(res.view(out.shape))
+
+
+def is_nf4_weight(t: Any) -> bool:
+    """True for a tensor carrying an NF4 bitsandbytes quant_state: ``if is_nf4_weight(p): ...``."""
+    qs = getattr(t, "quant_state", None)
+    return isinstance(t, torch.Tensor) and getattr(qs, "quant_type", None) == "nf4"
+
+
+def dequantize_nf4_reference(
+    weight: torch.Tensor, quant_state: QuantState | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Plain-PyTorch NF4 dequantisation: ``w = dequantize_nf4_reference(p, p.quant_state)``."""
+    qs, packed, n, dtype = _prepare(weight, quant_state, dtype, None)
+    dev, bs = packed.device, int(qs.blocksize)
+    n_blocks = -(-n // bs)
+    if qs.nested:
+        q = qs.absmax.to(dev).reshape(-1)[:n_blocks].long()
+        b2 = torch.arange(n_blocks, device=dev) // int(qs.state2.blocksize)
+        absmax = qs.state2.code.to(dev)[q] * qs.state2.absmax.to(dev)[b2]
+        absmax = absmax + _offset(qs, dev)  # a separate fp32 add, as bnb
+    else:
+        absmax = qs.absmax.to(dev).reshape(-1)[:n_blocks].float()
+    nibbles = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1)[:n].long()
+    vals = torch.nn.functional.pad(_table(dev)[nibbles], (0, n_blocks * bs - n))
+    vals = vals.view(n_blocks, bs) * absmax[:, None]
+    return vals.reshape(-1)[:n].to(dtype).reshape(tuple(qs.shape))

@@ -46,12 +46,16 @@ class _Entry:
     lora: nn.Module | None  # the LoRA layer to merge into this weight, if any
     shape: tuple[int, ...]
     dtype: torch.dtype
+    packed: nn.Parameter | None = None  # the model's 4-bit weight (dequantised to merge)
+    requantize: bool = False  # written as NF4 (merged_4bit)
 
     @property
     def nbytes(self) -> int:
         numel = 1
         for size in self.shape:
             numel *= size
+        if self.requantize:  # 4 bits a weight plus ~1 byte of absmax per 64
+            return numel // 2 + numel // 64 + 1024
         return numel * self.dtype.itemsize
 
 
@@ -62,23 +66,28 @@ def save_pretrained_merged(
     save_method: str = "merged_16bit",
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | str | None = None,
+    base_checkpoint: str | os.PathLike | None = None,
 ) -> Path:
-    """Save ``model`` as a LoRA adapter (``"lora"``) or a merged checkpoint (``"merged_16bit"``).
+    """Save ``model`` as a LoRA adapter (``"lora"``) or a merged checkpoint.
 
     Usage: ``save_pretrained_merged(model, "out/merged", tokenizer, save_method="merged_16bit")``.
+    ``"merged_16bit"``: LoRA merged in fp32, written in the model's dtype (or ``dtype``);
+    ``"merged_4bit"``: the same, then re-quantised to bitsandbytes NF4 (double quant), a folder
+    that ``from_pretrained`` loads as a 4-bit model. For a QLoRA model the LoRA is merged into the
+    dequantised 4-bit weights -- the weights it was trained against -- unless
+    ``base_checkpoint`` names the original 16-bit checkpoint folder, whose weights are then used
+    (closer to the original model, but not the weights the adapter was fitted to).
     The merged folder loads with plain ``AutoModelForCausalLM.from_pretrained``. The write is
     atomic (nothing appears under ``save_directory`` unless it completes) and ``model`` is left
     unchanged. Returns the absolute path of the folder.
     """
-    if save_method == "merged_4bit":
-        raise NotImplementedError(
-            "save_method='merged_4bit' needs QLoRA (4-bit base weights), which is not implemented "
-            "in this fastlm version yet; use save_method='merged_16bit' or 'lora'."
-        )
     if save_method == "lora":
         return _save_lora(model, save_directory, tokenizer)
-    if save_method == "merged_16bit":
-        return _save_merged(model, save_directory, tokenizer, max_shard_size, dtype)
+    if save_method in ("merged_16bit", "merged_4bit"):
+        quantize = save_method == "merged_4bit"
+        return _save_merged(
+            model, save_directory, tokenizer, max_shard_size, dtype, base_checkpoint, quantize
+        )
     raise ValueError(f"save_method must be one of {SAVE_METHODS}, got {save_method!r}.")
 
 
@@ -126,16 +135,21 @@ def _save_merged(
     tokenizer: Any,
     max_shard_size: int | str,
     dtype: torch.dtype | str | None,
+    base_checkpoint: str | os.PathLike | None = None,
+    quantize: bool = False,
 ) -> Path:
     base = lora_base_model(model)
     target_dtype = _resolve_dtype(base, dtype)
-    entries = _plan(base, target_dtype)
+    entries = _plan(base, target_dtype, quantize)
+    original = _CheckpointReader(base_checkpoint) if base_checkpoint is not None else None
+    if original is not None:
+        original.check(entries)
     shards = _split(entries, parse_size(max_shard_size))
     total = sum(entry.nbytes for entry in entries)
     check_free_disk(save_directory, total, "the merged model")
     with atomic_directory(save_directory) as tmp:
-        _write_shards(base, shards, tmp, total)
-        _write_config(base, tmp, target_dtype)
+        _write_shards(base, shards, tmp, total, original)
+        _write_config(base, tmp, target_dtype, quantize)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     logger.info("Saved the merged model (%d shard(s)) to %s", len(shards), save_directory)
@@ -175,8 +189,7 @@ def check_plain_lora(base: nn.Module) -> None:
 
     Usage: ``check_plain_lora(lora_base_model(model))`` before merging.
     """
-    from peft.tuners.lora import Embedding, LoraLayer
-    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
@@ -199,11 +212,22 @@ def check_plain_lora(base: nn.Module) -> None:
                     f"{name} has a LoRA bias (lora_bias=True); save_pretrained_merged merges "
                     "plain LoRA only (save_method='lora' works)."
                 )
-        if not isinstance(module, LoraLinear | Embedding):
+        if not isinstance(module, _mergeable_lora_types()):
             raise NotImplementedError(
                 f"{name} is a {type(module).__name__}; save_pretrained_merged merges LoRA on "
-                "Linear and Embedding layers only."
+                "Linear, 4-bit Linear and Embedding layers only."
             )
+
+
+def _mergeable_lora_types() -> tuple[type, ...]:
+    from peft.tuners.lora import Embedding
+    from peft.tuners.lora import Linear as LoraLinear
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return (LoraLinear, Embedding)
+    return (LoraLinear, Linear4bit, Embedding)
 
 
 def _tied_names(base: nn.Module) -> set[str]:
@@ -215,12 +239,59 @@ def _tied_names(base: nn.Module) -> set[str]:
     return set(tied) if tied else {"lm_head.weight"}
 
 
-def _plan(base: nn.Module, dtype: torch.dtype) -> list[_Entry]:
+def packed_weights(base: nn.Module) -> dict[str, nn.Parameter]:
+    """State-dict key -> 4-bit (bitsandbytes ``Params4bit``) weight, for every quantised layer.
+
+    Usage: ``packed = packed_weights(lora_base_model(model))``.
+    """
+    return {
+        f"{name}.weight": module.weight
+        for name, module in base.named_modules()
+        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    }
+
+
+def quant_state_keys(state_keys, packed: dict) -> set[str]:
+    """The state-dict keys that serialise a 4-bit weight's quant_state (absmax, quant_map...)."""
+    return {k for k in state_keys if k.rsplit(".weight.", 1)[0] + ".weight" in packed}
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight as an fp32 tensor (a dense weight: an fp32 copy)."""
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.detach().to(torch.float32, copy=True)
+    from fastlm.kernels.nf4_dequant import dequantize_nf4
+
+    return dequantize_nf4(weight, quant_state, torch.float32)
+
+
+def _linear_weight_keys(base: nn.Module) -> set[str]:
+    """Keys of the weights a 4-bit model quantises: the decoder's linear layers, not the head."""
+    from peft.tuners.lora import LoraLayer
+
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    keys = set()
+    for name, module in base.named_modules():
+        if module is head or isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, nn.Linear) or hasattr(getattr(module, "weight", None), "quant_state"):
+            keys.add(f"{name}.weight".replace(".base_layer.", "."))
+    return keys
+
+
+def _plan(base: nn.Module, dtype: torch.dtype, quantize: bool = False) -> list[_Entry]:
     """Every tensor of the merged checkpoint, in state-dict order, without reading any data."""
     check_plain_lora(base)
     tied = _tied_names(base)
     entries: dict[str, _Entry] = {}
-    for key, tensor in base.state_dict().items():
+    state = base.state_dict()
+    packed = packed_weights(base)
+    skip = quant_state_keys(state, packed)
+    to_quantize = _linear_weight_keys(base) if quantize else set()
+    for key, tensor in state.items():
+        if key in skip:
+            continue
         resolved = _resolve_key(base, key)
         if resolved is None:
             continue
@@ -234,8 +305,11 @@ def _plan(base: nn.Module, dtype: torch.dtype) -> list[_Entry]:
             continue
         if name in entries:
             raise RuntimeError(f"Both {entries[name].source} and {key} map to {name}.")
-        out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        entries[name] = _Entry(name, key, lora, tuple(tensor.shape), out_dtype)
+        weight = packed.get(key)
+        shape = tuple(weight.quant_state.shape) if weight is not None else tuple(tensor.shape)
+        out_dtype = dtype if tensor.is_floating_point() or weight is not None else tensor.dtype
+        requantize = name in to_quantize and len(shape) == 2
+        entries[name] = _Entry(name, key, lora, shape, out_dtype, weight, requantize)
     _refuse_adapted_tied_source(base, entries, tied)
     return list(entries.values())
 
@@ -322,7 +396,13 @@ def _shard_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def _write_shards(base: nn.Module, shards: list[list[_Entry]], folder: Path, total: int) -> None:
+def _write_shards(
+    base: nn.Module,
+    shards: list[list[_Entry]],
+    folder: Path,
+    total: int,
+    original: _CheckpointReader | None = None,
+) -> None:
     """Build one shard at a time, write it, drop it: at most one shard is ever held in memory."""
     state = base.state_dict()  # references to the live tensors, no copies
     weight_map: dict[str, str] = {}
@@ -332,8 +412,12 @@ def _write_shards(base: nn.Module, shards: list[list[_Entry]], folder: Path, tot
             filename = _shard_name(index, count)
             tensors = {}
             for entry in shard:
-                tensors[entry.name] = _materialise(state[entry.source], entry)
-                weight_map[entry.name] = filename
+                source = state[entry.source] if entry.packed is None else entry.packed
+                if original is not None and entry.packed is not None:
+                    source = original.get(entry.name)
+                for name, tensor in _materialise(source, entry).items():
+                    tensors[name] = tensor
+                    weight_map[name] = filename
                 progress.update(1)
             _write_shard(tensors, folder / filename)
             del tensors
@@ -347,11 +431,67 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _materialise(tensor: torch.Tensor, entry: _Entry) -> torch.Tensor:
-    """The CPU tensor to write: a fresh copy (never a view of the live model), merged if LoRA."""
-    if entry.lora is None:
-        return tensor.detach().to("cpu", entry.dtype, copy=True).contiguous()
-    return merge_lora_weight(entry.lora, tensor).to("cpu", entry.dtype).contiguous()
+def _materialise(tensor: torch.Tensor, entry: _Entry) -> dict[str, torch.Tensor]:
+    """The CPU tensor(s) to write for one entry: fresh copies (never views of the live model),
+    dequantised if 4-bit, merged if LoRA, re-quantised to NF4 for merged_4bit."""
+    if entry.packed is not None or entry.lora is not None or entry.requantize:
+        weight = dequantized(tensor)
+        if entry.lora is not None:
+            weight = merge_lora_weight(entry.lora, weight)
+        if entry.requantize:
+            return _nf4_tensors(entry.name, weight.to(entry.dtype))
+        return {entry.name: weight.to("cpu", entry.dtype).contiguous()}
+    return {entry.name: tensor.detach().to("cpu", entry.dtype, copy=True).contiguous()}
+
+
+def _nf4_tensors(name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``name`` quantised as transformers serialises a bitsandbytes NF4 weight (double quant)."""
+    import bitsandbytes.functional as bnb_functional
+
+    packed, quant_state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    tensors = {name: packed}
+    for key, value in quant_state.as_dict(packed=True).items():
+        tensors[f"{name}.{key}"] = value
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+class _CheckpointReader:
+    """Read tensors by name from a safetensors checkpoint folder (one file or an index)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / "model.safetensors").exists():
+            with safetensors.safe_open(self.folder / "model.safetensors", "pt") as handle:
+                self.files = {name: self.folder / "model.safetensors" for name in handle.keys()}  # noqa: SIM118
+        else:
+            raise FileNotFoundError(
+                f"base_checkpoint={str(folder)!r} has no model.safetensors or "
+                "model.safetensors.index.json; pass the original 16-bit checkpoint folder."
+            )
+
+    def check(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            if entry.packed is None:
+                continue
+            if entry.name not in self.files:
+                raise KeyError(f"{entry.name} is not in base_checkpoint {self.folder}.")
+            with safetensors.safe_open(self.files[entry.name], "pt") as handle:
+                shape = tuple(handle.get_slice(entry.name).get_shape())
+            if shape != entry.shape:
+                raise ValueError(
+                    f"base_checkpoint {self.folder}: {entry.name} has shape {shape}, the model "
+                    f"{entry.shape}; is it the checkpoint this model was quantised from?"
+                )
+
+    def get(self, name: str) -> torch.Tensor:
+        with safetensors.safe_open(self.files[name], "pt") as handle:
+            return handle.get_tensor(name)
 
 
 def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -378,15 +518,19 @@ def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return merged
 
 
-def _write_config(base: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+def _write_config(base: nn.Module, folder: Path, dtype: torch.dtype, quantize: bool) -> None:
     config = getattr(base, "config", None)
     if config is None:
         return
     config = copy.deepcopy(config)
     if hasattr(config, "quantization_config"):
-        # The merged weights are plain floating point; a leftover quantization_config would make
-        # from_pretrained try to quantise or dequantise them.
+        # Merged 16-bit weights are plain floating point; a leftover quantization_config would
+        # make from_pretrained try to quantise or dequantise them.
         del config.quantization_config
+    if quantize:  # what from_pretrained needs to read the NF4 tensors back
+        from fastlm.api import nf4_config
+
+        config.quantization_config = nf4_config(dtype).to_dict()
     config.dtype = dtype
     config.save_pretrained(folder)
     generation_config = getattr(base, "generation_config", None)

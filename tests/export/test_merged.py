@@ -196,10 +196,8 @@ def test_dora_is_refused_by_name(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_merged_4bit_and_unknown_methods_are_refused(tmp_path):
+def test_unknown_methods_are_refused(tmp_path):
     model, tokenizer, _ = _trained(tmp_path)
-    with pytest.raises(NotImplementedError, match="QLoRA"):
-        save_pretrained_merged(model, tmp_path / "m", tokenizer, save_method="merged_4bit")
     with pytest.raises(ValueError, match="save_method"):
         save_pretrained_merged(model, tmp_path / "m", tokenizer, save_method="gguf")
     assert _leftovers(tmp_path) == []

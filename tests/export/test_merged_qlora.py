@@ -1,0 +1,98 @@
+"""Merging a QLoRA model (4-bit NF4 base): merged_16bit into the dequantised weights or into the
+original 16-bit checkpoint, and merged_4bit (re-quantised NF4) for QLoRA and 16-bit LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from test_merged import _logits, _trained
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from fastlm import FastModel
+from fastlm.export import save_pretrained_merged
+from fastlm.kernels.nf4_dequant import dequantize_nf4
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _qlora(tmp_path, model_type="llama"):
+    path = save_tiny_model(model_type, tmp_path / f"src-{model_type}")
+    model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu", load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, init_lora_weights=False)
+    return model, tokenizer, path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_qlora_merged_16bit_equals_the_qlora_model(tmp_path, model_type):
+    model, tokenizer, _ = _qlora(tmp_path, model_type)
+    expected = _logits(model)  # the 4-bit model with its adapter, as trained
+    out = save_pretrained_merged(model, tmp_path / "merged", tokenizer, "merged_16bit")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    # W_merged = dequant(W4) + s·B·A in fp32: only summation order differs.
+    torch.testing.assert_close(_logits(reloaded), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_merged_into_the_original_checkpoint(tmp_path):
+    model, tokenizer, source = _qlora(tmp_path)
+    out = save_pretrained_merged(
+        model, tmp_path / "merged", tokenizer, "merged_16bit", base_checkpoint=source
+    )
+    adapter = save_pretrained_merged(model, tmp_path / "adapter", tokenizer, "lora")
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    expected = _logits(PeftModel.from_pretrained(original, adapter))  # 16-bit base + adapter
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(reloaded), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, _logits(model), atol=1e-3)  # the base choice matters
+
+
+def test_base_checkpoint_must_match(tmp_path):
+    model, tokenizer, _ = _qlora(tmp_path)
+    other = save_tiny_model("llama", tmp_path / "src-other", hidden_size=48)
+    with pytest.raises(ValueError, match="shape"):
+        save_pretrained_merged(
+            model, tmp_path / "m", tokenizer, "merged_16bit", base_checkpoint=other
+        )
+    with pytest.raises(FileNotFoundError, match="base_checkpoint"):
+        save_pretrained_merged(
+            model, tmp_path / "m", tokenizer, "merged_16bit", base_checkpoint=tmp_path
+        )
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("source", ["qlora", "lora"])
+def test_merged_4bit_reloads_as_nf4_with_the_merged_weights(tmp_path, source):
+    if source == "qlora":
+        model, tokenizer, _ = _qlora(tmp_path)
+    else:
+        model, tokenizer, _ = _trained(tmp_path)
+    merged16 = save_pretrained_merged(model, tmp_path / "m16", tokenizer, "merged_16bit")
+    out = save_pretrained_merged(model, tmp_path / "m4", tokenizer, "merged_4bit")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    dense = AutoModelForCausalLM.from_pretrained(merged16, dtype=torch.float32)
+    q_proj = reloaded.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit"
+    assert type(reloaded.lm_head).__name__ == "Linear"  # the head stays unquantised
+    # Every 4-bit weight is exactly NF4(merged 16-bit weight).
+    dense_weights = dict(dense.named_parameters())
+    quantised = [(n, p) for n, p in reloaded.named_parameters() if hasattr(p, "quant_state")]
+    assert len(quantised) == 7 * reloaded.config.num_hidden_layers
+    for name, packed in quantised:
+        expected, state = bnb_functional.quantize_4bit(
+            dense_weights[name].float(), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
+        assert torch.equal(packed.data, expected), name
+        assert torch.equal(
+            dequantize_nf4(packed, packed.quant_state, torch.float32),
+            dequantize_nf4(expected, state, torch.float32),
+        ), name

@@ -1,7 +1,17 @@
 """The ``fastlm`` command line: ``fastlm <command> [options]`` (also ``python -m fastlm``).
 
+    fastlm sft --data train.jsonl             # fine-tune (LoRA / QLoRA / full) with TRL
+    fastlm export --adapter outputs/sft/adapter --method gguf --output-dir out
+    fastlm bench --shapes llama-3.2-1b        # side-by-side benchmark (source checkout)
+    fastlm info                               # versions, GPUs, supported models and exports
+    fastlm demo                               # the bundled Gemma 3 270M before/after demo
+
 Commands live in ``COMMANDS``: each names a module with ``add_arguments(parser)`` and
-``main(args) -> int``, imported only when that command runs (``fastlm --help`` stays quick).
+``main(args) -> int`` (and optionally ``EXAMPLES``, the end of its ``--help``). To add one, write
+``fastlm/commands/<name>.py`` and add a line to ``COMMANDS``. A command with a ``--config`` flag
+also reads its flags from a YAML/TOML/JSON file (``fastlm.cli_config``); flags given win.
+Errors fastlm raises on purpose (``FastLMError``) are printed without a traceback (exit code 1;
+``-v`` shows it).
 """
 
 from __future__ import annotations
@@ -26,20 +36,52 @@ def _offline_by_default() -> None:
 
 _offline_by_default()
 
-# name -> (module, one-line help)
+# name -> (module, one-line help). The subcommand registry: add new commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": (
+        "fastlm.commands.sft",
+        "fine-tune on a JSONL/JSON data set (LoRA, QLoRA or full) with TRL's SFTTrainer",
+    ),
+    "export": (
+        "fastlm.commands.export",
+        "write a trained adapter as a merged 16-bit / 4-bit checkpoint or GGUF",
+    ),
+    "bench": (
+        "fastlm.commands.bench",
+        "side-by-side training benchmark: HF+PEFT, fastlm, Liger, Unsloth (source checkout)",
+    ),
+    "info": (
+        "fastlm.commands.info",
+        "versions, GPUs, supported model families and export formats",
+    ),
     "demo": (
         "fastlm.demo",
         "LoRA-train the real Gemma 3 270M on the bundled event->JSON data; before/after",
     ),
+    # "embed": ("fastlm.commands.embed", "..."),  # planned: embedding-model fine-tuning
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; a flag's default shown after its help when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in text:
+            return text
+        if isinstance(default, list):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {default})" if text else f"default: {default}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fastlm import __version__
 
     parser = argparse.ArgumentParser(
-        prog="fastlm", description="fastlm: fast, exact LoRA fine-tuning."
+        prog="fastlm",
+        description="fastlm: fast, exact LoRA fine-tuning.",
+        epilog="Run `fastlm COMMAND --help` for a command's flags and examples.",
     )
     parser.add_argument("--version", action="version", version=f"fastlm {__version__}")
     parser.add_argument(
@@ -47,17 +89,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(command)
+    parser.command_parsers = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        examples = getattr(module, "EXAMPLES", None)
+        if examples is None:  # a command without examples keeps argparse's plain help
+            command = sub.add_parser(name, help=help_text, description=help_text)
+        else:
+            command = sub.add_parser(
+                name,
+                help=help_text,
+                description=help_text,
+                epilog=examples,
+                formatter_class=_HelpFormatter,
+            )
+        module.add_arguments(command)
+        parser.command_parsers[name] = command
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``argv`` as parsed by the command's parser, with its ``--config`` file applied."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = getattr(args, "config", None)
+    if config:
+        from fastlm.cli_config import apply_config, load_config_file
+
+        command = parser.command_parsers[args.command]
+        apply_config(command, load_config_file(config), source=f"--config {config}")
+        args = parser.parse_args(argv)  # flags on the command line win over the file
+    args._parser = parser
+    return args
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (main() may run many times in one process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     fastlm_logger = logging.getLogger("fastlm")
     if not any(getattr(h, "_fastlm_cli", False) for h in fastlm_logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._fastlm_cli = True
         fastlm_logger.addHandler(handler)
@@ -78,8 +160,14 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    from fastlm.errors import FastLMError
+
+    try:
+        args = parse_args(argv)
+    except FastLMError as error:  # a bad --config file
+        print(f"fastlm: error: {error}", file=sys.stderr)
+        return 2
+    parser = args.__dict__.pop("_parser")
     if args.command is None:
         parser.print_help()
         return 2
@@ -90,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastlm: interrupted", file=sys.stderr)
         return 130
+    except FastLMError as error:
+        if args.verbose:
+            raise
+        print(f"fastlm {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from fastlm.versions import check_versions
 
 logger = logging.getLogger("fastlm")
 
+DEFAULT_MAX_SEQ_LENGTH = 2048  # Unsloth's default, for a causal LM
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Unsloth keywords fastlm does not implement. Passing Unsloth's default value is harmless and
@@ -56,7 +57,7 @@ class FastModel:
     @staticmethod
     def from_pretrained(
         model_name: str,
-        max_seq_length: int = 2048,
+        max_seq_length: int | None = None,
         dtype: torch.dtype | None = None,
         load_in_4bit: bool = False,
         full_finetuning: bool = False,
@@ -68,14 +69,38 @@ class FastModel:
         load_in_16bit: bool = True,
         allow_untested_versions: bool = False,
         check_finite_loss: bool = True,
+        embedding_mode: bool = False,
         **kwargs: Any,
     ) -> tuple[nn.Module, Any]:
         """Load a checkpoint, patch it with fastlm's kernels, return ``(model, tokenizer)``.
 
         Usage: ``model, tok = FastModel.from_pretrained("./llama", max_seq_length=4096)``.
-        ``tokenizer`` is None when the folder has no tokenizer files.
+        ``tokenizer`` is None when the folder has no tokenizer files. ``embedding_mode=True``
+        returns a ``fastlm.embeddings.FastSentenceTransformer`` (one normalised vector per text;
+        see docs/embeddings.md) instead of a causal LM.
         """
+        if embedding_mode:
+            from fastlm.embeddings import load_embedding_model
+
+            return load_embedding_model(
+                model_name,
+                max_seq_length=max_seq_length,  # None: the folder's own (Sentence-Transformers)
+                dtype=dtype,
+                device_map=device_map,
+                full_finetuning=full_finetuning,
+                token=token,
+                trust_remote_code=trust_remote_code,
+                use_gradient_checkpointing=use_gradient_checkpointing,
+                random_state=random_state,
+                load_in_4bit=load_in_4bit,
+                load_in_16bit=load_in_16bit,
+                allow_untested_versions=allow_untested_versions,
+                check_finite_loss=check_finite_loss,
+                **kwargs,
+            )
         _refuse_unimplemented(kwargs, _FROM_PRETRAINED_DEFAULTS, "from_pretrained")
+        if max_seq_length is None:
+            max_seq_length = DEFAULT_MAX_SEQ_LENGTH
         if not allow_untested_versions:
             check_versions(("torch", "transformers", "peft"))
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -146,6 +171,16 @@ class FastModel:
         """
         from peft import LoraConfig, get_peft_model
 
+        if _is_embedding_model(model):  # embedding_mode=True: its own LoRA (BERT targets too)
+            return model.get_peft_model(
+                r=r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=target_modules,
+                use_gradient_checkpointing=use_gradient_checkpointing,
+                random_state=random_state,
+                **kwargs,
+            )
         _refuse_unimplemented(kwargs, _GET_PEFT_MODEL_DEFAULTS, "get_peft_model")
         max_seq_length = kwargs.pop("max_seq_length", None)
         if not models.is_patched(model):
@@ -238,6 +273,12 @@ def _target_device(device_map) -> str:
     if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
+
+
+def _is_embedding_model(model) -> bool:
+    from fastlm.embeddings import FastSentenceTransformer
+
+    return isinstance(model, FastSentenceTransformer)
 
 
 def nf4_config(compute_dtype: torch.dtype, given=None):

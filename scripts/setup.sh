@@ -14,4 +14,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q torch==2.13.0
   fi
 fi
-.venv/bin/python -m pip install -q -e '.[test,demo,quant,export]'
+.venv/bin/python -m pip install -q -e '.[test,demo,quant,export,embeddings]'

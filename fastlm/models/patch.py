@@ -111,7 +111,7 @@ def is_patched(model: nn.Module) -> bool:
 def patch_model(
     model: nn.Module, spec: ArchitectureSpec, max_seq_length: int, check_finite_loss: bool = True
 ) -> nn.Module:
-    """Patch a loaded ``*ForCausalLM`` instance in place and return it.
+    """Patch a loaded ``*ForCausalLM`` (or base ``*Model``, e.g. for embeddings) in place.
 
     Usage: ``patch_model(model, spec_for(model.config), max_seq_length=2048)``.
     """
@@ -176,6 +176,8 @@ def fused_report(model: nn.Module) -> list[dict]:
             )
     owner = _find_owner(model)
     head = owner.get_output_embeddings()
+    if head is None:  # a base model (no LM head), e.g. an embedding model's body
+        return rows
     head_ok = type(head) is nn.Linear
     rows.append(
         {

@@ -1,0 +1,556 @@
+"""``FastSentenceTransformer``: a Hugging Face encoder/decoder body + pooling + dense + L2 norm.
+
+model, tokenizer = load_embedding_model("Qwen/Qwen3-Embedding-0.6B", max_seq_length=512)
+model.get_peft_model(r=16)                      # LoRA (fused fastlm kernels on Qwen3 / Gemma 3)
+vectors = model.encode_queries(["how do I ...?"])   # (N, D) fp32, unit length
+
+The body is loaded with ``AutoModel`` (Qwen3Model, Gemma3TextModel, BertModel, XLMRobertaModel…).
+Qwen3 and Gemma 3 bodies get fastlm's kernels (``fastlm.models.patch_model``); other
+architectures run their transformers code, with LoRA through plain PEFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlm.embeddings import st_format
+from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool
+
+logger = logging.getLogger("fastlm")
+
+DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# BERT / XLM-RoBERTa: attention q/k/v, attention output, intermediate and output dense layers;
+# the pooler's dense layer feeds no pooling mode here, so it is left out.
+ENCODER_PROJECTIONS = ["query", "key", "value", "dense"]
+_ENCODER_TYPES = ("bert", "xlm-roberta", "roberta", "camembert", "distilbert", "mpnet")
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a model family's card says to prefix queries and documents."""
+
+    query_template: str  # with a "{task}" placeholder
+    default_task: str
+    document_prompt: str
+
+    def query_prompt(self, task: str | None = None) -> str:
+        return self.query_template.format(task=task or self.default_task)
+
+
+PROMPT_STYLES = {
+    # Qwen3-Embedding: "Instruct: {task}\nQuery:{query}"; documents have no prefix.
+    "qwen3": PromptStyle(
+        "Instruct: {task}\nQuery:",
+        "Given a web search query, retrieve relevant passages that answer the query",
+        "",
+    ),
+    # EmbeddingGemma: "task: search result | query: {query}" / "title: none | text: {document}".
+    "gemma3_text": PromptStyle("task: {task} | query: ", "search result", "title: none | text: "),
+}
+DEFAULT_POOLING = {"qwen3": "lasttoken", "gemma3_text": "mean", "xlm-roberta": "cls"}
+
+
+class FastSentenceTransformer(nn.Module):
+    """Texts → one L2-normalised vector each. ``forward`` takes token ids, ``encode`` texts.
+
+    Usage: ``model = FastSentenceTransformer.from_pretrained("./minilm"); model.encode(["hi"])``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tokenizer: Any,
+        pooling: str = "mean",
+        dense: list[Dense] | None = None,
+        normalize: bool = True,
+        max_seq_length: int = 512,
+        prompts: dict[str, str] | None = None,
+        default_prompt_name: str | None = None,
+        prompt_style: PromptStyle | None = None,
+        do_lower_case: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling={pooling!r}: choose one of {POOLING_MODES}")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.dense = nn.ModuleList(dense or [])
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.prompt_style = prompt_style
+        self.do_lower_case = do_lower_case
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, **kwargs: Any) -> FastSentenceTransformer:
+        """Load a Sentence-Transformers or plain Hugging Face directory (or Hub name).
+
+        Usage: ``FastSentenceTransformer.from_pretrained("./st_dir", max_seq_length=256)``;
+        keyword arguments as in ``load_embedding_model``.
+        """
+        model, _ = load_embedding_model(model_name, **kwargs)
+        return model
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def config(self):
+        """The transformers config of the body."""
+        return self.base_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The transformers model (under PEFT's wrapper when LoRA is attached)."""
+        body = self.backbone
+        return body.get_base_model() if hasattr(body, "get_base_model") else body
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the output vectors (after the dense layers)."""
+        return self.dense[-1].out_features if len(self.dense) else self.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def query_prompt(self, task: str | None = None) -> str:
+        """The prefix for queries: the card's instruction for ``task`` or the saved default."""
+        if task is not None:
+            if self.prompt_style is None:
+                raise ValueError("this model family has no task-instruction template")
+            return self.prompt_style.query_prompt(task)
+        if "query" in self.prompts:
+            return self.prompts["query"]
+        return self.prompt_style.query_prompt() if self.prompt_style else ""
+
+    def document_prompt(self) -> str:
+        """The prefix for documents ("" for Qwen3-Embedding and BGE-M3)."""
+        for name in ("document", "passage", "corpus"):
+            if name in self.prompts:
+                return self.prompts[name]
+        return self.prompt_style.document_prompt if self.prompt_style else ""
+
+    # ------------------------------------------------------------------ forward / encode
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, S) token ids and mask → (B, D) fp32 embeddings (unit length when normalising)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**inputs).last_hidden_state  # (B, S, H)
+        vectors = pool(hidden, attention_mask, self.pooling)
+        for layer in self.dense:
+            vectors = layer(vectors)
+        return l2_normalize(vectors) if self.normalize else vectors.float()
+
+    def tokenize(
+        self, texts: list[str], prompt: str = "", to_device: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Padded, truncated token tensors for ``prompt + text`` (on the model's device)."""
+        texts = [prompt + text for text in texts]
+        if self.do_lower_case:
+            texts = [text.lower() for text in texts]
+        batch = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_seq_length,
+            return_tensors="pt",
+        )
+        keep = ("input_ids", "attention_mask", "token_type_ids")
+        device = self.device if to_device else "cpu"
+        return {k: v.to(device) for k, v in batch.items() if k in keep}
+
+    def embed(self, texts: list[str], prompt: str = "") -> torch.Tensor:
+        """Embed with gradients (training). Usage: ``q = model.embed(queries, prompt)``."""
+        return self(**self.tokenize(list(texts), prompt))
+
+    @torch.no_grad()
+    def encode(
+        self,
+        sentences: str | list[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        convert_to_numpy: bool = False,
+        show_progress_bar: bool = False,
+    ):
+        """Embed texts in eval mode without gradients → (N, D) fp32 tensor (or numpy).
+
+        Usage: ``model.encode(["a", "b"], prompt_name="query")``; a single string gives (D,).
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        if prompt is None:
+            name = prompt_name if prompt_name is not None else self.default_prompt_name
+            if name is not None and name not in self.prompts:
+                raise KeyError(f"prompt_name={name!r}: known prompts are {sorted(self.prompts)}")
+            prompt = self.prompts[name] if name is not None else ""
+        # Sort by length so each batch pads little; the result is put back in input order.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            starts = range(0, len(texts), batch_size)
+            if show_progress_bar:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc="Encoding")
+            for start in starts:
+                batch = [texts[i] for i in order[start : start + batch_size]]
+                chunks.append(self.embed(batch, prompt))
+        finally:
+            self.train(was_training)
+        if chunks:
+            vectors = torch.cat(chunks)
+        else:
+            vectors = torch.empty(0, self.embedding_dim, device=self.device)
+        result = torch.empty_like(vectors)
+        result[torch.tensor(order, device=vectors.device)] = vectors
+        result = result[0] if single else result
+        return result.cpu().numpy() if convert_to_numpy else result
+
+    def encode_queries(self, queries: list[str], task: str | None = None, **kwargs) -> Any:
+        """Embed queries with the family's instruction prefix (``task`` overrides the default)."""
+        return self.encode(queries, prompt=self.query_prompt(task), **kwargs)
+
+    def encode_documents(self, documents: list[str], **kwargs) -> Any:
+        """Embed documents with the family's document prefix (none for Qwen3 / BGE-M3)."""
+        return self.encode(documents, prompt=self.document_prompt(), **kwargs)
+
+    @staticmethod
+    def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix (N, M) of two sets of embeddings."""
+        a = torch.nn.functional.normalize(torch.as_tensor(a).float(), dim=-1)
+        b = torch.nn.functional.normalize(torch.as_tensor(b).float(), dim=-1)
+        return a @ b.T
+
+    # ------------------------------------------------------------------ training set-up
+
+    def get_peft_model(
+        self,
+        r: int = 16,
+        lora_alpha: int | None = None,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | str | None = None,
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        **lora_kwargs: Any,
+    ) -> FastSentenceTransformer:
+        """Attach LoRA adapters to the body (in place; dense layers stay frozen); returns self.
+
+        Usage: ``model.get_peft_model(r=16, lora_alpha=32)``.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if hasattr(self.backbone, "peft_config"):
+            raise ValueError("this model already has LoRA adapters")
+        model_type = self.config.model_type
+        if target_modules is None:
+            if model_type in PROMPT_STYLES or model_type in ("llama", "mistral", "qwen2"):
+                target_modules = DECODER_PROJECTIONS
+            elif model_type in _ENCODER_TYPES:
+                target_modules = ENCODER_PROJECTIONS
+                lora_kwargs.setdefault("exclude_modules", ["pooler.dense"])
+        torch.manual_seed(random_state)
+        config = LoraConfig(
+            r=r,
+            lora_alpha=r if lora_alpha is None else lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            **lora_kwargs,
+        )
+        self.backbone = get_peft_model(self.backbone, config)
+        self.dense.requires_grad_(False)
+        if use_gradient_checkpointing:
+            _enable_checkpointing(self.backbone, use_gradient_checkpointing)
+        return self
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Non-reentrant checkpointing of the body's layers (``Trainer`` calls this)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        merge_lora: bool = True,
+        dtype: torch.dtype | None = None,
+        max_shard_size: int | str = "5GB",
+    ) -> Path:
+        """Write a Sentence-Transformers directory (LoRA merged in; the model is unchanged).
+
+        Usage: ``model.save_pretrained("out/st")``, then
+        ``sentence_transformers.SentenceTransformer("out/st")`` gives the same embeddings.
+        ``merge_lora=False`` saves only the PEFT adapter (``save_adapter``).
+        """
+        if not merge_lora:
+            return self.save_adapter(save_directory)
+        from fastlm.export._atomic import atomic_directory
+
+        with atomic_directory(save_directory) as tmp:
+            self._write_sentence_transformer(tmp, dtype, max_shard_size)
+        return Path(save_directory).absolute()
+
+    def _write_sentence_transformer(self, folder: Path, dtype, max_shard_size) -> None:
+        from fastlm.export import save_pretrained_merged
+
+        save_pretrained_merged(
+            self.backbone,
+            folder,
+            self.tokenizer,
+            save_method="merged_16bit",
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+        )
+        st_format.write_layout(
+            str(folder),
+            pooling=self.pooling,
+            hidden_size=self.hidden_size,
+            dense=list(self.dense),
+            normalize=self.normalize,
+            max_seq_length=self.max_seq_length,
+            do_lower_case=self.do_lower_case,
+            prompts=self._prompts_to_save(),
+            default_prompt_name=self.default_prompt_name,
+        )
+
+    def save_adapter(self, save_directory: str | os.PathLike) -> Path:
+        """Save the PEFT LoRA adapter alone (loads with ``peft.PeftModel.from_pretrained``)."""
+        if not hasattr(self.backbone, "peft_config"):
+            raise ValueError("no LoRA adapter to save: use save_pretrained for a full model")
+        self.backbone.save_pretrained(save_directory)
+        return Path(save_directory).absolute()
+
+    def _prompts_to_save(self) -> dict[str, str]:
+        prompts = dict(self.prompts)
+        if self.prompt_style is not None:
+            prompts.setdefault("query", self.prompt_style.query_prompt())
+            prompts.setdefault("document", self.prompt_style.document_prompt)
+        return prompts
+
+    # ------------------------------------------------------------------ interop
+
+    def to_sentence_transformer(self):
+        """A ``sentence_transformers.SentenceTransformer`` sharing this model's parameters.
+
+        Usage: ``st = model.to_sentence_transformer()`` then train it with
+        ``SentenceTransformerTrainer`` (fastlm kernels and LoRA stay in use; updates land here).
+        """
+        from fastlm.embeddings.st_bridge import build_sentence_transformer
+
+        return build_sentence_transformer(self)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def load_embedding_model(
+    model_name: str,
+    max_seq_length: int | None = None,
+    dtype: torch.dtype | None = None,
+    device_map: str | dict | None = "auto",
+    pooling: str | None = None,
+    normalize: bool = True,
+    full_finetuning: bool = False,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+    use_gradient_checkpointing: bool | str = True,
+    load_in_4bit: bool = False,
+    load_in_16bit: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+    random_state: int = 3407,
+    use_fastlm_kernels: bool = True,
+    allow_untested_versions: bool = False,
+    check_finite_loss: bool = True,
+    **kwargs: Any,
+) -> tuple[FastSentenceTransformer, Any]:
+    """Load an embedding model → ``(model, tokenizer)``; fastlm kernels on Qwen3 / Gemma 3.
+
+    Usage: ``model, tok = load_embedding_model("./bge-m3", max_seq_length=512, lora_r=16)``.
+    ``model_name``: a Sentence-Transformers directory (modules.json: pooling, dense layers,
+    normalisation and prompts are read from it), a plain transformers directory or a Hub name.
+    ``pooling`` overrides the saved/default pooling ("lasttoken" Qwen3, "mean" Gemma 3 and
+    others, "cls" XLM-RoBERTa). ``lora_r`` attaches LoRA at once (else call ``get_peft_model``).
+    Extra keyword arguments go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``,
+    or config overrides such as ``use_bidirectional_attention=True`` for a Gemma 3 LM).
+    ``load_in_16bit`` is accepted for ``FastModel.from_pretrained`` parity (``dtype`` decides).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    from fastlm import models
+    from fastlm.api import resolve_dtype
+    from fastlm.errors import UnsupportedKeywordError
+    from fastlm.versions import check_versions
+
+    if load_in_4bit:
+        raise UnsupportedKeywordError(
+            "load_in_4bit=True is not implemented for embedding models; load in 16/32-bit."
+        )
+    if full_finetuning and lora_r is not None:
+        raise ValueError("choose full_finetuning=True or lora_r=..., not both")
+    if not allow_untested_versions:
+        check_versions(("torch", "transformers", "peft"))
+    path = _local_path(model_name, token, revision, local_files_only)
+    layout = st_format.read_layout(path) if st_format.is_sentence_transformer_dir(path) else None
+    body_path = layout.transformer_path if layout else path
+    if layout is not None and not layout.include_prompt:
+        raise ValueError(f"{model_name}: pooling with include_prompt=False is not supported")
+
+    device = (
+        "cpu" if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available() else "cuda"
+    )
+    dtype = resolve_dtype(dtype, device)
+    if device_map == "auto" and device == "cpu":
+        device_map = None
+    torch.manual_seed(random_state)
+    backbone = AutoModel.from_pretrained(
+        body_path,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        local_files_only=local_files_only or os.path.isdir(model_name),
+        **kwargs,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(body_path, trust_remote_code=trust_remote_code)
+    config = backbone.config
+    model_type = config.model_type
+    if model_type == "gemma3_text" and not getattr(config, "use_bidirectional_attention", False):
+        logger.warning(
+            "%s: Gemma 3 with causal attention; EmbeddingGemma uses bidirectional attention "
+            "(pass use_bidirectional_attention=True to turn a Gemma 3 LM into an encoder)",
+            model_name,
+        )
+    if pooling is None:
+        pooling = (layout.pooling if layout else None) or DEFAULT_POOLING.get(model_type, "mean")
+        if layout is None or layout.pooling is None:
+            logger.info("%s: no pooling configured; using %r", model_name, pooling)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and model_type in ("xlm-roberta", "roberta", "camembert"):
+        limit -= 2  # RoBERTa's learned positions start after padding_idx
+    if max_seq_length is None:
+        max_seq_length = layout.max_seq_length if layout and layout.max_seq_length else 2048
+        max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
+    elif limit and max_seq_length > limit and model_type in _ENCODER_TYPES:
+        # Learned absolute positions: longer inputs would index past the position table.
+        logger.warning(
+            "%s: max_seq_length=%d exceeds the model's %d positions; using %d",
+            model_name,
+            max_seq_length,
+            limit,
+            limit,
+        )
+        max_seq_length = limit
+    if use_fastlm_kernels and model_type in models.SPECS:
+        spec = models.spec_for(config)
+        models.patch_model(backbone, spec, max_seq_length, check_finite_loss=check_finite_loss)
+    dense = [
+        layer.to(device=_device_of(backbone), dtype=dtype)
+        for layer in (layout.dense if layout else [])
+    ]
+    model = FastSentenceTransformer(
+        backbone,
+        tokenizer,
+        pooling=pooling,
+        dense=dense,
+        normalize=normalize,
+        max_seq_length=max_seq_length,
+        prompts=layout.prompts if layout else None,
+        default_prompt_name=layout.default_prompt_name if layout else None,
+        prompt_style=PROMPT_STYLES.get(model_type),
+        do_lower_case=layout.do_lower_case if layout else False,
+    )
+    if full_finetuning:
+        model.requires_grad_(True)
+        if use_gradient_checkpointing:
+            _enable_checkpointing(model.backbone, use_gradient_checkpointing)
+    elif lora_r is not None:
+        model.get_peft_model(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=target_modules,
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            random_state=random_state,
+        )
+    else:
+        model.requires_grad_(False)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _local_path(model_name: str, token, revision, local_files_only: bool) -> str:
+    if os.path.isdir(model_name):
+        return model_name
+    from huggingface_hub import snapshot_download
+
+    # The whole repository (the Sentence-Transformers module folders live beside the weights),
+    # without other frameworks' exports.
+    return snapshot_download(
+        model_name,
+        revision=revision,
+        token=token,
+        local_files_only=local_files_only,
+        ignore_patterns=[
+            "onnx/*",
+            "openvino/*",
+            "*.onnx",
+            "*.h5",
+            "*.msgpack",
+            "*.ot",
+            "tf_model*",
+            "flax_model*",
+            "rust_model*",
+            "coreml/*",
+            "*.gguf",
+        ],
+    )
+
+
+def _enable_checkpointing(backbone: nn.Module, mode: bool | str) -> None:
+    if mode in ("fastlm", "unsloth"):
+        from fastlm.offload import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(backbone)
+    elif mode is True:
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    else:
+        raise ValueError(
+            f"use_gradient_checkpointing={mode!r}: use True, False or 'fastlm' (offloaded)"
+        )

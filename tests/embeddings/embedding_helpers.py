@@ -1,0 +1,111 @@
+"""Tiny embedding-model directories (random weights, character tokenizer), built locally.
+
+- ``qwen3``: a Qwen3Model body, left-padding tokenizer (as Qwen3-Embedding), last-token pooling.
+- ``gemma3``: a bidirectional Gemma3TextModel body (as EmbeddingGemma, sliding window 3 < the
+  test lengths), mean pooling, then Dense 72→96→72 (no bias, identity) and Normalize, with the
+  EmbeddingGemma prompts: a Sentence-Transformers directory.
+- ``bert``: a BertModel body (dropout on), CLS pooling, Normalize: a Sentence-Transformers
+  directory.
+"""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import VOCAB, tiny_config, tiny_tokenizer
+from transformers import AutoModel, BertConfig, Gemma3TextConfig
+
+from fastlm.embeddings.model import PROMPT_STYLES
+from fastlm.embeddings.pooling import Dense
+from fastlm.embeddings.st_format import write_layout
+
+# Tests that compare numbers at fp32 tolerances run on the CPU in fp32 on any machine (the
+# device-aware comparison against transformers is tests/embeddings/test_patched_body.py).
+CPU = {"device_map": "cpu", "dtype": torch.float32}
+TEXTS = [
+    "the cat sat on the mat",
+    "a quick brown fox",
+    "hi",
+    "embeddings for retrieval, with padding!",
+    "short one",
+]
+
+
+def gemma3_bidirectional_config() -> Gemma3TextConfig:
+    """The tiny Gemma 3 config with bidirectional attention (window 4 → |i − j| < 3)."""
+    base = tiny_config("gemma3_text").to_dict()
+    base["use_bidirectional_attention"] = True
+    return Gemma3TextConfig(**base)
+
+
+def _random_norms(model: torch.nn.Module) -> None:
+    # Random (not unit) norm weights so that the (1 + w) vs w offset matters.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and "LayerNorm" not in name:
+                param.normal_(0.0, 0.3)
+
+
+def save_tiny_embedding_model(kind: str, path, seed: int = 0):
+    """Write a tiny embedding-model directory of ``kind`` (see module doc); returns ``path``."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    if kind == "qwen3":
+        model = AutoModel.from_config(tiny_config("qwen3"))
+        tokenizer.padding_side = "left"
+    elif kind == "gemma3":
+        model = AutoModel.from_config(gemma3_bidirectional_config())
+    elif kind == "bert":
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=70,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1,
+            pad_token_id=0,
+        )
+        model = AutoModel.from_config(config)
+    else:
+        raise ValueError(kind)
+    _random_norms(model)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    hidden = model.config.hidden_size
+    if kind == "gemma3":
+        dense = [
+            Dense(hidden, 96, bias=False, activation="torch.nn.modules.linear.Identity"),
+            Dense(96, hidden, bias=False, activation="torch.nn.modules.linear.Identity"),
+        ]
+        style = PROMPT_STYLES["gemma3_text"]
+        prompts = {"query": style.query_prompt(), "document": style.document_prompt}
+        write_layout(
+            str(path),
+            pooling="mean",
+            hidden_size=hidden,
+            dense=dense,
+            normalize=True,
+            max_seq_length=120,
+            do_lower_case=False,
+            prompts=prompts,
+            default_prompt_name=None,
+        )
+    elif kind == "bert":
+        write_layout(
+            str(path),
+            pooling="cls",
+            hidden_size=hidden,
+            dense=[],
+            normalize=True,
+            max_seq_length=100,
+            do_lower_case=False,
+            prompts={},
+            default_prompt_name=None,
+        )
+    return path
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖a − e‖ / ‖e‖."""
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

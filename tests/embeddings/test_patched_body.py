@@ -1,0 +1,98 @@
+"""fastlm-patched embedding bodies vs unpatched transformers + PEFT (Qwen3, bidirectional Gemma 3).
+
+Same weights and LoRA initialisation (B ≠ 0), a padded batch, fp32. Pooled embeddings within
+atol 1e-5; InfoNCE loss and every LoRA gradient within relative error 1e-4 (as
+tests/models/test_architectures.py), with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from embedding_helpers import CPU, TEXTS, relative_error, save_tiny_embedding_model
+
+from fastlm.embeddings import EmbeddingCollator, InfoNCELoss, load_embedding_model
+from fastlm.models import fused_report, is_patched
+
+RTOL = 1e-4
+ROWS = [
+    {"query": "find the cat", "response": TEXTS[0], "rejected_response": [TEXTS[1], TEXTS[2]]},
+    {"query": "fox?", "response": TEXTS[1], "rejected_response": [TEXTS[3]]},
+    {"query": "greeting", "response": TEXTS[2], "rejected_response": []},
+]
+
+
+def _pair(tmp_path, kind, checkpointing, device):
+    path = save_tiny_embedding_model(kind, tmp_path / kind)
+    models = []
+    for kernels in (False, True):
+        model, _ = load_embedding_model(
+            str(path),
+            max_seq_length=120,
+            dtype=torch.float32,
+            device_map=device,
+            use_fastlm_kernels=kernels,
+        )
+        model.get_peft_model(
+            r=4, lora_alpha=8, init_lora_weights=False, use_gradient_checkpointing=checkpointing
+        )
+        model.train()
+        models.append(model)
+    reference, fast = models
+    assert not is_patched(reference.backbone) and is_patched(fast.backbone)
+    rows = fused_report(fast.backbone)
+    assert rows and all(row["fused"] and row["lora"] for row in rows), rows
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = InfoNCELoss(temperature=0.05).batch_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if "lora_" in n}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_embeddings_and_lora_gradients_match_hf(tmp_path, kind, checkpointing, device):
+    reference, fast = _pair(tmp_path, kind, checkpointing, device)
+    # No prompts: the point here is the body; short texts keep the interpreter runs small.
+    batch = EmbeddingCollator(fast, prompts={})(ROWS)
+    batch = {k: _to(v, device) for k, v in batch.items()}
+    with torch.no_grad():
+        expected = reference(**batch["response"])
+        actual = fast(**batch["response"])
+    assert torch.allclose(actual, expected, atol=1e-5, rtol=0)
+    expected_loss, expected_grads = _loss_and_grads(reference, batch)
+    actual_loss, actual_grads = _loss_and_grads(fast, batch)
+    assert abs(actual_loss - expected_loss) <= RTOL * abs(expected_loss)
+    assert expected_grads.keys() == actual_grads.keys() and len(expected_grads) > 0
+    for name, grad in expected_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert relative_error(actual_grads[name], grad) <= RTOL, name
+
+
+def test_patched_gemma3_attends_both_ways(tmp_path):
+    """The non-causal mask survives the patch: the first token's state depends on the next one."""
+    path = save_tiny_embedding_model("gemma3", tmp_path / "gemma3")
+    model, _ = load_embedding_model(str(path), max_seq_length=64, **CPU)
+    assert is_patched(model.backbone)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    mask = torch.ones_like(ids)
+
+    def hidden(tokens):
+        with torch.no_grad():
+            return model.backbone(input_ids=tokens, attention_mask=mask).last_hidden_state
+
+    base = hidden(ids)
+    next_changed = ids.clone()
+    next_changed[0, 1] = 20
+    assert (hidden(next_changed)[0, 0] - base[0, 0]).abs().max() > 1e-4  # sees the future
+
+
+def _to(value, device):
+    if isinstance(value, dict):
+        return {k: v.to(device) for k, v in value.items()}
+    return value.to(device)

@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--system", default="fastlm")
+    parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--cache", default="/tmp/fastlm-bench")
     args = parser.parse_args()
@@ -31,7 +32,9 @@ def main() -> None:
 
     shape = get_shape(args.shape)
     path = ensure_checkpoint(shape, args.cache)["path"]
-    ctx = Ctx(shape=shape, path=path, mode="lora", seq=shape.seq, cuda=True, dtype=torch.bfloat16)
+    ctx = Ctx(
+        shape=shape, path=path, mode=args.mode, seq=shape.seq, cuda=True, dtype=torch.bfloat16
+    )
     model = LOADERS[args.system](ctx)
     model.train()
     ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq), device="cuda")
@@ -44,9 +47,16 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    import time
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) / 5 * 1000
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(2):
@@ -57,7 +67,9 @@ def main() -> None:
         table = averages.table(sort_by="self_cuda_time_total", row_limit=args.rows)
     except (AttributeError, KeyError):
         table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
-    print(f"== {args.system} {args.shape}: 2 steps ==")
+    gpu_ms = sum(e.self_device_time_total for e in averages) / 2 / 1000
+    print(f"== {args.system} {args.shape} {args.mode}: 2 steps ==")
+    print(f"wall {wall_ms:.1f} ms/step (unprofiled), GPU kernels {gpu_ms:.1f} ms/step (profiled)")
     print(table)
 
 

@@ -5,7 +5,9 @@ LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names 
 rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
 ``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE).
 
-Usage: ``save_pretrained_gguf(model, "out", tokenizer, quantization_method=["f16", "q8_0"])``.
+Usage: ``save_pretrained_gguf(model, "out", tokenizer, quantization_method=["f16", "q4_k_m"])``.
+The k-quant files (q4_k_m, q5_k_m, q6_k) take llama-quantize's per-tensor types and bytes
+(``fastlm.export.gguf_quants``), quantised on the weights' device.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fastlm.export.merged import check_plain_lora, lora_base_model, merge_lora_w
 
 logger = logging.getLogger("fastlm")
 
-METHODS = ("f16", "bf16", "q8_0")
+METHODS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 # HF model_type -> gguf.MODEL_ARCH member name.
 ARCHES = {
     "llama": "LLAMA",
@@ -75,7 +77,7 @@ def save_pretrained_gguf(
     _check_representable(config)  # before any big work: fail fast on what llama.cpp can't run
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
     out_dir = Path(save_directory)
-    # f16/bf16 take 2 bytes a weight, q8_0 ~1.06: 2 bytes each is a safe upper bound.
+    # f16/bf16 take 2 bytes a weight, q8_0 ~1.06, the k-quants less: 2 bytes is an upper bound.
     weights = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
     check_free_disk(out_dir, 2 * weights * len(methods), "GGUF export")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,11 +237,19 @@ def _llama3_factors(config) -> torch.Tensor:
     return divisor.float()
 
 
-def _encode(tensor: torch.Tensor, method: str):
-    """(array, raw GGML type or None) for GGUFWriter.add_tensor; 1-D tensors stay F32."""
+def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
+    """(array, raw GGML type or None) for GGUFWriter.add_tensor; 1-D tensors stay F32.
+
+    ``mixture`` (n_layers, tied, is_70b) feeds the k-quant methods' per-tensor type choice.
+    """
     import gguf
 
-    array = tensor.numpy()
+    from fastlm.export.gguf_quants import METHOD_TYPES, encode_tensor, llama_cpp_tensor_type
+
+    if method in METHOD_TYPES:
+        qtype = llama_cpp_tensor_type(name, tuple(tensor.shape), method, **mixture)
+        return encode_tensor(tensor, qtype)
+    array = tensor.detach().cpu().numpy()
     if array.ndim < 2:
         return array.astype(np.float32), None
     if (
@@ -268,8 +278,9 @@ def _write_gguf(base, model, arch, vocab: dict, tokenizer, method: str, target: 
         writer.add_name(_default_name(base.config))
         _add_hparams(writer, arch, base.config, method)
         _add_tokenizer(writer, vocab, getattr(tokenizer, "chat_template", None))
+        mixture = _mixture_context(arch, base.config)
         for gguf_name, tensor in gguf_tensors(model, arch):
-            array, raw_dtype = _encode(tensor, method)
+            array, raw_dtype = _encode(gguf_name, tensor, method, mixture)
             writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -280,6 +291,18 @@ def _write_gguf(base, model, arch, vocab: dict, tokenizer, method: str, target: 
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
+
+
+def _mixture_context(arch, config) -> dict:
+    """What llama-quantize's type choice reads besides a tensor's name and shape."""
+    from fastlm.export.gguf_quants import is_70b
+
+    return {
+        "n_layers": config.num_hidden_layers,
+        # no output.weight is written for tied embeddings: llama.cpp then treats token_embd so
+        "tied": bool(getattr(config, "tie_word_embeddings", False)),
+        "is_70b": is_70b(arch.name, config),
+    }
 
 
 def _add_hparams(writer, arch, config, method: str) -> None:
@@ -309,6 +332,9 @@ def _add_hparams(writer, arch, config, method: str) -> None:
             "f16": gguf.LlamaFileType.MOSTLY_F16,
             "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+            "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+            "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
         }[method]
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -73,7 +73,7 @@ def _reference(model) -> dict:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("method", ["f16", "q8_0", "bf16"])
+@pytest.mark.parametrize("method", ["f16", "q8_0", "bf16", "q4_k_m"])
 def test_tiny_roundtrip(tmp_path, model_type, method):
     path = save_tiny_model(model_type, tmp_path / "hf", vocab_size=300)
     model = _lora(path)
@@ -95,7 +95,7 @@ def test_tiny_roundtrip(tmp_path, model_type, method):
     tensors = {t.name: t for t in reader.tensors}
     assert set(tensors) == set(expected)
     assert ("output.weight" in tensors) == (model_type == "llama")  # gemma3 ties embeddings
-    tol = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2}[method]
+    tol = {"f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_k_m": 1e-3}[method]
     for name, want in expected.items():
         tensor = tensors[name]
         got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
@@ -104,6 +104,8 @@ def test_tiny_roundtrip(tmp_path, model_type, method):
         elif method == "q8_0":
             q8 = want.shape[-1] % 32 == 0
             assert tensor.tensor_type.name == ("Q8_0" if q8 else "F16"), name
+        elif method == "q4_k_m":  # rows of 72/90/100: no k-quant, nor Q5_0 (32) -> llama.cpp's F16
+            assert tensor.tensor_type.name == "F16", name
         err = np.abs(got - want.numpy()).max() / (np.abs(want.numpy()).max() + 1e-12)
         assert err < tol, (name, err)
     if model_type == "gemma3_text":  # llama.cpp's Gemma norm multiplies by w: stored as 1 + w
@@ -113,6 +115,9 @@ def test_tiny_roundtrip(tmp_path, model_type, method):
     fields = reader.fields
     prefix = gguf.MODEL_ARCH_NAMES[arch]
     config = model.get_base_model().config
+    file_type = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    file_type["q4_k_m"] = "MOSTLY_Q4_K_M"
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType[file_type[method]]
     assert fields["general.architecture"].contents() == prefix
     assert fields[f"{prefix}.block_count"].contents() == config.num_hidden_layers
     assert fields[f"{prefix}.embedding_length"].contents() == config.hidden_size
@@ -193,6 +198,105 @@ def test_tiny_llama_in_llama_cpp(tmp_path, method):
     assert n_prompt == len(ids)
     assert cpp_ids == hf_ids
     assert np.abs(np.array(cpp_logp) - np.array(hf_logp)).max() < 0.05
+
+
+# k-quants work on 256-weight super-blocks: every quantised row here is 256 weights (hidden and
+# intermediate 256, 4 heads of 64 with 1 kv head); 2 layers, so that layer 1 is a
+# "use_more_bits" layer (the last n/8) and gets Q6_K attn_v / ffn_down in q4_k_m.
+KQUANT_LLAMA = dict(
+    vocab_size=300,
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    num_hidden_layers=2,
+)
+KQUANT_TYPES = {  # the tensors llama-quantize treats specially, per file type
+    "q4_k_m": {"token_embd": "Q4_K", "blk.0.attn_v": "Q4_K", "blk.1.attn_v": "Q6_K",
+               "blk.0.ffn_down": "Q4_K", "blk.1.ffn_down": "Q6_K", "output": "Q6_K"},
+    "q6_k": {"token_embd": "Q6_K", "blk.0.attn_v": "Q6_K", "blk.0.ffn_down": "Q6_K",
+             "output": "Q6_K"},
+}  # fmt: skip
+# Log-prob tolerances (max over 9 prompts measured: q4_k_m 3.5e-3 / 0.037, q6_k 3.9e-3 / 6.7e-3).
+# Against transformers on the very weights the file decodes to, llama.cpp's only extra error is
+# its 8-bit activations in k-quant dot products; against the fp32 model it is the quantisation
+# error itself (for q4_k_m 10x larger). A file that llama.cpp read otherwise than gguf's decoder
+# (block layout, scales, types, row order) misses the first bound by far.
+KQUANT_TOL = {"q4_k_m": (0.01, 0.1), "q6_k": (0.01, 0.03)}
+KQUANT_PROMPTS = ["the cat in a hat sat on the mat the", "a quick brown fox", "in the", "zebra"]
+KQUANT_PROMPTS += ["hello there then", "the the the", "quiz jam", "abc", "xyz mnop"]
+
+
+@pytest.mark.parametrize("method", ["q4_k_m", "q6_k"])
+def test_tiny_kquant_llama_in_llama_cpp(tmp_path, method):
+    """Random tiny Llama with k-quant-sized rows: llama-quantize's tensor types, and llama.cpp's
+    next-token log-probs equal transformers' on the weights the file decodes to (gguf's decoder).
+    That the bytes are llama.cpp's own quantiser's is tested in test_gguf_quants.py."""
+    from fastlm.export.gguf_quants import llama_cpp_tensor_type
+
+    pytest.importorskip("xllamacpp")
+    path = save_tiny_model("llama", tmp_path / "hf", **KQUANT_LLAMA)
+    model = _lora(path)
+    with torch.no_grad():  # byte tokens never win: llama.cpp reports a complete UTF-8 piece only
+        model.get_base_model().lm_head.weight[4:260] = 0
+    tokenizer = spm_tokenizer()
+    (out,) = save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, method)
+
+    reader = gguf.GGUFReader(out)
+    file_type = {"q4_k_m": "MOSTLY_Q4_K_M", "q6_k": "MOSTLY_Q6_K"}[method]
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType[file_type]
+    tensors = {t.name: t for t in reader.tensors}
+    for name, ggml_type in KQUANT_TYPES[method].items():
+        assert tensors[name + ".weight"].tensor_type.name == ggml_type, name
+    expected = dict(gguf_tensors(model, gguf.MODEL_ARCH.LLAMA))
+    for name, want in expected.items():  # every tensor: the rule's type, a close decode
+        ggml_type = llama_cpp_tensor_type(name, tuple(want.shape), method, n_layers=2)
+        assert tensors[name].tensor_type == ggml_type, name
+        got = gguf.quants.dequantize(tensors[name].data, ggml_type).reshape(want.shape)
+        assert np.abs(got - want.numpy()).max() < 0.1 * np.abs(want.numpy()).max(), name
+
+    hf = _hf_merged(model)
+    decoded = _decoded_copy(hf, tensors)
+    server = _server(out)
+    tight, loose = KQUANT_TOL[method]
+    for prompt in KQUANT_PROMPTS:  # next-token distributions, teacher-forced
+        ids = tokenizer(prompt).input_ids
+        request = {"prompt": ids, "n_predict": 1, "temperature": 0, "n_probs": 5}
+        response = server.handle_completions(request | {"cache_prompt": False})
+        top = response["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        cpp = {e["id"]: e["logprob"] for e in top if not _is_byte_token(e["id"])}
+        best = next(iter(cpp))  # llama.cpp's greedy token
+        with torch.no_grad():
+            want = decoded(input_ids=torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+            ref = hf(input_ids=torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+        assert max(abs(v - float(want[i])) for i, v in cpp.items()) < tight, (prompt, cpp)
+        assert max(abs(v - float(ref[i])) for i, v in cpp.items()) < loose, (prompt, cpp)
+        # its greedy token is transformers' own, or one within the tolerance of it (a near tie)
+        assert float(want[best]) > float(want.max()) - tight, prompt
+        assert float(ref[best]) > float(ref.max()) - loose, prompt
+
+
+def _decoded_copy(hf_model, tensors: dict):
+    """A Llama with every weight replaced by what the GGUF tensor decodes to (gguf's decoder),
+    q/k rows permuted back from llama.cpp's interleaved RoPE layout."""
+    import copy
+
+    config = hf_model.config
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    decoded = copy.deepcopy(hf_model)
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    with torch.no_grad():
+        for name, param in decoded.named_parameters():
+            tensor = tensors[name_map.get_name(name, try_suffixes=(".weight", ".bias"))]
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            values = torch.from_numpy(np.array(values)).reshape(param.shape)  # a writable copy
+            n_heads = heads.get(name.split(".")[-2])
+            if n_heads:  # inverse of _permute_rope_rows: (head, i, half) -> (head, half, i)
+                rows, cols = values.shape
+                values = values.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2)
+            param.copy_(values.reshape(param.shape))
+    return decoded
 
 
 @pytest.mark.real_model

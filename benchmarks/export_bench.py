@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""How long the exports take for a real-size model: merged 16-bit safetensors and GGUF files.
+
+    python benchmarks/export_bench.py --shape llama-3.1-8b --methods merged_16bit,q4_k_m \
+        --out benchmarks/results/<name>
+
+Loads the benchmark's random-init checkpoint of the shape (built once, as train_bench.py does)
+with fastlm on the GPU, adds LoRA r=16 on all projections with non-zero B (so the merge does
+work), then times each export end to end (merge, quantise, write, rename). Prints a table and
+writes results.json / results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _checkpoint import ensure_checkpoint  # noqa: E402
+from _shapes import LORA_TARGETS, get_shape  # noqa: E402
+from _systems import versions  # noqa: E402
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--methods", default="merged_16bit,q4_k_m", help="merged_16bit and GGUF types")
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", default="/tmp/fastlm-bench")
+    p.add_argument("--scratch", default=None, help="where the exports are written (then deleted)")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("export_bench.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from fastlm import FastModel
+
+    shape = get_shape(args.shape)
+    path = str(ensure_checkpoint(shape, args.cache)["path"])
+    model, tokenizer = FastModel.from_pretrained(path, dtype=torch.bfloat16)
+    model = FastModel.get_peft_model(
+        model, r=16, lora_alpha=16, target_modules=list(LORA_TARGETS), init_lora_weights=False
+    )
+    rows = []
+    scratch = Path(tempfile.mkdtemp(dir=args.scratch))
+    for method in args.methods.split(","):
+        target = scratch / method
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if method.startswith("merged"):
+            model.save_pretrained_merged(target, tokenizer, save_method=method)
+        else:
+            model.save_pretrained_gguf(target, tokenizer, quantization_method=method)
+        seconds = time.perf_counter() - t0
+        rows.append({"method": method, "seconds": seconds, "bytes": _size(target)})
+        print(f"{method:>14}: {seconds:6.1f} s, {rows[-1]['bytes'] / 1e9:.2f} GB", flush=True)
+        shutil.rmtree(target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    payload = {
+        "shape": shape.name,
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "versions": versions("fastlm", "lora"),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    lines = [
+        f"# Export times — {shape.name} + LoRA r=16 (merged), {payload['device']}",
+        "",
+        f"{payload['date']}; `{payload['command']}`",
+        "",
+        "| export | seconds | size GB |",
+        "| --- | --- | --- |",
+        *[f"| {r['method']} | {r['seconds']:.1f} | {r['bytes'] / 1e9:.2f} |" for r in rows],
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

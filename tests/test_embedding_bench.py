@@ -1,0 +1,152 @@
+"""CPU smoke test of the embedding benchmark (benchmarks/embedding_bench.py), tiny Qwen3 shape.
+
+The systems' children run in this process (imports already paid) on one cached checkpoint; one
+end-to-end run goes through the parent and a child process as on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = "tiny-qwen3-embedding"
+# LoRA r=16 on 2 layers: q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64.
+TINY_LORA_PARAMS = 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
+
+
+def _bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module("embedding_bench")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    bench = _bench()
+    cache = tmp_path_factory.mktemp("embedding-bench-cache")
+    return {"cache": cache, **bench.ensure_checkpoint(bench.SHAPES[TINY], cache, "cpu")}
+
+
+def _spec(checkpoint: dict, system: str) -> dict:
+    return {
+        "shape": TINY,
+        "system": system,
+        "path": checkpoint["path"],
+        "batch": 4,
+        "seq": 12,
+        "warmup": 1,
+        "steps": 2,
+        "checkpointing": "true",
+    }
+
+
+def test_shapes_are_the_qwen3_embedding_models():
+    bench = _bench()
+    from _shapes import make_config
+
+    expected = {
+        "qwen3-embedding-0.6b": (1024, 28, 16, 8, 3072, 151669),
+        "qwen3-embedding-4b": (2560, 36, 32, 8, 9728, 151665),
+    }
+    for name, (hidden, layers, heads, kv, inter, vocab) in expected.items():
+        shape = bench.SHAPES[name]
+        config = make_config(shape)
+        assert config.model_type == "qwen3" and (shape.batch, shape.seq) == (32, 256)
+        assert (config.hidden_size, config.num_hidden_layers) == (hidden, layers)
+        assert (config.num_attention_heads, config.num_key_value_heads) == (heads, kv)
+        assert (config.head_dim, config.intermediate_size, config.vocab_size) == (128, inter, vocab)
+    assert bench.SHAPES[TINY].tiny
+    table = bench._list_shapes()
+    assert "| qwen3-embedding-4b | 2560 | 36 | 32 / 8 | 128 | 9728 | 151665 | 32 | 256 |" in table
+
+
+def test_checkpoint_is_a_sentence_transformers_directory(checkpoint):
+    from fastlm.embeddings.st_format import read_layout
+
+    path = Path(checkpoint["path"])
+    layout = read_layout(str(path))
+    assert (layout.pooling, layout.normalize) == ("lasttoken", True)
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3Model"] and config["dtype"] == "bfloat16"
+    assert checkpoint["reused"] is False
+    again = _bench().ensure_checkpoint(_bench().SHAPES[TINY], checkpoint["cache"], "cpu")
+    assert again["reused"] is True
+
+
+def test_hf_and_fastlm_run_without_sentence_transformers_and_st_is_skipped(checkpoint, monkeypatch):
+    bench = _bench()
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    skipped = bench.child_main(_spec(checkpoint, "st"))
+    assert skipped["status"] == "skipped"
+    assert "import sentence_transformers failed" in skipped["reason"]
+    records = {system: bench.child_main(_spec(checkpoint, system)) for system in ("hf", "fastlm")}
+    for system, rec in records.items():
+        assert rec["status"] == "ok", (system, rec.get("error"), rec.get("traceback"))
+        assert rec["trainable_params"] == TINY_LORA_PARAMS
+        assert len(rec["losses"]) == 3 and all(math.isfinite(x) for x in rec["losses"])
+        assert rec["tokens_per_s"] > 0 and rec["peak_gib"] is None and rec["device"] == "cpu"
+        assert rec["versions"]["torch"] and rec["versions"]["peft"]
+    # Random embeddings of 4 pairs: InfoNCE near ln(4). Same weights, data and LoRA init: the
+    # same losses (fp32 on the CPU), step 0 and after two AdamW updates.
+    hf, fastlm = records["hf"], records["fastlm"]
+    assert abs(hf["step0_loss"] - math.log(4)) < 1.0
+    assert fastlm["losses"] == pytest.approx(hf["losses"], rel=1e-4, abs=1e-5)
+    assert fastlm["versions"]["fastlm_git"] is not None or fastlm["versions"]["fastlm"]
+
+
+def test_sentence_transformers_system_matches_hf(checkpoint):
+    pytest.importorskip("sentence_transformers")
+    bench = _bench()
+    st = bench.child_main(_spec(checkpoint, "st"))
+    assert st["status"] == "ok", (st.get("error"), st.get("traceback"))
+    assert st["versions"]["sentence-transformers"]
+    assert st["trainable_params"] == TINY_LORA_PARAMS and st["trainable_dtypes"] == ["float32"]
+    hf = bench.child_main(_spec(checkpoint, "hf"))
+    assert st["losses"] == pytest.approx(hf["losses"], rel=1e-4, abs=1e-5)
+
+
+def test_versus_st_and_report(tmp_path):
+    bench = _bench()
+    common = {"shape": "s", "mode": "lora", "status": "ok", "device": "cpu", "batch": 32}
+    records = [
+        {**common, "system": "hf", "tokens_per_s": 1000.0, "peak_gib": 4.0, "step0_loss": 3.5},
+        {**common, "system": "st", "tokens_per_s": 1100.0, "peak_gib": 4.4, "step0_loss": 3.5},
+        {**common, "system": "fastlm", "tokens_per_s": 2200.0, "peak_gib": 2.2,
+         "step0_loss": 3.502},
+    ]  # fmt: skip
+    comparison = bench.versus_st(records)
+    assert comparison["s"]["speedup"] == pytest.approx(2.0)
+    assert comparison["s"]["memory_ratio"] == pytest.approx(0.5)
+    assert comparison["s"]["loss_delta"] == pytest.approx(0.002)
+    md = bench.write_report(tmp_path, {"date": "d", "runs": [], "records": records})
+    assert md.startswith(bench.TITLE) and "fastlm 2.00× the tokens/s of sentence" in md
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["fastlm_vs_st"]["s"]["speedup"] == pytest.approx(2.0)
+
+
+def test_end_to_end_in_a_child_process(checkpoint, tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "out"
+    argv = [
+        "--shapes", TINY, "--systems", "fastlm", "--warmup", "1", "--steps", "1",
+        "--seq", "8", "--batch", "2", "--out", str(out), "--cache", str(checkpoint["cache"]),
+        "--child-timeout", "300",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.rstrip().splitlines()[-1].startswith(f"| {TINY} | fastlm |")
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["runs"][0]["command"].startswith("python benchmarks/embedding_bench.py")
+    (rec,) = payload["records"]
+    assert rec["status"] == "ok", (rec.get("error"), rec.get("log_tail"), rec.get("traceback"))
+    assert (rec["batch"], rec["seq"], rec["checkpointing"]) == (2, 8, "true")
+    assert rec["tokens_per_s"] == pytest.approx(2 * 2 * 8 / rec["timed_s"])
+    assert payload["checkpoints"][TINY]["reused"] is True
+    assert (out / "results.md").read_text().startswith(bench.TITLE)
+    assert (out / "results.png").stat().st_size > 0

@@ -31,6 +31,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
 from fastlm.errors import NonFiniteLossError, SequenceTooLongError
+from fastlm.kernels.flash_attention import fastlm_attention_forward
 from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastlm.kernels.geglu import geglu
 from fastlm.kernels.rms_norm import rms_norm
@@ -238,8 +239,14 @@ def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_interface(self):
+    implementation = self.config._attn_implementation
+    if implementation in (None, "eager"):
+        # Where transformers would materialise the scores (eager: Gemma 2's soft-capping needs
+        # it), fastlm's flash-attention kernel computes the same thing blockwise; it hands back
+        # to the module's eager function itself for padding masks, dropout, decoding, CPU.
+        return fastlm_attention_forward
     eager = sys.modules[type(self).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
 
 
 def _attention_forward(

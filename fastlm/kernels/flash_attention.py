@@ -1,0 +1,513 @@
+"""Flash attention, forward and backward, with Gemma 2's logit soft-capping and sliding windows.
+
+Layout (batch, heads, seq, head_dim), as transformers' attention functions receive q/k/v. Per batch
+b and query head h (GQA: query head h reads kv head h // (H_q / H_kv)):
+
+    s_ij = scale * q_i . k_j
+    t_ij = c * tanh(s_ij / c)           (soft-capping with c = softcap; t = s without it)
+    kept: j <= i (causal) and i - j < window (transformers' sliding_window_overlay keeps
+          kv_idx > q_idx - window: a key at distance == window is dropped)
+    p_ij = softmax_j(t_ij),   o_i = sum_j p_ij v_j
+
+The forward streams key blocks with an online softmax and saves only o and the row log-sum-exp, in
+base 2 (lse2_i = log2 sum_j 2^(t_ij * log2 e)); the S x S scores never exist in memory. The
+backward recomputes p = 2^(t * log2 e - lse2) block by block (see the kernels for the derivative).
+Two deterministic backward kernels, no atomics: dq over query blocks (it also writes
+delta_i = sum_d do_id o_id), then dk/dv over key blocks, each kv-head program summing the GQA group
+of query heads in registers. tanh is built from tl.exp2 (libdevice tanh is missing in the
+interpreter): tanh(x) = 1 - 2 / (exp(2x) + 1), exactly +-1 once exp over/underflows.
+
+``fastlm_attention_forward`` is a transformers ``AttentionInterface`` function: the kernel when the
+4D mask is exactly the causal (+ sliding window) pattern, else transformers' eager attention.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastlm.kernels._dispatch import use_triton
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _logits(qk, qk_mul, cap_log2e, SOFTCAP: tl.constexpr):
+    # Returns (t * log2 e, tanh(s / c)); qk_mul = scale / c with capping, scale * log2 e without.
+    if SOFTCAP:
+        th = 1.0 - 2.0 / (tl.exp2(qk * (qk_mul * 2.0 * 1.4426950408889634)) + 1.0)
+        return th * cap_log2e, th
+    else:
+        return qk * qk_mul, qk
+
+
+@triton.jit
+def _keep(rows, cols, seq_len, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    # rows / cols broadcast to the block's 2D shape (either orientation).
+    keep = (rows < seq_len) & (cols < seq_len)
+    if CAUSAL:
+        keep = keep & (cols <= rows)
+    if WINDOW:
+        keep = keep & (rows - cols < window)
+    return keep
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    n_heads, group, seq_len, window, qk_mul, cap_log2e,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    # Last query blocks first: under the causal mask they have the most keys to visit.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    hk = h // group
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims[None, :] < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :],
+                mask=(rows[:, None] < seq_len) & d_ok, other=0.0)  # fmt: skip
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Key blocks this query block can see: up to the diagonal, back to the window's start.
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < seq_len) & d_ok
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        t2, _ = _logits(qk, qk_mul, cap_log2e, SOFTCAP)
+        t2 = tl.where(_keep(rows[:, None], cols[None, :], seq_len, window, CAUSAL, WINDOW), t2,
+                      float("-inf"))  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(t2, 1))
+        # A row may see no key yet (window start inside the block): keep its state at 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(t2 - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    row_ok = rows < seq_len
+    o = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
+    o_ptr = OUT + b * sob + h * soh + rows[:, None] * som + dims[None, :]
+    tl.store(o_ptr, o, mask=row_ok[:, None] & d_ok)
+    tl.store(LSE + bh.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+# Backward, with p recomputed from lse2 (p = 0 where masked):
+#   dv = p^T do;   dp = do v^T;   delta_i = rowsum(do * o)_i  (= sum_j p_ij dp_ij)
+#   dt = p * (dp - delta)                     (softmax backward)
+#   ds = dt * (1 - tanh^2(s / c))  (= dt * (1 - (t / c)^2); ds = dt without capping)
+#   dq = scale * ds k;   dk = scale * ds^T q
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, OUT, DO, DQ, LSE, DELTA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sob, soh, som, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+    n_heads, group, seq_len, window, qk_mul, cap_log2e, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    # Last query blocks first: under the causal mask they have the most keys to visit.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    hk = h // group
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims[None, :] < HEAD_DIM
+    row_ok = rows < seq_len
+    q_mask = row_ok[:, None] & d_ok
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dims[None, :], mask=q_mask,
+                 other=0.0)  # fmt: skip
+    o = tl.load(
+        OUT + b * sob + h * soh + rows[:, None] * som + dims[None, :], mask=q_mask, other=0.0
+    )
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + rows, delta, mask=row_ok)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols[:, None] < seq_len) & d_ok
+        k = tl.load(k_base + cols[:, None] * skn + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn + dims[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        t2, th = _logits(qk, qk_mul, cap_log2e, SOFTCAP)
+        keep = _keep(rows[:, None], cols[None, :], seq_len, window, CAUSAL, WINDOW)
+        p = tl.exp2(tl.where(keep, t2 - lse2[:, None], float("-inf")))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + dims[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    n_heads, n_kv_heads, group, seq_len, window, qk_mul, cap_log2e, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    # Works on transposed score blocks (keys x queries) so that dk, dv come out of plain dots.
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b, hk = (bhk // n_kv_heads).to(tl.int64), (bhk % n_kv_heads).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims[None, :] < HEAD_DIM
+    kv_mask = (cols[:, None] < seq_len) & d_ok
+    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask,
+                other=0.0)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask,
+                other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Query blocks that see this key block: from the diagonal to the window's end.
+    lo = 0
+    if CAUSAL:
+        lo = start_n // BLOCK_M * BLOCK_M
+    hi = seq_len
+    if WINDOW:
+        hi = tl.minimum(start_n + BLOCK_N - 1 + window, seq_len)
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        row_base = (b * n_heads + h) * seq_len
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            q_mask = (rows[:, None] < seq_len) & d_ok
+            q = tl.load(q_base + rows[:, None] * sqm + dims[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * sdom + dims[None, :], mask=q_mask, other=0.0)
+            lse2 = tl.load(LSE + row_base + rows, mask=rows < seq_len, other=0.0)
+            delta = tl.load(DELTA + row_base + rows, mask=rows < seq_len, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            t2, th = _logits(qk_t, qk_mul, cap_log2e, SOFTCAP)
+            keep = _keep(rows[None, :], cols[:, None], seq_len, window, CAUSAL, WINDOW)
+            p_t = tl.exp2(tl.where(keep, t2 - lse2[None, :], float("-inf")))
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - th * th)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    tl.store(DK + b * sdkb + hk * sdkh + cols[:, None] * sdkn + dims[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
+    tl.store(DV + b * sdvb + hk * sdvh + cols[:, None] * sdvn + dims[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+
+
+class Blocks(NamedTuple):
+    """One kernel's launch shape."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _default_blocks(head_dim: int, device: torch.device, dtype: torch.dtype) -> dict[str, Blocks]:
+    # No autotune (one config per head_dim). d=256 needs small tiles to fit H100 shared memory
+    # and registers (a 64 x 256 fp32 accumulator is 64 KiB); fp32 inputs take twice the shared
+    # memory, so their tiles are halved. The interpreter gets 16 x 16 tiles so that tiny test
+    # shapes still span several blocks.
+    if device.type != "cuda":
+        b = Blocks(16, 16)
+        return {"fwd": b, "dq": b, "dkdv": b}
+    if head_dim <= 64:
+        blocks = {"fwd": Blocks(128, 64, 4, 3), "dq": Blocks(64, 64, 4, 2),
+                  "dkdv": Blocks(64, 64, 4, 2)}  # fmt: skip
+    elif head_dim <= 128:
+        blocks = {"fwd": Blocks(128, 64, 8, 2), "dq": Blocks(64, 64, 8, 2),
+                  "dkdv": Blocks(64, 64, 8, 2)}  # fmt: skip
+    else:
+        # Measured on an H100 (Gemma-2-2B shapes, S=4096): dk/dv is 2.4x faster with 128 query
+        # rows per step and 32 keys per program than with (32, 64, 4 warps).
+        blocks = {"fwd": Blocks(64, 32, 4, 2), "dq": Blocks(64, 32, 4, 2),
+                  "dkdv": Blocks(128, 32, 8, 2)}  # fmt: skip
+    if dtype == torch.float32:
+        blocks = {k: Blocks(max(16, b.block_m // 2), max(16, b.block_n // 2), b.num_warps, 1)
+                  for k, b in blocks.items()}  # fmt: skip
+    return blocks
+
+
+def _check(q, k, v, softcap, sliding_window, causal) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(f"flash_attention: want q (B, Hq, S, D), k = v (B, Hkv, S, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+    (bq, hq, sq, d), (bk, hkv, sk, dk) = q.shape, k.shape
+    if bq != bk or d != dk or hq % hkv or sq != sk:
+        raise ValueError(f"flash_attention: incompatible q {tuple(q.shape)} and k {tuple(k.shape)}"
+                         " (needs same batch, head_dim, seq; Hq a multiple of Hkv)")  # fmt: skip
+    if d > 256:
+        raise ValueError(f"flash_attention: head_dim {d} > 256 is not supported")
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise ValueError("flash_attention: q, k, v must share dtype and device")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"flash_attention: softcap must be > 0, got {softcap}")
+    if sliding_window is not None and (sliding_window < 1 or not causal):
+        raise ValueError("flash_attention: sliding_window must be >= 1 and needs causal=True")
+
+
+def _last_unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _consts(q, scale, softcap, sliding_window):
+    seq_len, d = q.shape[2], q.shape[3]
+    window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
+    if softcap is not None:
+        qk_mul, cap_log2e = scale / softcap, softcap * _LOG2E
+    else:
+        qk_mul, cap_log2e = scale * _LOG2E, 0.0
+    meta = dict(
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=True,
+        SOFTCAP=softcap is not None, WINDOW=window is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return window or 0, float(qk_mul), float(cap_log2e), meta
+
+
+def flash_attention_forward_triton(
+    q, k, v, *, scale: float, softcap=None, sliding_window=None, causal=True, blocks=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward launcher: (o (B, Hq, S, D), a transposed view of a (B, S, Hq, D) buffer; lse2)."""
+    _check(q, k, v, softcap, sliding_window, causal)
+    q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
+    (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
+    blocks = {**_default_blocks(d, q.device, q.dtype), **(blocks or {})}
+    window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
+    meta["CAUSAL"] = causal
+    # o is stored (B, S, H, D): attention modules want that layout next, so it is free to get.
+    o = torch.empty(bsz, seq_len, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse2 = torch.empty(bsz, hq, seq_len, device=q.device, dtype=torch.float32)
+    if o.numel():
+        bl = blocks["fwd"]
+        _fwd_kernel[(triton.cdiv(seq_len, bl.block_m), bsz * hq)](
+            q, k, v, o, lse2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            hq, hq // hkv, seq_len, window, qk_mul, cap_log2e, BLOCK_M=bl.block_m,
+            BLOCK_N=bl.block_n, num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+        )  # fmt: skip
+    return o, lse2
+
+
+def flash_attention_backward_triton(
+    do, q, k, v, o, lse2, *, scale: float, softcap=None, sliding_window=None, causal=True,
+    blocks=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward launcher: (dq, dk, dv) from do and the forward's o and lse2."""
+    _check(q, k, v, softcap, sliding_window, causal)
+    q, k, v, o, do = (_last_unit(t) for t in (q, k, v, o, do.to(q.dtype)))
+    (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
+    blocks = {**_default_blocks(d, q.device, q.dtype), **(blocks or {})}
+    window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
+    meta["CAUSAL"] = causal
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if not q.numel():
+        return dq, dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse2)
+    bl = blocks["dq"]
+    _bwd_dq_kernel[(triton.cdiv(seq_len, bl.block_m), bsz * hq)](
+        q, k, v, o, do, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], hq, hq // hkv, seq_len, window,
+        qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
+        num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+    )  # fmt: skip
+    bl = blocks["dkdv"]
+    _bwd_dkdv_kernel[(triton.cdiv(seq_len, bl.block_n), bsz * hkv)](
+        q, k, v, do, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], hq, hkv, hq // hkv, seq_len,
+        window, qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
+        num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, softcap, sliding_window, causal, blocks):
+        o, lse2 = flash_attention_forward_triton(
+            q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
+            blocks=blocks,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.args = dict(scale=scale, softcap=softcap, sliding_window=sliding_window,
+                        causal=causal, blocks=blocks)  # fmt: skip
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward_triton(do, q, k, v, o, lse2, **ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def flash_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
+    blocks: dict[str, Blocks] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Differentiable Triton attention on any device Triton runs on (CPU under the interpreter)."""
+    return _FlashAttention.apply(q, k, v, scale, softcap, sliding_window, causal, blocks)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Differentiable (B, H, S, D) attention; usage: ``o = flash_attention(q, k, v, scale=s)``."""
+    if use_triton(q):
+        return flash_attention_triton(
+            q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal
+        )
+    return flash_attention_reference(
+        q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal
+    )
+
+
+def _keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
+    """(S, S) bool, True where query i may attend to key j."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    keep = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= i - j < window
+    return keep
+
+
+def flash_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+    softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Plain-PyTorch attention materialising the scores, in fp32 (float64 stays float64)."""
+    _check(q, k, v, softcap, sliding_window, causal)
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    kk = k.to(cd).repeat_interleave(group, dim=1)
+    vv = v.to(cd).repeat_interleave(group, dim=1)
+    s = q.to(cd) @ kk.transpose(-1, -2) * scale
+    t = softcap * torch.tanh(s / softcap) if softcap is not None else s
+    keep = _keep_pattern(q.shape[2], causal, sliding_window, q.device)
+    p = torch.softmax(t.masked_fill(~keep, float("-inf")), dim=-1)
+    return (p @ vv).to(q.dtype)
+
+
+# --- transformers hook -----------------------------------------------------------------------
+
+_PLAIN_MASKS: dict[int, tuple] = {}  # id(mask) -> (weakref, _version, key, verdict)
+
+
+def _mask_is_plain(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) -> bool:
+    """True when a 4D transformers mask is exactly the causal (+ window) pattern: no padding,
+    no packed sequences. Checked once per mask tensor (layers share it), then cached."""
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq_len, seq_len):
+        return False
+    key = (seq_len, causal, window)
+    hit = _PLAIN_MASKS.get(id(mask))
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2] == key:
+        return hit[3]
+    keep = _keep_pattern(seq_len, causal, window, mask.device)
+    if mask.dtype == torch.bool:
+        plain = bool((mask == keep).all())
+    elif mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
+        dropped = mask <= torch.finfo(mask.dtype).min
+        plain = bool(torch.where(keep, mask == 0, dropped).all())
+    else:
+        plain = False
+    if len(_PLAIN_MASKS) >= 16:
+        _PLAIN_MASKS.pop(next(iter(_PLAIN_MASKS)))
+    _PLAIN_MASKS[id(mask)] = (weakref.ref(mask), mask._version, key, plain)
+    return plain
+
+
+def _eager_fallback(module, query, key, value, attention_mask, causal, window, **kwargs):
+    modeling = sys.modules.get(type(module).__module__)
+    eager = getattr(modeling, "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as eager
+    q_len = query.shape[2]
+    if attention_mask is None and causal and q_len > 1 and key.shape[2] == q_len:
+        # None means "causal, no padding" to sdpa-style mask builders; eager would read it as
+        # "no mask", so spell it out.
+        keep = _keep_pattern(q_len, True, window, query.device)
+        attention_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
+        attention_mask = attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)[None, None]
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def fastlm_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers AttentionInterface function (q/k/v (B, H, S, D)) returning ((B, S, H, D), None);
+    eager fallback on padding/packing masks, dropout, KV-cache decoding, output_attentions."""
+    scaling = kwargs.get("scaling")
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    q_len, d = query.shape[2], query.shape[-1]
+    dtype = query.dtype
+    if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+    usable = (
+        use_triton(query)
+        and not (kwargs.get("dropout", 0.0) and module.training)
+        and not kwargs.get("output_attentions", False)
+        and (window is None or causal)
+        and key.shape[2] == q_len
+        and key.shape[-1] == d == value.shape[-1]
+        and d <= 256
+        and query.shape[1] % key.shape[1] == 0
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (attention_mask is None or _mask_is_plain(attention_mask, q_len, causal, window))
+    )
+    if not usable:
+        return _eager_fallback(module, query, key, value, attention_mask, causal, window, **kwargs)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    out = flash_attention(q, k, v, scale=scaling, softcap=softcap, sliding_window=window,
+                          causal=causal)  # fmt: skip
+    return out.transpose(1, 2), None  # (B, S, H, D), contiguous: the kernel stored it that way
+
+
+def register_fastlm_attention(name: str = "fastlm") -> str:
+    """Register ``fastlm_attention_forward`` (and eager's mask builder) under ``name`` in
+    transformers; usage: ``model.set_attn_implementation(register_fastlm_attention())``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(name, fastlm_attention_forward)
+    AttentionMaskInterface.register(name, eager_mask)
+    return name

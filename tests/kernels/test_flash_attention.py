@@ -1,0 +1,310 @@
+"""Flash attention: Triton launchers (interpreter on CPU) vs float64 autograd of the reference, and
+the transformers hook (``fastlm_attention_forward``) vs Gemma 2's eager attention.
+
+Triton runs fp32 on CPU (the interpreter's bf16 dot is wrong); on CUDA the same tests run, plus bf16
+against the error of materialised bf16 attention and the real launch shapes (head_dim 64/128/256).
+"""
+
+import pytest
+import torch
+
+from fastlm.kernels import flash_attention as fa
+
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (real launch shapes, bf16)")
+
+# (batch, q heads, kv heads, seq, head_dim, softcap, sliding window, causal)
+CASES = [
+    pytest.param((1, 4, 2, 37, 16, 2.0, 5, True), id="gqa-cap-window5"),
+    pytest.param((2, 2, 2, 17, 32, None, None, True), id="mha-causal-seq17"),
+    pytest.param((1, 2, 1, 40, 24, 1.5, None, False), id="noncausal-cap-d24"),
+    pytest.param((1, 4, 2, 40, 16, None, 20, True), id="gqa-window20"),
+    pytest.param((1, 3, 1, 33, 32, 2.0, None, True), id="group3-cap"),
+]
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs float64 truth
+
+
+def _inputs(case, device, dtype=torch.float32, q_gain=1.5, seed=0):
+    b, hq, hkv, s, d = case[:5]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64) * q_gain
+    k = torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64)
+    return [t.to(device, dtype) for t in (q, k, v, g)]
+
+
+def _kw(case):
+    return dict(scale=case[4] ** -0.5, softcap=case[5], sliding_window=case[6], causal=case[7])
+
+
+def _truth(q, k, v, g, **kw):
+    """float64 output and (dq, dk, dv) by autograd through the plain-PyTorch reference."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = fa.flash_attention_reference(*leaves, **kw)
+    return out.detach(), torch.autograd.grad(out, leaves, g.double())
+
+
+def _run(q, k, v, g, fn=fa.flash_attention_triton, **kw):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    return out.detach(), torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_float64(case, device):
+    q, k, v, g = _inputs(case, device)
+    o, lse2 = fa.flash_attention_forward_triton(q, k, v, **_kw(case))
+    assert o.shape == q.shape and o.dtype == q.dtype
+    torch.testing.assert_close(o.double(), _truth(q, k, v, g, **_kw(case))[0], **TOL)
+    # lse2 is the base-2 log-sum-exp of the (capped, masked) logits.
+    s = (
+        q.double()
+        @ k.double().repeat_interleave(q.shape[1] // k.shape[1], 1).mT
+        * _kw(case)["scale"]
+    )
+    t = case[5] * torch.tanh(s / case[5]) if case[5] else s
+    keep = fa._keep_pattern(q.shape[2], case[7], case[6], device)
+    want = torch.logsumexp(t.masked_fill(~keep, float("-inf")), -1) / torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(lse2.double(), want.double(), **TOL)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_backward_matches_float64(case, device):
+    q, k, v, g = _inputs(case, device)
+    _, grads = _run(q, k, v, g, **_kw(case))
+    for got, want in zip(grads, _truth(q, k, v, g, **_kw(case))[1]):
+        assert got.dtype == q.dtype
+        torch.testing.assert_close(got.double(), want, **TOL)
+
+
+def test_uneven_blocks_and_determinism(device):
+    # Query and key tiles of different sizes: the window's first key block and the dk/dv kernel's
+    # query range are rounded to different block sizes.
+    case = (1, 4, 2, 45, 16, 2.0, 9, True)
+    blocks = {"fwd": fa.Blocks(32, 16), "dq": fa.Blocks(16, 32), "dkdv": fa.Blocks(32, 16)}
+    q, k, v, g = _inputs(case, device)
+    out, grads = _run(q, k, v, g, blocks=blocks, **_kw(case))
+    want_out, want_grads = _truth(q, k, v, g, **_kw(case))
+    torch.testing.assert_close(out.double(), want_out, **TOL)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, **TOL)
+    _, again = _run(q, k, v, g, blocks=blocks, **_kw(case))
+    for a, b in zip(grads, again):  # no atomics: bit-identical
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # interpreter
+def test_saturated_softcap_is_finite_and_exact(device):
+    # Logits of hundreds against a cap of 2: tanh saturates to +-1 (exp2 overflows), 1 - th^2 -> 0.
+    case = (1, 2, 1, 23, 16, 2.0, None, True)
+    q, k, v, g = _inputs(case, device, q_gain=60.0)
+    out, grads = _run(q, k, v, g, **_kw(case))
+    want_out, want_grads = _truth(q, k, v, g, **_kw(case))
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    torch.testing.assert_close(out.double(), want_out, **TOL)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_window_of_one_attends_only_to_itself(device):
+    # Each query keeps only its own key: o = v (of its kv head), the softmax has no gradient, so
+    # dq = dk = 0 and dv sums do over the GQA group.
+    case = (1, 4, 2, 19, 16, 2.0, 1, True)
+    q, k, v, g = _inputs(case, device)
+    out, (dq, dk, dv) = _run(q, k, v, g, **_kw(case))
+    torch.testing.assert_close(out, v.repeat_interleave(2, 1), atol=1e-6, rtol=1e-6)
+    assert dq.abs().max() < 1e-6 and dk.abs().max() < 1e-6
+    torch.testing.assert_close(dv, g.view(1, 2, 2, 19, 16).sum(2), atol=1e-6, rtol=1e-6)
+
+
+def test_window_convention_matches_transformers():
+    # transformers keeps kv_idx > q_idx - window: distance window - 1 kept, distance window dropped.
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    seq, window = 13, 4
+    i = torch.arange(seq)[:, None]
+    j = torch.arange(seq)[None, :]
+    want = sliding_window_causal_mask_function(window)(0, 0, i, j)
+    assert torch.equal(fa._keep_pattern(seq, True, window, "cpu"), want.expand(seq, seq))
+    assert want[window - 1, 0] and not want[window, 0]
+
+
+def test_public_function_dispatch(device, monkeypatch):
+    case = CASES[0].values[0]
+    q, k, v, _ = _inputs(case, device)
+    out = fa.flash_attention(q, k, v, **_kw(case))
+    if device == "cpu":  # CPU tensors run the reference
+        assert torch.equal(out, fa.flash_attention_reference(q, k, v, **_kw(case)))
+    calls = []
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    monkeypatch.setattr(fa, "flash_attention_triton", lambda *a, **kw: calls.append(1) or out)
+    fa.flash_attention(q, k, v, **_kw(case))
+    assert calls == [1]
+
+
+def test_bad_inputs_raise():
+    q = torch.zeros(1, 4, 8, 16)
+    k = torch.zeros(1, 3, 8, 16)
+    with pytest.raises(ValueError, match="multiple"):
+        fa.flash_attention_reference(q, k, k, scale=1.0)
+    k = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="causal"):
+        fa.flash_attention_reference(q, k, k, scale=1.0, sliding_window=3, causal=False)
+    with pytest.raises(ValueError, match="softcap"):
+        fa.flash_attention_reference(q, k, k, scale=1.0, softcap=0.0)
+    with pytest.raises(ValueError, match="256"):
+        fa.flash_attention_reference(torch.zeros(1, 1, 8, 512), *[torch.zeros(1, 1, 8, 512)] * 2,
+                                     scale=1.0)  # fmt: skip
+
+
+# --- the transformers hook --------------------------------------------------------------------
+
+
+def _gemma2_attention(layer_idx, device):
+    from tiny_models import tiny_config
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+
+    config = tiny_config("gemma2")  # 3 q heads / 1 kv head, head_dim 24, window 4, softcap 2
+    config._attn_implementation = "eager"
+    return Gemma2Attention(config, layer_idx).to(device).train()
+
+
+def _eager_mask(lengths, seq, window, device, dtype=torch.float32):
+    """transformers' eager mask (B, 1, S, S): 0 kept, dtype-min dropped (causal/window/padding)."""
+    keep = fa._keep_pattern(seq, True, window, device)[None, None]
+    pad = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    keep = keep & pad[:, None, None, :]
+    zero = torch.zeros(keep.shape, dtype=dtype, device=device)
+    return zero.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["sliding", "full"])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_hook_matches_gemma2_eager(layer_idx, padded, device, monkeypatch):
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)  # the kernel on CPU too
+    kernel_calls = []
+    triton_fn = fa.flash_attention_triton
+    monkeypatch.setattr(
+        fa, "flash_attention_triton", lambda *a, **kw: kernel_calls.append(1) or triton_fn(*a, **kw)
+    )
+    module = _gemma2_attention(layer_idx, device)
+    batch, seq = 2, 19
+    q, k, v, g = _inputs((batch, 3, 1, seq, 24), device, q_gain=3.0)
+    # (B, S, H, D) storage viewed as (B, H, S, D), as the attention modules produce them.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask = _eager_mask([seq, seq - 5] if padded else [seq, seq], seq, module.sliding_window, device)
+    kwargs = dict(dropout=0.0, scaling=module.scaling, sliding_window=module.sliding_window,
+                  softcap=module.attn_logit_softcapping)  # fmt: skip
+    results = []
+    for fn in (eager_attention_forward, fa.fastlm_attention_forward):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, weights = fn(module, *leaves, mask, **kwargs)
+        assert out.shape == (batch, seq, 3, 24)
+        results.append((out, torch.autograd.grad(out, leaves, g.transpose(1, 2))))
+    assert kernel_calls == ([] if padded else [1])
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_mask_check_rejects_non_causal_patterns(device):
+    seq, window = 11, 4
+    plain = _eager_mask([seq], seq, window, device)
+    assert fa._mask_is_plain(plain, seq, True, window)
+    assert fa._mask_is_plain(plain.isfinite() & (plain == 0), seq, True, window)  # bool form
+    assert not fa._mask_is_plain(plain, seq, True, None)  # a window the kernel would not apply
+    assert not fa._mask_is_plain(_eager_mask([seq - 1], seq, window, device), seq, True, window)
+    biased = plain.clone()
+    biased[0, 0, 5, 3] = -1.0  # a finite bias where eager keeps a key: not a pure mask
+    assert not fa._mask_is_plain(biased, seq, True, window)
+    plain.add_(0.0)  # in-place change: the cached verdict must be re-checked
+    plain[0, 0, 0, 0] = torch.finfo(plain.dtype).min
+    assert not fa._mask_is_plain(plain, seq, True, window)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_tiny_gemma2_model_registered(padded, device, monkeypatch):
+    """The whole model through ``register_fastlm_attention``: loss and every gradient as eager's."""
+    from tiny_models import tiny_batch, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    kernel_calls = []
+    triton_fn = fa.flash_attention_triton
+    monkeypatch.setattr(
+        fa, "flash_attention_triton", lambda *a, **kw: kernel_calls.append(1) or triton_fn(*a, **kw)
+    )
+    torch.manual_seed(0)
+    config = tiny_config("gemma2")
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
+    if not padded:
+        batch["attention_mask"].fill_(1)
+        batch["labels"] = batch["input_ids"]
+    results = []
+    for impl in ("eager", fa.register_fastlm_attention()):
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    assert len(kernel_calls) == (0 if padded else config.num_hidden_layers)
+    (want_loss, want), (got_loss, got) = results
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+# --- CUDA only: real launch shapes, bf16 ---------------------------------------------------------
+
+GPU_CASES = [
+    (2, 8, 4, 300, 64, 50.0, 128, True),
+    (1, 8, 4, 1000, 128, 50.0, None, True),
+    (1, 8, 4, 777, 256, 50.0, 200, True),
+    (2, 8, 4, 513, 256, None, None, True),
+    (1, 4, 4, 200, 256, 30.0, None, False),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"s{c[3]}-d{c[4]}")
+def test_cuda_fp32_real_blocks(case, device):
+    q, k, v, g = _inputs(case, device, q_gain=4.0)
+    out, grads = _run(q, k, v, g, **_kw(case))
+    want_out, want_grads = _truth(q, k, v, g, **_kw(case))
+    torch.testing.assert_close(out.double(), want_out, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"s{c[3]}-d{c[4]}")
+def test_cuda_bf16_as_accurate_as_materialised(case, device):
+    # bf16 kernel error (vs float64 truth) within a small factor of the error of materialised
+    # attention run in bf16 the way eager does (bf16 scores and probabilities).
+    q, k, v, g = _inputs(case, device, dtype=torch.bfloat16, q_gain=4.0)
+    kw = _kw(case)
+    out, grads = _run(q, k, v, g, **kw)
+    want_out, want_grads = _truth(q, k, v, g, **kw)
+
+    def bf16_eager(q, k, v):
+        grp = q.shape[1] // k.shape[1]
+        s = q @ k.repeat_interleave(grp, 1).mT * kw["scale"]
+        if kw["softcap"]:
+            s = kw["softcap"] * torch.tanh(s / kw["softcap"])
+        keep = fa._keep_pattern(q.shape[2], kw["causal"], kw["sliding_window"], q.device)
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1, dtype=torch.float32)
+        return p.to(q.dtype) @ v.repeat_interleave(grp, 1)
+
+    base_out, base_grads = _run(q, k, v, g, fn=bf16_eager)
+    for got, base, want in zip((out, *grads), (base_out, *base_grads), (want_out, *want_grads)):
+        err = (got.double() - want).abs().max().item()
+        base_err = (base.double() - want).abs().max().item()
+        assert err <= 2 * base_err + 1e-3, (err, base_err)

@@ -117,6 +117,9 @@ def load_fastlm(ctx: Ctx):
     from fastlm import FastModel
 
     kwargs = {"load_in_4bit": True} if ctx.qlora else {}
+    # The same attention implementation as the HF system (eager for Gemma 2, whose soft-capping
+    # SDPA cannot do; fastlm then runs its flash-attention kernel in eager's place).
+    kwargs["attn_implementation"] = ctx.shape.attn_implementation
     model, _tokenizer = FastModel.from_pretrained(
         ctx.path, max_seq_length=ctx.seq, dtype=ctx.dtype, **kwargs
     )

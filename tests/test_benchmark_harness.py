@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -107,7 +108,8 @@ def test_harness_end_to_end_on_cpu(tmp_path, capsys):
         assert len(rec["losses"]) == 3
         # LoRA r=16 on 2 layers: q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64.
         assert rec["trainable_params"] == 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
-        assert rec["device"] == "cpu" and rec["versions"]["torch"]
+        expected_device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        assert rec["device"] == expected_device and rec["versions"]["torch"]
     if "fastlm" in records:  # same weights, data, LoRA init: same losses
         assert records["fastlm"]["step0_loss"] == pytest.approx(records["hf"]["step0_loss"])
     assert (out / "results.md").is_file() and (out / "results.png").stat().st_size > 0

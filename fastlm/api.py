@@ -122,7 +122,16 @@ class FastModel:
                     "use LoRA on the 4-bit model (QLoRA) or load in 16-bit for full fine-tuning."
                 )
             kwargs["quantization_config"] = nf4_config(dtype, kwargs.get("quantization_config"))
-        model = AutoModelForCausalLM.from_pretrained(
+        # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
+        # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
+        from fastlm.offload.weights import streaming_request
+
+        streaming = streaming_request(
+            kwargs, config, load_in_4bit=load_in_4bit, device=device, device_map=device_map,
+            dtype=dtype, max_seq_length=max_seq_length,
+        )  # fmt: skip
+        load = AutoModelForCausalLM.from_pretrained if streaming is None else streaming.load
+        model = load(
             model_name,
             dtype=dtype,
             device_map=device_map,
@@ -208,6 +217,9 @@ class FastModel:
             **kwargs,
         )
         peft_model = get_peft_model(model, config)
+        from fastlm.offload import place_trainable
+
+        place_trainable(peft_model)  # streamed 4-bit layers: their new LoRA weights to the GPU
         _attach_export_methods(peft_model)
         if use_gradient_checkpointing:
             _enable_checkpointing(peft_model, use_gradient_checkpointing)

@@ -93,9 +93,9 @@ def test_unsloth_default_values_are_accepted(llama_path):
         FastModel.get_peft_model(model, r=4, loftq_config={"loftq_bits": 4})
 
 
-def test_load_in_4bit_says_not_yet(llama_path):
-    with pytest.raises(UnsupportedKeywordError, match="load_in_4bit"):
-        FastModel.from_pretrained(llama_path, load_in_4bit=True, device_map="cpu")
+def test_load_in_8bit_is_refused_by_name(llama_path):
+    with pytest.raises(UnsupportedKeywordError, match="load_in_8bit"):
+        FastModel.from_pretrained(llama_path, load_in_8bit=True, device_map="cpu")
 
 
 def test_fast_language_model_is_the_same_class():

@@ -1,4 +1,9 @@
-"""Activation offload for gradient checkpointing (CPU-resident weight streaming comes later)."""
+"""CPU offload: activations of gradient checkpointing, and 4-bit weights streamed layer by layer.
+
+``enable_offloaded_checkpointing`` keeps checkpointed layer inputs in pinned CPU memory;
+``stream_weights`` / ``FastModel.from_pretrained(..., load_in_4bit=True, offload_weights=True)``
+keep NF4 decoder-layer weights in CPU RAM and stream them to the GPU (docs/big_models.md).
+"""
 
 from fastlm.offload.checkpoint import (
     BUDGET,
@@ -6,5 +11,39 @@ from fastlm.offload.checkpoint import (
     enable_offloaded_checkpointing,
     offloaded_checkpoint,
 )
+from fastlm.offload.memory_plan import HostBudget, HostMemoryError, MemoryPlan, plan_memory
+from fastlm.offload.weights import (
+    CopyEngine,
+    CudaCopyEngine,
+    SyncCopyEngine,
+    WeightStreamer,
+    WeightStreamingError,
+    build_random_nf4_model,
+    get_weight_streamer,
+    load_streamed_model,
+    place_trainable,
+    stream_weights,
+    unstream_weights,
+)
 
-__all__ = ["BUDGET", "PinnedBudget", "enable_offloaded_checkpointing", "offloaded_checkpoint"]
+__all__ = [
+    "BUDGET",
+    "CopyEngine",
+    "CudaCopyEngine",
+    "HostBudget",
+    "HostMemoryError",
+    "MemoryPlan",
+    "PinnedBudget",
+    "SyncCopyEngine",
+    "WeightStreamer",
+    "WeightStreamingError",
+    "build_random_nf4_model",
+    "enable_offloaded_checkpointing",
+    "get_weight_streamer",
+    "load_streamed_model",
+    "offloaded_checkpoint",
+    "place_trainable",
+    "plan_memory",
+    "stream_weights",
+    "unstream_weights",
+]

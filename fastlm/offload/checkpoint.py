@@ -194,6 +194,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
         )
         ctx.run, ctx.args = run, args
+        # The recompute must draw the same random numbers (LoRA dropout): keep the RNG states.
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         with torch.no_grad():
             output = run(hidden, *args)
         ctx.saved = _SavedInput(hidden, BUDGET)
@@ -213,8 +216,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             following.prefetch()
         hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
-            output = ctx.run(hidden, *ctx.args)
+        devices = [hidden.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            with (
+                torch.enable_grad(),
+                torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled),
+            ):
+                output = ctx.run(hidden, *ctx.args)
         output = output[0] if ctx.is_tuple else output
         torch.autograd.backward(output, grad_output)
         extra = len(ctx.args)

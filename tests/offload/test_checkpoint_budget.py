@@ -82,3 +82,23 @@ def test_gpu_fallback_gives_the_same_gradients_and_returns_the_budget(tmp_path, 
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
+
+
+def test_recompute_replays_lora_dropout(tmp_path, device):
+    """With LoRA dropout the recomputed layer must draw the same masks as the forward did."""
+    path = save_tiny_model("llama", tmp_path / "llama")
+    batch = {k: v.to(device) for k, v in tiny_batch().items()}
+    grads = []
+    for mode in (False, "fastlm"):
+        model, _ = FastModel.from_pretrained(str(path), device_map=device, dtype=torch.float32)
+        model = FastModel.get_peft_model(
+            model, r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False,
+            use_gradient_checkpointing=mode, random_state=1,
+        )  # fmt: skip
+        model.train()
+        torch.manual_seed(0)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

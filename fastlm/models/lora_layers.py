@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastlm.autograd import LoRAWeights
+from fastlm.distributed import is_plain_linear
 
 try:  # peft is a dependency, but keep plain-model use importable without it
     from peft.tuners.lora import Linear as PeftLoraLinear
@@ -39,7 +40,7 @@ def base_weights(module: nn.Module) -> tuple[LoRAWeights | None, str]:
 
     A 4-bit weight is handed over packed; the LoRA Functions dequantise it (lora_weights.py).
     """
-    if type(module) is nn.Linear:
+    if is_plain_linear(module):  # also an FSDP2 unit (FSDPLinear): patch.py gathers it
         return LoRAWeights(module.weight, module.bias), ""
     if BnbLinear4bit and type(module) is BnbLinear4bit:
         quant_state = getattr(module.weight, "quant_state", None)

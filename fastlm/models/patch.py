@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
+from fastlm.distributed import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.errors import NonFiniteLossError, SequenceTooLongError
 from fastlm.kernels.flash_attention import fastlm_attention_forward
 from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -179,7 +180,7 @@ def fused_report(model: nn.Module) -> list[dict]:
     head = owner.get_output_embeddings()
     if head is None:  # a base model (no LM head), e.g. an embedding model's body
         return rows
-    head_ok = type(head) is nn.Linear
+    head_ok = is_plain_linear(head)
     rows.append(
         {
             "module": "lm_head (cross-entropy)",
@@ -224,17 +225,24 @@ def _norm_forward(self, hidden_states: torch.Tensor, *, offset: float) -> torch.
     return rms_norm(hidden_states, self.weight, _eps(self), offset)
 
 
+def _fused_weights(linear: nn.Module):
+    """``linear_weights`` for the fused path. Under FSDP2 a projection that is a unit of its own
+    is gathered first: fastlm reads its weights without calling its forward (FSDP's hook)."""
+    gather_linear(linear)
+    return linear_weights(linear)[0]
+
+
 def _project_qkv(self, x: torch.Tensor):
-    q, _ = linear_weights(self.q_proj)
-    k, _ = linear_weights(self.k_proj)
-    v, _ = linear_weights(self.v_proj)
+    q = _fused_weights(self.q_proj)
+    k = _fused_weights(self.k_proj)
+    v = _fused_weights(self.v_proj)
     if q is not None and k is not None and v is not None:
         return lora_qkv(x, q, k, v)
     return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    weights, _ = linear_weights(linear)
+    weights = _fused_weights(linear)
     return lora_linear(x, weights) if weights is not None else linear(x)
 
 
@@ -299,9 +307,9 @@ def _attention_forward(
 
 
 def _mlp_forward(self, x: torch.Tensor, *, activation: str) -> torch.Tensor:
-    gate, _ = linear_weights(self.gate_proj)
-    up, _ = linear_weights(self.up_proj)
-    down, _ = linear_weights(self.down_proj)
+    gate = _fused_weights(self.gate_proj)
+    up = _fused_weights(self.up_proj)
+    down = _fused_weights(self.down_proj)
     if gate is not None and up is not None and down is not None:
         return lora_mlp(x, gate, up, down, activation)
     return self.down_proj(_GATED_ACTIVATIONS[activation](self.gate_proj(x), self.up_proj(x)))
@@ -317,7 +325,7 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
         _check_length(kwargs, state.max_seq_length)
         labels = kwargs.get("labels")
         head = self.get_output_embeddings()
-        if labels is None or not self.training or type(head) is not nn.Linear:
+        if labels is None or not self.training or not is_plain_linear(head):
             return original(self, **kwargs)
         return _fused_loss_forward(self, head, state, kwargs)
 
@@ -338,6 +346,7 @@ def _check_length(kwargs: dict, max_seq_length: int) -> None:
 
 
 def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
+    unshard_for_direct_read(head)  # an FSDP2 unit of its own: its forward (FSDP's hook) is skipped
     labels = kwargs.pop("labels")
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)

@@ -1,0 +1,43 @@
+"""The multi-GPU benchmark and example parse their arguments and plan the torchrun runs (they
+need GPUs to run for real; ``--cpu`` / a tiny shape run them on the CPU by hand, see
+docs/multi_gpu.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_bench_help_and_plan():
+    help_text = _run("benchmarks/multi_gpu_bench.py", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "--gpus" in help_text.stdout and "--parallel" in help_text.stdout
+    plan = _run("benchmarks/multi_gpu_bench.py", "--dry-run", "--shape", "llama-3.1-8b")
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.strip().splitlines()
+    # hf and fastlm, each on one GPU and on two, through torchrun
+    assert [line.split()[2] for line in lines] == ["--nproc_per_node=1", "--nproc_per_node=2"] * 2
+    specs = [json.loads(line.split("--child ", 1)[1].strip("'")) for line in lines]
+    assert [s["system"] for s in specs] == ["hf", "hf", "fastlm", "fastlm"]
+    assert {s["exact_micro_batches"] for s in specs} == {4}  # one global batch for 1 and 2 GPUs
+
+
+def test_bench_refuses_bad_arguments():
+    assert _run("benchmarks/multi_gpu_bench.py", "--gpus", "1").returncode != 0
+    assert _run("benchmarks/multi_gpu_bench.py", "--systems", "hf,other").returncode != 0
+
+
+def test_example_help():
+    result = _run("examples/multi_gpu_sft.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "torchrun --nproc_per_node 2" in result.stdout and "--model" in result.stdout

@@ -52,7 +52,7 @@ _GET_PEFT_MODEL_DEFAULTS: dict[str, Any] = {
 
 
 class FastModel:
-    """Load, patch and LoRA-wrap Hugging Face causal LMs (Llama, Gemma 3 text)."""
+    """Load, patch and LoRA-wrap Hugging Face causal LMs (Llama, Mistral, Qwen2/3, Gemma 1/2/3)."""
 
     @staticmethod
     def from_pretrained(

@@ -33,8 +33,6 @@ import importlib.metadata
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -47,9 +45,10 @@ if str(HERE) not in sys.path:
 if str(REPO) not in sys.path:  # the parent writes the layout with the working tree's fastlm
     sys.path.insert(1, str(REPO))
 
+import train_bench  # noqa: E402
 from _shapes import LORA_TARGETS, Shape  # noqa: E402
 from _systems import LORA_SEED, SkipSystem, versions  # noqa: E402
-from train_bench import CHILD_ENV, _child_env, _progress, host_info  # noqa: E402
+from train_bench import CHILD_ENV, _progress, host_info  # noqa: E402
 
 SYSTEMS = ("hf", "st", "fastlm")
 TEMPERATURE = 0.05  # = 1 / Sentence-Transformers' MNRL scale of 20
@@ -470,42 +469,8 @@ def child_main(spec: dict) -> dict:
 # Parent.
 # --------------------------------------------------------------------------------------------
 def run_child(spec: dict, log_path: Path, timeout: float, cuda: bool) -> dict:
-    """Run one child process; a crash or a timeout becomes an error record."""
-    record_path = log_path.with_suffix(".record.json")
-    record_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    cmd += ["--record", str(record_path)]
-    t0 = time.perf_counter()
-    status = None
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_child_env(cuda),
-            cwd=str(REPO),
-            start_new_session=True,  # its own process group: a timeout ends its helpers too
-        )
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if record_path.is_file():
-        rec = json.loads(record_path.read_text())
-        record_path.unlink()
-    else:
-        why = f"timed out after {timeout:.0f} s" if status is None else f"exit code {status}"
-        rec = {
-            **{k: spec[k] for k in ("shape", "system", "batch", "seq")},
-            "mode": "lora",
-            "status": "error",
-            "error": f"child process died ({why}) without a record",
-            "log_tail": log_path.read_text(errors="replace")[-3000:],
-        }
-    rec["wall_s"] = time.perf_counter() - t0
-    return rec
+    """train_bench's child runner, pointed at this script."""
+    return train_bench.run_child(spec, log_path, timeout, cuda, script=Path(__file__).resolve())
 
 
 def versus_st(records: list[dict]) -> dict[str, dict]:

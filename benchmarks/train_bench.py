@@ -197,11 +197,15 @@ def _child_env(cuda: bool) -> dict:
     return env
 
 
-def run_child(spec: dict, log_path: Path, timeout: float, cuda: bool) -> dict:
-    """Run one child process; turn a crash or a timeout into an error record."""
+def run_child(
+    spec: dict, log_path: Path, timeout: float, cuda: bool, script: Path | None = None
+) -> dict:
+    """Run one child process of ``script`` (default: this one; it must take --child and
+    --record); turn a crash or a timeout into an error record."""
     record_path = log_path.with_suffix(".record.json")
     record_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    script = Path(__file__).resolve() if script is None else script
+    cmd = [sys.executable, str(script), "--child", json.dumps(spec)]
     cmd += ["--record", str(record_path)]
     t0 = time.perf_counter()
     status = None
@@ -229,7 +233,7 @@ def run_child(spec: dict, log_path: Path, timeout: float, cuda: bool) -> dict:
         rec = {
             "shape": spec["shape"],
             "system": spec["system"],
-            "mode": spec["mode"],
+            "mode": spec.get("mode", "lora"),
             "batch": spec["batch"],
             "seq": spec["seq"],
             "status": "error",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_architectures import _loss_and_lora_grads, _relative_error
 from tiny_models import save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
@@ -25,10 +26,6 @@ pytest.importorskip("bitsandbytes")
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RTOL = 1e-4
-
-
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def _qlora_pair(tmp_path, model_type, checkpointing, device="cpu", dtype=torch.float32):
@@ -56,15 +53,6 @@ def _qlora_pair(tmp_path, model_type, checkpointing, device="cpu", dtype=torch.f
     reference.train()
     fast.train()
     return reference, fast
-
-
-def _loss_and_lora_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device
-    output = model(**{k: v.to(device) for k, v in batch.items()})
-    output.loss.backward()
-    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if "lora_" in n}
-    return output, grads
 
 
 def _packed_weights(model) -> dict[str, torch.Tensor]:

@@ -69,10 +69,16 @@ def _first_id(value) -> int | None:
     return None if value is None else int(value)
 
 
-def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
-    """Build and save the random-init bf16 checkpoint of `shape` into `path` (replacing it)."""
+def build_checkpoint(
+    shape: Shape, path: Path, device: str, auto_class: str = "AutoModelForCausalLM", finish=None
+) -> dict:
+    """Build and save the random-init bf16 checkpoint of `shape` into `path` (replacing it).
+
+    `auto_class` names the transformers Auto class; `finish(path, config)` may add files (and
+    return extra metadata) before the completion marker is written.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     t0 = time.perf_counter()
     if path.exists():
@@ -81,7 +87,7 @@ def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
     config = make_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = getattr(transformers, auto_class).from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(path))
     n_params = sum(p.numel() for p in model.parameters())
     del model
@@ -104,6 +110,8 @@ def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
         "build_s": round(time.perf_counter() - t0, 2),
         "seed": 0,
     }
+    if finish is not None:
+        meta.update(finish(path, config) or {})
     (path / MARKER).write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -137,71 +137,38 @@ def get_shape(name: str) -> Shape:
 # --------------------------------------------------------------------------------------------
 def ensure_checkpoint(shape: Shape, cache_root: str | Path, device: str) -> dict:
     """Path and metadata of the shape's checkpoint, built only if missing or stale."""
-    from _checkpoint import MARKER, _is_complete
+    from _checkpoint import _is_complete
 
     path = Path(cache_root) / shape.name
     meta = _is_complete(path, shape)
     if meta is not None and (path / "modules.json").is_file():
         return {"path": str(path), "reused": True, **meta}
     meta = build_checkpoint(shape, path, device)
-    (path / MARKER).write_text(json.dumps(meta, indent=2))  # last: the folder is complete
     return {"path": str(path), "reused": False, **meta}
 
 
 def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
-    """Random-init bf16 Qwen3Model (seed 0) + word-level tokenizer + Sentence-Transformers files."""
-    import gc
-    import shutil
-
-    import torch
-    from _checkpoint import _first_id, _save_tokenizer
-    from _shapes import make_config
-    from transformers import AutoModel
+    """Random-init bf16 Qwen3Model (seed 0) + word-level tokenizer + Sentence-Transformers files:
+    train_bench's checkpoint builder with the base-model class and the ST layout added."""
+    import _checkpoint
 
     from fastlm.embeddings.st_format import write_layout  # JSON only: no fastlm kernels
 
-    t0 = time.perf_counter()
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    config = make_config(shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModel.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(str(path))
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the parent keeps no GPU memory while children run
-    _save_tokenizer(
-        path,
-        shape.vocab_size,
-        _first_id(getattr(config, "bos_token_id", None)),
-        _first_id(getattr(config, "eos_token_id", None)),
-    )
-    write_layout(
-        str(path),
-        pooling="lasttoken",
-        hidden_size=config.hidden_size,
-        dense=[],
-        normalize=True,
-        max_seq_length=min(8192, config.max_position_embeddings),
-        do_lower_case=False,
-        prompts={},
-        default_prompt_name=None,
-    )
-    return {
-        "shape": shape.name,
-        "fingerprint": shape.fingerprint(),
-        "kind": "Qwen3Model + Sentence-Transformers layout (lasttoken, Normalize)",
-        "built_on": device,
-        "torch": torch.__version__,
-        "parameters": n_params,
-        "build_s": round(time.perf_counter() - t0, 2),
-        "seed": 0,
-    }
+    def st_layout(folder: Path, config) -> dict:
+        write_layout(
+            str(folder),
+            pooling="lasttoken",
+            hidden_size=config.hidden_size,
+            dense=[],
+            normalize=True,
+            max_seq_length=min(8192, config.max_position_embeddings),
+            do_lower_case=False,
+            prompts={},
+            default_prompt_name=None,
+        )
+        return {"kind": "Qwen3Model + Sentence-Transformers layout (lasttoken, Normalize)"}
+
+    return _checkpoint.build_checkpoint(shape, path, device, "AutoModel", finish=st_layout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastlm.kernels.nf4_dequant import dequantize_nf4
+
 
 class LoRAWeights(NamedTuple):
     """A projection: base weight/bias and an optional LoRA adapter (A, B, scaling)."""
@@ -67,8 +69,6 @@ def quant_state_of(weight: Tensor):
 def dense_weight(weight: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
     """``weight`` in ``dtype``: dequantised when 4-bit packed, cast (only if needed) otherwise."""
     if quant_state is not None:
-        from fastlm.kernels.nf4_dequant import dequantize_nf4
-
         return dequantize_nf4(weight, quant_state, dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
 

@@ -103,6 +103,7 @@ def reads_checked(monkeypatch):
     so exactness alone would not notice."""
     import bitsandbytes.functional as bnb_functional
 
+    from fastlm.autograd import lora_weights
     from fastlm.kernels import nf4_dequant
 
     streamers, reads = [], []
@@ -136,7 +137,9 @@ def reads_checked(monkeypatch):
         state = state if state is not None else getattr(weight, "quant_state", None)
         return weight, getattr(state, "absmax", None)
 
-    wrap(nf4_dequant, "dequantize_nf4", lambda w, qs=None, *a, **k: state_tensors(w, qs))
+    # lora_weights binds the function at import, so both names are watched.
+    for owner in (nf4_dequant, lora_weights):
+        wrap(owner, "dequantize_nf4", lambda w, qs=None, *a, **k: state_tensors(w, qs))
     wrap(bnb_functional, "dequantize_4bit", lambda w, qs=None, *a, **k: state_tensors(w, qs))
     wrap(bnb, "matmul_4bit", lambda x, w, quant_state=None, **k: state_tensors(w, quant_state))
     watch.reads = reads

@@ -58,17 +58,36 @@ def _keep(rows, cols, seq_len, window, CAUSAL: tl.constexpr, WINDOW: tl.constexp
 
 
 @triton.jit
+def _query_block(n_heads, group, BLOCK_M: tl.constexpr):
+    # (start_m, bh, batch, head, kv head) of this program. Last query blocks go first: under the
+    # causal mask they have the most keys to visit.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+    return start_m, bh, b, h, h // group
+
+
+@triton.jit
+def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    # Key blocks a query block can see: up to the diagonal, back to the window's start.
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+    lo = 0
+    if WINDOW:
+        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     n_heads, group, seq_len, window, qk_mul, cap_log2e,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    # Last query blocks first: under the causal mask they have the most keys to visit.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
-    hk = h // group
+    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -80,13 +99,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key blocks this query block can see: up to the diagonal, back to the window's start.
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, seq_len)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < seq_len) & d_ok
@@ -125,11 +138,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    # Last query blocks first: under the causal mask they have the most keys to visit.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
-    hk = h // group
+    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -148,12 +157,7 @@ def _bwd_dq_kernel(
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = seq_len
-    if CAUSAL:
-        hi = tl.minimum(start_m + BLOCK_M, seq_len)
-    lo = 0
-    if WINDOW:
-        lo = tl.maximum(start_m - window + 1, 0) // BLOCK_N * BLOCK_N
+    lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = (cols[:, None] < seq_len) & d_ok

@@ -24,8 +24,14 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels._dispatch import use_triton
+from fastlm.kernels._gated import (
+    GatedActivation,
+    check_operands,
+    finish_reference,
+    launch_backward,
+    launch_forward,
+)
 
-_BLOCK = 1024
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _C = 0.044715
 
@@ -72,44 +78,16 @@ def _geglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_ptr, de_ptr, dg_ptr, n, BLOCK: tl.
     tl.store(dg_ptr + offs, (dh * gelu).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    first = tensors[0]
-    for t in tensors[1:]:
-        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(
-                f"geglu: tensors must share shape/dtype/device, got {tuple(first.shape)} "
-                f"{first.dtype} {first.device} and {tuple(t.shape)} {t.dtype} {t.device}"
-            )
-
-
 def geglu_forward_triton(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Triton launcher for h = gelu_tanh(e) * g (also runs on CPU under TRITON_INTERPRET=1)."""
-    _check(e, g)
-    e, g = e.contiguous(), g.contiguous()
-    h = torch.empty_like(e)
-    n = e.numel()
-    if n:
-        _geglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](e, g, h, n, BLOCK=_BLOCK)
-    return h
+    return launch_forward("geglu", _geglu_fwd_kernel, e, g)
 
 
 def geglu_backward_triton(
     dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher returning (h, de, dg); ``inplace`` writes them into dh, e, g."""
-    _check(dh, e, g)
-    if inplace:
-        if not (dh.is_contiguous() and e.is_contiguous() and g.is_contiguous()):
-            raise ValueError("geglu_backward(inplace=True) needs contiguous dh, e, g")
-        h, de, dg = dh, e, g
-    else:
-        dh, e, g = dh.contiguous(), e.contiguous(), g.contiguous()
-        h, de, dg = torch.empty_like(e), torch.empty_like(e), torch.empty_like(e)
-    n = e.numel()
-    if n:
-        grid = (triton.cdiv(n, _BLOCK),)
-        _geglu_bwd_kernel[grid](dh, e, g, h, de, dg, n, BLOCK=_BLOCK)
-    return h, de, dg
+    return launch_backward("geglu", _geglu_bwd_kernel, dh, e, g, inplace)
 
 
 def geglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -128,23 +106,9 @@ def geglu_backward(
     return geglu_backward_reference(dh, e, g, inplace=inplace)
 
 
-class _GeGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(e, g)
-        return geglu_forward(e, g)
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        e, g = ctx.saved_tensors
-        # Not in place: e, g belong to the caller and dh to autograd.
-        _, de, dg = geglu_backward(dh.to(e.dtype), e, g, inplace=False)
-        return de, dg
-
-
 def geglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Differentiable gelu_tanh(e) * g; usage: ``h = geglu(gate_proj(x), up_proj(x))``."""
-    return _GeGLU.apply(e, g)
+    return GatedActivation.apply(e, g, geglu_forward, geglu_backward)
 
 
 def geglu_reference(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -156,14 +120,11 @@ def geglu_backward_reference(
     dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-PyTorch (h, de, dg), same formulas, fp32 math, same ``inplace`` semantics."""
-    _check(dh, e, g)
+    check_operands("geglu", dh, e, g)
     dh32, e32, g32 = dh.float(), e.float(), g.float()
     th = torch.tanh(_SQRT_2_OVER_PI * (e32 + _C * e32 * e32 * e32))
     gelu = 0.5 * e32 * (1.0 + th)
     sech2 = 1.0 - th * th
     slope = 0.5 * e32 * sech2 * _SQRT_2_OVER_PI * (1.0 + 3.0 * _C * e32 * e32)
     dgelu = 0.5 * (1.0 + th) + torch.where(sech2 == 0, torch.zeros_like(slope), slope)
-    h, de, dg = gelu * g32, dh32 * g32 * dgelu, dh32 * gelu
-    if inplace:
-        return dh.copy_(h), e.copy_(de), g.copy_(dg)
-    return h.to(e.dtype), de.to(e.dtype), dg.to(e.dtype)
+    return finish_reference(dh, e, g, (gelu * g32, dh32 * g32 * dgelu, dh32 * gelu), inplace)

@@ -19,8 +19,13 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels._dispatch import use_triton
-
-_BLOCK = 1024
+from fastlm.kernels._gated import (
+    GatedActivation,
+    check_operands,
+    finish_reference,
+    launch_backward,
+    launch_forward,
+)
 
 
 @triton.jit
@@ -53,44 +58,16 @@ def _swiglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_ptr, de_ptr, dg_ptr, n, BLOCK: tl
     tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    first = tensors[0]
-    for t in tensors[1:]:
-        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-            raise ValueError(
-                f"swiglu: tensors must share shape/dtype/device, got {tuple(first.shape)} "
-                f"{first.dtype} {first.device} and {tuple(t.shape)} {t.dtype} {t.device}"
-            )
-
-
 def swiglu_forward_triton(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Triton launcher for h = silu(e) * g (also runs on CPU under TRITON_INTERPRET=1)."""
-    _check(e, g)
-    e, g = e.contiguous(), g.contiguous()
-    h = torch.empty_like(e)
-    n = e.numel()
-    if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](e, g, h, n, BLOCK=_BLOCK)
-    return h
+    return launch_forward("swiglu", _swiglu_fwd_kernel, e, g)
 
 
 def swiglu_backward_triton(
     dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher returning (h, de, dg); ``inplace`` writes them into dh, e, g."""
-    _check(dh, e, g)
-    if inplace:
-        if not (dh.is_contiguous() and e.is_contiguous() and g.is_contiguous()):
-            raise ValueError("swiglu_backward(inplace=True) needs contiguous dh, e, g")
-        h, de, dg = dh, e, g
-    else:
-        dh, e, g = dh.contiguous(), e.contiguous(), g.contiguous()
-        h, de, dg = torch.empty_like(e), torch.empty_like(e), torch.empty_like(e)
-    n = e.numel()
-    if n:
-        grid = (triton.cdiv(n, _BLOCK),)
-        _swiglu_bwd_kernel[grid](dh, e, g, h, de, dg, n, BLOCK=_BLOCK)
-    return h, de, dg
+    return launch_backward("swiglu", _swiglu_bwd_kernel, dh, e, g, inplace)
 
 
 def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -109,23 +86,9 @@ def swiglu_backward(
     return swiglu_backward_reference(dh, e, g, inplace=inplace)
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(e, g)
-        return swiglu_forward(e, g)
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        e, g = ctx.saved_tensors
-        # Not in place: e, g belong to the caller and dh to autograd.
-        _, de, dg = swiglu_backward(dh.to(e.dtype), e, g, inplace=False)
-        return de, dg
-
-
 def swiglu(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Differentiable silu(e) * g; usage: ``h = swiglu(gate_proj(x), up_proj(x))``."""
-    return _SwiGLU.apply(e, g)
+    return GatedActivation.apply(e, g, swiglu_forward, swiglu_backward)
 
 
 def swiglu_reference(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -137,13 +100,11 @@ def swiglu_backward_reference(
     dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, inplace: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-PyTorch (h, de, dg), same formulas, fp32 math, same ``inplace`` semantics."""
-    _check(dh, e, g)
+    check_operands("swiglu", dh, e, g)
     dh32, e32, g32 = dh.float(), e.float(), g.float()
     sig = torch.sigmoid(e32)
     silu = e32 * sig
     h = silu * g32
     dg = dh32 * silu
     de = dh32 * g32 * sig * (1.0 + e32 * (1.0 - sig))
-    if inplace:
-        return dh.copy_(h), e.copy_(de), g.copy_(dg)
-    return h.to(e.dtype), de.to(e.dtype), dg.to(e.dtype)
+    return finish_reference(dh, e, g, (h, de, dg), inplace)

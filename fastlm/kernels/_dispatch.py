@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -19,3 +21,23 @@ def use_triton(tensor: torch.Tensor) -> bool:
 def triton_can_run(tensor: torch.Tensor) -> bool:
     """True when a Triton launch on ``tensor`` can work (a GPU, or the CPU interpreter)."""
     return tensor.is_cuda or _INTERPRETER
+
+
+_FORCED_GPU_SHAPES = False
+
+
+def gpu_launch_shapes(tensor: torch.Tensor) -> bool:
+    """True when a launcher should pick its GPU tiles; False picks the interpreter's small ones."""
+    return tensor.is_cuda or _FORCED_GPU_SHAPES
+
+
+@contextlib.contextmanager
+def forced_gpu_launch_shapes() -> Iterator[None]:
+    """GPU tiles for CPU tensors too, so kernels can be compiled for a GPU on a machine without one
+    (``tests/kernels/compile_for_gpu.py``). Usage: ``with forced_gpu_launch_shapes(): ...``."""
+    global _FORCED_GPU_SHAPES
+    previous, _FORCED_GPU_SHAPES = _FORCED_GPU_SHAPES, True
+    try:
+        yield
+    finally:
+        _FORCED_GPU_SHAPES = previous

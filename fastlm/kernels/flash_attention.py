@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels._dispatch import use_triton
+from fastlm.kernels._dispatch import gpu_launch_shapes, use_triton
 
 _LOG2E = 1.4426950408889634
 
@@ -243,12 +243,12 @@ class Blocks(NamedTuple):
     num_stages: int = 2
 
 
-def _default_blocks(head_dim: int, device: torch.device, dtype: torch.dtype) -> dict[str, Blocks]:
+def _default_blocks(head_dim: int, q: torch.Tensor) -> dict[str, Blocks]:
     # No autotune (one config per head_dim). d=256 needs small tiles to fit H100 shared memory
     # and registers (a 64 x 256 fp32 accumulator is 64 KiB); fp32 inputs take twice the shared
     # memory, so their tiles are halved. The interpreter gets 16 x 16 tiles so that tiny test
     # shapes still span several blocks.
-    if device.type != "cuda":
+    if not gpu_launch_shapes(q):
         b = Blocks(16, 16)
         return {"fwd": b, "dq": b, "dkdv": b}
     if head_dim <= 64:
@@ -262,7 +262,7 @@ def _default_blocks(head_dim: int, device: torch.device, dtype: torch.dtype) -> 
         # rows per step and 32 keys per program than with (32, 64, 4 warps).
         blocks = {"fwd": Blocks(64, 32, 4, 2), "dq": Blocks(64, 32, 4, 2),
                   "dkdv": Blocks(128, 32, 8, 2)}  # fmt: skip
-    if dtype == torch.float32:
+    if q.dtype == torch.float32:
         blocks = {k: Blocks(max(16, b.block_m // 2), max(16, b.block_n // 2), b.num_warps, 1)
                   for k, b in blocks.items()}  # fmt: skip
     return blocks
@@ -312,7 +312,7 @@ def flash_attention_forward_triton(
     _check(q, k, v, softcap, sliding_window, causal)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
-    blocks = {**_default_blocks(d, q.device, q.dtype), **(blocks or {})}
+    blocks = {**_default_blocks(d, q), **(blocks or {})}
     window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
     meta["CAUSAL"] = causal
     # o is stored (B, S, H, D): attention modules want that layout next, so it is free to get.
@@ -336,7 +336,7 @@ def flash_attention_backward_triton(
     _check(q, k, v, softcap, sliding_window, causal)
     q, k, v, o, do = (_last_unit(t) for t in (q, k, v, o, do.to(q.dtype)))
     (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
-    blocks = {**_default_blocks(d, q.device, q.dtype), **(blocks or {})}
+    blocks = {**_default_blocks(d, q), **(blocks or {})}
     window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
     meta["CAUSAL"] = causal
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastlm.kernels._dispatch import use_triton
+from fastlm.kernels._dispatch import gpu_launch_shapes, use_triton
 
 _CHUNK_BYTES = 256 * 1024 * 1024  # budget for one chunk's logits, in the compute dtype
 
@@ -104,7 +104,7 @@ def _rows_triton(logits, labels, loss_rows, denom, ignore_index, softcap, comput
     rows, V = logits.shape
     assert logits.stride(1) == 1 and labels.is_contiguous() and loss_rows.is_contiguous()
     # Big blocks on GPU (V is 128k-262k); small ones in the interpreter so tests loop over blocks.
-    block_v = min(4096 if logits.is_cuda else 64, triton.next_power_of_2(V))
+    block_v = min(4096 if gpu_launch_shapes(logits) else 64, triton.next_power_of_2(V))
     num_warps = 16 if block_v >= 4096 else (8 if block_v >= 1024 else 4)
     _flce_row_kernel[(rows,)](
         logits,

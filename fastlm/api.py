@@ -180,14 +180,24 @@ class FastModel:
         """
         from peft import LoraConfig, get_peft_model
 
+        lora_options = dict(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            layers_to_transform=layers_to_transform,
+            use_rslora=use_rslora,
+            modules_to_save=modules_to_save,
+            init_lora_weights=init_lora_weights,
+            use_dora=use_dora,
+            ensure_weight_tying=ensure_weight_tying,
+        )
         if _is_embedding_model(model):  # embedding_mode=True: its own LoRA (BERT targets too)
             return model.get_peft_model(
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
                 target_modules=target_modules,
                 use_gradient_checkpointing=use_gradient_checkpointing,
                 random_state=random_state,
+                **lora_options,
                 **kwargs,
             )
         _refuse_unimplemented(kwargs, _GET_PEFT_MODEL_DEFAULTS, "get_peft_model")
@@ -202,18 +212,9 @@ class FastModel:
             model.max_seq_length = max_seq_length
         torch.manual_seed(random_state)
         config = LoraConfig(
-            r=r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            bias=bias,
             target_modules=ALL_PROJECTIONS if target_modules is None else target_modules,
-            layers_to_transform=layers_to_transform,
-            use_rslora=use_rslora,
-            modules_to_save=modules_to_save,
-            init_lora_weights=init_lora_weights,
-            use_dora=use_dora,
-            ensure_weight_tying=ensure_weight_tying,
             task_type=kwargs.pop("task_type", "CAUSAL_LM"),
+            **lora_options,
             **kwargs,
         )
         peft_model = get_peft_model(model, config)

@@ -69,8 +69,9 @@ def chat_records(n: int = 16) -> list[dict]:
     ]
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_jsonl(path: Path, records: list) -> Path:
+    """One record a line: a dict as JSON, a string as written (for malformed lines)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
 
 
@@ -137,6 +138,47 @@ def test_top_level_help_lists_the_commands(capsys):
     for command in (*NEW_COMMANDS, "demo"):
         assert command in text
     assert cli.main([]) == 2
+
+
+def test_help_does_not_import_torch():
+    # In a fresh interpreter: this one has torch loaded by the other tests.
+    code = (
+        "import sys\n"
+        "from fastlm import cli\n"
+        "for argv in [['--help']] + [[name, '--help'] for name in cli.COMMANDS]:\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (argv, exit.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"  # --help loaded torch
+
+
+def test_gguf_methods_listed_without_torch_match_the_writer():
+    from fastlm.commands import GGUF_METHODS
+    from fastlm.export.gguf_writer import METHODS
+
+    assert GGUF_METHODS == METHODS
+
+
+def test_shared_flags_refuse_a_change_for_a_flag_not_added():
+    import argparse
+
+    from fastlm.commands._common_args import add_flags
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, "--lora-alpha", lora_alpha={"default": 8})
+    assert parser.parse_args([]).lora_alpha == 8
+    with pytest.raises(TypeError, match="lora_alpah"):  # misspelt: would be dropped silently
+        add_flags(argparse.ArgumentParser(), "--lora-alpha", lora_alpah={"default": 8})
 
 
 def test_config_file_supplies_flags_and_flags_win(tmp_path):

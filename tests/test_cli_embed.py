@@ -18,6 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "embeddings"))
 from embedding_helpers import CPU, save_tiny_embedding_model  # noqa: E402
 
+# restore_logging: test_cli's autouse fixture, which applies here once imported
+from test_cli import restore_logging, run, write_jsonl  # noqa: E402, F401
+
 from fastlm import cli  # noqa: E402
 
 ATOL = 1e-5
@@ -39,28 +42,6 @@ def scored_rows() -> list[dict]:
         other = WORDS[(i + 3) % len(WORDS)]
         rows.append({"sentence1": f"a {w} sits", "sentence2": f"{other} runs", "score": 0})
     return rows
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def run(argv: list) -> int:
-    return cli.main([str(a) for a in argv])
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main configures the "fastlm" logger and warning filters for a terminal: undo it."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("fastlm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    with warnings.catch_warnings():
-        yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")

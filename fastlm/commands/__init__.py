@@ -15,6 +15,10 @@ from typing import Any
 from fastlm.errors import FastLMError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# fastlm.export.gguf_writer.METHODS, written out: importing anything in fastlm.export loads torch
+# (seconds), and every command module is imported to build the parser, for `fastlm --help` too.
+# tests/test_cli.py checks that the two stay equal.
+GGUF_METHODS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 class CommandError(FastLMError):

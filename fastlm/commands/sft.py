@@ -8,25 +8,26 @@ the full model), optionally exports merged / GGUF copies, and prints a summary.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from fastlm.commands import (
-    DTYPES,
+    GGUF_METHODS,
     CommandError,
     Console,
+    _training,
     check_model_path,
     default_model_path,
     export_dtype,
-    format_seconds,
     hub_hint,
     resolve_device,
     resolve_torch_dtype,
     write_json,
 )
+from fastlm.commands._common_args import add_flags, add_group
+from fastlm.commands._training import settings
 
 EXAMPLES = """\
 examples:
@@ -57,36 +58,30 @@ outputs (in --output-dir):
 """
 GRADIENT_CHECKPOINTING = {"auto": None, "fastlm": "fastlm", "true": True, "false": False}
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
-_NOT_SETTINGS = ("command", "verbose", "quiet", "config")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``fastlm sft`` flags, in groups."""
+    """The ``fastlm sft`` flags, in groups (the ones ``fastlm embed`` has too: _common_args)."""
     from fastlm.data.formats import FORMATS, TRAIN_ON
-    from fastlm.export.gguf_writer import METHODS as GGUF_METHODS
 
-    parser.add_argument("--config", metavar="FILE", help="YAML/TOML/JSON file of flag values")
+    add_flags(parser, "--config")
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         metavar="PATH",
         help="local Hugging Face model folder (default: the bundled Gemma 3 270M)",
     )
-    group.add_argument(
-        "--max-seq-length", type=int, metavar="N", default=2048, help="longer examples are cut"
-    )
-    group.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="auto: bf16 on GPU, fp32 on CPU"
-    )
-    group.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available"
+    add_flags(
+        group,
+        "--max-seq-length",
+        "--dtype",
+        "--device",
+        max_seq_length={"default": 2048, "help": "longer examples are cut"},
     )
     group.add_argument(
         "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights (GPU)"
     )
-    group.add_argument(
-        "--full-finetune", action="store_true", help="train every weight instead of LoRA"
-    )
+    add_flags(group, "--full-finetune")
     group.add_argument(
         "--chat-template",
         metavar="FILE|NAME",
@@ -117,74 +112,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--packing", action="store_true", help="pack short examples together")
 
-    group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-r", type=int, metavar="N", default=16, help="adapter rank")
-    group.add_argument("--lora-alpha", type=int, metavar="N", default=16, help="scale = alpha / r")
-    group.add_argument(
-        "--lora-dropout", type=float, metavar="X", default=0.0, help="0 keeps layers fused"
+    add_group(
+        parser,
+        "LoRA",
+        lora_alpha={"default": 16},
+        lora_dropout={"help": "0 keeps layers fused"},
+        target_modules={
+            "help": "projections to adapt (default: q k v o gate up down), e.g. q_proj v_proj"
+        },
     )
-    group.add_argument(
-        "--target-modules",
-        nargs="+",
-        metavar="NAME",
-        help="projections to adapt (default: q k v o gate up down), e.g. q_proj v_proj",
+    add_group(
+        parser,
+        "training",
+        batch_size={"default": 2, "help": "examples per device step"},
+        grad_accum={"default": 4},
+        lr={"default": 2e-4, "help": "peak learning rate"},
+        epochs={"default": 1.0, "help": "passes over the data"},
+        warmup_steps={"default": 5, "help": "linear warm-up updates"},
+        optim={"help": "optimizer name (transformers), e.g. adamw_torch"},
+        gradient_checkpointing={
+            "choices": tuple(GRADIENT_CHECKPOINTING),
+            "help": "fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
+            "recompute; false: keep everything (fastest, most memory); auto: fastlm on GPU, "
+            "false on CPU",
+        },
     )
-    group.add_argument("--use-rslora", action="store_true", help="scale = alpha / sqrt(r)")
-
-    group = parser.add_argument_group("training")
-    group.add_argument(
-        "--batch-size", type=int, metavar="N", default=2, help="examples per device step"
-    )
-    group.add_argument(
-        "--grad-accum", type=int, metavar="N", default=4, help="steps per optimizer update"
-    )
-    group.add_argument("--lr", type=float, metavar="X", default=2e-4, help="peak learning rate")
-    group.add_argument(
-        "--epochs", type=float, metavar="X", default=1.0, help="passes over the data"
-    )
-    group.add_argument(
-        "--max-steps", type=int, metavar="N", help="optimizer updates (overrides --epochs)"
-    )
-    group.add_argument(
-        "--warmup-steps", type=int, metavar="N", default=5, help="linear warm-up updates"
-    )
-    group.add_argument(
-        "--lr-scheduler",
-        metavar="NAME",
-        default="linear",
-        help="linear, cosine, constant, ... (transformers)",
-    )
-    group.add_argument(
-        "--weight-decay", type=float, metavar="X", default=0.0, help="AdamW weight decay"
-    )
-    group.add_argument(
-        "--max-grad-norm", type=float, metavar="X", default=1.0, help="gradient clipping"
-    )
-    group.add_argument(
-        "--optim", metavar="NAME", help="optimizer name (transformers), e.g. adamw_torch"
-    )
-    group.add_argument(
-        "--seed", type=int, metavar="N", default=3407, help="data order and LoRA init"
-    )
-    group.add_argument(
-        "--gradient-checkpointing",
-        choices=tuple(GRADIENT_CHECKPOINTING),
-        default="auto",
-        help="fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
-        "recompute; false: keep everything (fastest, most memory); auto: fastlm on GPU, false "
-        "on CPU",
-    )
-    group.add_argument(
-        "--logging-steps", type=int, metavar="N", default=1, help="log the loss every N updates"
-    )
-    group.add_argument(
-        "--save-steps", type=int, metavar="N", help="write a checkpoint every N updates"
-    )
-
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--output-dir", default="outputs/sft", metavar="DIR", help="where everything is written"
-    )
+    group = add_group(parser, "output", output_dir={"default": "outputs/sft"})
     group.add_argument(
         "--save-method",
         choices=SAVE_METHODS,
@@ -205,15 +158,6 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_sft(args)
     return 0
-
-
-def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as ``--config`` keys (flag names)."""
-    return {
-        key.replace("_", "-"): value
-        for key, value in vars(args).items()
-        if key not in _NOT_SETTINGS and value is not None
-    }
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -244,7 +188,9 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     data = load_data(args.data, args.data_format, args.max_samples)
     eval_data = load_data(args.eval_data, args.data_format) if args.eval_data else None
-    console.status(f"data: {len(data)} {data.format} records from {_describe(data.files)}")
+    console.status(
+        f"data: {len(data)} {data.format} records from {_training.describe_files(data.files)}"
+    )
     if eval_data is not None:
         console.status(f"eval data: {len(eval_data)} {eval_data.format} records")
 
@@ -255,14 +201,8 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     eval_set = _to_dataset(eval_data, tokenizer, args) if eval_data is not None else None
 
     trainer = _trainer(model, tokenizer, train_set, eval_set, args, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = "full fine-tune" if args.full_finetune else f"LoRA r={args.lora_r}"
-    console.status(f"training: {what}, {trainable / 1e6:.2f}M trainable parameters")
-    result = trainer.train()
-    checkpoints = Path(args.output_dir) / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
-    stats = _train_stats(trainer, result)
+    console.status(_training.training_status(model, args))
+    stats = _training.train(trainer, args.output_dir)
     if eval_set is not None:
         stats["eval_loss"] = trainer.evaluate().get("eval_loss")
 
@@ -274,7 +214,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
         "data_format": data.format,
         "examples": len(data),
         "device": device,
-        "dtype": str(_compute_dtype(model)).replace("torch.", ""),
+        "dtype": str(_training.compute_dtype(model)).replace("torch.", ""),
         "method": "full" if args.full_finetune else "qlora" if args.load_in_4bit else "lora",
         **stats,
         "outputs": outputs,
@@ -284,15 +224,6 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     write_json(output_dir / "sft_summary.json", summary)
     _print_summary(console, summary, output_dir)
     return summary
-
-
-def _compute_dtype(model):
-    """The dtype of the first floating-point weight (4-bit weights are stored as integers)."""
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
-
-
-def _describe(files: list[Path]) -> str:
-    return str(files[0]) if len(files) == 1 else f"{len(files)} files"
 
 
 def _load_model(args, device: str, dtype, console: Console):
@@ -330,14 +261,7 @@ def _load_model(args, device: str, dtype, console: Console):
     )
     if not args.full_finetune:
         model = FastModel.get_peft_model(
-            model,
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=args.target_modules,
-            use_rslora=args.use_rslora,
-            use_gradient_checkpointing=checkpointing,
-            random_state=args.seed,
+            model, use_rslora=args.use_rslora, **_training.lora_arguments(args, checkpointing)
         )
     return model, tokenizer, model_path
 
@@ -372,43 +296,20 @@ def _to_dataset(data, tokenizer, args):
 
 
 def _trainer(model, tokenizer, train_set, eval_set, args, device: str):
-    import torch
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    dtype = _compute_dtype(model)
-    on_gpu = device == "cuda"
-    extra = {"optim": args.optim} if args.optim else {}
     config = SFTConfig(
-        output_dir=str(Path(args.output_dir) / "checkpoints"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps if args.max_steps else -1,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type=args.lr_scheduler,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-        data_seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        eval_strategy="steps" if args.eval_steps else "no",
-        eval_steps=args.eval_steps,
-        max_length=args.max_seq_length,
-        packing=args.packing,
-        completion_only_loss=args.train_on == "completion",
-        # fastlm already set up checkpointing (offloaded or not); the Trainer must not redo it.
-        gradient_checkpointing=False,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
-        use_cpu=not on_gpu,
-        report_to=[],
-        disable_tqdm=True,  # our own bar below shows loss and tokens/s
-        **extra,
+        **_training.trainer_arguments(
+            args,
+            model,
+            device,
+            per_device_eval_batch_size=args.batch_size,
+            eval_strategy="steps" if args.eval_steps else "no",
+            eval_steps=args.eval_steps,
+            max_length=args.max_seq_length,
+            packing=args.packing,
+            completion_only_loss=args.train_on == "completion",
+        )
     )
     _quiet_datasets()
     trainer = SFTTrainer(
@@ -418,10 +319,7 @@ def _trainer(model, tokenizer, train_set, eval_set, args, device: str):
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_progress_callback())
-    return trainer
+    return _training.show_progress(trainer)
 
 
 def _quiet_datasets() -> None:
@@ -431,61 +329,6 @@ def _quiet_datasets() -> None:
         import datasets
 
         datasets.disable_progress_bars()
-
-
-def _progress_callback():
-    """A tqdm bar over optimizer steps with the latest loss, learning rate and tokens/s."""
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class Progress(TrainerCallback):
-        def __init__(self) -> None:
-            self.bar = None
-            self.start = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is None or not logs:
-                return
-            if "loss" in logs:
-                postfix = {"loss": f"{logs['loss']:.4f}"}
-                if "learning_rate" in logs:
-                    postfix["lr"] = f"{logs['learning_rate']:.2e}"
-                elapsed = time.perf_counter() - self.start
-                if logs.get("num_tokens") and elapsed > 0:
-                    postfix["tok/s"] = f"{logs['num_tokens'] / elapsed:,.0f}"
-                self.bar.set_postfix(postfix, refresh=False)
-            if "eval_loss" in logs:
-                self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return Progress()
-
-
-def _train_stats(trainer, result) -> dict[str, Any]:
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
-    seconds = float(result.metrics.get("train_runtime", 0.0))
-    return {
-        "steps": trainer.state.global_step,
-        "final_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "trained_tokens": int(tokens),
-        "train_seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-    }
 
 
 def _save(model, tokenizer, args, model_path: str, output_dir: Path, console: Console) -> dict:
@@ -523,25 +366,16 @@ def _save(model, tokenizer, args, model_path: str, output_dir: Path, console: Co
 
 
 def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
-    loss = summary["final_loss"]
     rows = [
         ("model", summary["model"]),
         ("data", f"{summary['examples']} {summary['data_format']} records"),
-        ("method", f"{summary['method']} ({summary['dtype']} on {summary['device']})"),
-        ("steps", str(summary["steps"])),
-        ("final loss", "n/a" if loss is None else f"{loss:.4f}"),
+        *_training.run_rows(summary),
     ]
     if summary.get("eval_loss") is not None:
         rows.append(("eval loss", f"{summary['eval_loss']:.4f}"))
-    rows += [
-        ("tokens", f"{summary['trained_tokens']:,}"),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-        ("train time", format_seconds(summary["train_seconds"])),
-        ("total time", format_seconds(summary["wall_seconds"])),
-    ]
+    rows += _training.speed_rows(summary)
     for name, value in summary["outputs"].items():
         rows.append((name, "\n".join(value) if isinstance(value, list) else value))
     rows.append(("summary", str(output_dir / "sft_summary.json")))
     console.table("fastlm sft: done", rows, ("", ""))
-    if loss is not None and not math.isfinite(loss):
-        console.status(f"warning: the final loss is {loss}; check the data and --lr")
+    _training.warn_if_not_finite(console, summary["final_loss"])

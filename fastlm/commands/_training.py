@@ -1,0 +1,206 @@
+"""What ``fastlm sft`` and ``fastlm embed`` do alike around a transformers ``Trainer``.
+
+The settings file, the trainer arguments both set the same way, the progress bar, training with
+its statistics, and the summary rows. Imports of torch / transformers stay inside the functions:
+the command modules import this one to build the parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from fastlm.commands import Console, format_seconds
+
+_NOT_SETTINGS = ("command", "verbose", "quiet", "config")
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as ``--config`` keys (flag names), as given (defaults unresolved)."""
+    return {
+        key.replace("_", "-"): value
+        for key, value in vars(args).items()
+        if key not in _NOT_SETTINGS and value is not None
+    }
+
+
+def describe_files(files: list[Path]) -> str:
+    """The data's one file, or how many there are."""
+    return str(files[0]) if len(files) == 1 else f"{len(files)} files"
+
+
+def compute_dtype(model):
+    """The dtype of the first floating-point weight (4-bit weights are stored as integers)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def lora_arguments(args: argparse.Namespace, use_gradient_checkpointing) -> dict[str, Any]:
+    """The ``get_peft_model`` keywords of the LoRA flags (all but ``--use-rslora``) and --seed."""
+    return dict(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.target_modules,
+        use_gradient_checkpointing=use_gradient_checkpointing,
+        random_state=args.seed,
+    )
+
+
+def trainer_arguments(
+    args: argparse.Namespace,
+    model,
+    device: str,
+    knobs: dict[str, Any] | None = None,
+    **values: Any,
+) -> dict[str, Any]:
+    """``TrainingArguments`` keywords from the training flags, plus ``values``.
+
+    ``knobs``: batch_size, lr, epochs and warmup_steps when they are not the flags' own values
+    (``fastlm embed`` picks their defaults by data set).
+    """
+    import torch
+
+    if knobs is None:
+        knobs = {
+            name: getattr(args, name) for name in ("batch_size", "lr", "epochs", "warmup_steps")
+        }
+    dtype = compute_dtype(model)
+    on_gpu = device == "cuda"
+    extra = {"optim": args.optim} if args.optim else {}
+    return dict(
+        output_dir=str(Path(args.output_dir) / "checkpoints"),
+        per_device_train_batch_size=knobs["batch_size"],
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=knobs["lr"],
+        num_train_epochs=knobs["epochs"],
+        warmup_steps=knobs["warmup_steps"],
+        max_steps=args.max_steps if args.max_steps else -1,
+        lr_scheduler_type=args.lr_scheduler,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        # the model set up checkpointing itself (offloaded or not); the Trainer must not redo it
+        gradient_checkpointing=False,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        report_to=[],
+        disable_tqdm=True,  # progress_callback's bar shows loss and tokens/s
+        **extra,
+        **values,
+    )
+
+
+def show_progress(trainer):
+    """Replace the Trainer's printer and progress bar by ``progress_callback``; returns it."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress_callback())
+    return trainer
+
+
+def progress_callback():
+    """A tqdm bar over optimizer steps with the latest loss, learning rate and tokens/s."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar = None
+            self.start = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is None or not logs:
+                return
+            if "loss" in logs:
+                postfix = {"loss": f"{logs['loss']:.4f}"}
+                if "learning_rate" in logs:
+                    postfix["lr"] = f"{logs['learning_rate']:.2e}"
+                elapsed = time.perf_counter() - self.start
+                if logs.get("num_tokens") and elapsed > 0:
+                    postfix["tok/s"] = f"{logs['num_tokens'] / elapsed:,.0f}"
+                self.bar.set_postfix(postfix, refresh=False)
+            if "eval_loss" in logs:
+                self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
+def training_status(model, args: argparse.Namespace) -> str:
+    """``training: LoRA r=16, 1.23M trainable parameters`` (or ``full fine-tune``)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = "full fine-tune" if args.full_finetune else f"LoRA r={args.lora_r}"
+    return f"training: {what}, {trainable / 1e6:.2f}M trainable parameters"
+
+
+def train(trainer, output_dir: str | Path) -> dict[str, Any]:
+    """``trainer.train()``, then ``train_stats``; no empty checkpoints/ folder is left behind."""
+    result = trainer.train()
+    checkpoints = Path(output_dir) / "checkpoints"
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
+    return train_stats(trainer, result)
+
+
+def train_stats(trainer, result) -> dict[str, Any]:
+    """Steps, losses, trained tokens and tokens/s of a finished ``trainer.train()``."""
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
+    seconds = float(result.metrics.get("train_runtime", 0.0))
+    return {
+        "steps": trainer.state.global_step,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "trained_tokens": int(tokens),
+        "train_seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+    }
+
+
+def run_rows(summary: dict) -> list[tuple[str, str]]:
+    """The summary table's method, steps and final loss rows."""
+    loss = summary["final_loss"]
+    return [
+        ("method", f"{summary['method']} ({summary['dtype']} on {summary['device']})"),
+        ("steps", str(summary["steps"])),
+        ("final loss", "n/a" if loss is None else f"{loss:.4f}"),
+    ]
+
+
+def speed_rows(summary: dict) -> list[tuple[str, str]]:
+    """The summary table's token count, tokens/s and time rows."""
+    return [
+        ("tokens", f"{summary['trained_tokens']:,}"),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+        ("train time", format_seconds(summary["train_seconds"])),
+        ("total time", format_seconds(summary["wall_seconds"])),
+    ]
+
+
+def warn_if_not_finite(console: Console, loss: float | None) -> None:
+    """A warning line when training ended on a NaN / infinite loss."""
+    if loss is not None and not math.isfinite(loss):
+        console.status(f"warning: the final loss is {loss}; check the data and --lr")

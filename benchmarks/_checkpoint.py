@@ -18,6 +18,7 @@ from pathlib import Path
 from _shapes import Shape, make_config
 
 MARKER = "fastlm_bench.json"  # written last: its presence means the folder is complete
+CACHE = "/tmp/fastlm-bench"  # the scripts' default --cache
 
 
 def checkpoint_dir(shape: Shape, cache_root: str | Path) -> Path:

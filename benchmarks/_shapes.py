@@ -45,6 +45,25 @@ class Shape:
         return asdict(self)
 
 
+def dims(
+    *, vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, **extra
+) -> dict:
+    """The size entries of a config (`extra`: more entries, e.g. head_dim)."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        **extra,
+    }
+
+
+def default_rope(theta: float) -> dict:
+    return {"rope_type": "default", "rope_theta": theta}
+
+
 def _llama3_rope(factor: float) -> dict:
     return {
         "rope_type": "llama3",
@@ -69,21 +88,58 @@ _LLAMA3_COMMON = {
     "eos_token_id": 128001,
 }
 
-_TINY_LLAMA = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+
+def _llama3(
+    *, hidden: int, intermediate: int, layers: int, head_dim: int, tie: bool, rope_factor: float
+) -> dict:
+    """A Llama 3.x config: the family's common entries plus what differs between the sizes."""
+    return {
+        **_LLAMA3_COMMON,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "head_dim": head_dim,
+        "tie_word_embeddings": tie,
+        "rope_parameters": _llama3_rope(rope_factor),
+    }
+
+
+# What the Qwen2 / Qwen2.5 / Qwen3 configs share (Qwen3 adds head_dim and attention_bias).
+QWEN_COMMON = {
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "rope_parameters": default_rope(1000000.0),
+}
+_GEMMA_COMMON = {
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "rope_parameters": default_rope(10000.0),
+}
+# The CPU smoke-test shapes' sizes.
+TINY_DIMS = {
+    **dims(vocab=128, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2),
     "max_position_embeddings": 256,
+}
+
+_TINY_LLAMA = {
+    **TINY_DIMS,
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "rope_parameters": default_rope(10000.0),
 }
 
+# fmt: off
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in [
@@ -91,51 +147,27 @@ SHAPES: dict[str, Shape] = {
             name="llama-3.2-1b",
             model_type="llama",
             batch=4,
-            config={
-                **_LLAMA3_COMMON,
-                "hidden_size": 2048,
-                "intermediate_size": 8192,
-                "num_hidden_layers": 16,
-                "head_dim": 64,
-                "tie_word_embeddings": True,
-                "rope_parameters": _llama3_rope(32.0),
-            },
+            config=_llama3(hidden=2048, intermediate=8192, layers=16, head_dim=64, tie=True,
+                           rope_factor=32.0),
         ),
         Shape(
             name="llama-3.1-8b",
             model_type="llama",
             batch=2,
-            config={
-                **_LLAMA3_COMMON,
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": 32,
-                "head_dim": 128,
-                "tie_word_embeddings": False,
-                "rope_parameters": _llama3_rope(8.0),
-            },
+            config=_llama3(hidden=4096, intermediate=14336, layers=32, head_dim=128, tie=False,
+                           rope_factor=8.0),
         ),
         Shape(
             name="qwen3-4b",
             model_type="qwen3",
             batch=2,
             config={
-                "vocab_size": 151936,
-                "hidden_size": 2560,
-                "intermediate_size": 9728,
-                "num_hidden_layers": 36,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "head_dim": 128,
+                **QWEN_COMMON,
+                **dims(vocab=151936, hidden=2560, intermediate=9728, layers=36,
+                       heads=32, kv_heads=8, head_dim=128),
                 "max_position_embeddings": 40960,
-                "rms_norm_eps": 1e-6,
-                "hidden_act": "silu",
                 "attention_bias": False,
                 "tie_word_embeddings": True,
-                "use_sliding_window": False,
-                "bos_token_id": 151643,
-                "eos_token_id": 151645,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
             },
         ),
         Shape(
@@ -143,13 +175,8 @@ SHAPES: dict[str, Shape] = {
             model_type="mistral",
             batch=2,
             config={
-                "vocab_size": 32768,
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": 32,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "head_dim": 128,
+                **dims(vocab=32768, hidden=4096, intermediate=14336, layers=32,
+                       heads=32, kv_heads=8, head_dim=128),
                 "max_position_embeddings": 32768,
                 "rms_norm_eps": 1e-5,
                 "hidden_act": "silu",
@@ -157,7 +184,7 @@ SHAPES: dict[str, Shape] = {
                 "tie_word_embeddings": False,
                 "bos_token_id": 1,
                 "eos_token_id": 2,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+                "rope_parameters": default_rope(1000000.0),
             },
         ),
         Shape(
@@ -166,25 +193,13 @@ SHAPES: dict[str, Shape] = {
             batch=2,
             attn_implementation="eager",
             config={
-                "vocab_size": 256000,
-                "hidden_size": 2304,
-                "intermediate_size": 9216,
-                "num_hidden_layers": 26,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 4,
-                "head_dim": 256,
+                **_GEMMA_COMMON,
+                **dims(vocab=256000, hidden=2304, intermediate=9216, layers=26,
+                       heads=8, kv_heads=4, head_dim=256),
                 "query_pre_attn_scalar": 256,
-                "max_position_embeddings": 8192,
-                "rms_norm_eps": 1e-6,
-                "hidden_activation": "gelu_pytorch_tanh",
                 "sliding_window": 4096,
                 "attn_logit_softcapping": 50.0,
                 "final_logit_softcapping": 30.0,
-                "tie_word_embeddings": True,
-                "bos_token_id": 2,
-                "eos_token_id": 1,
-                "pad_token_id": 0,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
         Shape(
@@ -192,20 +207,10 @@ SHAPES: dict[str, Shape] = {
             model_type="qwen2",
             batch=2,
             config={
-                "vocab_size": 152064,
-                "hidden_size": 3584,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-                "max_position_embeddings": 32768,
-                "rms_norm_eps": 1e-6,
-                "hidden_act": "silu",
+                **QWEN_COMMON,
+                **dims(vocab=152064, hidden=3584, intermediate=18944, layers=28,
+                       heads=28, kv_heads=4),
                 "tie_word_embeddings": False,
-                "use_sliding_window": False,
-                "bos_token_id": 151643,
-                "eos_token_id": 151645,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
             },
         ),
         Shape(
@@ -213,21 +218,9 @@ SHAPES: dict[str, Shape] = {
             model_type="gemma",
             batch=2,
             config={
-                "vocab_size": 256000,
-                "hidden_size": 2048,
-                "intermediate_size": 16384,
-                "num_hidden_layers": 18,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 1,
-                "head_dim": 256,
-                "max_position_embeddings": 8192,
-                "rms_norm_eps": 1e-6,
-                "hidden_activation": "gelu_pytorch_tanh",
-                "tie_word_embeddings": True,
-                "bos_token_id": 2,
-                "eos_token_id": 1,
-                "pad_token_id": 0,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                **_GEMMA_COMMON,
+                **dims(vocab=256000, hidden=2048, intermediate=16384, layers=18,
+                       heads=8, kv_heads=1, head_dim=256),
             },
         ),
         Shape(
@@ -245,34 +238,54 @@ SHAPES: dict[str, Shape] = {
             seq=32,
             tiny=True,
             config={
-                "vocab_size": 128,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
+                **TINY_DIMS,
                 "head_dim": 16,
                 "query_pre_attn_scalar": 16,
-                "max_position_embeddings": 256,
                 "sliding_window": 16,  # shorter than seq, so the sliding mask matters
                 "layer_types": ["sliding_attention", "full_attention"],
                 "tie_word_embeddings": True,
                 "rope_parameters": {
-                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                    "sliding_attention": default_rope(10000.0),
+                    "full_attention": default_rope(1000000.0),
                 },
             },
         ),
     ]
 }
+# fmt: on
 
 
-def get_shape(name: str) -> Shape:
+def get_shape(name: str, shapes: dict[str, Shape] = SHAPES) -> Shape:
     """`get_shape("llama-3.2-1b")` -> Shape; a clear error listing the known names otherwise."""
     try:
-        return SHAPES[name]
+        return shapes[name]
     except KeyError:
-        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}") from None
+        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(shapes)}") from None
+
+
+# The columns `shape_table` can show: header -> cell of a shape.
+_COLUMNS = {
+    "shape": lambda s: s.name,
+    "model_type": lambda s: s.model_type,
+    "hidden": lambda s: s.config["hidden_size"],
+    "layers": lambda s: s.config["num_hidden_layers"],
+    "heads / kv": lambda s: (
+        f"{s.config['num_attention_heads']} / {s.config['num_key_value_heads']}"
+    ),
+    "head_dim": lambda s: s.config["head_dim"],
+    "intermediate": lambda s: s.config["intermediate_size"],
+    "vocab": lambda s: s.config["vocab_size"],
+    "batch": lambda s: s.batch,
+    "seq": lambda s: s.seq,
+}
+
+
+def shape_table(shapes: dict[str, Shape], columns: list[str]) -> str:
+    """A markdown table of `shapes` (--list-shapes), one row per shape, `columns` of _COLUMNS."""
+    rows = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for s in shapes.values():
+        rows.append("| " + " | ".join(str(_COLUMNS[c](s)) for c in columns) + " |")
+    return "\n".join(rows)
 
 
 def make_config(shape: Shape):

@@ -2,7 +2,8 @@
 
 Every loader takes the same `Ctx` and returns a model whose trainable parameters are the LoRA
 weights (r=16, alpha=16, dropout 0, no bias, the seven projections), with gradient checkpointing
-on. The training loop itself lives in `train_bench.py` and is the same for every system.
+on. The training loop itself lives in `train_bench.py` (`_timing.timed_training`) and is the
+same for every system.
 
 Imports are lazy: this module is imported by child processes before they know whether Unsloth
 (which must come before transformers) is needed.
@@ -11,11 +12,11 @@ Imports are lazy: this module is imported by child processes before they know wh
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from _common import dist_version
 from _shapes import LORA_TARGETS, Shape
 
 LORA_SEED = 3407  # same LoRA A init for every system (B = 0, so step 0 does not depend on it)
@@ -71,10 +72,44 @@ def _to_device(model, ctx: Ctx):
     return model
 
 
+def lora_config(**extra):
+    """PEFT's LoraConfig of every system: r=16, alpha=16, no dropout, no bias, the seven
+    projections (`extra`: more fields, e.g. task_type)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(LORA_TARGETS),
+        **extra,
+    )
+
+
+def plain_checkpointing(model) -> None:
+    """transformers' own gradient checkpointing, non-reentrant, as HF training uses it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def _peft_kwargs(checkpointing: str) -> dict:
+    """The get_peft_model arguments of fastlm's and Unsloth's loaders (the same LoRA as HF's)."""
+    return {
+        "r": 16,
+        "lora_alpha": 16,
+        "lora_dropout": 0,
+        "bias": "none",
+        "target_modules": list(LORA_TARGETS),
+        "use_gradient_checkpointing": checkpointing,
+        "random_state": LORA_SEED,
+    }
+
+
 def load_hf(ctx: Ctx):
     """transformers + PEFT, SDPA attention, non-reentrant checkpointing."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": ctx.dtype, "attn_implementation": ctx.shape.attn_implementation}
@@ -84,17 +119,8 @@ def load_hf(ctx: Ctx):
         kwargs["quantization_config"] = _bnb_config()
     model = AutoModelForCausalLM.from_pretrained(ctx.path, **kwargs)
     torch.manual_seed(LORA_SEED)
-    config = LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=list(LORA_TARGETS),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = get_peft_model(model, lora_config(task_type="CAUSAL_LM"))
+    plain_checkpointing(model)
     return model
 
 
@@ -124,16 +150,8 @@ def load_fastlm(ctx: Ctx):
         ctx.path, max_seq_length=ctx.seq, dtype=ctx.dtype, **kwargs
     )
     model = _to_device(model, ctx)
-    model = FastModel.get_peft_model(
-        model,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        target_modules=list(LORA_TARGETS),
-        use_gradient_checkpointing="fastlm",  # offloaded, as Unsloth's "unsloth" mode
-        random_state=LORA_SEED,
-    )
+    # "fastlm" checkpointing: offloaded, as Unsloth's "unsloth" mode.
+    model = FastModel.get_peft_model(model, **_peft_kwargs("fastlm"))
     return _to_device(model, ctx)
 
 
@@ -147,27 +165,11 @@ def load_unsloth(ctx: Ctx):
         dtype=ctx.dtype,
         load_in_4bit=ctx.qlora,
     )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
-        target_modules=list(LORA_TARGETS),
-        use_gradient_checkpointing="unsloth",
-        random_state=LORA_SEED,
-    )
+    model = FastLanguageModel.get_peft_model(model, **_peft_kwargs("unsloth"))
     return _to_device(model, ctx)
 
 
 LOADERS = {"hf": load_hf, "fastlm": load_fastlm, "liger": load_liger, "unsloth": load_unsloth}
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _module_version(name: str) -> str | None:
@@ -202,17 +204,17 @@ def git_revision(repo: Path = REPO) -> str | None:
 def versions(system: str, mode: str) -> dict:
     """Versions of the common stack and of the system's own packages (None where absent)."""
     out = {
-        name: _dist_version(name) or _module_version(name)
+        name: dist_version(name) or _module_version(name)
         for name in ("torch", "transformers", "peft", "triton", "accelerate")
     }
     if mode == "qlora":
-        out["bitsandbytes"] = _dist_version("bitsandbytes")
+        out["bitsandbytes"] = dist_version("bitsandbytes")
     if system == "fastlm":
-        out["fastlm"] = _dist_version("fastlm") or _module_version("fastlm")
+        out["fastlm"] = dist_version("fastlm") or _module_version("fastlm")
         out["fastlm_git"] = git_revision()
     elif system == "liger":
-        out["liger-kernel"] = _dist_version("liger-kernel")
+        out["liger-kernel"] = dist_version("liger-kernel")
     elif system == "unsloth":
-        out["unsloth"] = _dist_version("unsloth") or _module_version("unsloth")
-        out["unsloth_zoo"] = _dist_version("unsloth_zoo") or _dist_version("unsloth-zoo")
+        out["unsloth"] = dist_version("unsloth") or _module_version("unsloth")
+        out["unsloth_zoo"] = dist_version("unsloth_zoo") or dist_version("unsloth-zoo")
     return out

@@ -26,22 +26,22 @@ against fastlm's attention registered through ``register_fastlm_attention``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
 import json
-import shlex
-import statistics
 import sys
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _common import add_json_out, load_kernel_module, no_cuda, print_table, write_record  # noqa: E402
+from _timing import cuda_median_ms, peak_mib  # noqa: E402
+
 SYSTEMS = ["fastlm", "eager", "sdpa-nocap", "fastlm-nocap"]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seqs", default="1024,2048,4096", help="comma list of sequence lengths")
     p.add_argument("--batch", type=int, default=1)
@@ -63,54 +63,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model-layers", type=int, default=0, help="also time an N-layer Gemma 2 model")
     p.add_argument("--model-seq", type=int, default=2048, help="sequence length of the model step")
-    p.add_argument(
-        "--out",
-        default=str(REPO / "benchmarks" / "results" / f"{today}-attention.json"),
-        help="JSON file to write (default: benchmarks/results/<UTC date>-attention.json)",
-    )
+    add_json_out(p, "attention")
     return p.parse_args(argv)
 
 
-def _load_kernel_module():
-    """fastlm.kernels.flash_attention, imported with stub parent packages (no fastlm/__init__)."""
-    if "fastlm" not in sys.modules:
-        for name, sub in (("fastlm", "fastlm"), ("fastlm.kernels", "fastlm/kernels")):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(REPO / sub)]
-            sys.modules[name] = pkg
-    return importlib.import_module("fastlm.kernels.flash_attention")
-
-
-def _version(dist: str) -> str | None:
+def _measured(rec: dict, torch, measure, *measure_args) -> dict:
+    """`measure(rec, torch, *measure_args)` fills `rec`; status "ok", or "oom" with the error's
+    first line."""
     try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _median_ms(fn, torch, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
-
-
-def _peak_mib(fn, torch) -> float:
-    torch.cuda.synchronize()
+        measure(rec, torch, *measure_args)
+        rec["status"] = "ok"
+    except torch.cuda.OutOfMemoryError as e:
+        rec.update(status="oom", error=str(e).splitlines()[0])
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return rec
 
 
 def _attention_fns(args, fa, torch):
@@ -152,6 +118,16 @@ def _attention_fns(args, fa, torch):
     }
 
 
+def _attention_case(rec: dict, torch, args, fn, inputs, ref, fwd, fwd_bwd) -> None:
+    """Error against the fp32 reference, then forward and forward + backward times and peak."""
+    out = fn(*inputs)
+    rec["max_abs_err_vs_fp32"] = (out.float() - ref).abs().max().item()
+    del out
+    rec["fwd_ms"] = cuda_median_ms(fwd, torch, args.iters, args.warmup)
+    rec["fwd_bwd_ms"] = cuda_median_ms(fwd_bwd, torch, args.iters, args.warmup)
+    rec["fwd_bwd_peak_mib"] = peak_mib(fwd_bwd, torch)
+
+
 def _attention_cases(args, fa, torch) -> list[dict]:
     fns = _attention_fns(args, fa, torch)
     systems = [s for s in args.systems.split(",") if s]
@@ -186,19 +162,10 @@ def _attention_cases(args, fa, torch) -> list[dict]:
                 torch.autograd.grad(out, leaves, g)
 
             rec = {"seq": seq, "batch": args.batch, "system": system}
-            try:
-                out = fn(q, k, v)
-                ref = refs[None if system.endswith("nocap") else args.softcap]
-                rec["max_abs_err_vs_fp32"] = (out.float() - ref).abs().max().item()
-                del out
-                rec["fwd_ms"] = _median_ms(fwd, torch, args.iters, args.warmup)
-                rec["fwd_bwd_ms"] = _median_ms(fwd_bwd, torch, args.iters, args.warmup)
-                rec["fwd_bwd_peak_mib"] = _peak_mib(fwd_bwd, torch)
-                rec["status"] = "ok"
-            except torch.cuda.OutOfMemoryError as e:
-                rec.update(status="oom", error=str(e).splitlines()[0])
-            torch.cuda.empty_cache()
-            rows.append(rec)
+            ref = refs[None if system.endswith("nocap") else args.softcap]
+            rows.append(
+                _measured(rec, torch, _attention_case, args, fn, (q, k, v), ref, fwd, fwd_bwd)
+            )
         del refs, q, k, v, g
     base = {r["seq"]: r for r in rows if r["system"] == "eager" and r["status"] == "ok"}
     for r in rows:
@@ -236,18 +203,15 @@ def _model_step(args, fa, torch) -> list[dict]:
             model.zero_grad(set_to_none=True)
             return loss
 
-        rec = {"system": f"model-{system}", "layers": args.model_layers, "seq": args.model_seq,
-               "batch": args.batch}  # fmt: skip
-        try:
+        def measure(rec, torch, step=step, system=system):
             losses[system] = step().item()
             rec["loss"] = losses[system]
-            rec["step_ms"] = _median_ms(step, torch, max(3, args.iters // 4), 2)
-            rec["peak_mib"] = _peak_mib(step, torch)
-            rec["status"] = "ok"
-        except torch.cuda.OutOfMemoryError as e:
-            rec.update(status="oom", error=str(e).splitlines()[0])
-        torch.cuda.empty_cache()
-        rows.append(rec)
+            rec["step_ms"] = cuda_median_ms(step, torch, max(3, args.iters // 4), 2)
+            rec["peak_mib"] = peak_mib(step, torch)
+
+        rec = {"system": f"model-{system}", "layers": args.model_layers, "seq": args.model_seq,
+               "batch": args.batch}  # fmt: skip
+        rows.append(_measured(rec, torch, measure))
     if all(r["status"] == "ok" for r in rows):
         rows[1]["step_speedup_vs_eager"] = rows[0]["step_ms"] / rows[1]["step_ms"]
         rows[1]["peak_mem_ratio_vs_eager"] = rows[1]["peak_mib"] / rows[0]["peak_mib"]
@@ -259,69 +223,62 @@ def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
+def _case_line(r: dict) -> str:
+    head = f"{r['seq']:>5} {r['system']:>13}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r.get('error', '')}"
+    return (
+        f"{head} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
+        f"{_fmt(r.get('fwd_bwd_speedup_vs_eager'), '>6.2f')}x {r['fwd_bwd_peak_mib']:>9.0f} "
+        f"{_fmt(r.get('peak_mem_ratio_vs_eager'), '>10.3f')} {r['max_abs_err_vs_fp32']:>9.2e}"
+    )
+
+
+def _model_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['system']}: {r['status']} {r.get('error', '')}"
+    line = (
+        f"{r['system']} ({r['layers']} layers, batch {r['batch']}, seq {r['seq']}): "
+        f"{r['step_ms']:.1f} ms/step, peak {r['peak_mib']:.0f} MiB, loss {r['loss']:.5f}"
+    )
+    if "step_speedup_vs_eager" in r:
+        line += (
+            f", {r['step_speedup_vs_eager']:.2f}x eager speed, "
+            f"{r['peak_mem_ratio_vs_eager']:.3f}x eager memory"
+        )
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if no_cuda("attention_bench.py needs a CUDA GPU (torch.cuda.is_available() is False)."):
+        return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("attention_bench.py needs a CUDA GPU (torch.cuda.is_available() is False).")
-        return 2
-    import triton
-
-    fa = _load_kernel_module()
+    fa = load_kernel_module("flash_attention")
     if args.blocks:
         blocks = {k: fa.Blocks(*v) for k, v in json.loads(args.blocks).items()}
         default = fa._default_blocks
-        fa._default_blocks = lambda d, dev, dtype=None: {**default(d, dev, dtype), **blocks}
+        fa._default_blocks = lambda d, q: {**default(d, q), **blocks}
     rows = _attention_cases(args, fa, torch)
     header = (
         f"{'seq':>5} {'system':>13} {'fwd ms':>8} {'fwd+bwd ms':>11} {'×eager':>7} "
         f"{'peak MiB':>9} {'×eager mem':>10} {'max|err|':>9}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['seq']:>5} {r['system']:>13} {r['status']}: {r.get('error', '')}")
-            continue
-        print(
-            f"{r['seq']:>5} {r['system']:>13} {r['fwd_ms']:>8.3f} {r['fwd_bwd_ms']:>11.3f} "
-            f"{_fmt(r.get('fwd_bwd_speedup_vs_eager'), '>6.2f')}x {r['fwd_bwd_peak_mib']:>9.0f} "
-            f"{_fmt(r.get('peak_mem_ratio_vs_eager'), '>10.3f')} {r['max_abs_err_vs_fp32']:>9.2e}"
-        )
+    print_table(header, map(_case_line, rows))
     model_rows = _model_step(args, fa, torch) if args.model_layers > 0 else []
     for r in model_rows:
-        if r["status"] != "ok":
-            print(f"{r['system']}: {r['status']} {r.get('error', '')}")
-            continue
-        print(
-            f"{r['system']} ({r['layers']} layers, batch {r['batch']}, seq {r['seq']}): "
-            f"{r['step_ms']:.1f} ms/step, peak {r['peak_mib']:.0f} MiB, loss {r['loss']:.5f}"
-            + (
-                f", {r['step_speedup_vs_eager']:.2f}x eager speed, "
-                f"{r['peak_mem_ratio_vs_eager']:.3f}x eager memory"
-                if "step_speedup_vs_eager" in r
-                else ""
-            )
-        )
-    record = {
-        "benchmark": "attention",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(),
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": _version("transformers"),
-        "dtype": "bfloat16",
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": rows,
-        "model_step": model_rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+        print(_model_line(r))
+    write_record(
+        args.out,
+        "attention",
+        torch.cuda.get_device_name(),
+        ("transformers",),
+        dtype="bfloat16",
+        config={k: v for k, v in vars(args).items() if k != "out"},
+        results=rows,
+        model_step=model_rows,
+    )
     return 0
 
 

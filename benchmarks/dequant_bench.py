@@ -17,23 +17,21 @@ Needs only torch, triton and bitsandbytes: fastlm's kernel module is imported wi
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
-import json
-import shlex
-import statistics
 import sys
-import types
-from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from _common import add_json_out, load_kernel_module, no_cuda, print_table, write_record  # noqa: E402
+from _timing import cuda_median_ms  # noqa: E402
+
 # Llama-3.1-8B linear weights (out_features, in_features): q/o, k/v, gate/up, down.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--iters", type=int, default=50, help="timed samples per case (median)")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
@@ -44,62 +42,32 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="comma list of the Triton launcher's block_bytes to try (default: its default)",
     )
-    p.add_argument(
-        "--out",
-        default=str(REPO / "benchmarks" / "results" / f"{today}-dequant.json"),
-        help="JSON file to write (default: benchmarks/results/<UTC date>-dequant.json)",
-    )
+    add_json_out(p, "dequant")
     return p.parse_args(argv)
 
 
-def _load_kernel_module():
-    """fastlm.kernels.nf4_dequant, imported with stub parent packages (no fastlm/__init__.py)."""
-    if "fastlm" not in sys.modules:
-        for name, sub in (("fastlm", "fastlm"), ("fastlm.kernels", "fastlm/kernels")):
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(REPO / sub)]
-            sys.modules[name] = pkg
-    return importlib.import_module("fastlm.kernels.nf4_dequant")
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _time_ms(fn, torch, iters: int, warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / repeat)
-    return statistics.median(samples)
+def _line(r: dict) -> str:
+    shape = "x".join(map(str, r["shape"]))
+    return (
+        f"{shape:>12} {r['block_bytes']:>11} {r['fastlm_ms']:>10.4f} {r['bnb_ms']:>8.4f} "
+        f"{r['speedup_vs_bnb']:>7.2f}x {r['fastlm_GBps']:>11.0f} {r['bnb_GBps']:>9.0f} "
+        f"{'yes' if r['bit_exact'] else 'NO':>6}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if no_cuda("dequant_bench.py needs a CUDA GPU (torch.cuda.is_available() is False)."):
+        return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("dequant_bench.py needs a CUDA GPU (torch.cuda.is_available() is False).")
-        return 2
     try:
         import bitsandbytes.functional as F
     except ImportError as e:
         print(f"dequant_bench.py needs bitsandbytes: {e}")
         return 2
-    import triton
 
-    kernel = _load_kernel_module()
+    kernel = load_kernel_module("nf4_dequant")
     variants = [int(b) for b in args.block_bytes.split(",") if b.strip()] or [None]
     dev = torch.device("cuda")
     rows, ok = [], True
@@ -111,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         del w
         ref = F.dequantize_4bit(q, qs, quant_type="nf4")
-        bnb_ms = _time_ms(
+        bnb_ms = cuda_median_ms(
             lambda q=q, qs=qs: F.dequantize_4bit(q, qs, quant_type="nf4"),
             torch, args.iters, args.warmup, args.repeat,
         )  # fmt: skip
@@ -123,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             equal = torch.equal(got, ref)
             mismatches = int((got != ref).sum()) if not equal else 0
             ok &= equal
-            ms = _time_ms(
+            ms = cuda_median_ms(
                 lambda q=q, qs=qs, kw=kw: kernel.dequantize_nf4_triton(q, qs, torch.bfloat16, **kw),
                 torch, args.iters, args.warmup, args.repeat,
             )  # fmt: skip
@@ -148,33 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{'shape':>12} {'block_bytes':>11} {'fastlm ms':>10} {'bnb ms':>8} {'speedup':>8} "
         f"{'fastlm GB/s':>11} {'bnb GB/s':>9} {'exact':>6}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        shape = "x".join(map(str, r["shape"]))
-        print(
-            f"{shape:>12} {r['block_bytes']:>11} {r['fastlm_ms']:>10.4f} {r['bnb_ms']:>8.4f} "
-            f"{r['speedup_vs_bnb']:>7.2f}x {r['fastlm_GBps']:>11.0f} {r['bnb_GBps']:>9.0f} "
-            f"{'yes' if r['bit_exact'] else 'NO':>6}"
-        )
-    record = {
-        "benchmark": "nf4_dequant",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": torch.cuda.get_device_name(dev),
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bitsandbytes": _version("bitsandbytes"),
-        "dtype": "bfloat16",
-        "quant": {"type": "nf4", "blocksize": args.blocksize, "double_quant": True},
-        "timing": {"iters": args.iters, "warmup": args.warmup, "repeat": args.repeat},
-        "results": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print_table(header, map(_line, rows))
+    write_record(
+        args.out,
+        "nf4_dequant",
+        torch.cuda.get_device_name(dev),
+        ("bitsandbytes",),
+        dtype="bfloat16",
+        quant={"type": "nf4", "blocksize": args.blocksize, "double_quant": True},
+        timing={"iters": args.iters, "warmup": args.warmup, "repeat": args.repeat},
+        results=rows,
+    )
     if not ok:
         print("fastlm's output differs from bitsandbytes' for at least one shape (see 'exact').")
         return 1

@@ -27,15 +27,11 @@ against hf, plus fastlm against st), rewritten after every child.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
-import shlex
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,10 +41,13 @@ if str(HERE) not in sys.path:
 if str(REPO) not in sys.path:  # the parent writes the layout with the working tree's fastlm
     sys.path.insert(1, str(REPO))
 
+import _shapes  # noqa: E402
 import train_bench  # noqa: E402
-from _shapes import LORA_TARGETS, Shape  # noqa: E402
-from _systems import LORA_SEED, SkipSystem, versions  # noqa: E402
-from train_bench import CHILD_ENV, _progress, host_info  # noqa: E402
+from _common import command_line, dist_version, results_dir  # noqa: E402
+from _shapes import LORA_TARGETS, QWEN_COMMON, TINY_DIMS, Shape, dims, shape_table  # noqa: E402
+from _systems import LORA_SEED, SkipSystem, lora_config, plain_checkpointing, versions  # noqa: E402
+from _timing import timed_training  # noqa: E402
+from train_bench import CHILD_ENV  # noqa: E402
 
 SYSTEMS = ("hf", "st", "fastlm")
 TEMPERATURE = 0.05  # = 1 / Sentence-Transformers' MNRL scale of 20
@@ -56,80 +55,47 @@ CHECKPOINTING = ("true", "false", "fastlm")
 TITLE = "# fastlm embedding fine-tuning benchmark"
 
 _QWEN3 = {
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
+    **QWEN_COMMON,
     "attention_bias": False,
     "tie_word_embeddings": True,
-    "use_sliding_window": False,
     "head_dim": 128,
-    "bos_token_id": 151643,
     "eos_token_id": 151643,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
 }
+
+
+def _qwen3_embedding(name: str, batch: int = 32, seq: int = 256, tiny: bool = False, **config):
+    """A Qwen3 embedding model: `config` over the family's common entries."""
+    return Shape(name, "qwen3", {**_QWEN3, **config}, batch, seq, tiny=tiny)
+
+
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in [
-        Shape(
-            name="qwen3-embedding-0.6b",
-            model_type="qwen3",
-            batch=32,
-            seq=256,
-            config={
-                **_QWEN3,
-                "vocab_size": 151669,
-                "hidden_size": 1024,
-                "intermediate_size": 3072,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 8,
-            },
+        _qwen3_embedding(
+            "qwen3-embedding-0.6b",
+            **dims(vocab=151669, hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8),
         ),
-        Shape(
-            name="qwen3-embedding-4b",
-            model_type="qwen3",
-            batch=32,
-            seq=256,
-            config={
-                **_QWEN3,
-                "vocab_size": 151665,
-                "hidden_size": 2560,
-                "intermediate_size": 9728,
-                "num_hidden_layers": 36,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "max_position_embeddings": 40960,
-            },
+        _qwen3_embedding(
+            "qwen3-embedding-4b",
+            **dims(vocab=151665, hidden=2560, intermediate=9728, layers=36, heads=32, kv_heads=8),
+            max_position_embeddings=40960,
         ),
-        Shape(
-            name="tiny-qwen3-embedding",
-            model_type="qwen3",
+        _qwen3_embedding(
+            "tiny-qwen3-embedding",
             batch=4,
             seq=16,
             tiny=True,
-            config={
-                **_QWEN3,
-                "vocab_size": 128,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 16,
-                "max_position_embeddings": 256,
-                "bos_token_id": 1,
-                "eos_token_id": 2,
-            },
+            **TINY_DIMS,
+            head_dim=16,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
     ]
 }
 
 
 def get_shape(name: str) -> Shape:
-    try:
-        return SHAPES[name]
-    except KeyError:
-        raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}") from None
+    return _shapes.get_shape(name, SHAPES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,23 +141,6 @@ def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
 # Systems: each returns (module whose trainable parameters are the LoRA weights, loss(q, p)).
 # q and p are {"input_ids", "attention_mask"} dicts of (batch, seq) tensors.
 # --------------------------------------------------------------------------------------------
-def _lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=list(LORA_TARGETS),
-    )
-
-
-def _plain_checkpointing(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-
-
 def build_hf(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
     """transformers AutoModel + PEFT; pooling, normalisation and InfoNCE in plain PyTorch."""
     import torch
@@ -204,9 +153,9 @@ def build_hf(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
         kwargs["device_map"] = {"": 0}
     body = AutoModel.from_pretrained(path, **kwargs)
     torch.manual_seed(LORA_SEED)
-    body = get_peft_model(body, _lora_config())
+    body = get_peft_model(body, lora_config())
     if checkpointing != "false":
-        _plain_checkpointing(body)
+        plain_checkpointing(body)
 
     def embed(features: dict) -> torch.Tensor:
         hidden = body(**features).last_hidden_state  # (B, S, H)
@@ -240,14 +189,14 @@ def build_st(path: str, seq: int, cuda: bool, dtype, checkpointing: str):
         model_kwargs={"dtype": dtype, "attn_implementation": "sdpa"},
     )
     torch.manual_seed(LORA_SEED)
-    model.add_adapter(_lora_config())
+    model.add_adapter(lora_config())
     # add_adapter leaves the LoRA weights in the base weights' dtype (bf16); get_peft_model, as
     # in hf and fastlm, keeps them in fp32. Same LoRA everywhere: fp32.
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
     if checkpointing != "false":
-        _plain_checkpointing(model[0].auto_model)
+        plain_checkpointing(model[0].auto_model)
     mnrl = MultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE)
 
     def loss(query: dict, positive: dict) -> torch.Tensor:
@@ -296,62 +245,24 @@ def embed_loop(model, loss_fn, *, vocab: int, batch: int, seq: int, warmup: int,
     """
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, vocab, (2, batch, seq), generator=gen).to(device)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
-    model.train()
 
-    def autocast():
-        # CPU (smoke tests only) runs fp32 without autocast.
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def step():
+    def loss():
         # Fresh dicts: Sentence-Transformers writes its outputs into the feature dicts.
         query = {"input_ids": ids[0], "attention_mask": mask}
         positive = {"input_ids": ids[1], "attention_mask": mask}
-        with autocast():
-            loss = loss_fn(query, positive)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss_fn(query, positive)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    losses = []
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        losses.append(step())
-    sync()
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        losses.append(step())
-    sync()
-    elapsed = time.perf_counter() - t0
-    values = [float(x.item()) for x in losses]
+    loop = timed_training(model, loss, warmup=warmup, steps=steps, record_dtypes=True)
+    elapsed = loop["timed_s"]
     return {
         "tokens_per_s": 2 * batch * seq * steps / elapsed,
         "pairs_per_s": batch * steps / elapsed,
         "ms_per_step": 1000.0 * elapsed / steps,
-        "timed_s": elapsed,
-        "warmup_s": warmup_s,
-        "step0_loss": values[0],
-        "last_loss": values[-1],
-        "losses": values,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "trainable_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in trainable}),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+        **loop,
     }
 
 
@@ -361,10 +272,7 @@ def embed_loop(model, loss_fn, *, vocab: int, batch: int, seq: int, warmup: int,
 def _versions(system: str) -> dict:
     out = versions("fastlm" if system == "fastlm" else "hf", "lora")
     if system == "st":
-        try:
-            out["sentence-transformers"] = importlib.metadata.version("sentence-transformers")
-        except importlib.metadata.PackageNotFoundError:
-            out["sentence-transformers"] = None
+        out["sentence-transformers"] = dist_version("sentence-transformers")
     return out
 
 
@@ -385,51 +293,15 @@ def child_main(spec: dict) -> dict:
         "checkpoint": spec["path"],
         "status": "error",
     }
-    try:
-        import torch
 
-        cuda = torch.cuda.is_available()
-        rec["device"] = torch.cuda.get_device_name() if cuda else "cpu"
-        rec["cuda"] = torch.version.cuda if cuda else None
-        rec["dtype"] = "bfloat16" if cuda else "float32"
-        dtype = torch.bfloat16 if cuda else torch.float32
+    def load(cuda: bool, dtype):
         model, loss_fn = BUILDERS[system](
             spec["path"], spec["seq"], cuda, dtype, spec["checkpointing"]
         )
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        rec["load_s"] = time.perf_counter() - t_start
-        rec["model_class"] = type(model).__name__
-        rec.update(
-            embed_loop(
-                model,
-                loss_fn,
-                vocab=shape.vocab_size,
-                batch=spec["batch"],
-                seq=spec["seq"],
-                warmup=spec["warmup"],
-                steps=spec["steps"],
-            )
-        )
-        rec["status"] = "ok"
-    except SkipSystem as exc:
-        rec["status"] = "skipped"
-        rec["reason"] = str(exc)
-    except BaseException as exc:  # OOM included: the run goes on with the next child
-        rec["error"] = f"{type(exc).__name__}: {exc}"[:4000]
-        rec["traceback"] = traceback.format_exc()[-6000:]
-        with contextlib.suppress(Exception):
-            import torch
+        loop = {k: spec[k] for k in ("batch", "seq", "warmup", "steps")}
+        return model, lambda: embed_loop(model, loss_fn, vocab=shape.vocab_size, **loop)
 
-            if torch.cuda.is_available():
-                rec["peak_gib_at_error"] = torch.cuda.max_memory_allocated() / 2**30
-    try:
-        rec["versions"] = _versions(system)
-    except Exception as exc:
-        rec["versions"] = {"error": repr(exc)}
-    rec["child_s"] = time.perf_counter() - t_start
-    return rec
+    return train_bench.measure_child(rec, t_start, load, lambda: _versions(system))
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,11 +370,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: hf,st,fastlm")
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-embedding)")
-    p.add_argument("--cache", default="/tmp/fastlm-bench", help="checkpoint cache folder")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--seq", type=int, help="override every shape's sequence length (256)")
-    p.add_argument("--batch", type=int, help="override every shape's pairs per step (32)")
+    train_bench.add_loop_args(
+        p,
+        seq_help="override every shape's sequence length (256)",
+        batch_help="override every shape's pairs per step (32)",
+    )
     p.add_argument(
         "--checkpointing",
         choices=CHECKPOINTING,
@@ -510,40 +382,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="true: every system recomputes activations (non-reentrant); false: none does; "
         "fastlm: fastlm offloads layer inputs to CPU, the others recompute",
     )
-    p.add_argument("--child-timeout", type=float, default=600.0, help="seconds per child")
-    p.add_argument(
-        "--append",
-        action="store_true",
-        help="keep the records already in --out/results.json (those re-run are replaced)",
-    )
-    p.add_argument("--list-shapes", action="store_true", help="print the shapes and exit")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--record", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child is None:
-        for name in args.shapes.split(","):
-            get_shape(name)
-        unknown = set(args.systems.split(",")) - set(SYSTEMS)
-        if unknown:
-            p.error(f"unknown systems {sorted(unknown)}; known: {', '.join(SYSTEMS)}")
-        if args.steps < 1 or args.warmup < 0:
-            p.error("--steps must be >= 1 and --warmup >= 0")
-    return args
+    train_bench.add_parent_args(p, child_timeout=600.0, list_help="print the shapes and exit")
+    return train_bench.check_args(p, p.parse_args(argv), get_shape, SYSTEMS)
 
 
 def _list_shapes() -> str:
-    rows = [
-        "| shape | hidden | layers | heads / kv | head_dim | intermediate | vocab | batch | seq |"
-    ]
-    rows.append("|" + " --- |" * 9)
-    for s in SHAPES.values():
-        c = s.config
-        rows.append(
-            f"| {s.name} | {c['hidden_size']} | {c['num_hidden_layers']} | "
-            f"{c['num_attention_heads']} / {c['num_key_value_heads']} | {c['head_dim']} | "
-            f"{c['intermediate_size']} | {c['vocab_size']} | {s.batch} | {s.seq} |"
-        )
-    return "\n".join(rows)
+    columns = ["shape", "hidden", "layers", "heads / kv", "head_dim", "intermediate", "vocab"]
+    return shape_table(SHAPES, [*columns, "batch", "seq"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,43 +396,23 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     if args.child is not None:
-        rec = child_main(json.loads(args.child))
-        text = json.dumps(rec)
-        if args.record:
-            Path(args.record).write_text(text)
-        print("BENCH_RECORD " + text, flush=True)
-        return 0
+        return train_bench.emit_record(child_main(json.loads(args.child)), args.record)
     if args.list_shapes:
         print(_list_shapes())
         return 0
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"{now:%Y%m%d-%H%M%S}-embedding")
+    out = results_dir(args.out, now, "embedding")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/embedding_bench.py", *argv_used])
-    payload = {"date": now.isoformat(timespec="seconds"), "host": host_info(), "runs": []}
-    records: list[dict] = []
-    if args.append and (out / "results.json").is_file():
-        old = json.loads((out / "results.json").read_text())
-        payload["runs"] = old.get("runs", [])
-        records = old.get("records", [])
-        payload["checkpoints"] = old.get("checkpoints", {})
-    payload["runs"].append({"command": command, "date": payload["date"], "host": payload["host"]})
-    payload.setdefault("checkpoints", {})
-    payload["records"] = records
+    command = command_line("embedding_bench.py", argv)
+    payload = train_bench.start_payload(out, command, now, args.append)
+    records = payload["records"]
 
     import torch  # only now: --child / --list-shapes do not need it in the parent
 
     cuda = torch.cuda.is_available()
-    from _report import markdown_table
-
     for shape in [get_shape(n) for n in args.shapes.split(",")]:
-        print(f"checkpoint {shape.name} ...", flush=True)
-        meta = ensure_checkpoint(shape, args.cache, "cuda" if cuda else "cpu")
-        payload["checkpoints"][shape.name] = meta
-        how = "reused" if meta["reused"] else f"built in {meta['build_s']:.0f} s"
-        print(f"checkpoint {shape.name}: {meta['path']} ({how})", flush=True)
+        meta = train_bench.checkpoint_for(shape, payload, args.cache, cuda, ensure_checkpoint)
         for system in args.systems.split(","):
             spec = {
                 "shape": shape.name,
@@ -601,24 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             }
             log = out / "logs" / f"embedding-{shape.name}-{system}.log"
             rec = run_child(spec, log, args.child_timeout, cuda)
-            rec["log"] = os.path.relpath(log, out)
-            key = (rec["shape"], rec["system"])
-            records[:] = [r for r in records if (r["shape"], r["system"]) != key]
-            records.append(rec)
-            print(_progress(rec), flush=True)
+            train_bench.add_record(records, rec, log, out, ("shape", "system"))
             write_report(out, payload)
 
-    failed = [r for r in records if r.get("status") != "ok"]
-    if failed:
-        print("\nNot measured:")
-        for r in failed:
-            msg = " ".join(str(r.get("reason") or r.get("error") or "").split())[:300]
-            print(f"- {r['shape']} / {r['system']} ({r['status']}): {msg}")
+    train_bench.print_failures(records)
     lines = _st_lines(versus_st(records))
     if lines:
         print("\nfastlm vs sentence-transformers:\n" + "\n".join(lines))
-    print(f"\nwrote {out}/results.json, results.md, results.png\n")
-    print(markdown_table(records), flush=True)
+    train_bench.print_table(out, records)
     return 0
 
 

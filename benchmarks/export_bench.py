@@ -26,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _checkpoint import ensure_checkpoint  # noqa: E402
+from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
+from _common import no_cuda  # noqa: E402
 from _shapes import LORA_TARGETS, get_shape  # noqa: E402
 from _systems import versions  # noqa: E402
 
@@ -61,14 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--methods", default="merged_16bit,q4_k_m", help="merged_16bit and GGUF types")
     p.add_argument("--out", required=True)
-    p.add_argument("--cache", default="/tmp/fastlm-bench")
+    p.add_argument("--cache", default=CACHE)
     p.add_argument("--scratch", default=None, help="where the exports are written (then deleted)")
     args = p.parse_args(argv)
+    if no_cuda("export_bench.py needs a CUDA GPU", file=sys.stderr):
+        return 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("export_bench.py needs a CUDA GPU", file=sys.stderr)
-        return 2
     from fastlm import FastModel
 
     shape = get_shape(args.shape)

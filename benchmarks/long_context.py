@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _checkpoint import ensure_checkpoint  # noqa: E402
+from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
+from _common import no_cuda  # noqa: E402
 from _shapes import get_shape  # noqa: E402
 from train_bench import host_info, run_child  # noqa: E402
 
@@ -126,13 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", nargs="+", required=True, help="SYSTEM:LEN[!],LEN... per system")
     p.add_argument("--bisect", type=int, default=0, help="midpoints to try after a failure")
     p.add_argument("--out", required=True)
-    p.add_argument("--cache", default="/tmp/fastlm-bench")
+    p.add_argument("--cache", default=CACHE)
     p.add_argument("--child-timeout", type=float, default=480.0)
     args = p.parse_args(argv)
-    import torch
-
-    if not torch.cuda.is_available():
-        print("long_context.py needs a CUDA GPU", file=sys.stderr)
+    if no_cuda("long_context.py needs a CUDA GPU", file=sys.stderr):
         return 2
     shape = get_shape(args.shape)
     path = str(ensure_checkpoint(shape, args.cache)["path"])

@@ -35,7 +35,6 @@ import datetime
 import gc
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -47,12 +46,12 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from _checkpoint import CACHE  # noqa: E402
+from _common import OFFLINE_ENV, child_env, command_line, results_dir  # noqa: E402
 from _shapes import SHAPES, get_shape  # noqa: E402  (stdlib only)
 
 CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **OFFLINE_ENV,
     # NVLink multicast stays off on shared hosts (it can take the GPUs out of service).
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -290,8 +289,7 @@ def run_child(spec: dict, gpus: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={gpus}", str(Path(__file__).resolve())]
     cmd += ["--child", json.dumps(spec), "--record", str(record)]
-    env = {**os.environ, **CHILD_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env = child_env(CHILD_ENV)
     t0 = time.perf_counter()
     with open(log, "w") as stream:
         try:
@@ -384,7 +382,7 @@ def parse_args(argv):
         default=1e-3,
         help="pass if every LoRA gradient's relative error vs 1 GPU is below this",
     )
-    p.add_argument("--cache", default="/tmp/fastlm-bench", help="checkpoint cache folder")
+    p.add_argument("--cache", default=CACHE, help="checkpoint cache folder")
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-multi-gpu)")
     p.add_argument("--child-timeout", type=float, default=1500.0, help="seconds per torchrun")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun commands only")
@@ -412,9 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[key] = value
     shape = get_shape(args.shape)
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"{now:%Y%m%d-%H%M%S}-multi-gpu")
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/multi_gpu_bench.py", *argv_used])
+    out = results_dir(args.out, now, "multi-gpu")
+    command = command_line("multi_gpu_bench.py", argv)
     base = {
         "shape": shape.name,
         "mode": args.mode,

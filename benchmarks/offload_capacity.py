@@ -34,14 +34,11 @@ anywhere; ``--tiny-cpu`` runs the same code on tiny shapes on the CPU, as a smok
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
-import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -52,47 +49,28 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _shapes import SHAPES  # noqa: E402  (stdlib only)
+from _common import OFFLINE_ENV, child_env, dist_version, log_tail, run_recorded  # noqa: E402
+from _shapes import QWEN_COMMON, SHAPES, dims  # noqa: E402  (stdlib only)
+from _timing import autocast  # noqa: E402
 
 GIB = 1024**3
 CHILD_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **OFFLINE_ENV,
     # Fewer, growable segments: less fragmentation under a hard cap.
     "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
 }
 
 QWEN25_32B = {
-    "vocab_size": 152064,
-    "hidden_size": 5120,
-    "intermediate_size": 27648,
-    "num_hidden_layers": 64,
-    "num_attention_heads": 40,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
+    **QWEN_COMMON,
+    **dims(vocab=152064, hidden=5120, intermediate=27648, layers=64, heads=40, kv_heads=8),
     "tie_word_embeddings": False,
-    "use_sliding_window": False,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
 }
 PARTS = {
     "exactness": ("llama-3.1-8b", "llama", SHAPES["llama-3.1-8b"].config),
     "capacity": ("qwen2.5-32b", "qwen2", QWEN25_32B),
 }
 # --tiny: the same code on small shapes (CPU smoke test of this script, or a quick GPU check).
-_TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 5,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "vocab_size": 256,
-}
+_TINY = dims(vocab=256, hidden=64, intermediate=160, layers=5, heads=4, kv_heads=2, head_dim=16)
 
 
 class _Device:
@@ -120,9 +98,7 @@ class _Device:
         return (memory.max_memory_reserved() if reserved else memory.max_memory_allocated()) / GIB
 
     def autocast(self):
-        if self.cuda:
-            return self.torch.autocast("cuda", dtype=self.torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.torch, self.cuda)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,16 +357,6 @@ def child_main(args) -> int:
 # --------------------------------------------------------------------------------------------
 # Parent.
 # --------------------------------------------------------------------------------------------
-def _child_env() -> dict:
-    env = dict(os.environ)
-    for key, value in CHILD_ENV.items():
-        env.setdefault(key, value)
-    if "TRITON_INTERPRET" not in env and not _has_cuda():
-        env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 def _has_cuda() -> bool:
     import torch
 
@@ -400,42 +366,21 @@ def _has_cuda() -> bool:
 def run_child(part: str, name: str, argv: list[str], logs: Path, timeout: float) -> dict:
     log_path = logs / f"{name}.log"
     record_path = logs / f"{name}.record.json"
-    record_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", part]
     cmd += ["--record", str(record_path)]
     start = time.perf_counter()
-    status = None
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=str(REPO),
-            start_new_session=True,
-        )  # fmt: skip
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        record_path.unlink()
-    else:
-        why = f"timed out after {timeout:.0f} s" if status is None else f"exit code {status}"
-        tail = log_path.read_text(errors="replace")[-3000:]
+    env = child_env(CHILD_ENV, override=False, triton_interpret=not _has_cuda())
+    record, why = run_recorded(cmd, log_path, record_path, env, timeout)
+    if record is None:
+        tail = log_tail(log_path)
         record = {"part": part, "status": "error", "error": f"child died ({why})", "log": tail}
     record["wall_s"] = time.perf_counter() - start
     return record
 
 
 def _versions() -> dict:
-    import importlib.metadata
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "triton", "accelerate"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+    names = ("torch", "transformers", "peft", "bitsandbytes", "triton", "accelerate")
+    out = {name: dist_version(name) for name in names}
     try:
         from _systems import git_revision
 

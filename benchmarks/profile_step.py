@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _checkpoint import ensure_checkpoint  # noqa: E402
+from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
 from _shapes import get_shape  # noqa: E402
 from _systems import LOADERS, Ctx, preimport  # noqa: E402
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--system", default="fastlm")
     parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
     parser.add_argument("--rows", type=int, default=30)
-    parser.add_argument("--cache", default="/tmp/fastlm-bench")
+    parser.add_argument("--cache", default=CACHE)
     args = parser.parse_args()
     preimport(args.system)
     import torch

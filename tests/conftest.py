@@ -23,6 +23,17 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one torch thread is faster, and leaves the other core to other jobs (worker
+    processes, a parallel test run). A module uses it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 import sys  # noqa: E402
 
 # Shared helpers (tiny configs, tokenizer) live beside this file.

@@ -4,40 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trl import _data
-from tiny_models import save_tiny_model
+from test_trl import ON_GPU, _data, _tiny_peft_model, _training_args
 
 import fastlm
-from fastlm import FastModel
 
 pytest.importorskip("bitsandbytes")
-ON_GPU = torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("optim", ["adamw_8bit", "paged_adamw_8bit"])
 def test_sft_trainer_qlora_with_8bit_optimiser_and_memory_callback(tmp_path, optim):
     from trl import SFTConfig, SFTTrainer
 
-    path = save_tiny_model("llama", tmp_path / "llama")
-    model, tokenizer = FastModel.from_pretrained(
-        str(path), max_seq_length=64, load_in_4bit=True, device_map="cuda" if ON_GPU else "cpu"
-    )
     # r=64: bitsandbytes keeps 32-bit moments for tensors under 4096 elements; these reach it.
-    model = FastModel.get_peft_model(
-        model, r=64, lora_alpha=64, use_gradient_checkpointing="fastlm"
+    model, tokenizer = _tiny_peft_model(
+        tmp_path,
+        "llama",
+        r=64,
+        lora_alpha=64,
+        load_in_4bit=True,
+        use_gradient_checkpointing="fastlm",
     )
     args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        max_steps=12,
-        learning_rate=1e-2,
-        logging_steps=4,
-        max_length=64,
-        optim=optim,
-        bf16=ON_GPU,
-        use_cpu=not ON_GPU,
-        report_to=[],
-        save_strategy="no",
+        **_training_args(tmp_path, max_steps=12, logging_steps=4, max_length=64, optim=optim)
     )
     trainer = SFTTrainer(
         model=model,

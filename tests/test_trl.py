@@ -26,26 +26,37 @@ def _data(n=64):
     return Dataset.from_list(rows)
 
 
-def test_sft_trainer_runs_and_loss_falls(tmp_path):
-    from trl import SFTConfig, SFTTrainer
-
-    path = save_tiny_model("llama", tmp_path / "llama")
+def _tiny_peft_model(tmp_path, model_type, r=8, lora_alpha=16, load_in_4bit=False, **peft):
+    """A tiny saved ``model_type`` loaded by FastModel (max_seq_length 64) with LoRA."""
+    path = save_tiny_model(model_type, tmp_path / model_type)
     model, tokenizer = FastModel.from_pretrained(
-        str(path), max_seq_length=64, device_map=DEVICE_MAP
+        str(path), max_seq_length=64, load_in_4bit=load_in_4bit, device_map=DEVICE_MAP
     )
-    model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
-    args = SFTConfig(
+    return FastModel.get_peft_model(model, r=r, lora_alpha=lora_alpha, **peft), tokenizer
+
+
+def _training_args(tmp_path, **overrides) -> dict:
+    """The trainer arguments the tests share (batch 8, lr 1e-2, a loss logged per step, bf16
+    on the GPU, no saving); ``overrides`` add or replace."""
+    args = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        max_steps=12,
         learning_rate=1e-2,
         logging_steps=1,
-        max_length=64,
         bf16=ON_GPU,
         use_cpu=not ON_GPU,
         report_to=[],
         save_strategy="no",
+    )
+    return {**args, **overrides}
+
+
+def test_sft_trainer_runs_and_loss_falls(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = _tiny_peft_model(tmp_path, "llama")
+    args = SFTConfig(
+        **_training_args(tmp_path, gradient_accumulation_steps=2, max_steps=12, max_length=64)
     )
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=_data(), args=args)
     trainer.train()
@@ -57,24 +68,11 @@ def test_sft_trainer_runs_and_loss_falls(tmp_path):
 def test_hf_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path):
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    path = save_tiny_model("gemma3_text", tmp_path / "gemma3")
-    model, tokenizer = FastModel.from_pretrained(
-        str(path), max_seq_length=64, device_map=DEVICE_MAP
-    )
-    model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
+    model, tokenizer = _tiny_peft_model(tmp_path, "gemma3_text")
     texts = [f"{i} plus {i} is {2 * i}." for i in range(48)]
     dataset = [tokenizer(t) for t in texts]
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        max_steps=10,
-        learning_rate=1e-2,
-        logging_steps=1,
-        bf16=ON_GPU,
-        use_cpu=not ON_GPU,
-        report_to=[],
-        save_strategy="no",
+        **_training_args(tmp_path, gradient_accumulation_steps=2, max_steps=10)
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)

@@ -1,7 +1,8 @@
-"""Tiny, odd-sized models and a character tokenizer, built locally (no hub)."""
+"""Tiny, odd-sized models and tokenizers, built locally (no hub), and helpers to compare them."""
 
 from __future__ import annotations
 
+import copy
 import string
 
 import torch
@@ -27,93 +28,71 @@ _LLAMA_LIKE = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
+# The Gemma families: MQA 3/1, head_dim 24 (heads·head_dim = hidden), intermediate 90.
+_GEMMA_LIKE = dict(
+    _LLAMA_LIKE, intermediate_size=90, num_attention_heads=3, num_key_value_heads=1, head_dim=24
+)
+# Gemma 2 and 3: three layers (sliding and full), a window shorter than the test sequences so
+# that it matters.
+_GEMMA2_LIKE = dict(_GEMMA_LIKE, num_hidden_layers=3, query_pre_attn_scalar=24, sliding_window=4)
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+# model_type: (config class, its arguments)
+_CONFIGS = {
+    "llama": (
+        LlamaConfig,
+        dict(
+            _LLAMA_LIKE,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters=_LLAMA3_ROPE,
+        ),
+    ),
+    "gemma3_text": (
+        Gemma3TextConfig,
+        dict(
+            _GEMMA2_LIKE,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            final_logit_softcapping=None,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral": (MistralConfig, dict(_LLAMA_LIKE, sliding_window=4, tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, dict(_LLAMA_LIKE, tie_word_embeddings=True)),
+    # explicit head_dim: heads·head_dim (96) ≠ hidden (72)
+    "qwen3": (
+        Qwen3Config,
+        dict(_LLAMA_LIKE, num_attention_heads=4, head_dim=24, tie_word_embeddings=False),
+    ),
+    "gemma": (GemmaConfig, dict(_GEMMA_LIKE, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            _GEMMA2_LIKE,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=2.0,  # small, so that capping changes the scores
+            final_logit_softcapping=3.0,
+        ),
+    ),
+}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 def tiny_config(model_type: str, **overrides):
     """A 2–3 layer config with odd sizes (GQA, non-power-of-two dims)."""
-    if model_type == "llama":
-        config = LlamaConfig(
-            **_LLAMA_LIKE,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            },
-        )
-    elif model_type == "gemma3_text":
-        config = Gemma3TextConfig(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=90,
-            num_hidden_layers=3,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            head_dim=24,
-            query_pre_attn_scalar=24,
-            max_position_embeddings=256,
-            sliding_window=4,  # shorter than the test sequences, so the window matters
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-            final_logit_softcapping=None,
-            tie_word_embeddings=True,
-        )
-    elif model_type == "mistral":
-        config = MistralConfig(
-            **_LLAMA_LIKE,
-            sliding_window=4,  # shorter than the test sequences, so the window matters
-            tie_word_embeddings=False,
-        )
-    elif model_type == "qwen2":
-        config = Qwen2Config(
-            **_LLAMA_LIKE,
-            tie_word_embeddings=True,
-        )
-    elif model_type == "qwen3":
-        config = Qwen3Config(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=24,  # explicit: heads·head_dim (96) ≠ hidden (72)
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-        )
-    elif model_type == "gemma":
-        config = GemmaConfig(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=90,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            head_dim=24,
-            hidden_act="gelu_pytorch_tanh",
-            max_position_embeddings=256,
-        )
-    elif model_type == "gemma2":
-        config = Gemma2Config(
-            vocab_size=VOCAB,
-            hidden_size=72,
-            intermediate_size=90,
-            num_hidden_layers=3,
-            num_attention_heads=3,
-            num_key_value_heads=1,
-            head_dim=24,
-            query_pre_attn_scalar=24,
-            max_position_embeddings=256,
-            sliding_window=4,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            attn_logit_softcapping=2.0,  # small, so that capping changes the scores
-            final_logit_softcapping=3.0,
-        )
-    else:
+    if model_type not in _CONFIGS:
         raise ValueError(model_type)
+    config_class, kwargs = _CONFIGS[model_type]
+    config = config_class(**copy.deepcopy(kwargs))  # configs may edit the dicts they are given
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -131,6 +110,20 @@ def tiny_batch(vocab: int = VOCAB, batch: int = 3, seq: int = 11, seed: int = 0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _fast_tokenizer(backend, chat_template: str, **kwargs) -> PreTrainedTokenizerFast:
+    """``backend`` as a transformers tokenizer with the <pad>/<bos>/<eos>/<unk> specials."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        **kwargs,
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer (fits VOCAB) with pad/bos/eos and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -142,18 +135,45 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     assert len(vocab) <= VOCAB
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
+    return _fast_tokenizer(backend, CHAT_TEMPLATE)
+
+
+def bpe_tokenizer(
+    merges: list[tuple[str, str]],
+    specials: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>"),
+    unk_token: str | None = "<unk>",
+    chat_template: str = CHAT_TEMPLATE,
+    **kwargs,
+) -> PreTrainedTokenizerFast:
+    """A tiny SentencePiece-style BPE (llama.cpp can load it): ``specials``, 256 byte tokens
+    <0xNN> (byte fallback), ▁ + lowercase letters, then ``merges``; ``kwargs`` go to
+    PreTrainedTokenizerFast (e.g. add_bos_token)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(specials)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for char in "▁abcdefghijklmnopqrstuvwxyz":
+        vocab[char] = len(vocab)
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk_token, byte_fallback=True)
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     )
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
-    )
-    return tokenizer
+    return _fast_tokenizer(backend, chat_template, **kwargs)
+
+
+def random_norms(model: torch.nn.Module) -> None:
+    """Random (not unit) norm weights, so that the (1 + w) vs w offset matters in comparisons.
+    BERT's LayerNorms keep theirs."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and "LayerNorm" not in name:
+                param.normal_(0.0, 0.3)
 
 
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
@@ -162,11 +182,35 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
-    # Random (not unit) norm weights so the (1+w) vs w offset matters in the comparison.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0, 0.3)
+    random_norms(model)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖a − e‖ / ‖e‖."""
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def copy_lora(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy every LoRA parameter of ``source`` into the same-named one of ``target``."""
+    values = {n: p for n, p in source.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, param in target.named_parameters():
+            if "lora_" in name:
+                param.copy_(values[name])
+
+
+def llama_cpp_server(path, n_ctx: int = 256):
+    """An in-process llama.cpp server (xllamacpp; the test is skipped without it) on the GGUF
+    file ``path``: one slot, two threads."""
+    import pytest
+
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = n_ctx
+    params.n_parallel = 1
+    params.cpuparams.n_threads = 2
+    return xllamacpp.Server(params)

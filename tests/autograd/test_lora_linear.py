@@ -2,63 +2,34 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from lora_reference import SCALING, assert_grads_close, grad_leaves, linear, lora_proj, rel, to64
 
 from fastlm.autograd import LoRAWeights, lora_linear
 
-IN_F, OUT_F, RANK, SCALING = 24, 40, 4, 2.0
+IN_F, OUT_F = 24, 40
 X_SHAPE = (2, 7, IN_F)
 
 
 def _make(device, seed=0, adapter=True, bias=False, train_base=False):
     gen = torch.Generator().manual_seed(seed)
-
-    def p(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.3).to(device).requires_grad_()
-
-    w = p(OUT_F, IN_F).detach().requires_grad_(train_base)
-    b = p(OUT_F).detach().requires_grad_(train_base) if bias else None
-    proj = LoRAWeights(w, b, p(RANK, IN_F), p(OUT_F, RANK), SCALING)
+    # A and B are drawn even without an adapter, so that x and d_out stay the same draws
+    proj = lora_proj(OUT_F, IN_F, gen, device, bias=bias, train_base=train_base)
     if not adapter:
-        proj = LoRAWeights(w, b, None, None, SCALING)
+        proj = LoRAWeights(proj.weight, proj.bias, None, None, SCALING)
     x = torch.randn(*X_SHAPE, generator=gen).to(device).requires_grad_()
     d_out = torch.randn(*X_SHAPE[:-1], OUT_F, generator=gen).to(device)
     return x, proj, d_out
 
 
-def _linear(x, w: LoRAWeights):
-    y = F.linear(x, w.weight, w.bias)
-    if w.lora_A is not None:
-        y = y + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
-    return y
-
-
-def _leaves(x, p):
-    return [t for t in (x, *p[:4]) if t is not None and t.requires_grad]
-
-
-def _to64(x, p):
-    def c(t):
-        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-    return c(x), LoRAWeights(*(c(t) for t in p[:4]), p.scaling)
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _check(x, proj, d_out, tol=1e-5):
     out = lora_linear(x, proj)
-    x64, proj64 = _to64(x, proj)
-    out64 = _linear(x64, proj64)
-    assert out.shape == out64.shape and _rel(out, out64) <= tol
-    leaves = _leaves(x, proj)
+    x64, (proj64,) = to64(x, [proj])
+    out64 = linear(x64, proj64)
+    assert out.shape == out64.shape and rel(out, out64) <= tol
+    leaves = grad_leaves(x, [proj])
     grads = torch.autograd.grad(out, leaves, d_out.to(out.dtype))
-    grads64 = torch.autograd.grad(out64, _leaves(x64, proj64), d_out.double())
-    for g, g64, leaf in zip(grads, grads64, leaves):
-        assert g.shape == leaf.shape and g.dtype == leaf.dtype
-        assert _rel(g, g64) <= tol, (tuple(leaf.shape), _rel(g, g64))
+    grads64 = torch.autograd.grad(out64, grad_leaves(x64, [proj64]), d_out.double())
+    assert_grads_close(grads, grads64, leaves, tol)
     return out
 
 

@@ -3,77 +3,41 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_reference import assert_grads_close, grad_leaves, linear, lora_proj, rel, to64
 
 from fastlm.autograd import LoRAWeights, lora_mlp
 
-HIDDEN, INTER, RANK, SCALING = 24, 40, 4, 2.0
+HIDDEN, INTER = 24, 40
 X_SHAPE = (2, 7, HIDDEN)
 N = X_SHAPE[0] * X_SHAPE[1]
 
 
-def _proj(out_f, in_f, gen, device, adapter=True, train_base=False, bias=False):
-    def p(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.3).to(device).requires_grad_()
-
-    w = p(out_f, in_f).detach().requires_grad_(train_base)
-    b = p(out_f).detach().requires_grad_(train_base) if bias else None
-    if not adapter:
-        return LoRAWeights(w, b, None, None, SCALING)
-    return LoRAWeights(w, b, p(RANK, in_f), p(out_f, RANK), SCALING)
-
-
-def _make(device, seed=0, **kw):
+def _make(device, seed=0, adapters=(True, True, True), **kw):
     gen = torch.Generator().manual_seed(seed)
-    adapters = kw.pop("adapters", (True, True, True))
-    gate = _proj(INTER, HIDDEN, gen, device, adapter=adapters[0], **kw)
-    up = _proj(INTER, HIDDEN, gen, device, adapter=adapters[1], **kw)
-    down = _proj(HIDDEN, INTER, gen, device, adapter=adapters[2], **kw)
+    gate = lora_proj(INTER, HIDDEN, gen, device, adapter=adapters[0], **kw)
+    up = lora_proj(INTER, HIDDEN, gen, device, adapter=adapters[1], **kw)
+    down = lora_proj(HIDDEN, INTER, gen, device, adapter=adapters[2], **kw)
     x = torch.randn(*X_SHAPE, generator=gen).to(device)
     d_out = torch.randn(*X_SHAPE, generator=gen).to(device)
     return x, (gate, up, down), d_out
 
 
-def _linear(x, w: LoRAWeights):
-    y = F.linear(x, w.weight, w.bias)
-    if w.lora_A is not None:
-        y = y + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
-    return y
-
-
 def _unfused(x, gate, up, down, activation):
     act = F.silu if activation == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
-    return _linear(act(_linear(x, gate)) * _linear(x, up), down)
-
-
-def _leaves(x, projs):
-    out = [x] + [t for p in projs for t in (p.weight, p.bias, p.lora_A, p.lora_B)]
-    return [t for t in out if t is not None and t.requires_grad]
-
-
-def _to64(x, projs):
-    def c(t):
-        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-    return c(x), [LoRAWeights(*(c(t) for t in p[:4]), p.scaling) for p in projs]
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return linear(act(linear(x, gate)) * linear(x, up), down)
 
 
 def _check_against_unfused(x, projs, d_out, activation):
     out = lora_mlp(x, *projs, activation=activation)
-    x64, projs64 = _to64(x, projs)
+    x64, projs64 = to64(x, projs)
     out64 = _unfused(x64, *projs64, activation)
     assert out.shape == out64.shape and out.dtype == x.dtype
-    assert _rel(out, out64) <= 1e-5
-    leaves, leaves64 = _leaves(x, projs), _leaves(x64, projs64)
+    assert rel(out, out64) <= 1e-5
+    leaves, leaves64 = grad_leaves(x, projs), grad_leaves(x64, projs64)
     assert len(leaves) == len(leaves64) > 0
     grads = torch.autograd.grad(out, leaves, d_out)
     grads64 = torch.autograd.grad(out64, leaves64, d_out.double())
-    for g, g64, leaf in zip(grads, grads64, leaves):
-        assert g.shape == leaf.shape and g.dtype == leaf.dtype
-        assert _rel(g, g64) <= 1e-5, (tuple(leaf.shape), _rel(g, g64))
+    assert_grads_close(grads, grads64, leaves, 1e-5)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
@@ -132,11 +96,11 @@ def test_h_is_not_saved(activation, device):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = lora_mlp(x, *projs, activation=activation)
-    x64, projs64 = _to64(x, projs)
+    x64, projs64 = to64(x, projs)
     with torch.no_grad():
         gate, up, _ = projs64
         act = F.silu if activation == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
-        h = (act(_linear(x64, gate)) * _linear(x64, up)).reshape(N, INTER)
+        h = (act(linear(x64, gate)) * linear(x64, up)).reshape(N, INTER)
     inter_sized = [t for t in packed if t.numel() == N * INTER]
     assert len(inter_sized) == 2, [tuple(t.shape) for t in packed]  # e and g only
     for t in inter_sized:
@@ -165,15 +129,15 @@ def test_autocast_bf16_with_fp32_adapters(device):
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         out = lora_mlp(x, *projs)
     assert out.dtype == torch.bfloat16
-    leaves = _leaves(x, projs)
+    leaves = grad_leaves(x, projs)
     grads = torch.autograd.grad(out, leaves, d_out.bfloat16())
-    x64, projs64 = _to64(x, projs)
+    x64, projs64 = to64(x, projs)
     out64 = _unfused(x64, *projs64, "swiglu")
-    grads64 = torch.autograd.grad(out64, _leaves(x64, projs64), d_out.double())
-    assert _rel(out, out64) <= 3e-2
+    grads64 = torch.autograd.grad(out64, grad_leaves(x64, projs64), d_out.double())
+    assert rel(out, out64) <= 3e-2
     for g, g64, leaf in zip(grads, grads64, leaves):
         assert g.dtype == leaf.dtype == torch.float32
-        assert _rel(g, g64) <= 3e-2
+        assert rel(g, g64) <= 3e-2
 
 
 def test_bad_activation_raises(device):

@@ -2,29 +2,18 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from lora_reference import assert_grads_close, grad_leaves, linear, lora_proj, rel, to64
 
-from fastlm.autograd import LoRAWeights, lora_qkv
+from fastlm.autograd import lora_qkv
 
-HIDDEN, Q_OUT, KV_OUT, RANK, SCALING = 24, 24, 8, 4, 2.0
+HIDDEN, Q_OUT, KV_OUT = 24, 24, 8
 X_SHAPE = (2, 7, HIDDEN)
 
 
-def _proj(out_f, gen, device, adapter=True, bias=True, train_base=False):
-    def p(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.3).to(device).requires_grad_()
-
-    w = p(out_f, HIDDEN).detach().requires_grad_(train_base)
-    b = p(out_f).detach().requires_grad_(train_base) if bias else None
-    if not adapter:
-        return LoRAWeights(w, b, None, None, SCALING)
-    return LoRAWeights(w, b, p(RANK, HIDDEN), p(out_f, RANK), SCALING)
-
-
-def _make(device, seed=0, adapters=(True, True, True), **kw):
+def _make(device, seed=0, adapters=(True, True, True), bias=True, **kw):
     gen = torch.Generator().manual_seed(seed)
     projs = [
-        _proj(out_f, gen, device, adapter=a, **kw)
+        lora_proj(out_f, HIDDEN, gen, device, adapter=a, bias=bias, **kw)
         for out_f, a in zip((Q_OUT, KV_OUT, KV_OUT), adapters)
     ]
     x = torch.randn(*X_SHAPE, generator=gen).to(device).requires_grad_()
@@ -34,46 +23,18 @@ def _make(device, seed=0, adapters=(True, True, True), **kw):
     return x, projs, d_outs
 
 
-def _linear(x, w: LoRAWeights):
-    y = F.linear(x, w.weight, w.bias)
-    if w.lora_A is not None:
-        y = y + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
-    return y
-
-
-def _leaves(x, projs):
-    out = [x] + [t for p in projs for t in (p.weight, p.bias, p.lora_A, p.lora_B)]
-    return [t for t in out if t is not None and t.requires_grad]
-
-
-def _to64(x, projs):
-    def c(t):
-        return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
-
-    return c(x), [LoRAWeights(*(c(t) for t in p[:4]), p.scaling) for p in projs]
-
-
-def _rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _check(x, projs, d_outs, use=(0, 1, 2)):
     outs = lora_qkv(x, *projs)
-    x64, projs64 = _to64(x, projs)
-    outs64 = [_linear(x64, p) for p in projs64]
+    x64, projs64 = to64(x, projs)
+    outs64 = [linear(x64, p) for p in projs64]
     for o, o64 in zip(outs, outs64):
-        assert o.shape == o64.shape and _rel(o, o64) <= 1e-5
-    leaves, leaves64 = _leaves(x, projs), _leaves(x64, projs64)
+        assert o.shape == o64.shape and rel(o, o64) <= 1e-5
+    leaves, leaves64 = grad_leaves(x, projs), grad_leaves(x64, projs64)
     loss = sum((outs[i] * d_outs[i]).sum() for i in use)
     loss64 = sum((outs64[i] * d_outs[i].double()).sum() for i in use)
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     grads64 = torch.autograd.grad(loss64, leaves64, allow_unused=True)
-    for g, g64, leaf in zip(grads, grads64, leaves):
-        if g64 is None:
-            assert g is None or not g.any()
-            continue
-        assert g.shape == leaf.shape and g.dtype == leaf.dtype
-        assert _rel(g, g64) <= 1e-5, (tuple(leaf.shape), _rel(g, g64))
+    assert_grads_close(grads, grads64, leaves, 1e-5)
 
 
 def test_biased_qkv_with_adapters(device):

@@ -8,6 +8,7 @@ still comes back in its parameter's own dtype, close to plain autograd under the
 import pytest
 import torch
 import torch.nn.functional as F
+from lora_reference import grad_leaves, linear, rel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -58,31 +59,18 @@ def _fused(op, x, projs):
     return [lora_linear(x, projs[0])]
 
 
-def _linear(x, w: LoRAWeights):
-    return F.linear(x, w.weight, w.bias) + w.scaling * F.linear(F.linear(x, w.lora_A), w.lora_B)
-
-
 def _plain(op, x, projs):
     if op == "mlp":
         gate, up, down = projs
-        return [_linear(F.silu(_linear(x, gate)) * _linear(x, up), down)]
-    return [_linear(x, p) for p in projs]
-
-
-def _leaves(x, projs):
-    out = [x] + [t for p in projs for t in p[:4]]
-    return [t for t in out if t is not None and t.requires_grad]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        return [linear(F.silu(linear(x, gate)) * linear(x, up), down)]
+    return [linear(x, p) for p in projs]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("op", OPS)
 def test_autocast_grads_in_param_dtype_match_plain_autograd(op, layout, device):
     x, projs = _make(op, device, layout)
-    leaves = _leaves(x, projs)
+    leaves = grad_leaves(x, projs)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         outs = _fused(op, x, projs)
         outs_ref = _plain(op, x, projs)
@@ -92,10 +80,10 @@ def test_autocast_grads_in_param_dtype_match_plain_autograd(op, layout, device):
     grads_ref = torch.autograd.grad(outs_ref, leaves, d_outs)
     for out, ref in zip(outs, outs_ref):
         assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == ref.shape
-        assert _rel(out, ref) <= 2e-2
+        assert rel(out, ref) <= 2e-2
     for g, g_ref, leaf in zip(grads, grads_ref, leaves):
         assert g.dtype == g_ref.dtype == leaf.dtype and g.shape == leaf.shape
-        assert _rel(g, g_ref) <= 2e-2, (tuple(leaf.shape), leaf.dtype, _rel(g, g_ref))
+        assert rel(g, g_ref) <= 2e-2, (tuple(leaf.shape), leaf.dtype, rel(g, g_ref))
 
 
 _CAST_METHODS = {
@@ -160,7 +148,7 @@ def test_backward_casts_no_weight(op, layout, device):
     x, projs = _make(op, device, layout, seed=3)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         outs = _fused(op, x, projs)
-    leaves = _leaves(x, projs)
+    leaves = grad_leaves(x, projs)
     py, copy = _CastCounter(_weight_shapes(projs)), _CopyCounter(_weight_shapes(projs))
     with py, copy:
         grads = torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
@@ -175,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_grads(op, device):
     from torch.utils.checkpoint import checkpoint
 
     x, projs = _make(op, device, "peft-bf16-base", seed=4)
-    leaves = _leaves(x, projs)
+    leaves = grad_leaves(x, projs)
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
         outs = _fused(op, x, projs)
         outs_ckpt = checkpoint(_fused, op, x, projs, use_reentrant=False)

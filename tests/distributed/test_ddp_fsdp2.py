@@ -22,6 +22,7 @@ from _dist_common import (
     save_models,
     train_step,
 )
+from tiny_models import relative_error
 
 from fastlm.distributed import (
     UnsupportedDistributedError,
@@ -33,6 +34,8 @@ from fastlm.distributed import (
 )
 from fastlm.errors import UnsupportedKeywordError
 
+# Tiny matmuls: one thread is faster, and the two worker processes need the other core.
+pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL = 1e-5
 ALL_FUSED = {"lora_qkv", "lora_mlp", "lora_linear", "fused_linear_cross_entropy"}
 
@@ -85,15 +88,6 @@ NEEDS_GATHERING = pytest.mark.xfail(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and the two worker processes need the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
@@ -128,10 +122,6 @@ def _reference_key(scenario: str) -> str:
     return f"qlora-{model_type}" if scenario.startswith("qlora") else model_type
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-
-
 def _assert_matches(result: dict, reference: dict) -> None:
     assert "error" not in result, result.get("error")
     torch.testing.assert_close(result["loss"], reference["loss"], rtol=1e-6, atol=0)
@@ -139,7 +129,7 @@ def _assert_matches(result: dict, reference: dict) -> None:
     assert result["grads"].keys() == reference["grads"].keys()
     for name, expected in reference["grads"].items():
         assert expected.norm() > 0, name  # random A and B: every LoRA gradient is non-zero
-        assert _relative_error(result["grads"][name], expected) <= RTOL, name
+        assert relative_error(result["grads"][name], expected) <= RTOL, name
 
 
 @pytest.mark.parametrize("scenario", sorted(EXACT))
@@ -214,7 +204,7 @@ def test_uneven_tokens_make_the_global_normalisation_matter(workdir, references)
             (out.loss / len(RANK_MICRO_BATCHES)).backward()
     reference = references["llama"]["grads"]
     errors = [
-        _relative_error(p.grad, reference[n])
+        relative_error(p.grad, reference[n])
         for n, p in model.named_parameters()
         if p.grad is not None
     ]
@@ -237,7 +227,7 @@ def test_trainer_two_processes_match_one(kind, results, workdir):
     single = run_trainer(workdir / "models" / "llama", kind, workdir / f"single-{kind}", world=1)
     assert result["weights"].keys() == single["weights"].keys()
     for name, expected in single["weights"].items():
-        assert _relative_error(result["weights"][name], expected) <= RTOL, name
+        assert relative_error(result["weights"][name], expected) <= RTOL, name
     if kind == "hf":
         assert result["calls"].get("fused_linear_cross_entropy", 0) > 0
 

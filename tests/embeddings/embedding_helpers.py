@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import VOCAB, tiny_config, tiny_tokenizer
+from tiny_models import VOCAB, random_norms, tiny_config, tiny_tokenizer
 from transformers import AutoModel, BertConfig, Gemma3TextConfig
 
 from fastlm.embeddings.model import PROMPT_STYLES
@@ -35,14 +35,6 @@ def gemma3_bidirectional_config() -> Gemma3TextConfig:
     base = tiny_config("gemma3_text").to_dict()
     base["use_bidirectional_attention"] = True
     return Gemma3TextConfig(**base)
-
-
-def _random_norms(model: torch.nn.Module) -> None:
-    # Random (not unit) norm weights so that the (1 + w) vs w offset matters.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and "LayerNorm" not in name:
-                param.normal_(0.0, 0.3)
 
 
 def save_tiny_embedding_model(kind: str, path, seed: int = 0):
@@ -69,7 +61,7 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         model = AutoModel.from_config(config)
     else:
         raise ValueError(kind)
-    _random_norms(model)
+    random_norms(model)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     hidden = model.config.hidden_size
@@ -80,32 +72,22 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         ]
         style = PROMPT_STYLES["gemma3_text"]
         prompts = {"query": style.query_prompt(), "document": style.document_prompt}
-        write_layout(
-            str(path),
-            pooling="mean",
-            hidden_size=hidden,
-            dense=dense,
-            normalize=True,
-            max_seq_length=120,
-            do_lower_case=False,
-            prompts=prompts,
-            default_prompt_name=None,
-        )
+        _write_layout(path, hidden, "mean", dense, 120, prompts)
     elif kind == "bert":
-        write_layout(
-            str(path),
-            pooling="cls",
-            hidden_size=hidden,
-            dense=[],
-            normalize=True,
-            max_seq_length=100,
-            do_lower_case=False,
-            prompts={},
-            default_prompt_name=None,
-        )
+        _write_layout(path, hidden, "cls", [], 100, {})
     return path
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖a − e‖ / ‖e‖."""
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+def _write_layout(path, hidden: int, pooling: str, dense: list, max_seq_length: int, prompts):
+    # The Sentence-Transformers files: pooling, Dense layers, then Normalize.
+    write_layout(
+        str(path),
+        pooling=pooling,
+        hidden_size=hidden,
+        dense=dense,
+        normalize=True,
+        max_seq_length=max_seq_length,
+        do_lower_case=False,
+        prompts=prompts,
+        default_prompt_name=None,
+    )

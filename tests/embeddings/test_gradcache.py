@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from embedding_helpers import CPU, TEXTS, relative_error, save_tiny_embedding_model
+from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model
+from tiny_models import relative_error
 
 from fastlm.embeddings import (
     EmbeddingCollator,

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_tiny_model, tiny_tokenizer
+from tiny_models import bpe_tokenizer, llama_cpp_server, save_tiny_model, tiny_tokenizer
 
 from fastlm import FastModel
 from fastlm.export.gguf_writer import gguf_tensors, merged_state, save_pretrained_gguf
@@ -23,34 +23,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def spm_tokenizer():
     """A tiny SentencePiece-style BPE: specials, 256 byte tokens, ▁ + letters and a few merges."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for char in "▁abcdefghijklmnopqrstuvwxyz":
-        vocab[char] = len(vocab)
-    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a")]
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
-    backend = Tokenizer(model)
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
+    return bpe_tokenizer(
+        [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a")],
+        specials=("<pad>", "<eos>", "<bos>", "<unk>"),
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
         add_bos_token=True,
     )
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return tokenizer
 
 
 def _lora(path, seed=1):
@@ -139,16 +117,6 @@ def test_character_tokenizer_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- llama.cpp
 
 
-def _server(path):
-    xllamacpp = pytest.importorskip("xllamacpp")
-    params = xllamacpp.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 256
-    params.n_parallel = 1
-    params.cpuparams.n_threads = 2
-    return xllamacpp.Server(params)
-
-
 def _complete(server, prompt, steps: int) -> tuple[list[int], list[float], int]:
     """Greedy ids, their log-probs and the prompt length, as llama.cpp sees them."""
     request = {
@@ -193,7 +161,7 @@ def test_tiny_llama_in_llama_cpp(tmp_path, method):
     (out,) = save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, method)
     ids = tokenizer("the cat in a hat sat on the mat the").input_ids
     hf_ids, hf_logp = _hf_greedy(_hf_merged(model), ids, 8)
-    server = _server(out)
+    server = llama_cpp_server(out)
     cpp_ids, cpp_logp, n_prompt = _complete(server, ids, 8)
     assert n_prompt == len(ids)
     assert cpp_ids == hf_ids
@@ -258,7 +226,7 @@ def test_tiny_kquant_llama_in_llama_cpp(tmp_path, method):
 
     hf = _hf_merged(model)
     decoded = _decoded_copy(hf, tensors)
-    server = _server(out)
+    server = llama_cpp_server(out)
     tight, loose = KQUANT_TOL[method]
     for prompt in KQUANT_PROMPTS:  # next-token distributions, teacher-forced
         ids = tokenizer(prompt).input_ids
@@ -324,7 +292,7 @@ def test_real_gemma3_in_llama_cpp(tmp_path, method):
     prompt = "The capital of France is Paris, and the café on  the corner sells\tcroissants"
     ids = tokenizer(prompt).input_ids
     hf_ids, hf_logp = _hf_greedy(_hf_merged(model), ids, 5)
-    server = _server(out)
+    server = llama_cpp_server(out)
     text_ids, text_logp, n_prompt = _complete(server, prompt, 5)
     id_ids, id_logp, _ = _complete(server, ids, 5)
     # Same tokenisation: same length, and text and HF ids give the very same distribution.
@@ -407,7 +375,7 @@ def test_tiny_family_in_llama_cpp(tmp_path, model_type):
 
     ids = tokenizer("the cat in a hat sat on the mat the").input_ids
     hf_ids, hf_logp = _hf_greedy(_hf_merged(model), ids, 12)
-    server = _server(out)
+    server = llama_cpp_server(out)
     response = server.handle_completions(
         {"prompt": ids, "n_predict": 12, "temperature": 0, "n_probs": 1, "ignore_eos": True}
     )

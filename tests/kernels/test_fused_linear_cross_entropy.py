@@ -11,6 +11,11 @@ from fastlm.kernels.fused_linear_cross_entropy import (
 )
 
 TOL = dict(atol=1e-6, rtol=1e-5)  # fp32
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+# the Triton launcher (the interpreter on CPU) and the public function (its device dispatch)
+BOTH_PATHS = pytest.mark.parametrize(
+    "fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy]
+)
 H = 24
 
 
@@ -47,7 +52,7 @@ def _check(fn, hidden, weight, labels, bias, tol=TOL, grad_scale=1.0, **kw):
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 @pytest.mark.parametrize(
     "n, v, bias, softcap",
     [(11, 100, False, None), (7, 37, True, None), (13, 100, True, 2.5), (9, 53, False, 30.0)],
@@ -57,13 +62,13 @@ def test_matches_reference(device, fn, n, v, bias, softcap):
     _check(fn, hidden, weight, labels, b, softcap=softcap, chunk_size=4)
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 def test_grad_output_not_one(device, fn):
     hidden, weight, labels, b = _inputs(device, n=9, v=37, bias=True)
     _check(fn, hidden, weight, labels, b, grad_scale=3.0, softcap=4.0, chunk_size=4)
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 def test_custom_ignore_index_and_frozen_weight(device, fn):
     hidden, weight, labels, _ = _inputs(device, n=9, v=37, weight_grad=False)
     labels[labels == -100] = 3
@@ -74,7 +79,7 @@ def test_custom_ignore_index_and_frozen_weight(device, fn):
     assert weight.grad is None and hidden.grad is not None
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 def test_all_ignored_gives_zero(device, fn):
     hidden, weight, labels, b = _inputs(device, n=7, v=37, bias=True)
     labels.fill_(-100)
@@ -85,7 +90,7 @@ def test_all_ignored_gives_zero(device, fn):
         assert torch.isfinite(g).all() and (g == 0).all()
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_num_items_in_batch_accumulation(device, fn, as_tensor):
     # Two micro-batches, each divided by the total item count, sum to the big batch's mean.
@@ -161,7 +166,7 @@ def test_default_chunk_size():
     assert flce_mod._default_chunk_size(2**30, torch.float32) == 1
 
 
-@pytest.mark.parametrize("fn", [fused_linear_cross_entropy_triton, fused_linear_cross_entropy])
+@BOTH_PATHS
 def test_no_grad_forward(device, fn):
     hidden, weight, labels, b = _inputs(device, n=9, v=53, bias=True)
     with torch.no_grad():
@@ -174,31 +179,14 @@ def test_no_grad_forward(device, fn):
 def test_autocast_compute_dtype(device):
     # Under autocast the logits come from a bf16 matmul, as in HF; compare with the reference
     # under the same autocast (bf16-level tolerance: the summation orders differ).
-    hidden, weight, labels, b = _inputs(device, n=9, v=53, bias=True)
+    inputs = _inputs(device, n=9, v=53, bias=True)  # hidden, weight, labels, bias
     with torch.autocast(device, dtype=torch.bfloat16):
-        _check(
-            fused_linear_cross_entropy,
-            hidden,
-            weight,
-            labels,
-            b,
-            tol=dict(atol=2e-2, rtol=2e-2),
-            chunk_size=4,
-        )
+        _check(fused_linear_cross_entropy, *inputs, tol=BF16_TOL, chunk_size=4)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 def test_bf16_cuda(device, softcap):
     if device != "cuda":
         pytest.skip("bf16 tl.dot/loads are only meaningful on the GPU")
-    hidden, weight, labels, b = _inputs(device, n=301, v=5003, bias=True, dtype=torch.bfloat16)
-    _check(
-        fused_linear_cross_entropy,
-        hidden,
-        weight,
-        labels,
-        b,
-        tol=dict(atol=2e-2, rtol=2e-2),
-        softcap=softcap,
-        chunk_size=64,
-    )
+    inputs = _inputs(device, n=301, v=5003, bias=True, dtype=torch.bfloat16)
+    _check(fused_linear_cross_entropy, *inputs, tol=BF16_TOL, softcap=softcap, chunk_size=64)

@@ -65,27 +65,32 @@ def _bnb(q, qs, dtype):
         return F.dequantize_4bit(q, qs, quant_type="nf4")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_matches_bnb(bnb_device, shape, blocksize, nested, dtype):
+def _over_bnb_grid(test):
+    """Parametrise ``test`` over every shape × block size × nesting × output dtype."""
+    test = pytest.mark.parametrize("dtype", DTYPES)(test)
+    test = pytest.mark.parametrize("nested", [True, False])(test)
+    test = pytest.mark.parametrize("blocksize", [64, 128])(test)
+    return pytest.mark.parametrize("shape", SHAPES)(test)
+
+
+def _assert_bit_identical_to_bnb(dequantize, bnb_device, shape, blocksize, nested, dtype):
     q, qs = _quantize(shape, bnb_device, blocksize, nested)
     assert qs.nested == nested and (qs.absmax.dtype == torch.uint8) == nested
-    got = dequantize_nf4_triton(q, qs, dtype)
+    got = dequantize(q, qs, dtype)
     assert got.dtype == dtype and got.shape == torch.Size(shape)
     assert torch.equal(got, _bnb(q, qs, dtype))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
+@_over_bnb_grid
+def test_triton_matches_bnb(bnb_device, shape, blocksize, nested, dtype):
+    _assert_bit_identical_to_bnb(dequantize_nf4_triton, bnb_device, shape, blocksize, nested, dtype)
+
+
+@_over_bnb_grid
 def test_reference_matches_bnb(bnb_device, shape, blocksize, nested, dtype):
-    q, qs = _quantize(shape, bnb_device, blocksize, nested)
-    got = dequantize_nf4_reference(q, qs, dtype)
-    assert got.dtype == dtype and got.shape == torch.Size(shape)
-    assert torch.equal(got, _bnb(q, qs, dtype))
+    _assert_bit_identical_to_bnb(
+        dequantize_nf4_reference, bnb_device, shape, blocksize, nested, dtype
+    )
 
 
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])

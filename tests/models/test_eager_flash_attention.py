@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_architectures import RTOL, _loss_and_lora_grads, _pair, _relative_error
-from tiny_models import tiny_batch
+from test_architectures import RTOL, _loss_and_lora_grads, _pair
+from tiny_models import relative_error, tiny_batch
 
 import fastlm.kernels.flash_attention as flash
 
@@ -45,4 +45,4 @@ def test_gemma2_eager_attention_matches_hf(tmp_path, device, monkeypatch, padded
     assert bool(calls) == (device == "cuda" and not padded)
     assert abs(actual.loss.item() - expected.loss.item()) <= RTOL * abs(expected.loss.item())
     for name, grad in expected_grads.items():
-        assert _relative_error(actual_grads[name], grad) <= RTOL, name
+        assert relative_error(actual_grads[name], grad) <= RTOL, name

@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from tiny_models import save_tiny_model, tiny_batch
+from tiny_models import copy_lora, save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
@@ -28,18 +28,13 @@ from fastlm.offload import weights as W
 from fastlm.offload.memory_plan import HostBudget, HostMemoryError, host_placement, plan_memory
 
 bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYERS = 5  # more layers than slots, so slots are reused within a step
 RANK = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+CHECKPOINTING = pytest.mark.parametrize(
+    "checkpointing", [False, True, "fastlm"], ids=["plain", "ckpt", "offloaded"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +62,6 @@ def _set_checkpointing(model, mode) -> None:
     else:
         model.gradient_checkpointing_disable()
     model.train()
-
-
-def _copy_lora(source, target) -> None:
-    values = {n: p for n, p in source.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for name, param in target.named_parameters():
-            if "lora_" in name:
-                param.copy_(values[name])
 
 
 def _step(model, batch=None):
@@ -218,13 +205,11 @@ def fused_pair(llama_path):
         str(llama_path), load_in_4bit=True, device_map="cpu", offload_weights=True
     )
     streamed = _peft(streamed)
-    _copy_lora(reference, streamed)
+    copy_lora(reference, streamed)
     return reference, streamed
 
 
-@pytest.mark.parametrize(
-    "checkpointing", [False, True, "fastlm"], ids=["plain", "ckpt", "offloaded"]
-)  # noqa: E501
+@CHECKPOINTING
 def test_streamed_qlora_step_is_bit_identical_to_resident(fused_pair, checkpointing, reads_checked):
     reference, streamed = fused_pair
     streamer = reads_checked(W.get_weight_streamer(streamed))
@@ -316,15 +301,13 @@ def bnb_pair(llama_path):
     streamed = _resident(llama_path)
     W.stream_weights(streamed, engine=W.SyncCopyEngine())
     streamed = _peft(streamed)
-    _copy_lora(reference, streamed)
+    copy_lora(reference, streamed)
     for model in (reference, streamed):
         FastModel.unpatch(model)
     return reference, streamed
 
 
-@pytest.mark.parametrize(
-    "checkpointing", [False, True, "fastlm"], ids=["plain", "ckpt", "offloaded"]
-)  # noqa: E501
+@CHECKPOINTING
 def test_bitsandbytes_matmul_path_is_exact_too(bnb_pair, checkpointing, reads_checked):
     reference, streamed = bnb_pair
     reads_checked(W.get_weight_streamer(streamed))
@@ -618,16 +601,14 @@ def test_sft_trainer_trains_a_streamed_model_and_memory_callback_logs(llama_path
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (side stream, pinning)")
-@pytest.mark.parametrize(
-    "checkpointing", [False, True, "fastlm"], ids=["plain", "ckpt", "offloaded"]
-)  # noqa: E501
+@CHECKPOINTING
 def test_gpu_streamed_step_is_bit_identical(llama_path, checkpointing, reads_checked):
     reference = _peft(_resident(llama_path, "cuda"), checkpointing)
     streamed, _ = FastModel.from_pretrained(
         str(llama_path), load_in_4bit=True, device_map="auto", offload_weights=True
     )
     streamed = _peft(streamed, checkpointing)
-    _copy_lora(reference, streamed)
+    copy_lora(reference, streamed)
     streamer = reads_checked(W.get_weight_streamer(streamed))
     assert isinstance(streamer.engine, W.CudaCopyEngine)
     assert set(streamer.host_kinds().values()) == {"pinned"}

@@ -49,8 +49,14 @@ ARCHES = {
 }
 # Arches whose HF RMSNorm scales by (1 + w) while llama.cpp's scales by w.
 GEMMA_NORM_ARCHES = ("GEMMA", "GEMMA2", "GEMMA3")
-# The HF Llama-3 pre-tokenizer regex starts like this; llama.cpp calls that pre-tokenizer so.
-LLAMA3_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+# Byte-level BPE pre-tokenizers llama.cpp implements, keyed by the tokenizer.json "Split" regex.
+# Llama 3 ("llama-bpe") and Qwen 2/3 ("qwen2") differ only in digits: runs of 1-3 vs single.
+_BPE_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_BPE_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+BYTE_LEVEL_PRE_TOKENIZERS = {
+    _BPE_WORDS + r"\p{N}{1,3}" + _BPE_REST: "llama-bpe",
+    _BPE_WORDS + r"\p{N}" + _BPE_REST: "qwen2",
+}
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -447,12 +453,29 @@ def _bpe_kind(spec: dict) -> str:
 
 
 def _gpt2_pre(spec: dict) -> str:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE (only Llama 3's is known here)."""
-    if LLAMA3_REGEX_START in json.dumps(spec.get("pre_tokenizer"), ensure_ascii=False).replace(
-        "\\\\", "\\"
-    ):
-        return "llama-bpe"
-    raise ValueError("unknown byte-level BPE pre-tokenizer for GGUF (only Llama 3's is supported)")
+    """llama.cpp's pre-tokenizer name for a byte-level BPE, from its split regex."""
+    regexes = _split_regexes(spec.get("pre_tokenizer"))
+    for regex in regexes:
+        if regex in BYTE_LEVEL_PRE_TOKENIZERS:
+            return BYTE_LEVEL_PRE_TOKENIZERS[regex]
+    raise ValueError(
+        f"unknown byte-level BPE pre-tokenizer for GGUF (split regex {regexes or 'none'}); "
+        f"fastlm writes {sorted(set(BYTE_LEVEL_PRE_TOKENIZERS.values()))} (Llama 3, Qwen 2/3). "
+        "A file with another one would tokenise differently in llama.cpp, so none is written; "
+        "export merged_16bit and convert it with llama.cpp's converter instead."
+    )
+
+
+def _split_regexes(node) -> list[str]:
+    """Every ``Split`` regex inside a tokenizer.json pre-tokenizer (Sequences included)."""
+    if isinstance(node, list):
+        return [regex for child in node for regex in _split_regexes(child)]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    if node.get("type") == "Split" and isinstance(node.get("pattern"), dict):
+        found += [node["pattern"]["Regex"]] if "Regex" in node["pattern"] else []
+    return found + _split_regexes(node.get("pretokenizers"))
 
 
 def _scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:

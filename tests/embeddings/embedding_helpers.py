@@ -91,3 +91,22 @@ def _write_layout(path, hidden: int, pooling: str, dense: list, max_seq_length: 
         prompts=prompts,
         default_prompt_name=None,
     )
+
+
+def cpu_training_args(tmp_path, learning_rate: float, max_steps: int, **overrides):
+    """TrainingArguments for a short CPU run: batch 4, a log line per step, no saving."""
+    from transformers import TrainingArguments
+
+    options = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    options.update(overrides)
+    return TrainingArguments(**options)

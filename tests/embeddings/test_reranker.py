@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
-from embedding_helpers import CPU
+from embedding_helpers import CPU, cpu_training_args
 from peft import LoraConfig, get_peft_model
 from reranker_helpers import reranker_tokenizer, save_tiny_reranker
 from tiny_models import relative_error, tiny_tokenizer
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM
 
 from fastlm.embeddings import (
     QWEN3_RERANKER_TEMPLATE,
@@ -313,19 +313,7 @@ def test_collator_rows_labels_groups_and_listwise_data_checks(tmp_path):
 
 
 def _args(tmp_path, **overrides):
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=12,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    options.update(overrides)
-    return TrainingArguments(**options)
+    return cpu_training_args(tmp_path, **{"learning_rate": 1e-2, "max_steps": 12, **overrides})
 
 
 def _positives_first(reranker, rows) -> bool:

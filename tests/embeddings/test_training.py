@@ -10,8 +10,7 @@ import math
 
 import pytest
 import torch
-from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model
-from transformers import TrainingArguments
+from embedding_helpers import CPU, TEXTS, cpu_training_args, save_tiny_embedding_model
 
 from fastlm.embeddings import (
     CosineSimilarityLoss,
@@ -35,19 +34,7 @@ ST_ROWS = [  # Sentence-Transformers column names
 
 
 def _args(tmp_path, **overrides):
-    options = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=8,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    options.update(overrides)
-    return TrainingArguments(**options)
+    return cpu_training_args(tmp_path, **{"learning_rate": 5e-3, "max_steps": 8, **overrides})
 
 
 def _tiny(tmp_path, kind="qwen3", **kwargs):

@@ -59,6 +59,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "LoRA-train the real Gemma 3 270M on the bundled event->JSON data; before/after",
     ),
     "embed": ("fastlm.commands.embed", "fine-tune an embedding model (retrieval / scored pairs)"),
+    "rerank": (
+        "fastlm.commands.rerank",
+        "fine-tune a reranker (a causal LM scored by yes vs no) on listwise or pointwise rows",
+    ),
 }
 
 

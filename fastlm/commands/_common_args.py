@@ -110,3 +110,19 @@ def add_group(
     group = parser.add_argument_group(title)
     add_flags(group, *GROUPS[title], **changes)
     return group
+
+
+def data_dependent_defaults(
+    defaults: dict[str, Any], demo_defaults: dict[str, Any], **helps: str
+) -> dict[str, dict[str, Any]]:
+    """``add_group`` changes for flags whose default depends on the data: ``helps[dest]`` plus
+    ``(default: X; Y on the demo set)``; the flags' own default stays None.
+
+    Usage: ``add_group(parser, "training", **data_dependent_defaults(DEFAULTS, DEMO, lr="..."))``.
+    """
+    return {
+        name: {
+            "help": f"{text} (default: {defaults[name]:g}; {demo_defaults[name]:g} on the demo set)"
+        }
+        for name, text in helps.items()
+    }

@@ -1,7 +1,8 @@
-"""What ``fastlm sft`` and ``fastlm embed`` do alike around a transformers ``Trainer``.
+"""What ``fastlm sft``, ``embed`` and ``rerank`` do alike around a transformers ``Trainer``.
 
-The settings file, the trainer arguments both set the same way, the progress bar, training with
-its statistics, and the summary rows. Imports of torch / transformers stay inside the functions:
+The settings file, the trainer arguments they set the same way, the progress bar (and a token
+count for trainers that log none), training with its statistics, the summary rows and the
+before / after metrics table. Imports of torch / transformers stay inside the functions:
 the command modules import this one to build the parser.
 """
 
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastlm.commands import Console, format_seconds
+from fastlm.commands import CommandError, Console, format_seconds
 
 _NOT_SETTINGS = ("command", "verbose", "quiet", "config")
 
@@ -24,6 +25,30 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         key.replace("_", "-"): value
         for key, value in vars(args).items()
         if key not in _NOT_SETTINGS and value is not None
+    }
+
+
+def check_ranges(
+    args: argparse.Namespace, at_least: dict[str, int], positive: tuple[str, ...] = ()
+) -> None:
+    """A ``CommandError`` for a flag below its ``at_least`` value, or one of ``positive`` not
+    above 0; flags left unset (None) pass. Usage: ``check_ranges(args, {"lora_r": 1}, ("lr",))``.
+    """
+    for name, least in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {least}")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be greater than 0")
+
+
+def with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Each flag of ``defaults``: its value, else its default there (one chosen by the data)."""
+    return {
+        name: getattr(args, name) if getattr(args, name) is not None else default
+        for name, default in defaults.items()
     }
 
 
@@ -106,6 +131,30 @@ def show_progress(trainer):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress_callback())
     return trainer
+
+
+def counting_tokens(trainer_class, count):
+    """A subclass of ``trainer_class`` that logs ``num_tokens``: ``count(inputs)`` per batch.
+
+    Usage: ``counting_tokens(RerankerTrainer, lambda inputs: int(inputs["attention_mask"].sum()))``;
+    for trainers whose logs lack the token count that ``progress_callback`` and ``train_stats``
+    read (training batches only).
+    """
+
+    class Counting(trainer_class):
+        tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                self.tokens_seen += count(inputs)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def log(self, logs, *rest, **kwargs):
+            logs["num_tokens"] = float(self.tokens_seen)
+            return super().log(logs, *rest, **kwargs)
+
+    Counting.__name__ = Counting.__qualname__ = trainer_class.__name__
+    return Counting
 
 
 def progress_callback():
@@ -198,6 +247,15 @@ def speed_rows(summary: dict) -> list[tuple[str, str]]:
         ("train time", format_seconds(summary["train_seconds"])),
         ("total time", format_seconds(summary["wall_seconds"])),
     ]
+
+
+def print_metrics(console: Console, title: str, before: dict, after: dict) -> None:
+    """A metric / before / after / change table."""
+    rows = [
+        (name, f"{value:.4f}", f"{after[name]:.4f}", f"{after[name] - value:+.4f}")
+        for name, value in before.items()
+    ]
+    console.table(title, rows, ("metric", "before", "after", "change"))
 
 
 def warn_if_not_finite(console: Console, loss: float | None) -> None:

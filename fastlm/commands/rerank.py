@@ -1,0 +1,553 @@
+"""``fastlm rerank``: fine-tune a reranker (a causal LM scored by "yes" vs "no"), LoRA or full.
+
+Reads and checks the data first (a bad line fails with its file and line, before any model
+loads; the loaders are ``fastlm embed``'s), loads the model with ``FastReranker.from_pretrained``
+(fastlm's kernels), ranks each ``--eval-data`` query's candidates, trains with
+``RerankerTrainer``, ranks them again, saves the adapter (or the full model, or a merged copy)
+as folders that ``FastReranker.from_pretrained`` loads, and prints a summary. Without
+``--model`` it trains the bundled Gemma 3 270M (it has single "yes" and "no" tokens); without
+``--data`` it trains on a built-in set made from ``fastlm.embeddings.demo_data`` and evaluates
+on its held-out questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastlm.commands import (
+    CommandError,
+    Console,
+    _training,
+    default_model_path,
+    export_dtype,
+    hub_hint,
+    resolve_device,
+    resolve_torch_dtype,
+    write_json,
+)
+from fastlm.commands._common_args import add_flags, add_group, data_dependent_defaults
+from fastlm.commands._training import settings
+
+EXAMPLES = """\
+examples:
+  fastlm rerank                      # demo: the bundled Gemma 3 270M, built-in question set
+  fastlm rerank --model ./Qwen3-Reranker-0.6B --data train.jsonl --eval-data held_out.jsonl
+  fastlm rerank --model ./Qwen3-Reranker-0.6B --data scored.jsonl --loss pointwise \\
+      --max-seq-length 512 --save-method merged_16bit
+  fastlm rerank --data train.jsonl --instruction "Given a bug report, find the fix" \\
+      --temperature 0.5 --max-steps 300
+  fastlm rerank --config rerank.yaml --lr 1e-4    # keys = flag names; flags win
+
+data (--data, --eval-data: a .jsonl file, a .json list, or a folder of them):
+  listwise   {"query": "how do I reset it?", "response": "Hold the button 5 s.",
+              "rejected_response": ["The button is blue.", "Reset costs $5."]}
+             -> --loss listwise: softmax over [response, rejected...] per row
+  pointwise  {"query": "how do I reset it?", "response": "Hold the button 5 s.", "label": 1}
+             -> --loss pointwise: BCE of each pair against its label (0/1 or a score in
+                [0, 1]); a row's rejected_response texts count as label 0
+  Sentence-Transformers column names work too: anchor / positive / negative (a string, a list,
+  or negative_1, negative_2, ...), sentence1 / sentence2 / score.
+  --loss defaults to listwise when every row has a rejected_response and none has a label,
+  else pointwise. --eval-data groups the rows by query: each query's candidates (its
+  responses and rejected_responses) are ranked, a response is relevant unless its label is
+  below 0.5, and recall@1, MRR@10 and NDCG@10 are printed before and after training.
+
+outputs (in --output-dir):
+  adapter/             the LoRA adapter, tokenizer and prompt template (fastlm_reranker.json):
+                       FastReranker.from_pretrained("<output-dir>/adapter") loads the base + it
+  model/               the whole model (same files), with --full-finetune
+  merged_16bit/        LoRA merged into the weights, with --save-method merged_16bit
+  rerank_summary.json  steps, losses, tokens/s, ranking metrics, times and the paths above
+  rerank_config.json   every setting of the run; reuse it with --config
+"""
+LOSSES = ("listwise", "pointwise")
+TEMPLATE_CHOICES = ("auto", "qwen3", "gemma")
+SAVE_METHODS = ("lora", "merged_16bit")
+GRADIENT_CHECKPOINTING = {"auto": None, "fastlm": "fastlm", "true": True, "false": False}
+DEFAULTS = {"batch_size": 8, "lr": 1e-4, "epochs": 1.0, "warmup_steps": 0}
+# The demo set is 32 rows of 3 candidates: a few epochs of small steps show a clear gain.
+DEMO_DEFAULTS = {"batch_size": 4, "lr": 2e-4, "epochs": 2.0, "warmup_steps": 2}
+METRIC_KS = (1,)  # recall@1; retrieval_metrics adds mrr@10 and ndcg@10
+SCORE_BATCH_SIZE = 16  # pairs per forward when ranking --eval-data
+# Gemma's turn format around Qwen3-Reranker's instruction and body (a RerankerTemplate's
+# fields; built at run time, as fastlm.embeddings imports torch).
+GEMMA_TEMPLATE = {
+    "prefix": (
+        "<start_of_turn>user\nJudge whether the Document meets the requirements based on the "
+        'Query and the Instruct provided. Note that the answer can only be "yes" or "no".\n'
+    ),
+    "suffix": "<end_of_turn>\n<start_of_turn>model\n",
+}
+_DEFAULT_MODEL_NAME = "Gemma 3 270M (bundled)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastlm rerank`` flags, in groups (the ones other commands share: _common_args)."""
+    add_flags(parser, "--config")
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        metavar="PATH",
+        help="causal LM or reranker folder, e.g. Qwen3-Reranker (default: the bundled Gemma 3 "
+        "270M)",
+    )
+    add_flags(
+        group,
+        "--max-seq-length",
+        "--dtype",
+        "--device",
+        "--full-finetune",
+        max_seq_length={"help": "longer pairs have their query/document cut (default: 2048)"},
+    )
+    group.add_argument(
+        "--template",
+        choices=TEMPLATE_CHOICES,
+        default="auto",
+        help="prompt around each pair. auto: the folder's saved one, else gemma for tokenizers "
+        "with <start_of_turn> and no <|im_start|>, else qwen3 (Qwen3-Reranker's)",
+    )
+    group.add_argument(
+        "--instruction",
+        metavar="TEXT",
+        help="the template's instruction, for training, evaluation and the saved template "
+        "(default: 'Given a web search query, retrieve relevant passages that answer the "
+        "query')",
+    )
+
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", metavar="PATH", help="training rows: .jsonl, .json or a folder (default: demo)"
+    )
+    group.add_argument(
+        "--eval-data", metavar="PATH", help="held-out rows: each query's candidates ranked"
+    )
+    group.add_argument("--max-samples", type=int, metavar="N", help="use the first N rows")
+
+    group = parser.add_argument_group("loss")
+    group.add_argument(
+        "--loss",
+        choices=LOSSES,
+        help="listwise: softmax over each row's [response, rejected...]; pointwise: BCE per "
+        "pair (default: listwise when every row has a rejected_response and no label)",
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        metavar="X",
+        help="listwise softmax temperature (default: 1.0)",
+    )
+
+    add_group(
+        parser,
+        "LoRA",
+        lora_alpha={"default": 32},
+        lora_dropout={"help": "0 keeps layers fused"},
+        target_modules={"help": "projections to adapt (default: q k v o gate up down)"},
+    )
+    knobs = data_dependent_defaults(
+        DEFAULTS,
+        DEMO_DEFAULTS,
+        batch_size="rows per step, each with all its candidates",
+        lr="peak learning rate",
+        epochs="passes over the data",
+        warmup_steps="linear warm-up updates",
+    )
+    add_group(
+        parser,
+        "training",
+        **knobs,
+        grad_accum={"default": 1},
+        gradient_checkpointing={
+            "choices": tuple(GRADIENT_CHECKPOINTING),
+            "help": "fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
+            "recompute; false: keep everything; auto: fastlm on GPU, false on CPU",
+        },
+    )
+    group = add_group(parser, "output", output_dir={"default": "outputs/rerank"})
+    group.add_argument(
+        "--save-method",
+        choices=SAVE_METHODS,
+        default="lora",
+        help="besides adapter/: merged_16bit also writes the model with LoRA merged in",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``fastlm rerank`` (called by ``fastlm.cli``)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_rerank(args)
+    return 0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _check_data(data, loss: str | None, flag: str) -> str:
+    """Labels in [0, 1] and rows that suit the loss; returns the loss (``None``: picked here)."""
+    from fastlm.data.formats import DataFormatError
+
+    for row, where in zip(data.rows, data.locations):
+        label = row.get("label")
+        if label is not None and not 0.0 <= label <= 1.0:
+            raise DataFormatError(
+                f"{where}: a reranker label must lie in [0, 1] (1 = relevant), got {label:g}"
+            )
+    bare = next((w for r, w in zip(data.rows, data.locations) if not r["rejected_response"]), None)
+    if loss is None:
+        loss = "pointwise" if data.labelled or bare is not None else "listwise"
+    where = str(data.files[0]) if data.files else flag
+    if loss == "listwise":
+        if bare is not None:
+            raise DataFormatError(
+                f"{bare}: --loss listwise ranks each row's response against its "
+                "rejected_response, and this row has none; add negatives or use --loss pointwise"
+            )
+        for row, location in zip(data.rows, data.locations):
+            if row.get("label", 1.0) != 1.0:
+                raise DataFormatError(
+                    f"{location}: --loss listwise takes each row's response as relevant, but its "
+                    f"label is {row['label']:g}; use --loss pointwise for scored pairs"
+                )
+    elif all(not r["rejected_response"] and r.get("label", 1.0) == 1.0 for r in data.rows):
+        raise CommandError(
+            f"{flag} {where}: every pair is relevant (label 1, no rejected_response), so there is "
+            "nothing to learn; add labels below 1 or rejected_response texts"
+        )
+    return loss
+
+
+def _kind(data) -> str:
+    if data.labelled:
+        return "scored-pair"
+    negatives = sum(1 for row in data.rows if row["rejected_response"])
+    return "listwise" if negatives == len(data) else f"pair ({negatives} with rejected_response)"
+
+
+def ranking_groups(data) -> list[tuple[str, list[str], set[int]]]:
+    """Rows → ``(query, candidates, relevant indices)``, one per query that can be ranked.
+
+    A query's candidates are the distinct responses and rejected_responses of all its rows; a
+    response is relevant unless its label is below 0.5. Queries with nothing relevant, or with
+    fewer than two candidates, are left out (their rank is undefined or trivial).
+    """
+    candidates: dict[str, dict[str, bool]] = {}  # query -> text -> relevant
+    for row in data.rows:
+        texts = candidates.setdefault(row["query"], {})
+        relevant = row.get("label", 1.0) >= 0.5
+        texts[row["response"]] = texts.get(row["response"], False) or relevant
+        for text in row["rejected_response"]:
+            texts.setdefault(text, False)
+    groups = []
+    for query, texts in candidates.items():
+        relevant = {i for i, hit in enumerate(texts.values()) if hit}
+        if relevant and len(texts) > 1:
+            groups.append((query, list(texts), relevant))
+    return groups
+
+
+def _demo_data(max_samples: int | None):
+    """The built-in set: each question's answer against its paraphrase and another answer."""
+    from fastlm.commands.embed import EmbeddingData
+    from fastlm.embeddings.demo_data import retrieval_demo
+
+    demo = retrieval_demo()
+    train = demo["train"]
+    rows = [
+        {**row, "rejected_response": [*row["rejected_response"], train[i - 1]["response"]]}
+        for i, row in enumerate(train)
+    ]
+    rows = rows[:max_samples] if max_samples else rows
+    data = EmbeddingData(rows=rows, locations=[f"demo row {i}" for i in range(len(rows))])
+    held_out = demo["eval"]
+    answers = [held_out["corpus"][f"a{i}"] for i in range(len(held_out["queries"]))]
+    groups = []
+    for i, query in enumerate(held_out["queries"].values()):
+        others = [answers[(i + k) % len(answers)] for k in (1, 2)]
+        groups.append((query, [answers[i], held_out["corpus"][f"d{i}"], *others], {0}))
+    return data, groups
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    names = ("lora_r", "grad_accum", "logging_steps", "max_seq_length", "batch_size")
+    at_least = {**dict.fromkeys(names, 1), "max_steps": 1, "save_steps": 1, "max_samples": 1}
+    _training.check_ranges(args, {**at_least, "warmup_steps": 0}, ("lr", "epochs", "temperature"))
+    if args.full_finetune and (args.target_modules or args.use_rslora):
+        raise CommandError("--target-modules / --use-rslora are LoRA flags; drop --full-finetune")
+    if args.full_finetune and args.save_method != "lora":
+        raise CommandError("--save-method is for LoRA runs; --full-finetune saves model/ anyway")
+
+
+def make_loss(loss: str, temperature: float | None):
+    """The ``RerankLoss`` module of ``--loss`` and ``--temperature``."""
+    from fastlm.embeddings import ListwiseRerankLoss, PointwiseRerankLoss
+
+    if loss == "listwise":
+        return ListwiseRerankLoss(temperature=1.0 if temperature is None else temperature)
+    return PointwiseRerankLoss()
+
+
+def _describe_loss(loss) -> str:
+    temperature = getattr(loss, "temperature", None)
+    if temperature is not None:
+        return f"listwise (temperature {temperature:g})"
+    return "pointwise (BCE)"
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` says; returns the summary that is also written to rerank_summary.json."""
+    from fastlm.commands.embed import load_embedding_data
+
+    console = Console()
+    wall_start = time.perf_counter()
+    _check_args(args)
+    demo = args.data is None
+    if demo:
+        data, groups = _demo_data(args.max_samples)
+        console.status(f"data: no --data, so the built-in demo set ({len(data)} questions)")
+    else:
+        data, groups = load_embedding_data(args.data, args.max_samples), None
+        console.status(
+            f"data: {len(data)} {_kind(data)} rows from {_training.describe_files(data.files)}"
+        )
+    loss_name = _check_data(data, args.loss, "--data")
+    if args.temperature is not None and loss_name != "listwise":
+        raise CommandError("--temperature is for --loss listwise, not pointwise")
+    if args.eval_data:
+        groups = ranking_groups(load_embedding_data(args.eval_data))
+        if not groups:
+            raise CommandError(
+                f"--eval-data {args.eval_data}: no query has a relevant response and another "
+                "candidate to rank it against"
+            )
+    if groups:
+        pairs = sum(len(candidates) for _, candidates, _ in groups)
+        console.status(f"eval data: {len(groups)} queries, {pairs} candidates in all")
+    knobs = _training.with_defaults(args, DEMO_DEFAULTS if demo else DEFAULTS)
+
+    device = resolve_device(args.device)
+    dtype = resolve_torch_dtype(args.dtype, device)
+    reranker, model_path = _load_model(args, device, dtype, console)
+    before = _evaluate(reranker, groups, console, "before training") if groups else None
+
+    loss = make_loss(loss_name, args.temperature)
+    trainer = _trainer(reranker, data.rows, loss, args, knobs, device)
+    console.status(f"{_training.training_status(reranker, args)}, {_describe_loss(loss)}")
+    stats = _training.train(trainer, args.output_dir)
+    after = _evaluate(reranker, groups, console, "after training") if groups else None
+    if before is not None:
+        title = f"reranking, {len(groups)} held-out queries"
+        _training.print_metrics(console, title, before, after)
+
+    output_dir = Path(args.output_dir)
+    outputs = _save(reranker, args, model_path, output_dir, console)
+    summary = {
+        "model": model_path,
+        "data": "built-in demo (fastlm.embeddings.demo_data)" if demo else str(args.data),
+        "data_kind": _kind(data),
+        "rows": len(data),
+        "loss": _describe_loss(loss),
+        "template": _template_name(reranker.template),
+        "instruction": reranker.template.default_instruction,
+        "device": device,
+        "dtype": str(_training.compute_dtype(reranker)).replace("torch.", ""),
+        "method": "full" if args.full_finetune else "lora",
+        "max_seq_length": reranker.max_seq_length,
+        **knobs,
+        **stats,
+        "eval": {"before": before, "after": after} if before is not None else None,
+        "outputs": outputs,
+        "wall_seconds": time.perf_counter() - wall_start,
+    }
+    write_json(output_dir / "rerank_config.json", settings(args))
+    write_json(output_dir / "rerank_summary.json", summary)
+    _print_summary(console, summary, output_dir, default_model=args.model is None)
+    return summary
+
+
+def _check_model_path(path: str) -> None:
+    folder = Path(path)
+    if folder.is_dir():
+        if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+            raise CommandError(
+                f"--model {path}: a LoRA adapter; pass the model it was trained on (or the "
+                "merged_16bit/ folder that fastlm rerank --save-method merged_16bit writes)"
+            )
+        if not (folder / "config.json").exists():
+            raise CommandError(f"--model {path}: the folder has no config.json")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise CommandError(f"--model {path}: no such folder")
+
+
+def _templates() -> dict:
+    from fastlm.embeddings import QWEN3_RERANKER_TEMPLATE, RerankerTemplate
+
+    gemma = RerankerTemplate(
+        **GEMMA_TEMPLATE,
+        body=QWEN3_RERANKER_TEMPLATE.body,
+        default_instruction=QWEN3_RERANKER_TEMPLATE.default_instruction,
+    )
+    return {"qwen3": QWEN3_RERANKER_TEMPLATE, "gemma": gemma}
+
+
+def _template_name(template) -> str:
+    builtin = {(t.prefix, t.body, t.suffix, t.yes, t.no): name for name, t in _templates().items()}
+    key = (template.prefix, template.body, template.suffix, template.yes, template.no)
+    return builtin.get(key, "the model folder's (fastlm_reranker.json)")
+
+
+def _pick_template(reranker, choice: str, model_path: str, instruction: str | None):
+    """``--template`` and ``--instruction`` as a ``RerankerTemplate`` (see the flags' help)."""
+    import dataclasses
+
+    from fastlm.embeddings.reranker import TEMPLATE_FILE
+
+    templates = _templates()
+    if choice != "auto":
+        template = templates[choice]
+    elif (Path(model_path) / TEMPLATE_FILE).is_file():
+        template = reranker.template  # from_pretrained read the folder's own
+    else:
+        vocab = reranker.tokenizer.get_vocab()
+        gemma = "<start_of_turn>" in vocab and "<|im_start|>" not in vocab
+        template = templates["gemma" if gemma else "qwen3"]
+    if instruction is not None:
+        template = dataclasses.replace(template, default_instruction=instruction)
+    return template
+
+
+def _load_model(args, device: str, dtype, console: Console):
+    from fastlm.embeddings import FastReranker
+
+    model_path = args.model or default_model_path(console)
+    _check_model_path(model_path)
+    checkpointing = GRADIENT_CHECKPOINTING[args.gradient_checkpointing]
+    if checkpointing is None:  # auto: on the CPU there is no device memory to save
+        checkpointing = "fastlm" if device == "cuda" else False
+    console.status(f"loading {model_path} on {device} ...")
+    start = time.perf_counter()
+    try:
+        reranker = FastReranker.from_pretrained(
+            model_path,
+            max_seq_length=args.max_seq_length,
+            dtype=dtype,
+            device_map=device,
+            full_finetuning=args.full_finetune,
+            use_gradient_checkpointing=checkpointing,
+            random_state=args.seed,
+        )
+        template = _pick_template(reranker, args.template, model_path, args.instruction)
+        if template != reranker.template:  # checked again: answers, room left for the pair
+            reranker = FastReranker(
+                reranker.model, reranker.tokenizer, template, reranker.max_seq_length
+            )
+    except OSError as error:
+        raise hub_hint(error, model_path) from error
+    except ValueError as error:  # no tokenizer, "yes"/"no" not single tokens, too short
+        raise CommandError(f"--model {model_path}: {error}") from error
+    n_params = sum(p.numel() for p in reranker.parameters())
+    console.status(
+        f"loaded {n_params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.1f} s "
+        f"({reranker.config.model_type}, {_template_name(reranker.template)} template, "
+        f"max {reranker.max_seq_length} tokens)"
+    )
+    if not args.full_finetune:
+        lora = {"use_rslora": True} if args.use_rslora else {}
+        reranker.get_peft_model(**_training.lora_arguments(args, checkpointing), **lora)
+    return reranker, model_path
+
+
+def _evaluate(reranker, groups, console: Console, when: str) -> dict[str, float]:
+    """recall@1, MRR@10 and NDCG@10 of ranking each query's candidates by z = l_yes − l_no.
+
+    Ties count against the model: a relevant candidate ranks below the irrelevant ones that
+    score the same (an untrained model that scores every pair alike gets no credit).
+    """
+    import torch
+
+    from fastlm.embeddings.evaluation import retrieval_metrics
+
+    console.status(f"ranking metrics {when} ...")
+    queries = [query for query, candidates, _ in groups for _ in candidates]
+    documents = [text for _, candidates, _ in groups for text in candidates]
+    logits = reranker.score(
+        queries, documents, batch_size=SCORE_BATCH_SIZE, return_logits=True
+    ).tolist()
+    # One row per query holding each candidate's place (width − rank: distinct, so the ranking
+    # retrieval_metrics reads is this one); absent candidates are −inf and never count.
+    width = max(len(candidates) for _, candidates, _ in groups)
+    places = torch.full((len(groups), width), float("-inf"))
+    start = 0
+    for i, (_, candidates, relevant) in enumerate(groups):
+        z = logits[start : start + len(candidates)]
+        start += len(candidates)
+        ranked = sorted(range(len(candidates)), key=lambda j: (-z[j], j in relevant))
+        for rank, j in enumerate(ranked):
+            places[i, j] = float(width - rank)
+    return retrieval_metrics(places, [relevant for _, _, relevant in groups], ks=METRIC_KS)
+
+
+def _trainer(reranker, rows: list[dict], loss, args, knobs: dict, device: str):
+    from transformers import TrainingArguments
+
+    from fastlm.embeddings import RerankerTrainer
+
+    trainer_class = _training.counting_tokens(
+        RerankerTrainer, lambda inputs: int(inputs["attention_mask"].sum())
+    )
+    config = TrainingArguments(**_training.trainer_arguments(args, reranker, device, knobs))
+    trainer = trainer_class(reranker, config, train_dataset=rows, loss=loss)
+    return _training.show_progress(trainer)
+
+
+def _save(reranker, args, model_path: str, output_dir: Path, console: Console) -> dict[str, str]:
+    outputs: dict[str, str] = {}
+    if args.full_finetune:
+        target = output_dir / "model"
+        reranker.save_pretrained_merged(target, "merged_16bit")  # in the training dtype
+        outputs["model"] = str(target)
+    else:
+        target = output_dir / "adapter"
+        reranker.save_pretrained(target)
+        outputs["adapter"] = str(target)
+    console.status(f"saved {target}")
+    if args.save_method == "merged_16bit":
+        saved, target = target, output_dir / "merged_16bit"
+        console.status(f"writing merged_16bit to {target} ...")
+        try:
+            reranker.save_pretrained_merged(target, "merged_16bit", dtype=export_dtype(model_path))
+        except (NotImplementedError, ValueError) as error:
+            raise CommandError(
+                f"training finished and {saved} is saved, but the merge into {target} failed: "
+                f"{error}"
+            ) from error
+        outputs["merged_16bit"] = str(target)
+    return outputs
+
+
+def _print_summary(console: Console, summary: dict, output_dir: Path, default_model: bool) -> None:
+    rows = [
+        ("model", _DEFAULT_MODEL_NAME if default_model else summary["model"]),
+        ("data", f"{summary['rows']} {summary['data_kind']} rows"),
+        ("loss", summary["loss"]),
+        ("template", summary["template"]),
+        *_training.run_rows(summary),
+    ]
+    if summary["eval"] is not None:
+        before, after = summary["eval"]["before"], summary["eval"]["after"]
+        for name in before:
+            rows.append((name, f"{before[name]:.4f} -> {after[name]:.4f}"))
+    rows += _training.speed_rows(summary)
+    rows += [(f"saved {name}", path) for name, path in summary["outputs"].items()]
+    rows.append(("summary", str(output_dir / "rerank_summary.json")))
+    console.table("fastlm rerank: done", rows, ("", ""))
+    _training.warn_if_not_finite(console, summary["final_loss"])

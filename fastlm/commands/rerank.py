@@ -1,18 +1,19 @@
 """``fastlm rerank``: fine-tune a reranker (a causal LM scored by "yes" vs "no"), LoRA or full.
 
-Reads and checks the data first (a bad line fails with its file and line, before any model
-loads; the loaders are ``fastlm embed``'s), loads the model with ``FastReranker.from_pretrained``
-(fastlm's kernels), ranks each ``--eval-data`` query's candidates, trains with
-``RerankerTrainer``, ranks them again, saves the adapter (or the full model, or a merged copy)
-as folders that ``FastReranker.from_pretrained`` loads, and prints a summary. Without
-``--model`` it trains the bundled Gemma 3 270M (it has single "yes" and "no" tokens); without
-``--data`` it trains on a built-in set made from ``fastlm.embeddings.demo_data`` and evaluates
-on its held-out questions.
+Reads and checks the data first with ``fastlm.embeddings.data.load_embedding_data``, as
+``fastlm embed`` does (a bad line fails with its file and line, before any model loads), loads
+the model with ``FastReranker.from_pretrained`` (fastlm's kernels), ranks each ``--eval-data``
+query's candidates, trains with ``RerankerTrainer``, ranks them again, saves the adapter (or the
+full model, or a merged copy) as folders that ``FastReranker.from_pretrained`` loads, and prints
+a summary. Without ``--model`` it trains the bundled Gemma 3 270M (it has single "yes" and
+"no" tokens); without ``--data`` it trains on a built-in set made from
+``fastlm.embeddings.demo_data`` and evaluates on its held-out questions.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from pathlib import Path
@@ -22,15 +23,13 @@ from fastlm.commands import (
     CommandError,
     Console,
     _training,
+    check_model_folder,
     default_model_path,
     export_dtype,
-    hub_hint,
     resolve_device,
     resolve_torch_dtype,
-    write_json,
 )
 from fastlm.commands._common_args import add_flags, add_group, data_dependent_defaults
-from fastlm.commands._training import settings
 
 EXAMPLES = """\
 examples:
@@ -67,21 +66,11 @@ outputs (in --output-dir):
 LOSSES = ("listwise", "pointwise")
 TEMPLATE_CHOICES = ("auto", "qwen3", "gemma")
 SAVE_METHODS = ("lora", "merged_16bit")
-GRADIENT_CHECKPOINTING = {"auto": None, "fastlm": "fastlm", "true": True, "false": False}
 DEFAULTS = {"batch_size": 8, "lr": 1e-4, "epochs": 1.0, "warmup_steps": 0}
 # The demo set is 32 rows of 3 candidates: a few epochs of small steps show a clear gain.
 DEMO_DEFAULTS = {"batch_size": 4, "lr": 2e-4, "epochs": 2.0, "warmup_steps": 2}
 METRIC_KS = (1,)  # recall@1; retrieval_metrics adds mrr@10 and ndcg@10
 SCORE_BATCH_SIZE = 16  # pairs per forward when ranking --eval-data
-# Gemma's turn format around Qwen3-Reranker's instruction and body (a RerankerTemplate's
-# fields; built at run time, as fastlm.embeddings imports torch).
-GEMMA_TEMPLATE = {
-    "prefix": (
-        "<start_of_turn>user\nJudge whether the Document meets the requirements based on the "
-        'Query and the Instruct provided. Note that the answer can only be "yes" or "no".\n'
-    ),
-    "suffix": "<end_of_turn>\n<start_of_turn>model\n",
-}
 _DEFAULT_MODEL_NAME = "Gemma 3 270M (bundled)"
 
 
@@ -89,18 +78,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastlm rerank`` flags, in groups (the ones other commands share: _common_args)."""
     add_flags(parser, "--config")
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        metavar="PATH",
-        help="causal LM or reranker folder, e.g. Qwen3-Reranker (default: the bundled Gemma 3 "
-        "270M)",
-    )
     add_flags(
         group,
+        "--model",
         "--max-seq-length",
         "--dtype",
         "--device",
         "--full-finetune",
+        model={
+            "help": "causal LM or reranker folder, e.g. Qwen3-Reranker (default: the bundled "
+            "Gemma 3 270M)"
+        },
         max_seq_length={"help": "longer pairs have their query/document cut (default: 2048)"},
     )
     group.add_argument(
@@ -118,14 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "query')",
     )
 
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--data", metavar="PATH", help="training rows: .jsonl, .json or a folder (default: demo)"
-    )
-    group.add_argument(
-        "--eval-data", metavar="PATH", help="held-out rows: each query's candidates ranked"
-    )
-    group.add_argument("--max-samples", type=int, metavar="N", help="use the first N rows")
+    add_group(parser, "data", eval_data={"help": "held-out rows: each query's candidates ranked"})
 
     group = parser.add_argument_group("loss")
     group.add_argument(
@@ -134,11 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="listwise: softmax over each row's [response, rejected...]; pointwise: BCE per "
         "pair (default: listwise when every row has a rejected_response and no label)",
     )
-    group.add_argument(
-        "--temperature",
-        type=float,
-        metavar="X",
-        help="listwise softmax temperature (default: 1.0)",
+    add_flags(
+        group, "--temperature", temperature={"help": "listwise softmax temperature (default: 1.0)"}
     )
 
     add_group(
@@ -152,28 +130,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         DEFAULTS,
         DEMO_DEFAULTS,
         batch_size="rows per step, each with all its candidates",
-        lr="peak learning rate",
-        epochs="passes over the data",
-        warmup_steps="linear warm-up updates",
     )
     add_group(
         parser,
         "training",
         **knobs,
         grad_accum={"default": 1},
-        gradient_checkpointing={
-            "choices": tuple(GRADIENT_CHECKPOINTING),
-            "help": "fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
-            "recompute; false: keep everything; auto: fastlm on GPU, false on CPU",
-        },
     )
     group = add_group(parser, "output", output_dir={"default": "outputs/rerank"})
-    group.add_argument(
-        "--save-method",
-        choices=SAVE_METHODS,
-        default="lora",
-        help="besides adapter/: merged_16bit also writes the model with LoRA merged in",
-    )
+    save_method = "besides adapter/: merged_16bit also writes the model with LoRA merged in"
+    add_flags(group, "--save-method", save_method={"choices": SAVE_METHODS, "help": save_method})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,7 +217,7 @@ def ranking_groups(data) -> list[tuple[str, list[str], set[int]]]:
 
 def _demo_data(max_samples: int | None):
     """The built-in set: each question's answer against its paraphrase and another answer."""
-    from fastlm.commands.embed import EmbeddingData
+    from fastlm.embeddings.data import EmbeddingData
     from fastlm.embeddings.demo_data import retrieval_demo
 
     demo = retrieval_demo()
@@ -305,20 +271,13 @@ def _describe_loss(loss) -> str:
 
 def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the summary that is also written to rerank_summary.json."""
-    from fastlm.commands.embed import load_embedding_data
+    from fastlm.embeddings.data import load_embedding_data
 
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
     demo = args.data is None
-    if demo:
-        data, groups = _demo_data(args.max_samples)
-        console.status(f"data: no --data, so the built-in demo set ({len(data)} questions)")
-    else:
-        data, groups = load_embedding_data(args.data, args.max_samples), None
-        console.status(
-            f"data: {len(data)} {_kind(data)} rows from {_training.describe_files(data.files)}"
-        )
+    data, groups = _training.training_rows(console, args, _demo_data, _kind)
     loss_name = _check_data(data, args.loss, "--data")
     if args.temperature is not None and loss_name != "listwise":
         raise CommandError("--temperature is for --loss listwise, not pointwise")
@@ -337,16 +296,13 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = resolve_torch_dtype(args.dtype, device)
     reranker, model_path = _load_model(args, device, dtype, console)
-    before = _evaluate(reranker, groups, console, "before training") if groups else None
-
     loss = make_loss(loss_name, args.temperature)
-    trainer = _trainer(reranker, data.rows, loss, args, knobs, device)
-    console.status(f"{_training.training_status(reranker, args)}, {_describe_loss(loss)}")
-    stats = _training.train(trainer, args.output_dir)
-    after = _evaluate(reranker, groups, console, "after training") if groups else None
-    if before is not None:
-        title = f"reranking, {len(groups)} held-out queries"
-        _training.print_metrics(console, title, before, after)
+    evaluate = functools.partial(_evaluate, reranker, groups, console) if groups else None
+    title = f"reranking, {len(groups or ())} held-out queries"
+    new_trainer = functools.partial(_trainer, reranker, data.rows, loss, args, knobs, device)
+    stats, metrics = _training.train_evaluated(
+        console, args, reranker, new_trainer, _describe_loss(loss), evaluate, title
+    )
 
     output_dir = Path(args.output_dir)
     outputs = _save(reranker, args, model_path, output_dir, console)
@@ -364,39 +320,19 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
         "max_seq_length": reranker.max_seq_length,
         **knobs,
         **stats,
-        "eval": {"before": before, "after": after} if before is not None else None,
+        "eval": metrics,
         "outputs": outputs,
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    write_json(output_dir / "rerank_config.json", settings(args))
-    write_json(output_dir / "rerank_summary.json", summary)
+    _training.write_run(output_dir, "rerank", args, summary)
     _print_summary(console, summary, output_dir, default_model=args.model is None)
     return summary
 
 
-def _check_model_path(path: str) -> None:
-    folder = Path(path)
-    if folder.is_dir():
-        if (folder / "adapter_config.json").exists() and not (folder / "config.json").exists():
-            raise CommandError(
-                f"--model {path}: a LoRA adapter; pass the model it was trained on (or the "
-                "merged_16bit/ folder that fastlm rerank --save-method merged_16bit writes)"
-            )
-        if not (folder / "config.json").exists():
-            raise CommandError(f"--model {path}: the folder has no config.json")
-    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise CommandError(f"--model {path}: no such folder")
-
-
 def _templates() -> dict:
-    from fastlm.embeddings import QWEN3_RERANKER_TEMPLATE, RerankerTemplate
+    from fastlm.embeddings import GEMMA_RERANKER_TEMPLATE, QWEN3_RERANKER_TEMPLATE
 
-    gemma = RerankerTemplate(
-        **GEMMA_TEMPLATE,
-        body=QWEN3_RERANKER_TEMPLATE.body,
-        default_instruction=QWEN3_RERANKER_TEMPLATE.default_instruction,
-    )
-    return {"qwen3": QWEN3_RERANKER_TEMPLATE, "gemma": gemma}
+    return {"qwen3": QWEN3_RERANKER_TEMPLATE, "gemma": GEMMA_RERANKER_TEMPLATE}
 
 
 def _template_name(template) -> str:
@@ -429,40 +365,23 @@ def _load_model(args, device: str, dtype, console: Console):
     from fastlm.embeddings import FastReranker
 
     model_path = args.model or default_model_path(console)
-    _check_model_path(model_path)
-    checkpointing = GRADIENT_CHECKPOINTING[args.gradient_checkpointing]
-    if checkpointing is None:  # auto: on the CPU there is no device memory to save
-        checkpointing = "fastlm" if device == "cuda" else False
-    console.status(f"loading {model_path} on {device} ...")
-    start = time.perf_counter()
-    try:
-        reranker = FastReranker.from_pretrained(
-            model_path,
-            max_seq_length=args.max_seq_length,
-            dtype=dtype,
-            device_map=device,
-            full_finetuning=args.full_finetune,
-            use_gradient_checkpointing=checkpointing,
-            random_state=args.seed,
-        )
+    check_model_folder(
+        model_path, "merged_16bit/ folder that fastlm rerank --save-method merged_16bit writes"
+    )
+    checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
+    arguments = _training.model_arguments(args, device, dtype, checkpointing)
+    # a ValueError: no tokenizer, "yes"/"no" not single tokens, too short
+    with _training.loading(console, model_path, device) as start:
+        reranker = FastReranker.from_pretrained(model_path, **arguments)
         template = _pick_template(reranker, args.template, model_path, args.instruction)
         if template != reranker.template:  # checked again: answers, room left for the pair
             reranker = FastReranker(
                 reranker.model, reranker.tokenizer, template, reranker.max_seq_length
             )
-    except OSError as error:
-        raise hub_hint(error, model_path) from error
-    except ValueError as error:  # no tokenizer, "yes"/"no" not single tokens, too short
-        raise CommandError(f"--model {model_path}: {error}") from error
-    n_params = sum(p.numel() for p in reranker.parameters())
-    console.status(
-        f"loaded {n_params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.1f} s "
-        f"({reranker.config.model_type}, {_template_name(reranker.template)} template, "
-        f"max {reranker.max_seq_length} tokens)"
+    _training.loaded_status(
+        console, reranker, start, f"{_template_name(reranker.template)} template"
     )
-    if not args.full_finetune:
-        lora = {"use_rslora": True} if args.use_rslora else {}
-        reranker.get_peft_model(**_training.lora_arguments(args, checkpointing), **lora)
+    _training.add_lora(reranker, args, checkpointing)
     return reranker, model_path
 
 
@@ -497,16 +416,12 @@ def _evaluate(reranker, groups, console: Console, when: str) -> dict[str, float]
 
 
 def _trainer(reranker, rows: list[dict], loss, args, knobs: dict, device: str):
-    from transformers import TrainingArguments
-
     from fastlm.embeddings import RerankerTrainer
 
-    trainer_class = _training.counting_tokens(
-        RerankerTrainer, lambda inputs: int(inputs["attention_mask"].sum())
-    )
-    config = TrainingArguments(**_training.trainer_arguments(args, reranker, device, knobs))
-    trainer = trainer_class(reranker, config, train_dataset=rows, loss=loss)
-    return _training.show_progress(trainer)
+    def count(inputs) -> int:  # the real (non-padding) tokens of a batch's pairs
+        return int(inputs["attention_mask"].sum())
+
+    return _training.loss_trainer(RerankerTrainer, count, reranker, rows, loss, args, knobs, device)
 
 
 def _save(reranker, args, model_path: str, output_dir: Path, console: Console) -> dict[str, str]:
@@ -541,13 +456,7 @@ def _print_summary(console: Console, summary: dict, output_dir: Path, default_mo
         ("loss", summary["loss"]),
         ("template", summary["template"]),
         *_training.run_rows(summary),
+        *_training.metric_rows(summary["eval"]),
     ]
-    if summary["eval"] is not None:
-        before, after = summary["eval"]["before"], summary["eval"]["after"]
-        for name in before:
-            rows.append((name, f"{before[name]:.4f} -> {after[name]:.4f}"))
-    rows += _training.speed_rows(summary)
-    rows += [(f"saved {name}", path) for name, path in summary["outputs"].items()]
-    rows.append(("summary", str(output_dir / "rerank_summary.json")))
-    console.table("fastlm rerank: done", rows, ("", ""))
-    _training.warn_if_not_finite(console, summary["final_loss"])
+    saved = [(f"saved {name}", path) for name, path in summary["outputs"].items()]
+    _training.print_summary(console, "rerank", summary, output_dir, rows, saved)

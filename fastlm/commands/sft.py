@@ -21,13 +21,10 @@ from fastlm.commands import (
     check_model_path,
     default_model_path,
     export_dtype,
-    hub_hint,
     resolve_device,
     resolve_torch_dtype,
-    write_json,
 )
 from fastlm.commands._common_args import add_flags, add_group
-from fastlm.commands._training import settings
 
 EXAMPLES = """\
 examples:
@@ -56,7 +53,6 @@ outputs (in --output-dir):
   sft_summary.json   steps, losses, tokens/s, time and the paths above
   sft_config.json    every setting of the run; reuse it with --config
 """
-GRADIENT_CHECKPOINTING = {"auto": None, "fastlm": "fastlm", "true": True, "false": False}
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
 
 
@@ -66,16 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_flags(parser, "--config")
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        metavar="PATH",
-        help="local Hugging Face model folder (default: the bundled Gemma 3 270M)",
-    )
     add_flags(
         group,
+        "--model",
         "--max-seq-length",
         "--dtype",
         "--device",
+        model={"help": "local Hugging Face model folder (default: the bundled Gemma 3 270M)"},
         max_seq_length={"default": 2048, "help": "longer examples are cut"},
     )
     group.add_argument(
@@ -89,21 +82,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data", metavar="PATH", help="training data: .jsonl, .json or a folder")
+    add_flags(group, "--data", data={"help": "training data: .jsonl, .json or a folder"})
     group.add_argument(
         "--data-format",
         choices=("auto", *FORMATS),
         default="auto",
         help="auto: detected from the first record's keys",
     )
-    group.add_argument("--eval-data", metavar="PATH", help="held-out data, same formats")
+    add_flags(group, "--eval-data", eval_data={"help": "held-out data, same formats"})
     group.add_argument(
         "--eval-steps",
         type=int,
         metavar="N",
         help="evaluate every N steps (default: once, at the end)",
     )
-    group.add_argument("--max-samples", type=int, metavar="N", help="use the first N records")
+    add_flags(group, "--max-samples", max_samples={"help": "use the first N records"})
     group.add_argument(
         "--train-on",
         choices=TRAIN_ON,
@@ -126,24 +119,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "training",
         batch_size={"default": 2, "help": "examples per device step"},
         grad_accum={"default": 4},
-        lr={"default": 2e-4, "help": "peak learning rate"},
-        epochs={"default": 1.0, "help": "passes over the data"},
-        warmup_steps={"default": 5, "help": "linear warm-up updates"},
+        lr={"default": 2e-4},
+        epochs={"default": 1.0},
+        warmup_steps={"default": 5},
         optim={"help": "optimizer name (transformers), e.g. adamw_torch"},
         gradient_checkpointing={
-            "choices": tuple(GRADIENT_CHECKPOINTING),
             "help": "fastlm: recompute activations, layer inputs kept in CPU memory; true: plain "
             "recompute; false: keep everything (fastest, most memory); auto: fastlm on GPU, "
             "false on CPU",
         },
     )
     group = add_group(parser, "output", output_dir={"default": "outputs/sft"})
-    group.add_argument(
-        "--save-method",
-        choices=SAVE_METHODS,
-        default="lora",
-        help="besides adapter/: merged_16bit or merged_4bit also writes a merged model",
-    )
+    save_method = "besides adapter/: merged_16bit or merged_4bit also writes a merged model"
+    add_flags(group, "--save-method", save_method={"choices": SAVE_METHODS, "help": save_method})
     group.add_argument(
         "--gguf",
         nargs="+",
@@ -163,14 +151,9 @@ def main(args: argparse.Namespace) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     if not args.data:
         raise CommandError("--data is required: a .jsonl / .json file or a folder of them")
-    positive = ("max_seq_length", "batch_size", "grad_accum", "lora_r", "logging_steps")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("max_steps", "eval_steps", "save_steps", "max_samples"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+    names = ("max_seq_length", "batch_size", "grad_accum", "lora_r", "logging_steps")
+    optional = ("max_steps", "eval_steps", "save_steps", "max_samples")
+    _training.check_ranges(args, dict.fromkeys(names + optional, 1))
     if args.full_finetune and args.load_in_4bit:
         raise CommandError("--full-finetune and --load-in-4bit do not go together (QLoRA is LoRA)")
     if args.full_finetune and args.save_method != "lora":
@@ -220,8 +203,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
         "outputs": outputs,
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    write_json(output_dir / "sft_config.json", settings(args))
-    write_json(output_dir / "sft_summary.json", summary)
+    _training.write_run(output_dir, "sft", args, summary)
     _print_summary(console, summary, output_dir)
     return summary
 
@@ -231,34 +213,20 @@ def _load_model(args, device: str, dtype, console: Console):
 
     model_path = args.model or default_model_path(console)
     check_model_path(model_path)
-    checkpointing = GRADIENT_CHECKPOINTING[args.gradient_checkpointing]
-    if checkpointing is None:  # auto: on the CPU there is no device memory to save
-        checkpointing = "fastlm" if device == "cuda" else False
-    console.status(f"loading {model_path} on {device} ...")
-    start = time.perf_counter()
-    try:
+    checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
+    with _training.loading(console, model_path, device, value_errors=False) as start:
         model, tokenizer = FastModel.from_pretrained(
             model_path,
-            max_seq_length=args.max_seq_length,
-            dtype=dtype,
             load_in_4bit=args.load_in_4bit,
-            full_finetuning=args.full_finetune,
-            device_map=device,
-            use_gradient_checkpointing=checkpointing,
-            random_state=args.seed,
+            **_training.model_arguments(args, device, dtype, checkpointing),
         )
-    except OSError as error:
-        raise hub_hint(error, model_path) from error
     if tokenizer is None:
         raise CommandError(f"{model_path} has no tokenizer files; fastlm sft needs a tokenizer")
     if args.chat_template:
         tokenizer.chat_template = _chat_template(args.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    n_params = sum(p.numel() for p in model.parameters())
-    console.status(
-        f"loaded {n_params / 1e6:,.1f}M parameters in {time.perf_counter() - start:.1f} s"
-    )
+    _training.loaded_status(console, model, start)
     if not args.full_finetune:
         model = FastModel.get_peft_model(
             model, use_rslora=args.use_rslora, **_training.lora_arguments(args, checkpointing)
@@ -373,9 +341,8 @@ def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
     ]
     if summary.get("eval_loss") is not None:
         rows.append(("eval loss", f"{summary['eval_loss']:.4f}"))
-    rows += _training.speed_rows(summary)
-    for name, value in summary["outputs"].items():
-        rows.append((name, "\n".join(value) if isinstance(value, list) else value))
-    rows.append(("summary", str(output_dir / "sft_summary.json")))
-    console.table("fastlm sft: done", rows, ("", ""))
-    _training.warn_if_not_finite(console, summary["final_loss"])
+    outputs = [
+        (name, "\n".join(value) if isinstance(value, list) else value)
+        for name, value in summary["outputs"].items()
+    ]
+    _training.print_summary(console, "sft", summary, output_dir, rows, outputs)

@@ -32,6 +32,7 @@ from fastlm.embeddings.model import (
 )
 from fastlm.embeddings.pooling import POOLING_MODES, Dense, pool
 from fastlm.embeddings.reranker import (
+    GEMMA_RERANKER_TEMPLATE,
     QWEN3_RERANKER_TEMPLATE,
     FastReranker,
     ListwiseRerankLoss,
@@ -47,6 +48,7 @@ from fastlm.embeddings.reranker import (
 from fastlm.embeddings.trainer import EmbeddingTrainer
 
 __all__ = [
+    "GEMMA_RERANKER_TEMPLATE",
     "POOLING_MODES",
     "PROMPT_STYLES",
     "QWEN3_RERANKER_TEMPLATE",

@@ -76,6 +76,18 @@ QWEN3_RERANKER_TEMPLATE = RerankerTemplate(
     ),
 )
 
+# Gemma's turn format around Qwen3-Reranker's body and instruction, for Gemma-family causal LMs
+# (their tokenizers have "yes" and "no" as single tokens); ``fastlm rerank --template gemma``.
+GEMMA_RERANKER_TEMPLATE = RerankerTemplate(
+    prefix=(
+        "<start_of_turn>user\nJudge whether the Document meets the requirements based on the "
+        'Query and the Instruct provided. Note that the answer can only be "yes" or "no".\n'
+    ),
+    body=QWEN3_RERANKER_TEMPLATE.body,
+    suffix="<end_of_turn>\n<start_of_turn>model\n",
+    default_instruction=QWEN3_RERANKER_TEMPLATE.default_instruction,
+)
+
 
 def answer_logits(
     hidden: torch.Tensor, head: nn.Module, token_ids: Sequence[int], softcap: float | None = None

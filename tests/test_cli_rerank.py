@@ -152,6 +152,8 @@ def test_rerank_help_does_not_import_torch():
          ["--model", "./no/such/folder"], r"--model ./no/such/folder: no such folder"),
         (['{"query": "a", "response": "b", "rejected_response": ["c"]}'], ["--lr", "0"],
          r"--lr must be greater than 0"),
+        (['{"query": "a", "response": "b", "rejected_response": ["c"]}'],
+         ["--load-in-4bit", "--full-finetune"], r"--full-finetune and --load-in-4bit do not go"),
     ],
 )  # fmt: skip
 def test_bad_rows_and_flags_are_named_before_any_model_loads(
@@ -318,3 +320,21 @@ def test_default_model_and_demo_set_full_finetune(
     assert torch.allclose(theirs, trained_scores["probe"], atol=1e-6, rtol=0)
     untouched = reload(tiny_reranker).score(PROBE_QUERIES, PROBE_DOCS, return_logits=True)
     assert (theirs - untouched).abs().max() > 1e-3
+
+
+def test_load_in_4bit_trains_a_qlora_reranker_whose_adapter_reloads(
+    tiny_reranker, tmp_path, trained_scores
+):
+    pytest.importorskip("bitsandbytes")  # its NF4 layers run on the CPU too
+    data = write_jsonl(tmp_path / "train.jsonl", listwise_rows())
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_reranker, data, out, "--load-in-4bit", "--max-steps", 2)) == 0
+    assert json.loads((out / "rerank_summary.json").read_text())["method"] == "qlora"
+    from fastlm.embeddings import FastReranker
+
+    adapter = FastReranker.from_pretrained(
+        str(out / "adapter"), max_seq_length=400, load_in_4bit=True, **CPU
+    )
+    assert any("4bit" in type(m).__name__ for m in adapter.causal_lm.modules())
+    theirs = adapter.score(PROBE_QUERIES, PROBE_DOCS, return_logits=True)
+    assert torch.allclose(theirs, trained_scores["probe"], atol=1e-6, rtol=0)

@@ -27,6 +27,7 @@ FLAGS: dict[str, dict[str, Any]] = {
         "default": "auto",
         "help": "auto: cuda if available",
     },
+    "--load-in-4bit": {"action": "store_true", "help": "QLoRA: 4-bit NF4 base weights (GPU)"},
     "--full-finetune": {"action": "store_true", "help": "train every weight instead of LoRA"},
     # data
     "--data": {

@@ -101,8 +101,9 @@ def model_arguments(
     args: argparse.Namespace, device: str, dtype, use_gradient_checkpointing
 ) -> dict[str, Any]:
     """The ``from_pretrained`` keywords of the shared model flags and --seed (``FastModel``,
-    ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s."""
-    return dict(
+    ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s.
+    ``--load-in-4bit`` only where the command has it (not ``embed``)."""
+    arguments = dict(
         max_seq_length=args.max_seq_length,
         dtype=dtype,
         device_map=device,
@@ -110,6 +111,15 @@ def model_arguments(
         use_gradient_checkpointing=use_gradient_checkpointing,
         random_state=args.seed,
     )
+    if getattr(args, "load_in_4bit", False):
+        arguments["load_in_4bit"] = True
+    return arguments
+
+
+def check_method(args: argparse.Namespace) -> None:
+    """Before loading anything: --load-in-4bit is QLoRA (LoRA on a 4-bit base), not full."""
+    if getattr(args, "load_in_4bit", False) and args.full_finetune:
+        raise CommandError("--full-finetune and --load-in-4bit do not go together (QLoRA is LoRA)")
 
 
 def loaded_status(console: Console, model, start: float, *about: str) -> None:

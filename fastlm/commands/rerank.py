@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-seq-length",
         "--dtype",
         "--device",
+        "--load-in-4bit",
         "--full-finetune",
         model={
             "help": "causal LM or reranker folder, e.g. Qwen3-Reranker (default: the bundled "
@@ -244,6 +245,7 @@ def _check_args(args: argparse.Namespace) -> None:
     names = ("lora_r", "grad_accum", "logging_steps", "max_seq_length", "batch_size")
     at_least = {**dict.fromkeys(names, 1), "max_steps": 1, "save_steps": 1, "max_samples": 1}
     _training.check_ranges(args, {**at_least, "warmup_steps": 0}, ("lr", "epochs", "temperature"))
+    _training.check_method(args)
     if args.full_finetune and (args.target_modules or args.use_rslora):
         raise CommandError("--target-modules / --use-rslora are LoRA flags; drop --full-finetune")
     if args.full_finetune and args.save_method != "lora":
@@ -316,7 +318,7 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
         "instruction": reranker.template.default_instruction,
         "device": device,
         "dtype": str(_training.compute_dtype(reranker)).replace("torch.", ""),
-        "method": "full" if args.full_finetune else "lora",
+        "method": "full" if args.full_finetune else "qlora" if args.load_in_4bit else "lora",
         "max_seq_length": reranker.max_seq_length,
         **knobs,
         **stats,

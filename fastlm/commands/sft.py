@@ -71,10 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         model={"help": "local Hugging Face model folder (default: the bundled Gemma 3 270M)"},
         max_seq_length={"default": 2048, "help": "longer examples are cut"},
     )
-    group.add_argument(
-        "--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights (GPU)"
-    )
-    add_flags(group, "--full-finetune")
+    add_flags(group, "--load-in-4bit", "--full-finetune")
     group.add_argument(
         "--chat-template",
         metavar="FILE|NAME",
@@ -154,8 +151,7 @@ def _check_args(args: argparse.Namespace) -> None:
     names = ("max_seq_length", "batch_size", "grad_accum", "lora_r", "logging_steps")
     optional = ("max_steps", "eval_steps", "save_steps", "max_samples")
     _training.check_ranges(args, dict.fromkeys(names + optional, 1))
-    if args.full_finetune and args.load_in_4bit:
-        raise CommandError("--full-finetune and --load-in-4bit do not go together (QLoRA is LoRA)")
+    _training.check_method(args)
     if args.full_finetune and args.save_method != "lora":
         raise CommandError("--save-method is for LoRA runs; --full-finetune saves model/ anyway")
     if args.eval_steps and not args.eval_data:
@@ -216,9 +212,7 @@ def _load_model(args, device: str, dtype, console: Console):
     checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
     with _training.loading(console, model_path, device, value_errors=False) as start:
         model, tokenizer = FastModel.from_pretrained(
-            model_path,
-            load_in_4bit=args.load_in_4bit,
-            **_training.model_arguments(args, device, dtype, checkpointing),
+            model_path, **_training.model_arguments(args, device, dtype, checkpointing)
         )
     if tokenizer is None:
         raise CommandError(f"{model_path} has no tokenizer files; fastlm sft needs a tokenizer")

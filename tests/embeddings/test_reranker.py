@@ -128,6 +128,27 @@ def test_scores_match_hf_full_logits_left_and_right_padding(
         assert (uncapped - expected_z).abs().max() > 1e-3
 
 
+def test_4bit_reranker_scores_match_hf_on_the_same_nf4_weights(tmp_path):
+    """QLoRA base: the same NF4 quantisation on both sides (bitsandbytes on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    from fastlm.api import nf4_config
+
+    path = save_tiny_reranker("qwen3", tmp_path / "qwen3")
+    reranker = FastReranker.from_pretrained(
+        str(path), max_seq_length=400, dtype=torch.float32, device_map="cpu", load_in_4bit=True
+    )
+    reference = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", quantization_config=nf4_config(torch.float32)
+    ).eval()
+    assert any("4bit" in type(m).__name__ for m in reranker.causal_lm.modules())
+    reranker.get_peft_model(r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    batch = reranker.tokenize(QUERIES, DOCS)
+    with torch.no_grad():
+        _, expected_z = _hf_relevance(reference, batch, reranker.yes_token_id, reranker.no_token_id)
+        z = reranker.eval()(**batch)
+    assert torch.allclose(z, expected_z, atol=1e-5, rtol=0), (z - expected_z).abs().max()
+
+
 def test_answer_logits_bias_softcap_and_other_heads():
     torch.manual_seed(0)
     hidden = torch.randn(5, 12, dtype=torch.float64)

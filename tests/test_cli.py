@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_model
+from tiny_models import bpe_tokenizer, llama_cpp_server, save_tiny_model
 
 from fastlm import cli
 from fastlm.cli_config import ConfigError, apply_config, load_config_file
@@ -26,34 +26,9 @@ NEW_COMMANDS = ("sft", "export", "bench", "info")
 
 def sentencepiece_tokenizer():
     """A small SentencePiece-style BPE (▁ + byte fallback) that GGUF export accepts: 300 ids."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    for char in "▁abcdefghijklmnopqrstuvwxyz":
-        vocab[char] = len(vocab)
     merges = [("▁", "a"), ("d", "d"), ("▁a", "dd"), ("u", "s"), ("e", "r")]
-    for left, right in merges:
-        vocab[left + right] = len(vocab)
-    assert len(vocab) <= 300
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=None))
-    backend.normalizer = normalizers.Replace(" ", "▁")
-    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
-    )
+    tokenizer = bpe_tokenizer(merges, unk_token=None)
+    assert len(tokenizer) <= 300
     return tokenizer
 
 
@@ -330,13 +305,7 @@ def test_export_gguf_runs_in_llama_cpp(trained, tmp_path):
     reader = gguf.GGUFReader(path)
     assert reader.fields["general.architecture"].contents() == "llama"
     assert (out / "Modelfile").read_text().startswith("FROM ./tiny.f16.gguf")
-    xllamacpp = pytest.importorskip("xllamacpp")
-    params = xllamacpp.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 128
-    params.n_parallel = 1
-    params.cpuparams.n_threads = 2
-    server = xllamacpp.Server(params)
+    server = llama_cpp_server(path, n_ctx=128)
     response = server.handle_completions(
         {"prompt": "add two", "n_predict": 4, "temperature": 0, "ignore_eos": True}
     )

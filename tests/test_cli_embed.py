@@ -207,6 +207,21 @@ def test_every_loss_trains_on_tiny_qwen3(tiny_qwen3, tmp_path, loss, rows, extra
     assert (out / "model" / "modules.json").is_file() and (out / "adapter").is_dir()
 
 
+def test_load_in_4bit_trains_qlora_and_saves_a_16bit_model(tiny_qwen3, tmp_path):
+    pytest.importorskip("bitsandbytes")  # its NF4 layers run on the CPU too
+    from fastlm.embeddings import FastSentenceTransformer
+
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_qwen3, data, out, "--load-in-4bit")) == 0
+    summary = json.loads((out / "embed_summary.json").read_text())
+    assert summary["method"] == "qlora" and all(math.isfinite(x) for x in summary["losses"])
+    saved = FastSentenceTransformer.from_pretrained(str(out / "model"), **CPU)
+    assert not any("4bit" in type(m).__name__ for m in saved.backbone.modules())
+    assert torch.isfinite(saved.encode(["a cat", "a dog"])).all()
+    assert run(tiny_argv(tiny_qwen3, data, out, "--load-in-4bit", "--full-finetune")) == 1
+
+
 def test_config_file_full_finetune_with_prompts(tiny_qwen3, tmp_path):
     from fastlm.embeddings import FastSentenceTransformer
 

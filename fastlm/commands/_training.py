@@ -102,7 +102,7 @@ def model_arguments(
 ) -> dict[str, Any]:
     """The ``from_pretrained`` keywords of the shared model flags and --seed (``FastModel``,
     ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s.
-    ``--load-in-4bit`` only where the command has it (not ``embed``)."""
+    ``--load-in-4bit`` only when given."""
     arguments = dict(
         max_seq_length=args.max_seq_length,
         dtype=dtype,

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pooling", choices=POOLINGS, help="override the model's pooling (default: its own)"
     )
-    add_flags(group, "--dtype", "--device", "--full-finetune")
+    add_flags(group, "--dtype", "--device", "--load-in-4bit", "--full-finetune")
     group.add_argument(
         "--query-prompt", metavar="TEXT", help="prefix for queries (default: the model's own)"
     )
@@ -232,6 +232,7 @@ def _check_args(args: argparse.Namespace) -> None:
     at_least = {name: 1 for name in names + ("max_steps", "save_steps", "max_samples")}
     at_least.update(mini_batch_size=1, warmup_steps=0)
     _training.check_ranges(args, at_least, ("lr", "epochs", "temperature"))
+    _training.check_method(args)
     loss = args.loss
     only = {
         "temperature": RETRIEVAL_LOSSES,
@@ -350,7 +351,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         "loss": _describe_loss(args),
         "device": device,
         "dtype": str(_training.compute_dtype(model)).replace("torch.", ""),
-        "method": "full" if args.full_finetune else "lora",
+        "method": "full" if args.full_finetune else "qlora" if args.load_in_4bit else "lora",
         "pooling": model.pooling,
         "max_seq_length": model.max_seq_length,
         **knobs,

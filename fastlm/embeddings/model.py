@@ -407,14 +407,11 @@ def load_embedding_model(
     from transformers import AutoModel, AutoTokenizer
 
     from fastlm import models
-    from fastlm.api import resolve_dtype
-    from fastlm.errors import UnsupportedKeywordError
+    from fastlm.api import nf4_config, resolve_dtype
     from fastlm.versions import check_versions
 
-    if load_in_4bit:
-        raise UnsupportedKeywordError(
-            "load_in_4bit=True is not implemented for embedding models; load in 16/32-bit."
-        )
+    if load_in_4bit and full_finetuning:
+        raise ValueError("load_in_4bit=True is QLoRA (LoRA on a 4-bit body): not full_finetuning")
     if full_finetuning and lora_r is not None:
         raise ValueError("choose full_finetuning=True or lora_r=..., not both")
     if not allow_untested_versions:
@@ -431,6 +428,8 @@ def load_embedding_model(
     dtype = resolve_dtype(dtype, device)
     if device_map == "auto" and device == "cpu":
         device_map = None
+    if load_in_4bit:  # NF4 with double quantisation, as FastModel's QLoRA
+        kwargs["quantization_config"] = nf4_config(dtype, kwargs.get("quantization_config"))
     torch.manual_seed(random_state)
     backbone = AutoModel.from_pretrained(
         body_path,

@@ -97,3 +97,50 @@ def _to(value, device):
     if isinstance(value, dict):
         return {k: v.to(device) for k, v in value.items()}
     return value.to(device)
+
+
+def test_4bit_body_embeddings_gradients_and_merged_save(tmp_path):
+    """QLoRA: the same NF4 body (bitsandbytes on the CPU) patched and unpatched, then a save
+    whose LoRA is merged into the dequantised weights reloads as a 16-bit model, same vectors."""
+    pytest.importorskip("bitsandbytes")
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    models = []
+    for kernels in (False, True):
+        model, _ = load_embedding_model(
+            str(path), max_seq_length=120, use_fastlm_kernels=kernels, load_in_4bit=True, **CPU
+        )
+        model.get_peft_model(r=4, lora_alpha=8, init_lora_weights=False)
+        models.append(model.train())
+    reference, fast = models
+    assert any("4bit" in type(m).__name__ for m in fast.backbone.modules())
+    assert all(row["fused"] and row["lora"] for row in fused_report(fast.backbone))
+    with torch.no_grad():  # the packed 4-bit weights are equal: copy the adapters only
+        lora = {n: p for n, p in reference.named_parameters() if "lora_" in n}
+        for name, param in fast.named_parameters():
+            if "lora_" in name:
+                param.copy_(lora[name])
+    batch = EmbeddingCollator(fast, prompts={})(ROWS)
+    with torch.no_grad():
+        expected = reference(**batch["response"])
+        actual = fast(**batch["response"])
+    assert torch.allclose(actual, expected, atol=1e-5, rtol=0)
+    expected_loss, expected_grads = _loss_and_grads(reference, batch)
+    actual_loss, actual_grads = _loss_and_grads(fast, batch)
+    assert abs(actual_loss - expected_loss) <= RTOL * abs(expected_loss)
+    assert expected_grads.keys() == actual_grads.keys() and len(expected_grads) > 0
+    for name, grad in expected_grads.items():
+        assert relative_error(actual_grads[name], grad) <= RTOL, name
+
+    fast.save_pretrained(tmp_path / "merged")
+    reloaded, _ = load_embedding_model(str(tmp_path / "merged"), max_seq_length=120, **CPU)
+    assert not any("4bit" in type(m).__name__ for m in reloaded.backbone.modules())
+    with torch.no_grad():
+        vectors = reloaded.eval()(**batch["response"])
+        in_memory = fast.eval()(**batch["response"])
+    assert torch.allclose(vectors, in_memory, atol=1e-4, rtol=0), (vectors - in_memory).abs().max()
+
+
+def test_4bit_refuses_full_finetuning(tmp_path):
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    with pytest.raises(ValueError, match="QLoRA"):
+        load_embedding_model(str(path), load_in_4bit=True, full_finetuning=True, **CPU)

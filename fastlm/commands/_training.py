@@ -101,24 +101,21 @@ def model_arguments(
     args: argparse.Namespace, device: str, dtype, use_gradient_checkpointing
 ) -> dict[str, Any]:
     """The ``from_pretrained`` keywords of the shared model flags and --seed (``FastModel``,
-    ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s.
-    ``--load-in-4bit`` only when given."""
-    arguments = dict(
+    ``FastReranker``, ``load_embedding_model``); ``dtype``: ``resolve_torch_dtype``'s."""
+    return dict(
         max_seq_length=args.max_seq_length,
         dtype=dtype,
         device_map=device,
         full_finetuning=args.full_finetune,
+        load_in_4bit=args.load_in_4bit,
         use_gradient_checkpointing=use_gradient_checkpointing,
         random_state=args.seed,
     )
-    if getattr(args, "load_in_4bit", False):
-        arguments["load_in_4bit"] = True
-    return arguments
 
 
 def check_method(args: argparse.Namespace) -> None:
     """Before loading anything: --load-in-4bit is QLoRA (LoRA on a 4-bit base), not full."""
-    if getattr(args, "load_in_4bit", False) and args.full_finetune:
+    if args.load_in_4bit and args.full_finetune:
         raise CommandError("--full-finetune and --load-in-4bit do not go together (QLoRA is LoRA)")
 
 

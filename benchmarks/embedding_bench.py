@@ -63,7 +63,7 @@ _QWEN3 = {
 }
 
 
-def _qwen3_embedding(name: str, batch: int = 32, seq: int = 256, tiny: bool = False, **config):
+def _qwen3_embedding(name: str, batch: int = 64, seq: int = 256, tiny: bool = False, **config):
     """A Qwen3 embedding model: `config` over the family's common entries."""
     return Shape(name, "qwen3", {**_QWEN3, **config}, batch, seq, tiny=tiny)
 
@@ -236,34 +236,69 @@ BUILDERS = {"hf": build_hf, "st": build_st, "fastlm": build_fastlm}
 # --------------------------------------------------------------------------------------------
 # The loop: identical for every system.
 # --------------------------------------------------------------------------------------------
-def embed_loop(model, loss_fn, *, vocab: int, batch: int, seq: int, warmup: int, steps: int):
-    """Seeded random query / positive ids (no padding), bf16 autocast, backward, AdamW.
+def embed_loop(
+    model,
+    loss_fn,
+    *,
+    vocab: int,
+    batch: int,
+    seq: int,
+    query_seq: int,
+    warmup: int,
+    steps: int,
+    profile: bool = False,
+):
+    """Seeded random query (`query_seq` tokens) / document (`seq` tokens) ids, no padding, bf16
+    autocast, backward, AdamW.
 
     Peak memory counts from just before the first warm-up step; `steps` steps are timed between
     two synchronisations; losses are read (`.item()`) after the timed region. Tokens per step:
-    2 · batch · seq (queries and positives).
+    batch · (query_seq + seq). `profile`: afterwards, torch.profiler over two forward+backward
+    passes, printed (kernel table and GPU-busy time per step) to the child's log.
     """
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, vocab, (2, batch, seq), generator=gen).to(device)
-    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    query_ids = torch.randint(0, vocab, (batch, query_seq), generator=gen).to(device)
+    doc_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+    query_mask, doc_mask = torch.ones_like(query_ids), torch.ones_like(doc_ids)
 
     def loss():
         # Fresh dicts: Sentence-Transformers writes its outputs into the feature dicts.
-        query = {"input_ids": ids[0], "attention_mask": mask}
-        positive = {"input_ids": ids[1], "attention_mask": mask}
+        query = {"input_ids": query_ids, "attention_mask": query_mask}
+        positive = {"input_ids": doc_ids, "attention_mask": doc_mask}
         return loss_fn(query, positive)
 
     loop = timed_training(model, loss, warmup=warmup, steps=steps, record_dtypes=True)
     elapsed = loop["timed_s"]
+    if profile and device == "cuda":
+        loop["gpu_busy_ms_per_step"] = _profile(torch, loss)
     return {
-        "tokens_per_s": 2 * batch * seq * steps / elapsed,
+        "tokens_per_s": batch * (query_seq + seq) * steps / elapsed,
         "pairs_per_s": batch * steps / elapsed,
         "ms_per_step": 1000.0 * elapsed / steps,
         **loop,
     }
+
+
+def _profile(torch, loss, passes: int = 2) -> float:
+    """Print the kernels of `passes` forward+backward passes; return GPU-busy ms per pass (a
+    step's wall time far above it means the step waits on the CPU: launches, Python)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(passes):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                value = loss()
+            value.backward()
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+    busy_ms = sum(e.self_device_time_total for e in table) / 1000 / passes
+    launches = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"PROFILE GPU busy {busy_ms:.1f} ms per pass, {launches // passes} kernels per pass",
+          flush=True)  # fmt: skip
+    return busy_ms
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,6 +322,7 @@ def child_main(spec: dict) -> dict:
         "mode": "lora",
         "batch": spec["batch"],
         "seq": spec["seq"],
+        "query_seq": spec["query_seq"],
         "warmup": spec["warmup"],
         "steps": spec["steps"],
         "checkpointing": spec["checkpointing"],
@@ -299,6 +335,9 @@ def child_main(spec: dict) -> dict:
             spec["path"], spec["seq"], cuda, dtype, spec["checkpointing"]
         )
         loop = {k: spec[k] for k in ("batch", "seq", "warmup", "steps")}
+        loop.update(
+            query_seq=spec.get("query_seq", spec["seq"]), profile=spec.get("profile", False)
+        )
         return model, lambda: embed_loop(model, loss_fn, vocab=shape.vocab_size, **loop)
 
     return train_bench.measure_child(rec, t_start, load, lambda: _versions(system))
@@ -352,7 +391,15 @@ def write_report(out: Path, payload: dict) -> str:
         "",
         "Embedding loop: query / positive pairs of random token ids (no padding), last-token "
         "pooling, L2 norm, InfoNCE with in-batch negatives (temperature 0.05 = MNRL scale 20); "
-        "tokens/s counts queries and positives.",
+        "tokens/s counts queries and positives (`seq` is the document length).",
+        "",
+        "Pairs per second (query tokens / document tokens per pair):",
+        *[
+            f"- {r['shape']} / {r['system']}: {r['pairs_per_s']:.1f} pairs/s "
+            f"({r.get('query_seq')} / {r['seq']} tokens), peak {r.get('peak_gib') or 0:.2f} GiB"
+            for r in payload["records"]
+            if r.get("status") == "ok" and "pairs_per_s" in r
+        ],
     ]
     if comparison:
         notes += ["", "fastlm vs sentence-transformers:", *_st_lines(comparison)]
@@ -372,9 +419,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-embedding)")
     train_bench.add_loop_args(
         p,
-        seq_help="override every shape's sequence length (256)",
-        batch_help="override every shape's pairs per step (32)",
+        seq_help="override every shape's document length (256)",
+        batch_help="override every shape's pairs per step (64)",
     )
+    p.add_argument("--query-seq", type=int, default=64, help="query length (at most --seq)")
+    p.add_argument("--profile", action="store_true", help="also profile two passes (in the logs)")
     p.add_argument(
         "--checkpointing",
         choices=CHECKPOINTING,
@@ -420,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                 "path": meta["path"],
                 "batch": args.batch or shape.batch,
                 "seq": args.seq or shape.seq,
+                "query_seq": min(args.query_seq, args.seq or shape.seq),
+                "profile": args.profile,
                 "warmup": args.warmup,
                 "steps": args.steps,
                 "checkpointing": args.checkpointing,

@@ -404,6 +404,9 @@ class StreamStats:
         self.copies = self.bytes = self.waits = self.entries = 0
 
 
+_NO_MAP = object()  # the model had no hf_device_map before streaming
+
+
 def _in_backward() -> bool:
     task = getattr(torch._C, "_current_graph_task_id", None)
     return task is not None and task() != -1
@@ -600,6 +603,7 @@ class WeightStreamer:
                 view = slot[item.offset : item.offset + item.nbytes]
                 item.slot_view = view.view(item.dtype).view(item.shape)
         self._install_hooks()
+        self._publish_device_map()
         self._measure_bandwidth()
         self._shrink_activation_budget()
         kinds = [self._layers[i].kind for i in self.streamed]
@@ -624,6 +628,29 @@ class WeightStreamer:
         self._handles.append(
             self.stack.register_forward_pre_hook(self._stack_pre_hook, with_kwargs=True)
         )
+
+    def _publish_device_map(self) -> None:
+        # Accelerate (and so the HF Trainer and TRL) calls model.to(device) on any model whose
+        # hf_device_map has fewer than two entries, which would pull the streamed 4-bit weights
+        # onto the GPU. A map that tells the truth (streamed layers live on the CPU) makes it
+        # leave the placement alone, as it does for any big-model dispatch.
+        self._previous_device_map = self.model.__dict__.get("hf_device_map", _NO_MAP)
+        device = self.device.index if self.device.type == "cuda" else self.device.type
+        names = {id(m): n for n, m in self.model.named_modules()}
+        placement, module, prefix = {}, self.model, ""
+        for part in names[id(self.layers)].split("."):  # siblings along the path to the layers
+            placement.update({prefix + n: device for n, _ in module.named_children() if n != part})
+            module, prefix = getattr(module, part), f"{prefix}{part}."
+        for index in range(len(self.layers)):
+            placement[f"{prefix}{index}"] = "cpu" if index in self._layers else device
+        self.model.hf_device_map = placement
+
+    def _restore_device_map(self) -> None:
+        previous = getattr(self, "_previous_device_map", _NO_MAP)
+        if previous is _NO_MAP:
+            self.model.__dict__.pop("hf_device_map", None)
+        else:
+            self.model.hf_device_map = previous
 
     def _measure_bandwidth(self) -> None:
         if self.device.type != "cuda" or not self.streamed:
@@ -864,6 +891,7 @@ class WeightStreamer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._restore_device_map()
         self._slot_buffers = []
         self._layers.clear()
         self._closed = True

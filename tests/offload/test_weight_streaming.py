@@ -222,6 +222,28 @@ def test_streamed_qlora_step_is_bit_identical_to_resident(fused_pair, checkpoint
     assert reads_checked.reads and streamer.stats.copies > 0
 
 
+def test_accelerate_and_the_trainer_leave_a_streamed_model_in_place(fused_pair, monkeypatch):
+    """Accelerate's prepare_model (the HF Trainer's and TRL's) calls model.to(device) unless
+    hf_device_map names several devices: on a GPU that would pull the streamed weights off the
+    host. The streamer publishes where its layers live, so nothing is moved."""
+    from accelerate import Accelerator
+
+    _, streamed = fused_pair
+    device_map = streamed.hf_device_map
+    assert [device_map[f"model.layers.{i}"] for i in range(LAYERS)] == ["cpu"] * LAYERS
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= set(device_map)
+    moves = []
+    monkeypatch.setattr(streamed, "to", lambda *a, **k: moves.append(a) or streamed)
+    monkeypatch.setitem(streamed.__dict__, "_is_accelerate_prepared", False)  # undone after
+    Accelerator(cpu=True).prepare_model(streamed)
+    assert moves == []
+    inner = streamed.base_model.model  # control: without the map accelerate does move it
+    monkeypatch.delitem(inner.__dict__, "hf_device_map")
+    streamed.__dict__["_is_accelerate_prepared"] = False
+    Accelerator(cpu=True).prepare_model(streamed)
+    assert len(moves) == 1
+
+
 @pytest.mark.parametrize("checkpointing", [True, "fastlm"], ids=["ckpt", "offloaded"])
 def test_exact_when_checkpointing_wraps_call_as_in_transformers_5_17(
     fused_pair, checkpointing, reads_checked, monkeypatch
@@ -234,7 +256,6 @@ def test_exact_when_checkpointing_wraps_call_as_in_transformers_5_17(
 
     reference, streamed = fused_pair
     layer_cls = type(streamed.base_model.model.model.layers[0])
-    monkeypatch.setattr(layer_cls, "forward", layer_cls.forward.__wrapped__)
 
     def call(self, *args, **kwargs):
         if self.gradient_checkpointing and self.training:
@@ -242,7 +263,9 @@ def test_exact_when_checkpointing_wraps_call_as_in_transformers_5_17(
             return self._gradient_checkpointing_func(run, *args)
         return nn.Module.__call__(self, *args, **kwargs)
 
-    monkeypatch.setattr(layer_cls, "__call__", call)
+    if hasattr(layer_cls.forward, "__wrapped__"):  # a newer transformers: emulate 5.17
+        monkeypatch.setattr(layer_cls, "forward", layer_cls.forward.__wrapped__)
+        monkeypatch.setattr(layer_cls, "__call__", call)
     streamer = reads_checked(W.get_weight_streamer(streamed))
     for model in fused_pair:
         _set_checkpointing(model, checkpointing)
@@ -498,9 +521,12 @@ def test_ram_short_spills_to_the_folder_or_fails_before_touching_the_model(
 
 def test_unstream_restores_a_plain_model(llama_path):
     reference, streamed = _resident(llama_path), _resident(llama_path)
+    device_map = streamed.__dict__.get("hf_device_map", "none")
     W.stream_weights(streamed, engine=W.SyncCopyEngine())
+    assert streamed.hf_device_map != device_map
     W.unstream_weights(streamed)
     assert W.get_weight_streamer(streamed) is None
+    assert streamed.__dict__.get("hf_device_map", "none") == device_map
     layer = streamed.model.layers[3]
     assert not layer._forward_pre_hooks and not layer._forward_hooks
     expected, actual = reference.state_dict(), streamed.state_dict()

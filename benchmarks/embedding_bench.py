@@ -294,8 +294,10 @@ def _profile(torch, loss, passes: int = 2) -> float:
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
-    busy_ms = sum(e.self_device_time_total for e in table) / 1000 / passes
-    launches = sum(e.count for e in table if e.device_type == torch.autograd.DeviceType.CUDA)
+    # Kernel rows only: an operator's row repeats its kernels' time as its own "self" time.
+    kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1000 / passes
+    launches = sum(e.count for e in kernels)
     print(f"PROFILE GPU busy {busy_ms:.1f} ms per pass, {launches // passes} kernels per pass",
           flush=True)  # fmt: skip
     return busy_ms

@@ -8,14 +8,17 @@
 set -uo pipefail
 
 GROUPS_HELP="
-exactness      the test suite on the GPU (real Triton, bf16 checks): kernels, autograd, models
+exactness      the test suite on the GPU (real Triton, bf16 checks): kernels, autograd, models,
+               offload (CUDA copy engine), embeddings
 families-a     LoRA, side by side: qwen3-4b, mistral-7b (hf, fastlm, liger, unsloth)
 families-b     LoRA, side by side: gemma2-2b, qwen2.5-7b, gemma-2b (hf, fastlm, liger, unsloth)
 core           LoRA, side by side: llama-3.2-1b, llama-3.1-8b (hf, fastlm, liger, unsloth)
 qlora          QLoRA, side by side: llama-3.2-1b, qwen3-4b, llama-3.1-8b (hf, fastlm, unsloth)
 long-context   longest 8B QLoRA step (batch 1) by bisection: hf and fastlm
 attention      soft-capped flash attention vs eager and SDPA, Gemma-2 head shapes
-embeddings     InfoNCE LoRA on Qwen3-Embedding shapes: hf and fastlm
+embeddings     InfoNCE LoRA on Qwen3-Embedding shapes: hf, fastlm, sentence-transformers
+exact-at-scale fastlm bf16 and HF bf16 LoRA gradients vs HF fp32, four families at full size
+flash-tiles    flash-attention launch shapes, one kernel at a time (Gemma-2 head_dim 256)
 offload        weight streaming: 8B exactness and cost, 32B shape under an 8 GiB cap
 multi-gpu      DDP and FSDP2 on 2 GPUs, 8B shape, LoRA and QLoRA (needs 2 GPUs)
 "
@@ -44,7 +47,9 @@ peers=hf,fastlm,liger,unsloth
 train() { python benchmarks/train_bench.py --child-timeout 240 --out "$out" "$@"; }
 
 case $group in
-  exactness) OUT=$out bash scripts/gpu_tests.sh tests/kernels tests/autograd tests/models ;;
+  exactness)
+    OUT=$out bash scripts/gpu_tests.sh tests/kernels tests/autograd tests/models tests/offload \
+      tests/embeddings ;;
   families-a) train --shapes qwen3-4b,mistral-7b --systems $peers ;;
   families-b) train --shapes gemma2-2b,qwen2.5-7b,gemma-2b --systems $peers ;;
   core) train --shapes llama-3.2-1b,llama-3.1-8b --systems $peers ;;
@@ -57,7 +62,13 @@ case $group in
       --out "$out/attention.json" ;;
   embeddings)
     python benchmarks/embedding_bench.py --shapes qwen3-embedding-0.6b,qwen3-embedding-4b \
-      --systems hf,fastlm --child-timeout 240 --out "$out" ;;
+      --systems hf,fastlm,st --child-timeout 240 --out "$out" ;;
+  exact-at-scale)
+    for shape in llama-3.1-8b mistral-7b qwen3-4b gemma2-2b; do
+      python benchmarks/exactness_at_scale.py --shape $shape --seq 1024 \
+        --out "$out/exact-$shape.json"
+    done ;;
+  flash-tiles) python benchmarks/flash_tile_sweep.py --out "$out/flash_tile_sweep.json" ;;
   offload) python benchmarks/offload_capacity.py --out "$out" ;;
   multi-gpu)
     for mode in lora qlora; do

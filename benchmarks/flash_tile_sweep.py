@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import load_kernel_module, no_cuda  # noqa: E402
+from _timing import cuda_median_ms  # noqa: E402
 
 CANDIDATES = {
     "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
@@ -32,20 +32,6 @@ CANDIDATES = {
     "dkdv": [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3), (64, 64, 8, 2),
              (128, 64, 8, 1), (32, 64, 4, 2)],
 }  # fmt: skip
-
-
-def _time(torch, fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     (a.float() - b.float()).abs().max().item() for a, b in zip(run(), expected)
                 )
                 rec["max_abs_diff_vs_default"] = err
-                rec["ms"] = _time(torch, run, args.warmup, args.iters)
+                rec["ms"] = cuda_median_ms(run, torch, iters=args.iters, warmup=args.warmup)
                 rec["status"] = "ok" if err < 0.05 else "wrong"
             except Exception as exc:  # noqa: BLE001 - a launch shape that cannot compile
                 rec.update(status="failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")

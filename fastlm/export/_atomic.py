@@ -1,21 +1,53 @@
-"""Shared export helpers: a free-disk check and all-or-nothing writes.
+"""Where exports write: into a folder, file by file, replacing only the files they write.
 
-with atomic_directory("out/merged") as tmp:  # write into tmp; "out/merged" appears at the end
-    ...
+with export_into("out/merged", inputs=["base-model"]) as staging:
+    write(staging / "model.safetensors")  # moved into out/merged when the block succeeds
+
+A writer puts every file into a hidden staging folder inside the target
+(``.fastlm-tmp-<host>-<pid>-<random>``); when it has written them all they are moved into the
+target with ``os.replace`` (atomic per file; index and config files last, so a loader that looks
+at them first finds the new weights already in place). Nothing else in the target is touched
+except the stale files a caller names (an earlier export's shards) and staging folders of dead
+exports. A crash between two renames leaves some new and some old files plus the staging folder
+with the rest; the next export to the folder removes that staging folder and writes everything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-# Config, tokenizer and index files are small but not free; keep a margin on top of the estimate.
-DISK_MARGIN_BYTES = 64 * 2**20
+from fastlm.errors import FastLMError
+
+logger = logging.getLogger("fastlm")
+
+# Written after every other file: a loader that opens these first then finds the files they name.
+_LAST = ("model.safetensors.index.json", "adapter_config.json", "config.json", "Modelfile")
+# The host is part of a temporary name: a PID only says something on the machine that made it.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+TMP_PREFIX = ".fastlm-tmp-"
+_TMP_NAME = re.compile(r"\.fastlm-tmp-([0-9a-f]{8})-([0-9]+)-[0-9a-z_]+")
+
+
+class ExportPathError(FastLMError, ValueError):
+    """The export cannot go there: a file is in the way, or it would overwrite its own input."""
+
+
+class NotWritableError(FastLMError, PermissionError):
+    """The target folder (or the folder it would be created in) is read-only for this user."""
+
+
+class NotEnoughSpaceError(FastLMError, OSError):
+    """The target's disk has less free space than the export needs."""
 
 
 def format_bytes(num_bytes: float) -> str:
@@ -27,30 +59,115 @@ def format_bytes(num_bytes: float) -> str:
     return f"{num_bytes:.2f} TiB"
 
 
+def disk_margin(needed_bytes: int) -> int:
+    """Free space wanted on top of an export's estimate: 5 %, at least 1 MiB.
+
+    The estimates count tensor bytes exactly; what they leave out grows with the export
+    (safetensors/GGUF headers, the GGUF vocabulary: ~1 % of a 270M q8_0 file) plus a few small
+    JSON and tokenizer files and block rounding. A fixed 64 MiB refused a 69 KB adapter on a
+    disk with a few MiB free; this check only saves a long write from failing late, a full disk
+    mid-write still fails cleanly (the staging folder is removed).
+    """
+    return max(2**20, int(needed_bytes) // 20)
+
+
 def _existing_ancestor(path: Path) -> Path:
-    # The target (and maybe its parents) does not exist yet; measure the disk it will live on.
+    # The target (and maybe its parents) does not exist yet; look at what it will be made in.
     path = path.absolute()
-    while not path.exists():
+    while not os.path.lexists(path):
         path = path.parent
     return path
 
 
 def check_free_disk(target: str | os.PathLike, needed_bytes: int, what: str = "the export") -> None:
-    """Raise ``OSError`` (ENOSPC) before writing when the target's disk lacks ``needed_bytes``.
+    """Raise ``NotEnoughSpaceError`` (ENOSPC) when the target's disk lacks ``needed_bytes``.
 
     Usage: ``check_free_disk("out/merged", 2 * 2**30, "the merged model")``.
     """
-    where = _existing_ancestor(Path(target).parent)
+    where = _existing_ancestor(Path(target))
     free = shutil.disk_usage(where).free
-    needed = int(needed_bytes) + DISK_MARGIN_BYTES
+    margin = disk_margin(needed_bytes)
+    needed = int(needed_bytes) + margin
     if free < needed:
-        raise OSError(
+        raise NotEnoughSpaceError(
             errno.ENOSPC,
             f"Not enough free disk space for {what}: about {format_bytes(needed)} needed "
-            f"({format_bytes(needed_bytes)} of data + {format_bytes(DISK_MARGIN_BYTES)} margin), "
+            f"({format_bytes(needed_bytes)} of data + {format_bytes(margin)} margin), "
             f"only {format_bytes(free)} free on the disk holding {where}. Free some space or "
-            "choose another save_directory.",
+            "choose another folder.",
         )
+
+
+def check_target(
+    target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Refuse, before anything is written, a target the export cannot or must not write to.
+
+    Usage: ``check_target("out/merged", inputs=[base_model_folder])``. Raises ExportPathError
+    when ``target`` (or a parent) is a file, or is one of the ``inputs`` folders (it would
+    overwrite what it reads); NotWritableError when it is read-only. Returns the absolute path.
+    """
+    target = Path(target).absolute()
+    for folder in inputs:
+        if folder is not None and _same_folder(target, Path(folder)):
+            raise ExportPathError(
+                f"{target} is the folder this export reads from ({folder}); writing there would "
+                "overwrite the input. Choose another output folder."
+            )
+    existing = _existing_ancestor(target)
+    if not existing.is_dir():
+        where = "is" if existing == target else f"would be inside {existing}, which is"
+        raise ExportPathError(f"{target} {where} a file, not a folder; remove it or pick another.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NotWritableError(
+            errno.EACCES,
+            f"{existing} is not writable (read-only disk or no write permission), so the export "
+            f"to {target} cannot be written; choose a folder you can write to.",
+        )
+    return target
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return b.is_dir() and a.is_dir() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete staging folders / files of exports to ``folder`` whose process is gone.
+
+    Usage: ``remove_stale_temporaries("out/merged")``. Only names fastlm gives its temporaries
+    (``.fastlm-tmp-<host>-<pid>-<random>``), only made on this host, only when that PID is no
+    longer running (a live PID, even a reused one, keeps them: removed by a later export).
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            match = _TMP_NAME.fullmatch(entry.name)
+            if match is None or _in_use(match.group(1), int(match.group(2))):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("Removed %d leftover(s) of interrupted exports in %s", len(removed), folder)
+    return removed
+
+
+def _in_use(host: str, pid: int) -> bool:
+    if host != _HOST or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -65,49 +182,107 @@ def _umask() -> int:
     return current
 
 
-def _usual_mode(path: Path, base: int) -> None:
-    # mkdtemp/mkstemp create 0700 / 0600 (private while being written); the finished export gets
-    # what a plain mkdir/open would have given, so other users (e.g. an Ollama service) read it.
-    os.chmod(path, base & ~_umask())
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (outermost first) to undo on failure."""
+    missing = []
+    path = folder
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()  # 0o777 & ~umask, like mkdir(1)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            _remove_empty(missing)
+            raise _not_writable(folder, error) from error
+    return list(reversed(missing))
 
 
-def _replace_into(tmp: Path, final: Path) -> None:
-    # os.replace cannot overwrite a non-empty folder: move the old one aside first, so that
-    # the final name always holds either the old or the complete new export.
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    if not final.is_dir():
-        raise FileExistsError(f"{final} exists and is not a folder; remove it or pick another.")
-    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-    os.replace(final, old / final.name)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old / final.name, final)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+def _remove_empty(folders: list[Path]) -> None:
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (someone else wrote there): keep it
+            path.rmdir()
+
+
+def _not_writable(folder: Path, error: OSError) -> Exception:
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return NotWritableError(
+            error.errno, f"{folder} is not writable ({error.strerror}); choose another folder."
+        )
+    return error
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final``, on error it is removed.
+def export_into(
+    folder: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike | None] = (),
+    keep: Iterable[str] = (),
+    remove: Iterable[str] = (),
+) -> Iterator[Path]:
+    """Yield a staging folder; on success its files are moved into ``folder``, on error it goes.
 
-    Usage: ``with atomic_directory("out/model") as tmp: write(tmp / "model.safetensors")``.
+    Usage: ``with export_into("out/model") as tmp: write(tmp / "model.safetensors")``.
+    Files already in ``folder`` with the names written are replaced; nothing else is touched,
+    except ``remove`` (names of files the caller knows an earlier export wrote and this one
+    supersedes, deleted after the new files are in) and stale temporaries of dead exports.
+    ``keep``: names that are written only when ``folder`` has none yet (e.g. a README.md).
+    Folders created for the export are removed again if it fails and they are empty.
     """
-    final = Path(final).absolute()
-    if final.exists() and not final.is_dir():  # fail before the (long) write, not after it
-        raise FileExistsError(f"{final} exists and is not a folder; remove it or pick another.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    final = check_target(folder, inputs)
+    created = _make_folders(final)
     try:
-        yield tmp
-        _usual_mode(tmp, 0o777)
-        _replace_into(tmp, final)
+        remove_stale_temporaries(final)
+        try:
+            staging = Path(
+                tempfile.mkdtemp(dir=final, prefix=f"{TMP_PREFIX}{_HOST}-{os.getpid()}-")
+            )
+        except OSError as error:
+            raise _not_writable(final, error) from error
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+    try:
+        yield staging
+        _commit(staging, final, set(keep), list(remove))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # only the emptied sub-folders are left in it
+
+
+def _order(name: Path) -> int:
+    return _LAST.index(str(name)) + 1 if str(name) in _LAST else 0
+
+
+def _commit(staging: Path, final: Path, keep: set[str], remove: list[str]) -> None:
+    files = [p.relative_to(staging) for p in sorted(staging.rglob("*")) if not p.is_dir()]
+    files = [f for f in files if not (str(f) in keep and os.path.lexists(final / f))]
+    for name in files:  # check every name before moving any file
+        for parent in name.parents[:-1]:  # "a/b/c.json": a/b, a (not the folder itself)
+            if os.path.lexists(final / parent) and not (final / parent).is_dir():
+                raise ExportPathError(
+                    f"{final / parent} is a file; the export needs a folder there."
+                )
+        if (final / name).is_dir():
+            raise ExportPathError(f"{final / name} is a folder; the export writes a file there.")
+    mode = 0o666 & ~_umask()
+    for name in sorted(files, key=_order):  # stable: data files first, index/config last
+        os.chmod(staging / name, mode)  # whatever the writer used (mkstemp: 0600)
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, final / name)
+    written = {str(f) for f in files}
+    for name in remove:
+        path = final / name
+        if name not in written and not path.is_dir():
+            path.unlink(missing_ok=True)
+
+
+# ``atomic_directory`` is the name other fastlm writers use (embeddings, reranker).
+atomic_directory = export_into
 
 
 @contextlib.contextmanager
@@ -117,13 +292,14 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     Usage: ``with atomic_file("out/model.gguf") as tmp: tmp.write_bytes(data)``.
     """
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.tmp-")
+    _make_folders(final.parent)
+    prefix = f"{TMP_PREFIX}{_HOST}-{os.getpid()}-"
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=prefix)
     os.close(handle)
     tmp = Path(name)
     try:
         yield tmp
-        _usual_mode(tmp, 0o666)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import nn
 from fastlm.export.merged import (
     check_plain_lora,
     dequantized,
+    input_folders,
     lora_base_model,
     merge_lora_weight,
     packed_weights,
@@ -72,13 +72,16 @@ def save_pretrained_gguf(
 
     Usage: ``paths = save_pretrained_gguf(peft_model, "out", tok, ["f16", "q8_0"])``.
     ``model`` may be a ``peft.PeftModel`` (the active LoRA adapter is merged into the exported
-    weights; the model itself is not modified). Returns the written GGUF paths.
+    weights; the model itself is not modified). The files go into ``save_directory`` (other
+    files there are kept) once all are written. Returns the written GGUF paths.
     """
     import gguf
 
-    from fastlm.export._atomic import check_free_disk
+    from fastlm.export._atomic import check_free_disk, check_target, export_into
 
     methods = [quantization_method] if isinstance(quantization_method, str) else quantization_method
+    if not methods:
+        raise ValueError(f"quantization_method is empty; give one or more of {METHODS}")
     for method in methods:
         if method not in METHODS:
             raise ValueError(f"quantization_method {method!r} is not one of {METHODS}")
@@ -89,19 +92,19 @@ def save_pretrained_gguf(
     arch = gguf.MODEL_ARCH[ARCHES[config.model_type]]
     _check_representable(config)  # before any big work: fail fast on what llama.cpp can't run
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
-    out_dir = Path(save_directory)
+    inputs = input_folders(model)
+    out_dir = check_target(save_directory, inputs)
     # f16/bf16 take 2 bytes a weight, q8_0 ~1.06, the k-quants less: 2 bytes is an upper bound.
     weights = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
     check_free_disk(out_dir, 2 * weights * len(methods), "GGUF export")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = name or _default_name(config)
-    paths = []
-    for method in methods:
-        target = out_dir / f"{stem}.{method}.gguf"
-        _write_gguf(base, model, arch, vocab, tokenizer, method, target)
-        paths.append(target)
-    _write_modelfile(out_dir, paths[-1].name, getattr(tokenizer, "chat_template", None))
-    return paths
+    names = [f"{stem}.{method}.gguf" for method in methods]
+    with export_into(out_dir, inputs=inputs) as tmp:
+        for method, file_name in zip(methods, names):
+            _write_gguf(base, model, arch, vocab, tokenizer, method, tmp / file_name)
+        text = modelfile_text(names[-1], getattr(tokenizer, "chat_template", None))
+        (tmp / "Modelfile").write_text(text)
+    return [out_dir / file_name for file_name in names]
 
 
 def _check_representable(config) -> None:
@@ -286,29 +289,21 @@ def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
 
 
 def _write_gguf(base, model, arch, vocab: dict, tokenizer, method: str, target: Path) -> None:
+    """One GGUF file at ``target`` (in the export's staging folder)."""
     import gguf
 
-    arch_name = gguf.MODEL_ARCH_NAMES[arch]
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, arch_name)
-        writer.add_name(_default_name(base.config))
-        _add_hparams(writer, arch, base.config, method)
-        _add_tokenizer(writer, vocab, getattr(tokenizer, "chat_template", None))
-        mixture = _mixture_context(arch, base.config)
-        for gguf_name, tensor in gguf_tensors(model, arch):
-            array, raw_dtype = _encode(gguf_name, tensor, method, mixture)
-            writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp_name, target)  # a reader never sees a half-written file under the name
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(_default_name(base.config))
+    _add_hparams(writer, arch, base.config, method)
+    _add_tokenizer(writer, vocab, getattr(tokenizer, "chat_template", None))
+    mixture = _mixture_context(arch, base.config)
+    for gguf_name, tensor in gguf_tensors(model, arch):
+        array, raw_dtype = _encode(gguf_name, tensor, method, mixture)
+        writer.add_tensor(gguf_name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _mixture_context(arch, config) -> dict:
@@ -552,11 +547,3 @@ def modelfile_text(gguf_name: str, chat_template: str | None) -> str:
             'PARAMETER stop "<|eot_id|>"',
         ]
     return "\n".join(lines) + "\n"
-
-
-def _write_modelfile(out_dir: Path, gguf_name: str, chat_template: str | None) -> None:
-    target = out_dir / "Modelfile"
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=".Modelfile.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(modelfile_text(gguf_name, chat_template))
-    os.replace(tmp_name, target)

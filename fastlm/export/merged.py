@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastlm.export._atomic import atomic_directory, check_free_disk
+from fastlm.export._atomic import ExportPathError, check_free_disk, check_target, export_into
 
 logger = logging.getLogger("fastlm")
 
@@ -35,6 +35,8 @@ _ADAPTER_PARTS = {
 }
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
 
 @dataclass
@@ -77,9 +79,10 @@ def save_pretrained_merged(
     dequantised 4-bit weights -- the weights it was trained against -- unless
     ``base_checkpoint`` names the original 16-bit checkpoint folder, whose weights are then used
     (closer to the original model, but not the weights the adapter was fitted to).
-    The merged folder loads with plain ``AutoModelForCausalLM.from_pretrained``. The write is
-    atomic (nothing appears under ``save_directory`` unless it completes) and ``model`` is left
-    unchanged. Returns the absolute path of the folder.
+    The merged folder loads with plain ``AutoModelForCausalLM.from_pretrained``. Files are
+    written into ``save_directory`` (other files there are kept; docs/export.md lists what is
+    replaced), each appearing only once all are complete; ``model`` is left unchanged. Refuses
+    the folder the model (or ``base_checkpoint``) was loaded from. Returns the absolute path.
     """
     if save_method == "lora":
         return _save_lora(model, save_directory, tokenizer)
@@ -116,13 +119,17 @@ def _save_lora(model: nn.Module, save_directory: str | os.PathLike, tokenizer: A
             "save_method='lora' needs a PEFT model (from FastModel.get_peft_model); for a full "
             "fine-tune use save_method='merged_16bit'."
         )
+    inputs = input_folders(model)
+    folder = check_target(save_directory, inputs)
     needed = sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
-    check_free_disk(save_directory, needed, "the LoRA adapter")
-    with atomic_directory(save_directory) as tmp:
+    check_free_disk(folder, needed, "the LoRA adapter")
+    # PEFT writes a model card; a README.md already in the folder is the user's (or an earlier
+    # card): kept as it is.
+    with export_into(folder, inputs=inputs, keep=("README.md",)) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return Path(save_directory).absolute()
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,15 +152,64 @@ def _save_merged(
     if original is not None:
         original.check(entries)
     shards = _split(entries, parse_size(max_shard_size))
+    inputs = [*input_folders(model), base_checkpoint]
+    folder = check_target(save_directory, inputs)
+    stale = superseded_weights(folder, [_shard_name(i, len(shards)) for i in range(len(shards))])
     total = sum(entry.nbytes for entry in entries)
-    check_free_disk(save_directory, total, "the merged model")
-    with atomic_directory(save_directory) as tmp:
+    check_free_disk(folder, total, "the merged model")
+    with export_into(folder, inputs=inputs, remove=stale) as tmp:
         _write_shards(base, shards, tmp, total, original)
         _write_config(base, tmp, target_dtype, quantize)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    logger.info("Saved the merged model (%d shard(s)) to %s", len(shards), save_directory)
-    return Path(save_directory).absolute()
+    logger.info("Saved the merged model (%d shard(s)) to %s", len(shards), folder)
+    return folder
+
+
+def input_folders(model: nn.Module) -> list[str]:
+    """Local folders ``model`` was loaded from (its base model's): an export must not write there.
+
+    Usage: ``check_target(out, input_folders(model))``. Hub ids and in-memory models give none.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = [
+        getattr(getattr(base, "config", None), "_name_or_path", None),
+        getattr(base, "name_or_path", None),
+    ]
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        names.append(getattr(config, "base_model_name_or_path", None))
+    return sorted({str(n) for n in names if n and os.path.isdir(n)})
+
+
+def superseded_weights(folder: Path, names: list[str]) -> list[str]:
+    """Weight files in ``folder`` that writing the checkpoint ``names`` makes stale.
+
+    Usage: ``superseded_weights(Path("out"), ["model.safetensors"])``. The rule: the shards
+    (``model-NNNNN-of-NNNNN.safetensors``) listed in the index this export replaces, and that
+    index too when the new checkpoint is one file -- an earlier export's checkpoint. Files
+    with other names, or not listed, are never removed. A ``model.safetensors`` beside a new
+    sharded checkpoint would be loaded by transformers instead of it, and nothing says who wrote
+    it: ExportPathError rather than deleting it.
+    """
+    sharded = len(names) > 1
+    if sharded and os.path.lexists(folder / "model.safetensors"):
+        raise ExportPathError(
+            f"{folder} holds a model.safetensors that this export ({len(names)} shards and an "
+            "index) would not replace, and transformers would load it instead of the new "
+            "shards. Remove it, choose another folder, or raise max_shard_size to write one file."
+        )
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return []
+    try:
+        listed = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        logger.warning("%s is not a safetensors index: left as it is", index)
+        return []
+    stale = sorted(n for n in listed if _SHARD_NAME.fullmatch(str(n)) and n not in names)
+    if not sharded and all(_SHARD_NAME.fullmatch(str(n)) for n in listed):
+        stale.append(INDEX_NAME)  # else it would name shards that are gone
+    return stale
 
 
 def lora_base_model(model: nn.Module) -> nn.Module:
@@ -424,7 +480,7 @@ def _write_shards(
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (folder / "model.safetensors.index.json").write_text(text)
+        (folder / INDEX_NAME).write_text(text)
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -462,7 +518,7 @@ class _CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self.folder / file for name, file in weight_map.items()}

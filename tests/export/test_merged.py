@@ -3,6 +3,7 @@
 Every family: fastlm model + LoRA (B ≠ 0) → merged_16bit → AutoModelForCausalLM.from_pretrained →
 eval-mode logits equal the in-memory PEFT model's (fp32, atol 1e-5 / rtol 1e-4). Also: the plain
 adapter round trip, sharding, the model left unchanged, atomicity, the disk check, DoRA.
+What exports do to the folder they write into: test_export_safety.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import fastlm.export.merged as merged_module
 from fastlm import FastModel
-from fastlm.export import atomic_file, save_pretrained_merged
+from fastlm.export import ExportPathError, atomic_file, save_pretrained_merged
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 ATOL, RTOL = 1e-5, 1e-4
@@ -214,35 +215,11 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_finished_exports_get_the_usual_permissions(tmp_path, umask):
-    """The temporary file / folder is private while written (0600 / 0700); the finished export
-    gets what open()/mkdir() would give under the umask, so that another user (an Ollama
-    service) can read a GGUF file."""
-    import os
-    import stat
-
-    from fastlm.export._atomic import atomic_directory
-
-    previous = os.umask(umask)
-    try:
-        with atomic_file(tmp_path / "model.gguf") as tmp:
-            tmp.write_bytes(b"gguf")
-        with atomic_directory(tmp_path / "merged") as tmp:
-            (tmp / "config.json").write_text("{}")
-    finally:
-        os.umask(previous)
-    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
-    assert mode(tmp_path / "model.gguf") == 0o666 & ~umask
-    assert mode(tmp_path / "merged") == 0o777 & ~umask
-    assert mode(tmp_path / "merged" / "config.json") == 0o666 & ~umask
-
-
 def test_a_file_in_the_way_is_refused_before_merging(tmp_path, monkeypatch):
     model, tokenizer, _ = _trained(tmp_path)
     (tmp_path / "merged").write_text("not a folder")
     monkeypatch.setattr(merged_module, "_write_shard", pytest.fail)
-    with pytest.raises(FileExistsError, match="not a folder"):
+    with pytest.raises(ExportPathError, match="not a folder"):
         save_pretrained_merged(model, tmp_path / "merged", tokenizer)
     assert _leftovers(tmp_path) == ["merged"]
 

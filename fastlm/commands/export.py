@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,12 @@ from fastlm.commands import (
 from fastlm.commands._common_args import add_flags
 
 METHODS = ("lora", "merged_16bit", "merged_4bit", "gguf")
+# How torch's load_state_dict reports a tensor of another shape (what PEFT raises for an adapter
+# trained on another base model).
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
+)
 EXAMPLES = """\
 examples:
   fastlm export --adapter outputs/sft/adapter --method merged_16bit --output-dir out/merged
@@ -86,8 +93,8 @@ def main(args: argparse.Namespace) -> int:
         raise CommandError("--output-dir is required: the folder the export is written to")
     base_path = _base_path(args)
     check_model_path(base_path)
+    output = _check_output(args, base_path)  # before the (slow) load
     model, tokenizer = _load(base_path, args, console)
-    output = Path(args.output_dir)
     console.status(f"writing {args.method} to {output} ...")
     written = _export(model, tokenizer, args, base_path, output)
     console.table(
@@ -120,6 +127,13 @@ def _base_path(args: argparse.Namespace) -> str:
     return base
 
 
+def _check_output(args: argparse.Namespace, base_path: str) -> Path:
+    """Refuse an --output-dir that is a file, read-only, or one of the folders the export reads."""
+    from fastlm.export import check_target
+
+    return check_target(args.output_dir, inputs=[args.adapter, base_path])
+
+
 def _load(base_path: str, args: argparse.Namespace, console: Console):
     from fastlm import FastModel
 
@@ -138,7 +152,10 @@ def _load(base_path: str, args: argparse.Namespace, console: Console):
         if not (Path(args.adapter) / "adapter_config.json").is_file():
             raise CommandError(f"--adapter {args.adapter}: no adapter_config.json in that folder")
         console.status(f"attaching the adapter {args.adapter} ...")
-        model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False)
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter, is_trainable=False)
+        except (RuntimeError, ValueError) as error:
+            raise _adapter_mismatch(error, args.adapter, base_path) from error
         if _has_tokenizer(args.adapter):  # the adapter's copy may carry a chat template
             from transformers import AutoTokenizer
 
@@ -146,6 +163,24 @@ def _load(base_path: str, args: argparse.Namespace, console: Console):
     if tokenizer is None:
         raise CommandError(f"{base_path} has no tokenizer files; the export needs a tokenizer")
     return model.eval(), tokenizer
+
+
+def _adapter_mismatch(error: Exception, adapter: str, base_path: str) -> Exception:
+    """A one-line CommandError for an adapter that does not fit the base model, else ``error``."""
+    mismatches = _SIZE_MISMATCH.findall(str(error))
+    if mismatches:
+        name, saved, current = mismatches[0]
+        name = name.removeprefix("base_model.model.")
+        more = f" (and {len(mismatches) - 1} more tensors)" if len(mismatches) > 1 else ""
+        what = f"{name} is [{saved}] in the adapter but [{current}] in the model{more}"
+    elif isinstance(error, ValueError):  # e.g. PEFT: target modules not found in the base model
+        what = " ".join(str(error).split())
+    else:
+        return error
+    return CommandError(
+        f"--adapter {adapter} does not fit the base model {base_path}: {what}. Was it trained "
+        "on another model? Pass that one as --model (adapter_config.json names the base)."
+    )
 
 
 def _has_tokenizer(folder: str) -> bool:

@@ -2,15 +2,19 @@
 
 Both sides load the same tiny checkpoint with the same NF4 config (double-quantised absmax, fp32
 compute on the CPU), so their 4-bit weights are identical (checked). fastlm dequantises in its
-own fused LoRA Functions; transformers goes through bitsandbytes' Linear4bit. The dequantised
-weights are bit-identical, so only matmul order differs: relative error ≤ 1e-4 on the loss and
-every LoRA gradient (‖g_fast − g_hf‖ / ‖g_hf‖), as for 16-bit LoRA.
+own fused LoRA Functions. On the CPU the reference's 4-bit layers compute with the NF4 format's
+values of those bytes (tests/nf4_format.py), not bitsandbytes' CPU dequantisation, which is wrong
+for some row lengths (qwen3's o_proj rows of 96 here) depending on the host; on CUDA they run
+bitsandbytes' Linear4bit. The dequantised weights are bit-identical, so only matmul order
+differs: relative error ≤ 1e-4 on the loss and every LoRA gradient (‖g_fast − g_hf‖ / ‖g_hf‖),
+as for 16-bit LoRA.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from nf4_format import run_4bit_layers_from_format
 from test_architectures import (
     ARCHITECTURES,
     PROJECTIONS,
@@ -29,7 +33,10 @@ pytest.importorskip("bitsandbytes")
 
 
 def _qlora_pair(tmp_path, model_type, checkpointing, device="cpu", dtype=torch.float32):
-    return _pair(tmp_path, model_type, checkpointing, device, dtype, load_in_4bit=True)
+    reference, fast = _pair(tmp_path, model_type, checkpointing, device, dtype, load_in_4bit=True)
+    if device == "cpu":
+        run_4bit_layers_from_format(reference)
+    return reference, fast
 
 
 def _packed_weights(model) -> dict[str, torch.Tensor]:

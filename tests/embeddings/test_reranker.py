@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from embedding_helpers import CPU, cpu_training_args
+from nf4_format import run_4bit_layers_from_format
 from peft import LoraConfig, get_peft_model
 from reranker_helpers import reranker_tokenizer, save_tiny_reranker
 from tiny_models import relative_error, tiny_tokenizer
@@ -129,7 +130,9 @@ def test_scores_match_hf_full_logits_left_and_right_padding(
 
 
 def test_4bit_reranker_scores_match_hf_on_the_same_nf4_weights(tmp_path):
-    """QLoRA base: the same NF4 quantisation on both sides (bitsandbytes on the CPU)."""
+    """QLoRA base: the same NF4 bytes on both sides (quantised by bitsandbytes on the CPU); the
+    reference's 4-bit layers compute with the NF4 format's values of them (tests/nf4_format.py),
+    not bitsandbytes' CPU dequantisation, wrong for qwen3's rows of 96 on some hosts."""
     pytest.importorskip("bitsandbytes")
     from fastlm.api import nf4_config
 
@@ -140,6 +143,7 @@ def test_4bit_reranker_scores_match_hf_on_the_same_nf4_weights(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, device_map="cpu", quantization_config=nf4_config(torch.float32)
     ).eval()
+    run_4bit_layers_from_format(reference)
     assert any("4bit" in type(m).__name__ for m in reranker.causal_lm.modules())
     reranker.get_peft_model(r=4, lora_alpha=8, use_gradient_checkpointing=False)
     batch = reranker.tokenize(QUERIES, DOCS)

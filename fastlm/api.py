@@ -10,13 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastlm import models
-from fastlm.errors import UnsupportedDtypeError, UnsupportedKeywordError
+from fastlm import model_folder, models
+from fastlm.errors import (
+    UnknownTargetModulesError,
+    UnsupportedDtypeError,
+    UnsupportedKeywordError,
+)
 from fastlm.versions import check_versions
 
 logger = logging.getLogger("fastlm")
@@ -99,6 +104,33 @@ class FastModel:
                 **kwargs,
             )
         _refuse_unimplemented(kwargs, _FROM_PRETRAINED_DEFAULTS, "from_pretrained")
+        gguf_file = kwargs.get("gguf_file")
+        given_name = model_name
+        model_name = model_folder.resolve(
+            model_name, (gguf_file or "config.json",), kwargs.get("revision")
+        )
+        if os.path.isdir(model_name):
+            base = model_folder.adapter_base(model_name)
+            if base is not None:  # Unsloth's habit: an adapter folder loads its base, then it
+                return _load_adapter(
+                    model_name,
+                    base,
+                    max_seq_length=max_seq_length,
+                    dtype=dtype,
+                    load_in_4bit=load_in_4bit,
+                    full_finetuning=full_finetuning,
+                    device_map=device_map,
+                    token=token,
+                    trust_remote_code=trust_remote_code,
+                    use_gradient_checkpointing=use_gradient_checkpointing,
+                    random_state=random_state,
+                    load_in_16bit=load_in_16bit,
+                    allow_untested_versions=allow_untested_versions,
+                    check_finite_loss=check_finite_loss,
+                    **kwargs,
+                )
+            model_folder.check_model_folder(model_name, (gguf_file or "config.json",))
+        explicit_max_seq_length = max_seq_length is not None
         if max_seq_length is None:
             max_seq_length = DEFAULT_MAX_SEQ_LENGTH
         if not allow_untested_versions:
@@ -107,10 +139,22 @@ class FastModel:
 
         torch.manual_seed(random_state)
         config_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision") if k in kwargs}
-        config = AutoConfig.from_pretrained(
-            model_name, token=token, trust_remote_code=trust_remote_code, **config_kwargs
-        )
+        try:
+            config = AutoConfig.from_pretrained(
+                model_name, token=token, trust_remote_code=trust_remote_code, **config_kwargs
+            )
+        except OSError as error:
+            if os.path.isdir(model_name):
+                raise
+            raise model_folder.not_found(given_name, error) from error
         spec = models.spec_for(config)
+        positions = getattr(config, "max_position_embeddings", None)
+        if explicit_max_seq_length and positions and max_seq_length > positions:
+            logger.warning(
+                "max_seq_length=%d is longer than the %d positions %s was trained on "
+                "(max_position_embeddings): quality past %d tokens is not to be expected",
+                max_seq_length, positions, given_name, positions,
+            )  # fmt: skip
         device = _target_device(device_map)
         dtype = resolve_dtype(dtype, device)
         if device_map == "auto" and device == "cpu":
@@ -210,6 +254,7 @@ class FastModel:
         if max_seq_length is not None:
             models.patch_state(model).max_seq_length = max_seq_length
             model.max_seq_length = max_seq_length
+        check_target_modules(model, target_modules)
         torch.manual_seed(random_state)
         config = LoraConfig(
             target_modules=ALL_PROJECTIONS if target_modules is None else target_modules,
@@ -280,6 +325,62 @@ def resolve_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise UnsupportedDtypeError(f"dtype={dtype} is not a training dtype: use bf16/fp16/fp32.")
     return dtype
+
+
+def _load_adapter(adapter: str, base: str, **options: Any) -> tuple[nn.Module, Any]:
+    """``from_pretrained`` of a LoRA adapter folder, as Unsloth does it: the base model it names,
+    patched, with the adapter on top as a trainable ``PeftModel`` (the adapter folder's tokenizer
+    when it has one: a chat template set in training travels with it)."""
+    from peft import PeftModel
+
+    if options["full_finetuning"]:
+        raise ValueError(
+            f"full_finetuning=True with the LoRA adapter {adapter}: merge it first (fastlm export "
+            f"--adapter {adapter} --method merged_16bit) and fully fine-tune the merged folder."
+        )
+    use_gradient_checkpointing = options.pop("use_gradient_checkpointing")
+    model, tokenizer = FastModel.from_pretrained(base, use_gradient_checkpointing=False, **options)
+    model_folder.check_weights(Path(adapter))
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    from fastlm.offload import place_trainable
+
+    place_trainable(model)  # streamed 4-bit layers: the adapter's weights to the GPU
+    _attach_export_methods(model)
+    if use_gradient_checkpointing:
+        _enable_checkpointing(model, use_gradient_checkpointing)
+    _log_fused_summary(model)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if any(os.path.isfile(os.path.join(adapter, name)) for name in names):
+        tokenizer = _load_tokenizer(adapter, options["token"], options["trust_remote_code"], {})
+    return model, tokenizer
+
+
+def check_target_modules(model: nn.Module, target_modules: list[str] | str | None) -> None:
+    """Every name of a ``target_modules`` list matches a linear layer of ``model`` (PEFT matches
+    a name against the end of each module path); an ``UnknownTargetModulesError`` listing the
+    layer names otherwise. PEFT itself only refuses a list of which *no* name matches, so a typo
+    in one of several names would train fewer layers than asked for, silently. A string (a regex,
+    or "all-linear") is PEFT's to check. Usage: ``check_target_modules(model, ["q_proj"])``.
+    """
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    paths = [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "weight") and getattr(module.weight, "ndim", 0) == 2
+        and not isinstance(module, nn.Embedding)
+    ]  # fmt: skip
+    unknown = [
+        target
+        for target in target_modules
+        if not any(path == target or path.endswith(f".{target}") for path in paths)
+    ]
+    if unknown:
+        valid = sorted({path.rsplit(".", 1)[-1] for path in paths})
+        raise UnknownTargetModulesError(
+            f"target_modules {unknown} match no layer of this model; its linear layers are "
+            f"named {', '.join(valid)}"
+        )
 
 
 def _target_device(device_map) -> str:

@@ -29,3 +29,15 @@ class NonFiniteLossError(FastLMError, FloatingPointError):
 
 class UnsupportedKeywordError(FastLMError, TypeError):
     """A keyword that Unsloth accepts but fastlm does not implement (yet)."""
+
+
+class ModelNotFoundError(FastLMError, ValueError):
+    """The model to load is not a local model folder (nor a name the Hugging Face cache holds)."""
+
+
+class DamagedCheckpointError(FastLMError, ValueError):
+    """A weights file is truncated or unreadable, or a shard its index lists is missing."""
+
+
+class UnknownTargetModulesError(FastLMError, ValueError):
+    """A ``target_modules`` name matches no projection of the model."""

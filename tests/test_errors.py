@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import save_tiny_model, tiny_batch
 
 from fastlm import FastModel, versions
 from fastlm.errors import (
+    DamagedCheckpointError,
+    FastLMError,
+    ModelNotFoundError,
     NonFiniteLossError,
     SequenceTooLongError,
+    UnknownTargetModulesError,
     UnsupportedArchitectureError,
     UnsupportedDtypeError,
     UnsupportedKeywordError,
@@ -102,3 +108,172 @@ def test_fast_language_model_is_the_same_class():
     from fastlm import FastLanguageModel
 
     assert FastLanguageModel is FastModel
+
+
+# ------------------------------------------------------------------- what from_pretrained is given
+
+
+def test_a_missing_folder_is_named_as_such(tmp_path):
+    # transformers says "Repo id must be in the form 'repo_name' ..." for these
+    for path in (tmp_path / "nowhere", "./no/such/model"):
+        with pytest.raises(ModelNotFoundError, match="no such folder$"):
+            FastModel.from_pretrained(str(path), device_map="cpu")
+    assert issubclass(ModelNotFoundError, ValueError) and issubclass(
+        ModelNotFoundError, FastLMError
+    )
+
+
+def test_a_hub_name_not_in_the_cache_says_fastlm_is_offline(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    # transformers says "We couldn't connect to 'https://huggingface.co'" for this
+    with pytest.raises(ModelNotFoundError, match="no such folder, and no Hub model.*cache"):
+        FastModel.from_pretrained("org/not-cached", device_map="cpu")
+
+
+def test_a_hub_name_in_the_cache_still_loads_offline(monkeypatch, tmp_path, llama_path):
+    """A cached Hub name keeps working without a network, as it did before the path checks."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--org--tiny-llama"
+    shutil.copytree(llama_path, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model, tokenizer = FastModel.from_pretrained("org/tiny-llama", device_map="cpu")
+    assert model.config.model_type == "llama" and tokenizer is not None
+
+
+def test_a_file_or_a_folder_without_config_json_is_not_a_model(tmp_path, llama_path):
+    with pytest.raises(ModelNotFoundError, match="is a file; pass the model's folder"):
+        FastModel.from_pretrained(f"{llama_path}/config.json", device_map="cpu")
+    (tmp_path / "notes.txt").write_text("not a model")
+    # transformers says "Unrecognized model ... Should have a `model_type` key" for this
+    with pytest.raises(ModelNotFoundError, match="has no config.json.*its subfolder llama/ is one"):
+        FastModel.from_pretrained(str(Path(llama_path).parent), device_map="cpu")
+    with pytest.raises(ModelNotFoundError, match="has no config.json, so it is not"):
+        FastModel.from_pretrained(str(tmp_path), device_map="cpu")
+
+
+def test_truncated_weights_name_the_file(tmp_path, llama_path):
+    import shutil
+
+    broken = shutil.copytree(llama_path, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    # safetensors says "incomplete metadata, file not fully covered", naming no file
+    with pytest.raises(DamagedCheckpointError, match=f"{weights} is damaged: truncated"):
+        FastModel.from_pretrained(str(broken), device_map="cpu")
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(DamagedCheckpointError, match="shorter than a safetensors header"):
+        FastModel.from_pretrained(str(broken), device_map="cpu")
+
+
+def test_a_missing_shard_is_named(tmp_path):
+    from tiny_models import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(
+        folder, max_shard_size="100KB"
+    )
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(DamagedCheckpointError, match=f"{shards[-1].name} is missing"):
+        FastModel.from_pretrained(str(folder), device_map="cpu")
+
+
+def test_unknown_target_modules_are_refused_with_the_valid_names(llama_path):
+    model, _ = FastModel.from_pretrained(llama_path, device_map="cpu")
+    # PEFT trains q_proj alone here, silently: the typo in "vv_proj" is ignored
+    with pytest.raises(UnknownTargetModulesError, match=r"\['vv_proj'\].*down_proj, gate_proj"):
+        FastModel.get_peft_model(model, r=4, target_modules=["q_proj", "vv_proj"])
+    with pytest.raises(UnknownTargetModulesError, match="foo"):
+        FastModel.get_peft_model(model, r=4, target_modules=["foo"])
+    # longer suffixes and the usual names are fine
+    peft_model = FastModel.get_peft_model(model, r=4, target_modules=["self_attn.q_proj", "v_proj"])
+    adapted = {n.split(".")[-4] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_embedding_models_refuse_unknown_target_modules_and_missing_folders(tmp_path):
+    from fastlm.embeddings import load_embedding_model
+
+    with pytest.raises(ModelNotFoundError, match="no such folder"):
+        load_embedding_model(str(tmp_path / "nowhere"), device_map="cpu")
+    folder = save_tiny_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(folder), device_map="cpu")
+    with pytest.raises(UnknownTargetModulesError, match="qq_proj"):
+        model.get_peft_model(r=4, target_modules=["qq_proj", "k_proj"])
+
+
+# --------------------------------------------------------------------------- an adapter folder
+
+
+@pytest.fixture(scope="module")
+def adapter_path(llama_path, tmp_path_factory):
+    """A LoRA adapter (non-zero B) on the tiny Llama, saved as PEFT saves it, with a tokenizer."""
+    model, tokenizer = FastModel.from_pretrained(llama_path, device_map="cpu")
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.1)
+    folder = tmp_path_factory.mktemp("adapter") / "lora_model"
+    model.save_pretrained(folder)
+    tokenizer.chat_template = "{{ 'adapter template' }}"  # set in training: must come back
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_adapter_folder_loads_its_base_and_the_adapter_trainable(adapter_path, llama_path):
+    """Unsloth's ``from_pretrained("lora_model")``: the base, patched, with the adapter on top."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fastlm import models
+
+    model, tokenizer = FastModel.from_pretrained(str(adapter_path), device_map="cpu")
+    assert isinstance(model, PeftModel) and models.is_patched(model.get_base_model())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert tokenizer.chat_template == "{{ 'adapter template' }}"
+    assert callable(model.save_pretrained_merged)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32), adapter_path
+    )
+    batch = tiny_batch()
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        got = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = reference(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with reference.disable_adapter():
+            base = reference(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (want - base).abs().max() > 1e-3  # the adapter is really applied
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_an_adapter_whose_base_is_gone_says_how_to_load_it(adapter_path, tmp_path):
+    import json
+    import shutil
+
+    moved = shutil.copytree(adapter_path, tmp_path / "lora_model")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone" / "llama")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelNotFoundError, match="LoRA adapter for .*gone/llama.*not here") as info:
+        FastModel.from_pretrained(str(moved), device_map="cpu")
+    assert f"peft.PeftModel.from_pretrained(model, '{moved}', is_trainable=True)" in str(info.value)
+    with pytest.raises(ValueError, match="merge it first"):
+        FastModel.from_pretrained(str(adapter_path), device_map="cpu", full_finetuning=True)

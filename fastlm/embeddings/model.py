@@ -266,6 +266,9 @@ class FastSentenceTransformer(nn.Module):
 
         if hasattr(self.backbone, "peft_config"):
             raise ValueError("this model already has LoRA adapters")
+        from fastlm.api import check_target_modules
+
+        check_target_modules(self.backbone, target_modules)
         model_type = self.config.model_type
         if target_modules is None:
             if model_type in PROMPT_STYLES or model_type in ("llama", "mistral", "qwen2"):
@@ -512,32 +515,42 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+# Other frameworks' exports, left out of a Hub download.
+_NOT_DOWNLOADED = [
+    "onnx/*",
+    "openvino/*",
+    "*.onnx",
+    "*.h5",
+    "*.msgpack",
+    "*.ot",
+    "tf_model*",
+    "flax_model*",
+    "rust_model*",
+    "coreml/*",
+    "*.gguf",
+]
+
+
 def _local_path(model_name: str, token, revision, local_files_only: bool) -> str:
-    if os.path.isdir(model_name):
-        return model_name
+    from fastlm import model_folder
+
+    # a missing folder, a file or an uncached name while offline: one clear error, not the Hub's
+    path = model_folder.resolve(model_name, ("config.json", "modules.json"), revision)
+    if os.path.isdir(path):
+        model_folder.check_model_folder(path, ("config.json", "modules.json"))
+        return path
     from huggingface_hub import snapshot_download
 
-    # The whole repository (the Sentence-Transformers module folders live beside the weights),
-    # without other frameworks' exports.
-    return snapshot_download(
-        model_name,
-        revision=revision,
-        token=token,
-        local_files_only=local_files_only,
-        ignore_patterns=[
-            "onnx/*",
-            "openvino/*",
-            "*.onnx",
-            "*.h5",
-            "*.msgpack",
-            "*.ot",
-            "tf_model*",
-            "flax_model*",
-            "rust_model*",
-            "coreml/*",
-            "*.gguf",
-        ],
-    )
+    try:  # the whole repository: the Sentence-Transformers module folders live beside the weights
+        return snapshot_download(
+            model_name,
+            revision=revision,
+            token=token,
+            local_files_only=local_files_only,
+            ignore_patterns=_NOT_DOWNLOADED,
+        )
+    except OSError as error:
+        raise model_folder.not_found(model_name, error) from error
 
 
 def _enable_checkpointing(backbone: nn.Module, mode: bool | str) -> None:

@@ -13,6 +13,8 @@ What runs where:
 - MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
+- a 4-bit Linear4bit that runs unfused (LoRA dropout, DoRA, ...) → on the CPU, fastlm's NF4
+                     dequantisation and matmul (``nf4_linear.py``); on CUDA bitsandbytes' forward.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
 from fastlm.models.lora_layers import linear_weights
+from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.spec import ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
@@ -128,6 +131,8 @@ def patch_model(
             _set_forward(state, module, _attention_forward, spec=spec)
         elif name == spec.mlp_class:
             _set_forward(state, module, _mlp_forward, activation=spec.activation)
+        elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
+            _set_forward(state, module, nf4_linear_forward)
     _set_causal_lm_forward(state, model)
     setattr(model, _STATE_ATTR, state)
     return model

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from nf4_format import run_4bit_layers_from_format
+from peft import LoraConfig, get_peft_model
 from test_architectures import (
     ARCHITECTURES,
     PROJECTIONS,
@@ -23,11 +24,14 @@ from test_architectures import (
     _assert_same_loss_curve,
     _pair,
 )
-from tiny_models import copy_lora, save_tiny_model, tiny_batch
+from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch
+from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
+from fastlm.api import nf4_config
 from fastlm.errors import UnsupportedKeywordError
 from fastlm.models import fused_report
+from fastlm.models.nf4_linear import is_bnb_linear4bit
 
 pytest.importorskip("bitsandbytes")
 
@@ -75,6 +79,39 @@ def test_qlora_saves_no_dense_copy_of_a_4bit_weight(tmp_path):
     dense = [tuple(t.shape) for t in saved if t.is_floating_point()]
     assert not dense_shapes.intersection(dense), dense_shapes.intersection(dense)
     loss.backward()
+
+
+def test_unfused_4bit_layers_on_the_cpu_compute_the_format_values(tmp_path):
+    """LoRA dropout keeps every projection off the fused path, so PEFT calls the 4-bit base
+    layers' own forward: on the CPU fastlm's (fastlm/models/nf4_linear.py), which must give the
+    format's values (qwen3's o_proj rows of 96: bitsandbytes' CPU dequantisation is wrong there
+    on this kind of host), in eval mode too (where bitsandbytes would repack the weights)."""
+    path = save_tiny_model("qwen3", tmp_path / "qwen3")
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False)
+    reference = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", quantization_config=nf4_config(torch.float32)
+    )
+    reference = get_peft_model(reference, LoraConfig(target_modules=PROJECTIONS, **lora))
+    run_4bit_layers_from_format(reference)
+    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
+    fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=False, **lora)
+    copy_lora(reference, fast)
+    assert not any(row["fused"] for row in fused_report(fast) if "proj" in row["module"])
+    layers = [m for m in fast.modules() if is_bnb_linear4bit(m)]
+    assert len(layers) == len(PROJECTIONS) * fast.config.num_hidden_layers
+    assert all("forward" in m.__dict__ for m in layers)  # fastlm's instance-level forward
+    for module in [*reference.modules(), *fast.modules()]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # deterministic; still an nn.Dropout, so the layers stay unfused
+    # Training (bitsandbytes' MatMul4Bit here would be off by ~30 % in some LoRA gradients).
+    _assert_loss_and_lora_grads_match(reference.train(), fast.train(), tiny_batch())
+    reference.eval()  # eval without gradients: where bitsandbytes would repack the weights
+    fast.eval()
+    with torch.no_grad():
+        expected, actual = reference(**tiny_batch()).logits, fast(**tiny_batch()).logits
+    assert relative_error(actual, expected) <= 1e-5
+    FastModel.unpatch(fast)
+    assert not any("forward" in m.__dict__ for m in layers)
 
 
 def test_qlora_trains_and_unpatched_model_matches(tmp_path):

@@ -148,11 +148,12 @@ class FastModel:
                 raise
             raise model_folder.not_found(given_name, error) from error
         spec = models.spec_for(config)
-        positions = getattr(config, "max_position_embeddings", None)
+        positions = _trained_positions(config)
         if explicit_max_seq_length and positions and max_seq_length > positions:
+            # not refused: RoPE runs past the trained positions, only worse
             logger.warning(
                 "max_seq_length=%d is longer than the %d positions %s was trained on "
-                "(max_position_embeddings): quality past %d tokens is not to be expected",
+                "(max_position_embeddings and its RoPE scaling): expect worse results past %d",
                 max_seq_length, positions, given_name, positions,
             )  # fmt: skip
         device = _target_device(device_map)
@@ -325,6 +326,21 @@ def resolve_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise UnsupportedDtypeError(f"dtype={dtype} is not a training dtype: use bf16/fp16/fp32.")
     return dtype
+
+
+def _trained_positions(config) -> int | None:
+    """The longest sequence the checkpoint is made for: ``max_position_embeddings``, times the
+    factor of a linear / dynamic / YaRN RoPE scaling in the config (Qwen2.5's long-context
+    recipe keeps max_position_embeddings and adds the factor; llama3 scaling has it built in)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("linear", "dynamic", "yarn") and rope.get("factor"):
+        original = rope.get("original_max_position_embeddings") or positions
+        positions = max(positions, int(original * rope["factor"]))
+    return positions
 
 
 def _load_adapter(adapter: str, base: str, **options: Any) -> tuple[nn.Module, Any]:

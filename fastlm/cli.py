@@ -11,17 +11,22 @@ Commands live in ``COMMANDS``: each names a module with ``add_arguments(parser)`
 ``fastlm/commands/<name>.py`` and add a line to ``COMMANDS``. A command with a ``--config`` flag
 also reads its flags from a YAML/TOML/JSON file (``fastlm.cli_config``); flags given win.
 Errors fastlm raises on purpose (``FastLMError``) are printed without a traceback (exit code 1;
-``-v`` shows it).
+``-v`` shows it). Ctrl-C and SIGTERM stop a command alike (exit code 130); ``fastlm sft`` saves a
+checkpoint first and says how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 
 
 def _offline_by_default() -> None:
@@ -162,6 +167,25 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (``kill``, a job scheduler, ``docker stop``) raises
+    KeyboardInterrupt in the main thread as Ctrl-C does, so that the command stops the same way
+    (``fastlm sft`` saves a checkpoint) instead of dying mid-write; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code."""
     from fastlm.errors import FastLMError
@@ -178,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.main(args) or 0)
-    except KeyboardInterrupt:
-        print("fastlm: interrupted", file=sys.stderr)
+        with _sigterm_as_interrupt():
+            return int(module.main(args) or 0)
+    except KeyboardInterrupt as interrupt:
+        detail = f": {interrupt}" if str(interrupt) else ""
+        print(f"fastlm {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except FastLMError as error:
         if args.verbose:

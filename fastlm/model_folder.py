@@ -152,10 +152,10 @@ def _safetensors_problem(file: Path) -> str | None:
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            return f"{size} bytes, shorter than a safetensors header"
+            return f"truncated: {size} bytes, shorter than a safetensors header"
         (header_size,) = struct.unpack("<Q", head)
         if header_size > size - 8:
-            return f"its header needs {header_size:,} bytes but the file has {size:,}"
+            return f"truncated: {size:,} bytes, shorter than its {header_size:,}-byte header"
         try:
             header = json.loads(handle.read(header_size))
             end = max(

@@ -73,6 +73,11 @@ FLAGS: dict[str, dict[str, Any]] = {
         "help": "log the loss every N updates",
     },
     "--save-steps": {"type": int, "metavar": "N", "help": "write a checkpoint every N updates"},
+    "--save-total-limit": {
+        "type": int,
+        "metavar": "N",
+        "help": "keep only the newest N checkpoints (default: all)",
+    },
     # output
     "--output-dir": {"metavar": "DIR", "help": "where everything is written"},
     "--save-method": {"default": "lora"},  # choices and help: the command's
@@ -96,6 +101,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "--gradient-checkpointing",
         "--logging-steps",
         "--save-steps",
+        "--save-total-limit",
     ),
     "output": ("--output-dir",),
 }

@@ -12,24 +12,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fastlm.commands import CommandError, Console, format_seconds, hub_hint, write_json
+from fastlm.errors import FastLMError
 
-_NOT_SETTINGS = ("command", "verbose", "quiet", "config")
+# --resume is how this run started, not a setting: a rerun from the settings file starts afresh
+_NOT_SETTINGS = ("command", "verbose", "quiet", "config", "resume")
+_PATH_SETTINGS = ("model", "data", "eval_data", "chat_template", "output_dir")
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings as ``--config`` keys (flag names), as given (defaults unresolved)."""
-    return {
-        key.replace("_", "-"): value
-        for key, value in vars(args).items()
-        if key not in _NOT_SETTINGS and value is not None
-    }
+    """The run's settings as ``--config`` keys (flag names), as given (defaults unresolved), but
+    with local paths made absolute: the file then works from any folder (``--resume`` too)."""
+    values = {}
+    for key, value in vars(args).items():
+        if key in _NOT_SETTINGS or value is None:
+            continue
+        if key in _PATH_SETTINGS and (key == "output_dir" or os.path.exists(value)):
+            value = os.path.abspath(value)
+        values[key.replace("_", "-")] = value
+    return values
 
 
 def write_run(output_dir: Path, command: str, args: argparse.Namespace, summary: dict) -> None:
@@ -52,6 +61,56 @@ def check_ranges(
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise CommandError(f"--{name.replace('_', '-')} must be greater than 0")
+
+
+def check_training(args: argparse.Namespace) -> None:
+    """The checks ``fastlm sft``, ``embed`` and ``rerank`` share, before anything loads: the
+    training and LoRA flags' ranges (``check_ranges`` for the rest) and ``check_output_dir``."""
+    check_ranges(
+        args,
+        {"warmup_steps": 0, "weight_decay": 0, "max_grad_norm": 0, "save_total_limit": 1},
+        ("lr", "epochs"),
+    )
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
+        raise CommandError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout:g}")
+    if args.save_total_limit and not args.save_steps:
+        raise CommandError("--save-total-limit keeps the newest checkpoints: it needs --save-steps")
+    check_output_dir(args.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``--output-dir`` is a folder or can be made one (checked before any model loads)."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise CommandError(f"--output-dir {output_dir} {what}; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--output-dir {output_dir}: {existing} is not writable")
+
+
+def positions(model_path: str) -> int | None:
+    """The model's ``max_position_embeddings`` from a local folder's config.json, else None."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a Hub name, or no config: from_pretrained says what is wrong
+    if not isinstance(config, dict):
+        return None
+    value = config.get("max_position_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def max_seq_length(args: argparse.Namespace, model_path: str, default: int | None) -> int | None:
+    """``--max-seq-length``, else ``default`` capped to the model's positions. A value beyond
+    them is the user's to choose (RoPE models run past them, and a config's RoPE scaling may
+    extend them): ``from_pretrained`` logs one warning line for it."""
+    if args.max_seq_length is not None:
+        return args.max_seq_length
+    limit = positions(model_path)
+    return min(default, limit) if default is not None and limit else default
 
 
 def with_defaults(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -89,6 +148,8 @@ def loading(
     console.status(f"loading {model_path} on {device} ...")
     try:
         yield time.perf_counter()
+    except FastLMError:
+        raise  # already one clear line (a missing folder, a damaged weights file, ...)
     except OSError as error:
         raise hub_hint(error, model_path) from error
     except ValueError as error:
@@ -219,6 +280,7 @@ def trainer_arguments(
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
         # the model set up checkpointing itself (offloaded or not); the Trainer must not redo it
         gradient_checkpointing=False,
         bf16=on_gpu and dtype == torch.bfloat16,
@@ -310,6 +372,9 @@ def progress_callback():
                 self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.close_bar()
+
+        def close_bar(self) -> None:
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -324,13 +389,102 @@ def training_status(model, args: argparse.Namespace) -> str:
     return f"training: {what}, {trainable / 1e6:.2f}M trainable parameters"
 
 
-def train(trainer, output_dir: str | Path) -> dict[str, Any]:
-    """``trainer.train()``, then ``train_stats``; no empty checkpoints/ folder is left behind."""
-    result = trainer.train()
+def train(
+    trainer, output_dir: str | Path, resume: str | None = None, continue_with: str | None = None
+) -> dict[str, Any]:
+    """``trainer.train()`` (from the checkpoint ``resume``), then ``train_stats``; no empty
+    checkpoints/ folder is left behind.
+
+    With ``continue_with`` (the command that resumes), Ctrl-C or SIGTERM (``fastlm.cli`` raises
+    it as KeyboardInterrupt) saves a checkpoint of the last finished update first, and the
+    KeyboardInterrupt's message says where it is and how to continue.
+    """
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "close_bar"):
+                callback.close_bar()
+        if continue_with is None:
+            raise
+        raise KeyboardInterrupt(save_interrupted(trainer, continue_with)) from None
     checkpoints = Path(output_dir) / "checkpoints"
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
     return train_stats(trainer, result)
+
+
+def save_interrupted(trainer, continue_with: str) -> str:
+    """Save the interrupted ``trainer``'s checkpoint (the Trainer's own: weights, optimizer,
+    scheduler, RNG and trainer_state.json, the last) unless that step's is saved; a line that
+    says where it is and how to continue."""
+    state = trainer.state
+    if state.global_step == 0:
+        return "before the first optimizer update; nothing to save"
+    # The state after the last finished update: an interrupt inside optimizer.step() itself (a
+    # small part of a step) could leave that update half applied.
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{state.global_step}"
+    if not is_complete_checkpoint(folder):
+        trainer._save_checkpoint(trainer.model, trial=None)
+    return (
+        f"saved {folder} (step {state.global_step} of {state.max_steps}); continue with: "
+        f"{continue_with}"
+    )
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+RESUME_LATEST = "latest"  # --resume without a path
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    """A Trainer checkpoint that was written to the end: the Trainer writes trainer_state.json
+    after the weights, optimizer, scheduler and RNG states (transformers 5.x,
+    ``Trainer._save_checkpoint``), so a save cut short (a second Ctrl-C, a kill) has none, or a
+    partial one."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The complete ``checkpoint-<step>`` folder of ``folder`` with the highest step, or None."""
+    steps = {}
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}*"):
+        step = path.name[len(CHECKPOINT_PREFIX) :]
+        if step.isdigit() and path.is_dir() and is_complete_checkpoint(path):
+            steps[int(step)] = path
+    return steps[max(steps)] if steps else None
+
+
+def resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
+    """``--resume``'s checkpoint folder: "latest" (the flag alone): the newest complete one in
+    ``output_dir``/checkpoints; a PATH: that checkpoint, or the newest in that folder or its
+    checkpoints/. A ``CommandError`` when there is none."""
+    if resume is None:
+        return None
+    if resume == RESUME_LATEST:
+        where = Path(output_dir) / "checkpoints"
+        found = latest_checkpoint(where)
+        if found is None:
+            raise CommandError(
+                f"--resume: no complete checkpoint in {where}; pass the --output-dir of the "
+                "interrupted run, or --resume PATH"
+            )
+        return str(found)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CommandError(f"--resume {resume}: no such folder")
+    if is_complete_checkpoint(path):
+        return str(path)
+    found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+    if found is None:
+        what = "an incomplete checkpoint (no trainer_state.json)"
+        if not path.name.startswith(CHECKPOINT_PREFIX):
+            what = "not a checkpoint, and holds no complete checkpoint-N folder"
+        raise CommandError(f"--resume {resume}: {what}")
+    return str(found)
 
 
 def train_evaluated(

@@ -232,6 +232,7 @@ def _check_args(args: argparse.Namespace) -> None:
     at_least = {name: 1 for name in names + ("max_steps", "save_steps", "max_samples")}
     at_least.update(mini_batch_size=1, warmup_steps=0)
     _training.check_ranges(args, at_least, ("lr", "epochs", "temperature"))
+    _training.check_training(args)
     _training.check_method(args)
     loss = args.loss
     only = {

@@ -66,6 +66,7 @@ outputs (in --output-dir):
 LOSSES = ("listwise", "pointwise")
 TEMPLATE_CHOICES = ("auto", "qwen3", "gemma")
 SAVE_METHODS = ("lora", "merged_16bit")
+DEFAULT_MAX_SEQ_LENGTH = 2048  # capped to the model's positions when it has fewer
 DEFAULTS = {"batch_size": 8, "lr": 1e-4, "epochs": 1.0, "warmup_steps": 0}
 # The demo set is 32 rows of 3 candidates: a few epochs of small steps show a clear gain.
 DEMO_DEFAULTS = {"batch_size": 4, "lr": 2e-4, "epochs": 2.0, "warmup_steps": 2}
@@ -90,7 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "help": "causal LM or reranker folder, e.g. Qwen3-Reranker (default: the bundled "
             "Gemma 3 270M)"
         },
-        max_seq_length={"help": "longer pairs have their query/document cut (default: 2048)"},
+        max_seq_length={
+            "help": "longer pairs have their query/document cut (default: 2048, or the model's "
+            "max_position_embeddings when smaller)"
+        },
     )
     group.add_argument(
         "--template",
@@ -245,6 +249,7 @@ def _check_args(args: argparse.Namespace) -> None:
     names = ("lora_r", "grad_accum", "logging_steps", "max_seq_length", "batch_size")
     at_least = {**dict.fromkeys(names, 1), "max_steps": 1, "save_steps": 1, "max_samples": 1}
     _training.check_ranges(args, {**at_least, "warmup_steps": 0}, ("lr", "epochs", "temperature"))
+    _training.check_training(args)
     _training.check_method(args)
     if args.full_finetune and (args.target_modules or args.use_rslora):
         raise CommandError("--target-modules / --use-rslora are LoRA flags; drop --full-finetune")
@@ -372,6 +377,7 @@ def _load_model(args, device: str, dtype, console: Console):
     )
     checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
     arguments = _training.model_arguments(args, device, dtype, checkpointing)
+    arguments["max_seq_length"] = _training.max_seq_length(args, model_path, DEFAULT_MAX_SEQ_LENGTH)
     # a ValueError: no tokenizer, "yes"/"no" not single tokens, too short
     with _training.loading(console, model_path, device) as start:
         reranker = FastReranker.from_pretrained(model_path, **arguments)

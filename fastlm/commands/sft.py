@@ -8,6 +8,7 @@ the full model), optionally exports merged / GGUF copies, and prints a summary.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -18,11 +19,11 @@ from fastlm.commands import (
     CommandError,
     Console,
     _training,
-    check_model_path,
     default_model_path,
     export_dtype,
     resolve_device,
     resolve_torch_dtype,
+    write_json,
 )
 from fastlm.commands._common_args import add_flags, add_group
 
@@ -54,6 +55,7 @@ outputs (in --output-dir):
   sft_config.json    every setting of the run; reuse it with --config
 """
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+DEFAULT_MAX_SEQ_LENGTH = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         "--device",
         model={"help": "local Hugging Face model folder (default: the bundled Gemma 3 270M)"},
-        max_seq_length={"default": 2048, "help": "longer examples are cut"},
+        max_seq_length={
+            "help": f"longer examples are cut (default: {DEFAULT_MAX_SEQ_LENGTH}, or the model's "
+            "max_position_embeddings when smaller)"
+        },
     )
     add_flags(group, "--load-in-4bit", "--full-finetune")
     group.add_argument(
@@ -111,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "help": "projections to adapt (default: q k v o gate up down), e.g. q_proj v_proj"
         },
     )
-    add_group(
+    group = add_group(
         parser,
         "training",
         batch_size={"default": 2, "help": "examples per device step"},
@@ -125,6 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "recompute; false: keep everything (fastest, most memory); auto: fastlm on GPU, "
             "false on CPU",
         },
+    )
+    group.add_argument(
+        "--resume",
+        nargs="?",
+        const=_training.RESUME_LATEST,
+        metavar="PATH",
+        help="continue an interrupted run: from the newest complete checkpoint in --output-dir, "
+        "or from PATH (a checkpoint, or a folder of them); pass the run's other flags again",
     )
     group = add_group(parser, "output", output_dir={"default": "outputs/sft"})
     save_method = "besides adapter/: merged_16bit or merged_4bit also writes a merged model"
@@ -151,6 +164,7 @@ def _check_args(args: argparse.Namespace) -> None:
     names = ("max_seq_length", "batch_size", "grad_accum", "lora_r", "logging_steps")
     optional = ("max_steps", "eval_steps", "save_steps", "max_samples")
     _training.check_ranges(args, dict.fromkeys(names + optional, 1))
+    _training.check_training(args)
     _training.check_method(args)
     if args.full_finetune and args.save_method != "lora":
         raise CommandError("--save-method is for LoRA runs; --full-finetune saves model/ anyway")
@@ -165,6 +179,9 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
+    resume = _training.resume_checkpoint(args.resume, args.output_dir)
+    if resume is not None:
+        _check_resume(resume, args)
     data = load_data(args.data, args.data_format, args.max_samples)
     eval_data = load_data(args.eval_data, args.data_format) if args.eval_data else None
     console.status(
@@ -175,21 +192,33 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(args.device)
     dtype = resolve_torch_dtype(args.dtype, device)
-    model, tokenizer, model_path = _load_model(args, device, dtype, console)
+    model_path = args.model or default_model_path(console)
+    max_length = _training.max_seq_length(args, model_path, DEFAULT_MAX_SEQ_LENGTH)
+    model, tokenizer = _load_model(args, model_path, max_length, device, dtype, console)
     train_set = _to_dataset(data, tokenizer, args)
     eval_set = _to_dataset(eval_data, tokenizer, args) if eval_data is not None else None
 
-    trainer = _trainer(model, tokenizer, train_set, eval_set, args, device)
+    trainer = _trainer(model, tokenizer, train_set, eval_set, args, device, max_length)
+    _check_left(console, trainer.train_dataset, len(train_set), max_length, "--data")
+    if eval_set is not None:
+        _check_left(console, trainer.eval_dataset, len(eval_set), max_length, "--eval-data")
     console.status(_training.training_status(model, args))
-    stats = _training.train(trainer, args.output_dir)
+    output_dir = Path(args.output_dir)
+    config_file = output_dir / "sft_config.json"
+    # written before training, so that an interrupted run can be continued from it
+    write_json(config_file, _training.settings(args))
+    if resume is not None:
+        console.status(f"resuming from {resume}")
+    continue_with = f"fastlm sft --config {config_file.absolute()} --resume"
+    stats = _training.train(trainer, args.output_dir, resume, continue_with)
     if eval_set is not None:
         stats["eval_loss"] = trainer.evaluate().get("eval_loss")
 
-    output_dir = Path(args.output_dir)
     outputs = _save(model, tokenizer, args, model_path, output_dir, console)
     summary = {
-        "model": model_path,
-        "data": str(args.data),
+        # absolute: a later `fastlm export` or rerun may start from another folder
+        "model": os.path.abspath(model_path) if os.path.exists(model_path) else model_path,
+        "data": os.path.abspath(args.data),
         "data_format": data.format,
         "examples": len(data),
         "device": device,
@@ -204,16 +233,20 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _load_model(args, device: str, dtype, console: Console):
+def _load_model(args, model_path: str, max_length: int, device: str, dtype, console: Console):
     from fastlm import FastModel
 
-    model_path = args.model or default_model_path(console)
-    check_model_path(model_path)
-    checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
-    with _training.loading(console, model_path, device, value_errors=False) as start:
-        model, tokenizer = FastModel.from_pretrained(
-            model_path, **_training.model_arguments(args, device, dtype, checkpointing)
+    folder = Path(model_path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise CommandError(
+            f"--model {model_path} is a LoRA adapter: pass the model it was trained on as "
+            "--model (to continue an interrupted run, add --resume to its flags)"
         )
+    checkpointing = _training.checkpointing(args.gradient_checkpointing, device)
+    arguments = _training.model_arguments(args, device, dtype, checkpointing)
+    arguments["max_seq_length"] = max_length
+    with _training.loading(console, model_path, device, value_errors=False) as start:
+        model, tokenizer = FastModel.from_pretrained(model_path, **arguments)
     if tokenizer is None:
         raise CommandError(f"{model_path} has no tokenizer files; fastlm sft needs a tokenizer")
     if args.chat_template:
@@ -225,7 +258,40 @@ def _load_model(args, device: str, dtype, console: Console):
         model = FastModel.get_peft_model(
             model, use_rslora=args.use_rslora, **_training.lora_arguments(args, checkpointing)
         )
-    return model, tokenizer, model_path
+    return model, tokenizer
+
+
+def _check_resume(checkpoint: str, args: argparse.Namespace) -> None:
+    """--resume: the checkpoint is of the same kind of run (LoRA of the same rank, or full)."""
+    adapter = Path(checkpoint) / "adapter_config.json"
+    again = "resume with the interrupted run's flags (its --output-dir has them in sft_config.json)"
+    if args.full_finetune == adapter.is_file():
+        kind = "a LoRA" if adapter.is_file() else "a full fine-tune"
+        raise CommandError(f"--resume {checkpoint} is {kind} checkpoint; {again}")
+    if adapter.is_file():
+        saved = json.loads(adapter.read_text(encoding="utf-8"))
+        if saved.get("r") not in (None, args.lora_r):
+            raise CommandError(
+                f"--resume {checkpoint} has LoRA rank {saved['r']}, not --lora-r "
+                f"{args.lora_r}; {again}"
+            )
+
+
+def _check_left(console: Console, dataset, total: int, max_length: int, flag: str) -> None:
+    """After SFTTrainer's truncation: rows whose answer was cut off entirely are gone (no token
+    left to learn from). None left is an error; some gone, a warning."""
+    left = len(dataset)
+    if left == 0:
+        raise CommandError(
+            f"{flag}: none of the {total} examples keeps a token to train on within "
+            f"--max-seq-length {max_length} (each prompt fills it, cutting the whole answer); "
+            "raise --max-seq-length, or shorten the prompts"
+        )
+    if left < total:
+        console.status(
+            f"warning: {flag}: {total - left} of {total} examples dropped: their answers start "
+            f"after --max-seq-length {max_length} tokens"
+        )
 
 
 CHATML_TEMPLATE = (
@@ -257,7 +323,7 @@ def _to_dataset(data, tokenizer, args):
     return Dataset.from_list(sft_rows(data, has_template, args.train_on))
 
 
-def _trainer(model, tokenizer, train_set, eval_set, args, device: str):
+def _trainer(model, tokenizer, train_set, eval_set, args, device: str, max_length: int):
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
@@ -268,7 +334,7 @@ def _trainer(model, tokenizer, train_set, eval_set, args, device: str):
             per_device_eval_batch_size=args.batch_size,
             eval_strategy="steps" if args.eval_steps else "no",
             eval_steps=args.eval_steps,
-            max_length=args.max_seq_length,
+            max_length=max_length,
             packing=args.packing,
             completion_only_loss=args.train_on == "completion",
         )

@@ -35,7 +35,7 @@ _ADAPTER_PARTS = {
 }
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-INDEX_NAME = "model.safetensors.index.json"
+_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
 
@@ -154,7 +154,7 @@ def _save_merged(
     shards = _split(entries, parse_size(max_shard_size))
     inputs = [*input_folders(model), base_checkpoint]
     folder = check_target(save_directory, inputs)
-    stale = superseded_weights(folder, [_shard_name(i, len(shards)) for i in range(len(shards))])
+    stale = _superseded_weights(folder, [_shard_name(i, len(shards)) for i in range(len(shards))])
     total = sum(entry.nbytes for entry in entries)
     check_free_disk(folder, total, "the merged model")
     with export_into(folder, inputs=inputs, remove=stale) as tmp:
@@ -181,10 +181,10 @@ def input_folders(model: nn.Module) -> list[str]:
     return sorted({str(n) for n in names if n and os.path.isdir(n)})
 
 
-def superseded_weights(folder: Path, names: list[str]) -> list[str]:
+def _superseded_weights(folder: Path, names: list[str]) -> list[str]:
     """Weight files in ``folder`` that writing the checkpoint ``names`` makes stale.
 
-    Usage: ``superseded_weights(Path("out"), ["model.safetensors"])``. The rule: the shards
+    Usage: ``_superseded_weights(Path("out"), ["model.safetensors"])``. The rule: the shards
     (``model-NNNNN-of-NNNNN.safetensors``) listed in the index this export replaces, and that
     index too when the new checkpoint is one file -- an earlier export's checkpoint. Files
     with other names, or not listed, are never removed. A ``model.safetensors`` beside a new
@@ -198,7 +198,7 @@ def superseded_weights(folder: Path, names: list[str]) -> list[str]:
             "index) would not replace, and transformers would load it instead of the new "
             "shards. Remove it, choose another folder, or raise max_shard_size to write one file."
         )
-    index = folder / INDEX_NAME
+    index = folder / _INDEX_NAME
     if not index.is_file():
         return []
     try:
@@ -208,7 +208,7 @@ def superseded_weights(folder: Path, names: list[str]) -> list[str]:
         return []
     stale = sorted(n for n in listed if _SHARD_NAME.fullmatch(str(n)) and n not in names)
     if not sharded and all(_SHARD_NAME.fullmatch(str(n)) for n in listed):
-        stale.append(INDEX_NAME)  # else it would name shards that are gone
+        stale.append(_INDEX_NAME)  # else it would name shards that are gone
     return stale
 
 
@@ -480,7 +480,7 @@ def _write_shards(
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (folder / INDEX_NAME).write_text(text)
+        (folder / _INDEX_NAME).write_text(text)
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -518,7 +518,7 @@ class _CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
+        index = self.folder / _INDEX_NAME
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self.folder / file for name, file in weight_map.items()}

@@ -74,6 +74,7 @@ class FastModel:
         load_in_16bit: bool = True,
         allow_untested_versions: bool = False,
         check_finite_loss: bool = True,
+        check_finite_weights: bool = True,
         embedding_mode: bool = False,
         **kwargs: Any,
     ) -> tuple[nn.Module, Any]:
@@ -82,7 +83,8 @@ class FastModel:
         Usage: ``model, tok = FastModel.from_pretrained("./llama", max_seq_length=4096)``.
         ``tokenizer`` is None when the folder has no tokenizer files. ``embedding_mode=True``
         returns a ``fastlm.embeddings.FastSentenceTransformer`` (one normalised vector per text;
-        see docs/embeddings.md) instead of a causal LM.
+        see docs/embeddings.md) instead of a causal LM. ``check_finite_weights=False`` skips the
+        load-time check for NaN/inf weights (``NonFiniteWeightsError``).
         """
         if embedding_mode:
             from fastlm.embeddings import load_embedding_model
@@ -101,6 +103,7 @@ class FastModel:
                 load_in_16bit=load_in_16bit,
                 allow_untested_versions=allow_untested_versions,
                 check_finite_loss=check_finite_loss,
+                check_finite_weights=check_finite_weights,
                 **kwargs,
             )
         _refuse_unimplemented(kwargs, _FROM_PRETRAINED_DEFAULTS, "from_pretrained")
@@ -127,6 +130,7 @@ class FastModel:
                     load_in_16bit=load_in_16bit,
                     allow_untested_versions=allow_untested_versions,
                     check_finite_loss=check_finite_loss,
+                    check_finite_weights=check_finite_weights,
                     **kwargs,
                 )
             model_folder.check_model_folder(model_name, (gguf_file or "config.json",))
@@ -184,6 +188,8 @@ class FastModel:
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
+        if check_finite_weights:  # one pass where the weights are; NaN/inf named (docs/api.md)
+            models.check_finite_weights(model, given_name)
         if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
             # A GGUF checkpoint is dequantised on load; the leftover quantizer would make
             # Trainer and save_pretrained refuse the (plain floating-point) model.

@@ -27,6 +27,14 @@ class NonFiniteLossError(FastLMError, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+class NonFiniteGradientError(NonFiniteLossError):
+    """A training gradient became NaN or infinite (whoever computed the loss)."""
+
+
+class NonFiniteWeightsError(FastLMError, FloatingPointError):
+    """Weights hold NaN or infinite values: a damaged checkpoint at load, a diverged run at save."""
+
+
 class UnsupportedKeywordError(FastLMError, TypeError):
     """A keyword that Unsloth accepts but fastlm does not implement (yet)."""
 

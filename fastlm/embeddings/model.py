@@ -394,6 +394,7 @@ def load_embedding_model(
     use_fastlm_kernels: bool = True,
     allow_untested_versions: bool = False,
     check_finite_loss: bool = True,
+    check_finite_weights: bool = True,
     **kwargs: Any,
 ) -> tuple[FastSentenceTransformer, Any]:
     """Load an embedding model → ``(model, tokenizer)``; fastlm kernels on Qwen3 / Gemma 3.
@@ -406,6 +407,8 @@ def load_embedding_model(
     Extra keyword arguments go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``,
     or config overrides such as ``use_bidirectional_attention=True`` for a Gemma 3 LM).
     ``load_in_16bit`` is accepted for ``FastModel.from_pretrained`` parity (``dtype`` decides).
+    ``check_finite_loss`` / ``check_finite_weights``: as ``FastModel.from_pretrained`` (the
+    finite-training guard; NaN/inf weights refused at load).
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -474,6 +477,8 @@ def load_embedding_model(
     if use_fastlm_kernels and model_type in models.SPECS:
         spec = models.spec_for(config)
         models.patch_model(backbone, spec, max_seq_length, check_finite_loss=check_finite_loss)
+    elif check_finite_loss:  # an unpatched body (BERT...) gets the NaN/inf gradient guard alone
+        models.install_finite_guard(backbone)
     dense = [
         layer.to(device=_device_of(backbone), dtype=dtype)
         for layer in (layout.dense if layout else [])
@@ -490,6 +495,8 @@ def load_embedding_model(
         prompt_style=PROMPT_STYLES.get(model_type),
         do_lower_case=layout.do_lower_case if layout else False,
     )
+    if check_finite_weights:  # the body and the dense layers: one pass (fastlm.models.finite)
+        models.check_finite_weights(model, model_name)
     if full_finetuning:
         model.requires_grad_(True)
         if use_gradient_checkpointing:

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from fastlm.embeddings.data import EmbeddingCollator
 from fastlm.embeddings.losses import EmbeddingLoss, InfoNCELoss
-from fastlm.models.patch import FiniteLossMonitor
+from fastlm.models.finite_guard import FiniteLossMonitor, verify_finite
 
 TRAINABLE_STATE_NAME = "fastlm_trainable.safetensors"
 
@@ -35,7 +35,9 @@ class EmbeddingTrainer(Trainer):
     Usage: ``EmbeddingTrainer(model, args, train_dataset=ds, loss=InfoNCELoss()).train()``.
     ``prompts`` (``{"query": ..., "response": ...}``) overrides the model's prefixes.
     ``check_finite_loss``: raise ``NonFiniteLossError`` on a NaN/inf training loss (as
-    ``FastModel``; on CUDA the check is asynchronous and names the step).
+    ``FastModel``; on CUDA the check is asynchronous and names the step). NaN/inf gradients are
+    stopped by the guard the loaders put on the model (``fastlm.models.finite_guard``), and
+    checkpoints holding NaN/inf trained weights are refused (``NonFiniteWeightsError``).
     """
 
     def __init__(
@@ -69,7 +71,7 @@ class EmbeddingTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.loss.batch_loss(model, inputs)
         if self.loss_monitor is not None and model.training:
-            self.loss_monitor.watch(loss)
+            self.loss_monitor.watch(loss, model)
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -85,6 +87,7 @@ class EmbeddingTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
+        verify_finite(model)  # before anything is written: a pending CUDA verdict, NaN weights
         output_dir.mkdir(parents=True, exist_ok=True)
         self._write_model(model, output_dir)
         _save_trainable(model, output_dir / TRAINABLE_STATE_NAME)

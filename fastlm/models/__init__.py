@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fastlm.errors import UnsupportedArchitectureError
+from fastlm.models.finite import check_finite_weights, nonfinite_tensors
+from fastlm.models.finite_guard import install_finite_guard, verify_finite
 from fastlm.models.gemma import GEMMA, GEMMA2
 from fastlm.models.gemma3 import GEMMA3_TEXT
 from fastlm.models.llama import LLAMA
@@ -46,10 +48,14 @@ def spec_for(config) -> ArchitectureSpec:
 __all__ = [
     "SPECS",
     "ArchitectureSpec",
+    "check_finite_weights",
     "fused_report",
+    "install_finite_guard",
     "is_patched",
+    "nonfinite_tensors",
     "patch_model",
     "patch_state",
     "spec_for",
     "unpatch_model",
+    "verify_finite",
 ]

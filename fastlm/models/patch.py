@@ -33,68 +33,20 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
 from fastlm.distributed import gather_linear, is_plain_linear, unshard_for_direct_read
-from fastlm.errors import NonFiniteLossError, SequenceTooLongError
+from fastlm.errors import SequenceTooLongError
 from fastlm.kernels.flash_attention import fastlm_attention_forward
 from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastlm.kernels.geglu import geglu
 from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
+from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.spec import ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
 _STATE_ATTR = "_fastlm_patch_state"
-
-
-_NON_FINITE_ADVICE = (
-    "Lower the learning rate, check the data for broken examples, use bf16 rather than fp16 on "
-    "GPUs that support it, or clip gradients (max_grad_norm)."
-)
-
-
-class FiniteLossMonitor:
-    """Raises NonFiniteLossError for a NaN/inf training loss without stalling the GPU.
-
-    On CPU the check is immediate (before backward). On CUDA an immediate check would be a host
-    synchronisation per step, which idles the GPU while the CPU launches the backward (measured:
-    the 1B reference loop is launch-bound). So the finiteness flag is copied to pinned memory
-    asynchronously and read at the next forward, once its event has completed: the error then
-    names the step, whose optimizer update has already been applied.
-    """
-
-    def __init__(self) -> None:
-        self.step = 0
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
-
-    def watch(self, loss: torch.Tensor) -> None:
-        self.step += 1
-        if not loss.is_cuda:
-            if not torch.isfinite(loss.detach()).item():
-                raise NonFiniteLossError(
-                    f"the training loss is {loss.item()} at step {self.step}: stopped before the "
-                    f"optimizer could apply it. {_NON_FINITE_ADVICE}"
-                )
-            return
-        self.check_completed()
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((self.step, flag, event))
-
-    def check_completed(self) -> None:
-        """Raise for any finished step whose loss was not finite (never blocks)."""
-        while self._pending and self._pending[0][2].query():
-            step, flag, _ = self._pending.pop(0)
-            if not bool(flag):
-                self._pending.clear()
-                raise NonFiniteLossError(
-                    f"the training loss was NaN/inf at step {step} (of this model's training "
-                    f"forwards); that step's update has been applied, so restart from the last "
-                    f"checkpoint. {_NON_FINITE_ADVICE}"
-                )
 
 
 @dataclass
@@ -106,6 +58,7 @@ class PatchState:
     check_finite_loss: bool = True
     patched: list[nn.Module] = field(default_factory=list)
     loss_monitor: FiniteLossMonitor = field(default_factory=lambda: FiniteLossMonitor())
+    finite_guard: FiniteGuard | None = None  # NaN/inf loss, gradient and save checks
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -134,6 +87,8 @@ def patch_model(
         elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
             _set_forward(state, module, nf4_linear_forward)
     _set_causal_lm_forward(state, model)
+    if check_finite_loss:  # on the model, not in the loss: TRL's SFTTrainer computes its own
+        state.finite_guard = install_finite_guard(model, state.loss_monitor)
     setattr(model, _STATE_ATTR, state)
     return model
 
@@ -146,6 +101,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     state = target.__dict__.pop(_STATE_ATTR)
     for module in state.patched:
         module.__dict__.pop("forward", None)
+    if state.finite_guard is not None:
+        state.finite_guard.remove()
     return model
 
 
@@ -372,7 +329,7 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         softcap=softcap,
     )
     if state.check_finite_loss:
-        state.loss_monitor.watch(loss)
+        state.loss_monitor.watch(loss, self)
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,

@@ -277,3 +277,24 @@ def test_an_adapter_whose_base_is_gone_says_how_to_load_it(adapter_path, tmp_pat
     assert f"peft.PeftModel.from_pretrained(model, '{moved}', is_trainable=True)" in str(info.value)
     with pytest.raises(ValueError, match="merge it first"):
         FastModel.from_pretrained(str(adapter_path), device_map="cpu", full_finetuning=True)
+
+
+def test_max_seq_length_past_the_trained_positions_is_one_warning(llama_path, caplog):
+    from types import SimpleNamespace
+
+    from fastlm.api import _trained_positions
+
+    with caplog.at_level("WARNING", logger="fastlm"):
+        FastModel.from_pretrained(llama_path, max_seq_length=100_000, device_map="cpu")
+        FastModel.from_pretrained(llama_path, device_map="cpu")  # the default: no warning
+    warnings = [r.getMessage() for r in caplog.records if "positions" in r.getMessage()]
+    assert len(warnings) == 1 and "100000 is longer than the 256 positions" in warnings[0]
+    # Qwen2.5's long-context recipe: 32768 positions and YaRN x4 in the config -> 131072
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert _trained_positions(SimpleNamespace(max_position_embeddings=32768)) == 32768
+    qwen = SimpleNamespace(max_position_embeddings=32768, rope_scaling=yarn)
+    assert _trained_positions(qwen) == 131072
+    # llama3 scaling: max_position_embeddings is already the extended length
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    llama = SimpleNamespace(max_position_embeddings=131072, rope_parameters=llama3)
+    assert _trained_positions(llama) == 131072

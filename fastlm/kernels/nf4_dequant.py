@@ -1,4 +1,4 @@
-"""NF4 dequantisation of bitsandbytes 4-bit weights, bit-exact against ``dequantize_4bit``.
+"""NF4 dequantisation of bitsandbytes 4-bit weights, bit-exact to the NF4 format's definition.
 
 For element ``i`` of the flattened weight (``n`` elements, blocks of ``B = quant_state.blocksize``):
 
@@ -12,8 +12,11 @@ This is bitsandbytes' own order of operations (bitsandbytes 0.50). Its CUDA sour
 (``kDequantizeBlockwise``) multiplies a hard-coded fp32 NF4 table (``quant_state.code`` is not read)
 by the fp32 absmax and assigns the product to the output type (round to nearest even); the nested
 absmax comes from the 8-bit blockwise kernel (``code2[q] * absmax2``, fp32), then a separate torch
-``absmax += offset``. On CPU, bnb's C++ kernel and its torch fallback (odd last dimension) give the
-same bits, checked by experiment, ties included: CPU and CUDA bnb do not differ in rounding.
+``absmax += offset``. The tests check both paths against a reference written from the format
+(``tests/nf4_format.py``), odd shapes included, and against bnb's CUDA kernel. bnb 0.50.2's CPU
+``dequantize_4bit`` is wrong when a row is not a whole number of blocks (e.g. rows of 80 or 96 with
+blocks of 64; which lengths depends on the host's kernel), so fastlm never runs it: unfused 4-bit
+layers on the CPU use this dequantisation too (``fastlm/models/nf4_linear.py``).
 
 Two things keep the Triton kernel exact: fp contraction is turned off at launch
 (``code2 * absmax2 + offset`` must not become an FMA), and fp32 -> bf16 is rounded to nearest even

@@ -76,6 +76,20 @@ def test_full_finetune_plain_loop_stops_before_the_optimizer_step(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_a_parameter_added_after_the_first_step_is_checked_too(tmp_path):
+    """The guard lists the parameters once, again after any module registers a new one."""
+    path = save_tiny_model("llama", tmp_path / "llama")
+    model, _ = FastModel.from_pretrained(str(path), device_map="cpu")
+    model = FastModel.get_peft_model(model, r=4)
+    model.train()
+    model(**tiny_batch()).loss.backward()
+    body = model.base_model.model.model
+    body.norm.scale = torch.nn.Parameter(torch.ones(()))  # trainable, after the first check
+    loss = model(**tiny_batch()).loss + body.norm.scale * float("inf")
+    with pytest.raises(NonFiniteGradientError, match=r"norm\.scale"):
+        loss.backward()
+
+
 def test_saving_nan_trained_weights_is_refused_until_unpatched(tmp_path):
     path = save_tiny_model("llama", tmp_path / "llama")
     model, _ = FastModel.from_pretrained(str(path), device_map="cpu")

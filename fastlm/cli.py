@@ -11,8 +11,9 @@ Commands live in ``COMMANDS``: each names a module with ``add_arguments(parser)`
 ``fastlm/commands/<name>.py`` and add a line to ``COMMANDS``. A command with a ``--config`` flag
 also reads its flags from a YAML/TOML/JSON file (``fastlm.cli_config``); flags given win.
 Errors fastlm raises on purpose (``FastLMError``) are printed without a traceback (exit code 1;
-``-v`` shows it). Ctrl-C and SIGTERM stop a command alike (exit code 130); ``fastlm sft`` saves a
-checkpoint first and says how to continue.
+``-v`` shows it). Ctrl-C and SIGTERM stop a command alike (exit code 130). During training the
+first one stops at the end of the current optimizer step (``fastlm sft`` saves that step's
+checkpoint and says how to continue) and a second one at once (``_training.stop_at_step_end``).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """While a command runs, SIGTERM (``kill``, a job scheduler, ``docker stop``) raises
     KeyboardInterrupt in the main thread as Ctrl-C does, so that the command stops the same way
-    (``fastlm sft`` saves a checkpoint) instead of dying mid-write; the previous handler after."""
+    instead of dying mid-write; the previous handler after. Training sets its own handlers for
+    both while it runs (``fastlm.commands._training.stop_at_step_end``)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return

@@ -207,6 +207,33 @@ def test_every_loss_trains_on_tiny_qwen3(tiny_qwen3, tmp_path, loss, rows, extra
     assert (out / "model" / "modules.json").is_file() and (out / "adapter").is_dir()
 
 
+def test_sigterm_stops_at_the_step_end_and_says_nothing_was_saved(
+    tiny_qwen3, tmp_path, monkeypatch, capsys
+):
+    """fastlm embed (and rerank: the same ``_training.train``) cannot resume: SIGTERM during
+    update 2 of 4 stops after it, exit 130, and says that nothing was saved."""
+    import signal
+
+    from test_cli_errors import _interrupting
+
+    from fastlm.commands import embed
+
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    out = tmp_path / "out"
+    _interrupting(monkeypatch, embed, "on_pre_optimizer_step", 1, signal.SIGTERM)
+    assert run(tiny_argv(tiny_qwen3, data, out, "--max-steps", 4)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    stopping = (
+        "fastlm: stopping after this step (nothing is saved); press Ctrl-C again to stop at once"
+    )
+    assert err.count(stopping) == 1, err
+    assert err[-1] == (
+        "fastlm embed: interrupted: stopped after step 2 of 4; nothing was saved (this command "
+        "does not resume)"
+    )
+    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+
+
 def test_load_in_4bit_trains_qlora_and_saves_a_16bit_model(tiny_qwen3, tmp_path):
     pytest.importorskip("bitsandbytes")  # its NF4 layers run on the CPU too
     from fastlm.embeddings import FastSentenceTransformer

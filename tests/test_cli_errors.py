@@ -1,5 +1,6 @@
 """Every bad input to ``fastlm sft`` / ``embed`` / ``rerank`` is one line on stderr and exit code 1;
-an interrupted ``fastlm sft`` (Ctrl-C or SIGTERM) saves a checkpoint that ``--resume`` continues.
+an interrupted ``fastlm sft`` (Ctrl-C or SIGTERM) stops at the end of the optimizer step under way
+and saves a checkpoint that ``--resume`` continues; a second signal stops at once, saving nothing.
 
 Commands run in-process through ``fastlm.cli.main(argv)`` on a tiny Llama (CPU, a few steps).
 """
@@ -232,57 +233,115 @@ def test_a_relative_model_path_is_stored_absolute(root, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- interrupt and resume
 
 
-class _Interrupt:
-    """A TrainerCallback that interrupts the run inside update ``step + 1`` (after its first
-    micro-batch, with gradients half accumulated), as SIGTERM or Ctrl-C (SIGINT) would."""
+def _signalling(event: str, step: int, *signals: int):
+    """A TrainerCallback that sends ``signals`` to this process (real signals, as Ctrl-C or
+    ``kill`` deliver them) once, at ``event`` (a TrainerCallback method) of the first call where
+    ``state.global_step == step``. "optimizer.step": inside ``optimizer.step()``, once the
+    parameters are updated, before the scheduler step and the step count, where an interrupt
+    used to leave an update half done (a checkpoint of update N+1's weights labelled N)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, step: int, how: str):
-        from transformers import TrainerCallback
+    class Signalling(TrainerCallback):
+        sent = False
 
-        class Interrupt(TrainerCallback):
-            def on_substep_end(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    if how == "sigterm":
-                        os.kill(os.getpid(), signal.SIGTERM)  # fastlm.cli's handler raises
-                    else:
-                        raise KeyboardInterrupt
+        def send(self, state) -> None:
+            if not self.sent and state.global_step == step:
+                self.sent = True
+                for number in signals:
+                    os.kill(os.getpid(), number)
 
-        return Interrupt()
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if event == "optimizer.step":
+                torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrap
+                torch_optimizer.register_step_post_hook(lambda *_: self.send(state))
+
+    if event != "optimizer.step":
+        setattr(Signalling, event, lambda self, args, state, control, **kw: self.send(state))
+    return Signalling()
 
 
-def _interrupting(monkeypatch, step: int, how: str) -> None:
-    make_trainer = sft._trainer
+def _interrupting(monkeypatch, module, event: str, step: int, *signals: int) -> None:
+    """``module._trainer`` (sft's, embed's) gives trainers that get ``_signalling``'s callback."""
+    make_trainer = module._trainer
 
-    def with_interrupt(*args, **kwargs):
+    def with_signals(*args, **kwargs):
         trainer = make_trainer(*args, **kwargs)
-        trainer.add_callback(_Interrupt(step, how))
+        trainer.add_callback(_signalling(event, step, *signals))
         return trainer
 
-    monkeypatch.setattr(sft, "_trainer", with_interrupt)
+    monkeypatch.setattr(module, "_trainer", with_signals)
 
 
-def test_sigterm_saves_a_checkpoint_that_resume_continues(root, tmp_path, monkeypatch, capsys):
-    """SIGTERM after update 3 of 6 -> checkpoint-3 (the newest; --save-total-limit 1) and exit
-    130; --resume reaches update 6 with the same losses as an uninterrupted run."""
-    reference = tmp_path / "reference"
-    assert cli.main(sft_argv(root, reference)) == 0
+STOPPING_LINE = (
+    "fastlm: stopping after this step and saving a checkpoint; press Ctrl-C again to stop at once"
+)
+
+
+@pytest.fixture(scope="module")
+def reference(root, tmp_path_factory) -> Path:
+    """The uninterrupted run, with a checkpoint of every update (the output folder)."""
+    import logging
+    import warnings
+
+    import torch
+
+    out = tmp_path_factory.mktemp("reference")
+    logger = logging.getLogger("fastlm")
+    saved = (list(logger.handlers), logger.level, logger.propagate, torch.get_num_threads())
+    torch.set_num_threads(1)  # as the tests (one_thread): the same sums
+    with warnings.catch_warnings():
+        assert cli.main(sft_argv(root, out, "--save-steps", "1")) == 0
+    logger.handlers[:], logger.level, logger.propagate, threads = saved
+    torch.set_num_threads(threads)
+    return out
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+
+
+def _assert_same_weights(checkpoint: Path, reference_checkpoint: Path) -> None:
+    """The adapter of ``checkpoint`` is the uninterrupted run's at that step."""
+    import torch
+    from safetensors.torch import load_file
+
+    ours = load_file(checkpoint / "adapter_model.safetensors")
+    theirs = load_file(reference_checkpoint / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, theirs[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _continue_with(out: Path) -> str:
+    return f"continue with: fastlm sft --config {out / 'sft_config.json'} --resume"
+
+
+def test_sigterm_inside_an_optimizer_step_saves_that_step_and_resume_continues(
+    root, reference, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM inside optimizer.step() of update 3 of 6: update 3 is completed (scheduler, step
+    count) and the Trainer saves checkpoint-3, the newest (--save-total-limit 1): the
+    uninterrupted run's weights at step 3, exit 130; --resume reaches update 6 with the same
+    losses as the uninterrupted run."""
     out = tmp_path / "out"
     flags = ("--save-steps", "2", "--save-total-limit", "1")
-    _interrupting(monkeypatch, 3, "sigterm")
-    previous = signal.getsignal(signal.SIGTERM)
+    _interrupting(monkeypatch, sft, "optimizer.step", 2, signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     capsys.readouterr()
     assert cli.main(sft_argv(root, out, *flags)) == 130
-    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the command's alone
+    # the handlers are training's alone, and the command's alone
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
     err = capsys.readouterr().err.strip().splitlines()
     checkpoint = out / "checkpoints" / "checkpoint-3"
+    assert err.count(STOPPING_LINE) == 1, err
     assert err[-1] == (
-        f"fastlm sft: interrupted: saved {checkpoint} (step 3 of 6); continue with: "
-        f"fastlm sft --config {out / 'sft_config.json'} --resume"
+        f"fastlm sft: interrupted: saved {checkpoint} (step 3 of 6); {_continue_with(out)}"
     )
     assert "Traceback" not in "\n".join(err)
     # --save-total-limit 1: checkpoint-2 went when checkpoint-3 came
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert _checkpoints(out) == ["checkpoint-3"]
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
+    _assert_same_weights(checkpoint, reference / "checkpoints" / "checkpoint-3")
     assert not (out / "adapter").exists()
     # A save cut short (no trainer_state.json, written last) must not be resumed from.
     (out / "checkpoints" / "checkpoint-5").mkdir()
@@ -297,25 +356,92 @@ def test_sigterm_saves_a_checkpoint_that_resume_continues(root, tmp_path, monkey
     assert resumed["steps"] == 6 and len(resumed["losses"]) == 6
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-6"]
+    assert _checkpoints(out) == ["checkpoint-6"]
 
 
-def test_ctrl_c_before_the_first_update_saves_nothing(root, tmp_path, monkeypatch, capsys):
-    _interrupting(monkeypatch, 0, "sigint")
-    assert cli.main(sft_argv(root, tmp_path / "out")) == 130
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line == "fastlm sft: interrupted: before the first optimizer update; nothing to save"
-    assert not list((tmp_path / "out").glob("checkpoints/checkpoint-*"))
-
-
-def test_resume_refuses_a_checkpoint_of_another_rank(root, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_inside_gradient_accumulation_completes_the_update(
+    root, reference, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C after the first of update 4's two micro-batches: the second one runs, update 4 is
+    applied and saved (checkpoint-4, without --save-steps), with the losses of steps 1-4."""
     out = tmp_path / "out"
-    _interrupting(monkeypatch, 1, "sigint")
+    _interrupting(monkeypatch, sft, "on_substep_end", 3, signal.SIGINT)
     assert cli.main(sft_argv(root, out)) == 130
-    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.json").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    checkpoint = out / "checkpoints" / "checkpoint-4"
+    assert err.count(STOPPING_LINE) == 1, err
+    assert err[-1] == (
+        f"fastlm sft: interrupted: saved {checkpoint} (step 4 of 6); {_continue_with(out)}"
+    )
+    assert _checkpoints(out) == ["checkpoint-4"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3, 4]
+    _assert_same_weights(checkpoint, reference / "checkpoints" / "checkpoint-4")
+
+
+def test_a_signal_during_evaluation_saves_the_step_it_follows(root, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the evaluation after update 2 runs: it finishes (its loss is logged), then
+    checkpoint-2 is saved and training stops there."""
+    out = tmp_path / "out"
+    _interrupting(monkeypatch, sft, "on_prediction_step", 2, signal.SIGTERM)
+    argv = sft_argv(root, out, "--eval-data", root / "chat.jsonl", "--eval-steps", "2")
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"fastlm sft: interrupted: saved {out / 'checkpoints'}/checkpoint-2 ")
+    assert _checkpoints(out) == ["checkpoint-2"]
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [2]
+
+
+@pytest.mark.parametrize("save_steps", [None, 2])
+def test_a_second_signal_stops_at_once_and_saves_nothing(
+    save_steps, root, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM, then Ctrl-C, inside update 4: no checkpoint is written after them (update 4 may
+    be half applied); the line names the newest complete checkpoint, if any."""
+    out = tmp_path / "out"
+    flags = ("--save-steps", str(save_steps)) if save_steps else ()
+    _interrupting(monkeypatch, sft, "on_substep_end", 3, signal.SIGTERM, signal.SIGINT)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert cli.main(sft_argv(root, out, *flags)) == 130
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err.count(STOPPING_LINE) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    if save_steps:
+        assert _checkpoints(out) == ["checkpoint-2"]
+        assert err[-1] == (
+            "fastlm sft: interrupted: stopped at once; nothing was saved. The newest complete "
+            f"checkpoint is {out / 'checkpoints' / 'checkpoint-2'} (step 2 of 6); "
+            f"{_continue_with(out)}"
+        )
+    else:
+        assert not list(out.glob("checkpoints/checkpoint-*"))
+        assert err[-1] == (
+            "fastlm sft: interrupted: stopped at once; nothing was saved, and there is no "
+            "checkpoint to continue from"
+        )
+    assert not (out / "adapter").exists()
+
+
+def test_ctrl_c_before_the_first_update_stops_after_it_and_resume_checks_the_rank(
+    root, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C inside update 1 stops after it (checkpoint-1); --resume from it with another LoRA
+    rank is refused in one line."""
+    out = tmp_path / "out"
+    _interrupting(monkeypatch, sft, "on_substep_end", 0, signal.SIGINT)
+    assert cli.main(sft_argv(root, out)) == 130
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last == f"fastlm sft: interrupted: saved {checkpoint} (step 1 of 6); {_continue_with(out)}"
+    )
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
     monkeypatch.undo()
-    capsys.readouterr()
-    argv = sft_argv(root, out, "--resume", out / "checkpoints" / "checkpoint-1")
+    argv = sft_argv(root, out, "--resume", checkpoint)
     argv[argv.index("--lora-r") + 1] = "8"
     assert cli.main(argv) == 1
     lines = capsys.readouterr().err.strip().splitlines()

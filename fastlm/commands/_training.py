@@ -3,9 +3,9 @@
 The settings and summary files, the range checks, the training rows of ``embed`` and ``rerank``,
 model loading (its status lines, errors, checkpointing choice and LoRA), the trainer arguments
 they set the same way, the progress bar (and a token count for trainers that log none), training
-with its statistics (and before / after metrics), and the summary and metrics tables. Imports of
-torch / transformers stay inside the functions: the command modules import this one to build the
-parser.
+(stopped at a step's end by Ctrl-C / SIGTERM) with its statistics (and before / after metrics),
+and the summary and metrics tables. Imports of torch / transformers stay inside the functions:
+the command modules import this one to build the parser.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import contextlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,34 +398,141 @@ def train(
     """``trainer.train()`` (from the checkpoint ``resume``), then ``train_stats``; no empty
     checkpoints/ folder is left behind.
 
-    With ``continue_with`` (the command that resumes), Ctrl-C or SIGTERM (``fastlm.cli`` raises
-    it as KeyboardInterrupt) saves a checkpoint of the last finished update first, and the
-    KeyboardInterrupt's message says where it is and how to continue.
+    Ctrl-C or SIGTERM stops training at the end of the current optimizer step
+    (``stop_at_step_end``): with ``continue_with`` (the command that resumes) the Trainer saves
+    that step's checkpoint first, and the KeyboardInterrupt raised then says where it is and how
+    to continue. A second Ctrl-C or SIGTERM stops at once and saves nothing (the update under way
+    may be half applied); its KeyboardInterrupt names the newest complete checkpoint.
     """
+    stop = stop_callback(saves=continue_with is not None)
+    trainer.add_callback(stop)
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        with stop_at_step_end(stop):
+            result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
-        for callback in trainer.callback_handler.callbacks:
-            if hasattr(callback, "close_bar"):
-                callback.close_bar()
+        _close_bars(trainer)
+        raise KeyboardInterrupt(stopped_at_once(trainer, continue_with)) from None
+    finally:
+        trainer.remove_callback(stop)
+        checkpoints = Path(output_dir) / "checkpoints"
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
+    if stop.requested:
+        _close_bars(trainer)
         if continue_with is None:
-            raise
-        raise KeyboardInterrupt(save_interrupted(trainer, continue_with)) from None
-    checkpoints = Path(output_dir) / "checkpoints"
-    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-        checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
+            state = trainer.state
+            raise KeyboardInterrupt(
+                f"stopped after step {state.global_step} of {state.max_steps}; nothing was saved "
+                "(this command does not resume)"
+            )
+        raise KeyboardInterrupt(save_interrupted(trainer, continue_with))
     return train_stats(trainer, result)
 
 
+def _close_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "close_bar"):
+            callback.close_bar()
+
+
+def stop_callback(saves: bool):
+    """A TrainerCallback whose ``requested`` (set by the first Ctrl-C / SIGTERM, see
+    ``stop_at_step_end``) stops the Trainer at the end of the current optimizer step, after the
+    optimizer and scheduler steps, as ``max_steps`` does. Under gradient accumulation that is the
+    end of the update whose micro-batches are under way: the update is completed, never cut. With
+    ``saves``, that step's checkpoint is saved by the Trainer's own path (``--save-total-limit``
+    applies). Requested during an evaluation or a checkpoint save (both follow a finished step),
+    it stops after them, at that same step; an evaluation due at the stopping step is skipped. A
+    request before the first step ends stops after step 1."""
+    from transformers import TrainerCallback
+
+    class StopAtStepEnd(TrainerCallback):
+        def __init__(self) -> None:
+            self.saves = saves
+            self.requested = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_training_stop = True
+                control.should_evaluate = False  # stop now, not after an evaluation
+                control.should_log = True  # the last steps' loss goes into the checkpoint
+                control.should_save = control.should_save or self.saves
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if self.requested:  # the step it follows is finished: save it after the evaluation
+                control.should_training_stop = True
+                control.should_save = control.should_save or self.saves
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.requested:  # this step's checkpoint is written
+                control.should_training_stop = True
+
+    return StopAtStepEnd()
+
+
+STOPPING = "stopping after this step{saving}; press Ctrl-C again to stop at once"
+
+
+@contextlib.contextmanager
+def stop_at_step_end(stop) -> Iterator[None]:
+    """While it lasts, the first SIGINT (Ctrl-C) or SIGTERM sets ``stop.requested`` and prints one
+    line; a second raises KeyboardInterrupt at once. The previous handlers after. In a thread
+    other than the main one (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        saving = " and saving a checkpoint" if stop.saves else " (nothing is saved)"
+        _say(f"fastlm: {STOPPING.format(saving=saving)}")
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, request) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            # None: a handler set outside Python, which cannot be set again; the default then
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, on a line of its own (the progress bar's line ends first), from a
+    signal handler."""
+    try:
+        print(f"\n{line}", file=sys.stderr, flush=True)
+    except RuntimeError:  # the signal came inside a write to stderr (the bar's): "reentrant call"
+        os.write(2, f"\n{line}\n".encode())
+
+
+def stopped_at_once(trainer, continue_with: str | None) -> str:
+    """The line for a run stopped at once (a second Ctrl-C): nothing saved, and the newest
+    complete checkpoint, if there is one, with how to continue from it."""
+    if continue_with is None:
+        return "stopped at once; nothing was saved"
+    latest = latest_checkpoint(Path(trainer.args.output_dir))
+    if latest is None:
+        return "stopped at once; nothing was saved, and there is no checkpoint to continue from"
+    step = latest.name[len(CHECKPOINT_PREFIX) :]
+    return (
+        f"stopped at once; nothing was saved. The newest complete checkpoint is {latest} (step "
+        f"{step} of {trainer.state.max_steps}); continue with: {continue_with}"
+    )
+
+
 def save_interrupted(trainer, continue_with: str) -> str:
-    """Save the interrupted ``trainer``'s checkpoint (the Trainer's own: weights, optimizer,
-    scheduler, RNG and trainer_state.json, the last) unless that step's is saved; a line that
-    says where it is and how to continue."""
+    """After a stopped ``trainer.train()`` has returned: its checkpoint (the Trainer's own:
+    weights, optimizer, scheduler, RNG and trainer_state.json, the last), saved here unless the
+    Trainer saved it (``stop_callback``); a line that says where it is and how to continue.
+
+    Saving here is safe only because ``trainer.train()`` has returned: no update is under way.
+    (A stop requested after the last step's end, where the Trainer no longer looks at it.)"""
     state = trainer.state
     if state.global_step == 0:
         return "before the first optimizer update; nothing to save"
-    # The state after the last finished update: an interrupt inside optimizer.step() itself (a
-    # small part of a step) could leave that update half applied.
     folder = Path(trainer.args.output_dir) / f"checkpoint-{state.global_step}"
     if not is_complete_checkpoint(folder):
         trainer._save_checkpoint(trainer.model, trial=None)

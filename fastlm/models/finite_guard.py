@@ -36,19 +36,18 @@ import weakref
 import torch
 from torch import nn
 from torch.autograd import Variable
-from torch.nn.modules.module import (
-    register_module_module_registration_hook,
-    register_module_parameter_registration_hook,
-)
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from fastlm.errors import NonFiniteGradientError, NonFiniteLossError, NonFiniteWeightsError
 from fastlm.models.finite import likely_cause, nonfinite_tensors
 
 _GUARD_ATTR = "_fastlm_finite_guard"
-# Bumped whenever any module registers a parameter or a submodule (a LoRA adapter added, a layer
-# swapped for a copy): a guard lists its model's parameters again only then. Listing them
-# (model.parameters() walks every module) took ~1 ms of host time per backward pass for a
-# 16-layer model with LoRA.
+# Bumped whenever any module registers a parameter (a LoRA adapter added, ``p = nn.Parameter``):
+# a guard lists its model's parameters again only then. Listing them (model.parameters() walks
+# every module) took ~1 ms of host time per backward pass for a 16-layer model with LoRA. Module
+# registrations are not counted: transformers' decoders build a ModuleList (``layers[:n]``) in
+# every forward. A deep copy swapped in after training started (no registration) is missed by the
+# gradient check until some parameter is registered; the save check walks the model anyway.
 _registrations = 0
 _registration_hooks: list = []
 
@@ -263,7 +262,6 @@ def install_finite_guard(
     """
     if not _registration_hooks:
         _registration_hooks.append(register_module_parameter_registration_hook(_count))
-        _registration_hooks.append(register_module_module_registration_hook(_count))
     guard = model.__dict__.get(_GUARD_ATTR)
     if guard is None:
         guard = FiniteGuard(model, loss_monitor)

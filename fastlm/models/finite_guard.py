@@ -12,8 +12,9 @@ done by ``patch_model``), not on a trainer, and works for trainers the user buil
   causal LM's ``model.model``, or an embedding model's body) a hook goes on its output. When
   backward reaches it, the check is queued for the end of the backward pass, behind the end-of-
   backward callbacks of DDP / FSDP, when every trainable ``.grad`` is final. The check is, per
-  device, ``torch._foreach_norm(grads, dtype=float32)``: every trainable gradient's L2 norm in one
-  fused launch, then one ``isfinite`` -- the "grad_norm" the Trainer logs, before clipping. Under
+  device and dtype, ``torch._foreach_norm(grads, dtype=float32)``: every trainable gradient's L2
+  norm in one fused launch, then one ``isfinite`` -- the "grad_norm" the Trainer logs, before
+  clipping (an L2 norm overflowing fp32 counts as inf, as the Trainer's would). Under
   gradient accumulation it runs after each micro-batch, on the accumulated gradients.
   CPU: read at once; a NaN/inf raises ``NonFiniteGradientError`` out of ``backward()``, so no
   optimizer step (and no later save) sees it. CUDA: reading it would stall the GPU once a step
@@ -23,7 +24,12 @@ done by ``patch_model``), not on a trainer, and works for trainers the user buil
   and refuses trainable weights holding NaN/inf (``NonFiniteWeightsError``; one pass over the
   trainable weights). Every writer reads the weights through ``state_dict()``: the Trainer's
   checkpoints, PEFT's ``save_pretrained``, fastlm's merged and GGUF exports. So a non-finite
-  update is never written, also on CUDA where it was applied before it was seen.
+  update is never written, also on CUDA where it was applied before it was seen. (To read such
+  weights anyway, e.g. to see what diverged: ``FastModel.unpatch(model)`` or ``guard.remove()``.)
+
+Cost, measured on an H100 with a 1.24B Llama-shaped model and LoRA r=16 (224 trainable tensors):
+about 1 ms of host time per backward pass, no GPU wait, no step-time difference measurable (70.4
+vs 69.8 ms a step); a save 7 ms; the load check 3.6 ms (docs/api.md has the details).
 
 Errors name the likely cause: weights that hold NaN/inf (``likely_cause``), else the usual advice.
 ``remove()`` (called by ``unpatch_model``) takes every hook off again.

@@ -364,6 +364,8 @@ def _load_adapter(adapter: str, base: str, **options: Any) -> tuple[nn.Module, A
     model, tokenizer = FastModel.from_pretrained(base, use_gradient_checkpointing=False, **options)
     model_folder.check_weights(Path(adapter))
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if options["check_finite_weights"]:  # the base was checked; an adapter saved mid-divergence
+        models.check_finite_weights(model, adapter)
     from fastlm.offload import place_trainable
 
     place_trainable(model)  # streamed 4-bit layers: the adapter's weights to the GPU

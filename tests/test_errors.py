@@ -279,6 +279,26 @@ def test_an_adapter_whose_base_is_gone_says_how_to_load_it(adapter_path, tmp_pat
         FastModel.from_pretrained(str(adapter_path), device_map="cpu", full_finetuning=True)
 
 
+def test_an_adapter_holding_nan_is_named_at_load(adapter_path, tmp_path):
+    """An adapter saved from a diverged run (by another tool) is refused at load, named."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fastlm.errors import NonFiniteWeightsError
+
+    moved = shutil.copytree(adapter_path, tmp_path / "lora_model")
+    weights = load_file(moved / "adapter_model.safetensors")
+    name = next(n for n in sorted(weights) if "lora_B" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, moved / "adapter_model.safetensors")
+    with pytest.raises(NonFiniteWeightsError, match="lora_B") as info:
+        FastModel.from_pretrained(str(moved), device_map="cpu")
+    assert str(moved) in str(info.value)
+    model, _ = FastModel.from_pretrained(str(moved), device_map="cpu", check_finite_weights=False)
+    assert any(torch.isnan(p).any() for n, p in model.named_parameters() if "lora_B" in n)
+
+
 def test_max_seq_length_past_the_trained_positions_is_one_warning(llama_path, caplog):
     from types import SimpleNamespace
 

@@ -56,6 +56,9 @@ _GUARD_ATTR = "_fastlm_finite_guard"
 # gradient check until some parameter is registered; the save check walks the model anyway.
 _registrations = 0
 _registration_hooks: list = []
+# The process-wide registration hook lives only while some guard does: the last ``remove()`` (or
+# a guarded model being freed) takes it off again, so an unpatched process is as it was.
+_live_guards: weakref.WeakSet = weakref.WeakSet()
 
 
 class FiniteLossMonitor:
@@ -145,6 +148,8 @@ class FiniteGuard:
             handle.remove()
         self._handles.clear()
         self.model.__dict__.pop(_GUARD_ATTR, None)
+        _live_guards.discard(self)
+        _release_registration_hook()
 
     def verify(self) -> None:
         """Raise now (blocking) for a pending NaN/inf loss or gradient, or trainable weights
@@ -272,7 +277,13 @@ def install_finite_guard(
     if guard is None:
         guard = FiniteGuard(model, loss_monitor)
         model.__dict__[_GUARD_ATTR] = guard
+        _live_guards.add(guard)
     return guard
+
+
+def _release_registration_hook() -> None:
+    if not _live_guards and _registration_hooks:
+        _registration_hooks.pop().remove()
 
 
 def finite_guards(model: nn.Module) -> list[FiniteGuard]:

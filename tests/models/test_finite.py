@@ -113,6 +113,27 @@ def test_saving_nan_trained_weights_is_refused_until_unpatched(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
 
 
+def test_the_process_wide_registration_hook_goes_with_the_last_guard(monkeypatch):
+    """Guards count parameter registrations through a hook on every module of the process;
+    removing the last guard takes it off again (an unpatched process is as it was)."""
+    import weakref
+
+    from torch.nn.modules import module as torch_module
+
+    from fastlm.models import finite_guard
+
+    monkeypatch.setattr(finite_guard, "_live_guards", weakref.WeakSet())
+    monkeypatch.setattr(finite_guard, "_registration_hooks", [])
+    before = dict(torch_module._global_parameter_registration_hooks)
+    first = finite_guard.install_finite_guard(torch.nn.Linear(2, 2))
+    second = finite_guard.install_finite_guard(torch.nn.Linear(2, 2))
+    assert len(torch_module._global_parameter_registration_hooks) == len(before) + 1
+    first.remove()
+    assert len(torch_module._global_parameter_registration_hooks) == len(before) + 1
+    second.remove()
+    assert dict(torch_module._global_parameter_registration_hooks) == before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="the asynchronous check runs on CUDA")
 def test_cuda_a_pending_inf_gradient_is_raised_before_a_save(tmp_path):

@@ -34,6 +34,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cli_logging():
+    """cli.main configures the "fastlm" logger and warning filters for a terminal: undo it.
+    A module that runs the CLI: ``pytestmark = pytest.mark.usefixtures("cli_logging")``."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("fastlm")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    with warnings.catch_warnings():
+        yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
 import sys  # noqa: E402
 
 # Shared helpers (tiny configs, tokenizer) live beside this file.

@@ -17,12 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "embeddings"))
 from embedding_helpers import CPU, save_tiny_embedding_model  # noqa: E402
-
-# restore_logging: test_cli's autouse fixture, which applies here once imported
-from test_cli import restore_logging, run, write_jsonl  # noqa: E402, F401
+from test_cli import run, write_jsonl  # noqa: E402
 
 from fastlm import cli  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("cli_logging")
 ATOL = 1e-5
 WORDS = ["cat", "dog", "fox", "owl", "bee", "ant", "elk", "yak", "emu", "gnu"]
 PROBES = ["what is a cat", "the fox is red", "hi", "an owl, at night!"]

@@ -19,20 +19,7 @@ from tiny_models import save_tiny_model
 from fastlm import cli
 from fastlm.commands import sft
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main configures the "fastlm" logger and warning filters for a terminal: undo it."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("fastlm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    with warnings.catch_warnings():
-        yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+pytestmark = pytest.mark.usefixtures("one_thread", "cli_logging")
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "embeddings"))
 from embedding_helpers import CPU  # noqa: E402
 from reranker_helpers import save_tiny_reranker  # noqa: E402
-
-# restore_logging: test_cli's autouse fixture, which applies here once imported
-from test_cli import REPO, restore_logging, run, write_jsonl  # noqa: E402, F401
+from test_cli import REPO, run, write_jsonl  # noqa: E402
 
 from fastlm import cli  # noqa: E402
 from fastlm.commands import rerank as rerank_command  # noqa: E402
 from fastlm.embeddings.data import EmbeddingData, load_embedding_data  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "cli_logging")
 
 WORDS = ["cat", "dog", "fox", "owl", "bee", "ant", "elk", "yak", "emu", "gnu"]
 PROBE_QUERIES = ["what is cat", "what is owl", "hi"]

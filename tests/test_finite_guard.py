@@ -20,13 +20,13 @@ from finite_helpers import (
     unchanged,
 )
 from safetensors.torch import load_file, save_file
-from test_cli import chat_records, restore_logging, run, sentencepiece_tokenizer, write_jsonl
+from test_cli import chat_records, run, sentencepiece_tokenizer, write_jsonl
 from test_trl import ON_GPU, _data, _tiny_peft_model, _training_args
 from tiny_models import save_tiny_model
 
 from fastlm.errors import NonFiniteGradientError, NonFiniteLossError
 
-pytestmark = pytest.mark.usefixtures("one_thread", restore_logging.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread", "cli_logging")
 
 
 # --------------------------------------------------------------------------- TRL and HF Trainer

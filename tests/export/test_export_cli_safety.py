@@ -36,17 +36,7 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """cli.main configures the "fastlm" logger and warning filters for a terminal: undo it."""
-    import logging
-    import warnings
-
-    logger = logging.getLogger("fastlm")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    with warnings.catch_warnings():
-        yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+pytestmark = pytest.mark.usefixtures("cli_logging")
 
 
 @pytest.fixture(scope="module")

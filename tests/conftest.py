@@ -48,6 +48,19 @@ def cli_logging():
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny Llama (vocab 300) with a SentencePiece-style tokenizer, saved to disk: the model
+    the CLI tests train and export."""
+    from test_cli import sentencepiece_tokenizer
+    from tiny_models import save_tiny_model
+
+    path = tmp_path_factory.mktemp("cli") / "llama"
+    save_tiny_model("llama", path, vocab_size=300)
+    sentencepiece_tokenizer().save_pretrained(path)
+    return path
+
+
 import sys  # noqa: E402
 
 # Shared helpers (tiny configs, tokenizer) live beside this file.

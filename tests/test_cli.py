@@ -58,15 +58,6 @@ pytestmark = pytest.mark.usefixtures("cli_logging")
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A tiny Llama (vocab 300) with a SentencePiece-style tokenizer, saved to disk."""
-    path = tmp_path_factory.mktemp("cli") / "llama"
-    save_tiny_model("llama", path, vocab_size=300)
-    sentencepiece_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory) -> Path:
     """``fastlm sft`` for 3 steps on the tiny Llama: the output folder."""
     root = tmp_path_factory.mktemp("sft")

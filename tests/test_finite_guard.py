@@ -20,9 +20,8 @@ from finite_helpers import (
     unchanged,
 )
 from safetensors.torch import load_file, save_file
-from test_cli import chat_records, run, sentencepiece_tokenizer, write_jsonl
+from test_cli import chat_records, run, write_jsonl
 from test_trl import ON_GPU, _data, _tiny_peft_model, _training_args
-from tiny_models import save_tiny_model
 
 from fastlm.errors import NonFiniteGradientError, NonFiniteLossError
 
@@ -104,14 +103,6 @@ def test_hf_trainer_stops_on_the_micro_batch_whose_gradient_is_inf(tmp_path):
 # --------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture(scope="module")
-def cli_llama(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("guard") / "llama"
-    save_tiny_model("llama", path, vocab_size=300)
-    sentencepiece_tokenizer().save_pretrained(path)
-    return path
-
-
 def _sft(model: Path, out: Path, *extra) -> int:
     data = write_jsonl(out.parent / "chat.jsonl", chat_records())
     return run(
@@ -130,11 +121,11 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def test_cli_sft_diverging_run_exits_1_with_one_line_and_no_adapter(cli_llama, tmp_path, capsys):
+def test_cli_sft_diverging_run_exits_1_with_one_line_and_no_adapter(tiny_llama, tmp_path, capsys):
     """lr 1e30: step 1 is finite, its update makes step 2's forward overflow. Without the guard
     this printed "done", exited 0 and saved an adapter of NaN."""
     out = tmp_path / "out"
-    assert _sft(cli_llama, out, "--lr", 1e30, "--save-steps", 1) == 1
+    assert _sft(tiny_llama, out, "--lr", 1e30, "--save-steps", 1) == 1
     error = _error_line(capsys.readouterr().err)
     # CPU: raised before step 2's update; CUDA: read at step 3, before any save
     assert re.search(r"the training loss (is nan|was NaN/inf) at step 2", error), error
@@ -142,10 +133,10 @@ def test_cli_sft_diverging_run_exits_1_with_one_line_and_no_adapter(cli_llama, t
     assert non_finite_files(out) == []
 
 
-def test_cli_sft_refuses_a_checkpoint_with_inf_weights(cli_llama, tmp_path, capsys):
+def test_cli_sft_refuses_a_checkpoint_with_inf_weights(tiny_llama, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
-    for item in cli_llama.iterdir():
+    for item in tiny_llama.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
     weights = load_file(broken / "model.safetensors")
     weights["model.layers.1.self_attn.o_proj.weight"][3, :2] = float("inf")

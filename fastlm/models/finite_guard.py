@@ -61,6 +61,35 @@ _registration_hooks: list = []
 _live_guards: weakref.WeakSet = weakref.WeakSet()
 
 
+class _PendingVerdicts:
+    """CUDA finiteness flags read without stalling the GPU: each is copied to pinned memory
+    behind its computation and read once its event has completed (``first_failed``), or after
+    waiting for them all (``wait``)."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
+
+    def push(self, count: int, finite: torch.Tensor) -> None:
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._queue.append((count, flag, event))
+
+    def first_failed(self) -> int | None:
+        """The count of the first completed flag that says non-finite (never blocks)."""
+        while self._queue and self._queue[0][2].query():
+            count, flag, _ = self._queue.pop(0)
+            if not bool(flag):
+                self._queue.clear()
+                return count
+        return None
+
+    def wait(self) -> None:
+        for _, _, event in self._queue:
+            event.synchronize()
+
+
 class FiniteLossMonitor:
     """Raises NonFiniteLossError for a NaN/inf training loss without stalling the GPU.
 
@@ -73,7 +102,7 @@ class FiniteLossMonitor:
 
     def __init__(self) -> None:
         self.step = 0
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
+        self._pending = _PendingVerdicts()
         self._last: weakref.ref | None = None
 
     def watch(self, loss: torch.Tensor, model: nn.Module | None = None) -> None:
@@ -88,11 +117,7 @@ class FiniteLossMonitor:
                 )
             return
         self.check_completed(model)
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(torch.isfinite(loss.detach()), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((self.step, flag, event))
+        self._pending.push(self.step, torch.isfinite(loss.detach()))
 
     def watch_once(self, loss: torch.Tensor, model: nn.Module | None = None) -> None:
         """``watch``, unless this very tensor was the last one watched (a forward inside a
@@ -102,20 +127,17 @@ class FiniteLossMonitor:
 
     def check_completed(self, model: nn.Module | None = None) -> None:
         """Raise for any finished step whose loss was not finite (never blocks)."""
-        while self._pending and self._pending[0][2].query():
-            step, flag, _ = self._pending.pop(0)
-            if not bool(flag):
-                self._pending.clear()
-                raise NonFiniteLossError(
-                    f"the training loss was NaN/inf at step {step} (of this model's training "
-                    f"forwards); that step's update has been applied, so restart from the last "
-                    f"checkpoint. {likely_cause(model)}"
-                )
+        step = self._pending.first_failed()
+        if step is not None:
+            raise NonFiniteLossError(
+                f"the training loss was NaN/inf at step {step} (of this model's training "
+                f"forwards); that step's update has been applied, so restart from the last "
+                f"checkpoint. {likely_cause(model)}"
+            )
 
     def wait(self, model: nn.Module | None = None) -> None:
         """``check_completed`` after waiting for every pending step (one synchronisation)."""
-        for _, _, event in self._pending:
-            event.synchronize()
+        self._pending.wait()
         self.check_completed(model)
 
 
@@ -132,7 +154,7 @@ class FiniteGuard:
         self._params: list[nn.Parameter] = []
         self._params_listed_at = -1  # the value of _registrations then
         self._queued = False  # one check per backward pass, however many outputs it reaches
-        self._pending: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []
+        self._pending = _PendingVerdicts()
         # PreTrainedModel.base_model: the decoder body of a causal LM, else the model itself
         self.body = getattr(model, "base_model", model)
         self._handles = [
@@ -155,8 +177,7 @@ class FiniteGuard:
         """Raise now (blocking) for a pending NaN/inf loss or gradient, or trainable weights
         holding NaN/inf. Usage: ``guard.verify()`` before saving."""
         self.loss_monitor.wait(self.model)
-        for _, _, event in self._pending:
-            event.synchronize()
+        self._pending.wait()
         self.check_completed()
         bad = nonfinite_tensors(self.model, trainable_only=True)
         if bad:
@@ -168,15 +189,13 @@ class FiniteGuard:
 
     def check_completed(self) -> None:
         """Raise for a finished backward pass whose gradient norm was not finite (never blocks)."""
-        while self._pending and self._pending[0][2].query():
-            count, flag, _ = self._pending.pop(0)
-            if not bool(flag):
-                self._pending.clear()
-                raise NonFiniteGradientError(
-                    f"the gradient norm was NaN/inf at backward pass {count} of this model; that "
-                    "update has been applied, so resume from a checkpoint saved before it (saves "
-                    f"are checked: none after it was written). {likely_cause(self.model)}"
-                )
+        count = self._pending.first_failed()
+        if count is not None:
+            raise NonFiniteGradientError(
+                f"the gradient norm was NaN/inf at backward pass {count} of this model; that "
+                "update has been applied, so resume from a checkpoint saved before it (saves "
+                f"are checked: none after it was written). {likely_cause(self.model)}"
+            )
 
     # ------------------------------------------------------------------ hooks
 
@@ -219,11 +238,7 @@ class FiniteGuard:
         for (device, _), grads in groups.items():
             norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
             if device.type == "cuda":
-                flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-                flag.copy_(torch.isfinite(norms).all(), non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._pending.append((self.backward_passes, flag, event))
+                self._pending.push(self.backward_passes, torch.isfinite(norms).all())
             elif not torch.isfinite(norms).all():
                 raise NonFiniteGradientError(self._stopped_message(norms))
 

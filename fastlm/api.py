@@ -173,7 +173,7 @@ class FastModel:
             kwargs["quantization_config"] = nf4_config(dtype, kwargs.get("quantization_config"))
         # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
         # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
-        from fastlm.offload.weights import streaming_request
+        from fastlm.loading.streaming import streaming_request
 
         streaming = streaming_request(
             kwargs, config, load_in_4bit=load_in_4bit, device=device, device_map=device_map,

@@ -470,7 +470,10 @@ def automatic_streaming_decision(
         weights = outside + _config_dims(config)["layers"] * layer
         margin = _training_margin(config, max_seq_length or 2048)
     except (AttributeError, TypeError, ValueError):  # a config without the usual sizes
-        logger.debug("fastlm: cannot size %s for weight streaming", type(config).__name__)
+        logger.warning(  # the estimate never stops a load, but says it was not made
+            "fastlm: cannot size %s for weight streaming; loading it on the GPU (pass "
+            "offload_weights=True to stream it)", type(config).__name__,
+        )  # fmt: skip
         return None
     if weights + margin <= 0.9 * available:
         return None

@@ -547,11 +547,13 @@ def test_unstream_restores_a_plain_model(llama_path):
 def test_from_pretrained_keywords_and_automatic_choice(llama_path, monkeypatch):
     from transformers import AutoConfig
 
+    from fastlm.loading.streaming import streaming_request
+
     config = AutoConfig.from_pretrained(llama_path)
     common = {"config": config, "device": "cuda", "device_map": "auto", "dtype": torch.bfloat16}
 
     def request(load_in_4bit=True, **kwargs):
-        return W.streaming_request(kwargs, load_in_4bit=load_in_4bit, max_seq_length=64, **common)
+        return streaming_request(kwargs, load_in_4bit=load_in_4bit, max_seq_length=64, **common)
 
     monkeypatch.setattr(plan_module, "gpu_memory_available", lambda device=None: 80 * 2**30)
     assert request() is None  # fits: loaded normally
@@ -570,12 +572,12 @@ def test_from_pretrained_keywords_and_automatic_choice(llama_path, monkeypatch):
     with pytest.raises(ValueError, match="conflicting"):
         request(offload_weights=False, offload_folder="/tmp/x")
     with pytest.raises(ValueError, match="device_map"):
-        W.streaming_request(
+        streaming_request(
             {"offload_weights": True}, config, load_in_4bit=True, device="cuda",
             device_map={"model.layers.0": 0}, dtype=torch.bfloat16,
         )  # fmt: skip
     kwargs = {"offload_weights": True, "offload_slots": 2, "revision": None}
-    assert W.streaming_request(kwargs, load_in_4bit=True, **common) is not None
+    assert streaming_request(kwargs, load_in_4bit=True, **common) is not None
     assert kwargs == {"revision": None}  # the offload keywords are consumed, others kept
 
 

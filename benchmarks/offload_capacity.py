@@ -116,7 +116,7 @@ def _config(part: str, args):
 
 def _lora_model(config, args, dev: _Device, *, stream: bool, random_b: bool):
     from fastlm import FastModel, models
-    from fastlm.offload.weights import build_random_nf4_model, place_trainable
+    from fastlm.offload import build_random_nf4_model, place_trainable
 
     attn = "sdpa" if dev.cuda else None
     model = build_random_nf4_model(
@@ -193,7 +193,7 @@ def _host_rss() -> float:
 
 
 def child_exactness(args, dev: _Device) -> dict:
-    from fastlm.offload.weights import get_weight_streamer, unstream_weights
+    from fastlm.offload import get_weight_streamer, unstream_weights
 
     config = _config("exactness", args)
     dev.reset_peak()
@@ -253,8 +253,7 @@ def child_exactness(args, dev: _Device) -> dict:
 def child_capacity(args, dev: _Device) -> dict:
     import torch
 
-    from fastlm.offload.memory_plan import plan_memory
-    from fastlm.offload.weights import get_weight_streamer
+    from fastlm.offload import get_weight_streamer, plan_memory
 
     if dev.cuda:  # before anything is allocated: the cap counts PyTorch's reserved memory
         total = torch.cuda.get_device_properties(0).total_memory

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastlm.offload.memory_plan import DEFAULT_SLOTS, automatic_streaming_decision
-from fastlm.offload.weights import load_streamed_model
+from fastlm.offload.streamed_loading import load_streamed_model
 
 logger = logging.getLogger("fastlm")
 

@@ -11,16 +11,13 @@ from fastlm.offload.checkpoint import (
     enable_offloaded_checkpointing,
     offloaded_checkpoint,
 )
+from fastlm.offload.copy_engine import CopyEngine, CudaCopyEngine, SyncCopyEngine
 from fastlm.offload.memory_plan import HostBudget, HostMemoryError, MemoryPlan, plan_memory
-from fastlm.offload.weights import (
-    CopyEngine,
-    CudaCopyEngine,
-    SyncCopyEngine,
+from fastlm.offload.streamed_loading import build_random_nf4_model, load_streamed_model
+from fastlm.offload.streamer import (
     WeightStreamer,
     WeightStreamingError,
-    build_random_nf4_model,
     get_weight_streamer,
-    load_streamed_model,
     place_trainable,
     stream_weights,
     unstream_weights,

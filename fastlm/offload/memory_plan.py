@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fastlm.offload.residency import Copy, ResidencyPolicy
+
 logger = logging.getLogger("fastlm")
 
 GIB = 1024**3
@@ -308,8 +310,6 @@ def simulate_copies(
 
     Runs the streamer's ResidencyPolicy over two steps and counts the second.
     """
-    from fastlm.offload.weights import Copy, ResidencyPolicy
-
     policy = ResidencyPolicy(n_layers, streamed, slots)
 
     def step() -> list:
@@ -344,7 +344,7 @@ def plan_memory(
     ``checkpointing`` defaults to what the model has turned on; the optimiser state defaults to
     AdamW's two fp32 moments (8 bytes a parameter; 8-bit Adam: 2).
     """
-    from fastlm.offload.weights import get_weight_streamer
+    from fastlm.offload.streamer import get_weight_streamer  # lazy: streamer imports this module
 
     streamer = get_weight_streamer(model)
     config = model.config

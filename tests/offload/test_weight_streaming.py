@@ -1,4 +1,4 @@
-"""Weight streaming (fastlm.offload.weights): NF4 decoder layers in CPU RAM, streamed to slots.
+"""Weight streaming (fastlm.offload.streamer): NF4 decoder layers in CPU RAM, streamed to slots.
 
 On the CPU the copy engine is ``SyncCopyEngine`` (copies at once, logs every operation), so these
 tests check the streaming logic itself: the residency policy (which layer is where, prefetch
@@ -23,10 +23,24 @@ from tiny_models import copy_lora, save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
-from fastlm.api import _enable_checkpointing, nf4_config
+from fastlm.loading.checkpointing import enable_checkpointing as _enable_checkpointing
+from fastlm.offload import PinnedBudget, checkpoint
 from fastlm.offload import memory_plan as plan_module
-from fastlm.offload import weights as W
+from fastlm.offload.copy_engine import CudaCopyEngine, SyncCopyEngine
 from fastlm.offload.memory_plan import HostBudget, HostMemoryError, host_placement, plan_memory
+from fastlm.offload.residency import Copy, ResidencyPolicy, Wait
+from fastlm.offload.streamed_loading import build_random_nf4_model, load_streamed_model
+from fastlm.offload.streamer import (
+    ALIGN,
+    WeightStreamer,
+    WeightStreamingError,
+    get_weight_streamer,
+    layer_nbytes,
+    place_trainable,
+    stream_weights,
+    unstream_weights,
+)
+from fastlm.quant import nf4_config
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,16 +152,16 @@ def reads_checked(monkeypatch):
 
 
 def test_policy_training_steps_copy_each_streamed_layer_twice_but_reuse_the_turnarounds():
-    policy = W.ResidencyPolicy(5, list(range(5)), slots=2)
+    policy = ResidencyPolicy(5, list(range(5)), slots=2)
 
     def step():
         actions = [a for i in range(5) for a in policy.access(i, backward=False, grad=True)]
         return actions + [a for i in range(4, -1, -1) for a in policy.access(i, True, True)]
 
     first = step()
-    assert first[:4] == [W.Copy(0, 0, None), W.Wait(0, 0), W.Copy(1, 1, None), W.Wait(1, 1)]
+    assert first[:4] == [Copy(0, 0, None), Wait(0, 0), Copy(1, 1, None), Wait(1, 1)]
     second = step()
-    C, Wt = W.Copy, W.Wait
+    C, Wt = Copy, Wait
     # forward: 0 and 1 are still resident from the backward; each entry prefetches the next
     # layer into the slot of the one before the current one.
     forward = [C(2, 0, 0), Wt(2, 0), C(3, 1, 1), Wt(3, 1), C(4, 0, 2), Wt(4, 0)]
@@ -164,13 +178,13 @@ def test_policy_training_steps_copy_each_streamed_layer_twice_but_reuse_the_turn
 
 
 def test_policy_prefetch_depth_resident_layers_and_inference_wraparound():
-    policy = W.ResidencyPolicy(6, [1, 2, 3, 4, 5], slots=3)  # layer 0 stays on the GPU
+    policy = ResidencyPolicy(6, [1, 2, 3, 4, 5], slots=3)  # layer 0 stays on the GPU
     # entering the resident layer 0 prefetches the first two streamed layers
-    assert policy.access(0, backward=False, grad=True) == [W.Copy(1, 0, None), W.Copy(2, 1, None)]
-    assert policy.access(1, False, True) == [W.Wait(1, 0), W.Copy(3, 2, None)]
+    assert policy.access(0, backward=False, grad=True) == [Copy(1, 0, None), Copy(2, 1, None)]
+    assert policy.access(1, False, True) == [Wait(1, 0), Copy(3, 2, None)]
     assert policy.upcoming(4, backward=True, grad=True) == [3, 2]
     # inference: after the last layer come layers 0 (resident, skipped), 1, 2 of the next token
-    assert W.ResidencyPolicy(7, [1, 2, 3, 4, 5, 6], 3).upcoming(6, False, False) == [1, 2]
+    assert ResidencyPolicy(7, [1, 2, 3, 4, 5, 6], 3).upcoming(6, False, False) == [1, 2]
     # ... but not a layer whose home slot is the current layer's (5 and 2 share slot 1)
     assert policy.upcoming(5, backward=False, grad=False) == [1]
     # training: nothing after the last layer (the backward starts with the resident ones)
@@ -182,12 +196,12 @@ def test_policy_never_evicts_the_current_layer_and_always_leaves_it_resident():
     for trial in range(300):
         n, slots = rng.randint(1, 9), rng.randint(1, 4)
         resident = rng.randint(0, n)
-        policy = W.ResidencyPolicy(n, list(range(resident, n)), slots)
+        policy = ResidencyPolicy(n, list(range(resident, n)), slots)
         for _ in range(40):
             layer = rng.randrange(n)
             backward, grad = rng.random() < 0.5, rng.random() < 0.5
             actions = policy.access(layer, backward, grad)
-            assert all(a.evict != layer for a in actions if isinstance(a, W.Copy)), trial
+            assert all(a.evict != layer for a in actions if isinstance(a, Copy)), trial
             if layer >= resident:
                 assert policy.state[layer] == "resident"
                 assert policy.owner[policy.home(layer)] == layer
@@ -213,7 +227,7 @@ def fused_pair(llama_path):
 @CHECKPOINTING
 def test_streamed_qlora_step_is_bit_identical_to_resident(fused_pair, checkpointing, reads_checked):
     reference, streamed = fused_pair
-    streamer = reads_checked(W.get_weight_streamer(streamed))
+    streamer = reads_checked(get_weight_streamer(streamed))
     assert all(row["fused"] for row in FastModel.fused_report(streamed))
     for model in fused_pair:
         _set_checkpointing(model, checkpointing)
@@ -267,7 +281,7 @@ def test_exact_when_checkpointing_wraps_call_as_in_transformers_5_17(
     if hasattr(layer_cls.forward, "__wrapped__"):  # a newer transformers: emulate 5.17
         monkeypatch.setattr(layer_cls, "forward", layer_cls.forward.__wrapped__)
         monkeypatch.setattr(layer_cls, "__call__", call)
-    streamer = reads_checked(W.get_weight_streamer(streamed))
+    streamer = reads_checked(get_weight_streamer(streamed))
     for model in fused_pair:
         _set_checkpointing(model, checkpointing)
     _step(streamed)
@@ -293,7 +307,7 @@ def test_exact_when_checkpointing_wraps_call_as_in_transformers_5_17(
 def test_recorded_copies_and_waits_of_a_training_step(fused_pair):
     _, streamed = fused_pair
     _set_checkpointing(streamed, True)
-    streamer = W.get_weight_streamer(streamed)
+    streamer = get_weight_streamer(streamed)
     engine = streamer.engine
     _step(streamed)
     engine.ops.clear()
@@ -323,7 +337,7 @@ def bnb_pair(llama_path):
     (MatMul4Bit keeps a *view* of the packed weight from the forward for its backward)."""
     reference = _peft(_resident(llama_path))
     streamed = _resident(llama_path)
-    W.stream_weights(streamed, engine=W.SyncCopyEngine())
+    stream_weights(streamed, engine=SyncCopyEngine())
     streamed = _peft(streamed)
     copy_lora(reference, streamed)
     for model in (reference, streamed):
@@ -334,7 +348,7 @@ def bnb_pair(llama_path):
 @CHECKPOINTING
 def test_bitsandbytes_matmul_path_is_exact_too(bnb_pair, checkpointing, reads_checked):
     reference, streamed = bnb_pair
-    reads_checked(W.get_weight_streamer(streamed))
+    reads_checked(get_weight_streamer(streamed))
     for model in bnb_pair:
         _set_checkpointing(model, checkpointing)
     _assert_identical(_step(reference), _step(streamed))
@@ -387,7 +401,7 @@ def test_loader_gives_transformers_bytes_and_model_attributes(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, device_map="cpu", quantization_config=nf4_config(torch.float32)
     )
-    streamed = W.load_streamed_model(str(path), dtype=torch.float32, device="cpu", slots=1)
+    streamed = load_streamed_model(str(path), dtype=torch.float32, device="cpu", slots=1)
     expected, actual = reference.state_dict(), streamed.state_dict()
     assert expected.keys() == actual.keys()
     for key, tensor in expected.items():
@@ -408,7 +422,7 @@ def test_prequantized_checkpoint_streams_without_requantising(tmp_path, llama_pa
         quantization_config=nf4_config(torch.float32),
     )  # fmt: skip
     resident.save_pretrained(tmp_path / "nf4")
-    streamed = W.load_streamed_model(str(tmp_path / "nf4"), dtype=torch.float32, device="cpu")
+    streamed = load_streamed_model(str(tmp_path / "nf4"), dtype=torch.float32, device="cpu")
     expected, actual = resident.state_dict(), streamed.state_dict()
     for key, tensor in expected.items():
         assert torch.equal(tensor, actual[key]), key
@@ -420,10 +434,10 @@ def test_random_model_is_the_same_streamed_or_not():
 
     config = tiny_config("qwen2", num_hidden_layers=3, layer_types=["full_attention"] * 3)
     kwargs = {"dtype": torch.float32, "device": "cpu", "seed": 3, "attn_implementation": None}
-    streamed = W.build_random_nf4_model(config, **kwargs)
-    resident = W.build_random_nf4_model(config, stream=False, **kwargs)
-    assert W.get_weight_streamer(streamed) is not None
-    assert W.get_weight_streamer(resident) is None
+    streamed = build_random_nf4_model(config, **kwargs)
+    resident = build_random_nf4_model(config, stream=False, **kwargs)
+    assert get_weight_streamer(streamed) is not None
+    assert get_weight_streamer(resident) is None
     expected, actual = resident.state_dict(), streamed.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert expected["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
@@ -438,7 +452,7 @@ def _layer_bytes(hidden=72, inter=100, q=72, kv=24) -> int:
     """One streamed layer: each projection's packed nibbles and absmax bytes, 256-aligned."""
 
     def aligned(n: int) -> int:
-        return -(-n // W.ALIGN) * W.ALIGN
+        return -(-n // ALIGN) * ALIGN
 
     total = 0
     for out_f, in_f in [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q),
@@ -450,7 +464,7 @@ def _layer_bytes(hidden=72, inter=100, q=72, kv=24) -> int:
 
 def test_memory_plan_numbers(fused_pair):
     _, streamed = fused_pair
-    streamer = W.get_weight_streamer(streamed)
+    streamer = get_weight_streamer(streamed)
     layer = _layer_bytes()
     assert {i: streamer._layers[i].nbytes for i in range(LAYERS)} == dict.fromkeys(
         range(LAYERS), layer
@@ -492,9 +506,9 @@ def test_host_placement_degrades_then_spills_then_refuses(tmp_path):
 
 def test_pinning_refused_falls_back_to_pageable_once_logged_and_exact(llama_path, caplog):
     reference, streamed = _resident(llama_path), _resident(llama_path)
-    engine = W.SyncCopyEngine(pin_limit=2 * _layer_bytes())  # the OS pins two layers only
+    engine = SyncCopyEngine(pin_limit=2 * _layer_bytes())  # the OS pins two layers only
     with caplog.at_level(logging.WARNING, logger="fastlm"):
-        streamer = W.stream_weights(streamed, engine=engine)
+        streamer = stream_weights(streamed, engine=engine)
     assert list(streamer.host_kinds().values()) == ["pinned"] * 2 + ["pageable"] * 3
     assert sum("pinning host memory failed" in r.getMessage() for r in caplog.records) == 1
     assert "not in pinned RAM" in caplog.text
@@ -511,9 +525,9 @@ def test_ram_short_spills_to_the_folder_or_fails_before_touching_the_model(
     before = {n: p.data_ptr() for n, p in streamed.named_parameters()}
     monkeypatch.setattr(plan_module, "host_memory_available", lambda: 3 * layer + 2**30)
     with pytest.raises(HostMemoryError, match="offload_folder"):
-        W.stream_weights(streamed)
+        stream_weights(streamed)
     assert before == {n: p.data_ptr() for n, p in streamed.named_parameters()}
-    streamer = W.stream_weights(streamed, budget=HostBudget(pinned=layer, folder=str(tmp_path)))
+    streamer = stream_weights(streamed, budget=HostBudget(pinned=layer, folder=str(tmp_path)))
     assert list(streamer.host_kinds().values()) == [
         "pinned",
         "pageable",
@@ -530,15 +544,28 @@ def test_ram_short_spills_to_the_folder_or_fails_before_touching_the_model(
 def test_unstream_restores_a_plain_model(llama_path):
     reference, streamed = _resident(llama_path), _resident(llama_path)
     device_map = streamed.__dict__.get("hf_device_map", "none")
-    W.stream_weights(streamed, engine=W.SyncCopyEngine())
+    stream_weights(streamed, engine=SyncCopyEngine())
     assert streamed.hf_device_map != device_map
-    W.unstream_weights(streamed)
-    assert W.get_weight_streamer(streamed) is None
+    unstream_weights(streamed)
+    assert get_weight_streamer(streamed) is None
     assert streamed.__dict__.get("hf_device_map", "none") == device_map
     layer = streamed.model.layers[3]
     assert not layer._forward_pre_hooks and not layer._forward_hooks
     expected, actual = reference.state_dict(), streamed.state_dict()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_the_streamer_lowers_the_pinned_budget_it_is_given_and_no_other(llama_path):
+    streamed = _resident(llama_path)
+    given, default = PinnedBudget(limit=2**60), checkpoint.BUDGET.limit
+    streamer = WeightStreamer(streamed, "cpu", engine=SyncCopyEngine(), activation_budget=given)
+    streamer.plan_host({i: layer_nbytes(streamer.layers[i]) for i in streamer.streamed})
+    for index in streamer.streamed:
+        streamer.adopt(index)
+    streamer.finish()
+    assert get_weight_streamer(streamed) is streamer
+    assert given.limit < 2**60  # lowered to half of the RAM the pinned weights left
+    assert checkpoint.BUDGET.limit == default
 
 
 # --------------------------------------------------------------------------- requests, errors
@@ -583,15 +610,15 @@ def test_from_pretrained_keywords_and_automatic_choice(llama_path, monkeypatch):
 
 def test_clear_errors(llama_path):
     plain, _ = FastModel.from_pretrained(str(llama_path), device_map="cpu")
-    with pytest.raises(W.WeightStreamingError, match="load_in_4bit=True"):
-        W.stream_weights(plain)
+    with pytest.raises(WeightStreamingError, match="load_in_4bit=True"):
+        stream_weights(plain)
     streamed = _resident(llama_path)
-    W.stream_weights(streamed, engine=W.SyncCopyEngine())
-    with pytest.raises(W.WeightStreamingError, match="already"):
-        W.stream_weights(streamed)
+    stream_weights(streamed, engine=SyncCopyEngine())
+    with pytest.raises(WeightStreamingError, match="already"):
+        stream_weights(streamed)
     weight = streamed.model.layers[2].mlp.down_proj.weight
     weight.data = weight.data.clone()  # e.g. what model.to() or PiSSA initialisation does
-    with pytest.raises(W.WeightStreamingError, match="decoder layer 2 .* re-pointed"):
+    with pytest.raises(WeightStreamingError, match="decoder layer 2 .* re-pointed"):
         streamed(**tiny_batch())
     with pytest.raises(TypeError, match="gguf|does not take"):
         FastModel.from_pretrained(
@@ -629,7 +656,7 @@ def test_sft_trainer_trains_a_streamed_model_and_memory_callback_logs(llama_path
     assert any(key.startswith("mem_") for key in logs[-1])
     after = dict(model.named_parameters())
     assert any(not torch.equal(after[n].detach().cpu(), b.cpu()) for n, b in before.items())
-    assert W.get_weight_streamer(model).stats.copies >= 3 * 6
+    assert get_weight_streamer(model).stats.copies >= 3 * 6
 
 
 # --------------------------------------------------------------------------- GPU
@@ -645,10 +672,10 @@ def test_gpu_streamed_step_is_bit_identical(llama_path, checkpointing, reads_che
     )
     streamed = _peft(streamed, checkpointing)
     copy_lora(reference, streamed)
-    streamer = reads_checked(W.get_weight_streamer(streamed))
-    assert isinstance(streamer.engine, W.CudaCopyEngine)
+    streamer = reads_checked(get_weight_streamer(streamed))
+    assert isinstance(streamer.engine, CudaCopyEngine)
     assert set(streamer.host_kinds().values()) == {"pinned"}
-    W.place_trainable(streamed)  # PEFT made the adapters of streamed layers on the host
+    place_trainable(streamed)  # PEFT made the adapters of streamed layers on the host
     assert all(p.is_cuda for n, p in streamed.named_parameters() if "lora_" in n)
     for autocast in (False, True):
         for seed in (0, 1):
@@ -688,8 +715,8 @@ def test_gpu_loading_never_holds_the_model_on_the_gpu():
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    model = W.build_random_nf4_model(config, dtype=torch.bfloat16, device="cuda")
-    streamer = W.get_weight_streamer(model)
+    model = build_random_nf4_model(config, dtype=torch.bfloat16, device="cuda")
+    streamer = get_weight_streamer(model)
     layer = max(streamer._layers[i].nbytes for i in streamer.streamed)
     dense_layer = 2 * (4 * 1024 * 1024 // 2 + 3 * 1024 * 4096)  # bf16 bytes of one layer
     peak = torch.cuda.max_memory_allocated() - base

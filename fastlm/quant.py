@@ -14,6 +14,7 @@ FSDP2 derived from it) is bitsandbytes' ``Linear4bit``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -55,26 +56,28 @@ def nf4_config(compute_dtype: torch.dtype, given=None):
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes 4-bit linear layer (its weight packed NF4/FP4), also
-    when FSDP2 made it a unit (its class is then a subclass ``FSDPLinear4bit``)."""
-    if getattr(module._parameters.get("weight"), "quant_state", None) is not None:
+    """Whether ``module`` holds a bitsandbytes 4-bit weight: its own ``weight`` carries a
+    quant_state, or it is a bitsandbytes ``Linear4bit`` (also after FSDP2 made it a unit, when its
+    sharded weight no longer carries the state). PEFT's LoRA wrapper around one is not: its
+    weight is the base layer's. Usage: ``is_4bit_linear(model.model.layers[0].mlp.up_proj)``.
+    """
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    if getattr(weight, "quant_state", None) is not None:
         return True
-    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
+    bnb_nn = sys.modules.get("bitsandbytes.nn")  # not imported: no module can be one
+    return bnb_nn is not None and isinstance(module, bnb_nn.Linear4bit)
 
 
 def packed_weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter]]:
-    """``(module path, module, weight)`` of every 4-bit linear layer under ``model``, each weight
-    once (a tied or shared module is listed under its first path).
+    """``(module path, module, weight)`` of every 4-bit linear layer under ``model`` (a module
+    reachable under two paths is listed once, under its first).
 
     Usage: ``{f"{name}.weight": w for name, _, w in packed_weights(model)}``.
     """
-    seen: set[int] = set()
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None or id(weight) in seen or not is_4bit_linear(module):
-            continue
-        seen.add(id(weight))
-        yield name, module, weight
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None and is_4bit_linear(module):
+            yield name, module, weight
 
 
 def dequantized(weight: torch.Tensor) -> torch.Tensor:

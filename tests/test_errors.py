@@ -302,7 +302,7 @@ def test_an_adapter_holding_nan_is_named_at_load(adapter_path, tmp_path):
 def test_max_seq_length_past_the_trained_positions_is_one_warning(llama_path, caplog):
     from types import SimpleNamespace
 
-    from fastlm.api import _trained_positions
+    from fastlm.loading.pipeline import trained_positions as _trained_positions
 
     with caplog.at_level("WARNING", logger="fastlm"):
         FastModel.from_pretrained(llama_path, max_seq_length=100_000, device_map="cpu")

@@ -36,6 +36,9 @@ from fastlm.distributed import is_plain_linear, unshard_for_direct_read
 from fastlm.embeddings.data import normalize_row
 from fastlm.embeddings.pooling import pool
 from fastlm.embeddings.trainer import EmbeddingTrainer
+from fastlm.export import save_pretrained_merged
+from fastlm.export._atomic import atomic_directory
+from fastlm.loading.pipeline import DEFAULT_MAX_SEQ_LENGTH, add_causal_lm_lora, load_causal_lm
 
 TEMPLATE_FILE = "fastlm_reranker.json"  # the template, saved beside the weights or adapter
 
@@ -271,9 +274,7 @@ class FastReranker(nn.Module):
         there). An adapter folder loads its base model, then the adapter (``is_trainable``: to
         train it further). ``template=None``: the folder's saved template, else Qwen3-Reranker's.
         """
-        from transformers import AutoTokenizer
-
-        from fastlm.api import DEFAULT_MAX_SEQ_LENGTH, FastModel
+        from transformers import AutoTokenizer  # lazy: seconds to import
 
         if max_seq_length is None:
             max_seq_length = DEFAULT_MAX_SEQ_LENGTH
@@ -285,7 +286,7 @@ class FastReranker(nn.Module):
         if adapter:
             config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
             base_name = config["base_model_name_or_path"]
-        model, tokenizer = FastModel.from_pretrained(
+        model, tokenizer = load_causal_lm(
             base_name,
             max_seq_length=max_seq_length,
             dtype=dtype,
@@ -466,11 +467,9 @@ class FastReranker(nn.Module):
 
         Usage: ``reranker.get_peft_model(r=16, lora_alpha=32)``; ``kwargs`` as there.
         """
-        from fastlm.api import FastModel
-
         if hasattr(self.model, "peft_config"):
             raise ValueError("this reranker already has LoRA adapters")
-        self.model = FastModel.get_peft_model(
+        self.model = add_causal_lm_lora(
             self.model,
             r=r,
             lora_alpha=lora_alpha,
@@ -495,8 +494,6 @@ class FastReranker(nn.Module):
         Usage: ``reranker.save_pretrained("out/adapter")``, then
         ``FastReranker.from_pretrained("out/adapter")`` scores the same.
         """
-        from fastlm.export._atomic import atomic_directory
-
         with atomic_directory(save_directory) as tmp:
             self._write(Path(tmp))
         return Path(save_directory).absolute()
@@ -509,8 +506,6 @@ class FastReranker(nn.Module):
         Usage: ``reranker.save_pretrained_merged("out/merged")``: a plain causal-LM folder that
         ``FastReranker.from_pretrained`` (or transformers) loads.
         """
-        from fastlm.export import save_pretrained_merged
-
         path = save_pretrained_merged(
             self.model, save_directory, self.tokenizer, save_method, **kwargs
         )

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastlm import quant
 from fastlm.export._atomic import ExportPathError, check_free_disk, check_target, export_into
 
 logger = logging.getLogger("fastlm")
@@ -300,26 +301,12 @@ def packed_weights(base: nn.Module) -> dict[str, nn.Parameter]:
 
     Usage: ``packed = packed_weights(lora_base_model(model))``.
     """
-    return {
-        f"{name}.weight": module.weight
-        for name, module in base.named_modules()
-        if getattr(getattr(module, "weight", None), "quant_state", None) is not None
-    }
+    return {f"{name}.weight": weight for name, _, weight in quant.packed_weights(base)}
 
 
 def quant_state_keys(state_keys, packed: dict) -> set[str]:
     """The state-dict keys that serialise a 4-bit weight's quant_state (absmax, quant_map...)."""
     return {k for k in state_keys if k.rsplit(".weight.", 1)[0] + ".weight" in packed}
-
-
-def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    """A 4-bit weight as an fp32 tensor (a dense weight: an fp32 copy)."""
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.detach().to(torch.float32, copy=True)
-    from fastlm.kernels.nf4_dequant import dequantize_nf4
-
-    return dequantize_nf4(weight, quant_state, torch.float32)
 
 
 def _linear_weight_keys(base: nn.Module) -> set[str]:
@@ -491,7 +478,7 @@ def _materialise(tensor: torch.Tensor, entry: _Entry) -> dict[str, torch.Tensor]
     """The CPU tensor(s) to write for one entry: fresh copies (never views of the live model),
     dequantised if 4-bit, merged if LoRA, re-quantised to NF4 for merged_4bit."""
     if entry.packed is not None or entry.lora is not None or entry.requantize:
-        weight = dequantized(tensor)
+        weight = quant.dequantized(tensor)
         if entry.lora is not None:
             weight = merge_lora_weight(entry.lora, weight)
         if entry.requantize:
@@ -584,9 +571,7 @@ def _write_config(base: nn.Module, folder: Path, dtype: torch.dtype, quantize: b
         # make from_pretrained try to quantise or dequantise them.
         del config.quantization_config
     if quantize:  # what from_pretrained needs to read the NF4 tensors back
-        from fastlm.api import nf4_config
-
-        config.quantization_config = nf4_config(dtype).to_dict()
+        config.quantization_config = quant.nf4_config(dtype).to_dict()
     config.dtype = dtype
     config.save_pretrained(folder)
     generation_config = getattr(base, "generation_config", None)

@@ -134,7 +134,7 @@ def test_4bit_reranker_scores_match_hf_on_the_same_nf4_weights(tmp_path):
     reference's 4-bit layers compute with the NF4 format's values of them (tests/nf4_format.py),
     not bitsandbytes' CPU dequantisation, wrong for qwen3's rows of 96 on some hosts."""
     pytest.importorskip("bitsandbytes")
-    from fastlm.api import nf4_config
+    from fastlm.quant import nf4_config
 
     path = save_tiny_reranker("qwen3", tmp_path / "qwen3")
     reranker = FastReranker.from_pretrained(

@@ -22,7 +22,7 @@ from fastlm.export import save_pretrained_merged
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BLOCK = 64  # transformers' NF4 block size (fastlm.api.nf4_config)
+BLOCK = 64  # transformers' NF4 block size (fastlm.quant.nf4_config)
 
 
 def _expected_merged(layer) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
-from fastlm.api import nf4_config
+from fastlm.quant import nf4_config
 from fastlm.errors import UnsupportedKeywordError
 from fastlm.models import fused_report
 from fastlm.models.nf4_linear import is_bnb_linear4bit

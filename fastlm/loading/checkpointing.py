@@ -1,0 +1,43 @@
+"""Gradient checkpointing, one way for every model fastlm loads.
+
+enable_checkpointing(peft_model, "fastlm")   # True: plain; "fastlm" / "unsloth": offloaded
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fastlm.offload.checkpoint import enable_offloaded_checkpointing
+
+CHECKPOINTING_MODES = (True, False, "fastlm", "unsloth")
+
+
+def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
+    """True: transformers' non-reentrant checkpointing. "fastlm" / "unsloth": the same, with each
+    layer's saved input offloaded to pinned CPU memory (``fastlm.offload``). The KV cache is
+    turned off (it cannot be used while checkpointing). False (or None) does nothing.
+
+    Usage: ``enable_checkpointing(model, "unsloth")``.
+    """
+    if not mode:
+        return
+    if mode in ("fastlm", "unsloth"):
+        enable_offloaded_checkpointing(model)
+    elif mode is True:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError(
+            f"use_gradient_checkpointing={mode!r}: use True, False, 'fastlm' (offloaded) or "
+            "'unsloth' (the same as 'fastlm')."
+        )
+    set_use_cache(model, False)
+
+
+def set_use_cache(model: nn.Module, value: bool) -> None:
+    """``config.use_cache`` of every module that has a config (PEFT wrappers, the body, the LM).
+
+    Usage: ``set_use_cache(model, True)`` before generating."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            config.use_cache = value

@@ -1,0 +1,372 @@
+"""The loading pipeline: checkpoint → transformers model → fastlm patches → LoRA → fused report.
+
+model, tokenizer = load_causal_lm("./llama", max_seq_length=2048, load_in_4bit=True)
+model = add_lora(model, r=16, lora_alpha=16, target_modules=None, task_type="CAUSAL_LM")
+
+``FastModel`` (``fastlm.api``), the embedding models and the rerankers all load through these
+functions, so they share defaults, reports and errors. The export methods Unsloth users call on
+a model (``save_pretrained_merged``...) are attached by ``fastlm.api``, which sits above export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlm import model_folder, models, quant
+from fastlm.errors import UnknownTargetModulesError, UnsupportedKeywordError
+from fastlm.loading.checkpointing import enable_checkpointing
+from fastlm.loading.device import placement
+from fastlm.loading.streaming import streaming_request
+from fastlm.models.spec import PROJECTIONS
+from fastlm.offload import place_trainable
+from fastlm.versions import check_versions
+
+logger = logging.getLogger("fastlm")
+
+DEFAULT_MAX_SEQ_LENGTH = 2048  # Unsloth's default, for a causal LM
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+# Unsloth keywords fastlm does not implement. Passing Unsloth's default value is harmless and
+# accepted; any other value raises, naming the keyword (never silently ignored).
+FROM_PRETRAINED_DEFAULTS: dict[str, Any] = {
+    "load_in_8bit": False,
+    "fast_inference": False,
+    "gpu_memory_utilization": None,
+    "float8_kv_cache": False,
+    "max_lora_rank": None,
+    "disable_log_stats": None,
+    "qat_scheme": None,
+    "rope_scaling": None,
+    "resize_model_vocab": None,
+    "use_exact_model_name": False,
+    "fix_tokenizer": True,
+    "full_finetuning_8bit": False,
+    "unsloth_vllm_standby": False,
+    "offload_embedding": False,
+    "load_in_fp8": False,
+}
+GET_PEFT_MODEL_DEFAULTS: dict[str, Any] = {
+    "loftq_config": None,
+    "qat_scheme": None,
+    "temporary_location": "_unsloth_temporary_saved_buffers",
+    "layers_pattern": None,
+}
+
+
+# --------------------------------------------------------------------------- causal LMs
+
+
+def load_causal_lm(
+    model_name: str,
+    max_seq_length: int | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
+    full_finetuning: bool = False,
+    device_map: str | dict | None = "auto",
+    token: str | None = None,
+    trust_remote_code: bool = False,
+    use_gradient_checkpointing: bool | str = True,
+    random_state: int = 3407,
+    allow_untested_versions: bool = False,
+    check_finite_loss: bool = True,
+    check_finite_weights: bool = True,
+    **kwargs: Any,
+) -> tuple[nn.Module, Any]:
+    """A causal LM (or a LoRA adapter folder on its base), patched: ``(model, tokenizer)``.
+
+    Usage: ``model, tok = load_causal_lm("./llama", max_seq_length=4096)``. The keywords are
+    ``FastModel.from_pretrained``'s (docs/api.md); the rest go to transformers.
+    """
+    refuse_unimplemented(kwargs, FROM_PRETRAINED_DEFAULTS, "from_pretrained")
+    kwargs.pop("load_in_16bit", None)  # Unsloth's flag; ``dtype`` decides
+    options = dict(
+        max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+        full_finetuning=full_finetuning, device_map=device_map, token=token,
+        trust_remote_code=trust_remote_code, random_state=random_state,
+        allow_untested_versions=allow_untested_versions, check_finite_loss=check_finite_loss,
+        check_finite_weights=check_finite_weights,
+    )  # fmt: skip
+    gguf_file = kwargs.get("gguf_file")
+    given_name = model_name
+    model_name = model_folder.resolve(
+        model_name, (gguf_file or "config.json",), kwargs.get("revision")
+    )
+    if os.path.isdir(model_name):
+        base = model_folder.adapter_base(model_name)
+        if base is not None:  # Unsloth's habit: an adapter folder loads its base, then it
+            return load_adapter(
+                model_name, base, use_gradient_checkpointing=use_gradient_checkpointing,
+                **options, **kwargs,
+            )  # fmt: skip
+        model_folder.check_model_folder(model_name, (gguf_file or "config.json",))
+    model = _load_patched(model_name, given_name, options, kwargs)
+    if full_finetuning:
+        model.requires_grad_(True)
+        enable_checkpointing(model, use_gradient_checkpointing)
+    config_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision") if k in kwargs}
+    tokenizer = load_tokenizer(model_name, token, trust_remote_code, config_kwargs)
+    return model, tokenizer
+
+
+def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict) -> nn.Module:
+    """transformers' model of ``model_name`` (resident or streamed), checked and patched."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # lazy: seconds to import
+
+    max_seq_length = options["max_seq_length"]
+    explicit_max_seq_length = max_seq_length is not None
+    if max_seq_length is None:
+        max_seq_length = DEFAULT_MAX_SEQ_LENGTH
+    if not options["allow_untested_versions"]:
+        check_versions(("torch", "transformers", "peft"))
+    torch.manual_seed(options["random_state"])
+    config_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision") if k in kwargs}
+    token, trust_remote_code = options["token"], options["trust_remote_code"]
+    try:
+        config = AutoConfig.from_pretrained(
+            model_name, token=token, trust_remote_code=trust_remote_code, **config_kwargs
+        )
+    except OSError as error:
+        if os.path.isdir(model_name):
+            raise
+        raise model_folder.not_found(given_name, error) from error
+    spec = models.spec_for(config)
+    positions = trained_positions(config)
+    if explicit_max_seq_length and positions and max_seq_length > positions:
+        # not refused: RoPE runs past the trained positions, only worse
+        logger.warning(
+            "max_seq_length=%d is longer than the %d positions %s was trained on "
+            "(max_position_embeddings and its RoPE scaling): expect worse results past %d",
+            max_seq_length, positions, given_name, positions,
+        )  # fmt: skip
+    device, dtype, device_map = placement(options["device_map"], options["dtype"])
+    add_quantization_config(kwargs, options["load_in_4bit"], options["full_finetuning"], dtype)
+    # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
+    # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
+    streaming = streaming_request(
+        kwargs, config, load_in_4bit=options["load_in_4bit"], device=device,
+        device_map=device_map, dtype=dtype, max_seq_length=max_seq_length,
+    )  # fmt: skip
+    load = AutoModelForCausalLM.from_pretrained if streaming is None else streaming.load
+    model = load(
+        model_name,
+        dtype=dtype,
+        device_map=device_map,
+        token=token,
+        trust_remote_code=trust_remote_code,
+        **kwargs,
+    )
+    if options["check_finite_weights"]:  # one pass where the weights are (docs/api.md)
+        models.check_finite_weights(model, given_name)
+    if getattr(model, "hf_quantizer", None) is not None and "gguf_file" in kwargs:
+        # A GGUF checkpoint is dequantised on load; the leftover quantizer would make
+        # Trainer and save_pretrained refuse the (plain floating-point) model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.max_seq_length = max_seq_length
+    models.patch_model(model, spec, max_seq_length, check_finite_loss=options["check_finite_loss"])
+    return model
+
+
+def load_adapter(
+    adapter: str, base: str, use_gradient_checkpointing: bool | str = True, **options: Any
+) -> tuple[nn.Module, Any]:
+    """A LoRA adapter folder, as Unsloth loads it: the base model it names, patched, with the
+    adapter on top as a trainable ``PeftModel`` (the adapter folder's tokenizer when it has one:
+    a chat template set in training travels with it).
+
+    Usage: ``model, tok = load_adapter("run/adapter", "./llama")``.
+    """
+    from peft import PeftModel  # lazy: seconds to import
+
+    if options["full_finetuning"]:
+        raise ValueError(
+            f"full_finetuning=True with the LoRA adapter {adapter}: merge it first (fastlm export "
+            f"--adapter {adapter} --method merged_16bit) and fully fine-tune the merged folder."
+        )
+    model, tokenizer = load_causal_lm(base, use_gradient_checkpointing=False, **options)
+    model_folder.check_weights(Path(adapter))
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    if options["check_finite_weights"]:  # the base was checked; an adapter saved mid-divergence
+        models.check_finite_weights(model, adapter)
+    place_trainable(model)  # streamed 4-bit layers: the adapter's weights to the GPU
+    enable_checkpointing(model, use_gradient_checkpointing)
+    log_fused_report(model)
+    if any(os.path.isfile(os.path.join(adapter, name)) for name in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(adapter, options["token"], options["trust_remote_code"], {})
+    return model, tokenizer
+
+
+def load_tokenizer(model_name: str, token, trust_remote_code: bool, extra: dict):
+    """The folder's tokenizer, or None (with a warning) for a local folder without one.
+
+    Usage: ``tokenizer = load_tokenizer("./llama", None, False, {})``."""
+    from transformers import AutoTokenizer  # lazy: seconds to import
+
+    local = os.path.isdir(model_name) and "gguf_file" not in extra
+    if local and not any(os.path.exists(os.path.join(model_name, n)) for n in TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: returning tokenizer=None", model_name)
+        return None
+    return AutoTokenizer.from_pretrained(
+        model_name, token=token, trust_remote_code=trust_remote_code, **extra
+    )
+
+
+def add_causal_lm_lora(model: nn.Module, **options: Any) -> nn.Module:
+    """LoRA on a model from ``load_causal_lm``: ``add_lora`` after the checks and keywords of
+    ``FastModel.get_peft_model`` (Unsloth's unimplemented keywords refused, ``max_seq_length``
+    updated, ``task_type`` "CAUSAL_LM" unless given).
+
+    Usage: ``peft_model = add_causal_lm_lora(model, r=16, lora_alpha=16)``.
+    """
+    refuse_unimplemented(options, GET_PEFT_MODEL_DEFAULTS, "get_peft_model")
+    max_seq_length = options.pop("max_seq_length", None)
+    if not models.is_patched(model):
+        raise ValueError(
+            "get_peft_model expects a model from FastModel.from_pretrained (it carries the "
+            "fastlm patches)."
+        )
+    if max_seq_length is not None:
+        models.patch_state(model).max_seq_length = max_seq_length
+        model.max_seq_length = max_seq_length
+    options.setdefault("task_type", "CAUSAL_LM")
+    return add_lora(model, **options)
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def add_quantization_config(
+    kwargs: dict, load_in_4bit: bool, full_finetuning: bool, dtype: torch.dtype
+) -> None:
+    """``kwargs["quantization_config"]`` = QLoRA's NF4 config when ``load_in_4bit``; a 4-bit
+    model cannot be fully fine-tuned. Usage: ``add_quantization_config(kw, True, False, bf16)``.
+    """
+    if not load_in_4bit:
+        return
+    if full_finetuning:
+        raise ValueError(
+            "full_finetuning=True with load_in_4bit=True: 4-bit weights cannot be trained; "
+            "use LoRA on the 4-bit model (QLoRA) or load in 16-bit for full fine-tuning."
+        )
+    kwargs["quantization_config"] = quant.nf4_config(dtype, kwargs.get("quantization_config"))
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    target_modules: list[str] | str | None = None,
+    default_targets: tuple[str, ...] | None = PROJECTIONS,
+    task_type: str | None = "CAUSAL_LM",
+    use_gradient_checkpointing: bool | str = True,
+    random_state: int = 3407,
+    **lora_options: Any,
+) -> nn.Module:
+    """``model`` (patched by fastlm, or any transformers body) wrapped in LoRA adapters: a plain
+    ``peft.PeftModel``. The target names are checked first, LoRA A is drawn after
+    ``random_state``, streamed 4-bit layers get their LoRA weights on the GPU, checkpointing is
+    turned on as asked, and the fused report is logged.
+
+    Usage: ``peft_model = add_lora(model, r=16, lora_alpha=16)``. ``target_modules=None``:
+    ``default_targets`` (the seven projections; None leaves the choice to PEFT's table of
+    model types).
+    """
+    from peft import LoraConfig, get_peft_model  # lazy: seconds to import
+
+    check_target_modules(model, target_modules)
+    if target_modules is None and default_targets is not None:
+        target_modules = list(default_targets)
+    torch.manual_seed(random_state)
+    config = LoraConfig(
+        target_modules=target_modules,
+        task_type=task_type,
+        **lora_options,
+    )
+    peft_model = get_peft_model(model, config)
+    place_trainable(peft_model)  # streamed 4-bit layers: their new LoRA weights to the GPU
+    enable_checkpointing(peft_model, use_gradient_checkpointing)
+    log_fused_report(peft_model)
+    return peft_model
+
+
+def check_target_modules(model: nn.Module, target_modules: list[str] | str | None) -> None:
+    """Every name of a ``target_modules`` list matches a linear layer of ``model`` (PEFT matches
+    a name against the end of each module path); an ``UnknownTargetModulesError`` listing the
+    layer names otherwise. PEFT itself only refuses a list of which *no* name matches, so a typo
+    in one of several names would train fewer layers than asked for, silently. A string (a regex,
+    or "all-linear") is PEFT's to check. Usage: ``check_target_modules(model, ["q_proj"])``.
+    """
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    paths = [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "weight") and getattr(module.weight, "ndim", 0) == 2
+        and not isinstance(module, nn.Embedding)
+    ]  # fmt: skip
+    unknown = [
+        target
+        for target in target_modules
+        if not any(path == target or path.endswith(f".{target}") for path in paths)
+    ]
+    if unknown:
+        valid = sorted({path.rsplit(".", 1)[-1] for path in paths})
+        raise UnknownTargetModulesError(
+            f"target_modules {unknown} match no layer of this model; its linear layers are "
+            f"named {', '.join(valid)}"
+        )
+
+
+def log_fused_report(model: nn.Module) -> None:
+    """Log how many projections run fused, and a warning naming each that does not and why.
+
+    Usage: ``log_fused_report(peft_model)`` (every loader calls it after adding LoRA)."""
+    if not models.is_patched(model):  # e.g. a BERT body: no spec, PEFT's and torch's code
+        logger.info("fastlm: %s runs without fastlm's kernels (no spec)", _model_type(model))
+        return
+    rows = models.fused_report(model)
+    rows = [row for row in rows if row.get("kind", "projection") == "projection"]
+    slow = [row for row in rows if not row["fused"]]
+    logger.info("fastlm: %d of %d projections run fused", len(rows) - len(slow), len(rows))
+    for row in slow:
+        logger.warning("fastlm: %s runs unfused: %s", row["module"], row["reason"])
+
+
+def _model_type(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+
+
+def refuse_unimplemented(kwargs: dict, defaults: dict, where: str) -> None:
+    """Unsloth keywords fastlm does not implement: their default value is dropped from
+    ``kwargs``; any other raises ``UnsupportedKeywordError`` naming it.
+
+    Usage: ``refuse_unimplemented(kwargs, FROM_PRETRAINED_DEFAULTS, "from_pretrained")``."""
+    for key, default in defaults.items():
+        if key in kwargs and kwargs[key] != default:
+            raise UnsupportedKeywordError(
+                f"{where}({key}={kwargs[key]!r}) is not implemented by fastlm yet; remove the "
+                f"keyword or pass {default!r}."
+            )
+        kwargs.pop(key, None)  # Unsloth's default: nothing to do, and not a transformers keyword
+
+
+def trained_positions(config) -> int | None:
+    """The longest sequence the checkpoint is made for: ``max_position_embeddings``, times the
+    factor of a linear / dynamic / YaRN RoPE scaling in the config (Qwen2.5's long-context
+    recipe keeps max_position_embeddings and adds the factor; llama3 scaling has it built in).
+
+    Usage: ``trained_positions(model.config)``."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("linear", "dynamic", "yarn") and rope.get("factor"):
+        original = rope.get("original_max_position_embeddings") or positions
+        positions = max(positions, int(original * rope["factor"]))
+    return positions

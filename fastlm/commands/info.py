@@ -120,12 +120,13 @@ def _families() -> list[dict[str, str]]:
 
 def _exports() -> dict[str, list[str]]:
     from fastlm.export import SAVE_METHODS
-    from fastlm.export.gguf_writer import ARCHES, METHODS
+    from fastlm.export.gguf_writer import METHODS
+    from fastlm.models import SPECS
 
     return {
         "save_methods": list(SAVE_METHODS),
         "gguf_quantizations": list(METHODS),
-        "gguf_model_types": sorted(ARCHES),
+        "gguf_model_types": sorted(SPECS),  # every family's spec names its GGUF arch
     }
 
 

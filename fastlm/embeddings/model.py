@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +21,12 @@ from torch import nn
 
 from fastlm.embeddings import st_format
 from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool
+from fastlm.models import PROJECTIONS, SPECS, PromptStyle, embedding_pooling, encoder_spec
 
 logger = logging.getLogger("fastlm")
 
-DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# BERT / XLM-RoBERTa: attention q/k/v, attention output, intermediate and output dense layers;
-# the pooler's dense layer feeds no pooling mode here, so it is left out.
-ENCODER_PROJECTIONS = ["query", "key", "value", "dense"]
-_ENCODER_TYPES = ("bert", "xlm-roberta", "roberta", "camembert", "distilbert", "mpnet")
-
-
-@dataclass(frozen=True)
-class PromptStyle:
-    """How a model family's card says to prefix queries and documents."""
-
-    query_template: str  # with a "{task}" placeholder
-    default_task: str
-    document_prompt: str
-
-    def query_prompt(self, task: str | None = None) -> str:
-        return self.query_template.format(task=task or self.default_task)
-
-
-PROMPT_STYLES = {
-    # Qwen3-Embedding: "Instruct: {task}\nQuery:{query}"; documents have no prefix.
-    "qwen3": PromptStyle(
-        "Instruct: {task}\nQuery:",
-        "Given a web search query, retrieve relevant passages that answer the query",
-        "",
-    ),
-    # EmbeddingGemma: "task: search result | query: {query}" / "title: none | text: {document}".
-    "gemma3_text": PromptStyle("task: {task} | query: ", "search result", "title: none | text: "),
-}
-DEFAULT_POOLING = {"qwen3": "lasttoken", "gemma3_text": "mean", "xlm-roberta": "cls"}
+# The query/document prefixes of the decoder families' embedding models (from their specs).
+PROMPT_STYLES = {t: spec.prompt_style for t, spec in SPECS.items() if spec.prompt_style}
 
 
 class FastSentenceTransformer(nn.Module):
@@ -271,10 +243,10 @@ class FastSentenceTransformer(nn.Module):
         check_target_modules(self.backbone, target_modules)
         model_type = self.config.model_type
         if target_modules is None:
-            if model_type in PROMPT_STYLES or model_type in ("llama", "mistral", "qwen2"):
-                target_modules = DECODER_PROJECTIONS
-            elif model_type in _ENCODER_TYPES:
-                target_modules = ENCODER_PROJECTIONS
+            if model_type in SPECS:  # a decoder family fastlm patches
+                target_modules = list(PROJECTIONS)
+            elif encoder_spec(model_type) is not None:
+                target_modules = list(encoder_spec(model_type).lora_targets)
                 lora_kwargs.setdefault("exclude_modules", ["pooler.dense"])
         torch.manual_seed(random_state)
         config = LoraConfig(
@@ -448,23 +420,27 @@ def load_embedding_model(
     tokenizer = AutoTokenizer.from_pretrained(body_path, trust_remote_code=trust_remote_code)
     config = backbone.config
     model_type = config.model_type
-    if model_type == "gemma3_text" and not getattr(config, "use_bidirectional_attention", False):
+    decoder, encoder = SPECS.get(model_type), encoder_spec(model_type)
+    bidirectional = decoder.bidirectional_attention_attr if decoder else None
+    if bidirectional and not getattr(config, bidirectional, False):
         logger.warning(
-            "%s: Gemma 3 with causal attention; EmbeddingGemma uses bidirectional attention "
-            "(pass use_bidirectional_attention=True to turn a Gemma 3 LM into an encoder)",
+            "%s: %s with causal attention; its embedding models use bidirectional attention "
+            "(pass %s=True to turn the LM into an encoder)",
             model_name,
+            decoder.family,
+            bidirectional,
         )
     if pooling is None:
-        pooling = (layout.pooling if layout else None) or DEFAULT_POOLING.get(model_type, "mean")
+        pooling = (layout.pooling if layout else None) or embedding_pooling(model_type)
         if layout is None or layout.pooling is None:
             logger.info("%s: no pooling configured; using %r", model_name, pooling)
     limit = getattr(config, "max_position_embeddings", None)
-    if limit and model_type in ("xlm-roberta", "roberta", "camembert"):
-        limit -= 2  # RoBERTa's learned positions start after padding_idx
+    if limit and encoder is not None:
+        limit -= encoder.reserved_positions  # RoBERTa's learned positions start after padding_idx
     if max_seq_length is None:
         max_seq_length = layout.max_seq_length if layout and layout.max_seq_length else 2048
         max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
-    elif limit and max_seq_length > limit and model_type in _ENCODER_TYPES:
+    elif limit and max_seq_length > limit and encoder is not None:
         # Learned absolute positions: longer inputs would index past the position table.
         logger.warning(
             "%s: max_seq_length=%d exceeds the model's %d positions; using %d",

@@ -4,6 +4,8 @@ LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names 
 ``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
 rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
 ``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE).
+Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
+family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
 Usage: ``save_pretrained_gguf(model, "out", tokenizer, quantization_method=["f16", "q4_k_m"])``.
 The k-quant files (q4_k_m, q5_k_m, q6_k) take llama-quantize's per-tensor types and bytes
@@ -26,29 +28,17 @@ from torch import nn
 
 from fastlm.export.merged import (
     check_plain_lora,
-    dequantized,
     input_folders,
     lora_base_model,
     merge_lora_weight,
     packed_weights,
     quant_state_keys,
 )
+from fastlm.quant import dequantized
 
 logger = logging.getLogger("fastlm")
 
 METHODS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
-# HF model_type -> gguf.MODEL_ARCH member name.
-ARCHES = {
-    "llama": "LLAMA",
-    "mistral": "LLAMA",  # llama.cpp runs Mistral as "llama" (without a sliding window)
-    "gemma": "GEMMA",
-    "gemma2": "GEMMA2",
-    "gemma3_text": "GEMMA3",
-    "qwen2": "QWEN2",
-    "qwen3": "QWEN3",
-}
-# Arches whose HF RMSNorm scales by (1 + w) while llama.cpp's scales by w.
-GEMMA_NORM_ARCHES = ("GEMMA", "GEMMA2", "GEMMA3")
 # Byte-level BPE pre-tokenizers llama.cpp implements, keyed by the tokenizer.json "Split" regex.
 # Llama 3 ("llama-bpe") and Qwen 2/3 ("qwen2") differ only in digits: runs of 1-3 vs single.
 _BPE_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -87,10 +77,10 @@ def save_pretrained_gguf(
             raise ValueError(f"quantization_method {method!r} is not one of {METHODS}")
     base = lora_base_model(model)
     config = base.config
-    if config.model_type not in ARCHES:
-        raise ValueError(f"GGUF export supports {sorted(ARCHES)}, not {config.model_type!r}")
-    arch = gguf.MODEL_ARCH[ARCHES[config.model_type]]
-    _check_representable(config)  # before any big work: fail fast on what llama.cpp can't run
+    spec = _gguf_spec(config)
+    arch = gguf.MODEL_ARCH[spec.gguf_arch]
+    for check in spec.gguf_checks:  # before any big work: fail fast on what llama.cpp can't run
+        check(config)
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
     inputs = input_folders(model)
     out_dir = check_target(save_directory, inputs)
@@ -107,47 +97,14 @@ def save_pretrained_gguf(
     return [out_dir / file_name for file_name in names]
 
 
-def _check_representable(config) -> None:
-    """Raise for attention features the chosen llama.cpp arch would silently run differently."""
-    window = getattr(config, "sliding_window", None)
-    if config.model_type == "mistral" and window and window < config.max_position_embeddings:
-        # llama.cpp's "llama" arch attends to the whole context: outputs would differ past it.
-        raise NotImplementedError(
-            f"Mistral sliding_window={window} < max_position_embeddings="
-            f"{config.max_position_embeddings} cannot be represented in GGUF (llama.cpp runs "
-            "full attention); set config.sliding_window = None if full attention is acceptable"
-        )
-    rope_type = _rope(config).get("rope_type", "default")
-    if config.model_type in ("mistral", "gemma", "qwen2", "qwen3") and rope_type != "default":
-        # only rope_theta is written for these: a scaled RoPE would run unscaled in llama.cpp
-        raise NotImplementedError(f"{config.model_type} RoPE type {rope_type!r} is not exported")
-    if config.model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        raise NotImplementedError(f"{config.model_type} with use_sliding_window is not exported")
-    if config.model_type == "gemma2":
-        _check_gemma2(config)
+def _gguf_spec(config):
+    """The family's ``ArchitectureSpec``; a ValueError naming the exportable model types else."""
+    from fastlm.models import SPECS
 
-
-def _check_gemma2(config) -> None:
-    """llama.cpp's gemma2 hard-codes what HF configures: alternate windows, 1/√head_dim scale."""
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    alternating = [
-        "sliding_attention" if i % 2 == 0 else "full_attention"
-        for i in range(config.num_hidden_layers)
-    ]
-    if layer_types and layer_types != alternating:
-        raise NotImplementedError(f"Gemma 2 layer_types {layer_types} are not llama.cpp's pattern")
-    if config.query_pre_attn_scalar != config.head_dim:  # no GGUF key carries the query scale
-        raise NotImplementedError(
-            f"Gemma 2 query_pre_attn_scalar={config.query_pre_attn_scalar} != "
-            f"head_dim={config.head_dim} is not exported"
-        )
-    rope_type = _rope(config).get("rope_type", "default")
-    if rope_type != "default":
-        raise NotImplementedError(f"Gemma 2 RoPE type {rope_type!r} is not exported")
-    # HF's None means "no cap"; the gemma2 arch has no way to say so: refuse rather than guess.
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if not getattr(config, key, None):
-            raise NotImplementedError(f"Gemma 2 without {key} is not exported")
+    spec = SPECS.get(getattr(config, "model_type", None))
+    if spec is None:
+        raise ValueError(f"GGUF export supports {sorted(SPECS)}, not {config.model_type!r}")
+    return spec
 
 
 def _default_name(config) -> str:
@@ -204,6 +161,7 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     config = lora_base_model(model).config
+    norm_offset = _gguf_spec(config).norm_offset
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for hf_name, tensor in merged_state(model):
@@ -214,12 +172,14 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
-        yield new_name, _to_llama_cpp_layout(arch, config, hf_name, tensor)
+        yield new_name, _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
     if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
 
 
-def _to_llama_cpp_layout(arch, config, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _to_llama_cpp_layout(
+    arch, config, norm_offset: float, hf_name: str, tensor: torch.Tensor
+) -> torch.Tensor:
     import gguf
 
     if arch == gguf.MODEL_ARCH.LLAMA:
@@ -227,14 +187,15 @@ def _to_llama_cpp_layout(arch, config, hf_name: str, tensor: torch.Tensor) -> to
             return _permute_rope_rows(tensor, config.num_attention_heads)
         if hf_name.endswith("k_proj.weight"):
             return _permute_rope_rows(tensor, config.num_key_value_heads)
-    if arch.name in GEMMA_NORM_ARCHES and hf_name.endswith("norm.weight"):
-        return tensor + 1.0  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
+    if norm_offset and hf_name.endswith("norm.weight"):
+        return tensor + norm_offset  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
     return tensor
 
 
 def _rope(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    return dict(params or {})
+    from fastlm.models.gguf_limits import rope_parameters
+
+    return rope_parameters(config)
 
 
 def _llama3_rope(config) -> bool:
@@ -363,12 +324,12 @@ def _add_gemma2(writer, config, rope: dict) -> None:
 
 
 def _add_gemma3(writer, config, rope: dict) -> None:
-    """Gemma 3: per-layer-type RoPE bases, the sliding window and its pattern, soft-caps."""
+    """Gemma 3: per-layer-type RoPE bases, the sliding window and its pattern, soft-caps.
+
+    Scaled RoPE is refused before writing (the spec's gguf_checks): only the bases are written.
+    """
     full = rope.get("full_attention", rope)
     local = rope.get("sliding_attention", {})
-    for params in (full, local):
-        if params and params.get("rope_type", "default") != "default":
-            raise NotImplementedError(f"Gemma 3 RoPE scaling {params} is not exported yet")
     writer.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
     writer.add_rope_freq_base_swa(local.get("rope_theta", 10_000.0))
     writer.add_sliding_window(config.sliding_window)

@@ -1,8 +1,14 @@
-"""Architecture specs and the shared code that patches a loaded model instance."""
+"""Architecture specs and the shared code that patches a loaded model instance.
+
+A decoder family's ``ArchitectureSpec`` (``SPECS``) holds every fact fastlm needs about it:
+module classes, norm and activation for the patches, the GGUF arch and the configs it refuses,
+the embedding defaults. Encoder families (BERT...) get an ``EncoderSpec`` (``ENCODERS``).
+"""
 
 from __future__ import annotations
 
 from fastlm.errors import UnsupportedArchitectureError
+from fastlm.models.encoders import ENCODERS, EncoderSpec, encoder_spec
 from fastlm.models.finite import check_finite_weights, nonfinite_tensors
 from fastlm.models.finite_guard import install_finite_guard, verify_finite
 from fastlm.models.gemma import GEMMA, GEMMA2
@@ -11,7 +17,7 @@ from fastlm.models.llama import LLAMA
 from fastlm.models.mistral import MISTRAL
 from fastlm.models.patch import fused_report, is_patched, patch_model, patch_state, unpatch_model
 from fastlm.models.qwen import QWEN2, QWEN3
-from fastlm.models.spec import ArchitectureSpec
+from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
 SPECS: dict[str, ArchitectureSpec] = {
     spec.model_type: spec for spec in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT)
@@ -45,10 +51,25 @@ def spec_for(config) -> ArchitectureSpec:
     return spec
 
 
+def embedding_pooling(model_type: str | None) -> str:
+    """The default pooling of an embedding body of this family ("mean" when it has none).
+
+    Usage: ``embedding_pooling("qwen3")`` -> ``"lasttoken"``.
+    """
+    spec = SPECS.get(model_type) or encoder_spec(model_type)
+    return spec.embedding_pooling if spec else "mean"
+
+
 __all__ = [
+    "ENCODERS",
+    "PROJECTIONS",
     "SPECS",
     "ArchitectureSpec",
+    "EncoderSpec",
+    "PromptStyle",
     "check_finite_weights",
+    "embedding_pooling",
+    "encoder_spec",
     "fused_report",
     "install_finite_guard",
     "is_patched",

@@ -12,4 +12,5 @@ LLAMA = ArchitectureSpec(
     activation="swiglu",
     activation_config_attr="hidden_act",
     activation_config_values=("silu",),
+    gguf_arch="LLAMA",  # llama3 RoPE scaling is written as llama.cpp's rope_freqs tensor
 )

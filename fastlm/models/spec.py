@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+# A check on a transformers config: raises NotImplementedError (saying what to change) for a
+# config the target format would run differently from transformers; returns None otherwise.
+ConfigCheck = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """How a model family's card says to prefix queries and documents for embeddings.
+
+    Usage: ``style.query_prompt("retrieve code")`` -> ``"Instruct: retrieve code\\nQuery:"``.
+    """
+
+    query_template: str  # with a "{task}" placeholder
+    default_task: str
+    document_prompt: str
+
+    def query_prompt(self, task: str | None = None) -> str:
+        """The query prefix for ``task`` (the card's default task when None)."""
+        return self.query_template.format(task=task or self.default_task)
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """The handful of facts the shared patching code needs about an architecture.
+    """Every fact fastlm needs about a decoder family: patching, GGUF export, embeddings.
 
     Modules are recognised by class name, so a spec never copies a model's forward.
     """
@@ -21,9 +43,19 @@ class ArchitectureSpec:
     activation: str  # "swiglu" (SiLU-gated) or "geglu" (tanh-GELU-gated)
     activation_config_attr: str  # config attribute that names the activation
     activation_config_values: tuple[str, ...]  # values of it this spec implements
+    # GGUF: the gguf.MODEL_ARCH member llama.cpp runs the family as. llama.cpp's RMSNorm scales by
+    # w alone, so a norm_offset family's norm weights are stored as norm_offset + w.
+    gguf_arch: str
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3, Qwen3)
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap
     final_logit_softcap_attr: str | None = None  # config attribute with final-logit soft-cap
+    # Configs that gguf_arch cannot represent, refused before a GGUF export (in this order).
+    gguf_checks: tuple[ConfigCheck, ...] = ()
+    # Embeddings: the default pooling of a body of this family, the card's query/document
+    # prefixes, and the config flag that makes the decoder attend both ways (an encoder).
+    embedding_pooling: str = "mean"
+    prompt_style: PromptStyle | None = None
+    bidirectional_attention_attr: str | None = None
 
 
 # The projections fastlm's patched attention and MLP forwards compute (and read directly), in the

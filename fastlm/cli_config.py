@@ -35,19 +35,14 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: no such file")
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
-    try:
-        if suffix == ".json":
-            values = json.loads(text)
-        elif suffix == ".toml":
-            values = _load_toml(text)
-        elif suffix in (".yaml", ".yml"):
-            values = _load_yaml(text)
-        else:
-            raise ConfigError(f"--config {path}: use a {', '.join(CONFIG_SUFFIXES)} file")
-    except ConfigError:
-        raise
-    except Exception as error:  # each parser has its own error class
-        raise ConfigError(f"--config {path}: cannot parse it: {error}") from None
+    if suffix == ".json":
+        values = _load_json(text, path)
+    elif suffix == ".toml":
+        values = _load_toml(text, path)
+    elif suffix in (".yaml", ".yml"):
+        values = _load_yaml(text, path)
+    else:
+        raise ConfigError(f"--config {path}: use a {', '.join(CONFIG_SUFFIXES)} file")
     if values is None:
         return {}
     if not isinstance(values, dict):
@@ -55,7 +50,18 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
-def _load_toml(text: str) -> Any:
+def _unparsable(path: Path, error: Exception) -> ConfigError:
+    return ConfigError(f"--config {path}: cannot parse it: {error}")
+
+
+def _load_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _unparsable(path, error) from None
+
+
+def _load_toml(text: str, path: Path) -> Any:
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -65,17 +71,23 @@ def _load_toml(text: str) -> Any:
             raise ConfigError(
                 "TOML config files need Python 3.11+ or `pip install tomli`"
             ) from None
-    return tomllib.loads(text)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise _unparsable(path, error) from None
 
 
-def _load_yaml(text: str) -> Any:
+def _load_yaml(text: str, path: Path) -> Any:
     try:
         import yaml
     except ImportError:
         raise ConfigError(
             "YAML config files need PyYAML (`pip install pyyaml`); or use a .json / .toml file"
         ) from None
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise _unparsable(path, error) from None
 
 
 def apply_config(

@@ -10,6 +10,8 @@ Commands live in ``COMMANDS``: each names a module with ``add_arguments(parser)`
 ``main(args) -> int`` (and optionally ``EXAMPLES``, the end of its ``--help``). To add one, write
 ``fastlm/commands/<name>.py`` and add a line to ``COMMANDS``. A command with a ``--config`` flag
 also reads its flags from a YAML/TOML/JSON file (``fastlm.cli_config``); flags given win.
+Commands run offline: ``main`` sets HF_HUB_OFFLINE=1 unless it is set (``HF_HUB_OFFLINE=0``
+downloads from the Hugging Face Hub); importing this module changes nothing.
 Errors fastlm raises on purpose (``FastLMError``) are printed without a traceback (exit code 1;
 ``-v`` shows it). Ctrl-C and SIGTERM stop a command alike (exit code 130). During training the
 first one stops at the end of the current optimizer step (``fastlm sft`` saves that step's
@@ -29,18 +31,23 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+from fastlm import __version__
+from fastlm.cli_config import apply_config, load_config_file
+from fastlm.errors import FastLMError
+
 
 def _offline_by_default() -> None:
-    """No network unless the user asks for it: HF_HUB_OFFLINE=1 unless already set."""
+    """No network unless the user asks for it: HF_HUB_OFFLINE=1 unless already set.
+
+    Called by ``main`` when a command runs, never on import (importing changes nothing;
+    tests/test_import_side_effects.py checks it)."""
     if "HF_HUB_OFFLINE" in os.environ:
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:  # already imported (``import fastlm`` pulls in transformers)
+    if hub is not None:  # huggingface_hub read the variable on import: set its copy too
         hub.HF_HUB_OFFLINE = True
 
-
-_offline_by_default()
 
 # name -> (module, one-line help). The subcommand registry: add new commands here.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,8 +93,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastlm import __version__
-
     parser = argparse.ArgumentParser(
         prog="fastlm",
         description="fastlm: fast, exact LoRA fine-tuning.",
@@ -124,8 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     config = getattr(args, "config", None)
     if config:
-        from fastlm.cli_config import apply_config, load_config_file
-
         command = parser.command_parsers[args.command]
         apply_config(command, load_config_file(config), source=f"--config {config}")
         args = parser.parse_args(argv)  # flags on the command line win over the file
@@ -190,7 +193,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and run the command; returns the exit code."""
-    from fastlm.errors import FastLMError
+    _offline_by_default()  # before anything that may reach the Hub
 
     try:
         args = parse_args(argv)

@@ -19,9 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastlm import model_folder, models
 from fastlm.embeddings import st_format
 from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool
+from fastlm.export import save_pretrained_merged
+from fastlm.export._atomic import atomic_directory
+from fastlm.loading.checkpointing import enable_checkpointing
+from fastlm.loading.device import placement
+from fastlm.loading.pipeline import add_lora, add_quantization_config
 from fastlm.models import PROJECTIONS, SPECS, PromptStyle, embedding_pooling, encoder_spec
+from fastlm.versions import check_versions
 
 logger = logging.getLogger("fastlm")
 
@@ -223,7 +230,7 @@ class FastSentenceTransformer(nn.Module):
     def get_peft_model(
         self,
         r: int = 16,
-        lora_alpha: int | None = None,
+        lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         target_modules: list[str] | str | None = None,
         use_gradient_checkpointing: bool | str = True,
@@ -234,32 +241,29 @@ class FastSentenceTransformer(nn.Module):
 
         Usage: ``model.get_peft_model(r=16, lora_alpha=32)``.
         """
-        from peft import LoraConfig, get_peft_model
-
         if hasattr(self.backbone, "peft_config"):
             raise ValueError("this model already has LoRA adapters")
-        from fastlm.api import check_target_modules
-
-        check_target_modules(self.backbone, target_modules)
         model_type = self.config.model_type
-        if target_modules is None:
-            if model_type in SPECS:  # a decoder family fastlm patches
-                target_modules = list(PROJECTIONS)
-            elif encoder_spec(model_type) is not None:
-                target_modules = list(encoder_spec(model_type).lora_targets)
+        default_targets = None  # another family: PEFT's own table of model types
+        if model_type in SPECS:  # a decoder family fastlm patches
+            default_targets = list(PROJECTIONS)
+        elif encoder_spec(model_type) is not None:
+            default_targets = list(encoder_spec(model_type).lora_targets)
+            if target_modules is None:
                 lora_kwargs.setdefault("exclude_modules", ["pooler.dense"])
-        torch.manual_seed(random_state)
-        config = LoraConfig(
+        self.backbone = add_lora(
+            self.backbone,
             r=r,
-            lora_alpha=r if lora_alpha is None else lora_alpha,
+            lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             target_modules=target_modules,
+            default_targets=default_targets,
+            task_type=None,  # a body without a head: PEFT's plain LoRA model
+            use_gradient_checkpointing=use_gradient_checkpointing,
+            random_state=random_state,
             **lora_kwargs,
         )
-        self.backbone = get_peft_model(self.backbone, config)
         self.dense.requires_grad_(False)
-        if use_gradient_checkpointing:
-            _enable_checkpointing(self.backbone, use_gradient_checkpointing)
         return self
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
@@ -284,15 +288,11 @@ class FastSentenceTransformer(nn.Module):
         """
         if not merge_lora:
             return self.save_adapter(save_directory)
-        from fastlm.export._atomic import atomic_directory
-
         with atomic_directory(save_directory) as tmp:
             self._write_sentence_transformer(tmp, dtype, max_shard_size)
         return Path(save_directory).absolute()
 
     def _write_sentence_transformer(self, folder: Path, dtype, max_shard_size) -> None:
-        from fastlm.export import save_pretrained_merged
-
         save_pretrained_merged(
             self.backbone,
             folder,
@@ -335,7 +335,9 @@ class FastSentenceTransformer(nn.Module):
         Usage: ``st = model.to_sentence_transformer()`` then train it with
         ``SentenceTransformerTrainer`` (fastlm kernels and LoRA stay in use; updates land here).
         """
-        from fastlm.embeddings.st_bridge import build_sentence_transformer
+        from fastlm.embeddings.st_bridge import (  # lazy: sentence-transformers is optional
+            build_sentence_transformer,
+        )
 
         return build_sentence_transformer(self)
 
@@ -352,7 +354,7 @@ def load_embedding_model(
     normalize: bool = True,
     full_finetuning: bool = False,
     lora_r: int | None = None,
-    lora_alpha: int | None = None,
+    lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
     use_gradient_checkpointing: bool | str = True,
@@ -382,14 +384,8 @@ def load_embedding_model(
     ``check_finite_loss`` / ``check_finite_weights``: as ``FastModel.from_pretrained`` (the
     finite-training guard; NaN/inf weights refused at load).
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # lazy: seconds to import
 
-    from fastlm import models
-    from fastlm.api import nf4_config, resolve_dtype
-    from fastlm.versions import check_versions
-
-    if load_in_4bit and full_finetuning:
-        raise ValueError("load_in_4bit=True is QLoRA (LoRA on a 4-bit body): not full_finetuning")
     if full_finetuning and lora_r is not None:
         raise ValueError("choose full_finetuning=True or lora_r=..., not both")
     if not allow_untested_versions:
@@ -400,14 +396,8 @@ def load_embedding_model(
     if layout is not None and not layout.include_prompt:
         raise ValueError(f"{model_name}: pooling with include_prompt=False is not supported")
 
-    device = (
-        "cpu" if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available() else "cuda"
-    )
-    dtype = resolve_dtype(dtype, device)
-    if device_map == "auto" and device == "cpu":
-        device_map = None
-    if load_in_4bit:  # NF4 with double quantisation, as FastModel's QLoRA
-        kwargs["quantization_config"] = nf4_config(dtype, kwargs.get("quantization_config"))
+    device, dtype, device_map = placement(device_map, dtype)
+    add_quantization_config(kwargs, load_in_4bit, full_finetuning, dtype)  # NF4, as FastModel
     torch.manual_seed(random_state)
     backbone = AutoModel.from_pretrained(
         body_path,
@@ -475,8 +465,7 @@ def load_embedding_model(
         models.check_finite_weights(model, model_name)
     if full_finetuning:
         model.requires_grad_(True)
-        if use_gradient_checkpointing:
-            _enable_checkpointing(model.backbone, use_gradient_checkpointing)
+        enable_checkpointing(model.backbone, use_gradient_checkpointing)
     elif lora_r is not None:
         model.get_peft_model(
             r=lora_r,
@@ -515,8 +504,6 @@ _NOT_DOWNLOADED = [
 
 
 def _local_path(model_name: str, token, revision, local_files_only: bool) -> str:
-    from fastlm import model_folder
-
     # a missing folder, a file or an uncached name while offline: one clear error, not the Hub's
     path = model_folder.resolve(model_name, ("config.json", "modules.json"), revision)
     if os.path.isdir(path):
@@ -534,18 +521,3 @@ def _local_path(model_name: str, token, revision, local_files_only: bool) -> str
         )
     except OSError as error:
         raise model_folder.not_found(model_name, error) from error
-
-
-def _enable_checkpointing(backbone: nn.Module, mode: bool | str) -> None:
-    if mode in ("fastlm", "unsloth"):
-        from fastlm.offload import enable_offloaded_checkpointing
-
-        enable_offloaded_checkpointing(backbone)
-    elif mode is True:
-        backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    else:
-        raise ValueError(
-            f"use_gradient_checkpointing={mode!r}: use True, False or 'fastlm' (offloaded)"
-        )

@@ -21,6 +21,8 @@ dequantises it again for dX, so no full-precision copy lives between forward and
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import NamedTuple
 
 import torch
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm.kernels.nf4_dequant import dequantize_nf4
+
+logger = logging.getLogger("fastlm")
 
 
 class LoRAWeights(NamedTuple):
@@ -124,28 +128,36 @@ def lora_forward(
     return y, xa
 
 
-# Whether torch.mm(..., out_dtype=torch.float32) works for half inputs on CUDA (torch >= 2.8).
-_MM_OUT_DTYPE_OK = True
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _mm_to(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     """a @ b returned in ``out_dtype``; fp32 parameters get an fp32-accumulated, fp32 result."""
-    global _MM_OUT_DTYPE_OK
     if a.dtype == out_dtype:
         return torch.mm(a, b)
     if out_dtype != torch.float32:
         return torch.mm(a, b).to(out_dtype)
-    if a.is_cuda and _MM_OUT_DTYPE_OK:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError):  # this torch build lacks mm.dtype: use the fallback
-            _MM_OUT_DTYPE_OK = False
     if a.is_cuda:
+        if a.dtype in _HALF and b.dtype == a.dtype and _mm_writes_fp32():
+            return torch.mm(a, b, out_dtype=torch.float32)
         # The GEMM still accumulates in fp32; only its output is rounded (what PEFT+autocast gets).
         return torch.mm(a, b).float()
     return torch.mm(a.float(), b.float())
+
+
+@functools.cache
+def _mm_writes_fp32() -> bool:
+    """Whether this torch has ``torch.mm(a, b, out_dtype=torch.float32)`` for fp16/bf16 CUDA
+    inputs (the ATen overload ``mm.dtype``, torch >= 2.8). Decided once, from the operator table;
+    without it the slower path is logged once."""
+    if "dtype" in torch.ops.aten.mm.overloads():
+        return True
+    logger.warning(
+        "fastlm: torch %s has no mm(out_dtype=torch.float32): fp32 LoRA gradients of fp16/bf16 "
+        "matmuls are rounded to 16 bits first (as PEFT under autocast gets them)",
+        torch.__version__,
+    )
+    return False
 
 
 def grad_input(

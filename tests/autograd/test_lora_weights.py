@@ -12,7 +12,7 @@ from lora_reference import grad_leaves, linear, rel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastlm.autograd import LoRAWeights, lora_linear, lora_mlp, lora_qkv
+from fastlm.autograd import LoRAWeights, lora_linear, lora_mlp, lora_qkv, lora_weights
 
 HIDDEN, INTER, KV_OUT, RANK, SCALING = 24, 40, 8, 4, 2.0
 X_SHAPE = (2, 7, HIDDEN)  # N = 14 rows: no activation shares a shape with a weight or adapter
@@ -172,3 +172,48 @@ def test_gradient_checkpointing_gives_the_same_grads(op, device):
     grads_ckpt = torch.autograd.grad(outs_ckpt, leaves, d_outs)
     for g, g_ckpt in zip(grads, grads_ckpt):
         assert g.dtype == g_ckpt.dtype and torch.equal(g, g_ckpt)
+
+
+# --- _mm_to: fp32 gradients of half-precision matmuls -------------------------------------------
+
+
+def _half_pair(device, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(9, 14, generator=gen), torch.randn(14, 6, generator=gen)
+    return a.to(device, dtype), b.to(device, dtype)
+
+
+def test_mm_to_fp32_result(device):
+    a, b = _half_pair(device)
+    got = lora_weights._mm_to(a, b, torch.float32)
+    assert got.dtype == torch.float32
+    if device == "cpu":  # the CPU computes in fp32
+        assert torch.equal(got, torch.mm(a.float(), b.float()))
+    else:  # fp32 accumulation written as fp32: no rounding to bf16 on the way
+        assert torch.equal(got, torch.mm(a, b, out_dtype=torch.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output GEMM is CUDA's")
+def test_mm_to_keeps_the_fp32_output_gemm_after_an_input_it_cannot_take():
+    # float64 inputs cannot use mm(out_dtype=fp32): they take the other path, and the bf16 call
+    # after them still gets the fp32-output GEMM (no flag is switched off by a failed call).
+    a, b = _half_pair("cuda", torch.float64)
+    torch.testing.assert_close(lora_weights._mm_to(a, b, torch.float32), torch.mm(a, b).float())
+    a, b = _half_pair("cuda")
+    want = torch.mm(a, b, out_dtype=torch.float32)
+    assert torch.equal(lora_weights._mm_to(a, b, torch.float32), want)
+    assert not torch.equal(torch.mm(a, b).float(), want)  # the rounded path would differ
+
+
+def test_torch_without_the_fp32_output_gemm_is_logged_once(monkeypatch, caplog):
+    lora_weights._mm_writes_fp32.cache_clear()
+    monkeypatch.setattr(torch.ops.aten.mm, "overloads", lambda: ["default", "out"])
+    try:
+        with caplog.at_level("WARNING", logger="fastlm"):
+            assert not lora_weights._mm_writes_fp32()
+            assert not lora_weights._mm_writes_fp32()
+    finally:
+        lora_weights._mm_writes_fp32.cache_clear()
+    assert len(caplog.records) == 1 and "out_dtype" in caplog.records[0].getMessage()
+    monkeypatch.undo()
+    assert lora_weights._mm_writes_fp32()  # this torch (>= 2.11) has it

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 # BERT's naming: attention q/k/v, attention output, intermediate and output dense layers (the
 # pooler's dense layer feeds no pooling mode, so callers exclude it).
 BERT_PROJECTIONS = ("query", "key", "value", "dense")
+# DistilBERT names its attention q/k/v/out and feed-forward linears differently.
+DISTILBERT_PROJECTIONS = ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")
+MPNET_PROJECTIONS = ("q", "k", "v", "o", "dense")  # attention q/k/v/o; feed-forward as BERT's
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,8 @@ class EncoderSpec:
     model_type: str  # config.model_type
     family: str  # human name
     embedding_pooling: str = "mean"  # default pooling of a body without a saved one
-    # Rows of the position table no token can use: RoBERTa's positions start after padding_idx
-    # (1), so max_position_embeddings - 2 tokens fit.
+    # Rows of the position table no token can use: RoBERTa's (and MPNet's) positions start after
+    # padding_idx (1), so max_position_embeddings - 2 tokens fit.
     reserved_positions: int = 0
     lora_targets: tuple[str, ...] = BERT_PROJECTIONS  # default LoRA target module names
 
@@ -33,8 +36,8 @@ ENCODERS: dict[str, EncoderSpec] = {
         EncoderSpec("xlm-roberta", "XLM-RoBERTa", embedding_pooling="cls", reserved_positions=2),
         EncoderSpec("roberta", "RoBERTa", reserved_positions=2),
         EncoderSpec("camembert", "CamemBERT", reserved_positions=2),
-        EncoderSpec("distilbert", "DistilBERT"),
-        EncoderSpec("mpnet", "MPNet"),
+        EncoderSpec("distilbert", "DistilBERT", lora_targets=DISTILBERT_PROJECTIONS),
+        EncoderSpec("mpnet", "MPNet", reserved_positions=2, lora_targets=MPNET_PROJECTIONS),
     )
 }
 

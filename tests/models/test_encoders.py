@@ -31,22 +31,7 @@ def _body(model_type: str):
     return AutoModel.from_config(config).eval()
 
 
-@pytest.mark.parametrize(
-    "model_type",
-    [
-        pytest.param(
-            t,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="MPNet's positions start after padding_idx as RoBERTa's do; the spec "
-                "keeps the position count fastlm has used so far",
-            ),
-        )
-        if t == "mpnet"
-        else t
-        for t in sorted(ENCODERS)
-    ],
-)
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
 def test_reserved_positions_leave_exactly_the_tokens_that_fit(model_type):
     """max_position_embeddings - reserved_positions tokens embed; one more indexes past it."""
     body = _body(model_type)
@@ -56,3 +41,12 @@ def test_reserved_positions_leave_exactly_the_tokens_that_fit(model_type):
         body(input_ids=ids[:, :fits], attention_mask=torch.ones_like(ids[:, :fits]))
         with pytest.raises((IndexError, RuntimeError)):
             body(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("model_type", sorted(ENCODERS))
+def test_default_lora_targets_name_linear_layers_of_the_family(model_type):
+    """Each default target matches a linear layer of a real transformers body of the family
+    (PEFT matches a name against the end of a module path)."""
+    linear = {name.rsplit(".", 1)[-1] for name, m in _body(model_type).named_modules()
+              if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    assert set(encoder_spec(model_type).lora_targets) <= linear

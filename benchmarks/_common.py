@@ -1,105 +1,31 @@
-"""Plumbing the benchmark scripts share: child processes, their environment, versions, records.
+"""What the kernel benchmarks share (attention_bench.py, dequant_bench.py, flash_tile_sweep.py):
+a plain-text table, the CUDA check, fastlm's kernel modules, one JSON file of results.
 
-Stdlib only at import time: child processes import this before deciding what else to import
-(Unsloth must be imported before transformers), and the kernel benchmarks must not pull in
-transformers.
+The training benchmarks' own helpers are in ``fastlm.benchmarking``; the names below the
+imports are re-exported from there for offload_capacity.py until it imports them itself.
+Stdlib only at import time: the kernel benchmarks must not pull in transformers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import importlib.metadata
 import json
-import os
 import shlex
-import signal
-import subprocess
 import sys
-import types
 from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Every child runs offline, with the tokenizers' own thread pool off.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+if str(REPO) not in sys.path:  # this checkout's fastlm, whether it is installed or not
+    sys.path.insert(1, str(REPO))
 
-
-def dist_version(name: str) -> str | None:
-    """The installed version of distribution `name`, or None when it is not installed."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def child_env(values: dict, *, override: bool = True, triton_interpret: bool = False) -> dict:
-    """This process's environment plus `values` (replacing what is set unless `override` is
-    False), with the repository root first on PYTHONPATH so that `import fastlm` finds the
-    working tree without installing it; `triton_interpret`: TRITON_INTERPRET=1 unless set
-    (Triton code launched on CPU needs it)."""
-    env = dict(os.environ)
-    for key, value in values.items():
-        if override:
-            env[key] = value
-        else:
-            env.setdefault(key, value)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    if triton_interpret:
-        env.setdefault("TRITON_INTERPRET", "1")
-    return env
-
-
-def command_line(script: str, argv: list[str] | None) -> str:
-    """How the benchmark was started, for the results: `python benchmarks/<script> ...`."""
-    argv_used = sys.argv[1:] if argv is None else list(argv)
-    return shlex.join(["python", f"benchmarks/{script}", *argv_used])
-
-
-def results_dir(out: str | None, now: datetime, kind: str) -> Path:
-    """--out, or benchmarks/results/<UTC date-time>-<kind>."""
-    return Path(out or REPO / "benchmarks" / "results" / f"{now:%Y%m%d-%H%M%S}-{kind}")
-
-
-def run_recorded(
-    cmd: list[str], log_path: Path, record_path: Path, env: dict, timeout: float
-) -> tuple[dict | None, str]:
-    """Run `cmd` in its own process group (output to `log_path`) until it ends or `timeout`
-    seconds pass, then read the record it wrote to `record_path`.
-
-    Returns (record, "") — the record file is deleted — or (None, why there is none).
-    """
-    record_path.unlink(missing_ok=True)
-    status = None
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(REPO),
-            start_new_session=True,  # its own process group: a timeout ends its helpers too
-        )
-        try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-        record_path.unlink()
-        return record, ""
-    return None, f"timed out after {timeout:.0f} s" if status is None else f"exit code {status}"
-
-
-def log_tail(log_path: Path) -> str:
-    """The end of a child's log, for a record the child could not write itself."""
-    return log_path.read_text(errors="replace")[-3000:]
+from fastlm.benchmarking.processes import (  # noqa: E402, F401
+    OFFLINE_ENV,
+    child_env,
+    dist_version,
+    log_tail,
+    run_recorded,
+)
 
 
 def print_table(header: str, lines) -> None:
@@ -124,13 +50,7 @@ def no_cuda(message: str, file=None) -> bool:
 # The kernel benchmarks (attention_bench.py, dequant_bench.py): one JSON file of results.
 # --------------------------------------------------------------------------------------------
 def load_kernel_module(name: str):
-    """fastlm.kernels.<name>, imported with stub parent packages (no fastlm/__init__.py, which
-    pulls in transformers)."""
-    if "fastlm" not in sys.modules:
-        for package, sub in (("fastlm", "fastlm"), ("fastlm.kernels", "fastlm/kernels")):
-            pkg = types.ModuleType(package)
-            pkg.__path__ = [str(REPO / sub)]
-            sys.modules[package] = pkg
+    """fastlm.kernels.<name> (``import fastlm`` itself is light: it loads nothing until used)."""
     return importlib.import_module(f"fastlm.kernels.{name}")
 
 

@@ -21,11 +21,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for folder in (HERE.parent, HERE):  # this checkout's fastlm; the helpers here (_common.py)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 from _common import add_json_out, load_kernel_module, no_cuda, print_table, write_record  # noqa: E402
-from _timing import cuda_median_ms  # noqa: E402
+
+from fastlm.benchmarking.timing import cuda_median_ms  # noqa: E402
 
 # Llama-3.1-8B linear weights (out_features, in_features): q/o, k/v, gate/up, down.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]

@@ -20,8 +20,8 @@ AdamW. Systems:
 - fastlm: `fastlm.embeddings.load_embedding_model(dir, lora_r=16)` (fastlm kernels) and
           `InfoNCELoss`.
 
-Results go to --out as results.json, results.md and results.png (benchmarks/_report.py, ratios
-against hf, plus fastlm against st), rewritten after every child.
+Results go to --out as results.json, results.md and results.png (fastlm/benchmarking/report.py,
+ratios against hf, plus fastlm against st), rewritten after every child.
 """
 
 from __future__ import annotations
@@ -41,13 +41,26 @@ if str(HERE) not in sys.path:
 if str(REPO) not in sys.path:  # the parent writes the layout with the working tree's fastlm
     sys.path.insert(1, str(REPO))
 
-import _shapes  # noqa: E402
-import train_bench  # noqa: E402
-from _common import command_line, dist_version, results_dir  # noqa: E402
-from _shapes import LORA_TARGETS, QWEN_COMMON, TINY_DIMS, Shape, dims, shape_table  # noqa: E402
-from _systems import LORA_SEED, SkipSystem, lora_config, plain_checkpointing, versions  # noqa: E402
-from _timing import kernel_time, timed_training  # noqa: E402
-from train_bench import CHILD_ENV  # noqa: E402
+from fastlm.benchmarking import shapes as _shapes  # noqa: E402
+from fastlm.benchmarking import train_bench  # noqa: E402
+from fastlm.benchmarking.processes import command_line, dist_version, results_dir  # noqa: E402
+from fastlm.benchmarking.shapes import (  # noqa: E402
+    LORA_TARGETS,
+    QWEN_COMMON,
+    TINY_DIMS,
+    Shape,
+    dims,
+    shape_table,
+)
+from fastlm.benchmarking.systems import (  # noqa: E402
+    LORA_SEED,
+    SkipSystem,
+    lora_config,
+    plain_checkpointing,
+    versions,
+)
+from fastlm.benchmarking.timing import kernel_time, timed_training  # noqa: E402
+from fastlm.benchmarking.train_bench import CHILD_ENV  # noqa: E402
 
 SYSTEMS = ("hf", "st", "fastlm")
 TEMPERATURE = 0.05  # = 1 / Sentence-Transformers' MNRL scale of 20
@@ -103,10 +116,10 @@ def get_shape(name: str) -> Shape:
 # --------------------------------------------------------------------------------------------
 def ensure_checkpoint(shape: Shape, cache_root: str | Path, device: str) -> dict:
     """Path and metadata of the shape's checkpoint, built only if missing or stale."""
-    from _checkpoint import _is_complete
+    from fastlm.benchmarking.checkpoint import is_complete
 
     path = Path(cache_root) / shape.name
-    meta = _is_complete(path, shape)
+    meta = is_complete(path, shape)
     if meta is not None and (path / "modules.json").is_file():
         return {"path": str(path), "reused": True, **meta}
     meta = build_checkpoint(shape, path, device)
@@ -116,8 +129,7 @@ def ensure_checkpoint(shape: Shape, cache_root: str | Path, device: str) -> dict
 def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
     """Random-init bf16 Qwen3Model (seed 0) + word-level tokenizer + Sentence-Transformers files:
     train_bench's checkpoint builder with the base-model class and the ST layout added."""
-    import _checkpoint
-
+    from fastlm.benchmarking import checkpoint
     from fastlm.embeddings.st_format import write_layout  # JSON only: no fastlm kernels
 
     def st_layout(folder: Path, config) -> dict:
@@ -134,7 +146,7 @@ def build_checkpoint(shape: Shape, path: Path, device: str) -> dict:
         )
         return {"kind": "Qwen3Model + Sentence-Transformers layout (lasttoken, Normalize)"}
 
-    return _checkpoint.build_checkpoint(shape, path, device, "AutoModel", finish=st_layout)
+    return checkpoint.build_checkpoint(shape, path, device, "AutoModel", finish=st_layout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,8 +391,8 @@ def _st_lines(comparison: dict[str, dict]) -> list[str]:
 
 
 def write_report(out: Path, payload: dict) -> str:
-    """results.json / .md / .png via _report.write_outputs, retitled, with fastlm vs st."""
-    from _report import write_outputs
+    """results.json / .md / .png via report.write_outputs, retitled, with fastlm vs st."""
+    from fastlm.benchmarking.report import write_outputs
 
     comparison = versus_st(payload["records"])
     payload["fastlm_vs_st"] = comparison
@@ -452,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     out = results_dir(args.out, now, "embedding")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    command = command_line("embedding_bench.py", argv)
+    command = command_line("python benchmarks/embedding_bench.py", argv)
     payload = train_bench.start_payload(out, command, now, args.append)
     records = payload["records"]
 

@@ -27,19 +27,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the helpers here; this checkout's fastlm
 
-from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
 from _common import no_cuda  # noqa: E402
-from _shapes import get_shape  # noqa: E402
 from multi_gpu_bench import _seed_lora  # noqa: E402
+
+from fastlm.benchmarking.checkpoint import CACHE, ensure_checkpoint  # noqa: E402
+from fastlm.benchmarking.shapes import get_shape  # noqa: E402
 
 SYSTEMS = {"hf-fp32": ("hf", "fp32"), "hf-bf16": ("hf", "bf16"), "fastlm-bf16": ("fastlm", "bf16")}
 
 
 def _run(torch, system: str, precision: str, shape, path: str, ids) -> dict:
     cuda = ids.is_cuda
-    from _systems import LOADERS, Ctx, preimport
+    from fastlm.benchmarking.systems import LOADERS, Ctx, preimport
 
     preimport(system)
     half = precision == "bf16" and cuda  # the CPU smoke test runs everything in fp32

@@ -23,13 +23,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for folder in (HERE.parent, HERE):  # this checkout's fastlm; the helpers here (_common.py)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
 from _common import no_cuda  # noqa: E402
-from _shapes import LORA_TARGETS, get_shape  # noqa: E402
-from _systems import versions  # noqa: E402
+
+from fastlm.benchmarking.checkpoint import CACHE, ensure_checkpoint  # noqa: E402
+from fastlm.benchmarking.shapes import LORA_TARGETS, get_shape  # noqa: E402
+from fastlm.benchmarking.systems import versions  # noqa: E402
 
 
 def byte_tokenizer():

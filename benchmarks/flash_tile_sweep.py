@@ -19,10 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # the helpers here; this checkout's fastlm
 
 from _common import load_kernel_module, no_cuda  # noqa: E402
-from _timing import cuda_median_ms  # noqa: E402
+
+from fastlm.benchmarking.timing import cuda_median_ms  # noqa: E402
 
 CANDIDATES = {
     "fwd": [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),

@@ -6,9 +6,10 @@
 
 For every system, the parent runs ``torchrun --standalone --nproc_per_node G`` on this script
 (``--child``) twice: G=1 (no wrapper) and G=--gpus (DDP, or FSDP2 with --parallel fsdp2). Every
-run loads the same random-init checkpoint (benchmarks/_checkpoint.py), makes it a LoRA model as
-benchmarks/_systems.py does (r=16, alpha=16, the seven projections, checkpointing), sets every
-LoRA weight from a seed of its own name (so all runs start from the same adapter, B != 0), then:
+run loads the same random-init checkpoint (fastlm/benchmarking/checkpoint.py), makes it a LoRA
+model as fastlm/benchmarking/systems.py does (r=16, alpha=16, the seven projections,
+checkpointing), sets every LoRA weight from a seed of its own name (so all runs start from the
+same adapter, B != 0), then:
 
 1. exactness step: a global batch of --gpus x --exact-accum micro-batches (--batch x --seq each, the
    prompt masked with -100 over a different share of every micro-batch, so ranks hold different
@@ -43,12 +44,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for folder in (REPO, HERE):  # this checkout's fastlm; the helpers here (_common.py)
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from _checkpoint import CACHE  # noqa: E402
-from _common import OFFLINE_ENV, child_env, command_line, results_dir  # noqa: E402
-from _shapes import SHAPES, get_shape  # noqa: E402  (stdlib only)
+from fastlm.benchmarking.checkpoint import CACHE  # noqa: E402
+from fastlm.benchmarking.processes import (  # noqa: E402
+    OFFLINE_ENV,
+    child_env,
+    command_line,
+    results_dir,
+)
+from fastlm.benchmarking.shapes import SHAPES, get_shape  # noqa: E402  (stdlib only)
 
 CHILD_ENV = {
     **OFFLINE_ENV,
@@ -152,8 +159,8 @@ def child_main(spec: dict) -> dict | None:
 def _measure(spec: dict, world: int, cuda: bool) -> dict | None:
     import torch
     import torch.distributed as dist
-    from _systems import LOADERS, Ctx, versions
 
+    from fastlm.benchmarking.systems import LOADERS, Ctx, versions
     from fastlm.distributed import global_num_items_in_batch
 
     rank = int(os.environ.get("RANK", "0"))
@@ -428,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = get_shape(args.shape)
     now = datetime.datetime.now(datetime.timezone.utc)
     out = results_dir(args.out, now, "multi-gpu")
-    command = command_line("multi_gpu_bench.py", argv)
+    command = command_line("python benchmarks/multi_gpu_bench.py", argv)
     base = {
         "shape": shape.name,
         "mode": args.mode,
@@ -449,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     import torch
-    from _checkpoint import ensure_checkpoint
-    from _systems import git_revision
+
+    from fastlm.benchmarking.checkpoint import ensure_checkpoint
+    from fastlm.benchmarking.systems import git_revision
 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     meta = ensure_checkpoint(shape, args.cache, "cuda" if torch.cuda.is_available() else "cpu")

@@ -12,12 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastlm
 
-from _checkpoint import CACHE, ensure_checkpoint  # noqa: E402
-from _shapes import get_shape  # noqa: E402
-from _systems import LOADERS, Ctx, preimport  # noqa: E402
-from _timing import kernel_time  # noqa: E402
+from fastlm.benchmarking.checkpoint import CACHE, ensure_checkpoint  # noqa: E402
+from fastlm.benchmarking.shapes import get_shape  # noqa: E402
+from fastlm.benchmarking.systems import LOADERS, Ctx, preimport  # noqa: E402
+from fastlm.benchmarking.timing import kernel_time  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     fastlm sft --data train.jsonl             # fine-tune (LoRA / QLoRA / full) with TRL
     fastlm export --adapter outputs/sft/adapter --method gguf --output-dir out
-    fastlm bench --shapes llama-3.2-1b        # side-by-side benchmark (source checkout)
+    fastlm bench --shapes llama-3.2-1b        # side-by-side training benchmark
     fastlm info                               # versions, GPUs, supported models and exports
     fastlm demo                               # the bundled Gemma 3 270M before/after demo
 
@@ -61,7 +61,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": (
         "fastlm.commands.bench",
-        "side-by-side training benchmark: HF+PEFT, fastlm, Liger, Unsloth (source checkout)",
+        "side-by-side training benchmark: HF+PEFT, fastlm, Liger, Unsloth",
     ),
     "info": (
         "fastlm.commands.info",

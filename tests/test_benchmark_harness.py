@@ -1,4 +1,5 @@
-"""CPU smoke test of the training benchmark harness (benchmarks/train_bench.py), tiny shapes.
+"""CPU smoke test of the training benchmark harness (fastlm.benchmarking, run here through the
+checkout's benchmarks/train_bench.py), tiny shapes.
 
 The parent part (checkpoint, report) runs in this process; each system runs in a child process
 as on the GPU machine (about 10 s of imports each, so at most two children).
@@ -17,7 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _load(name: str):
-    """Import a module of benchmarks/ the way train_bench.py's own imports find them."""
+    """Import a script of benchmarks/ as a module."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     return importlib.import_module(name)
@@ -33,7 +34,8 @@ def _fastlm_available() -> bool:
 
 
 def test_shape_table_builds_configs():
-    shapes = _load("_shapes")
+    from fastlm.benchmarking import shapes
+
     for name in ("llama-3.2-1b", "llama-3.1-8b", "qwen3-4b", "tiny-llama", "tiny-gemma3"):
         assert name in shapes.SHAPES
     for shape in shapes.SHAPES.values():
@@ -59,7 +61,8 @@ def test_shape_table_builds_configs():
 
 
 def test_report_ratios_against_hf(tmp_path):
-    report = _load("_report")
+    from fastlm.benchmarking import report
+
     common = {"shape": "s", "mode": "lora", "status": "ok", "device": "cpu"}
     records = [
         {**common, "system": "hf", "tokens_per_s": 1000.0, "ms_per_step": 8.0, "peak_gib": 4.0,

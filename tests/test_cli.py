@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -368,25 +369,40 @@ def test_python_m_fastlm_info_in_a_subprocess(tmp_path):
     assert "transformers" in result.stdout
 
 
-def test_bench_runs_the_repository_benchmark(capfd):
-    from fastlm.commands.bench import command_line, find_script
+def test_bench_runs_the_installed_benchmark_or_a_script(capfd, tmp_path):
+    from fastlm.commands.bench import MODULE, command_line
 
     assert cli.main(["bench", "--list-shapes"]) == 0
     assert "tiny-llama" in capfd.readouterr().out
-    script = find_script()
-    assert script == REPO / "benchmarks" / "train_bench.py"
-    args = cli.parse_args(["bench", "--shapes", "tiny-llama", "--steps", "2", "--", "--append"])
-    command = command_line(args, script)
+    argv = ["bench", "--shapes", "tiny-llama", "--steps", "2", "--", "--append"]
+    command = command_line(cli.parse_args(argv))
+    assert command[1:] == ["-m", MODULE, "--shapes", "tiny-llama", "--steps", "2", "--append"]
+    script = REPO / "benchmarks" / "train_bench.py"
+    command = command_line(cli.parse_args([*argv[:1], "--script", str(script), *argv[1:]]))
     assert command[1:] == [str(script), "--shapes", "tiny-llama", "--steps", "2", "--append"]
+    assert cli.main(["bench", "--script", str(tmp_path / "none.py")]) == 1
+    assert "no such file" in capfd.readouterr().err
 
 
-def test_bench_without_a_checkout_says_what_to_do(tmp_path, monkeypatch, capsys):
-    import fastlm
-
-    monkeypatch.setattr(fastlm, "__file__", str(tmp_path / "site" / "fastlm" / "__init__.py"))
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["bench", "--list-shapes"]) == 1
-    assert "source checkout" in capsys.readouterr().err
+def test_bench_runs_from_an_installed_package_outside_the_checkout(tmp_path):
+    """A copy of the package with no benchmarks/ beside it, run from another folder."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "fastlm", site / "fastlm", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "work").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(site)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastlm", "bench", "--list-shapes"],
+        cwd=tmp_path / "work",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("| shape | model_type |")
+    assert {"llama-3.2-1b", "tiny-llama"} <= {line.split(" | ")[0].lstrip("| ") for line in lines}
 
 
 # --------------------------------------------------------------------------- the real model

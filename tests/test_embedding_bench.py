@@ -49,7 +49,7 @@ def _spec(checkpoint: dict, system: str) -> dict:
 
 def test_shapes_are_the_qwen3_embedding_models():
     bench = _bench()
-    from _shapes import make_config
+    from fastlm.benchmarking.shapes import make_config
 
     expected = {
         "qwen3-embedding-0.6b": (1024, 28, 16, 8, 3072, 151669),

@@ -1,20 +1,19 @@
 """``fastlm bench``: the side-by-side training benchmark (HF + PEFT, fastlm, Liger, Unsloth).
 
-The benchmark lives in the repository (``benchmarks/train_bench.py``), not in the installed
-package: this command finds it in a source checkout and runs it with the flags given here.
+The benchmark is installed with fastlm (``fastlm.benchmarking``): this command runs it in a new
+Python process, ``python -m fastlm.benchmarking.train_bench``, with the flags given here.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from fastlm.commands import CommandError
 
-SCRIPT = Path("benchmarks") / "train_bench.py"
+MODULE = "fastlm.benchmarking.train_bench"
 EXAMPLES = """\
 examples:
   fastlm bench --list-shapes                                  # the model shapes it knows
@@ -24,8 +23,8 @@ examples:
   fastlm bench --shapes tiny-llama -- --append                # anything after -- goes as is
 
 Each (shape, system) runs in its own process on the same random-init checkpoint and data; the
-results (results.json, results.md, results.png) go to --out. Needs a fastlm source checkout
-(git clone ...; pip install -e .): run it from the checkout, or pass --script.
+results (results.json, results.md, results.png) go to --out. Liger-Kernel and Unsloth are
+measured when they are installed, and recorded as skipped otherwise.
 """
 # flag -> help; each is forwarded to train_bench.py only when given.
 _FORWARDED = {
@@ -46,7 +45,7 @@ _METAVARS = {"--shapes": "LIST", "--systems": "LIST", "--out": "DIR", "--cache":
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``fastlm bench`` flags (those of benchmarks/train_bench.py)."""
+    """The ``fastlm bench`` flags (those of fastlm.benchmarking.train_bench)."""
     for flag, help_text in _FORWARDED.items():
         choices = ("lora", "qlora") if flag == "--mode" else None
         metavar = None if choices else _METAVARS.get(flag, "N")
@@ -54,34 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--append", action="store_true", help="keep earlier records in --out")
     parser.add_argument("--list-shapes", action="store_true", help="print the shapes and exit")
     parser.add_argument(
-        "--script", metavar="PATH", help=f"the benchmark script (default: {SCRIPT})"
+        "--script",
+        metavar="PATH",
+        help="run this script instead (e.g. another checkout's benchmarks/train_bench.py)",
     )
     parser.add_argument("extra", nargs="*", metavar="-- ARGS", help="passed on unchanged")
 
 
-def find_script(explicit: str | None = None) -> Path:
-    """benchmarks/train_bench.py of the checkout fastlm runs from, or of the current folder."""
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise CommandError(f"--script {explicit}: no such file")
-        return path.resolve()
-    import fastlm
-
-    candidates = [Path(fastlm.__file__).resolve().parent.parent / SCRIPT, Path.cwd() / SCRIPT]
-    for path in candidates:
-        if path.is_file():
-            return path.resolve()
-    raise CommandError(
-        "fastlm bench runs benchmarks/train_bench.py from a fastlm source checkout, and none was "
-        "found (the pip package does not include the benchmarks). Clone the repository, "
-        "`pip install -e .` in it and run `fastlm bench` there, or pass --script PATH."
-    )
-
-
-def command_line(args: argparse.Namespace, script: Path) -> list[str]:
-    """The train_bench.py command for ``args``."""
-    command = [sys.executable, str(script)]
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The benchmark's command for ``args``: the installed module, or ``--script``."""
+    if args.script:
+        script = Path(args.script)
+        if not script.is_file():
+            raise CommandError(f"--script {args.script}: no such file")
+        command = [sys.executable, str(script.resolve())]
+    else:
+        command = [sys.executable, "-m", MODULE]
     for flag in _FORWARDED:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -94,11 +81,9 @@ def command_line(args: argparse.Namespace, script: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry point of ``fastlm bench`` (called by ``fastlm.cli``): the benchmark's exit code."""
-    script = find_script(args.script)
-    command = command_line(args, script)
-    env = dict(os.environ)
-    repo = str(script.parent.parent)  # the benchmark imports fastlm from its checkout
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    """Entry point of ``fastlm bench`` (called by ``fastlm.cli``): the benchmark's exit code.
+
+    The new process has this one's environment and folder, so ``-m`` finds the same fastlm."""
+    command = command_line(args)
     sys.stdout.flush()
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command).returncode

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _shapes import Shape, make_config
+from fastlm.benchmarking.shapes import Shape, make_config
 
 MARKER = "fastlm_bench.json"  # written last: its presence means the folder is complete
 CACHE = "/tmp/fastlm-bench"  # the scripts' default --cache
@@ -25,7 +25,8 @@ def checkpoint_dir(shape: Shape, cache_root: str | Path) -> Path:
     return Path(cache_root) / shape.name
 
 
-def _is_complete(path: Path, shape: Shape) -> dict | None:
+def is_complete(path: Path, shape: Shape) -> dict | None:
+    """The metadata of the checkpoint in `path` if it is complete and of `shape`, else None."""
     marker = path / MARKER
     if not marker.is_file():
         return None
@@ -120,7 +121,7 @@ def build_checkpoint(
 def ensure_checkpoint(shape: Shape, cache_root: str | Path, device: str | None = None) -> dict:
     """Path and metadata of the shape's checkpoint, built only if missing or stale."""
     path = checkpoint_dir(shape, cache_root)
-    meta = _is_complete(path, shape)
+    meta = is_complete(path, shape)
     if meta is not None:
         return {"path": str(path), "reused": True, **meta}
     if device is None:

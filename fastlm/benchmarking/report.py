@@ -1,4 +1,5 @@
-"""Turns benchmark records into results.json, results.md (a table) and results.png (bar charts).
+"""Turns benchmark records into results.json, results.md (a table) and results.png (bar charts;
+only where matplotlib is installed: it is not a fastlm dependency).
 
 A record is the dict a child process returns: shape, system, mode, status ("ok", "error",
 "skipped"), and for "ok" the measurements (tokens_per_s, ms_per_step, peak_gib, step0_loss, ...).
@@ -7,6 +8,7 @@ Ratios are taken against the "hf" record of the same shape and mode.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -227,7 +229,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def write_outputs(out_dir: Path, payload: dict) -> str:
-    """Write results.json / .md / .png into out_dir; return the markdown report."""
+    """Write results.json / .md / .png (with matplotlib) into out_dir; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = baselines(payload["records"])
     for r in payload["records"]:
@@ -235,5 +237,6 @@ def write_outputs(out_dir: Path, payload: dict) -> str:
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     md = markdown_report(payload)
     (out_dir / "results.md").write_text(md)
-    plot(payload["records"], out_dir / "results.png")
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot(payload["records"], out_dir / "results.png")
     return md

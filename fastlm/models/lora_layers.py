@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from fastlm.autograd import LoRAWeights
-from fastlm.distributed import is_plain_linear
+from fastlm.models.fsdp import is_plain_linear
 
 try:  # peft is a dependency, but keep plain-model use importable without it
     from peft.tuners.lora import Linear as PeftLoraLinear

@@ -32,7 +32,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
-from fastlm.distributed import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.errors import SequenceTooLongError
 from fastlm.kernels.flash_attention import fastlm_attention_forward
 from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -41,6 +40,7 @@ from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
+from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.spec import ArchitectureSpec

@@ -40,8 +40,6 @@ from fastlm.distributed import (  # noqa: E402
     check_fsdp2,
     fully_shard_model,
     gather_direct_reads,
-    gather_linear,
-    unshard_for_direct_read,
 )
 
 CALLS: Counter = Counter()
@@ -135,30 +133,6 @@ def _shard(model, layout: str, mesh):
     raise ValueError(layout)
 
 
-@contextlib.contextmanager
-def _proposed_patch_py_fix():
-    """What the proposed diff to fastlm/models/patch.py does at its read sites: gather the FSDP2
-    units (and lm_head) before reading their weights."""
-    original_weights = patch_module.linear_weights
-    original_loss = patch_module._fused_loss_forward
-
-    def linear_weights(module):
-        gather_linear(module)
-        return original_weights(module)
-
-    def fused_loss_forward(self, head, state, kwargs):
-        unshard_for_direct_read(head)
-        return original_loss(self, head, state, kwargs)
-
-    patch_module.linear_weights = linear_weights
-    patch_module._fused_loss_forward = fused_loss_forward
-    try:
-        yield
-    finally:
-        patch_module.linear_weights = original_weights
-        patch_module._fused_loss_forward = original_loss
-
-
 def _check(model) -> dict:
     """What fastlm.distributed.check_fsdp2 says about the sharded model: error and warnings."""
     found = {"error": None, "warnings": []}
@@ -192,10 +166,8 @@ def run_fsdp2(path, rank, checkpointing, layout, fix=None, load_in_4bit=False, s
         model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    context = _proposed_patch_py_fix() if fix == "diff" else contextlib.nullcontext()
     try:
-        with context:
-            return {**train_step(model, model, _mine(rank), WORLD, sync), "check": check}
+        return {**train_step(model, model, _mine(rank), WORLD, sync), "check": check}
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}", "check": check}
 
@@ -227,9 +199,8 @@ def scenarios(paths, out: Path):
     name = "fsdp2-accelerate_trainer-gemma3_text-ckpt=fastlm"
     yield name, lambda r: run_fsdp2(gemma, r, "fastlm", "accelerate_trainer")
     yield "fsdp2-size_based-llama-ckpt=True", lambda r: run_fsdp2(llama, r, True, "size_based")
-    for fix in ("hooks", "diff"):
-        name = f"fsdp2-peft_lambda-llama-ckpt=True-fix={fix}"
-        yield name, lambda r, f=fix: run_fsdp2(llama, r, True, "peft_lambda", f)
+    name = "fsdp2-peft_lambda-llama-ckpt=True-fix=hooks"
+    yield name, lambda r: run_fsdp2(llama, r, True, "peft_lambda", "hooks")
     if _qlora_available(llama):
         yield "qlora-ddp-llama-ckpt=True", lambda r: run_ddp(llama, r, True, load_in_4bit=True)
         for layout in ("layers", "accelerate_trainer"):
@@ -239,7 +210,7 @@ def scenarios(paths, out: Path):
         yield name, lambda r: run_fsdp2(llama, r, True, "shard_4bit", load_in_4bit=True, step=False)
     for kind in ("hf", "sft"):
         yield f"trainer-{kind}-llama", lambda r, k=kind: run_trainer(llama, k, out / k, WORLD)
-    # Last: without a fix the forward fails part-way (both ranks alike).
+    # Last: were a read site not to gather, the forward would fail part-way (both ranks alike).
     name = "fsdp2-peft_lambda-llama-ckpt=True-fix=None"
     yield name, lambda r: run_fsdp2(llama, r, True, "peft_lambda")
 

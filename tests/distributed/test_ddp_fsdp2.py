@@ -47,26 +47,6 @@ RTOL = 1e-5
 ALL_FUSED = {"lora_qkv", "lora_mlp", "lora_linear", "fused_linear_cross_entropy"}
 
 
-def _read_site_gathering() -> bool:
-    """Whether fastlm/models treats a Linear that fully_shard made a unit (class FSDPLinear) as a
-    plain Linear (and patch.py gathers it before reading): the change proposed with
-    fastlm/distributed.py. Before it, such layers run unfused (exact, slower)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from fastlm.models.lora_layers import linear_weights
-
-    class FSDPLinear(FSDPModule, torch.nn.Linear):  # what fully_shard swaps a unit's class to
-        pass
-
-    linear = torch.nn.Linear(2, 3)
-    linear.__class__ = FSDPLinear
-    return linear_weights(linear)[0] is not None
-
-
-GATHERING = _read_site_gathering()
-# Under accelerate lm_head is an FSDP unit of its own; under a size-based wrap every linear is.
-HEAD_UNIT = ALL_FUSED if GATHERING else ALL_FUSED - {"fused_linear_cross_entropy"}
-ALL_UNITS = ALL_FUSED if GATHERING else set()
 # Scenario -> the fused paths that must have run. Every one must match one process exactly.
 EXACT = {
     "ddp-llama-ckpt=False": ALL_FUSED,
@@ -77,22 +57,17 @@ EXACT = {
     "fsdp2-layers-llama-ckpt=True": ALL_FUSED,
     "fsdp2-layers-llama-ckpt=fastlm": ALL_FUSED,
     "fsdp2-layers-gemma3_text-ckpt=True": ALL_FUSED,
-    "fsdp2-accelerate_trainer-llama-ckpt=True": HEAD_UNIT,
-    "fsdp2-accelerate_layers-llama-ckpt=True": HEAD_UNIT,
-    "fsdp2-accelerate_trainer-gemma3_text-ckpt=fastlm": HEAD_UNIT,
-    "fsdp2-size_based-llama-ckpt=True": ALL_UNITS,
+    # Under accelerate lm_head is an FSDP unit of its own; under a size-based wrap every linear
+    # is: the read sites gather them (fastlm/models/fsdp.py).
+    "fsdp2-accelerate_trainer-llama-ckpt=True": ALL_FUSED,
+    "fsdp2-accelerate_layers-llama-ckpt=True": ALL_FUSED,
+    "fsdp2-accelerate_trainer-gemma3_text-ckpt=fastlm": ALL_FUSED,
+    "fsdp2-size_based-llama-ckpt=True": ALL_FUSED,
     "fsdp2-peft_lambda-llama-ckpt=True-fix=hooks": ALL_FUSED,
-    "fsdp2-peft_lambda-llama-ckpt=True-fix=diff": ALL_FUSED,
     "qlora-ddp-llama-ckpt=True": ALL_FUSED,
     "qlora-fsdp2-layers-llama-ckpt=True": ALL_FUSED,
-    "qlora-fsdp2-accelerate_trainer-llama-ckpt=True": HEAD_UNIT,
+    "qlora-fsdp2-accelerate_trainer-llama-ckpt=True": ALL_FUSED,
 }
-NEEDS_GATHERING = pytest.mark.xfail(
-    not GATHERING,
-    strict=True,
-    reason="needs the read-site gathering in fastlm/models/patch.py + lora_layers.py "
-    "(is_plain_linear / gather_linear / unshard_for_direct_read from fastlm.distributed)",
-)
 
 
 @pytest.fixture(scope="module")
@@ -148,30 +123,22 @@ def test_two_processes_match_one(scenario, results, references):
     assert ran == EXACT[scenario]
 
 
-@NEEDS_GATHERING
 @pytest.mark.parametrize(
     "scenario",
     ["fsdp2-accelerate_trainer-llama-ckpt=True", "fsdp2-size_based-llama-ckpt=True"],
 )
 def test_fused_paths_run_when_fsdp_makes_linears_units(scenario, results):
-    # Exact already (test above), but unfused: the full-logits loss costs seq x vocab memory.
+    # Fused (each unit gathered at its read site), not the full-logits loss (seq x vocab memory).
     calls = results[scenario]["calls"]
     assert {name for name, count in calls.items() if count > 0} == ALL_FUSED
 
 
-@NEEDS_GATHERING
 def test_lora_linears_as_fsdp_units_without_a_fix(results, references):
-    # PEFT's wrap policy per module: fastlm reads LoRA A/B weights that FSDP never gathered.
-    _assert_matches(results["fsdp2-peft_lambda-llama-ckpt=True-fix=None"], references["llama"])
-
-
-@pytest.mark.skipif(GATHERING, reason="the read sites gather LoRA A/B units: nothing to refuse")
-def test_lora_linears_as_fsdp_units_are_refused_clearly(results):
-    error = results["fsdp2-peft_lambda-llama-ckpt=True-fix=None"]["check"]["error"]
-    assert (
-        "lora_A" in error and "gather_direct_reads" in error and "TRANSFORMER_BASED_WRAP" in error
-    )
-    assert results["fsdp2-peft_lambda-llama-ckpt=True-fix=hooks"]["check"]["error"] is None
+    # PEFT's wrap policy per module: fastlm reads LoRA A/B weights whose forward never runs, and
+    # its read sites gather them (a read site that does not: tests/distributed/test_read_sites.py).
+    result = results["fsdp2-peft_lambda-llama-ckpt=True-fix=None"]
+    _assert_matches(result, references["llama"])
+    assert result["check"]["error"] is None
 
 
 def test_sharded_4bit_weights_are_refused_clearly(results):
@@ -187,14 +154,9 @@ def test_check_fsdp2_passes_and_warns_about_unfused_units(scenario, results):
     if scenario not in results:
         pytest.skip(f"{scenario} not run (QLoRA unavailable in this fastlm / bitsandbytes)")
     check = results[scenario]["check"]
-    # fix=diff only simulates the read-site gathering during the step, not for the check.
-    assert (check["error"] is None) == (
-        GATHERING or "peft_lambda-llama-ckpt=True-fix=diff" not in scenario
-    )
+    assert check["error"] is None
     unfused = EXACT[scenario] != ALL_FUSED
     assert bool(check["warnings"]) == unfused, check["warnings"]
-    if "accelerate" in scenario and unfused:
-        assert "lm_head" in check["warnings"][0]
 
 
 def test_uneven_tokens_make_the_global_normalisation_matter(workdir, references):
@@ -248,7 +210,15 @@ def test_token_count_helpers_single_process():
 
 
 def test_plain_linear_and_layer_detection():
+    from torch.distributed.fsdp import FSDPModule
+
+    class FSDPLinear(FSDPModule, torch.nn.Linear):  # what fully_shard swaps a unit's class to
+        pass
+
     assert is_plain_linear(torch.nn.Linear(2, 3))
+    unit = torch.nn.Linear(2, 3)
+    unit.__class__ = FSDPLinear
+    assert is_plain_linear(unit)  # patch.py gathers it and reads it fused
     assert not is_plain_linear(torch.nn.Embedding(2, 3))
     with pytest.raises(UnsupportedDistributedError, match="no decoder layers"):
         fully_shard_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -1,8 +1,7 @@
 """What the kernel benchmarks share (attention_bench.py, dequant_bench.py, flash_tile_sweep.py):
 a plain-text table, the CUDA check, fastlm's kernel modules, one JSON file of results.
 
-The training benchmarks' own helpers are in ``fastlm.benchmarking``; the names below the
-imports are re-exported from there for offload_capacity.py until it imports them itself.
+The training benchmarks' own helpers are in ``fastlm.benchmarking``.
 Stdlib only at import time: the kernel benchmarks must not pull in transformers.
 """
 
@@ -19,13 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # this checkout's fastlm, whether it is installed or not
     sys.path.insert(1, str(REPO))
 
-from fastlm.benchmarking.processes import (  # noqa: E402, F401
-    OFFLINE_ENV,
-    child_env,
-    dist_version,
-    log_tail,
-    run_recorded,
-)
+from fastlm.benchmarking.processes import dist_version  # noqa: E402
 
 
 def print_table(header: str, lines) -> None:

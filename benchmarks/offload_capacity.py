@@ -49,9 +49,17 @@ REPO = HERE.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _common import OFFLINE_ENV, child_env, dist_version, log_tail, run_recorded  # noqa: E402
-from _shapes import QWEN_COMMON, SHAPES, dims  # noqa: E402  (stdlib only)
-from _timing import autocast  # noqa: E402
+import _common  # noqa: E402, F401  (puts this checkout's fastlm on sys.path)
+
+from fastlm.benchmarking.processes import (  # noqa: E402
+    OFFLINE_ENV,
+    child_env,
+    dist_version,
+    log_tail,
+    run_recorded,
+)
+from fastlm.benchmarking.shapes import QWEN_COMMON, SHAPES, dims  # noqa: E402  (stdlib only)
+from fastlm.benchmarking.timing import autocast  # noqa: E402
 
 GIB = 1024**3
 CHILD_ENV = {
@@ -381,7 +389,7 @@ def _versions() -> dict:
     names = ("torch", "transformers", "peft", "bitsandbytes", "triton", "accelerate")
     out = {name: dist_version(name) for name in names}
     try:
-        from _systems import git_revision
+        from fastlm.benchmarking.systems import git_revision
 
         out["fastlm_git"] = git_revision(REPO)
     except Exception:  # noqa: BLE001 - provenance is best-effort

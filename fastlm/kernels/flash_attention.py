@@ -17,14 +17,12 @@ delta_i = sum_d do_id o_id), then dk/dv over key blocks, each kv-head program su
 of query heads in registers. tanh is built from tl.exp2 (libdevice tanh is missing in the
 interpreter): tanh(x) = 1 - 2 / (exp(2x) + 1), exactly +-1 once exp over/underflows.
 
-``fastlm_attention_forward`` is a transformers ``AttentionInterface`` function: the kernel when the
-4D mask is exactly the causal (+ sliding window) pattern, else transformers' eager attention.
+Which calls of a model's attention reach this kernel (and which fall back to eager, and why) is
+decided in ``fastlm.models.attention``.
 """
 
 from __future__ import annotations
 
-import sys
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -402,8 +400,8 @@ def flash_attention(
     )
 
 
-def _keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
-    """(S, S) bool, True where query i may attend to key j."""
+def keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
+    """(S, S) bool, True where query i may attend to key j: ``keep_pattern(8, True, 4, "cpu")``."""
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     keep = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
@@ -426,92 +424,6 @@ def flash_attention_reference(
     vv = v.to(cd).repeat_interleave(group, dim=1)
     s = q.to(cd) @ kk.transpose(-1, -2) * scale
     t = softcap * torch.tanh(s / softcap) if softcap is not None else s
-    keep = _keep_pattern(q.shape[2], causal, sliding_window, q.device)
+    keep = keep_pattern(q.shape[2], causal, sliding_window, q.device)
     p = torch.softmax(t.masked_fill(~keep, float("-inf")), dim=-1)
     return (p @ vv).to(q.dtype)
-
-
-# --- transformers hook -----------------------------------------------------------------------
-
-_PLAIN_MASKS: dict[int, tuple] = {}  # id(mask) -> (weakref, _version, key, verdict)
-
-
-def _mask_is_plain(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) -> bool:
-    """True when a 4D transformers mask is exactly the causal (+ window) pattern: no padding,
-    no packed sequences. Checked once per mask tensor (layers share it), then cached."""
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq_len, seq_len):
-        return False
-    key = (seq_len, causal, window)
-    hit = _PLAIN_MASKS.get(id(mask))
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2] == key:
-        return hit[3]
-    keep = _keep_pattern(seq_len, causal, window, mask.device)
-    if mask.dtype == torch.bool:
-        plain = bool((mask == keep).all())
-    elif mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
-        dropped = mask <= torch.finfo(mask.dtype).min
-        plain = bool(torch.where(keep, mask == 0, dropped).all())
-    else:
-        plain = False
-    if len(_PLAIN_MASKS) >= 16:
-        _PLAIN_MASKS.pop(next(iter(_PLAIN_MASKS)))
-    _PLAIN_MASKS[id(mask)] = (weakref.ref(mask), mask._version, key, plain)
-    return plain
-
-
-def _eager_fallback(module, query, key, value, attention_mask, causal, window, **kwargs):
-    modeling = sys.modules.get(type(module).__module__)
-    eager = getattr(modeling, "eager_attention_forward", None)
-    if eager is None:
-        from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as eager
-    q_len = query.shape[2]
-    if attention_mask is None and causal and q_len > 1 and key.shape[2] == q_len:
-        # None means "causal, no padding" to sdpa-style mask builders; eager would read it as
-        # "no mask", so spell it out.
-        keep = _keep_pattern(q_len, True, window, query.device)
-        attention_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
-        attention_mask = attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)[None, None]
-    return eager(module, query, key, value, attention_mask, **kwargs)
-
-
-def fastlm_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """transformers AttentionInterface function (q/k/v (B, H, S, D)) returning ((B, S, H, D), None);
-    eager fallback on padding/packing masks, dropout, KV-cache decoding, output_attentions."""
-    scaling = kwargs.get("scaling")
-    scaling = module.head_dim**-0.5 if scaling is None else scaling
-    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-    q_len, d = query.shape[2], query.shape[-1]
-    dtype = query.dtype
-    if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
-        dtype = torch.get_autocast_dtype(query.device.type)
-    usable = (
-        use_triton(query)
-        and not (kwargs.get("dropout", 0.0) and module.training)
-        and not kwargs.get("output_attentions", False)
-        and (window is None or causal)
-        and key.shape[2] == q_len
-        and key.shape[-1] == d == value.shape[-1]
-        and d <= 256
-        and query.shape[1] % key.shape[1] == 0
-        and dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and (attention_mask is None or _mask_is_plain(attention_mask, q_len, causal, window))
-    )
-    if not usable:
-        return _eager_fallback(module, query, key, value, attention_mask, causal, window, **kwargs)
-    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    out = flash_attention(q, k, v, scale=scaling, softcap=softcap, sliding_window=window,
-                          causal=causal)  # fmt: skip
-    return out.transpose(1, 2), None  # (B, S, H, D), contiguous: the kernel stored it that way
-
-
-def register_fastlm_attention(name: str = "fastlm") -> str:
-    """Register ``fastlm_attention_forward`` (and eager's mask builder) under ``name`` in
-    transformers; usage: ``model.set_attn_implementation(register_fastlm_attention())``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(name, fastlm_attention_forward)
-    AttentionMaskInterface.register(name, eager_mask)
-    return name

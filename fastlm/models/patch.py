@@ -7,9 +7,10 @@ save and load in plain PEFT.
 
 What runs where:
 - RMSNorm modules  → ``fastlm.kernels.rms_norm`` (fp32 inside, Llama or Gemma offset).
-- attention        → fused LoRA QKV, q/k norm, the RoPE kernel, then the model's own attention
-                     function (SDPA / eager, with its masks, sliding windows and soft-caps), then
-                     fused LoRA O.
+- attention        → fused LoRA QKV, q/k norm, the RoPE kernel, then ``attention.attend``: where
+                     the model runs eager attention, fastlm's flash-attention kernel (eager again
+                     for padding masks, dropout, decoding...), else the model's own SDPA / flash /
+                     flex function; then fused LoRA O. The latest call's choice is recorded.
 - MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import types
 from dataclasses import dataclass, field
 
@@ -29,21 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
 from fastlm.errors import SequenceTooLongError
-from fastlm.kernels.flash_attention import fastlm_attention_forward
 from fastlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from fastlm.kernels.geglu import geglu
 from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
+from fastlm.models.attention import AttentionPath, attend, expected_path
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
-from fastlm.models.spec import ArchitectureSpec
+from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
 _STATE_ATTR = "_fastlm_patch_state"
@@ -59,6 +58,8 @@ class PatchState:
     patched: list[nn.Module] = field(default_factory=list)
     loss_monitor: FiniteLossMonitor = field(default_factory=lambda: FiniteLossMonitor())
     finite_guard: FiniteGuard | None = None  # NaN/inf loss, gradient and save checks
+    # attention module -> what its latest call ran (fused_report lists it)
+    attention_paths: dict[nn.Module, AttentionPath] = field(default_factory=dict)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -81,7 +82,7 @@ def patch_model(
         if name == spec.norm_class:
             _set_forward(state, module, _norm_forward, offset=spec.norm_offset)
         elif name == spec.attention_class:
-            _set_forward(state, module, _attention_forward, spec=spec)
+            _set_forward(state, module, _attention_forward, spec=spec, paths=state.attention_paths)
         elif name == spec.mlp_class:
             _set_forward(state, module, _mlp_forward, activation=spec.activation)
         elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
@@ -111,21 +112,37 @@ def patch_state(model: nn.Module) -> PatchState | None:
     return _find_state(model)
 
 
-def fused_report(model: nn.Module) -> list[dict]:
-    """One row per projection / head: does it run fused, and if not, why.
+class FusedReport(list):
+    """``fused_report``'s answer. As a list, one row per projection and the LM head: ``module``,
+    ``fused``, ``lora``, ``reason`` (why not fused). ``attention``: one row per attention module:
+    ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...), ``reason`` (why not
+    fastlm's flash kernel), ``called`` (False: no call yet, the row is what is expected)."""
 
-    Usage: ``for row in fused_report(model): print(row)``.
+    def __init__(self, rows: list[dict], attention: list[dict]):
+        super().__init__(rows)
+        self.attention = attention
+
+    def __repr__(self) -> str:
+        return f"FusedReport({list.__repr__(self)}, attention={self.attention!r})"
+
+
+def fused_report(model: nn.Module) -> FusedReport:
+    """Which projections / head run fused and, per attention module, which attention its latest
+    call ran, each with the reason when not fastlm's fast path.
+
+    Usage: ``report = fused_report(model); for row in [*report, *report.attention]: print(row)``.
     """
     state = _find_state(model)
     if state is None:
-        return []
-    rows = []
+        return FusedReport([], [])
+    rows, attention = [], []
     for name, module in model.named_modules():
         cls = type(module).__name__
         if cls == state.spec.attention_class:
-            projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+            projections = ATTENTION_PROJECTIONS
+            attention.append(_attention_row(name, state.attention_paths.get(module), module))
         elif cls == state.spec.mlp_class:
-            projections = ("gate_proj", "up_proj", "down_proj")
+            projections = MLP_PROJECTIONS
         else:
             continue
         for projection in projections:
@@ -140,18 +157,27 @@ def fused_report(model: nn.Module) -> list[dict]:
             )
     owner = _find_owner(model)
     head = owner.get_output_embeddings()
-    if head is None:  # a base model (no LM head), e.g. an embedding model's body
-        return rows
-    head_ok = is_plain_linear(head)
-    rows.append(
-        {
-            "module": "lm_head (cross-entropy)",
-            "fused": head_ok,
-            "lora": False,
-            "reason": "" if head_ok else f"{type(head).__name__} is not a plain nn.Linear",
-        }
-    )
-    return rows
+    if head is not None:  # None: a base model (no LM head), e.g. an embedding model's body
+        head_ok = is_plain_linear(head)
+        rows.append(
+            {
+                "module": "lm_head (cross-entropy)",
+                "fused": head_ok,
+                "lora": False,
+                "reason": "" if head_ok else f"{type(head).__name__} is not a plain nn.Linear",
+            }
+        )
+    return FusedReport(rows, attention)
+
+
+def _attention_row(name: str, latest: AttentionPath | None, module: nn.Module) -> dict:
+    """A ``FusedReport.attention`` row: the latest call's path, else the expected one."""
+    if latest is not None:
+        path, reason, called = latest, latest.reason, True
+    else:
+        path, called = expected_path(module), False
+        reason = "not called yet" + (f"; {path.reason}" if path.reason else "")
+    return {"module": name, "attention": path.implementation, "reason": reason, "called": called}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,17 +234,6 @@ def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, weights) if weights is not None else linear(x)
 
 
-def _attention_interface(self):
-    implementation = self.config._attn_implementation
-    if implementation in (None, "eager"):
-        # Where transformers would materialise the scores (eager: Gemma 2's soft-capping needs
-        # it), fastlm's flash-attention kernel computes the same thing blockwise; it hands back
-        # to the module's eager function itself for padding masks, dropout, decoding, CPU.
-        return fastlm_attention_forward
-    eager = sys.modules[type(self).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
-
-
 def _attention_forward(
     self,
     hidden_states: torch.Tensor,
@@ -227,6 +242,7 @@ def _attention_forward(
     past_key_values=None,
     *,
     spec: ArchitectureSpec,
+    paths: dict[nn.Module, AttentionPath],
     **kwargs,
 ):
     batch, seq = hidden_states.shape[:-1]
@@ -253,7 +269,7 @@ def _attention_forward(
     )
     if softcap is not None:
         extra["softcap"] = softcap
-    output, weights = _attention_interface(self)(
+    output, weights, path = attend(
         self,
         query,
         key,
@@ -264,6 +280,7 @@ def _attention_forward(
         **extra,
         **kwargs,
     )
+    paths[self] = path
     output = output.reshape(batch, seq, -1)
     return _project(self.o_proj, output), weights
 

@@ -1,5 +1,5 @@
-"""Flash attention: Triton launchers (interpreter on CPU) vs float64 autograd of the reference, and
-the transformers hook (``fastlm_attention_forward``) vs Gemma 2's eager attention.
+"""Flash attention: Triton launchers (interpreter on CPU) vs float64 autograd of the reference.
+The transformers hook that runs this kernel or eager attention: tests/models/test_attention.py.
 
 Triton runs fp32 on CPU (the interpreter's bf16 dot is wrong); on CUDA the same tests run, plus bf16
 against the error of materialised bf16 attention and the real launch shapes (head_dim 64/128/256).
@@ -64,7 +64,7 @@ def test_forward_matches_float64(case, device):
         * _kw(case)["scale"]
     )
     t = case[5] * torch.tanh(s / case[5]) if case[5] else s
-    keep = fa._keep_pattern(q.shape[2], case[7], case[6], device)
+    keep = fa.keep_pattern(q.shape[2], case[7], case[6], device)
     want = torch.logsumexp(t.masked_fill(~keep, float("-inf")), -1) / torch.log(torch.tensor(2.0))
     torch.testing.assert_close(lse2.double(), want.double(), **TOL)
 
@@ -126,7 +126,7 @@ def test_window_convention_matches_transformers():
     i = torch.arange(seq)[:, None]
     j = torch.arange(seq)[None, :]
     want = sliding_window_causal_mask_function(window)(0, 0, i, j)
-    assert torch.equal(fa._keep_pattern(seq, True, window, "cpu"), want.expand(seq, seq))
+    assert torch.equal(fa.keep_pattern(seq, True, window, "cpu"), want.expand(seq, seq))
     assert want[window - 1, 0] and not want[window, 0]
 
 
@@ -156,110 +156,6 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="256"):
         fa.flash_attention_reference(torch.zeros(1, 1, 8, 512), *[torch.zeros(1, 1, 8, 512)] * 2,
                                      scale=1.0)  # fmt: skip
-
-
-# --- the transformers hook --------------------------------------------------------------------
-
-
-def _gemma2_attention(layer_idx, device):
-    from tiny_models import tiny_config
-    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
-
-    config = tiny_config("gemma2")  # 3 q heads / 1 kv head, head_dim 24, window 4, softcap 2
-    config._attn_implementation = "eager"
-    return Gemma2Attention(config, layer_idx).to(device).train()
-
-
-def _eager_mask(lengths, seq, window, device, dtype=torch.float32):
-    """transformers' eager mask (B, 1, S, S): 0 kept, dtype-min dropped (causal/window/padding)."""
-    keep = fa._keep_pattern(seq, True, window, device)[None, None]
-    pad = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    keep = keep & pad[:, None, None, :]
-    zero = torch.zeros(keep.shape, dtype=dtype, device=device)
-    return zero.masked_fill(~keep, torch.finfo(dtype).min)
-
-
-@pytest.mark.parametrize("layer_idx", [0, 1], ids=["sliding", "full"])
-@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
-def test_hook_matches_gemma2_eager(layer_idx, padded, device, monkeypatch):
-    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)  # the kernel on CPU too
-    kernel_calls = []
-    triton_fn = fa.flash_attention_triton
-    monkeypatch.setattr(
-        fa, "flash_attention_triton", lambda *a, **kw: kernel_calls.append(1) or triton_fn(*a, **kw)
-    )
-    module = _gemma2_attention(layer_idx, device)
-    batch, seq = 2, 19
-    q, k, v, g = _inputs((batch, 3, 1, seq, 24), device, q_gain=3.0)
-    # (B, S, H, D) storage viewed as (B, H, S, D), as the attention modules produce them.
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    mask = _eager_mask([seq, seq - 5] if padded else [seq, seq], seq, module.sliding_window, device)
-    kwargs = dict(dropout=0.0, scaling=module.scaling, sliding_window=module.sliding_window,
-                  softcap=module.attn_logit_softcapping)  # fmt: skip
-    results = []
-    for fn in (eager_attention_forward, fa.fastlm_attention_forward):
-        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, weights = fn(module, *leaves, mask, **kwargs)
-        assert out.shape == (batch, seq, 3, 24)
-        results.append((out, torch.autograd.grad(out, leaves, g.transpose(1, 2))))
-    assert kernel_calls == ([] if padded else [1])
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, **TOL)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, **TOL)
-
-
-def test_mask_check_rejects_non_causal_patterns(device):
-    seq, window = 11, 4
-    plain = _eager_mask([seq], seq, window, device)
-    assert fa._mask_is_plain(plain, seq, True, window)
-    assert fa._mask_is_plain(plain.isfinite() & (plain == 0), seq, True, window)  # bool form
-    assert not fa._mask_is_plain(plain, seq, True, None)  # a window the kernel would not apply
-    assert not fa._mask_is_plain(_eager_mask([seq - 1], seq, window, device), seq, True, window)
-    biased = plain.clone()
-    biased[0, 0, 5, 3] = -1.0  # a finite bias where eager keeps a key: not a pure mask
-    assert not fa._mask_is_plain(biased, seq, True, window)
-    plain.add_(0.0)  # in-place change: the cached verdict must be re-checked
-    plain[0, 0, 0, 0] = torch.finfo(plain.dtype).min
-    assert not fa._mask_is_plain(plain, seq, True, window)
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
-def test_tiny_gemma2_model_registered(padded, device, monkeypatch):
-    """The whole model through ``register_fastlm_attention``: loss and every gradient as eager's."""
-    from tiny_models import tiny_batch, tiny_config
-    from transformers import AutoModelForCausalLM
-
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)
-    kernel_calls = []
-    triton_fn = fa.flash_attention_triton
-    monkeypatch.setattr(
-        fa, "flash_attention_triton", lambda *a, **kw: kernel_calls.append(1) or triton_fn(*a, **kw)
-    )
-    torch.manual_seed(0)
-    config = tiny_config("gemma2")
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config).to(device)
-    batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
-    if not padded:
-        batch["attention_mask"].fill_(1)
-        batch["labels"] = batch["input_ids"]
-    results = []
-    for impl in ("eager", fa.register_fastlm_attention()):
-        model.set_attn_implementation(impl)
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    assert len(kernel_calls) == (0 if padded else config.num_hidden_layers)
-    (want_loss, want), (got_loss, got) = results
-    torch.testing.assert_close(got_loss, want_loss, **TOL)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 # --- CUDA only: real launch shapes, bf16 ---------------------------------------------------------
@@ -299,7 +195,7 @@ def test_cuda_bf16_as_accurate_as_materialised(case, device):
         s = q @ k.repeat_interleave(grp, 1).mT * kw["scale"]
         if kw["softcap"]:
             s = kw["softcap"] * torch.tanh(s / kw["softcap"])
-        keep = fa._keep_pattern(q.shape[2], kw["causal"], kw["sliding_window"], q.device)
+        keep = fa.keep_pattern(q.shape[2], kw["causal"], kw["sliding_window"], q.device)
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1, dtype=torch.float32)
         return p.to(q.dtype) @ v.repeat_interleave(grp, 1)
 

@@ -9,7 +9,7 @@ import torch
 from test_architectures import RTOL, _loss_and_lora_grads, _pair
 from tiny_models import relative_error, tiny_batch
 
-import fastlm.kernels.flash_attention as flash
+import fastlm.models.attention as attention
 
 
 def _eager_pair(tmp_path, device, dtype=torch.float32):
@@ -21,13 +21,13 @@ def _eager_pair(tmp_path, device, dtype=torch.float32):
 
 def _count_kernel_calls(monkeypatch) -> list:
     calls = []
-    original = flash.flash_attention
+    original = attention.flash_attention
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(flash, "flash_attention", counting)
+    monkeypatch.setattr(attention, "flash_attention", counting)
     return calls
 
 

@@ -1,0 +1,219 @@
+"""Which attention a patched attention module runs, and fastlm's flash-attention hook.
+
+The patched attention forward (``patch.py``) computes q, k, v and hands them to ``attend``:
+- attn_implementation "eager" (or unset; Gemma 2 runs eager because SDPA cannot soft-cap):
+  fastlm's flash-attention kernel (``fastlm.kernels.flash_attention``) where it computes exactly
+  what eager would, else the model's own eager function;
+- any other implementation ("sdpa", "flash_attention_2", "flex_attention"...): the model's own,
+  as transformers runs it. "fastlm" (``register_fastlm_attention``) is this module's hook.
+
+The kernel runs only when all of these hold; otherwise eager runs, and the first that fails is
+the reason recorded:
+    CUDA tensors · no attention dropout in training · no output_attentions · a sliding window
+    only with a causal mask · as many keys as queries (a KV cache while decoding has more) · one
+    head_dim <= 256 for q, k, v · query heads a multiple of kv heads · fp16 / bf16 / fp32 · a 4D
+    mask that is exactly the causal (+ window) pattern (no padding, no packed sequences).
+
+Each call's choice is an ``AttentionPath``; ``patch.py`` keeps the latest one per module, and
+``fused_report`` lists it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from fastlm.kernels._dispatch import use_triton
+from fastlm.kernels.flash_attention import flash_attention, keep_pattern
+
+__all__ = [
+    "FLASH",
+    "AttentionPath",
+    "attend",
+    "expected_path",
+    "fastlm_attention_forward",
+    "register_fastlm_attention",
+]
+
+FLASH = "fastlm-flash"  # AttentionPath.implementation of fastlm's Triton kernel
+
+
+class AttentionPath(NamedTuple):
+    """What an attention call ran: ``implementation`` (``FLASH``, "eager", or the model's
+    attn_implementation such as "sdpa") and ``reason``, why not fastlm's kernel ("" if it ran)."""
+
+    implementation: str
+    reason: str = ""
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The patched attention's call of its attention function, q/k/v (B, H, S, D): returns
+    ``(output (B, S, H, D), weights, AttentionPath)``.
+
+    Usage: ``out, weights, path = attend(self, q, k, v, mask, scaling=self.scaling)``.
+    """
+    function = _model_function(module)
+    if function is None:
+        return _flash_or_eager(module, query, key, value, attention_mask, **kwargs)
+    output, weights = function(module, query, key, value, attention_mask, **kwargs)
+    return output, weights, _model_path(module)
+
+
+def expected_path(module: nn.Module) -> AttentionPath:
+    """The path ``attend`` will take for ``module`` as far as is known before a call (the mask,
+    the KV cache, the device and the dtype come with the call).
+
+    Usage: ``expected_path(model.model.layers[0].self_attn).implementation``.
+    """
+    if _model_function(module) is not None:
+        return _model_path(module)
+    if module.training and getattr(module, "attention_dropout", 0.0):
+        return AttentionPath("eager", _DROPOUT)
+    if module.head_dim > 256:
+        return AttentionPath("eager", f"head_dim {module.head_dim} > 256")
+    return AttentionPath(FLASH)
+
+
+def fastlm_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers AttentionInterface function (q/k/v (B, H, S, D)) returning ((B, S, H, D), None):
+    the flash kernel, or the module's eager attention where the kernel would differ (see above).
+
+    Usage: ``AttentionInterface.register("fastlm", fastlm_attention_forward)``.
+    """
+    output, weights, _ = _flash_or_eager(module, query, key, value, attention_mask, **kwargs)
+    return output, weights
+
+
+def register_fastlm_attention(name: str = "fastlm") -> str:
+    """Register ``fastlm_attention_forward`` (and eager's mask builder) under ``name`` in
+    transformers; usage: ``model.set_attn_implementation(register_fastlm_attention())``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(name, fastlm_attention_forward)
+    AttentionMaskInterface.register(name, eager_mask)
+    return name
+
+
+# --------------------------------------------------------------------------- helpers
+
+_DROPOUT = "attention dropout in training"
+_HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _model_function(module: nn.Module):
+    """The model's own attention function, or None where fastlm's hook runs instead."""
+    implementation = module.config._attn_implementation
+    if implementation in (None, "eager"):
+        return None
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, _eager_function(module))
+    return None if function is fastlm_attention_forward else function
+
+
+def _model_path(module: nn.Module) -> AttentionPath:
+    implementation = module.config._attn_implementation
+    return AttentionPath(implementation, f'the model\'s attn_implementation="{implementation}"')
+
+
+def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
+    scaling = kwargs.get("scaling")
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    dtype = query.dtype
+    if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+    reason = _why_not_flash(
+        module, query, key, value, attention_mask, causal, window, dtype, kwargs
+    )
+    if reason:
+        output, weights = _eager_fallback(
+            module, query, key, value, attention_mask, causal, window, **kwargs
+        )
+        return output, weights, AttentionPath("eager", reason)
+    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
+    out = flash_attention(q, k, v, scale=scaling, softcap=softcap, sliding_window=window,
+                          causal=causal)  # fmt: skip
+    # (B, S, H, D), contiguous: the kernel stored it that way.
+    return out.transpose(1, 2), None, AttentionPath(FLASH)
+
+
+def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwargs) -> str:
+    """Why the kernel would not compute exactly what eager does, "" when it would. The first
+    condition that fails; the mask (the one check that costs a pass over S x S) comes last."""
+    q_len, d = query.shape[2], query.shape[-1]
+    if not use_triton(query):
+        return f"{query.device.type} tensors (the kernel runs on CUDA)"
+    if kwargs.get("dropout", 0.0) and module.training:
+        return _DROPOUT
+    if kwargs.get("output_attentions", False):
+        return "output_attentions=True"
+    if window is not None and not causal:
+        return "sliding window without a causal mask"
+    if key.shape[2] != q_len:
+        return "decoding with KV cache"
+    if not key.shape[-1] == d == value.shape[-1]:
+        return "q, k, v head_dims differ"
+    if d > 256:
+        return f"head_dim {d} > 256"
+    if query.shape[1] % key.shape[1]:
+        return "query heads not a multiple of kv heads"
+    if dtype not in _HALF_OR_SINGLE:
+        return f"{dtype} (the kernel takes fp16, bf16, fp32)"
+    if mask is not None and not _mask_is_plain(mask, q_len, causal, window):
+        return "padding / packed-sequence mask"
+    return ""
+
+
+# Verdicts per mask tensor (the layers of one forward share it): (mask._version, (seq_len, causal,
+# window), plain). Keyed by the tensor's identity and dropped with the tensor, so a new mask can
+# never read an old one's verdict; weakref.WeakKeyDictionary would compare two keys with the
+# tensor's elementwise ``==``.
+_PLAIN_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _mask_is_plain(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) -> bool:
+    """True when a 4D transformers mask is exactly the causal (+ window) pattern: no padding,
+    no packed sequences. Checked once per mask tensor and content (its ``_version``)."""
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq_len, seq_len):
+        return False
+    key = (seq_len, causal, window)
+    hit = _PLAIN_MASKS.get(mask)
+    if hit is not None and hit[0] == mask._version and hit[1] == key:
+        return hit[2]
+    keep = keep_pattern(seq_len, causal, window, mask.device)
+    if mask.dtype == torch.bool:
+        plain = bool((mask == keep).all())
+    elif mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
+        dropped = mask <= torch.finfo(mask.dtype).min
+        plain = bool(torch.where(keep, mask == 0, dropped).all())
+    else:
+        plain = False
+    _PLAIN_MASKS[mask] = (mask._version, key, plain)
+    return plain
+
+
+def _eager_function(module: nn.Module):
+    """The eager attention function of the module's modeling file; Gemma 2's (which soft-caps)
+    for a model whose file has none."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as eager
+    return eager
+
+
+def _eager_fallback(module, query, key, value, attention_mask, causal, window, **kwargs):
+    q_len = query.shape[2]
+    if attention_mask is None and causal and q_len > 1 and key.shape[2] == q_len:
+        # None means "causal, no padding" to sdpa-style mask builders; eager would read it as
+        # "no mask", so spell it out.
+        keep = keep_pattern(q_len, True, window, query.device)
+        attention_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
+        attention_mask = attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)[None, None]
+    return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)

@@ -1,0 +1,202 @@
+"""The attention a patched model runs (fastlm.models.attention): the hook computes Gemma 2's eager
+attention, through the flash kernel where that is exact and through eager where it is not, and
+``fused_report`` names what each attention module ran on its latest call, and why not the kernel.
+
+The Triton kernel runs in the interpreter on CPU tensors here (``kernel_on_cpu``).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from tiny_models import tiny_batch, tiny_config
+from transformers import AutoModelForCausalLM
+
+from fastlm.kernels import flash_attention as fa
+from fastlm.models import attention, fused_report, patch_model, spec_for
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs eager
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch) -> list:
+    """The kernel on CPU tensors too (the interpreter); returns the list its launches append to."""
+    monkeypatch.setattr(attention, "use_triton", lambda t: True)
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    calls = []
+    triton_fn = fa.flash_attention_triton
+    monkeypatch.setattr(
+        fa, "flash_attention_triton", lambda *a, **kw: calls.append(1) or triton_fn(*a, **kw)
+    )
+    return calls
+
+
+def _inputs(shape, device, q_gain=1.5, seed=0):
+    b, hq, hkv, s, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64) * q_gain
+    k = torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, s, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, hq, s, d, generator=gen, dtype=torch.float64)
+    return [t.to(device, torch.float32) for t in (q, k, v, g)]
+
+
+def _gemma2_attention(layer_idx, device):
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention
+
+    config = tiny_config("gemma2")  # 3 q heads / 1 kv head, head_dim 24, window 4, softcap 2
+    config._attn_implementation = "eager"
+    return Gemma2Attention(config, layer_idx).to(device).train()
+
+
+def _eager_mask(lengths, seq, window, device, dtype=torch.float32):
+    """transformers' eager mask (B, 1, S, S): 0 kept, dtype-min dropped (causal/window/padding)."""
+    keep = fa.keep_pattern(seq, True, window, device)[None, None]
+    pad = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    keep = keep & pad[:, None, None, :]
+    zero = torch.zeros(keep.shape, dtype=dtype, device=device)
+    return zero.masked_fill(~keep, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["sliding", "full"])
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_hook_matches_gemma2_eager(layer_idx, padded, device, kernel_on_cpu):
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    module = _gemma2_attention(layer_idx, device)
+    batch, seq = 2, 19
+    q, k, v, g = _inputs((batch, 3, 1, seq, 24), device, q_gain=3.0)
+    # (B, S, H, D) storage viewed as (B, H, S, D), as the attention modules produce them.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask = _eager_mask([seq, seq - 5] if padded else [seq, seq], seq, module.sliding_window, device)
+    kwargs = dict(dropout=0.0, scaling=module.scaling, sliding_window=module.sliding_window,
+                  softcap=module.attn_logit_softcapping)  # fmt: skip
+    results = []
+    for fn in (eager_attention_forward, attention.fastlm_attention_forward):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, weights = fn(module, *leaves, mask, **kwargs)
+        assert out.shape == (batch, seq, 3, 24)
+        results.append((out, torch.autograd.grad(out, leaves, g.transpose(1, 2))))
+    assert kernel_on_cpu == ([] if padded else [1])
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_mask_check_rejects_non_causal_patterns(device):
+    seq, window = 11, 4
+    plain = _eager_mask([seq], seq, window, device)
+    assert attention._mask_is_plain(plain, seq, True, window)
+    assert attention._mask_is_plain(plain.isfinite() & (plain == 0), seq, True, window)  # bool
+    assert not attention._mask_is_plain(plain, seq, True, None)  # a window the kernel would skip
+    padded = _eager_mask([seq - 1], seq, window, device)
+    assert not attention._mask_is_plain(padded, seq, True, window)
+    biased = plain.clone()
+    biased[0, 0, 5, 3] = -1.0  # a finite bias where eager keeps a key: not a pure mask
+    assert not attention._mask_is_plain(biased, seq, True, window)
+    plain.add_(0.0)  # in-place change: the cached verdict must be re-checked
+    plain[0, 0, 0, 0] = torch.finfo(plain.dtype).min
+    assert not attention._mask_is_plain(plain, seq, True, window)
+
+
+def test_mask_verdicts_belong_to_their_tensor(device):
+    # A new mask (often at a freed mask's address) never reads an old mask's verdict, and the
+    # verdicts go with their masks.
+    seq, window = 9, 3
+    for _ in range(20):
+        plain = _eager_mask([seq], seq, window, device)
+        assert attention._mask_is_plain(plain, seq, True, window)
+        del plain
+        padded = _eager_mask([seq - 2], seq, window, device)
+        assert not attention._mask_is_plain(padded, seq, True, window)
+        del padded
+    gc.collect()
+    assert len(attention._PLAIN_MASKS) == 0
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
+def test_tiny_gemma2_model_registered(padded, device, kernel_on_cpu):
+    """The whole model through ``register_fastlm_attention``: loss and every gradient as eager's."""
+    torch.manual_seed(0)
+    config = tiny_config("gemma2")
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
+    if not padded:
+        batch["attention_mask"].fill_(1)
+        batch["labels"] = batch["input_ids"]
+    results = []
+    for impl in ("eager", attention.register_fastlm_attention()):
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    assert len(kernel_on_cpu) == (0 if padded else config.num_hidden_layers)
+    (want_loss, want), (got_loss, got) = results
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+# --- fused_report: what each attention module ran --------------------------------------------
+
+
+def _patched(model_type, device, implementation, **overrides):
+    torch.manual_seed(0)
+    config = tiny_config(model_type, **overrides)
+    config._attn_implementation = implementation
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    return patch_model(model, spec_for(model.config), max_seq_length=64)
+
+
+def _attention_rows(model) -> list[tuple[str, str, bool]]:
+    report = fused_report(model)
+    # The list itself holds the projection / head rows only, as before.
+    assert report and all(set(row) == {"module", "fused", "lora", "reason"} for row in report)
+    assert len(report.attention) == model.config.num_hidden_layers
+    return [(row["attention"], row["reason"], row["called"]) for row in report.attention]
+
+
+def test_report_names_the_attention_each_call_ran(device, kernel_on_cpu):
+    model = _patched("gemma2", device, "eager").eval()
+    layers = model.config.num_hidden_layers
+    assert _attention_rows(model) == [(attention.FLASH, "not called yet", False)] * layers
+    batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
+    with torch.no_grad():
+        model(**batch)
+        assert (
+            _attention_rows(model) == [("eager", "padding / packed-sequence mask", True)] * layers
+        )
+        out = model(input_ids=batch["input_ids"], use_cache=True)
+        assert _attention_rows(model) == [(attention.FLASH, "", True)] * layers
+        model(input_ids=batch["input_ids"][:, -1:], past_key_values=out.past_key_values)
+        assert _attention_rows(model) == [("eager", "decoding with KV cache", True)] * layers
+
+
+def test_report_names_dropout_and_the_models_own_attention(device, kernel_on_cpu):
+    model = _patched("gemma2", device, "eager", attention_dropout=0.1).train()
+    dropout = ("eager", "attention dropout in training")
+    expected = ("eager", "not called yet; attention dropout in training", False)
+    assert {row for row in _attention_rows(model)} == {expected}
+    model(**{k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()})
+    assert {row for row in _attention_rows(model)} == {(*dropout, True)}
+    model = _patched("llama", device, "sdpa")
+    model(**{k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()})
+    reason = 'the model\'s attn_implementation="sdpa"'
+    assert {row for row in _attention_rows(model)} == {("sdpa", reason, True)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU reason")
+def test_report_names_the_cpu():
+    model = _patched("gemma2", "cpu", "eager")
+    batch = tiny_batch(batch=2, seq=13)
+    batch["attention_mask"].fill_(1)
+    model(**batch)
+    reason = "cpu tensors (the kernel runs on CUDA)"
+    assert {row for row in _attention_rows(model)} == {("eager", reason, True)}

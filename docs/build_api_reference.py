@@ -40,6 +40,7 @@ MODULES: list[tuple[str, str]] = [
     ("fastlm.embeddings.demo_data", "The retrieval demo set"),
     ("fastlm.real_models", "Real weights"),
     ("fastlm.models", "Architectures and patching"),
+    ("fastlm.models.attention", "Attention: flash kernel or eager"),
     ("fastlm.autograd", "LoRA autograd Functions"),
     ("fastlm.kernels.rms_norm", "Kernel: RMSNorm"),
     ("fastlm.kernels.rope", "Kernel: RoPE"),

@@ -114,7 +114,10 @@ def test_reference_matches_format(bnb_device, shape, blocksize, nested, dtype):
 def _hand_made_state(shape, absmax, blocksize, nested):
     """A QuantState with given per-block absmax; nested: encoded as q=1 for every block on a
     made-up code2 (``code2[1] = 0.5``), absmax2 = 2·(absmax - offset)."""
-    qs = F.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=blocksize, quant_type="nf4")
+    qs = F.QuantState(
+        absmax=absmax, shape=torch.Size(shape), blocksize=blocksize, quant_type="nf4",
+        code=F.get_4bit_type("nf4", device="cpu"),  # unread by the kernels; .to() needs one
+    )  # fmt: skip
     qs.dtype = torch.float32
     if nested:
         offset = 0.25
@@ -139,7 +142,11 @@ def test_hand_made_bytes(nested):
     expected = torch.where(i % 2 == 0, 1.0, -1.0) * absmax[i // blocksize]
     expected = expected.reshape(shape)
     assert torch.equal(nf4_dequantize(packed, qs), expected)  # the reference reads the format
-    assert torch.equal(dequantize_nf4_triton(packed, qs), expected)
+    # The kernel for real where there is a GPU, in the interpreter otherwise.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_device = copy.deepcopy(qs)
+    on_device.to(device)  # in place (QuantState.to returns None)
+    assert torch.equal(dequantize_nf4_triton(packed.to(device), on_device).cpu(), expected)
     assert torch.equal(dequantize_nf4_reference(packed, qs), expected)
 
 

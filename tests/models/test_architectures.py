@@ -14,9 +14,9 @@ from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
-from fastlm.quant import nf4_config
 from fastlm.models import fused_report
 from fastlm.offload import offloaded_checkpoint
+from fastlm.quant import nf4_config
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
 GEMMA3_SOFTCAP = {"final_logit_softcapping": 5.0}

@@ -28,10 +28,10 @@ from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
-from fastlm.quant import nf4_config
 from fastlm.errors import UnsupportedKeywordError
 from fastlm.models import fused_report
 from fastlm.models.nf4_linear import is_bnb_linear4bit
+from fastlm.quant import nf4_config
 
 pytest.importorskip("bitsandbytes")
 
@@ -93,7 +93,9 @@ def test_unfused_4bit_layers_on_the_cpu_compute_the_format_values(tmp_path):
     )
     reference = get_peft_model(reference, LoraConfig(target_modules=PROJECTIONS, **lora))
     run_4bit_layers_from_format(reference)
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, load_in_4bit=True)
+    fast, _ = FastModel.from_pretrained(
+        path, dtype=torch.float32, load_in_4bit=True, device_map="cpu"  # on a GPU host too
+    )
     fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=False, **lora)
     copy_lora(reference, fast)
     assert not any(row["fused"] for row in fused_report(fast) if "proj" in row["module"])

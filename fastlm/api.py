@@ -132,8 +132,10 @@ class FastModel:
         return model
 
     @staticmethod
-    def fused_report(model: nn.Module) -> list[dict]:
-        """Which projections run fused and why the others do not."""
+    def fused_report(model: nn.Module) -> models.FusedReport:
+        """Which projections run fused and why the others do not (a list of rows), and which
+        attention each attention module runs and why when not fastlm's flash kernel
+        (``.attention``). Usage: ``for row in FastModel.fused_report(model): print(row)``."""
         return models.fused_report(model)
 
     @staticmethod

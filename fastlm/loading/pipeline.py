@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -329,12 +330,16 @@ def log_fused_report(model: nn.Module) -> None:
     if not models.is_patched(model):  # e.g. a BERT body: no spec, PEFT's and torch's code
         logger.info("fastlm: %s runs without fastlm's kernels (no spec)", _model_type(model))
         return
-    rows = models.fused_report(model)
-    rows = [row for row in rows if row.get("kind", "projection") == "projection"]
-    slow = [row for row in rows if not row["fused"]]
-    logger.info("fastlm: %d of %d projections run fused", len(rows) - len(slow), len(rows))
+    report = models.fused_report(model)
+    slow = [row for row in report if not row["fused"]]
+    logger.info("fastlm: %d of %d projections run fused", len(report) - len(slow), len(report))
     for row in slow:
         logger.warning("fastlm: %s runs unfused: %s", row["module"], row["reason"])
+    paths = Counter((row["attention"], row["reason"]) for row in report.attention)
+    for (path, reason), count in sorted(paths.items()):  # expected paths: no call has run yet
+        logger.info(
+            "fastlm: %d attention modules run %s%s", count, path, f" ({reason})" * bool(reason)
+        )
 
 
 def _model_type(model: nn.Module) -> str:

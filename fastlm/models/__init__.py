@@ -15,7 +15,14 @@ from fastlm.models.gemma import GEMMA, GEMMA2
 from fastlm.models.gemma3 import GEMMA3_TEXT
 from fastlm.models.llama import LLAMA
 from fastlm.models.mistral import MISTRAL
-from fastlm.models.patch import fused_report, is_patched, patch_model, patch_state, unpatch_model
+from fastlm.models.patch import (
+    FusedReport,
+    fused_report,
+    is_patched,
+    patch_model,
+    patch_state,
+    unpatch_model,
+)
 from fastlm.models.qwen import QWEN2, QWEN3
 from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
@@ -66,6 +73,7 @@ __all__ = [
     "SPECS",
     "ArchitectureSpec",
     "EncoderSpec",
+    "FusedReport",
     "PromptStyle",
     "check_finite_weights",
     "embedding_pooling",

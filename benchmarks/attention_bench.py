@@ -96,7 +96,7 @@ def _attention_fns(args, fa, torch):
     def eager(q, k, v):
         s = q.shape[2]
         if s not in masks:  # transformers' eager mask: (B, 1, S, S) additive, in the model dtype
-            keep = fa._keep_pattern(s, True, window, q.device)
+            keep = fa.keep_pattern(s, True, window, q.device)
             m = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
             masks[s] = m.masked_fill(~keep, torch.finfo(q.dtype).min).expand(q.shape[0], 1, s, s)
         out, _ = eager_attention_forward(
@@ -194,7 +194,9 @@ def _model_step(args, fa, torch) -> list[dict]:
     model.train()
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.model_seq), generator=gen).cuda()
-    name = fa.register_fastlm_attention()
+    from fastlm.models.attention import register_fastlm_attention
+
+    name = register_fastlm_attention()
     rows, losses = [], {}
     for system in ("eager", "fastlm"):
         model.set_attn_implementation("eager" if system == "eager" else name)

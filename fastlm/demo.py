@@ -8,6 +8,9 @@ adapter (plain PEFT) plus ``demo_summary.json``. Everything stays local: no netw
     fastlm demo --steps 2 --batch-size 2 --eval-prompts 2 --max-new-tokens 8   # smoke test
 
 The data helpers (``build_example``, ``collate``) are importable for tests and other scripts.
+``fastlm --help`` imports this module to build its parser, and must not load torch: torch and the
+fastlm modules that load it (``fastlm.FastModel``, ``fastlm.loading``: seconds) are imported
+inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastlm.data import demo_prompts, format_check, load_demo_dataset
+from fastlm.real_models import GEMMA3_270M, GEMMA_CHAT_TEMPLATE, cache_dir, gemma3_270m_path
 
 logger = logging.getLogger("fastlm")
 
@@ -116,8 +122,6 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
 
 def training_examples(tokenizer, max_seq_length: int) -> list[dict]:
     """The bundled train split (480 records) as token ids + masked labels."""
-    from fastlm.data import load_demo_dataset
-
     examples = [
         build_example(tokenizer, rec["messages"], max_seq_length)
         for rec in load_demo_dataset("train")
@@ -152,7 +156,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     """Greedy answers for ``prompts`` (user turns), in one left-padded batch."""
     import torch
 
-    from fastlm import FastModel
+    from fastlm import FastModel  # lazy: start-up (module doc)
 
     FastModel.for_inference(model)
     side = tokenizer.padding_side
@@ -192,7 +196,7 @@ def train(model, examples: list[dict], config: DemoConfig, steps: int, pad_token
     import torch
     from tqdm.auto import tqdm
 
-    from fastlm import FastModel
+    from fastlm import FastModel  # lazy: start-up (module doc)
 
     FastModel.for_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     device = next(model.parameters()).device
@@ -305,23 +309,9 @@ def _sentence(prompt: str) -> str:
 # --------------------------------------------------------------------------- the demo
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastlm demo: --device cuda but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise SystemExit(f"fastlm demo: unknown --device {device!r} (auto, cpu or cuda)")
-    return device
-
-
 def _model_path(config: DemoConfig, console: _Console) -> str:
     if config.model:
         return config.model
-    from fastlm.real_models import GEMMA3_270M, cache_dir, gemma3_270m_path
-
     cached = cache_dir() / GEMMA3_270M / "model.safetensors"
     if not cached.exists():
         console.status(
@@ -335,8 +325,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the whole demo; returns (and writes) the summary dict."""
     import torch
 
-    from fastlm import FastModel
-    from fastlm.data import demo_prompts, format_check
+    from fastlm import FastModel  # lazy: start-up (module doc)
+    from fastlm.loading.device import resolve_device  # lazy: start-up (module doc)
 
     console = _Console()
     wall_start = time.perf_counter()
@@ -359,8 +349,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     if tokenizer is None:
         raise SystemExit(f"fastlm demo: {path} has no tokenizer files")
     if tokenizer.chat_template is None:
-        from fastlm.real_models import GEMMA_CHAT_TEMPLATE
-
         console.status("the tokenizer has no chat template: using Gemma's turn format")
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")

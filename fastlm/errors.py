@@ -19,6 +19,10 @@ class UnsupportedDtypeError(FastLMError, ValueError):
     """The requested dtype cannot run on the device."""
 
 
+class UnavailableDeviceError(FastLMError, ValueError):
+    """The requested device is not there (CUDA without a GPU) or is not one fastlm runs on."""
+
+
 class SequenceTooLongError(FastLMError, ValueError):
     """A batch is longer than the ``max_seq_length`` the model was loaded with."""
 

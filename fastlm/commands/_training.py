@@ -4,8 +4,9 @@ The settings and summary files, the range checks, the training rows of ``embed``
 model loading (its status lines, errors, checkpointing choice and LoRA), the trainer arguments
 they set the same way, the progress bar (and a token count for trainers that log none), training
 (stopped at a step's end by Ctrl-C / SIGTERM) with its statistics (and before / after metrics),
-and the summary and metrics tables. Imports of torch / transformers stay inside the functions:
-the command modules import this one to build the parser.
+and the summary and metrics tables. Imports of torch / transformers, and of the fastlm modules
+that load them, stay inside the functions: the command modules import this one to build the
+parser (see ``fastlm.commands``).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def training_rows(console: Console, args: argparse.Namespace, demo_data, kind=No
     ``kind(data)`` names them (default: ``data.kind``); ``held_out`` is None. Without ``--data``,
     ``demo_data(max_samples)``: the built-in set and its held-out part.
     """
-    from fastlm.embeddings.data import load_embedding_data
+    from fastlm.embeddings.data import load_embedding_data  # lazy: start-up (module doc)
 
     if args.data is None:
         data, held_out = demo_data(args.max_samples)

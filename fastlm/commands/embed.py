@@ -22,10 +22,10 @@ from fastlm.commands import (
     Console,
     _training,
     check_model_folder,
-    resolve_device,
     resolve_torch_dtype,
 )
 from fastlm.commands._common_args import add_flags, add_group, data_dependent_defaults
+from fastlm.data.formats import DataFormatError
 
 if TYPE_CHECKING:
     from fastlm.embeddings.data import EmbeddingData
@@ -175,8 +175,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _check_data_for_loss(data: EmbeddingData, loss: str, flag: str) -> None:
     """The rows must suit the loss: labels for the pair losses, none for InfoNCE."""
-    from fastlm.data.formats import DataFormatError
-
     where = str(data.files[0]) if data.files else flag
     if loss in RETRIEVAL_LOSSES and data.labelled:
         raise CommandError(
@@ -254,7 +252,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def make_loss(args: argparse.Namespace):
     """The loss module ``--loss`` and its flags describe."""
-    from fastlm.embeddings import (
+    from fastlm.embeddings import (  # lazy: start-up (fastlm.commands doc)
         ContrastiveLoss,
         CosineSimilarityLoss,
         GradCacheInfoNCELoss,
@@ -305,7 +303,8 @@ def _describe_loss(args: argparse.Namespace) -> str:
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the summary that is also written to embed_summary.json."""
-    from fastlm.embeddings.data import load_embedding_data
+    from fastlm.embeddings.data import load_embedding_data  # lazy: start-up (fastlm.commands doc)
+    from fastlm.loading.device import resolve_device  # lazy: start-up (fastlm.commands doc)
 
     console = Console()
     wall_start = time.perf_counter()
@@ -367,8 +366,8 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _demo_data(max_samples: int | None):
-    from fastlm.embeddings.data import EmbeddingData
-    from fastlm.embeddings.demo_data import retrieval_demo
+    from fastlm.embeddings.data import EmbeddingData  # lazy: start-up (fastlm.commands doc)
+    from fastlm.embeddings.demo_data import retrieval_demo  # lazy: start-up (fastlm.commands doc)
 
     demo = retrieval_demo()
     rows = demo["train"][:max_samples] if max_samples else demo["train"]
@@ -394,7 +393,7 @@ def default_model_path() -> str:
 
 
 def _load_model(args, device: str, dtype, console: Console):
-    from fastlm.embeddings import load_embedding_model
+    from fastlm.embeddings import load_embedding_model  # lazy: start-up (fastlm.commands doc)
 
     model_path = args.model or default_model_path()
     merged = "merged model/ folder that fastlm embed writes"
@@ -415,7 +414,7 @@ def _load_model(args, device: str, dtype, console: Console):
 
 
 def _evaluate(model, held_out, console: Console, when: str) -> dict[str, float]:
-    from fastlm.embeddings import evaluate_retrieval
+    from fastlm.embeddings import evaluate_retrieval  # lazy: start-up (fastlm.commands doc)
 
     console.status(f"retrieval metrics {when} ...")
     queries, corpus, relevant = held_out
@@ -423,7 +422,7 @@ def _evaluate(model, held_out, console: Console, when: str) -> dict[str, float]:
 
 
 def _trainer(model, rows: list[dict], loss, args, knobs: dict, device: str):
-    from fastlm.embeddings import EmbeddingTrainer
+    from fastlm.embeddings import EmbeddingTrainer  # lazy: start-up (fastlm.commands doc)
 
     def count(inputs) -> int:  # the real (non-padding) tokens of a batch's texts
         texts = [inputs[key] for key in ("query", "response", "rejected") if key in inputs]

@@ -23,7 +23,6 @@ from fastlm.commands import (
     export_dtype,
     format_seconds,
     hub_hint,
-    resolve_device,
 )
 from fastlm.commands._common_args import add_flags
 
@@ -129,13 +128,14 @@ def _base_path(args: argparse.Namespace) -> str:
 
 def _check_output(args: argparse.Namespace, base_path: str) -> Path:
     """Refuse an --output-dir that is a file, read-only, or one of the folders the export reads."""
-    from fastlm.export import check_target
+    from fastlm.export import check_target  # lazy: start-up (fastlm.commands doc)
 
     return check_target(args.output_dir, inputs=[args.adapter, base_path])
 
 
 def _load(base_path: str, args: argparse.Namespace, console: Console):
-    from fastlm import FastModel
+    from fastlm import FastModel  # lazy: start-up (fastlm.commands doc)
+    from fastlm.loading.device import resolve_device  # lazy: start-up (fastlm.commands doc)
 
     device = resolve_device(args.device)
     # Loaded in the device's compute dtype (fp32 on CPU); --dtype applies to the written weights.
@@ -191,6 +191,7 @@ def _has_tokenizer(folder: str) -> bool:
 def _export(model, tokenizer, args, base_path: str, output: Path) -> list[str]:
     import torch
 
+    # lazy: start-up (fastlm.commands doc)
     from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     try:

@@ -26,10 +26,10 @@ from fastlm.commands import (
     check_model_folder,
     default_model_path,
     export_dtype,
-    resolve_device,
     resolve_torch_dtype,
 )
 from fastlm.commands._common_args import add_flags, add_group, data_dependent_defaults
+from fastlm.data.formats import DataFormatError
 
 EXAMPLES = """\
 examples:
@@ -159,8 +159,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _check_data(data, loss: str | None, flag: str) -> str:
     """Labels in [0, 1] and rows that suit the loss; returns the loss (``None``: picked here)."""
-    from fastlm.data.formats import DataFormatError
-
     for row, where in zip(data.rows, data.locations):
         label = row.get("label")
         if label is not None and not 0.0 <= label <= 1.0:
@@ -222,8 +220,8 @@ def ranking_groups(data) -> list[tuple[str, list[str], set[int]]]:
 
 def _demo_data(max_samples: int | None):
     """The built-in set: each question's answer against its paraphrase and another answer."""
-    from fastlm.embeddings.data import EmbeddingData
-    from fastlm.embeddings.demo_data import retrieval_demo
+    from fastlm.embeddings.data import EmbeddingData  # lazy: start-up (fastlm.commands doc)
+    from fastlm.embeddings.demo_data import retrieval_demo  # lazy: start-up (fastlm.commands doc)
 
     demo = retrieval_demo()
     train = demo["train"]
@@ -259,6 +257,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def make_loss(loss: str, temperature: float | None):
     """The ``RerankLoss`` module of ``--loss`` and ``--temperature``."""
+    # lazy: start-up (fastlm.commands doc)
     from fastlm.embeddings import ListwiseRerankLoss, PointwiseRerankLoss
 
     if loss == "listwise":
@@ -278,7 +277,8 @@ def _describe_loss(loss) -> str:
 
 def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the summary that is also written to rerank_summary.json."""
-    from fastlm.embeddings.data import load_embedding_data
+    from fastlm.embeddings.data import load_embedding_data  # lazy: start-up (fastlm.commands doc)
+    from fastlm.loading.device import resolve_device  # lazy: start-up (fastlm.commands doc)
 
     console = Console()
     wall_start = time.perf_counter()
@@ -337,6 +337,7 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _templates() -> dict:
+    # lazy: start-up (fastlm.commands doc)
     from fastlm.embeddings import GEMMA_RERANKER_TEMPLATE, QWEN3_RERANKER_TEMPLATE
 
     return {"qwen3": QWEN3_RERANKER_TEMPLATE, "gemma": GEMMA_RERANKER_TEMPLATE}
@@ -352,7 +353,7 @@ def _pick_template(reranker, choice: str, model_path: str, instruction: str | No
     """``--template`` and ``--instruction`` as a ``RerankerTemplate`` (see the flags' help)."""
     import dataclasses
 
-    from fastlm.embeddings.reranker import TEMPLATE_FILE
+    from fastlm.embeddings.reranker import TEMPLATE_FILE  # lazy: start-up (fastlm.commands doc)
 
     templates = _templates()
     if choice != "auto":
@@ -369,7 +370,7 @@ def _pick_template(reranker, choice: str, model_path: str, instruction: str | No
 
 
 def _load_model(args, device: str, dtype, console: Console):
-    from fastlm.embeddings import FastReranker
+    from fastlm.embeddings import FastReranker  # lazy: start-up (fastlm.commands doc)
 
     model_path = args.model or default_model_path(console)
     check_model_folder(
@@ -401,6 +402,7 @@ def _evaluate(reranker, groups, console: Console, when: str) -> dict[str, float]
     """
     import torch
 
+    # lazy: start-up (fastlm.commands doc)
     from fastlm.embeddings.evaluation import retrieval_metrics
 
     console.status(f"ranking metrics {when} ...")
@@ -424,7 +426,7 @@ def _evaluate(reranker, groups, console: Console, when: str) -> dict[str, float]
 
 
 def _trainer(reranker, rows: list[dict], loss, args, knobs: dict, device: str):
-    from fastlm.embeddings import RerankerTrainer
+    from fastlm.embeddings import RerankerTrainer  # lazy: start-up (fastlm.commands doc)
 
     def count(inputs) -> int:  # the real (non-padding) tokens of a batch's pairs
         return int(inputs["attention_mask"].sum())

@@ -21,11 +21,12 @@ from fastlm.commands import (
     _training,
     default_model_path,
     export_dtype,
-    resolve_device,
     resolve_torch_dtype,
     write_json,
 )
 from fastlm.commands._common_args import add_flags, add_group
+from fastlm.data.formats import FORMATS, TRAIN_ON, load_data, sft_rows
+from fastlm.real_models import GEMMA_CHAT_TEMPLATE
 
 EXAMPLES = """\
 examples:
@@ -60,8 +61,6 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastlm sft`` flags, in groups (the ones ``fastlm embed`` has too: _common_args)."""
-    from fastlm.data.formats import FORMATS, TRAIN_ON
-
     add_flags(parser, "--config")
     group = parser.add_argument_group("model")
     add_flags(
@@ -174,8 +173,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the summary that is also written to sft_summary.json."""
-    from fastlm.data.formats import load_data
-
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
@@ -189,6 +186,9 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     )
     if eval_data is not None:
         console.status(f"eval data: {len(eval_data)} {eval_data.format} records")
+
+    # lazy: start-up (fastlm.commands doc); here, so that bad data fails before torch loads
+    from fastlm.loading.device import resolve_device
 
     device = resolve_device(args.device)
     dtype = resolve_torch_dtype(args.dtype, device)
@@ -234,7 +234,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_model(args, model_path: str, max_length: int, device: str, dtype, console: Console):
-    from fastlm import FastModel
+    from fastlm import FastModel  # lazy: start-up (fastlm.commands doc)
 
     folder = Path(model_path)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
@@ -302,8 +302,6 @@ CHATML_TEMPLATE = (
 
 def _chat_template(value: str) -> str:
     """--chat-template: a built-in name, a file, or the template text itself."""
-    from fastlm.real_models import GEMMA_CHAT_TEMPLATE
-
     builtin = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_CHAT_TEMPLATE}
     if value in builtin:
         return builtin[value]
@@ -316,8 +314,6 @@ def _chat_template(value: str) -> str:
 
 def _to_dataset(data, tokenizer, args):
     from datasets import Dataset
-
-    from fastlm.data.formats import sft_rows
 
     has_template = getattr(tokenizer, "chat_template", None) is not None
     return Dataset.from_list(sft_rows(data, has_template, args.train_on))
@@ -360,6 +356,7 @@ def _quiet_datasets() -> None:
 
 
 def _save(model, tokenizer, args, model_path: str, output_dir: Path, console: Console) -> dict:
+    # lazy: start-up (fastlm.commands doc)
     from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     outputs: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastlm.embeddings.pooling import Dense
+from fastlm.versions import installed_version
 
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
@@ -223,8 +224,6 @@ def _read_dense(folder: str) -> Dense:
 
 def _versions() -> dict:
     import transformers
-
-    from fastlm.versions import installed_version
 
     found = {
         "sentence_transformers": installed_version("sentence-transformers") or "5.0.0",

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastlm.export import gguf_quants
+from fastlm.export._atomic import check_free_disk, check_target, export_into
 from fastlm.export.merged import (
     check_plain_lora,
     input_folders,
@@ -67,8 +69,6 @@ def save_pretrained_gguf(
     """
     import gguf
 
-    from fastlm.export._atomic import check_free_disk, check_target, export_into
-
     methods = [quantization_method] if isinstance(quantization_method, str) else quantization_method
     if not methods:
         raise ValueError(f"quantization_method is empty; give one or more of {METHODS}")
@@ -99,6 +99,8 @@ def save_pretrained_gguf(
 
 def _gguf_spec(config):
     """The family's ``ArchitectureSpec``; a ValueError naming the exportable model types else."""
+    # fastlm.models loads transformers and peft (~3 s more); fastlm.export alone loads torch only,
+    # lazy: so that `fastlm export` refuses a bad --output-dir before paying for them
     from fastlm.models import SPECS
 
     spec = SPECS.get(getattr(config, "model_type", None))
@@ -193,7 +195,7 @@ def _to_llama_cpp_layout(
 
 
 def _rope(config) -> dict:
-    from fastlm.models.gguf_limits import rope_parameters
+    from fastlm.models.gguf_limits import rope_parameters  # lazy: as in _gguf_spec
 
     return rope_parameters(config)
 
@@ -226,11 +228,9 @@ def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
     """
     import gguf
 
-    from fastlm.export.gguf_quants import METHOD_TYPES, encode_tensor, llama_cpp_tensor_type
-
-    if method in METHOD_TYPES:
-        qtype = llama_cpp_tensor_type(name, tuple(tensor.shape), method, **mixture)
-        return encode_tensor(tensor, qtype)
+    if method in gguf_quants.METHOD_TYPES:
+        qtype = gguf_quants.llama_cpp_tensor_type(name, tuple(tensor.shape), method, **mixture)
+        return gguf_quants.encode_tensor(tensor, qtype)
     array = tensor.detach().cpu().numpy()
     if array.ndim < 2:
         return array.astype(np.float32), None
@@ -269,13 +269,11 @@ def _write_gguf(base, model, arch, vocab: dict, tokenizer, method: str, target: 
 
 def _mixture_context(arch, config) -> dict:
     """What llama-quantize's type choice reads besides a tensor's name and shape."""
-    from fastlm.export.gguf_quants import is_70b
-
     return {
         "n_layers": config.num_hidden_layers,
         # no output.weight is written for tied embeddings: llama.cpp then treats token_embd so
         "tied": bool(getattr(config, "tie_word_embeddings", False)),
-        "is_70b": is_70b(arch.name, config),
+        "is_70b": gguf_quants.is_70b(arch.name, config),
     }
 
 

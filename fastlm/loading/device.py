@@ -2,13 +2,16 @@
 
 device, dtype, device_map = placement(device_map="auto", dtype=None)
 # -> ("cuda", torch.bfloat16, "auto") on a bf16 GPU; ("cpu", torch.float32, None) without one
+device = resolve_device("auto")  # a ``--device`` value of the commands -> "cuda" or "cpu"
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastlm.errors import UnsupportedDtypeError
+from fastlm.errors import UnavailableDeviceError, UnsupportedDtypeError
+
+DEVICES = ("auto", "cpu", "cuda")  # what ``resolve_device`` accepts
 
 
 def target_device(device_map) -> str:
@@ -17,6 +20,24 @@ def target_device(device_map) -> str:
     if device_map in ("cpu", {"": "cpu"}) or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
+
+
+def resolve_device(name: str) -> str:
+    """A ``--device`` value (one of ``DEVICES``) as the device to run on: "auto" is "cuda" when
+    torch sees a GPU, else "cpu". Usage: ``resolve_device("auto")``.
+
+    "cuda" without a GPU, or a name not in ``DEVICES``, raises ``UnavailableDeviceError``, which
+    the ``fastlm`` command prints as one line.
+    """
+    if name not in DEVICES:
+        raise UnavailableDeviceError(f"unknown --device {name!r} (auto, cpu or cuda)")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UnavailableDeviceError(
+            "--device cuda, but torch sees no CUDA device (try --device cpu)"
+        )
+    return name
 
 
 def resolve_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:

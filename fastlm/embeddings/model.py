@@ -408,40 +408,15 @@ def load_embedding_model(
         **kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(body_path, trust_remote_code=trust_remote_code)
-    config = backbone.config
-    model_type = config.model_type
-    decoder, encoder = SPECS.get(model_type), encoder_spec(model_type)
-    bidirectional = decoder.bidirectional_attention_attr if decoder else None
-    if bidirectional and not getattr(config, bidirectional, False):
-        logger.warning(
-            "%s: %s with causal attention; its embedding models use bidirectional attention "
-            "(pass %s=True to turn the LM into an encoder)",
-            model_name,
-            decoder.family,
-            bidirectional,
-        )
+    model_type = backbone.config.model_type
+    _warn_if_causal(backbone.config, model_name)
     if pooling is None:
         pooling = (layout.pooling if layout else None) or embedding_pooling(model_type)
         if layout is None or layout.pooling is None:
             logger.info("%s: no pooling configured; using %r", model_name, pooling)
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit and encoder is not None:
-        limit -= encoder.reserved_positions  # RoBERTa's learned positions start after padding_idx
-    if max_seq_length is None:
-        max_seq_length = layout.max_seq_length if layout and layout.max_seq_length else 2048
-        max_seq_length = min(max_seq_length, limit) if limit else max_seq_length
-    elif limit and max_seq_length > limit and encoder is not None:
-        # Learned absolute positions: longer inputs would index past the position table.
-        logger.warning(
-            "%s: max_seq_length=%d exceeds the model's %d positions; using %d",
-            model_name,
-            max_seq_length,
-            limit,
-            limit,
-        )
-        max_seq_length = limit
+    max_seq_length = _max_seq_length(backbone.config, layout, max_seq_length, model_name)
     if use_fastlm_kernels and model_type in models.SPECS:
-        spec = models.spec_for(config)
+        spec = models.spec_for(backbone.config)
         models.patch_model(backbone, spec, max_seq_length, check_finite_loss=check_finite_loss)
     elif check_finite_loss:  # an unpatched body (BERT...) gets the NaN/inf gradient guard alone
         models.install_finite_guard(backbone)
@@ -485,6 +460,37 @@ def load_embedding_model(
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _warn_if_causal(config, model_name: str) -> None:
+    """A decoder family whose embedding models attend both ways, loaded with causal attention."""
+    decoder = SPECS.get(config.model_type)
+    bidirectional = decoder.bidirectional_attention_attr if decoder else None
+    if bidirectional and not getattr(config, bidirectional, False):
+        logger.warning(
+            "%s: %s with causal attention; its embedding models use bidirectional attention "
+            "(pass %s=True to turn the LM into an encoder)",
+            model_name, decoder.family, bidirectional,
+        )  # fmt: skip
+
+
+def _max_seq_length(config, layout, asked: int | None, model_name: str) -> int:
+    """The longest input: as asked, else the Sentence-Transformers folder's, else 2048; never
+    past an encoder's learned position table (longer inputs would index past it)."""
+    encoder = encoder_spec(config.model_type)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and encoder is not None:
+        limit -= encoder.reserved_positions  # RoBERTa's learned positions start after padding_idx
+    if asked is None:
+        asked = layout.max_seq_length if layout and layout.max_seq_length else 2048
+        return min(asked, limit) if limit else asked
+    if limit and asked > limit and encoder is not None:
+        logger.warning(
+            "%s: max_seq_length=%d exceeds the model's %d positions; using %d",
+            model_name, asked, limit, limit,
+        )  # fmt: skip
+        return limit
+    return asked
 
 
 # Other frameworks' exports, left out of a Hub download.

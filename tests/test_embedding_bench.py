@@ -1,4 +1,5 @@
-"""CPU smoke test of the embedding benchmark (benchmarks/embedding_bench.py), tiny Qwen3 shape.
+"""CPU smoke test of the embedding benchmark (fastlm.benchmarking.embedding_bench, and the
+checkout's benchmarks/embedding_bench.py around it), tiny Qwen3 shape.
 
 The systems' children run in this process (imports already paid) on one cached checkpoint; one
 end-to-end run goes through the parent and a child process as on the GPU machine.
@@ -21,6 +22,11 @@ TINY_LORA_PARAMS = 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
 
 
 def _bench():
+    return importlib.import_module("fastlm.benchmarking.embedding_bench")
+
+
+def _script():
+    """benchmarks/embedding_bench.py, imported as a module."""
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     return importlib.import_module("embedding_bench")
@@ -140,7 +146,7 @@ def test_end_to_end_in_a_child_process(checkpoint, tmp_path, capsys):
         "--seq", "8", "--batch", "2", "--out", str(out), "--cache", str(checkpoint["cache"]),
         "--child-timeout", "300",
     ]  # fmt: skip
-    assert bench.main(argv) == 0
+    assert _script().main(argv) == 0
     stdout = capsys.readouterr().out
     assert stdout.rstrip().splitlines()[-1].startswith(f"| {TINY} | fastlm |")
     payload = json.loads((out / "results.json").read_text())
@@ -152,3 +158,26 @@ def test_end_to_end_in_a_child_process(checkpoint, tmp_path, capsys):
     assert payload["checkpoints"][TINY]["reused"] is True
     assert (out / "results.md").read_text().startswith(bench.TITLE)
     assert (out / "results.png").stat().st_size > 0
+
+
+def test_unsloth_is_skipped_when_it_does_not_import(checkpoint, monkeypatch):
+    bench = _bench()
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # import fails
+    rec = bench.child_main(_spec(checkpoint, "unsloth"))
+    assert rec["status"] == "skipped" and "import unsloth failed" in rec["reason"]
+    assert rec["versions"]["torch"]
+
+
+def test_full_fine_tuning_trains_every_weight_and_agrees(checkpoint):
+    bench = _bench()
+    records = {
+        system: bench.child_main({**_spec(checkpoint, system), "mode": "full"})
+        for system in ("hf", "fastlm")
+    }
+    n_weights = None
+    for system, rec in records.items():
+        assert rec["status"] == "ok", (system, rec.get("error"), rec.get("traceback"))
+        assert rec["mode"] == "full" and rec["trainable_params"] > 2 * TINY_LORA_PARAMS
+        n_weights = n_weights or rec["trainable_params"]
+        assert rec["trainable_params"] == n_weights
+    assert records["fastlm"]["step0_loss"] == pytest.approx(records["hf"]["step0_loss"], rel=1e-4)

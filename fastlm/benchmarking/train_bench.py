@@ -159,12 +159,17 @@ def child_main(spec: dict) -> dict:
 # Parent.
 # --------------------------------------------------------------------------------------------
 def run_child(
-    spec: dict, log_path: Path, timeout: float, cuda: bool, script: Path | None = None
+    spec: dict,
+    log_path: Path,
+    timeout: float,
+    cuda: bool,
+    script: Path | None = None,
+    module: str = MODULE,
 ) -> dict:
-    """Run one child process of ``script`` (default: this module; it must take --child and
-    --record); turn a crash or a timeout into an error record."""
+    """Run one child process of ``script``, else of ``python -m module`` (default: this module;
+    it must take --child and --record); turn a crash or a timeout into an error record."""
     record_path = log_path.with_suffix(".record.json")
-    entry = ["-m", MODULE] if script is None else [str(script)]
+    entry = ["-m", module] if script is None else [str(script)]
     cmd = [sys.executable, *entry, "--child", json.dumps(spec)]
     cmd += ["--record", str(record_path)]
     t0 = time.perf_counter()

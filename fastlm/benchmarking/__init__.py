@@ -2,6 +2,10 @@
 
     train_bench   the harness: the parent (checkpoints, one child per shape and system, the
                   outputs) and the child (load, make LoRA, time the loop); ``python -m``-able
+    embedding_bench  the same for embedding fine-tuning (InfoNCE; LoRA or full; with Unsloth's
+                  FastSentenceTransformer)
+    sft_bench     TRL's SFTTrainer as a user runs it, timed by a TrainerCallback
+    suite         every row of a table (issue 15's) in one command, in resumable parts
     shapes        the benchmarked architectures, plain data (``SHAPES``)
     checkpoint    the random-init checkpoint every system loads
     systems       how each system (hf, fastlm, liger, unsloth) becomes a LoRA model

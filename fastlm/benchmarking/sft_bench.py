@@ -6,7 +6,7 @@
 
 Not the bare reference loop of train_bench: each child does what the seed scripts do,
 
-    model, tok = <System>.from_pretrained(dir, max_seq_length=seq, dtype=bf16)
+    model, tok = <System>.from_pretrained(dir, max_seq_length=seq, dtype=bf16, load_in_4bit=False)
     model = <System>.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
                                     target_modules=<the seven>, random_state=3407,
                                     use_gradient_checkpointing="unsloth")
@@ -82,7 +82,10 @@ SEED_SETTINGS = {
 def _load_fast(api, ctx: Ctx):
     """Unsloth's or fastlm's FastLanguageModel: from_pretrained, then get_peft_model with the
     "unsloth" checkpointing, as the seed scripts pass it."""
-    model, tokenizer = api.from_pretrained(ctx.path, max_seq_length=ctx.seq, dtype=ctx.dtype)
+    # load_in_4bit=False said outright: Unsloth's default is True, this row is 16-bit LoRA.
+    model, tokenizer = api.from_pretrained(
+        ctx.path, max_seq_length=ctx.seq, dtype=ctx.dtype, load_in_4bit=False
+    )
     model = _to_device(model, ctx)
     model = api.get_peft_model(model, **_peft_kwargs("unsloth"))
     return _to_device(model, ctx), tokenizer

@@ -293,11 +293,12 @@ def _force_cuda_path(counter: LaunchCounter):
 
     mm_to = lora_weights._mm_to
 
-    def cuda_mm_to(a, b, out_dtype):
+    def cuda_mm_to(a, b, out_dtype, alpha=1.0):
         if a.dtype != out_dtype and out_dtype == torch.float32 and a.dtype in lora_weights._HALF:
-            with counter.as_one("mm"):  # CUDA: one mm(out_dtype=float32)
-                return mm_to(a, b, out_dtype)
-        return mm_to(a, b, out_dtype)
+            with counter.as_one("mm"):  # CUDA: one mm(out_dtype=float32), then alpha apart
+                out = mm_to(a, b, out_dtype)
+            return out if alpha == 1.0 else out.mul_(alpha)
+        return mm_to(a, b, out_dtype, alpha)
 
     undo.append((lora_weights, "_mm_to", mm_to))
     lora_weights._mm_to = cuda_mm_to

@@ -1,14 +1,17 @@
 """Gated LoRA MLP as one autograd.Function: out = down(act(gate(x)) * up(x)).
 
 Forward: e = gate(x), g = up(x), h = act(e) * g, out = down(h), each projection
-Y = X W^T + b + s (X A^T) B^T (see lora_weights.py for its gradients).
-Saved: x, e, g, the small (N, r) products X A^T, H A^T, and the weights and adapters as cast
-once to the compute dtype in forward -- never h, which the fused activation backward recomputes.
+Y = X W^T + b + s (X A^T) B^T. gate and up read the same x: one group in lora_weights.py (their
+two A products one GEMM, and in backward their dA's one GEMM and dx's LoRA part another); down
+is a group of one over h. All six adapters are cast in one cat and one cast.
+Saved: x, e, g, the small products c·X [A_g; A_u]^T (N, r_g + r_u) and s·H A_d^T, and the
+weights and adapters as cast once to the compute dtype in forward -- never h, which the fused
+activation backward recomputes.
 Backward:
-    dh          = down-backward(dOut)                 (dOut W_d + s (dOut B_d) A_d)
+    dh, S_d     = down-backward(dOut)                 (dOut W_d + S_d A_d, S_d = s_d dOut B_d)
     h, de, dg   = act_backward(dh, e, g)              (in place in the buffers of dh, e, g)
-    down grads  from dOut and the recomputed h
-    dx          = gate-backward(de) + up-backward(dg)
+    down grads  from dOut, the recomputed h and S_d
+    dx          = gate/up-backward(de, dg)            (one buffer, see group_backward)
 Because the activation backward overwrites the saved e and g, a second backward through the same
 graph (retain_graph=True) is refused by autograd's version check instead of giving wrong grads.
 """
@@ -20,13 +23,16 @@ from torch import Tensor
 
 from fastlm.autograd.lora_weights import (
     NO_GRADS,
+    Group,
     LoRAWeights,
     cast_projections,
     compute_dtype,
     flatten_weights,
-    grad_input,
-    grad_params,
-    lora_forward,
+    group_backward,
+    group_forward,
+    group_grad_input,
+    group_grad_params,
+    saved_group,
 )
 from fastlm.kernels.geglu import geglu_backward, geglu_forward
 from fastlm.kernels.swiglu import swiglu_backward, swiglu_forward
@@ -35,6 +41,8 @@ _ACTIVATIONS = {
     "swiglu": (swiglu_forward, swiglu_backward),
     "geglu": (geglu_forward, geglu_backward),
 }
+_GATE_UP, _DOWN = 2, 1  # the two groups: (gate, up) over x, (down) over h
+_N_SAVED = 1 + 3 * _GATE_UP  # saved_group of gate/up: a_cat, then W, A, B per projection
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -45,26 +53,27 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        cast, saved, ctx.dtypes, ctx.quant_states = cast_projections(flat, dtype)
+        gate_up, down = cast_projections(flat, dtype, groups=(_GATE_UP, _DOWN))
         scalings = flat[4::5]
-        e, xa_gate = lora_forward(x2, *cast[0:4], scalings[0])
-        g, xa_up = lora_forward(x2, *cast[4:8], scalings[1])
+        (e, g), xa_gu, xa_scale_gu = group_forward(x2, gate_up, scalings[:2])
         h = act_fwd(e, g)
-        out, ha_down = lora_forward(h, *cast[8:12], scalings[2])
+        (out,), ha_down, xa_scale_d = group_forward(h, down, scalings[2:])
         del h  # not saved: recomputed in backward
-        ctx.save_for_backward(x2, e, g, xa_gate, xa_up, ha_down, *saved)
-        ctx.scalings, ctx.activation, ctx.dtype = scalings, activation, dtype
+        ctx.save_for_backward(x2, e, g, xa_gu, ha_down, *saved_group(gate_up), *saved_group(down))
+        ctx.groups = [
+            (gate_up.quant_states, gate_up.dtypes, scalings[:2], xa_scale_gu),
+            (down.quant_states, down.dtypes, scalings[2:], xa_scale_d),
+        ]
+        ctx.activation, ctx.dtype = activation, dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
-        x2, e, g, xa_gate, xa_up, ha_down, w_g, a_g, b_g, w_u, a_u, b_u, w_d, a_d, b_d = (
-            ctx.saved_tensors
-        )
-        s_g, s_u, s_d = ctx.scalings
-        q_g, q_u, q_d = ctx.quant_states
-        dtypes, nig = ctx.dtypes, ctx.needs_input_grad
+        x2, e, g, xa_gu, ha_down, *saved = ctx.saved_tensors
+        gate_up = Group.unpack(saved[:_N_SAVED], *ctx.groups[0])
+        down = Group.unpack(saved[_N_SAVED:], *ctx.groups[1])
+        nig = ctx.needs_input_grad
         need_gate, need_up, need_down = nig[2:6], nig[7:11], nig[12:16]
         need_x = nig[0]
         need_inner = need_x or any(need_gate) or any(need_up)
@@ -73,10 +82,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         if dy.dtype != ctx.dtype:
             dy = dy.to(ctx.dtype)
 
-        dyb_d = None  # dOut B_d, shared by dh and dA_d
+        s_down = None  # s_d dOut B_d, shared by dh and dA_d
         if need_inner:
             # dh = dOut W_d + s_d (dOut B_d) A_d
-            dh, dyb_d = grad_input(dy, w_d, a_d, b_d, s_d, quant_state=q_d)
+            dh, s_down = group_grad_input([dy], down)
             # h -> dh's buffer, de -> e's, dg -> g's (matmul outputs, so contiguous unless a
             # saved-tensor hook changed them). Bump the versions of the saved e, g so a retained
             # graph cannot silently reuse them.
@@ -89,19 +98,14 @@ class LoRAMLPFunction(torch.autograd.Function):
             h = _ACTIVATIONS[ctx.activation][0](e, g)
         grads_down = NO_GRADS
         if need_any_down:
-            grads_down = grad_params(dy, h, ha_down, dyb_d, b_d, s_d, dtypes[8:12], need_down)
+            (grads_down,) = group_grad_params([dy], h, ha_down, down, [need_down], s_down)
 
         dx = None
         grads_gate = grads_up = NO_GRADS
-        if need_inner:
-            dyb_g = dyb_u = None
-            if need_x:  # dx = gate-backward(de) + up-backward(dg), in one buffer
-                dx, dyb_g = grad_input(de, w_g, a_g, b_g, s_g, quant_state=q_g)
-                dx, dyb_u = grad_input(dg, w_u, a_u, b_u, s_u, dx, quant_state=q_u)
-            if any(need_gate):
-                grads_gate = grad_params(de, x2, xa_gate, dyb_g, b_g, s_g, dtypes[0:4], need_gate)
-            if any(need_up):
-                grads_up = grad_params(dg, x2, xa_up, dyb_u, b_u, s_u, dtypes[4:8], need_up)
+        if need_inner:  # dx = gate-backward(de) + up-backward(dg), in one buffer
+            dx, (grads_gate, grads_up) = group_backward(
+                [de, dg], x2, xa_gu, gate_up, [need_gate, need_up], need_x
+            )
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
             if dx.dtype != ctx.x_dtype:

@@ -85,3 +85,20 @@ def test_mismatched_adapter_raises(device):
     bad = projs[0]._replace(lora_B=None)
     with pytest.raises(ValueError):
         lora_qkv(x, bad, projs[1], projs[2])
+
+
+def test_per_projection_ranks_and_scalings(device):
+    # PEFT rank/alpha patterns: the fused A product and dA GEMM span ranks 4, 2, 6 and the three
+    # scalings differ (the B products and dB's then carry their own)
+    gen = torch.Generator().manual_seed(6)
+    projs = []
+    for out_f, rank, scaling in zip((Q_OUT, KV_OUT, KV_OUT), (4, 2, 6), (2.0, 0.5, 1.0)):
+        p = lora_proj(out_f, HIDDEN, gen, device)
+        a = (torch.randn(rank, HIDDEN, generator=gen) * 0.3).to(device).requires_grad_()
+        b = (torch.randn(out_f, rank, generator=gen) * 0.3).to(device).requires_grad_()
+        projs.append(p._replace(lora_A=a, lora_B=b, scaling=scaling))
+    x = torch.randn(*X_SHAPE, generator=gen).to(device).requires_grad_()
+    d_outs = [
+        torch.randn(*X_SHAPE[:-1], p.weight.shape[0], generator=gen).to(device) for p in projs
+    ]
+    _check(x, projs, d_outs)

@@ -133,13 +133,18 @@ CAST_LAYOUTS = ["peft-bf16-base", "full-ft-fp32-base"]
 @pytest.mark.parametrize("layout", CAST_LAYOUTS)
 @pytest.mark.parametrize("op", OPS)
 def test_forward_casts_each_weight_once(op, layout, device):
+    # fp32 base weights one by one; the fp32 adapters all together, in one cast of their
+    # concatenation (a 1-D buffer of all their elements)
     x, projs = _make(op, device, layout, seed=2)
-    fp32 = [t for p in projs for t in (p.weight, p.lora_A, p.lora_B) if t.dtype == torch.float32]
-    py, copy = _CastCounter(_weight_shapes(projs)), _CopyCounter(_weight_shapes(projs))
+    fp32_bases = [p.weight for p in projs if p.weight.dtype == torch.float32]
+    adapters = [t for p in projs for t in (p.lora_A, p.lora_B)]
+    assert all(t.dtype == torch.float32 for t in adapters)
+    shapes = _weight_shapes(projs) | {(sum(t.numel() for t in adapters),)}
+    py, copy = _CastCounter(shapes), _CopyCounter(shapes)
     with torch.autocast(device_type=device, dtype=torch.bfloat16), py, copy:
         _fused(op, x, projs)
-    assert len(copy.calls) == len(fp32) > 0, copy.calls  # each fp32 one once, and only those
-    assert len(py.calls) == len(fp32), py.calls  # and no no-op .to on the bf16 ones
+    assert len(copy.calls) == len(fp32_bases) + 1, copy.calls  # each fp32 one once
+    assert len(py.calls) == len(fp32_bases) + 1, py.calls  # and no no-op .to on the bf16 ones
 
 
 @pytest.mark.parametrize("layout", CAST_LAYOUTS)

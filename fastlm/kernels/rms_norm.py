@@ -162,11 +162,14 @@ class _RMSNormFunction(torch.autograd.Function):
         n_progs = _num_bwd_programs(n_rows, x2d.device)
         rows_per_prog = triton.cdiv(n_rows, n_progs)
         n_progs = triton.cdiv(n_rows, rows_per_prog)
-        # Zeroed: the chunked path accumulates into it, and a (1, n) dummy when dw is not wanted.
-        dw_partial = torch.zeros(
+        block, one_block, num_warps = _block_config(n_cols, ctx.max_block)
+        # Zeroed only where the kernel reads it: the chunked path accumulates into it. The
+        # one-block path stores each program's row once, and without dw the kernel never touches
+        # the (1, n) dummy: no fill kernel for those (one launch fewer per norm backward).
+        alloc = torch.zeros if compute_dw and not one_block else torch.empty
+        dw_partial = alloc(
             (n_progs if compute_dw else 1, n_cols), dtype=torch.float32, device=x2d.device
         )
-        block, one_block, num_warps = _block_config(n_cols, ctx.max_block)
         _rms_norm_bwd_kernel[(n_progs,)](
             dy2d, x2d, weight, rstd, dx, dw_partial, dy2d.stride(0), x2d.stride(0),
             dx.stride(0), n_rows, n_cols, ctx.offset, rows_per_prog,

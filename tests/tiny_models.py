@@ -17,6 +17,11 @@ from transformers import (
     Qwen3Config,
 )
 
+try:  # transformers >= 5.23 (gemma4); without it the Gemma 4 tests are skipped
+    from transformers import Gemma4TextConfig
+except ImportError:  # pragma: no cover
+    Gemma4TextConfig = None
+
 VOCAB = 131  # odd on purpose
 # Odd sizes shared by the Llama-shaped families (GQA 6/2, hidden 72, intermediate 100).
 _LLAMA_LIKE = dict(
@@ -43,6 +48,30 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+# Gemma 4 text: five layers, every kind present. Sliding layers have head_dim 24 and 2 kv heads,
+# full layers 40 and 1 (per_layer_config); full layers have k = v (no v_proj). The last two
+# layers reuse K/V (KV sharing: layer 3 reads what sliding layer 2 stored, layer 4 what full
+# layer 1 stored) and have double-wide MLPs; per-layer inputs (width 10) gate every layer.
+_GEMMA4_TEXT = dict(
+    _LLAMA_LIKE,
+    intermediate_size=90,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=24,
+    global_head_dim=40,
+    num_global_key_value_heads=1,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"]
+    + ["sliding_attention", "full_attention"],
+    attention_k_eq_v=True,
+    num_kv_shared_layers=2,
+    use_double_wide_mlp=True,
+    vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=10,
+    final_logit_softcapping=5.0,
+    tie_word_embeddings=True,
+)
 # model_type: (config class, its arguments)
 _CONFIGS = {
     "llama": (
@@ -81,6 +110,8 @@ _CONFIGS = {
         ),
     ),
 }
+if Gemma4TextConfig is not None:
+    _CONFIGS["gemma4_text"] = (Gemma4TextConfig, _GEMMA4_TEXT)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"

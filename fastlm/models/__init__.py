@@ -13,6 +13,7 @@ from fastlm.models.finite import check_finite_weights, nonfinite_tensors
 from fastlm.models.finite_guard import install_finite_guard, verify_finite
 from fastlm.models.gemma import GEMMA, GEMMA2
 from fastlm.models.gemma3 import GEMMA3_TEXT
+from fastlm.models.gemma4 import GEMMA4_TEXT
 from fastlm.models.llama import LLAMA
 from fastlm.models.mistral import MISTRAL
 from fastlm.models.patch import (
@@ -27,7 +28,13 @@ from fastlm.models.qwen import QWEN2, QWEN3
 from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
 SPECS: dict[str, ArchitectureSpec] = {
-    spec.model_type: spec for spec in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT)
+    spec.model_type: spec
+    for spec in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA4_TEXT)
+}
+# Multimodal checkpoints whose text model has a spec: model_type -> (family, text class, its type).
+_TEXT_MODELS = {
+    "gemma3": ("Gemma 3", "Gemma3ForCausalLM", "gemma3_text"),
+    "gemma4": ("Gemma 4", "Gemma4ForCausalLM", "gemma4_text"),
 }
 
 
@@ -41,10 +48,11 @@ def spec_for(config) -> ArchitectureSpec:
     if spec is None:
         supported = ", ".join(f"{s.family} ({s.model_type!r})" for s in SPECS.values())
         hint = ""
-        if model_type == "gemma3":
+        if model_type in _TEXT_MODELS:
+            family, text_class, text_type = _TEXT_MODELS[model_type]
             hint = (
-                " Multimodal Gemma 3 checkpoints are not supported; load the text-only "
-                "Gemma3ForCausalLM (model_type 'gemma3_text')."
+                f" Multimodal {family} checkpoints are not supported; load the text-only "
+                f"{text_class} (model_type {text_type!r})."
             )
         raise UnsupportedArchitectureError(
             f"fastlm has no patches for model_type {model_type!r}. Supported: {supported}.{hint}"
@@ -55,6 +63,8 @@ def spec_for(config) -> ArchitectureSpec:
             f"{spec.family} with {spec.activation_config_attr}={value!r} is not supported; "
             f"fastlm implements {spec.activation_config_values}."
         )
+    for check in spec.load_checks:
+        check(config)
     return spec
 
 

@@ -7,10 +7,12 @@ save and load in plain PEFT.
 
 What runs where:
 - RMSNorm modules  → ``fastlm.kernels.rms_norm`` (fp32 inside, Llama or Gemma offset).
-- attention        → fused LoRA QKV, q/k norm, the RoPE kernel, then ``attention.attend``: where
-                     the model runs eager attention, fastlm's flash-attention kernel (eager again
-                     for padding masks, dropout, decoding...), else the model's own SDPA / flash /
-                     flex function; then fused LoRA O. The latest call's choice is recorded.
+- attention        → fused LoRA QKV (q alone on a layer that reuses another layer's K/V,
+                     ``kv_sharing.py``; q and k on a k = v layer), q/k/v norm, the RoPE kernel,
+                     then ``attention.attend``: where the model runs eager attention, fastlm's
+                     flash-attention kernel (eager again for padding masks, dropout, decoding...),
+                     else the model's own SDPA / flash / flex function; then fused LoRA O. The
+                     latest call's choice is recorded.
 - MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
@@ -40,6 +42,7 @@ from fastlm.kernels.swiglu import swiglu
 from fastlm.models.attention import AttentionPath, attend, expected_path
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
+from fastlm.models.kv_sharing import reuse_kv, store_kv
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
@@ -114,9 +117,11 @@ def patch_state(model: nn.Module) -> PatchState | None:
 
 class FusedReport(list):
     """``fused_report``'s answer. As a list, one row per projection and the LM head: ``module``,
-    ``fused``, ``lora``, ``reason`` (why not fused). ``attention``: one row per attention module:
-    ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...), ``reason`` (why not
-    fastlm's flash kernel), ``called`` (False: no call yet, the row is what is expected)."""
+    ``fused``, ``lora``, ``reason`` (why not fused); a projection the layer does not have (no v_proj
+    on a k = v layer, no k/v_proj on a KV-sharing one) has no row. ``attention``: one row per
+    attention module: ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...),
+    ``reason`` (why not fastlm's flash kernel), ``called`` (False: no call yet, the row is what is
+    expected), ``kv`` (where its K and V come from)."""
 
     def __init__(self, rows: list[dict], attention: list[dict]):
         super().__init__(rows)
@@ -140,12 +145,15 @@ def fused_report(model: nn.Module) -> FusedReport:
         cls = type(module).__name__
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
-            attention.append(_attention_row(name, state.attention_paths.get(module), module))
+            row = _attention_row(name, state.attention_paths.get(module), module)
+            attention.append({**row, "kv": _kv_source(module, state.spec)})
         elif cls == state.spec.mlp_class:
             projections = MLP_PROJECTIONS
         else:
             continue
         for projection in projections:
+            if getattr(module, projection, None) is None:  # k = v or KV-sharing layer: none
+                continue
             weights, reason = linear_weights(getattr(module, projection))
             rows.append(
                 {
@@ -180,6 +188,17 @@ def _attention_row(name: str, latest: AttentionPath | None, module: nn.Module) -
     return {"module": name, "attention": path.implementation, "reason": reason, "called": called}
 
 
+def _kv_source(module: nn.Module, spec: ArchitectureSpec) -> str:
+    """Where an attention module's K and V come from (``FusedReport.attention``'s ``kv``)."""
+    sharing = spec.kv_sharing
+    if sharing is not None and getattr(module, sharing.reuse_attr, False):
+        slot = getattr(module, sharing.key_attr)
+        return f"reused: the {slot} K/V an earlier layer stored (no k_proj, v_proj)"
+    if spec.key_is_value_attr and getattr(module, spec.key_is_value_attr, False):
+        return "k_proj; v is k_proj's output (no v_proj)"
+    return "k_proj, v_proj"
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -210,7 +229,10 @@ def _eps(norm: nn.Module) -> float:
 
 
 def _norm_forward(self, hidden_states: torch.Tensor, *, offset: float) -> torch.Tensor:
-    return rms_norm(hidden_states, self.weight, _eps(self), offset)
+    weight = getattr(self, "weight", None)
+    if weight is None:  # a norm without a scale (Gemma 4's v norm): y = x̂ = x̂·(0 + 1)
+        weight, offset = hidden_states.new_ones(hidden_states.shape[-1]), 0.0
+    return rms_norm(hidden_states, weight, _eps(self), offset)
 
 
 def _fused_weights(linear: nn.Module):
@@ -234,6 +256,23 @@ def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return lora_linear(x, weights) if weights is not None else linear(x)
 
 
+def _project_attention(self, x: torch.Tensor, spec: ArchitectureSpec, reuses_kv: bool):
+    """(q, k, v): the three in one Function; q alone (k, v None) on a layer that reuses stored
+    K/V; q and k on a k = v layer, whose v is k's output (its gradient adds to k's)."""
+    if reuses_kv:
+        return _project(self.q_proj, x), None, None
+    if spec.key_is_value_attr and getattr(self, spec.key_is_value_attr):
+        key = _project(self.k_proj, x)
+        return _project(self.q_proj, x), key, key
+    return _project_qkv(self, x)
+
+
+def _rope_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on q alone (its K comes rotated from another layer). The op rotates q and k together:
+    k is q's first head here and its rotation is dropped (so its gradient is zero)."""
+    return apply_rope(query, query[:, :, :1], cos, sin)[0]
+
+
 def _attention_forward(
     self,
     hidden_states: torch.Tensor,
@@ -246,17 +285,31 @@ def _attention_forward(
     **kwargs,
 ):
     batch, seq = hidden_states.shape[:-1]
-    query, key, value = _project_qkv(self, hidden_states)
+    # KV sharing (spec.kv_sharing): the model's dict of stored K/V, and this layer's role in it.
+    sharing = spec.kv_sharing
+    stored = kwargs.pop(sharing.states_kwarg, None) if sharing else None
+    reuses_kv = sharing is not None and getattr(self, sharing.reuse_attr)
+    query, key, value = _project_attention(self, hidden_states, spec, reuses_kv)
     query = query.view(batch, seq, -1, self.head_dim)  # (B, S, Hq, D)
-    key = key.view(batch, seq, -1, self.head_dim)  # (B, S, Hk, D)
-    value = value.view(batch, seq, -1, self.head_dim)
     if spec.qk_norm:
-        query, key = self.q_norm(query), self.k_norm(key)
+        query = self.q_norm(query)
     cos, sin = position_embeddings
-    query, key = apply_rope(query, key, cos, sin)
-    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if reuses_kv:  # K, V (B, Hk, S, D) as the storing layer left them: rotated, cache-updated
+        query = _rope_query(query, cos, sin).transpose(1, 2)
+        key, value = reuse_kv(stored, getattr(self, sharing.key_attr))
+    else:
+        key = key.view(batch, seq, -1, self.head_dim)  # (B, S, Hk, D)
+        value = value.view(batch, seq, -1, self.head_dim)
+        if spec.qk_norm:
+            key = self.k_norm(key)
+        if spec.v_norm:
+            value = self.v_norm(value)
+        query, key = apply_rope(query, key, cos, sin)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+    if sharing is not None and getattr(self, sharing.store_attr):
+        key, value = store_kv(stored, getattr(self, sharing.key_attr), key, value)
     # The mask already carries any sliding window; the kwarg is for kernels that take it
     # directly. Per-layer modules (Qwen, Gemma) hold it; Mistral reads it from the config.
     extra = {}

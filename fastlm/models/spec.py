@@ -28,6 +28,22 @@ class PromptStyle:
 
 
 @dataclass(frozen=True)
+class KVSharing:
+    """Attention layers that reuse the K/V an earlier layer computed (Gemma 4's last layers).
+
+    A reusing layer (``reuse_attr`` true) has no k/v projections or norms: it reads its (B, Hk, S,
+    D) K and V from the dict passed as ``states_kwarg``, at ``getattr(module, key_attr)``; the
+    storing layer (``store_attr`` true) writes its K and V there after its own cache update. The
+    dict itself, and which layer stores for which, stay the model's.
+    """
+
+    reuse_attr: str  # module attribute, true on a layer that reads stored K/V
+    store_attr: str  # module attribute, true on a layer whose K/V later layers read
+    key_attr: str  # module attribute naming the slot (Gemma 4: the layer type)
+    states_kwarg: str  # the attention forward's keyword that carries the dict
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Every fact fastlm needs about a decoder family: patching, GGUF export, embeddings.
 
@@ -39,7 +55,7 @@ class ArchitectureSpec:
     norm_class: str  # RMSNorm class name
     attention_class: str
     mlp_class: str
-    norm_offset: float  # 0.0: y = w·x̂ (Llama); 1.0: y = (1 + w)·x̂ (Gemma)
+    norm_offset: float  # 0.0: y = w·x̂ (Llama, Gemma 4); 1.0: y = (1 + w)·x̂ (Gemma 1-3)
     activation: str  # "swiglu" (SiLU-gated) or "geglu" (tanh-GELU-gated)
     activation_config_attr: str  # config attribute that names the activation
     activation_config_values: tuple[str, ...]  # values of it this spec implements
@@ -47,8 +63,16 @@ class ArchitectureSpec:
     # w alone, so a norm_offset family's norm weights are stored as norm_offset + w.
     gguf_arch: str
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3, Qwen3)
+    v_norm: bool = False  # per-head RMSNorm on v (Gemma 4's has no weight: y = x̂)
+    # Module attribute, true on a layer with no v_proj whose v is k_proj's output, taken before
+    # k's norm and RoPE (Gemma 4's full layers with attention_k_eq_v).
+    key_is_value_attr: str | None = None
+    kv_sharing: KVSharing | None = None  # layers that reuse an earlier layer's K/V
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap
     final_logit_softcap_attr: str | None = None  # config attribute with final-logit soft-cap
+    # Configs fastlm cannot patch exactly, refused when the model is loaded: each raises
+    # UnsupportedArchitectureError saying what is not supported, else returns None.
+    load_checks: tuple[Callable[[Any], None], ...] = ()
     # Configs that gguf_arch cannot represent, refused before a GGUF export (in this order).
     gguf_checks: tuple[ConfigCheck, ...] = ()
     # Embeddings: the default pooling of a body of this family, the card's query/document

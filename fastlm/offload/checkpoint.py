@@ -215,6 +215,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if following is not None:  # recomputed next (the layer before): bring its input in now
             following.prefetch()
         hidden = hidden.detach().requires_grad_(True)
+        # Other inputs with gradients (Gemma 4's per-layer input) are detached too and their
+        # gradients returned: a graph several layers share is then walked once, by autograd.
+        args = tuple(_as_leaf(arg) for arg in ctx.args)
         enabled, dtype = ctx.autocast
         devices = [hidden.device] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
@@ -225,12 +228,21 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.enable_grad(),
                 torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled),
             ):
-                output = ctx.run(hidden, *ctx.args)
+                output = ctx.run(hidden, *args)
         output = output[0] if ctx.is_tuple else output
         torch.autograd.backward(output, grad_output)
-        extra = len(ctx.args)
         ctx.saved = ctx.run = ctx.args = None
-        return (None, hidden.grad, *([None] * extra))
+        return (None, hidden.grad, *(_leaf_grad(arg) for arg in args))
+
+
+def _as_leaf(arg):
+    if isinstance(arg, torch.Tensor) and arg.requires_grad:
+        return arg.detach().requires_grad_(True)
+    return arg
+
+
+def _leaf_grad(arg):
+    return arg.grad if isinstance(arg, torch.Tensor) and arg.requires_grad else None
 
 
 def offloaded_checkpoint(run, hidden: torch.Tensor, *args):

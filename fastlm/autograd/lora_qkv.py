@@ -1,10 +1,10 @@
-"""Q, K, V LoRA projections of one input as one autograd.Function.
+"""LoRA projections of one input as one autograd.Function: q/k/v, or any group sharing an input.
 
-Q = x Wq^T + bq + sq (x Aq^T) Bq^T, and likewise K, V: a group of three in lora_weights.py, so
-the three A products are one GEMM, x [Aq; Ak; Av]^T, and in backward the three dA's one GEMM and
-dx's LoRA part another. x is saved once for the three, with XA (N, rq + rk + rv) and the weights
-and adapters as cast to the compute dtype once in forward.
-dx = dQ-part + dK-part + dV-part, accumulated in one buffer.
+Y_i = x W_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ for i = 1..n (q, k, v; Gated DeltaNet's four input
+projections qkv, z, b, a): a group in lora_weights.py, so the n A products are one GEMM,
+x [A_1; ...; A_n]ᵀ, and in backward the n dA's one GEMM and dx's LoRA part another. x is saved
+once for the group, with XA (N, Σ r_i) and the weights and adapters as cast to the compute dtype
+once in forward. dx = Σ_i dY_i-part, accumulated in one buffer.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from fastlm.autograd.lora_weights import (
 )
 
 
-class LoRAQKVFunction(torch.autograd.Function):
+class LoRAGroupFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, *flat) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, x: Tensor, *flat) -> tuple[Tensor, ...]:
         dtype = compute_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
@@ -42,25 +42,31 @@ class LoRAQKVFunction(torch.autograd.Function):
         return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
 
     @staticmethod
-    def backward(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None):
+    def backward(ctx, *d_outs: Tensor | None):
         x2, xa, *saved = ctx.saved_tensors
         group = Group.unpack(saved, ctx.quant_states, ctx.dtypes, ctx.scalings, ctx.xa_scale)
         nig = ctx.needs_input_grad
         dys = []
-        for d_out in (dq, dk, dv):  # None: that output was unused and contributes nothing
+        for d_out in d_outs:  # None: that output was unused and contributes nothing
             dy = None if d_out is None else d_out.reshape(-1, d_out.shape[-1])
             dys.append(dy if dy is None or dy.dtype == ctx.dtype else dy.to(ctx.dtype))
-        needs = [nig[1 + 5 * i : 5 + 5 * i] for i in range(3)]
+        needs = [nig[1 + 5 * i : 5 + 5 * i] for i in range(len(d_outs))]
         dx, grads = group_backward(dys, x2, xa, group, needs, nig[0])
         if dx is not None:
             dx = dx.reshape(ctx.x_shape)
             if dx.dtype != ctx.x_dtype:
                 dx = dx.to(ctx.x_dtype)
-        return (dx, *grads[0], None, *grads[1], None, *grads[2], None)
+        return (dx, *(g for projection in grads for g in (*projection, None)))
+
+
+def lora_group(x: Tensor, *projections: LoRAWeights) -> tuple[Tensor, ...]:
+    """The projections of one input x, in one Function; usage:
+    ``qkv, z, b, a = lora_group(hidden, w_qkv, w_z, w_b, w_a)``."""
+    return LoRAGroupFunction.apply(x, *flatten_weights(*projections))
 
 
 def lora_qkv(
     x: Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(Q, K, V) projections of x; usage: ``Q, K, V = lora_qkv(hidden, q, k, v)``."""
-    return LoRAQKVFunction.apply(x, *flatten_weights(q, k, v))
+    return lora_group(x, q, k, v)

@@ -1,10 +1,10 @@
-"""lora_qkv: the fused Function vs plain autograd of three unfused projections in float64."""
+"""lora_qkv / lora_group: the fused Function vs plain autograd of unfused projections in float64."""
 
 import pytest
 import torch
 from lora_reference import assert_grads_close, grad_leaves, linear, lora_proj, rel, to64
 
-from fastlm.autograd import lora_qkv
+from fastlm.autograd import lora_group, lora_qkv
 
 HIDDEN, Q_OUT, KV_OUT = 24, 24, 8
 X_SHAPE = (2, 7, HIDDEN)
@@ -24,7 +24,7 @@ def _make(device, seed=0, adapters=(True, True, True), bias=True, **kw):
 
 
 def _check(x, projs, d_outs, use=(0, 1, 2)):
-    outs = lora_qkv(x, *projs)
+    outs = lora_qkv(x, *projs) if len(projs) == 3 else lora_group(x, *projs)
     x64, projs64 = to64(x, projs)
     outs64 = [linear(x64, p) for p in projs64]
     for o, o64 in zip(outs, outs64):
@@ -102,3 +102,18 @@ def test_per_projection_ranks_and_scalings(device):
         torch.randn(*X_SHAPE[:-1], p.weight.shape[0], generator=gen).to(device) for p in projs
     ]
     _check(x, projs, d_outs)
+
+
+def test_a_group_of_four_like_gated_deltanet(device):
+    # Gated DeltaNet's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (tiny b and a outputs): one
+    # Function for four, a projection without adapter, and an output (b) unused by the loss
+    gen = torch.Generator().manual_seed(7)
+    outs = (3 * KV_OUT + 5, 2 * KV_OUT, 3, 3)
+    projs = [
+        lora_proj(out_f, HIDDEN, gen, device, adapter=a)
+        for out_f, a in zip(outs, (True, True, False, True))
+    ]
+    x = torch.randn(*X_SHAPE, generator=gen).to(device).requires_grad_()
+    d_outs = [torch.randn(*X_SHAPE[:-1], n, generator=gen).to(device) for n in outs]
+    _check(x, projs, d_outs, use=(0, 1, 2, 3))
+    _check(x, projs, d_outs, use=(0, 1, 3))

@@ -21,6 +21,10 @@ try:  # transformers >= 5.23 (gemma4); without it the Gemma 4 tests are skipped
     from transformers import Gemma4TextConfig
 except ImportError:  # pragma: no cover
     Gemma4TextConfig = None
+try:  # transformers with qwen3_5; without it the Qwen3.5 tests are skipped
+    from transformers import Qwen3_5TextConfig
+except ImportError:  # pragma: no cover
+    Qwen3_5TextConfig = None
 
 VOCAB = 131  # odd on purpose
 # Odd sizes shared by the Llama-shaped families (GQA 6/2, hidden 72, intermediate 100).
@@ -72,6 +76,23 @@ _GEMMA4_TEXT = dict(
     final_logit_softcapping=5.0,
     tie_word_embeddings=True,
 )
+# Qwen3.5 text: three layers, linear attention (Gated DeltaNet) around one full-attention layer.
+# Full attention: 4 query heads over 2 kv heads of head_dim 24, q_proj twice as wide (query and
+# output gate), RoPE on the first quarter (6 dims). Linear attention: 2 key heads of 12 and 4
+# value heads of 10 (grouped values), conv kernel 4 (conv width 2·24 + 40 = 88).
+_QWEN3_5_TEXT = dict(
+    _LLAMA_LIKE,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=24,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=12,
+    linear_value_head_dim=10,
+    linear_conv_kernel_dim=4,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    tie_word_embeddings=False,
+)
 # model_type: (config class, its arguments)
 _CONFIGS = {
     "llama": (
@@ -112,6 +133,8 @@ _CONFIGS = {
 }
 if Gemma4TextConfig is not None:
     _CONFIGS["gemma4_text"] = (Gemma4TextConfig, _GEMMA4_TEXT)
+if Qwen3_5TextConfig is not None:
+    _CONFIGS["qwen3_5_text"] = (Qwen3_5TextConfig, _QWEN3_5_TEXT)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"

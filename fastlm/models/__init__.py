@@ -25,16 +25,28 @@ from fastlm.models.patch import (
     unpatch_model,
 )
 from fastlm.models.qwen import QWEN2, QWEN3
+from fastlm.models.qwen3_5 import QWEN3_5_TEXT
 from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
 SPECS: dict[str, ArchitectureSpec] = {
     spec.model_type: spec
-    for spec in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA4_TEXT)
+    for spec in (
+        LLAMA,
+        MISTRAL,
+        QWEN2,
+        QWEN3,
+        GEMMA,
+        GEMMA2,
+        GEMMA3_TEXT,
+        GEMMA4_TEXT,
+        QWEN3_5_TEXT,
+    )
 }
 # Multimodal checkpoints whose text model has a spec: model_type -> (family, text class, its type).
 _TEXT_MODELS = {
     "gemma3": ("Gemma 3", "Gemma3ForCausalLM", "gemma3_text"),
     "gemma4": ("Gemma 4", "Gemma4ForCausalLM", "gemma4_text"),
+    "qwen3_5": ("Qwen3.5", "Qwen3_5ForCausalLM", "qwen3_5_text"),
 }
 
 

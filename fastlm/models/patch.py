@@ -8,11 +8,16 @@ save and load in plain PEFT.
 What runs where:
 - RMSNorm modules  → ``fastlm.kernels.rms_norm`` (fp32 inside, Llama or Gemma offset).
 - attention        → fused LoRA QKV (q alone on a layer that reuses another layer's K/V,
-                     ``kv_sharing.py``; q and k on a k = v layer), q/k/v norm, the RoPE kernel,
-                     then ``attention.attend``: where the model runs eager attention, fastlm's
-                     flash-attention kernel (eager again for padding masks, dropout, decoding...),
-                     else the model's own SDPA / flash / flex function; then fused LoRA O. The
-                     latest call's choice is recorded.
+                     ``kv_sharing.py``; q and k on a k = v layer; q also yields the output gate
+                     where ``attention_output_gate``), q/k/v norm, the RoPE kernel (on the
+                     rotary part of each head where the rotary tables are narrower, partial
+                     RoPE), then ``attention.attend``: where the model runs eager attention,
+                     fastlm's flash-attention kernel (eager again for padding masks, dropout,
+                     decoding...), else the model's own SDPA / flash / flex function; × sigmoid
+                     of the gate, if any; then fused LoRA O. The latest call's choice is recorded.
+- linear attention → (``spec.linear_attention``, Gated DeltaNet) ``linear_attention.py``: the input
+                     projections as one fused LoRA group, conv + gated delta rule + gated norm
+                     through fla's kernels on CUDA or transformers' functions, fused LoRA out_proj.
 - MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
@@ -43,6 +48,7 @@ from fastlm.models.attention import AttentionPath, attend, expected_path
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.models.kv_sharing import reuse_kv, store_kv
+from fastlm.models.linear_attention import expected_linear_path, gated_deltanet_forward
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
@@ -88,6 +94,14 @@ def patch_model(
             _set_forward(state, module, _attention_forward, spec=spec, paths=state.attention_paths)
         elif name == spec.mlp_class:
             _set_forward(state, module, _mlp_forward, activation=spec.activation)
+        elif spec.linear_attention and name == spec.linear_attention.module_class:
+            _set_forward(
+                state,
+                module,
+                gated_deltanet_forward,
+                linear=spec.linear_attention,
+                paths=state.attention_paths,
+            )
         elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
             _set_forward(state, module, nf4_linear_forward)
     _set_causal_lm_forward(state, model)
@@ -119,8 +133,9 @@ class FusedReport(list):
     """``fused_report``'s answer. As a list, one row per projection and the LM head: ``module``,
     ``fused``, ``lora``, ``reason`` (why not fused); a projection the layer does not have (no v_proj
     on a k = v layer, no k/v_proj on a KV-sharing one) has no row. ``attention``: one row per
-    attention module: ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...),
-    ``reason`` (why not fastlm's flash kernel), ``called`` (False: no call yet, the row is what is
+    attention module: ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...;
+    for a linear-attention module "fla", "torch-reference" or "transformers"), ``reason`` (why
+    not fastlm's flash kernel, or fla's), ``called`` (False: no call yet, the row is what is
     expected), ``kv`` (where its K and V come from)."""
 
     def __init__(self, rows: list[dict], attention: list[dict]):
@@ -141,12 +156,19 @@ def fused_report(model: nn.Module) -> FusedReport:
     if state is None:
         return FusedReport([], [])
     rows, attention = [], []
+    linear = state.spec.linear_attention
     for name, module in model.named_modules():
         cls = type(module).__name__
+        latest = state.attention_paths.get(module)
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
-            row = _attention_row(name, state.attention_paths.get(module), module)
+            row = _attention_row(name, latest, expected_path(module))
             attention.append({**row, "kv": _kv_source(module, state.spec)})
+        elif linear is not None and cls == linear.module_class:
+            projections = (*linear.input_projections, linear.output_projection)
+            row = _attention_row(name, latest, expected_linear_path(module))
+            kv = "none: linear attention (causal conv + gated delta rule state)"
+            attention.append({**row, "kv": kv})
         elif cls == state.spec.mlp_class:
             projections = MLP_PROJECTIONS
         else:
@@ -178,12 +200,12 @@ def fused_report(model: nn.Module) -> FusedReport:
     return FusedReport(rows, attention)
 
 
-def _attention_row(name: str, latest: AttentionPath | None, module: nn.Module) -> dict:
+def _attention_row(name: str, latest, expected) -> dict:
     """A ``FusedReport.attention`` row: the latest call's path, else the expected one."""
     if latest is not None:
         path, reason, called = latest, latest.reason, True
     else:
-        path, called = expected_path(module), False
+        path, called = expected, False
         reason = "not called yet" + (f"; {path.reason}" if path.reason else "")
     return {"module": name, "attention": path.implementation, "reason": reason, "called": called}
 
@@ -267,10 +289,21 @@ def _project_attention(self, x: torch.Tensor, spec: ArchitectureSpec, reuses_kv:
     return _project_qkv(self, x)
 
 
+def _rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on q, k (B, S, H, D). Where cos/sin cover fewer dims than a head (partial rotary,
+    Qwen3.5: a quarter), the first cos.shape[-1] dims of each head rotate and the rest pass
+    through, as transformers' apply_rotary_pos_emb does."""
+    rotary = cos.shape[-1]
+    if rotary == query.shape[-1]:
+        return apply_rope(query, key, cos, sin)
+    q_rot, k_rot = apply_rope(query[..., :rotary], key[..., :rotary], cos, sin)
+    return torch.cat([q_rot, query[..., rotary:]], -1), torch.cat([k_rot, key[..., rotary:]], -1)
+
+
 def _rope_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on q alone (its K comes rotated from another layer). The op rotates q and k together:
     k is q's first head here and its rotation is dropped (so its gradient is zero)."""
-    return apply_rope(query, query[:, :, :1], cos, sin)[0]
+    return _rope(query, query[:, :, :1], cos, sin)[0]
 
 
 def _attention_forward(
@@ -290,7 +323,11 @@ def _attention_forward(
     stored = kwargs.pop(sharing.states_kwarg, None) if sharing else None
     reuses_kv = sharing is not None and getattr(self, sharing.reuse_attr)
     query, key, value = _project_attention(self, hidden_states, spec, reuses_kv)
-    query = query.view(batch, seq, -1, self.head_dim)  # (B, S, Hq, D)
+    gate = None
+    if spec.attention_output_gate:  # per head [query | gate]: (B, S, Hq, 2D)
+        query, gate = query.view(batch, seq, -1, 2 * self.head_dim).chunk(2, dim=-1)
+        gate = gate.reshape(batch, seq, -1)  # (B, S, Hq·D)
+    query = query.reshape(batch, seq, -1, self.head_dim)  # (B, S, Hq, D)
     if spec.qk_norm:
         query = self.q_norm(query)
     cos, sin = position_embeddings
@@ -304,7 +341,7 @@ def _attention_forward(
             key = self.k_norm(key)
         if spec.v_norm:
             value = self.v_norm(value)
-        query, key = apply_rope(query, key, cos, sin)
+        query, key = _rope(query, key, cos, sin)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -335,6 +372,8 @@ def _attention_forward(
     )
     paths[self] = path
     output = output.reshape(batch, seq, -1)
+    if gate is not None:
+        output = output * torch.sigmoid(gate)
     return _project(self.o_proj, output), weights
 
 

@@ -44,6 +44,21 @@ class KVSharing:
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet linear-attention layers (Qwen3.5's ``linear_attention`` layer type).
+
+    The module (``module_class``) projects its input with ``input_projections`` (one input: run
+    as one fused LoRA group), mixes tokens by a causal depthwise conv and the gated delta rule
+    with a gated RMSNorm (``linear_attention.py``), and projects back with
+    ``output_projection``.
+    """
+
+    module_class: str
+    input_projections: tuple[str, ...] = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+    output_projection: str = "out_proj"
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Every fact fastlm needs about a decoder family: patching, GGUF export, embeddings.
 
@@ -68,6 +83,10 @@ class ArchitectureSpec:
     # k's norm and RoPE (Gemma 4's full layers with attention_k_eq_v).
     key_is_value_attr: str | None = None
     kv_sharing: KVSharing | None = None  # layers that reuse an earlier layer's K/V
+    # q_proj yields per head [query | gate] (2·head_dim); the attention output is multiplied by
+    # sigmoid(gate) before o_proj (Qwen3.5's full-attention layers).
+    attention_output_gate: bool = False
+    linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap
     final_logit_softcap_attr: str | None = None  # config attribute with final-logit soft-cap
     # Configs fastlm cannot patch exactly, refused when the model is loaded: each raises

@@ -25,6 +25,7 @@ _GGUF_ARCH_BEFORE = {
     "qwen2": "QWEN2",
     "qwen3": "QWEN3",
     "gemma4_text": "GEMMA4",
+    "qwen3_5_text": "QWEN35",
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 
@@ -37,9 +38,10 @@ def test_every_spec_names_a_gguf_arch_the_gguf_package_knows():
 
 
 def test_norm_offset_gives_the_gguf_norm_convention_of_before():
-    """llama.cpp scales by w alone: exactly the Gemma arches stored 1 + w before."""
+    """llama.cpp scales by w alone: exactly the Gemma arches stored 1 + w before (Qwen3.5's
+    norms are 1 + w too; its GGUF export is refused, test_qwen3_5.py)."""
     shifted = {spec.gguf_arch for spec in SPECS.values() if spec.norm_offset == 1.0}
-    assert shifted == {"GEMMA", "GEMMA2", "GEMMA3"}
+    assert shifted == {"GEMMA", "GEMMA2", "GEMMA3", "QWEN35"}
     assert all(spec.norm_offset in (0.0, 1.0) for spec in SPECS.values())
 
 
@@ -71,6 +73,10 @@ def test_tiny_configs_are_exported_unless_refused_for_their_window(model_type):
         config.sliding_window = None
     if model_type == "gemma4_text":  # no Gemma 4 layout in the writer yet (test_gemma4.py)
         with pytest.raises(NotImplementedError, match="Gemma 4 GGUF export is not implemented"):
+            _gguf_refusal(config)
+        return
+    if model_type == "qwen3_5_text":  # no Qwen3.5 layout in the writer yet (test_qwen3_5.py)
+        with pytest.raises(NotImplementedError, match="Qwen3.5 GGUF export is not implemented"):
             _gguf_refusal(config)
         return
     _gguf_refusal(config)
@@ -129,7 +135,7 @@ def test_gguf_export_of_an_unknown_family_names_the_supported_ones(tmp_path):
 
     model = nn.Linear(2, 2)
     model.config = SimpleNamespace(model_type="gpt2")
-    with pytest.raises(ValueError, match=r"supports \['gemma', .*'qwen3'\], not 'gpt2'"):
+    with pytest.raises(ValueError, match=r"supports \['gemma', .*'qwen3_5_text'\], not 'gpt2'"):
         save_pretrained_gguf(model, tmp_path / "out", tokenizer=None, quantization_method="f16")
     assert not (tmp_path / "out").exists()
 

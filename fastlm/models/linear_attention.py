@@ -1,0 +1,225 @@
+"""Gated DeltaNet linear-attention layers (Qwen3.5): the patched forward and which kernels run.
+
+Per layer, with x (B, S, H) and padded positions zeroed first (as transformers does)::
+
+    qkv, z, b, a = x·[W_qkv; W_z; W_b; W_a]ᵀ (+ LoRA)     one fused LoRA group (lora_group)
+    qkv = silu(causal depthwise conv1d(qkv))              kernel linear_conv_kernel_dim
+    q, k, v = split(qkv)                                  q, k (B, S, Hk, Dk); v (B, S, Hv, Dv)
+    β = sigmoid(b),   g = −exp(A_log)·softplus(a + dt_bias)      (B, S, Hv), fp32
+    o = gated delta rule(l2norm(q), l2norm(k), v, g, β)   chunked; recurrent for one cached token
+    y = out_proj(RMSNorm(o)·silu(z))                      out_proj through lora_linear
+
+Which ops mix the tokens (conv, delta rule, gated norm), decided per call (``LinearPath``):
+- CPU tensors: transformers' own PyTorch functions, unwrapped from its kernel-hub decorators
+  (the exact reference, whatever is installed);
+- CUDA, flash-linear-attention installed, no earlier state in the cache (training, a prefill), no
+  packed sequences: fla's Triton kernels (``causal_conv1d``, ``chunk_gated_delta_rule``,
+  ``rms_norm_gated``), forward and backward; the cache, if any, still gets its states;
+- otherwise (no fla, decoding, packed sequences): the functions transformers picked for the
+  model (its torch fallback, or fla / causal_conv1d where it found them).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import sys
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlm.autograd import lora_group, lora_linear
+from fastlm.kernels._dispatch import use_triton
+from fastlm.models.fsdp import gather_linear
+from fastlm.models.lora_layers import linear_weights
+from fastlm.models.spec import LinearAttention
+
+FLA = "fla"  # LinearPath.implementation of flash-linear-attention's Triton kernels
+REFERENCE = "torch-reference"  # transformers' PyTorch functions, unwrapped
+TRANSFORMERS = "transformers"  # the functions transformers picked
+NO_FLA = "flash-linear-attention is not installed (pip install 'fastlm[linear-attention]')"
+
+
+class LinearPath(NamedTuple):
+    """What a linear-attention call ran: ``implementation`` and ``reason`` (why not fla)."""
+
+    implementation: str
+    reason: str = ""
+
+
+def has_fla() -> bool:
+    """True when flash-linear-attention (the ``fla`` package) can be imported."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def expected_linear_path(module: nn.Module) -> LinearPath:
+    """The path a linear-attention module will take as far as is known before a call.
+
+    Usage: ``expected_linear_path(model.model.layers[0].linear_attn).implementation``.
+    """
+    return _choose(module.in_proj_z.weight, None, module.layer_idx, {})
+
+
+def gated_deltanet_forward(
+    self,
+    hidden_states: torch.Tensor,
+    cache_params=None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    linear: LinearAttention,
+    paths: dict,
+    **kwargs,
+) -> torch.Tensor:
+    """The patched forward of a Gated DeltaNet module (see the module docstring)."""
+    modeling = sys.modules[type(self).__module__]
+    x = modeling.apply_mask_to_padding_states(hidden_states, attention_mask)
+    batch, seq, _ = x.shape
+    mixed, z, b, a = _project_inputs(self, x, linear.input_projections)
+    beta = b.sigmoid()  # (B, S, Hv)
+    g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: A can overflow
+    path = _choose(x, cache_params, self.layer_idx, kwargs)
+    paths[self] = path
+    mix = _fla_mix if path.implementation == FLA else _transformers_mix
+    functions = _reference_functions(modeling) if path.implementation == REFERENCE else modeling
+    core = mix(self, functions, mixed, z, g, beta, cache_params, kwargs)  # (B, S, Hv·Dv)
+    return _project(getattr(self, linear.output_projection), core.reshape(batch, seq, -1))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _choose(tensor: torch.Tensor, cache, layer_idx: int, kwargs: dict) -> LinearPath:
+    if not use_triton(tensor):
+        return LinearPath(REFERENCE, f"{tensor.device.type} tensors (fla's kernels run on CUDA)")
+    if not has_fla():
+        return LinearPath(TRANSFORMERS, NO_FLA)
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("seq_idx") is not None:
+        return LinearPath(TRANSFORMERS, "packed sequences")
+    if cache is not None and (
+        cache.get_recurrent_state(layer_idx) is not None or cache.is_recording_past(layer_idx)
+    ):
+        return LinearPath(TRANSFORMERS, "decoding with a cached state")
+    return LinearPath(FLA)
+
+
+def _project_inputs(self, x: torch.Tensor, names: tuple[str, ...]):
+    """The input projections in one fused Function, else each through its own forward."""
+    linears = [getattr(self, name) for name in names]
+    for linear in linears:
+        gather_linear(linear)  # FSDP2: read directly, so gathered first
+    weights = [linear_weights(linear)[0] for linear in linears]
+    if all(w is not None for w in weights):
+        return lora_group(x, *weights)
+    return tuple(linear(x) for linear in linears)
+
+
+def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gather_linear(linear)
+    weights = linear_weights(linear)[0]
+    return lora_linear(x, weights) if weights is not None else linear(x)
+
+
+class _Functions(NamedTuple):
+    causal_conv1d_fn: object
+    causal_conv1d_update: object
+    torch_chunk_gated_delta_rule: object
+    torch_recurrent_gated_delta_rule: object
+
+
+@functools.cache
+def _reference_functions(modeling) -> _Functions:
+    """transformers' PyTorch functions of this modeling file, without the decorators that may
+    swap in hub or fla kernels (which would not run on the CPU)."""
+    return _Functions(*(inspect.unwrap(getattr(modeling, name)) for name in _Functions._fields))
+
+
+def _split_heads(self, mixed: torch.Tensor, batch: int, seq: int):
+    """(B, S, 2·key_dim + value_dim) -> q, k (B, S, Hk, Dk), v (B, S, Hv, Dv)."""
+    query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    return (
+        query.reshape(batch, seq, -1, self.head_k_dim),
+        key.reshape(batch, seq, -1, self.head_k_dim),
+        value.reshape(batch, seq, -1, self.head_v_dim),
+    )
+
+
+def _transformers_mix(self, functions, mixed, z, g, beta, cache, kwargs):
+    """Conv, delta rule and gated norm through transformers' functions, with its cache calls."""
+    batch, seq, _ = mixed.shape
+    conv_state = recurrent_state = None
+    if cache is not None:
+        conv_state = cache.get_conv_state(self.layer_idx, state_idx=0)
+        recurrent_state = cache.get_recurrent_state(self.layer_idx, state_idx=0)
+    mixed = mixed.transpose(1, 2)  # (B, D, S)
+    weight = self.conv1d.weight.squeeze(1)  # (D, W)
+    if conv_state is not None and seq == 1 and not cache.is_recording_past(self.layer_idx):
+        mixed = functions.causal_conv1d_update(
+            mixed, conv_state, weight, self.conv1d.bias, self.activation
+        )
+    else:
+        if cache is not None:  # prepends the cached left context
+            mixed = cache.update_conv_state(
+                mixed, self.layer_idx, conv_kernel_size=self.conv_kernel_size
+            )
+        mixed = functions.causal_conv1d_fn(
+            mixed, weight, self.conv1d.bias, activation=self.activation, **kwargs
+        )
+        if cache is not None:
+            mixed = mixed[:, :, -seq:]
+    query, key, value = _split_heads(self, mixed.transpose(1, 2), batch, seq)
+    rule = functions.torch_chunk_gated_delta_rule
+    if recurrent_state is not None and seq == 1:
+        rule = functions.torch_recurrent_gated_delta_rule
+    core, state = rule(
+        query,
+        key,
+        value,
+        g=g,
+        beta=beta,
+        initial_state=recurrent_state,
+        output_final_state=cache is not None,
+        use_qk_l2norm_in_kernel=True,
+        cu_seqlens=kwargs.pop("cu_seq_lens_q", None),
+        **kwargs,
+    )
+    if cache is not None:
+        cache.update_recurrent_state(state, self.layer_idx)
+    core = self.norm(core.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+    return core.reshape(batch, seq, -1)
+
+
+def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
+    """Conv, chunked delta rule and gated norm through flash-linear-attention's Triton kernels
+    (no earlier state: training or a prefill); the cache, if any, gets its states."""
+    from fla.modules.conv import causal_conv1d  # lazy: optional dependency (CUDA only)
+    from fla.modules.fused_norm_gate import rms_norm_gated  # lazy: as above
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # lazy: as above
+
+    batch, seq, _ = mixed.shape
+    if cache is not None:  # the conv's left context for the next call
+        cache.update_conv_state(
+            mixed.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size
+        )
+    weight = self.conv1d.weight.squeeze(1)  # (D, W); fla takes x as (B, S, D)
+    mixed, _ = causal_conv1d(mixed, weight, self.conv1d.bias, activation=self.activation)
+    query, key, value = _split_heads(self, mixed, batch, seq)
+    core, state = chunk_gated_delta_rule(
+        query,
+        key,
+        value,
+        g=g,
+        beta=beta,
+        output_final_state=cache is not None,
+        use_qk_l2norm_in_kernel=True,
+    )
+    if cache is not None:
+        cache.update_recurrent_state(state, self.layer_idx)
+    norm = self.norm
+    core = rms_norm_gated(
+        core, z.reshape_as(core), norm.weight, None, activation=norm.activation,
+        eps=norm.variance_epsilon,
+    )  # fmt: skip
+    return core.reshape(batch, seq, -1)

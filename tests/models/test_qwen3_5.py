@@ -1,0 +1,256 @@
+"""Qwen3.5 text (dense): fastlm-patched vs the unpatched Hugging Face model + PEFT.
+
+The tiny config (tests/tiny_models.py) has both layer types: two Gated DeltaNet linear-attention
+layers (grouped value heads, conv kernel 4) around a full-attention layer with the gated q_proj,
+q/k norm and RoPE on a quarter of each head. LoRA on all twelve projections (the seven of every
+family, the four DeltaNet input projections and out_proj). As for the other families: same
+weights and LoRA (B ≠ 0), a padded batch, fp32, loss and every LoRA gradient within 1e-4
+relative, plain, checkpointed and offloaded, under QLoRA, and 20 AdamW steps on the same curve.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers.models.qwen3_5", reason="transformers without Qwen3.5")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from test_architectures import (  # noqa: E402 (after the skip)
+    RTOL,
+    _assert_loss_and_lora_grads_match,
+    _assert_same_loss_curve,
+)
+from tiny_models import (  # noqa: E402
+    copy_lora,
+    relative_error,
+    save_tiny_model,
+    tiny_batch,
+    tiny_config,
+)
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from fastlm import FastModel  # noqa: E402
+from fastlm.errors import UnsupportedArchitectureError  # noqa: E402
+from fastlm.models import fused_report, spec_for  # noqa: E402
+from fastlm.offload import offloaded_checkpoint  # noqa: E402
+from fastlm.quant import nf4_config  # noqa: E402
+
+QWEN3_5 = "qwen3_5_text"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+TARGETS = ATTENTION + LINEAR + MLP
+KINDS = {0: ("linear_attn", LINEAR), 1: ("self_attn", ATTENTION), 2: ("linear_attn", LINEAR)}
+
+
+def _expected_rows() -> list[str]:
+    rows = []
+    for layer, (mixer, projections) in KINDS.items():
+        rows += [f"base_model.model.model.layers.{layer}.{mixer}.{p}" for p in projections]
+        rows += [f"base_model.model.model.layers.{layer}.mlp.{p}" for p in MLP]
+    return rows
+
+
+def _pair(tmp_path, checkpointing, load_in_4bit=False):
+    """HF + PEFT and fastlm on the same tiny checkpoint, LoRA (B ≠ 0) on the twelve projections."""
+    path = save_tiny_model(QWEN3_5, tmp_path / QWEN3_5)
+    quantization = {"quantization_config": nf4_config(torch.float32)} if load_in_4bit else {}
+    reference = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", **quantization
+    )
+    reference = get_peft_model(
+        reference, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    )
+    fast, _ = FastModel.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", load_in_4bit=load_in_4bit
+    )
+    fast = FastModel.get_peft_model(
+        fast,
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        init_lora_weights=False,
+        use_gradient_checkpointing=checkpointing,
+    )
+    if load_in_4bit:  # the packed state dicts differ in layout: copy the adapters only
+        copy_lora(reference, fast)
+        from nf4_format import run_4bit_layers_from_format
+
+        run_4bit_layers_from_format(reference)
+    else:
+        fast.load_state_dict(reference.state_dict())
+    if checkpointing:
+        reference.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    reference.train()
+    fast.train()
+    return reference, fast
+
+
+@pytest.mark.parametrize(
+    "checkpointing", [False, True, "unsloth"], ids=["plain", "checkpointed", "offloaded"]
+)
+def test_loss_and_lora_gradients_match_hf(tmp_path, checkpointing):
+    reference, fast = _pair(tmp_path, checkpointing)
+    assert fast.config.layer_types == ["linear_attention", "full_attention", "linear_attention"]
+    report = fused_report(fast)
+    assert all(row["fused"] and row["lora"] for row in report[:-1]), report
+    assert [row["module"] for row in report[:-1]] == _expected_rows()
+    layers = [m for m in fast.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert len([m for m in layers if type(m).__name__ == "Qwen3_5DecoderLayer"]) == (
+        3 if checkpointing else 0
+    )
+    offloaded = [m._gradient_checkpointing_func is offloaded_checkpoint for m in layers]
+    assert all(offloaded) if checkpointing == "unsloth" else not any(offloaded)
+
+    actual, expected_grads, _ = _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    assert actual.logits is None  # the fused cross-entropy ran
+    assert len(expected_grads) == 2 * len(_expected_rows())
+    for name, grad in expected_grads.items():
+        assert grad.abs().sum() > 0, name
+
+
+def test_fused_report_says_which_path_each_token_mixer_takes(tmp_path):
+    _, fast = _pair(tmp_path, checkpointing=False)
+    before = fused_report(fast).attention
+    assert [row["called"] for row in before] == [False] * 3
+    fast(**tiny_batch()).loss.backward()
+    rows = fused_report(fast).attention
+    assert [row["module"].rsplit(".", 1)[-1] for row in rows] == [
+        "linear_attn",
+        "self_attn",
+        "linear_attn",
+    ]
+    linear, full = rows[0], rows[1]
+    assert linear["called"] and linear["attention"] == "torch-reference"
+    assert linear["reason"] == "cpu tensors (fla's kernels run on CUDA)"
+    assert linear["kv"].startswith("none: linear attention")
+    assert full["called"] and full["attention"] == "sdpa" and full["kv"] == "k_proj, v_proj"
+
+
+def test_qlora_loss_and_lora_gradients_match_hf(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    reference, fast = _pair(tmp_path, checkpointing=True, load_in_4bit=True)
+    packed = {n: p for n, p in fast.named_parameters() if getattr(p, "quant_state", None)}
+    expected = {n: p for n, p in reference.named_parameters() if getattr(p, "quant_state", None)}
+    assert len(packed) == len(_expected_rows())
+    assert all(torch.equal(packed[n], p) for n, p in expected.items())
+    assert all(row["fused"] for row in fused_report(fast)), fused_report(fast)
+    actual, expected_grads, _ = _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    assert actual.logits is None
+    assert all(grad.abs().sum() > 0 for grad in expected_grads.values())
+
+
+def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
+    reference, fast = _pair(tmp_path, checkpointing=True)
+    _assert_same_loss_curve(reference, fast, tiny_batch(seed=1), steps=20)
+
+
+def test_eval_mode_and_generation_match_hf(tmp_path):
+    """Eval logits, and greedy generation with the cache: the linear layers' conv and recurrent
+    states through the patched forward (prefill, then one token at a time)."""
+    reference, fast = _pair(tmp_path, checkpointing=False)
+    batch = tiny_batch()
+    reference.eval()
+    fast.eval()
+    with torch.no_grad():
+        expected, actual = reference(**batch), fast(**batch)
+    assert torch.allclose(actual.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    prompt = batch["input_ids"][:1, :6]
+    generated = [
+        m.generate(input_ids=prompt, max_new_tokens=8, do_sample=False) for m in (reference, fast)
+    ]
+    assert torch.equal(generated[0], generated[1])
+
+
+def test_unpatch_and_adapter_round_trip(tmp_path):
+    from peft import PeftModel
+
+    _, fast = _pair(tmp_path, checkpointing=False)
+    fast.save_pretrained(tmp_path / "adapter")
+    fast.eval()
+    with torch.no_grad():
+        expected = fast(**tiny_batch()).logits
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / QWEN3_5, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert relative_error(loaded(**tiny_batch()).logits, expected) < RTOL
+    FastModel.unpatch(fast)
+    assert not [m for m in fast.modules() if "forward" in m.__dict__]
+
+
+def test_partial_rope_through_the_triton_kernel():
+    """Partial rotary: the kernel (interpreted here) on the first 6 of 24 dims, the rest passed
+    through, gives transformers' apply_rotary_pos_emb and its gradients."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
+
+    from fastlm.kernels import rope
+    from fastlm.models import patch
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 5, 4, 24, generator=generator, requires_grad=True)
+    key = torch.randn(2, 5, 2, 24, generator=generator, requires_grad=True)
+    angles = torch.randn(1, 5, 3, generator=generator)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected = [t.transpose(1, 2) for t in apply_rotary_pos_emb(
+        query.transpose(1, 2), key.transpose(1, 2), cos, sin
+    )]  # fmt: skip
+    original = patch.apply_rope
+    patch.apply_rope = rope.apply_rope_triton
+    try:
+        actual = patch._rope(query, key, cos, sin)
+    finally:
+        patch.apply_rope = original
+    weights = [torch.randn(t.shape, generator=generator) for t in expected]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+    grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(actual, weights)), (query, key))
+    expected_grads = torch.autograd.grad(
+        sum((e * w).sum() for e, w in zip(expected, weights)), (query, key)
+    )
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_multimodal_config_is_refused_with_the_text_model_named():
+    from transformers import Qwen3_5Config
+
+    with pytest.raises(UnsupportedArchitectureError, match="load the text-only Qwen3_5ForCausalLM"):
+        spec_for(Qwen3_5Config())
+    assert spec_for(tiny_config(QWEN3_5)).family == "Qwen3.5 (text)"
+
+
+def test_gguf_export_is_refused_with_what_is_missing(tmp_path):
+    pytest.importorskip("gguf")
+    from fastlm.export.gguf_writer import save_pretrained_gguf
+
+    path = save_tiny_model(QWEN3_5, tmp_path / QWEN3_5)
+    model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu")
+    with pytest.raises(NotImplementedError, match="Qwen3.5 GGUF export is not implemented yet"):
+        save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, quantization_method="f16")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_merged_16bit_reloads_with_the_same_logits(tmp_path):
+    from fastlm.export import save_pretrained_merged
+
+    path = save_tiny_model(QWEN3_5, tmp_path / QWEN3_5)
+    model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu")
+    model = FastModel.get_peft_model(
+        model, r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False
+    )
+    batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = save_pretrained_merged(model, tmp_path / "merged", tokenizer, "merged_16bit")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, expected, atol=1e-5, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)

@@ -2,10 +2,13 @@
 # Runs the test suite on a CUDA machine (real Triton, no interpreter) and keeps the log.
 # Usage (repo root, GPU machine): bash scripts/gpu_tests.sh [pytest args...]
 set -uo pipefail
+export PYTHONPATH=$PWD
 if [ -f .gpu/site.tgz ]; then
-  mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+  mkdir -p /tmp/site && tar xzf .gpu/site.tgz -C /tmp/site && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+if [ -f .gpu/site-newer.tgz ]; then  # scripts/gpu_site_newer.sh: transformers 5.23, fla (first)
+  mkdir -p /tmp/site-newer && tar xzf .gpu/site-newer.tgz -C /tmp/site-newer
+  export PYTHONPATH=/tmp/site-newer:$PYTHONPATH
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 OUTDIR=${OUT:-benchmarks/results}

@@ -28,6 +28,7 @@ from torch import nn
 
 from fastlm.export import gguf_quants
 from fastlm.export._atomic import check_free_disk, check_target, export_into
+from fastlm.export.gguf_linear_attention import LAYOUTS
 from fastlm.export.merged import (
     check_plain_lora,
     input_folders,
@@ -49,6 +50,8 @@ BYTE_LEVEL_PRE_TOKENIZERS = {
     _BPE_WORDS + r"\p{N}{1,3}" + _BPE_REST: "llama-bpe",
     _BPE_WORDS + r"\p{N}" + _BPE_REST: "qwen2",
 }
+# Tensors llama.cpp reads as F32 only, whatever the file type (ggml_ssm_conv's kernel).
+F32_TENSORS = ("ssm_conv1d.weight",)
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -81,6 +84,13 @@ def save_pretrained_gguf(
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
     for check in spec.gguf_checks:  # before any big work: fail fast on what llama.cpp can't run
         check(config)
+    refused = [m for m in methods if m in getattr(LAYOUTS.get(arch.name), "refused_methods", ())]
+    if refused:
+        raise NotImplementedError(
+            f"{spec.family} GGUF export writes {[m for m in METHODS if m not in refused]}, not "
+            f"{refused}: llama-quantize's per-tensor types for its {arch.name} tensors are not "
+            "reproduced. Write f16 and run llama-quantize on it."
+        )
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
     inputs = input_folders(model)
     out_dir = check_target(save_directory, inputs)
@@ -166,11 +176,19 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     norm_offset = _gguf_spec(config).norm_offset
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    layout = LAYOUTS.get(arch.name)
     for hf_name, tensor in merged_state(model):
         if "rotary_emb" in hf_name:
             continue  # buffers recomputed by llama.cpp
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        if layout is not None:  # the arch's own layout (names as llama.cpp has them)
+            hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
+            new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if new_name is None:
+                raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
+            yield new_name, tensor
+            continue
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
@@ -228,6 +246,8 @@ def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
     """
     import gguf
 
+    if name.endswith(F32_TENSORS):
+        return tensor.detach().cpu().numpy().astype(np.float32), None
     if method in gguf_quants.METHOD_TYPES:
         qtype = gguf_quants.llama_cpp_tensor_type(name, tuple(tensor.shape), method, **mixture)
         return gguf_quants.encode_tensor(tensor, qtype)
@@ -292,7 +312,9 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     rope = _rope(config)
-    if arch == gguf.MODEL_ARCH.GEMMA3:
+    if arch.name in LAYOUTS:
+        LAYOUTS[arch.name].add_hparams(writer, config, rope)
+    elif arch == gguf.MODEL_ARCH.GEMMA3:
         _add_gemma3(writer, config, rope)
     elif arch == gguf.MODEL_ARCH.GEMMA2:
         _add_gemma2(writer, config, rope)

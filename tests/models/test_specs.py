@@ -39,7 +39,7 @@ def test_every_spec_names_a_gguf_arch_the_gguf_package_knows():
 
 def test_norm_offset_gives_the_gguf_norm_convention_of_before():
     """llama.cpp scales by w alone: exactly the Gemma arches stored 1 + w before (Qwen3.5's
-    norms are 1 + w too; its GGUF export is refused, test_qwen3_5.py)."""
+    norms are 1 + w too, but for its linear-attention gated norm: test_gguf_qwen3_5.py)."""
     shifted = {spec.gguf_arch for spec in SPECS.values() if spec.norm_offset == 1.0}
     assert shifted == {"GEMMA", "GEMMA2", "GEMMA3", "QWEN35"}
     assert all(spec.norm_offset in (0.0, 1.0) for spec in SPECS.values())
@@ -75,10 +75,10 @@ def test_tiny_configs_are_exported_unless_refused_for_their_window(model_type):
         with pytest.raises(NotImplementedError, match="Gemma 4 GGUF export is not implemented"):
             _gguf_refusal(config)
         return
-    if model_type == "qwen3_5_text":  # no Qwen3.5 layout in the writer yet (test_qwen3_5.py)
-        with pytest.raises(NotImplementedError, match="Qwen3.5 GGUF export is not implemented"):
+    if model_type == "qwen3_5_text":  # llama.cpp's qwen35 needs equal linear head dims
+        with pytest.raises(NotImplementedError, match="linear_key_head_dim == linear_value"):
             _gguf_refusal(config)
-        return
+        config.linear_value_head_dim = config.linear_key_head_dim
     _gguf_refusal(config)
 
 

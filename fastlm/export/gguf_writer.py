@@ -3,7 +3,8 @@
 LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names are mapped with
 ``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
 rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
-``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE).
+``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE;
+Gemma 4: ``fastlm.export.gguf_gemma4``, see ``_ARCH_LAYOUTS``).
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
 family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastlm.export import gguf_quants
+from fastlm.export import gguf_gemma4, gguf_quants
 from fastlm.export._atomic import check_free_disk, check_target, export_into
 from fastlm.export.gguf_linear_attention import LAYOUTS
 from fastlm.export.merged import (
@@ -54,6 +55,9 @@ BYTE_LEVEL_PRE_TOKENIZERS = {
 F32_TENSORS = ("ssm_conv1d.weight",)
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# llama.cpp arches whose metadata and extra tensors a module of their own writes (add_hparams,
+# extra_tensors); the others are written here.
+_ARCH_LAYOUTS = {"GEMMA4": gguf_gemma4}
 
 
 def save_pretrained_gguf(
@@ -192,9 +196,13 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
+        if not new_name.endswith((".weight", ".bias")):  # a bare HF tensor (Gemma 4 layer_scalar)
+            new_name += ".weight"
         yield new_name, _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
     if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
+    if arch.name in _ARCH_LAYOUTS:
+        yield from _ARCH_LAYOUTS[arch.name].extra_tensors(config)
 
 
 def _to_llama_cpp_layout(
@@ -300,6 +308,10 @@ def _mixture_context(arch, config) -> dict:
 def _add_hparams(writer, arch, config, method: str) -> None:
     import gguf
 
+    if arch.name in _ARCH_LAYOUTS:
+        _ARCH_LAYOUTS[arch.name].add_hparams(writer, config)
+        _add_file_type(writer, method)
+        return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -321,6 +333,12 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     else:
         writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
         writer.add_rope_dimension_count(head_dim)
+    _add_file_type(writer, method)
+
+
+def _add_file_type(writer, method: str) -> None:
+    import gguf
+
     writer.add_file_type(
         {
             "f16": gguf.LlamaFileType.MOSTLY_F16,

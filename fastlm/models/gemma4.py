@@ -17,6 +17,7 @@ masks and the final-logit soft-cap's config value stay transformers'. The MoE bl
 """
 
 from fastlm.errors import UnsupportedArchitectureError
+from fastlm.models.gguf_limits import rope_parameters
 from fastlm.models.spec import ArchitectureSpec, KVSharing
 
 
@@ -29,13 +30,64 @@ def _dense_only(config) -> None:
         )
 
 
-def _no_gguf_writer_yet(config) -> None:
-    """gguf 0.19 knows llama.cpp's GEMMA4 arch, but fastlm's writer has no Gemma 4 layout."""
-    raise NotImplementedError(
-        "Gemma 4 GGUF export is not implemented yet: fastlm's GGUF writer does not write "
-        "Gemma 4's per-layer embeddings, KV-shared and k = v layers or proportional RoPE. "
-        "Export merged_16bit and convert that with llama.cpp's convert_hf_to_gguf.py."
-    )
+def _kv_sharing_as_llama_cpp(config) -> None:
+    """llama.cpp's KV-shared layers read fixed layers: sliding ones layer n - 2, full ones layer
+    n - 1 (n = the first shared layer); transformers' read the last earlier layer of their type."""
+    shared = config.num_kv_shared_layers or 0
+    if not shared:
+        return
+    types = list(config.layer_types)
+    first = len(types) - shared
+    fixed = {"sliding_attention": first - 2, "full_attention": first - 1}
+    for layer_type in sorted(set(types[first:])):
+        source = max(i for i in range(first) if types[i] == layer_type)
+        if source != fixed[layer_type]:
+            raise NotImplementedError(
+                f"Gemma 4 GGUF: llama.cpp's KV-shared {layer_type} layers read layer "
+                f"{fixed[layer_type]}'s K/V, transformers' read layer {source}'s (layer_types "
+                f"{types}, num_kv_shared_layers={shared}); llama.cpp runs only a last unshared "
+                "layer that is full after one that is sliding. Export merged_16bit instead."
+            )
+
+
+def _rope_as_llama_cpp(config) -> None:
+    """Sliding layers: plain RoPE; full layers: plain or proportional (written as rope_freqs)."""
+    rope = rope_parameters(config)
+    sliding = rope.get("sliding_attention", {}).get("rope_type", "default")
+    full = rope.get("full_attention", {}).get("rope_type", "default")
+    if sliding != "default" or full not in ("default", "proportional"):
+        raise NotImplementedError(
+            f"Gemma 4 GGUF: RoPE types sliding={sliding!r}, full={full!r} are not exported "
+            "(llama.cpp's gemma4 runs default sliding and default or proportional full RoPE)."
+        )
+
+
+def _shapes_as_llama_cpp(config) -> None:
+    """One head_dim per layer type, a causal text model, no biases, a full per-layer vocabulary:
+    what llama.cpp's gemma4 has keys and tensors for."""
+    problems = []
+    for layer_type in sorted(set(config.layer_types)):
+        dims = {
+            config.per_layer_config[i].head_dim
+            for i, t in enumerate(config.layer_types)
+            if t == layer_type
+        }
+        if len(dims) > 1:
+            problems.append(f"{layer_type} layers with head_dims {sorted(dims)}")
+    if getattr(config, "use_bidirectional_attention", None) == "all":
+        problems.append("use_bidirectional_attention='all'")
+    if getattr(config, "attention_bias", False):
+        problems.append("attention_bias=True")
+    per_layer_vocab = getattr(config, "vocab_size_per_layer_input", config.vocab_size)
+    if config.hidden_size_per_layer_input and per_layer_vocab != config.vocab_size:
+        problems.append(
+            f"vocab_size_per_layer_input={per_layer_vocab} != vocab_size={config.vocab_size}"
+        )
+    if problems:
+        raise NotImplementedError(
+            f"Gemma 4 GGUF: llama.cpp's gemma4 cannot run {'; '.join(problems)}. "
+            "Export merged_16bit instead."
+        )
 
 
 GEMMA4_TEXT = ArchitectureSpec(
@@ -60,5 +112,5 @@ GEMMA4_TEXT = ArchitectureSpec(
     ),
     final_logit_softcap_attr="final_logit_softcapping",
     load_checks=(_dense_only,),
-    gguf_checks=(_no_gguf_writer_yet,),
+    gguf_checks=(_kv_sharing_as_llama_cpp, _rope_as_llama_cpp, _shapes_as_llama_cpp),
 )

@@ -28,6 +28,9 @@ from collections.abc import Iterator
 import torch
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+# Written and checked in llama.cpp: f16 and bf16. The quantised methods would pick types for the
+# per-layer-input tensors that no test has compared with llama-quantize's: refused until one does.
+REFUSED_METHODS = ("q8_0", "q4_k_m", "q5_k_m", "q6_k")
 # θ_i is divided by this on the frequencies proportional RoPE leaves unrotated: θ ≈ 0.
 UNROTATED = 1e30
 

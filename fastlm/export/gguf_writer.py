@@ -88,7 +88,10 @@ def save_pretrained_gguf(
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
     for check in spec.gguf_checks:  # before any big work: fail fast on what llama.cpp can't run
         check(config)
-    refused = [m for m in methods if m in getattr(LAYOUTS.get(arch.name), "refused_methods", ())]
+    refused_methods = getattr(LAYOUTS.get(arch.name), "refused_methods", ()) or getattr(
+        _ARCH_LAYOUTS.get(arch.name), "REFUSED_METHODS", ()
+    )
+    refused = [m for m in methods if m in refused_methods]
     if refused:
         raise NotImplementedError(
             f"{spec.family} GGUF export writes {[m for m in METHODS if m not in refused]}, not "

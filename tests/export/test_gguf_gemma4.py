@@ -188,3 +188,11 @@ def test_tiny_gemma4_in_llama_cpp(tmp_path, method):
     assert max(errors) < TOL[method], errors
     # the distributions are far from uniform (else a wrong layout could hide in them)
     assert float(want.max()) > np.log(1 / VOCAB) + 1.5
+
+
+@pytest.mark.parametrize("method", ["q8_0", "q4_k_m"])
+def test_quantised_methods_are_refused_until_checked_in_llama_cpp(tmp_path, method):
+    model = _lora(_save(tmp_path / "hf"))
+    with pytest.raises(NotImplementedError, match="llama-quantize"):
+        save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), method, name="tiny")
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())

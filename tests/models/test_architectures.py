@@ -31,10 +31,11 @@ def _pair(
     device="cpu",
     dtype=torch.float32,
     load_in_4bit=False,
+    target_modules=PROJECTIONS,
     **overrides,
 ):
-    """The unpatched HF model + PEFT and the fastlm one, same weights and LoRA init (B ≠ 0);
-    ``load_in_4bit``: both NF4 (bitsandbytes config on the HF side)."""
+    """The unpatched HF model + PEFT and the fastlm one, same weights and LoRA init (B ≠ 0) on
+    ``target_modules``; ``load_in_4bit``: both NF4 (bitsandbytes config on the HF side)."""
     path = save_tiny_model(model_type, tmp_path / model_type, **overrides)
     quantization = {"quantization_config": nf4_config(dtype)} if load_in_4bit else {}
     reference = AutoModelForCausalLM.from_pretrained(
@@ -42,14 +43,15 @@ def _pair(
     )
     reference = get_peft_model(
         reference,
-        LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False),
+        LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False),
     )
     fast, _ = FastModel.from_pretrained(
         path, dtype=dtype, device_map=device, load_in_4bit=load_in_4bit
     )
     fast = FastModel.get_peft_model(
-        fast, r=4, lora_alpha=8, init_lora_weights=False, use_gradient_checkpointing=checkpointing
-    )
+        fast, r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False,
+        use_gradient_checkpointing=checkpointing,
+    )  # fmt: skip
     if load_in_4bit:  # the packed 4-bit state dicts differ in layout: copy the adapters only
         copy_lora(reference, fast)
     else:

@@ -15,14 +15,13 @@ import torch
 
 pytest.importorskip("transformers.models.qwen3_5", reason="transformers without Qwen3.5")
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
 from test_architectures import (  # noqa: E402 (after the skip)
     RTOL,
     _assert_loss_and_lora_grads_match,
     _assert_same_loss_curve,
 )
+from test_architectures import _pair as _architectures_pair  # noqa: E402
 from tiny_models import (  # noqa: E402
-    copy_lora,
     relative_error,
     save_tiny_model,
     tiny_batch,
@@ -34,7 +33,6 @@ from fastlm import FastModel  # noqa: E402
 from fastlm.errors import UnsupportedArchitectureError  # noqa: E402
 from fastlm.models import fused_report, spec_for  # noqa: E402
 from fastlm.offload import offloaded_checkpoint  # noqa: E402
-from fastlm.quant import nf4_config  # noqa: E402
 
 QWEN3_5 = "qwen3_5_text"
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -53,39 +51,15 @@ def _expected_rows() -> list[str]:
 
 
 def _pair(tmp_path, checkpointing, load_in_4bit=False):
-    """HF + PEFT and fastlm on the same tiny checkpoint, LoRA (B ≠ 0) on the twelve projections."""
-    path = save_tiny_model(QWEN3_5, tmp_path / QWEN3_5)
-    quantization = {"quantization_config": nf4_config(torch.float32)} if load_in_4bit else {}
-    reference = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, device_map="cpu", **quantization
+    """HF + PEFT and fastlm on the same tiny checkpoint, LoRA (B ≠ 0) on the twelve projections;
+    4-bit: the reference's layers computed from the NF4 format (tests/nf4_format.py)."""
+    reference, fast = _architectures_pair(
+        tmp_path, QWEN3_5, checkpointing, load_in_4bit=load_in_4bit, target_modules=TARGETS
     )
-    reference = get_peft_model(
-        reference, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    )
-    fast, _ = FastModel.from_pretrained(
-        path, dtype=torch.float32, device_map="cpu", load_in_4bit=load_in_4bit
-    )
-    fast = FastModel.get_peft_model(
-        fast,
-        r=4,
-        lora_alpha=8,
-        target_modules=TARGETS,
-        init_lora_weights=False,
-        use_gradient_checkpointing=checkpointing,
-    )
-    if load_in_4bit:  # the packed state dicts differ in layout: copy the adapters only
-        copy_lora(reference, fast)
+    if load_in_4bit:
         from nf4_format import run_4bit_layers_from_format
 
         run_4bit_layers_from_format(reference)
-    else:
-        fast.load_state_dict(reference.state_dict())
-    if checkpointing:
-        reference.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    reference.train()
-    fast.train()
     return reference, fast
 
 

@@ -380,19 +380,9 @@ def child_main(spec: dict) -> dict:
     shape = get_shape(spec["shape"])
     system = spec["system"]
     mode = spec.get("mode", "lora")
-    rec = {
-        "shape": shape.name,
-        "system": system,
-        "mode": mode,
-        "batch": spec["batch"],
-        "seq": spec["seq"],
-        "query_seq": spec["query_seq"],
-        "warmup": spec["warmup"],
-        "steps": spec["steps"],
-        "checkpointing": spec["checkpointing"],
-        "checkpoint": spec["path"],
-        "status": "error",
-    }
+    rec = train_bench.new_record(
+        spec, mode, query_seq=spec["query_seq"], checkpointing=spec["checkpointing"]
+    )
 
     def load(cuda: bool, dtype):
         model, loss_fn = BUILDERS[system](

@@ -240,17 +240,7 @@ def child_main(spec: dict) -> dict:
     t_start = time.perf_counter()
     shape = get_shape(spec["shape"])
     system = spec["system"]
-    rec = {
-        "shape": shape.name,
-        "system": system,
-        "mode": "sft",
-        "batch": spec["batch"],
-        "seq": spec["seq"],
-        "warmup": spec["warmup"],
-        "steps": spec["steps"],
-        "checkpoint": spec["path"],
-        "status": "error",
-    }
+    rec = train_bench.new_record(spec, "sft")
 
     def load(cuda: bool, dtype):
         ctx = Ctx(shape=shape, path=spec["path"], mode="lora", seq=spec["seq"], cuda=cuda,

@@ -125,22 +125,20 @@ def measure_child(rec: dict, t_start: float, load, versions_fn, prepare=None) ->
     return rec
 
 
+def new_record(spec: dict, mode: str, **fields) -> dict:
+    """A child's record before it measures anything: what it runs (``spec``'s shape, system,
+    sizes and checkpoint, ``mode``, ``fields``), status "error" until the run says otherwise."""
+    rec = {"shape": spec["shape"], "system": spec["system"], "mode": mode}
+    rec |= {key: spec[key] for key in ("batch", "seq", "warmup", "steps")}
+    return rec | fields | {"checkpoint": spec["path"], "status": "error"}
+
+
 def child_main(spec: dict) -> dict:
     """Load, apply the system, run the loop; always returns a record (status ok/error/skipped)."""
     t_start = time.perf_counter()
     shape = get_shape(spec["shape"])
     system, mode = spec["system"], spec["mode"]
-    rec = {
-        "shape": shape.name,
-        "system": system,
-        "mode": mode,
-        "batch": spec["batch"],
-        "seq": spec["seq"],
-        "warmup": spec["warmup"],
-        "steps": spec["steps"],
-        "checkpoint": spec["path"],
-        "status": "error",
-    }
+    rec = new_record(spec, mode)
 
     def load(cuda: bool, dtype):
         ctx = Ctx(

@@ -25,7 +25,7 @@ from fastlm.loading.checkpointing import enable_checkpointing, set_use_cache
 
 
 class FastModel:
-    """Load, patch and LoRA-wrap Hugging Face causal LMs (Llama, Mistral, Qwen2/3, Gemma 1/2/3)."""
+    """Load, patch and LoRA-wrap Hugging Face causal LMs (the families in ``models.SPECS``)."""
 
     @staticmethod
     def from_pretrained(

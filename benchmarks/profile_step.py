@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--cache", default=CACHE)
+    parser.add_argument("--host", action="store_true", help="also list operators by host time")
     args = parser.parse_args()
     preimport(args.system)
     import torch
@@ -68,10 +69,16 @@ def main() -> None:
         table = averages.table(sort_by="self_cuda_time_total", row_limit=args.rows)
     except (AttributeError, KeyError):
         table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
-    gpu_ms, _ = kernel_time(torch, averages, passes=2)
+    gpu_ms, launches = kernel_time(torch, averages, passes=2)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     print(f"== {args.system} {args.shape} {args.mode}: 2 steps ==")
-    print(f"wall {wall_ms:.1f} ms/step (unprofiled), GPU kernels {gpu_ms:.1f} ms/step (profiled)")
+    print(
+        f"wall {wall_ms:.1f} ms/step (unprofiled), GPU kernels {gpu_ms:.1f} ms/step and "
+        f"{launches} launches/step (profiled), peak {peak_gib:.2f} GiB"
+    )
     print(table)
+    if args.host:
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,20 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
     PEFT in bf16 (+1e-3). Single batches scatter both ways on tiny models (seen on CPU, Gemma 3:
     ratios 0.33–2.24 per batch, 0.8 on average; on the H100 over 16 batches: Llama 0.80,
     Gemma 3 1.15), hence the average."""
-    truth_model, _ = _pair(tmp_path / "fp32", model_type, True, device=device)
+
+    def pair(folder, dtype):
+        return _pair(folder, model_type, True, device=device, dtype=dtype)
+
+    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, model_type)
+
+
+def assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device: str, label: str) -> None:
+    """The bf16 check for any family: ``pair(folder, dtype)`` gives (HF + PEFT, fastlm) with
+    checkpointing, on ``device``, the weights loaded in ``dtype``."""
+    truth_model, _ = pair(tmp_path / "fp32", torch.float32)
     state = truth_model.state_dict()
     load_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf16, fast16 = _pair(tmp_path / "bf16", model_type, True, device=device, dtype=load_dtype)
+    hf16, fast16 = pair(tmp_path / "bf16", load_dtype)
     for model in (hf16, fast16):
         if device == "cpu":  # from_pretrained refuses bf16 on CPU; cast for this numerics test
             model.to(torch.bfloat16)
@@ -240,4 +250,4 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
                 if "lora_" in name:  # PEFT keeps adapters in fp32 over a bf16 base
                     param.data = param.data.float()
         model.load_state_dict(state)
-    _assert_bf16_as_close_to_fp32_as_hf(truth_model, hf16, fast16, device, f"{model_type} {device}")
+    _assert_bf16_as_close_to_fp32_as_hf(truth_model, hf16, fast16, device, f"{label} {device}")

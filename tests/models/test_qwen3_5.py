@@ -19,6 +19,7 @@ from test_architectures import (  # noqa: E402 (after the skip)
     RTOL,
     _assert_loss_and_lora_grads_match,
     _assert_same_loss_curve,
+    assert_bf16_as_close_to_fp32_as_hf,  # noqa: E402
 )
 from test_architectures import _pair as _architectures_pair  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -50,11 +51,17 @@ def _expected_rows() -> list[str]:
     return rows
 
 
-def _pair(tmp_path, checkpointing, load_in_4bit=False):
+def _pair(tmp_path, checkpointing, load_in_4bit=False, **placement):
     """HF + PEFT and fastlm on the same tiny checkpoint, LoRA (B ≠ 0) on the twelve projections;
-    4-bit: the reference's layers computed from the NF4 format (tests/nf4_format.py)."""
+    4-bit: the reference's layers computed from the NF4 format (tests/nf4_format.py).
+    ``placement``: ``device`` and ``dtype``, as test_architectures' pair takes them."""
     reference, fast = _architectures_pair(
-        tmp_path, QWEN3_5, checkpointing, load_in_4bit=load_in_4bit, target_modules=TARGETS
+        tmp_path,
+        QWEN3_5,
+        checkpointing,
+        load_in_4bit=load_in_4bit,
+        target_modules=TARGETS,
+        **placement,
     )
     if load_in_4bit:
         from nf4_format import run_4bit_layers_from_format
@@ -230,3 +237,22 @@ def test_merged_16bit_reloads_with_the_same_logits(tmp_path):
         torch.testing.assert_close(reloaded.eval()(**batch).logits, expected, atol=1e-5, rtol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real Triton kernels)")
+@pytest.mark.parametrize("checkpointing", [True, "unsloth"], ids=["checkpointed", "offloaded"])
+def test_gpu_fp32_matches_hf(tmp_path, checkpointing):
+    """On the GPU in fp32: fastlm's kernels (and the linear-attention library where installed)
+    against transformers' own path, loss and LoRA gradients within 1e-4 as on the CPU."""
+    reference, fast = _pair(tmp_path, checkpointing, device="cuda")
+    _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+
+
+def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
+    """bf16 under autocast against the fp32 truth over 16 batches: fastlm's mean error at most
+    1.25× HF + PEFT's own (test_architectures' check)."""
+
+    def pair(folder, dtype):
+        return _pair(folder, True, device=device, dtype=dtype)
+
+    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, QWEN3_5)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlm.kernels.nf4_dequant import dequantize_nf4
+from fastlm.kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_many
 
 logger = logging.getLogger("fastlm")
 
@@ -84,6 +84,22 @@ def dense_weight(weight: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
+def _dense_weights(weights: list, quant_states: list, dtype: torch.dtype) -> list:
+    """``dense_weight`` of each; the 4-bit ones dequantised together (one launch on the GPU)."""
+    packed = [i for i, qs in enumerate(quant_states) if qs is not None]
+    dense = [
+        w if qs is not None else dense_weight(w, None, dtype)
+        for w, qs in zip(weights, quant_states)
+    ]
+    if packed:
+        unpacked = dequantize_nf4_many(
+            [weights[i] for i in packed], [quant_states[i] for i in packed], dtype
+        )
+        for i, w in zip(packed, unpacked):
+            dense[i] = w
+    return dense
+
+
 class Cast(NamedTuple):
     """A group of projections of one input, in the compute dtype (see ``cast_projections``)."""
 
@@ -110,12 +126,11 @@ def cast_projections(flat: tuple, dtype: torch.dtype, groups: tuple[int, ...] = 
     product. The values are those of per-tensor casts (each element rounded the same way).
     """
     weights, biases, lora_a, lora_b = (list(flat[i::5]) for i in range(4))
-    dtypes, quant_states, saved, dense = [], [], [], []
+    quant_states = [quant_state_of(w) for w in weights]
+    dense = _dense_weights(weights, quant_states, dtype)
+    saved = [w if qs is not None else d for w, qs, d in zip(weights, quant_states, dense)]
+    dtypes = []
     for weight, bias, a, b in zip(weights, biases, lora_a, lora_b):
-        quant_state = quant_state_of(weight)
-        quant_states.append(quant_state)
-        dense.append(dense_weight(weight, quant_state, dtype))
-        saved.append(weight if quant_state is not None else dense[-1])
         dtypes += [t if t is None else t.dtype for t in (weight, bias, a, b)]
     biases = [b if b is None or b.dtype == dtype else b.to(dtype) for b in biases]
     groups = groups or (len(weights),)

@@ -120,11 +120,13 @@ def _exercise_ops() -> None:
             hidden, head, labels, softcap=softcap
         ).backward()
 
-    weight = torch.randn(256, 512)
+    weight, other = torch.randn(256, 512), torch.randn(64, 512)
     for nested in (False, True):
         packed, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=nested)
+        packed2, state2 = quantize_4bit(other, quant_type="nf4", compress_statistics=nested)
         for dtype in (bf16, torch.float16):
             nf4_dequant.dequantize_nf4_triton(packed, state, dtype)
+            nf4_dequant.dequantize_nf4_group([packed, packed2], [state, state2], dtype)
 
     # (head_dim, softcap, sliding window): Llama-like, Qwen-like with a window, Gemma 2
     for head_dim, softcap, window in ((64, None, None), (128, None, 64), (256, 50.0, 64)):

@@ -22,6 +22,8 @@ import fastlm.kernels.nf4_dequant as nf4
 from fastlm.kernels.nf4_dequant import (
     NF4_TABLE,
     dequantize_nf4,
+    dequantize_nf4_group,
+    dequantize_nf4_many,
     dequantize_nf4_reference,
     dequantize_nf4_triton,
     is_nf4_weight,
@@ -209,6 +211,52 @@ def test_many_absmax_blocks(bnb_device):
         got = dequantize_nf4_triton(q, qs, dtype, block_bytes=block_bytes)
         assert torch.equal(got, nf4_dequantize(q, qs, dtype))
         assert torch.equal(got, _bnb(q, qs, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("nested", [True, False])
+def test_group_matches_format_per_weight(bnb_device, nested, blocksize, dtype):
+    # Every shape in one launch: the sizes differ (programs past a smaller weight's end must do
+    # nothing), counts are odd and blocks span rows. Each view is bit-identical to the format,
+    # and the views are disjoint (each starts on an aligned offset of one buffer).
+    states = [_quantize(shape, bnb_device, blocksize, nested, seed=i) for i, shape in
+              enumerate(SHAPES)]  # fmt: skip
+    got = dequantize_nf4_group([q for q, _ in states], [qs for _, qs in states], dtype,
+                               block_bytes=64)  # fmt: skip
+    for (q, qs), shape, w in zip(states, SHAPES, got):
+        assert w.shape == torch.Size(shape) and w.dtype == dtype
+        assert torch.equal(w, nf4_dequantize(q, qs, dtype))
+    bases = {w.untyped_storage().data_ptr() for w in got}
+    starts = [w.storage_offset() for w in got]
+    assert len(bases) == 1 and all(start % nf4._GROUP_ALIGN == 0 for start in starts)
+    assert all(a + w.numel() <= b for a, b, w in zip(starts, starts[1:], got))
+
+
+def test_group_of_mixed_formats_and_the_dispatcher(bnb_device):
+    # Nested and plain absmax cannot share a launch: each is dequantised on its own, same values.
+    states = [_quantize((40, 64), bnb_device, 64, True), _quantize((7, 9), bnb_device, 64, False)]
+    weights, quant_states = [q for q, _ in states], [qs for _, qs in states]
+    for dequantize in (dequantize_nf4_group, dequantize_nf4_many):
+        got = dequantize(weights, quant_states, torch.bfloat16)
+        for (q, qs), w in zip(states, got):
+            assert torch.equal(w, nf4_dequantize(q, qs, torch.bfloat16))
+
+
+def test_cached_arguments_follow_a_changed_state(bnb_device):
+    # The launch arguments are kept per quant_state; a state whose tensors are replaced (as
+    # moving it to another device does) must be read anew, in the group launch as alone.
+    q, qs = _quantize((40, 70), bnb_device, 64, nested=True)
+    _, other = _quantize((40, 70), bnb_device, 64, nested=True, seed=7)
+    second, second_qs = _quantize((5, 70), bnb_device, 64, nested=True, seed=8)
+    assert torch.equal(dequantize_nf4_triton(q, qs, torch.float32), nf4_dequantize(q, qs))
+    qs.absmax, qs.state2, qs.offset = other.absmax, other.state2, other.offset
+    expected = nf4_dequantize(q, qs, torch.float32)
+    assert torch.equal(dequantize_nf4_triton(q, qs, torch.float32), expected)
+    qs.absmax = other.absmax.clone()
+    expected = nf4_dequantize(q, qs, torch.float32)
+    got, _ = dequantize_nf4_group([q, second], [qs, second_qs], torch.float32)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -81,6 +81,26 @@ def test_qlora_saves_no_dense_copy_of_a_4bit_weight(tmp_path):
     loss.backward()
 
 
+def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch):
+    """The GPU's dequantisation on the CPU (Triton interpreter): each fused Function's 4-bit
+    weights (q/k/v; gate/up/down) dequantised by one group launch in the forward and the
+    recompute, one by one in the backward; loss and LoRA gradients as HF's."""
+    from fastlm.kernels import nf4_dequant
+
+    monkeypatch.setattr(nf4_dequant, "use_triton", lambda tensor: True)
+    group, sizes = nf4_dequant.dequantize_nf4_group, []
+
+    def counted(weights, *args, **kwargs):
+        sizes.append(len(weights))
+        return group(weights, *args, **kwargs)
+
+    monkeypatch.setattr(nf4_dequant, "dequantize_nf4_group", counted)
+    reference, fast = _qlora_pair(tmp_path, "qwen3", checkpointing=True)
+    _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    layers = fast.config.num_hidden_layers
+    assert sizes == [3] * (2 * 2 * layers)  # two groups a layer, forward and recompute
+
+
 def test_unfused_4bit_layers_on_the_cpu_compute_the_format_values(tmp_path):
     """LoRA dropout keeps every projection off the fused path, so PEFT calls the 4-bit base
     layers' own forward: on the CPU fastlm's (fastlm/models/nf4_linear.py), which must give the

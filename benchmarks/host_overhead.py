@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "qlora"), default="qlora")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cprofile", type=int, default=0, help="list this many functions")
+    parser.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
     parser.add_argument("--cache", default=CACHE)
+    parser.add_argument("--checkpointing", default="fastlm", help="fastlm's checkpointing mode")
     args = parser.parse_args()
     preimport(args.system)
     import torch
@@ -63,8 +65,9 @@ def main() -> None:
     shape = narrow_twin(args.shape)
     path = ensure_checkpoint(shape, args.cache)["path"]
     cuda = torch.cuda.is_available()  # the CPU: a dry run of the script, nothing to learn
-    ctx = Ctx(shape=shape, path=path, mode=args.mode, seq=shape.seq, cuda=cuda,
-              dtype=torch.bfloat16 if cuda else torch.float32)  # fmt: skip
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ctx = Ctx(shape=shape, path=path, mode=args.mode, seq=shape.seq, cuda=cuda, dtype=dtype,
+              checkpointing=args.checkpointing)  # fmt: skip
     model = LOADERS[args.system](ctx)
     device = "cuda" if cuda else "cpu"
     ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq), device=device)
@@ -113,7 +116,7 @@ def main() -> None:
         sync()
         profile.disable()
         out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.cprofile)
+        pstats.Stats(profile, stream=out).sort_stats(args.sort).print_stats(args.cprofile)
         print(out.getvalue())
 
 

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("lora", "qlora"), default="lora")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--cache", default=CACHE)
+    parser.add_argument("--checkpointing", default="fastlm", help="fastlm's checkpointing mode")
     parser.add_argument("--host", action="store_true", help="also list operators by host time")
     args = parser.parse_args()
     preimport(args.system)
@@ -35,7 +36,13 @@ def main() -> None:
     shape = get_shape(args.shape)
     path = ensure_checkpoint(shape, args.cache)["path"]
     ctx = Ctx(
-        shape=shape, path=path, mode=args.mode, seq=shape.seq, cuda=True, dtype=torch.bfloat16
+        shape=shape,
+        path=path,
+        mode=args.mode,
+        seq=shape.seq,
+        cuda=True,
+        dtype=torch.bfloat16,
+        checkpointing=args.checkpointing,
     )
     model = LOADERS[args.system](ctx)
     model.train()

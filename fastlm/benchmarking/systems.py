@@ -35,6 +35,7 @@ class Ctx:
     seq: int
     cuda: bool
     dtype: object  # torch.dtype the weights are loaded in (bf16 on GPU, fp32 on CPU)
+    checkpointing: str = "fastlm"  # fastlm's use_gradient_checkpointing (diagnosis scripts vary it)
 
     @property
     def qlora(self) -> bool:
@@ -150,7 +151,7 @@ def load_fastlm(ctx: Ctx):
     )
     model = _to_device(model, ctx)
     # "fastlm" checkpointing: offloaded, as Unsloth's "unsloth" mode.
-    model = FastModel.get_peft_model(model, **_peft_kwargs("fastlm"))
+    model = FastModel.get_peft_model(model, **_peft_kwargs(ctx.checkpointing))
     return _to_device(model, ctx)
 
 

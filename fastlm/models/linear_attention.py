@@ -15,6 +15,9 @@ Which ops mix the tokens (conv, delta rule, gated norm), decided per call (``Lin
 - CUDA, flash-linear-attention installed, no earlier state in the cache (training, a prefill), no
   packed sequences: fla's Triton kernels (``causal_conv1d``, ``chunk_gated_delta_rule``,
   ``rms_norm_gated``), forward and backward; the cache, if any, still gets its states;
+- fla installed but refusing this GPU (``fla_refusal``: it knows some GPU and Triton pairs
+  to be wrong): transformers' PyTorch functions, as on the CPU, and the reason in
+  ``fused_report``;
 - otherwise (no fla, decoding, packed sequences): the functions transformers picked for the
   model (its torch fallback, or fla / causal_conv1d where it found them).
 """
@@ -25,6 +28,7 @@ import functools
 import importlib.util
 import inspect
 import sys
+import threading
 from typing import NamedTuple
 
 import torch
@@ -53,6 +57,46 @@ class LinearPath(NamedTuple):
 def has_fla() -> bool:
     """True when flash-linear-attention (the ``fla`` package) can be imported."""
     return importlib.util.find_spec("fla") is not None
+
+
+_REFUSALS: dict[torch.device, str] = {}
+
+
+def fla_refusal(device: torch.device) -> str:
+    """Why fla's delta rule cannot train on ``device`` ("" when it can), found once per device
+    by a tiny forward and backward. fla refuses some GPU and Triton pairs itself (0.5.2: Hopper
+    with Triton 3.4 to 3.7.0, whose gated backward it knows to be wrong). The probe runs on a
+    thread of its own: autograd's saved-tensor hooks (checkpointing's) and autocast are per
+    thread, so the model's step never sees it.
+    """
+    if device not in _REFUSALS:
+        outcome: list[str] = []
+        probe = threading.Thread(target=_probe_fla, args=(device, outcome))
+        probe.start()
+        probe.join()
+        _REFUSALS[device] = outcome[0] if outcome else "the fla probe did not finish"
+    return _REFUSALS[device]
+
+
+def _probe_fla(device: torch.device, outcome: list) -> None:
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # lazy: optional (CUDA)
+
+        torch.cuda.set_device(device)
+        generator = torch.Generator(device).manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 64, 1, 16, device=device, generator=generator, requires_grad=True)
+            for _ in range(3)
+        )
+        g = -torch.rand(1, 64, 1, device=device, generator=generator)
+        beta = torch.rand(1, 64, 1, device=device, generator=generator)
+        out, _ = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, use_qk_l2norm_in_kernel=True)
+        out.sum().backward()
+        torch.cuda.synchronize(device)
+        outcome.append("")
+    except Exception as error:  # whatever fla raises: the reason, in its own words
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        outcome.append(f"fla's delta rule cannot train here: {message}")
 
 
 def expected_linear_path(module: nn.Module) -> LinearPath:
@@ -96,6 +140,9 @@ def _choose(tensor: torch.Tensor, cache, layer_idx: int, kwargs: dict) -> Linear
         return LinearPath(REFERENCE, f"{tensor.device.type} tensors (fla's kernels run on CUDA)")
     if not has_fla():
         return LinearPath(TRANSFORMERS, NO_FLA)
+    refusal = fla_refusal(tensor.device)
+    if refusal:  # transformers would pick the same fla functions: its PyTorch ones instead
+        return LinearPath(REFERENCE, refusal)
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("seq_idx") is not None:
         return LinearPath(TRANSFORMERS, "packed sequences")
     if cache is not None and (

@@ -160,7 +160,7 @@ class _LayerStash:
 
     def wait_copied(self) -> None:
         """Host wait until this layer's copies to the host are done (one stream: the last)."""
-        events = [item.ready for item in self.items if item.ready is not None and item.host]
+        events = [i.ready for i in self.items if i.ready is not None and i.host is not None]
         if events:
             events[-1].synchronize()
 

@@ -81,13 +81,14 @@ def test_qlora_saves_no_dense_copy_of_a_4bit_weight(tmp_path):
     loss.backward()
 
 
-def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch):
-    """The GPU's dequantisation on the CPU (Triton interpreter): each fused Function's 4-bit
-    weights (q/k/v; gate/up/down) dequantised by one group launch in the forward and the
+def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch, device):
+    """The GPU's dequantisation (on the CPU in the Triton interpreter): each fused Function's
+    4-bit weights (q/k/v; gate/up/down) dequantised by one group launch in the forward and the
     recompute, one by one in the backward; loss and LoRA gradients as HF's."""
     from fastlm.kernels import nf4_dequant
 
-    monkeypatch.setattr(nf4_dequant, "use_triton", lambda tensor: True)
+    if device == "cpu":
+        monkeypatch.setattr(nf4_dequant, "use_triton", lambda tensor: True)
     group, sizes = nf4_dequant.dequantize_nf4_group, []
 
     def counted(weights, *args, **kwargs):
@@ -95,7 +96,7 @@ def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch):
         return group(weights, *args, **kwargs)
 
     monkeypatch.setattr(nf4_dequant, "dequantize_nf4_group", counted)
-    reference, fast = _qlora_pair(tmp_path, "qwen3", checkpointing=True)
+    reference, fast = _qlora_pair(tmp_path, "qwen3", checkpointing=True, device=device)
     _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
     layers = fast.config.num_hidden_layers
     assert sizes == [3] * (2 * 2 * layers)  # two groups a layer, forward and recompute

@@ -256,3 +256,38 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
         return _pair(folder, True, device=device, dtype=dtype)
 
     assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, QWEN3_5)
+
+
+def test_a_refusing_fla_sends_the_layers_to_the_pytorch_functions(tmp_path, monkeypatch):
+    """fla installed but refusing the device (fla 0.5.2 refuses Hopper with Triton 3.4–3.7.0):
+    transformers' PyTorch functions run, as on the CPU, with fla's reason in fused_report. The
+    probe (a tiny forward and backward) runs once per device, on a thread of its own."""
+    import threading
+
+    from fastlm.models import linear_attention
+
+    probes = []
+
+    def refuse(device, outcome):
+        probes.append(threading.get_ident())
+        outcome.append("fla's delta rule cannot train here: made up for the test")
+
+    monkeypatch.setattr(linear_attention, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(linear_attention, "has_fla", lambda: True)
+    monkeypatch.setattr(linear_attention, "_probe_fla", refuse)
+    monkeypatch.setattr(linear_attention, "_REFUSALS", {})
+    reference, fast = _pair(tmp_path, checkpointing=True)
+    _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    linear = [row for row in fused_report(fast).attention if row["module"].endswith("linear_attn")]
+    assert linear and all(row["attention"] == "torch-reference" for row in linear)
+    assert all(row["reason"] == "fla's delta rule cannot train here: made up for the test"
+               for row in linear)  # fmt: skip
+    assert len(probes) == 1 and probes[0] != threading.get_ident()
+
+
+def test_the_fla_probe_reports_what_stops_it():
+    from fastlm.models import linear_attention
+
+    outcome = []
+    linear_attention._probe_fla(torch.device("cpu"), outcome)  # no fla, or no GPU: either way
+    assert len(outcome) == 1 and outcome[0].startswith("fla's delta rule cannot train here: ")

@@ -109,7 +109,7 @@ def _nf4_dequant_kernel(
 def _nf4_dequant_group_kernel(
     ROWS, TABLE, OUT, blocksize2,
     HALF_BS: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr,
-    BF16: tl.constexpr,
+    BF16: tl.constexpr, WHOLE_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # Grid (programs of the largest weight, weights): weight w's row of ROWS holds its addresses
     # and sizes (_GROUP_ROW); programs past a smaller weight's end return at once.
@@ -118,8 +118,10 @@ def _nf4_dequant_group_kernel(
     pid = tl.program_id(0).to(tl.int64)
     if pid * BLOCKS_PER_PROG >= n_blocks:
         return
-    n_out = tl.load(row + 7)
-    W = tl.load(row + 0).to(tl.pointer_type(tl.uint8))
+    # Addresses read from memory carry no alignment the compiler can see; the launcher checked
+    # it (16 bytes; outputs on multiples of 64 elements), and saying so lets the loads and
+    # stores be vectorised as the single kernel's are.
+    W = tl.multiple_of(tl.load(row + 0).to(tl.pointer_type(tl.uint8)), 16)
     if NESTED:
         ABSMAX = tl.load(row + 1).to(tl.pointer_type(tl.uint8))
     else:
@@ -127,9 +129,15 @@ def _nf4_dequant_group_kernel(
     CODE2 = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     ABSMAX2 = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     OFFSET = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    if WHOLE_BLOCKS:  # bounds that are multiples of a block: masks uniform over a vector
+        n_bytes = n_blocks * HALF_BS
+        n_out = n_bytes * 2
+    else:
+        n_out = tl.load(row + 7)
+        n_bytes = (n_out + 1) // 2
     _dequant_blocks(
-        pid, W, ABSMAX, CODE2, ABSMAX2, OFFSET, TABLE, OUT + tl.load(row + 6), (n_out + 1) // 2,
-        n_blocks, n_out, blocksize2, HALF_BS, BLOCKS_PER_PROG, NESTED, BF16,
+        pid, W, ABSMAX, CODE2, ABSMAX2, OFFSET, TABLE, OUT + tl.multiple_of(tl.load(row + 6), 64),
+        n_bytes, n_blocks, n_out, blocksize2, HALF_BS, BLOCKS_PER_PROG, NESTED, BF16,
     )  # fmt: skip
 
 
@@ -285,7 +293,8 @@ def dequantize_nf4_group(
     args = [_launch_args(w, qs) for w, qs in zip(weights, states)]
     dtype = _output_dtype(states[0], args[0].n, dtype, None)
     formats = {(a.half, a.nested, a.blocksize2, a.packed.device) for a in args}
-    if len(formats) != 1 or len(args) < 2 or not all(a.n for a in args):
+    aligned = all(a.packed.data_ptr() % 16 == 0 for a in args)
+    if len(formats) != 1 or len(args) < 2 or not all(a.n for a in args) or not aligned:
         return [dequantize_nf4_triton(w, qs, dtype) for w, qs in zip(weights, states)]
     starts, total = [], 0
     for a in args:
@@ -294,11 +303,13 @@ def dequantize_nf4_group(
     device = args[0].packed.device
     out = torch.empty(total, dtype=dtype, device=device)
     per_prog = _blocks_per_program(args[0].half, block_bytes)
+    whole_blocks = all(a.n == a.n_blocks * 2 * a.half for a in args)
     programs = max(triton.cdiv(a.n_blocks, per_prog) for a in args)
     _nf4_dequant_group_kernel[(programs, len(args))](
         _group_rows(args, starts), _table(device), out, args[0].blocksize2,
         HALF_BS=args[0].half, BLOCKS_PER_PROG=per_prog, NESTED=args[0].nested,
-        BF16=dtype == torch.bfloat16, num_warps=4, enable_fp_fusion=False,
+        BF16=dtype == torch.bfloat16, WHOLE_BLOCKS=whole_blocks, num_warps=4,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return [out[s : s + a.n].view(tuple(qs.shape)) for s, a, qs in zip(starts, args, states)]
 

@@ -213,18 +213,24 @@ def test_many_absmax_blocks(bnb_device):
         assert torch.equal(got, _bnb(q, qs, dtype))
 
 
+# Whole blocks of 64 and of 128 in every weight: the group kernel's bounds are then multiples
+# of a block (its vectorised path); SHAPES has cut-short last blocks (its exact-bounds path).
+WHOLE_BLOCK_SHAPES = [(96, 80), (40, 64), (16, 256)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("nested", [True, False])
-def test_group_matches_format_per_weight(bnb_device, nested, blocksize, dtype):
+@pytest.mark.parametrize("shapes", [SHAPES, WHOLE_BLOCK_SHAPES], ids=["cut-blocks", "whole"])
+def test_group_matches_format_per_weight(bnb_device, shapes, nested, blocksize, dtype):
     # Every shape in one launch: the sizes differ (programs past a smaller weight's end must do
     # nothing), counts are odd and blocks span rows. Each view is bit-identical to the format,
     # and the views are disjoint (each starts on an aligned offset of one buffer).
     states = [_quantize(shape, bnb_device, blocksize, nested, seed=i) for i, shape in
-              enumerate(SHAPES)]  # fmt: skip
+              enumerate(shapes)]  # fmt: skip
     got = dequantize_nf4_group([q for q, _ in states], [qs for _, qs in states], dtype,
                                block_bytes=64)  # fmt: skip
-    for (q, qs), shape, w in zip(states, SHAPES, got):
+    for (q, qs), shape, w in zip(states, shapes, got):
         assert w.shape == torch.Size(shape) and w.dtype == dtype
         assert torch.equal(w, nf4_dequantize(q, qs, dtype))
     bases = {w.untyped_storage().data_ptr() for w in got}

@@ -51,6 +51,10 @@ def test_shape_table_builds_configs():
     assert big.tie_word_embeddings and big.num_key_value_heads == 8
     assert shapes.make_config(shapes.SHAPES["llama-3.1-8b"]).rope_parameters["factor"] == 8.0
     assert not shapes.make_config(shapes.SHAPES["llama-3.1-8b"]).tie_word_embeddings
+    qwen35 = shapes.make_config(shapes.SHAPES["qwen3.5-9b"])
+    assert qwen35.layer_types.count("full_attention") == 8 and qwen35.num_hidden_layers == 32
+    gemma4 = shapes.make_config(shapes.SHAPES["gemma4-4b"])
+    assert gemma4.hidden_size_per_layer_input == 256 and gemma4.sliding_window == 512
     qwen = shapes.make_config(shapes.SHAPES["qwen3-4b"])
     assert qwen.head_dim == 128 and qwen.tie_word_embeddings
     assert qwen.rope_parameters["rope_theta"] == 1e6

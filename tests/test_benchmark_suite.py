@@ -137,3 +137,22 @@ def test_bench_command_runs_the_suite_and_the_loops():
     args = cli.parse_args(["bench", "--loop", "sft", "--shapes", "llama-3.2-1b"])
     assert command_line(args)[1:] == ["-m", "fastlm.benchmarking.sft_bench", "--shapes",
                                       "llama-3.2-1b"]  # fmt: skip
+
+
+def test_issue17_dry_run_trains_both_new_families(tmp_path):
+    """The issue-17 rows on their tiny twins (CPU): HF + PEFT and fastlm train each LoRA row from
+    the same step-0 loss; QLoRA rows are skipped without CUDA, Unsloth without its package."""
+    suite = _suite()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--suite", "issue17", "--dry-run", "--in-process", "--out", str(out),
+            "--cache", str(cache)]  # fmt: skip
+    assert suite.main(argv) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    by = {(r["row"], r["system"]): r for r in records}
+    assert set(by) == {(r.id, s) for r in suite.SUITES["issue17"] for s in r.systems}
+    for row in (1, 3):  # the LoRA rows
+        for system in ("hf", "fastlm"):
+            assert by[(row, system)]["status"] == "ok", by[(row, system)].get("traceback")
+        assert by[(row, "fastlm")]["step0_loss"] == pytest.approx(
+            by[(row, "hf")]["step0_loss"], rel=1e-3
+        )

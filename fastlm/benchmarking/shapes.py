@@ -223,6 +223,45 @@ SHAPES: dict[str, Shape] = {
                        heads=8, kv_heads=1, head_dim=256),
             },
         ),
+        # This year's families (issue 17), as transformers 5.23's config classes document them
+        # (their defaults): Qwen3.5 text 8.95B parameters (24 Gated DeltaNet and 8 gated full-
+        # attention layers); Gemma 4 text 5.1B, 2.6B of them embedding tables (the per-layer
+        # input tables included), so about 2.5B in its 30 layers.
+        Shape(
+            name="qwen3.5-9b",
+            model_type="qwen3_5_text",
+            batch=2,
+            config=dims(vocab=248320, hidden=4096, intermediate=12288, layers=32, heads=16,
+                        kv_heads=4, head_dim=256),
+        ),
+        Shape(
+            name="gemma4-4b",
+            model_type="gemma4_text",
+            batch=2,
+            config=dims(vocab=262144, hidden=2304, intermediate=9216, layers=30, heads=8,
+                        kv_heads=4, head_dim=256),
+        ),
+        # CPU dry-run twins of the two above: every layer kind present (tests/tiny_models.py's).
+        Shape(
+            name="tiny-qwen3.5",
+            model_type="qwen3_5_text",
+            batch=2,
+            seq=32,
+            tiny=True,
+            config={**TINY_DIMS, "head_dim": 16, "linear_num_key_heads": 2,
+                    "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16, "num_hidden_layers": 4},
+        ),
+        Shape(
+            name="tiny-gemma4",
+            model_type="gemma4_text",
+            batch=2,
+            seq=32,
+            tiny=True,
+            config={**TINY_DIMS, "head_dim": 16, "global_head_dim": 32, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"],
+                    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 8},
+        ),
         Shape(
             name="tiny-llama",
             model_type="llama",

@@ -63,6 +63,7 @@ class Row:
 
 _TRAIN = ("hf", "liger", "unsloth", "fastlm")
 _EMBED = ("hf", "unsloth", "fastlm")
+_NEW = ("hf", "unsloth", "fastlm")
 
 
 def _train(i: int, label: str, shape: str, mode: str) -> Row:
@@ -84,7 +85,14 @@ SUITES: dict[str, list[Row]] = {
             "qwen3-embedding-0.6b", "full", _EMBED, "tiny-qwen3-embedding"),
         Row(9, "TRL SFTTrainer, Llama-3.2-1B LoRA B4 S2048, seed-script settings", "sft",
             "llama-3.2-1b", "lora", _TRAIN, "tiny-llama"),
-    ]
+    ],
+    # Issue 17: this year's dense families (Liger has no patch for them).
+    "issue17": [
+        Row(1, "Qwen3.5-9B LoRA, B2 S2048", "train", "qwen3.5-9b", "lora", _NEW, "tiny-qwen3.5"),
+        Row(2, "Qwen3.5-9B QLoRA, B2", "train", "qwen3.5-9b", "qlora", _NEW, "tiny-qwen3.5"),
+        Row(3, "Gemma-4 4B LoRA, B2 S2048", "train", "gemma4-4b", "lora", _NEW, "tiny-gemma4"),
+        Row(4, "Gemma-4 4B QLoRA, B2", "train", "gemma4-4b", "qlora", _NEW, "tiny-gemma4"),
+    ],
 }  # fmt: skip
 # The loops' default warm-up and timed steps (sft_bench times 12 steps, as the issue did).
 STEPS = {"train": (3, 10), "embed": (3, 10), "sft": (3, 12)}

@@ -321,6 +321,32 @@ def test_sft_full_finetune_on_instruction_data(tmp_path):
     assert not (out / "adapter").exists()
 
 
+@pytest.mark.parametrize("model_type", ["gemma4_text", "qwen3_5_text"])
+def test_sft_lora_on_this_years_families(tmp_path, model_type):
+    """``fastlm sft --model`` on Gemma 4 and Qwen3.5 text: two LoRA steps, an adapter that plain
+    PEFT loads onto the unpatched model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip(f"transformers.models.{model_type.removesuffix('_text')}")
+    model = save_tiny_model(model_type, tmp_path / model_type)
+    records = [{"instruction": "Double.", "input": str(i), "output": str(2 * i)} for i in range(8)]
+    data = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    out = tmp_path / "out"
+    code = run(
+        ["sft", "--model", model, "--data", data, "--output-dir", out, "--max-steps", 2]
+        + ["--batch-size", 4, "--grad-accum", 1, "--lr", 1e-3, "--max-seq-length", 64]
+        + ["--lora-r", 4, "--lora-alpha", 8]
+    )
+    assert code == 0
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert summary["method"] == "lora" and summary["steps"] == 2
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, out / "adapter")
+    lora = [n for n, _ in loaded.named_parameters() if "lora_B" in n]
+    assert lora and any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if n in lora)
+
+
 def test_export_failure_after_training_keeps_the_adapter(tmp_path, capsys):
     # the character tokenizer of tiny_models cannot be written as GGUF: training must survive
     model = save_tiny_model("llama", tmp_path / "llama")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from nf4_format import run_4bit_layers_from_format
 from peft import PeftModel
 from test_merged import _logits, _trained
 from tiny_models import save_tiny_model
@@ -19,6 +20,12 @@ from fastlm.kernels.nf4_dequant import dequantize_nf4
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
+def _has(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def _qlora(tmp_path, model_type="llama"):
     path = save_tiny_model(model_type, tmp_path / f"src-{model_type}")
     model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu", load_in_4bit=True)
@@ -26,7 +33,14 @@ def _qlora(tmp_path, model_type="llama"):
     return model, tokenizer, path
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+# This year's families where transformers has them (5.23: both).
+NEW_FAMILIES = [
+    pytest.param(t, marks=pytest.mark.skipif(not _has(t), reason=f"transformers without {t}"))
+    for t in ("gemma4_text", "qwen3_5_text")
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text", *NEW_FAMILIES])
 def test_qlora_merged_16bit_equals_the_qlora_model(tmp_path, model_type):
     model, tokenizer, _ = _qlora(tmp_path, model_type)
     expected = _logits(model)  # the 4-bit model with its adapter, as trained
@@ -99,6 +113,34 @@ def test_merged_4bit_reloads_as_nf4_with_the_merged_weights(tmp_path, source):
             dequantize_nf4(packed, packed.quant_state, torch.float32).cpu(),
             dequantize_nf4(expected, state, torch.float32),
         ), name
+
+
+@pytest.mark.parametrize("model_type", NEW_FAMILIES)
+def test_merged_4bit_of_this_years_families_reloads_with_the_same_logits(tmp_path, model_type):
+    """merged_4bit of a QLoRA Gemma 4 / Qwen3.5: plain transformers reloads it as NF4, with the
+    logits of the merged 16-bit export quantised by transformers' own NF4 loading."""
+    from fastlm.quant import nf4_config
+
+    model, tokenizer, _ = _qlora(tmp_path, model_type)
+    merged16 = save_pretrained_merged(model, tmp_path / "m16", tokenizer, "merged_16bit")
+    out = save_pretrained_merged(model, tmp_path / "m4", tokenizer, "merged_4bit")
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    requantised = AutoModelForCausalLM.from_pretrained(
+        merged16, dtype=torch.float32, quantization_config=nf4_config(torch.float32)
+    )
+    packed = {n: p for n, p in reloaded.named_parameters() if hasattr(p, "quant_state")}
+    expected = {n: p for n, p in requantised.named_parameters() if hasattr(p, "quant_state")}
+    assert packed and packed.keys() == expected.keys()
+    for name, weight in packed.items():
+        assert torch.equal(weight.data, expected[name].data), name
+    # The same bytes through the format's values (bitsandbytes' CPU matmul refuses odd sizes).
+    for loaded in (reloaded, requantised):
+        run_4bit_layers_from_format(loaded)
+    torch.testing.assert_close(_logits(reloaded), _logits(requantised), atol=0, rtol=0)
+    assert not torch.allclose(_logits(reloaded), _logits(model), atol=0, rtol=0)  # re-quantised
 
 
 def test_qlora_gguf_export_uses_the_dequantised_merged_weights(tmp_path):

@@ -145,11 +145,10 @@ class _LayerStash:
             return packed
         if not self.started:  # this layer's backward begins: bring it in, and the one before
             self.started = True
-            stack = checkpoint._pending()
-            stack[:] = [ref for ref in stack if ref() is not None and ref() is not self]
+            checkpoint.PENDING.remove(self)
             self.prefetch()
             self.items = []  # the graph holds them now: each is freed after its node's backward
-            following = checkpoint._next_pending()
+            following = checkpoint.PENDING.last()
             if following is not None:
                 following.prefetch()
         return packed.take()
@@ -189,9 +188,7 @@ def offloaded_activations(run, hidden: torch.Tensor, *args):
         output = run(hidden, *args)
     if stash.items:
         _LOCAL.last_nbytes = stash.nbytes
-        stack = checkpoint._pending()
-        stack[:] = [ref for ref in stack if ref() is not None]
-        stack.append(_weak(stash))
+        checkpoint.PENDING.push(stash)
         _throttle(stash)
     return output
 

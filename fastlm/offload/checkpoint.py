@@ -160,27 +160,46 @@ def _to_host(tensor: torch.Tensor):
     return host, done
 
 
-# Weak references to the saved inputs whose backward has not run yet, in forward order (per
-# thread: one graph's backward runs on one thread). Weak, so a graph dropped without a backward
-# (a forward with grad whose loss is discarded) frees its inputs as usual.
-_PENDING = threading.local()
+class PendingLayers:
+    """The layers whose backward has not run yet, in forward order: what the backward of one
+    layer starts copying in for the next (the layer before it).
+
+    One list for all threads, behind a lock: the forward runs on the thread that calls the
+    model, but autograd runs the backward of CUDA nodes on its own device thread, so a list per
+    thread would leave the backward's look-ahead empty (no copy would overlap compute). Weak
+    references: a graph dropped without a backward (a forward with grad whose loss is discarded)
+    frees its entries as usual. Entries have ``prefetch()``.
+    """
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+        self._lock = threading.Lock()
+
+    def push(self, item) -> None:
+        with self._lock:
+            self._refs = [ref for ref in self._refs if ref() is not None]
+            self._refs.append(weakref.ref(item))
+
+    def remove(self, item) -> None:
+        with self._lock:
+            self._refs = [ref for ref in self._refs if ref() is not None and ref() is not item]
+
+    def last(self):
+        """The most recent entry still alive (the next layer to be recomputed), or None."""
+        with self._lock:
+            while self._refs:
+                item = self._refs[-1]()
+                if item is not None:
+                    return item
+                self._refs.pop()
+            return None
+
+    def alive(self) -> list:
+        with self._lock:
+            return [item for item in (ref() for ref in self._refs) if item is not None]
 
 
-def _pending() -> list:
-    if not hasattr(_PENDING, "stack"):
-        _PENDING.stack = []
-    return _PENDING.stack
-
-
-def _next_pending() -> _SavedInput | None:
-    """The most recent saved input still alive (the next layer to be recomputed), pruning."""
-    stack = _pending()
-    while stack:
-        saved = stack[-1]()
-        if saved is not None:
-            return saved
-        stack.pop()
-    return None
+PENDING = PendingLayers()
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -200,18 +219,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         with torch.no_grad():
             output = run(hidden, *args)
         ctx.saved = _SavedInput(hidden, BUDGET)
-        stack = _pending()
-        stack[:] = [ref for ref in stack if ref() is not None]
-        stack.append(weakref.ref(ctx.saved))
+        PENDING.push(ctx.saved)
         ctx.is_tuple = isinstance(output, tuple)
         return output[0] if ctx.is_tuple else output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        saved, stack = ctx.saved, _pending()
-        stack[:] = [ref for ref in stack if ref() is not None and ref() is not saved]
+        saved = ctx.saved
+        PENDING.remove(saved)
         hidden = saved.take()
-        following = _next_pending()
+        following = PENDING.last()
         if following is not None:  # recomputed next (the layer before): bring its input in now
             following.prefetch()
         hidden = hidden.detach().requires_grad_(True)

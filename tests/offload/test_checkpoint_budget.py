@@ -54,14 +54,13 @@ def test_pending_stack_empties_after_backward_and_after_a_dropped_graph(tmp_path
     model = _offloaded_model(tmp_path, device)
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     loss = model(**batch).loss
-    alive = [ref for ref in checkpoint._pending() if ref() is not None]
-    assert len(alive) == model.config.num_hidden_layers
+    assert len(checkpoint.PENDING.alive()) == model.config.num_hidden_layers
     loss.backward()
-    assert all(ref() is None for ref in checkpoint._pending())
+    assert checkpoint.PENDING.alive() == []
     loss = model(**batch).loss
     del loss  # graph dropped without a backward: the saved inputs go with it
     gc.collect()
-    assert checkpoint._next_pending() is None
+    assert checkpoint.PENDING.last() is None
 
 
 @pytest.mark.gpu
@@ -102,3 +101,29 @@ def test_recompute_replays_lora_dropout(tmp_path, device):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_look_ahead_works_when_the_backward_runs_on_another_thread(tmp_path, device, monkeypatch):
+    """Autograd runs CUDA nodes' backward on its own device thread: the layers the forward left
+    pending must be visible there, or no copy is ever started ahead (found on the GPU: a
+    per-thread list was always empty in the backward). Here the backward runs on a new thread."""
+    import threading
+
+    model = _offloaded_model(tmp_path, device)
+    batch = {k: v.to(device) for k, v in tiny_batch().items()}
+    found = []
+    last = checkpoint.PENDING.last
+
+    def spied():
+        item = last()
+        found.append(item is not None)
+        return item
+
+    monkeypatch.setattr(checkpoint.PENDING, "last", spied)
+    loss = model(**batch).loss
+    worker = threading.Thread(target=loss.backward)
+    worker.start()
+    worker.join()
+    layers = model.config.num_hidden_layers
+    assert found.count(True) == layers - 1  # every layer but the first saw the one before it
+    assert checkpoint.PENDING.alive() == []

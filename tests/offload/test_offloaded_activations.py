@@ -79,7 +79,7 @@ def test_layers_run_once_and_match_hf(tmp_path, model_type, device, stash_log):
     assert all(stash.started for stash in stashes)  # every layer's tensors came back
     assert sum(stash.nbytes for stash in stashes) > 0
     assert budget.in_use == 0 and budget.fallbacks == 0
-    assert checkpoint._next_pending() is None
+    assert checkpoint.PENDING.last() is None
 
 
 def test_layers_past_the_budget_are_checkpointed_instead(tmp_path, device, stash_log):
@@ -105,7 +105,7 @@ def test_a_dropped_graph_returns_the_budget(tmp_path, device, stash_log):
     stashes.clear()  # the log's references, not the graph's
     del loss
     gc.collect()
-    assert budget.in_use == 0 and checkpoint._next_pending() is None
+    assert budget.in_use == 0 and checkpoint.PENDING.last() is None
 
 
 def test_what_is_dense():

@@ -21,6 +21,10 @@ try:  # transformers >= 5.23 (gemma4); without it the Gemma 4 tests are skipped
     from transformers import Gemma4TextConfig
 except ImportError:  # pragma: no cover
     Gemma4TextConfig = None
+try:  # transformers >= 5.23 (embedding_gemma2); without it its tests are skipped
+    from transformers import EmbeddingGemma2TextConfig
+except ImportError:  # pragma: no cover
+    EmbeddingGemma2TextConfig = None
 try:  # transformers with qwen3_5; without it the Qwen3.5 tests are skipped
     from transformers import Qwen3_5TextConfig
 except ImportError:  # pragma: no cover
@@ -93,6 +97,23 @@ _QWEN3_5_TEXT = dict(
     layer_types=["linear_attention", "full_attention", "linear_attention"],
     tie_word_embeddings=False,
 )
+# EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
+# be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
+# the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
+# states are projected to an embedding of 50.
+_EMBEDDING_GEMMA2_TEXT = dict(
+    _LLAMA_LIKE,
+    intermediate_size=90,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=24,
+    global_head_dim=40,
+    num_global_key_value_heads=1,
+    sliding_window=3,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+    hidden_size_per_layer_input=10,
+    embedding_dim=50,
+)
 # model_type: (config class, its arguments)
 _CONFIGS = {
     "llama": (
@@ -135,6 +156,8 @@ if Gemma4TextConfig is not None:
     _CONFIGS["gemma4_text"] = (Gemma4TextConfig, _GEMMA4_TEXT)
 if Qwen3_5TextConfig is not None:
     _CONFIGS["qwen3_5_text"] = (Qwen3_5TextConfig, _QWEN3_5_TEXT)
+if EmbeddingGemma2TextConfig is not None:
+    _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"

@@ -128,7 +128,7 @@ def _exports() -> dict[str, list[str]]:
     return {
         "save_methods": list(SAVE_METHODS),
         "gguf_quantizations": list(METHODS),
-        "gguf_model_types": sorted(SPECS),  # every family's spec names its GGUF arch
+        "gguf_model_types": sorted(t for t, spec in SPECS.items() if spec.gguf_arch),
     }
 
 

@@ -1,12 +1,13 @@
 """``FastSentenceTransformer``: a Hugging Face encoder/decoder body + pooling + dense + L2 norm.
 
 model, tokenizer = load_embedding_model("Qwen/Qwen3-Embedding-0.6B", max_seq_length=512)
-model.get_peft_model(r=16)                      # LoRA (fused fastlm kernels on Qwen3 / Gemma 3)
+model.get_peft_model(r=16)                      # LoRA (fused kernels on decoder families)
 vectors = model.encode_queries(["how do I ...?"])   # (N, D) fp32, unit length
 
-The body is loaded with ``AutoModel`` (Qwen3Model, Gemma3TextModel, BertModel, XLMRobertaModel…).
-Qwen3 and Gemma 3 bodies get fastlm's kernels (``fastlm.models.patch_model``); other
-architectures run their transformers code, with LoRA through plain PEFT.
+The body is loaded with ``AutoModel`` (Qwen3Model, Gemma3TextModel, EmbeddingGemma2TextModel,
+BertModel, XLMRobertaModel…). Qwen3, Gemma 3 and EmbeddingGemma 2 bodies get fastlm's kernels
+(``fastlm.models.patch_model``); other architectures run their transformers code, with LoRA
+through plain PEFT.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ class FastSentenceTransformer(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        """Width of the body's token states, what pooling sees (EmbeddingGemma 2: embedding_dim,
+        its forward projects them)."""
+        return models.output_width(self.config)
 
     @property
     def embedding_dim(self) -> int:
@@ -371,7 +374,7 @@ def load_embedding_model(
     check_finite_weights: bool = True,
     **kwargs: Any,
 ) -> tuple[FastSentenceTransformer, Any]:
-    """Load an embedding model → ``(model, tokenizer)``; fastlm kernels on Qwen3 / Gemma 3.
+    """Load an embedding model → ``(model, tokenizer)``; fastlm kernels on decoder bodies.
 
     Usage: ``model, tok = load_embedding_model("./bge-m3", max_seq_length=512, lora_r=16)``.
     ``model_name``: a Sentence-Transformers directory (modules.json: pooling, dense layers,

@@ -121,8 +121,9 @@ def _gguf_spec(config):
     from fastlm.models import SPECS
 
     spec = SPECS.get(getattr(config, "model_type", None))
-    if spec is None:
-        raise ValueError(f"GGUF export supports {sorted(SPECS)}, not {config.model_type!r}")
+    if spec is None or spec.gguf_arch is None:  # None: llama.cpp has no arch for the family
+        exportable = sorted(t for t, s in SPECS.items() if s.gguf_arch)
+        raise ValueError(f"GGUF export supports {exportable}, not {config.model_type!r}")
     return spec
 
 

@@ -324,7 +324,7 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str | Non
 
 
 def log_fused_report(model: nn.Module) -> None:
-    """Log how many projections run fused, and a warning naming each that does not and why.
+    """Log how many projections run fused, and a warning per reason naming those that do not.
 
     Usage: ``log_fused_report(peft_model)`` (every loader calls it after adding LoRA)."""
     if not models.is_patched(model):  # e.g. a BERT body: no spec, PEFT's and torch's code
@@ -333,8 +333,12 @@ def log_fused_report(model: nn.Module) -> None:
     report = models.fused_report(model)
     slow = [row for row in report if not row["fused"]]
     logger.info("fastlm: %d of %d projections run fused", len(report) - len(slow), len(report))
-    for row in slow:
-        logger.warning("fastlm: %s runs unfused: %s", row["module"], row["reason"])
+    by_reason: dict[str, list[str]] = {}
+    for row in slow:  # one line per reason: a reason shared by every layer is one line, not N
+        by_reason.setdefault(row["reason"], []).append(row["module"])
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        logger.warning("fastlm: %s%s run%s unfused: %s", names[0], more, "s" * (not more), reason)
     paths = Counter((row["attention"], row["reason"]) for row in report.attention)
     for (path, reason), count in sorted(paths.items()):  # expected paths: no call has run yet
         logger.info(

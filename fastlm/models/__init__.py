@@ -8,6 +8,7 @@ the embedding defaults. Encoder families (BERT...) get an ``EncoderSpec`` (``ENC
 from __future__ import annotations
 
 from fastlm.errors import UnsupportedArchitectureError
+from fastlm.models.embedding_gemma2 import EMBEDDING_GEMMA2_TEXT
 from fastlm.models.encoders import ENCODERS, EncoderSpec, encoder_spec
 from fastlm.models.finite import check_finite_weights, nonfinite_tensors
 from fastlm.models.finite_guard import install_finite_guard, verify_finite
@@ -40,6 +41,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         GEMMA3_TEXT,
         GEMMA4_TEXT,
         QWEN3_5_TEXT,
+        EMBEDDING_GEMMA2_TEXT,
     )
 }
 # Multimodal checkpoints whose text model has a spec: model_type -> (family, text class, its type).
@@ -47,6 +49,7 @@ _TEXT_MODELS = {
     "gemma3": ("Gemma 3", "Gemma3ForCausalLM", "gemma3_text"),
     "gemma4": ("Gemma 4", "Gemma4ForCausalLM", "gemma4_text"),
     "qwen3_5": ("Qwen3.5", "Qwen3_5ForCausalLM", "qwen3_5_text"),
+    "embedding_gemma2": ("EmbeddingGemma 2", "EmbeddingGemma2TextModel", "embedding_gemma2_text"),
 }
 
 
@@ -89,6 +92,17 @@ def embedding_pooling(model_type: str | None) -> str:
     return spec.embedding_pooling if spec else "mean"
 
 
+def output_width(config) -> int:
+    """Width of a body's last_hidden_state: hidden_size, unless the family's forward projects
+    it (EmbeddingGemma 2: embedding_dim).
+
+    Usage: ``output_width(model.config)`` -> ``768``.
+    """
+    spec = SPECS.get(getattr(config, "model_type", None))
+    attr = spec.output_width_attr if spec else None
+    return getattr(config, attr) if attr else config.hidden_size
+
+
 __all__ = [
     "ENCODERS",
     "PROJECTIONS",
@@ -104,6 +118,7 @@ __all__ = [
     "install_finite_guard",
     "is_patched",
     "nonfinite_tensors",
+    "output_width",
     "patch_model",
     "patch_state",
     "spec_for",

@@ -132,7 +132,8 @@ def patch_state(model: nn.Module) -> PatchState | None:
 class FusedReport(list):
     """``fused_report``'s answer. As a list, one row per projection and the LM head: ``module``,
     ``fused``, ``lora``, ``reason`` (why not fused); a projection the layer does not have (no v_proj
-    on a k = v layer, no k/v_proj on a KV-sharing one) has no row. ``attention``: one row per
+    on a k = v layer, no k/v_proj on a KV-sharing one) has no row; the linears a spec leaves to
+    transformers (``transformers_linears``) have unfused rows. ``attention``: one row per
     attention module: ``module``, ``attention`` (what runs: "fastlm-flash", "eager", "sdpa"...;
     for a linear-attention module "fla", "torch-reference" or "transformers"), ``reason`` (why
     not fastlm's flash kernel, or fla's), ``called`` (False: no call yet, the row is what is
@@ -157,9 +158,16 @@ def fused_report(model: nn.Module) -> FusedReport:
         return FusedReport([], [])
     rows, attention = [], []
     linear = state.spec.linear_attention
+    unpatched = dict(state.spec.transformers_linears)
     for name, module in model.named_modules():
         cls = type(module).__name__
         latest = state.attention_paths.get(module)
+        if name.rsplit(".", 1)[-1] in unpatched:  # a linear the spec leaves to transformers
+            reason = unpatched[name.rsplit(".", 1)[-1]]
+            rows.append(
+                {"module": name, "fused": False, "lora": _has_lora(module), "reason": reason}
+            )
+            continue
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
             row = _attention_row(name, latest, expected_path(module))
@@ -198,6 +206,11 @@ def fused_report(model: nn.Module) -> FusedReport:
             }
         )
     return FusedReport(rows, attention)
+
+
+def _has_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer with an adapter (its ``lora_A`` holds one module per adapter)."""
+    return len(getattr(module, "lora_A", ())) > 0
 
 
 def _attention_row(name: str, latest, expected) -> dict:

@@ -75,8 +75,9 @@ class ArchitectureSpec:
     activation_config_attr: str  # config attribute that names the activation
     activation_config_values: tuple[str, ...]  # values of it this spec implements
     # GGUF: the gguf.MODEL_ARCH member llama.cpp runs the family as. llama.cpp's RMSNorm scales by
-    # w alone, so a norm_offset family's norm weights are stored as norm_offset + w.
-    gguf_arch: str
+    # w alone, so a norm_offset family's norm weights are stored as norm_offset + w. None: llama.cpp
+    # has no arch for the family (EmbeddingGemma 2) and GGUF export refuses it.
+    gguf_arch: str | None
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3, Qwen3)
     v_norm: bool = False  # per-head RMSNorm on v (Gemma 4's has no weight: y = x̂)
     # Module attribute, true on a layer with no v_proj whose v is k_proj's output, taken before
@@ -99,6 +100,15 @@ class ArchitectureSpec:
     embedding_pooling: str = "mean"
     prompt_style: PromptStyle | None = None
     bidirectional_attention_attr: str | None = None
+    # Config attribute with the width of the body's last_hidden_state where it is not
+    # hidden_size: EmbeddingGemma 2 projects its final states to embedding_dim inside its forward,
+    # and Sentence-Transformers' pooling is told that width.
+    output_width_attr: str | None = None
+    # Linear layers outside the attention and MLP modules that run transformers' (or PEFT's) own
+    # forward, as (attribute name, why): fused_report lists each as unfused with that reason, so
+    # that a LoRA on them (or their cost) is not silent. Attribute names, not classes: they are
+    # plain nn.Linear (EmbeddingGemma 2's per-layer-input block and embedding projection).
+    transformers_linears: tuple[tuple[str, str], ...] = ()
 
 
 # The projections fastlm's patched attention and MLP forwards compute (and read directly), in the

@@ -4,6 +4,9 @@
 - ``gemma3``: a bidirectional Gemma3TextModel body (as EmbeddingGemma, sliding window 3 < the
   test lengths), mean pooling, then Dense 72→96→72 (no bias, identity) and Normalize, with the
   EmbeddingGemma prompts: a Sentence-Transformers directory.
+- ``embedding_gemma2``: an EmbeddingGemma2TextModel body (tests/tiny_models.py: sliding and full
+  layers, per-layer inputs, projection to 50), mean pooling and Normalize, with query/document
+  prompts: a Sentence-Transformers directory.
 - ``bert``: a BertModel body (dropout on), CLS pooling, Normalize: a Sentence-Transformers
   directory.
 """
@@ -46,6 +49,8 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         tokenizer.padding_side = "left"
     elif kind == "gemma3":
         model = AutoModel.from_config(gemma3_bidirectional_config())
+    elif kind == "embedding_gemma2":
+        model = AutoModel.from_config(tiny_config("embedding_gemma2_text"))
     elif kind == "bert":
         config = BertConfig(
             vocab_size=VOCAB,
@@ -73,6 +78,9 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         style = PROMPT_STYLES["gemma3_text"]
         prompts = {"query": style.query_prompt(), "document": style.document_prompt}
         _write_layout(path, hidden, "mean", dense, 120, prompts)
+    elif kind == "embedding_gemma2":  # pooling sees the projected states
+        prompts = {"query": "query: ", "document": "document: "}
+        _write_layout(path, model.config.embedding_dim, "mean", [], 120, prompts)
     elif kind == "bert":
         _write_layout(path, hidden, "cls", [], 100, {})
     return path

@@ -20,7 +20,11 @@ import torch
 from torch import nn
 
 from fastlm import model_folder, models, quant
-from fastlm.errors import UnknownTargetModulesError, UnsupportedKeywordError
+from fastlm.errors import (
+    UnknownTargetModulesError,
+    UnsupportedArchitectureError,
+    UnsupportedKeywordError,
+)
 from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
@@ -137,6 +141,11 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
             raise
         raise model_folder.not_found(given_name, error) from error
     spec = models.spec_for(config)
+    if spec.embedding_only:
+        raise UnsupportedArchitectureError(
+            f"{given_name}: {spec.family} is an embedding model with no causal-LM head; load it "
+            "with FastModel.from_pretrained(..., embedding_mode=True) or load_embedding_model."
+        )
     positions = trained_positions(config)
     if explicit_max_seq_length and positions and max_seq_length > positions:
         # not refused: RoPE runs past the trained positions, only worse

@@ -44,6 +44,7 @@ EMBEDDING_GEMMA2_TEXT = replace(
     prompt_style=None,
     bidirectional_attention_attr=None,  # always bidirectional: no flag to set
     output_width_attr="embedding_dim",
+    embedding_only=True,
     transformers_linears=(
         ("per_layer_model_projection", "no fused path: per-layer inputs (PLE) from inputs_embeds"),
         ("per_layer_input_gate", _PLE_BLOCK),

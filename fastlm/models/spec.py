@@ -104,6 +104,8 @@ class ArchitectureSpec:
     # hidden_size: EmbeddingGemma 2 projects its final states to embedding_dim inside its forward,
     # and Sentence-Transformers' pooling is told that width.
     output_width_attr: str | None = None
+    # An encoder with no causal-LM class (EmbeddingGemma 2): loaded only as an embedding body.
+    embedding_only: bool = False
     # Linear layers outside the attention and MLP modules that run transformers' (or PEFT's) own
     # forward, as (attribute name, why): fused_report lists each as unfused with that reason, so
     # that a LoRA on them (or their cost) is not silent. Attribute names, not classes: they are

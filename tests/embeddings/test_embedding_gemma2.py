@@ -20,6 +20,7 @@ pytest.importorskip("transformers.models.embedding_gemma2", reason="no Embedding
 from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model  # noqa: E402
 from test_patched_body import ROWS, _assert_same_embeddings_loss_and_grads, _to  # noqa: E402
 
+from fastlm import FastModel  # noqa: E402
 from fastlm.embeddings import EmbeddingCollator, load_embedding_model  # noqa: E402
 from fastlm.errors import UnsupportedArchitectureError  # noqa: E402
 from fastlm.models import SPECS, fused_report, is_patched, spec_for  # noqa: E402
@@ -104,7 +105,8 @@ def test_fused_report_names_what_runs_transformers_code(tmp_path, caplog):
 
 def test_sentence_transformers_folder_pooling_prompts_and_width(tmp_path):
     """Mean pooling and the prompts come from the folder; the vectors are embedding_dim wide
-    (the model's projection is part of them), as Sentence-Transformers computes them."""
+    (the model's projection is part of them), as Sentence-Transformers computes them, before and
+    after a LoRA merged into a saved folder."""
     path = save_tiny_embedding_model(KIND, tmp_path / KIND)
     model, _ = load_embedding_model(str(path), **CPU)
     assert is_patched(model.backbone)
@@ -116,6 +118,22 @@ def test_sentence_transformers_folder_pooling_prompts_and_width(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     expected = st.SentenceTransformer(str(path), device="cpu").encode(TEXTS, convert_to_tensor=True)
     assert torch.allclose(vectors, expected, atol=1e-5, rtol=0), (vectors - expected).abs().max()
+    # A LoRA-tuned model saves (merged) as a folder Sentence-Transformers runs the same way.
+    model.get_peft_model(r=4, lora_alpha=8, init_lora_weights=False)
+    tuned = model.encode(TEXTS)
+    assert (tuned - vectors).abs().max() > 1e-3
+    model.save_pretrained(tmp_path / "merged")
+    saved = st.SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    expected = saved.encode(TEXTS, convert_to_tensor=True)
+    assert torch.allclose(tuned, expected, atol=1e-5, rtol=0), (tuned - expected).abs().max()
+
+
+def test_causal_lm_loading_is_refused_with_the_way_to_load_it(tmp_path):
+    path = save_tiny_embedding_model(KIND, tmp_path / KIND)
+    with pytest.raises(UnsupportedArchitectureError, match="embedding_mode=True"):
+        FastModel.from_pretrained(str(path), **CPU)
+    model, _ = FastModel.from_pretrained(str(path), embedding_mode=True, **CPU)
+    assert is_patched(model.backbone) and model.embedding_dim == 50
 
 
 def test_spec_facts_and_refusals():

@@ -155,6 +155,8 @@ def child_spec(row: Row, system: str, shape, path: str, args, out: Path) -> dict
                     profile=False, checkpointing=EMBED_CHECKPOINTING)  # fmt: skip
     if row.loop == "sft":
         spec["trainer_dir"] = str(out / "trainer" / f"row{row.id}-{system}")
+    if row.loop == "train":
+        spec["fastlm_checkpointing"] = getattr(args, "fastlm_checkpointing", "fastlm")
     return spec
 
 
@@ -371,6 +373,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run each (row, system) in this process, not a child (CPU smoke tests only: no "
         "isolation between systems, so never for measurements)",
+    )
+    p.add_argument(
+        "--fastlm-checkpointing",
+        default="fastlm",
+        choices=("fastlm", "activations"),
+        help="fastlm's use_gradient_checkpointing in the training rows (default: fastlm)",
     )
     p.add_argument("--list-rows", action="store_true", help="print the rows and exit")
     return p.parse_args(argv)

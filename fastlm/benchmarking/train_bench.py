@@ -140,10 +140,15 @@ def child_main(spec: dict) -> dict:
     system, mode = spec["system"], spec["mode"]
     rec = new_record(spec, mode)
 
+    checkpointing = spec.get("fastlm_checkpointing", "fastlm")
+    if system == "fastlm":
+        rec["fastlm_checkpointing"] = checkpointing
+
     def load(cuda: bool, dtype):
         ctx = Ctx(
-            shape=shape, path=spec["path"], mode=mode, seq=spec["seq"], cuda=cuda, dtype=dtype
-        )
+            shape=shape, path=spec["path"], mode=mode, seq=spec["seq"], cuda=cuda, dtype=dtype,
+            checkpointing=checkpointing,
+        )  # fmt: skip
         model = LOADERS[system](ctx)
         loop = {k: spec[k] for k in ("batch", "seq", "warmup", "steps")}
         return model, lambda: train_loop(model, vocab=shape.vocab_size, **loop)
@@ -256,6 +261,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", default="llama-3.2-1b", help=f"comma list of: {', '.join(SHAPES)}")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: hf,fastlm,...")
     p.add_argument("--mode", choices=("lora", "qlora"), default="lora")
+    p.add_argument(
+        "--fastlm-checkpointing",
+        default="fastlm",
+        choices=("fastlm", "activations"),
+        help="fastlm's use_gradient_checkpointing (default: fastlm, offloaded as Unsloth's)",
+    )
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-<mode>)")
     add_loop_args(
         p,
@@ -368,6 +379,7 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
                 "seq": args.seq or shape.seq,
                 "warmup": args.warmup,
                 "steps": args.steps,
+                "fastlm_checkpointing": args.fastlm_checkpointing,
             }
             log = out / "logs" / f"{args.mode}-{shape.name}-{system}.log"
             rec = run_child(spec, log, args.child_timeout, cuda)

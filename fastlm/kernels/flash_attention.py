@@ -17,6 +17,18 @@ delta_i = sum_d do_id o_id), then dk/dv over key blocks, each kv-head program su
 of query heads in registers. tanh is built from tl.exp2 (libdevice tanh is missing in the
 interpreter): tanh(x) = 1 - 2 / (exp(2x) + 1), exactly +-1 once exp over/underflows.
 
+Packed (variable-length) sequences: ``flash_attention_varlen`` takes q (T, H_q, D) and k, v
+(T, H_kv, D), n sequences laid end to end in one row of T tokens, sequence s at [a_s, a_s+1) with
+a = cu_seqlens (int32, (n + 1,), a_0 = 0, a_n = T), as flash-attn's varlen API and transformers'
+cu_seq_lens take.
+Query i of sequence s keeps key j only when a_s <= j < a_s+1, and the causal and window tests
+above apply to the positions i - a_s, j - a_s inside the sequence (the same differences). The same
+kernels run it with VARLEN=True: each program adds its sequence's first token a_s to its row
+pointers and then works in positions local to the sequence, exactly as a fixed-length program on a
+row of length a_s+1 - a_s, so no token of another sequence is ever loaded. The grid is (blocks of
+the longest sequence, heads, sequences); a program past its shorter sequence's end returns at once
+(one load of cu_seqlens), which needs no host copy of cu_seqlens and so no synchronisation.
+
 Which calls of a model's attention reach this kernel (and which fall back to eager, and why) is
 decided in ``fastlm.models.attention``.
 """
@@ -56,13 +68,32 @@ def _keep(rows, cols, seq_len, window, CAUSAL: tl.constexpr, WINDOW: tl.constexp
 
 
 @triton.jit
-def _query_block(n_heads, group, BLOCK_M: tl.constexpr):
+def _query_block(n_heads, group, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
     # (start_m, bh, batch, head, kv head) of this program. Last query blocks go first: under the
-    # causal mask they have the most keys to visit.
+    # causal mask they have the most keys to visit. Packed: grid axis 1 is the head and the one
+    # row of tokens is batch 0 (axis 2 is the sequence, see _sequence).
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
-    return start_m, bh, b, h, h // group
+    if VARLEN:
+        h = tl.program_id(1)
+        return start_m, h, 0, h.to(tl.int64), h.to(tl.int64) // group
+    else:
+        bh = tl.program_id(1)
+        b, h = (bh // n_heads).to(tl.int64), (bh % n_heads).to(tl.int64)
+        return start_m, bh, b, h, h // group
+
+
+@triton.jit
+def _sequence(row_len, CU_SEQLENS, VARLEN: tl.constexpr):
+    # (first token, length) of this program's sequence in its row of row_len tokens. Positions
+    # below are relative to the first token, so the masks and key ranges are the fixed-length
+    # ones with seq_len = the sequence's length. The first token is int64: it scales the token
+    # stride, and a packed row may hold more than 2^31 elements.
+    if VARLEN:
+        seq = tl.program_id(2)
+        start = tl.load(CU_SEQLENS + seq)
+        return start.to(tl.int64), tl.load(CU_SEQLENS + seq + 1) - start
+    else:
+        return 0, row_len
 
 
 @triton.jit
@@ -80,20 +111,25 @@ def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    n_heads, group, seq_len, window, qk_mul, cap_log2e,
+    Q, K, V, OUT, LSE, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    n_heads, group, row_len, window, qk_mul, cap_log2e,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
-    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M)
+    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M, VARLEN)
+    tok0, seq_len = _sequence(row_len, CU_SEQLENS, VARLEN)
+    if VARLEN:  # noqa: SIM102 (a static branch: fixed-length launches compile without the test)
+        if start_m >= seq_len:
+            return
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims[None, :] < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :],
+    q = tl.load(Q + b * sqb + h * sqh + tok0 * sqm + rows[:, None] * sqm + dims[None, :],
                 mask=(rows[:, None] < seq_len) & d_ok, other=0.0)  # fmt: skip
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    k_base = K + b * skb + hk * skh + tok0 * skn
+    v_base = V + b * svb + hk * svh + tok0 * svn
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -118,9 +154,9 @@ def _fwd_kernel(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     row_ok = rows < seq_len
     o = (acc / l_i[:, None]).to(OUT.dtype.element_ty)
-    o_ptr = OUT + b * sob + h * soh + rows[:, None] * som + dims[None, :]
+    o_ptr = OUT + b * sob + h * soh + tok0 * som + rows[:, None] * som + dims[None, :]
     tl.store(o_ptr, o, mask=row_ok[:, None] & d_ok)
-    tl.store(LSE + bh.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(LSE + bh.to(tl.int64) * row_len + tok0 + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 # Backward, with p recomputed from lse2 (p = 0 where masked):
@@ -130,30 +166,36 @@ def _fwd_kernel(
 #   dq = scale * ds k;   dk = scale * ds^T q
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, OUT, DO, DQ, LSE, DELTA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    Q, K, V, OUT, DO, DQ, LSE, DELTA, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sob, soh, som, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-    n_heads, group, seq_len, window, qk_mul, cap_log2e, scale,
+    n_heads, group, row_len, window, qk_mul, cap_log2e, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
-    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M)
+    start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M, VARLEN)
+    tok0, seq_len = _sequence(row_len, CU_SEQLENS, VARLEN)
+    if VARLEN:  # noqa: SIM102 (a static branch: fixed-length launches compile without the test)
+        if start_m >= seq_len:
+            return
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims[None, :] < HEAD_DIM
     row_ok = rows < seq_len
     q_mask = row_ok[:, None] & d_ok
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + dims[None, :], mask=q_mask,
-                 other=0.0)  # fmt: skip
-    o = tl.load(
-        OUT + b * sob + h * soh + rows[:, None] * som + dims[None, :], mask=q_mask, other=0.0
-    )
+    q = tl.load(Q + b * sqb + h * sqh + tok0 * sqm + rows[:, None] * sqm + dims[None, :],
+                mask=q_mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + b * sdob + h * sdoh + tok0 * sdom + rows[:, None] * sdom + dims[None, :],
+                 mask=q_mask, other=0.0)  # fmt: skip
+    o = tl.load(OUT + b * sob + h * soh + tok0 * som + rows[:, None] * som + dims[None, :],
+                mask=q_mask, other=0.0)  # fmt: skip
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * seq_len + rows, delta, mask=row_ok)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
-    k_base = K + b * skb + hk * skh
-    v_base = V + b * svb + hk * svh
+    row_base = bh.to(tl.int64) * row_len + tok0
+    tl.store(DELTA + row_base + rows, delta, mask=row_ok)
+    lse2 = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hk * skh + tok0 * skn
+    v_base = V + b * svb + hk * svh + tok0 * svn
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
@@ -170,31 +212,41 @@ def _bwd_dq_kernel(
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + dims[None, :],
+    tl.store(DQ + b * sdqb + h * sdqh + tok0 * sdqm + rows[:, None] * sdqm + dims[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    n_heads, n_kv_heads, group, seq_len, window, qk_mul, cap_log2e, scale,
+    n_heads, n_kv_heads, group, row_len, window, qk_mul, cap_log2e, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # Works on transposed score blocks (keys x queries) so that dk, dv come out of plain dots.
+    # Grid (key blocks, batch x kv heads); packed: (key blocks of the longest sequence, kv heads,
+    # sequences), as the query-block kernels.
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b, hk = (bhk // n_kv_heads).to(tl.int64), (bhk % n_kv_heads).to(tl.int64)
+    if VARLEN:
+        b, hk = 0, tl.program_id(1).to(tl.int64)
+    else:
+        bhk = tl.program_id(1)
+        b, hk = (bhk // n_kv_heads).to(tl.int64), (bhk % n_kv_heads).to(tl.int64)
+    tok0, seq_len = _sequence(row_len, CU_SEQLENS, VARLEN)
+    if VARLEN:  # noqa: SIM102 (a static branch: fixed-length launches compile without the test)
+        if start_n >= seq_len:
+            return
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims[None, :] < HEAD_DIM
     kv_mask = (cols[:, None] < seq_len) & d_ok
-    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + dims[None, :], mask=kv_mask,
-                other=0.0)  # fmt: skip
-    v = tl.load(V + b * svb + hk * svh + cols[:, None] * svn + dims[None, :], mask=kv_mask,
-                other=0.0)  # fmt: skip
+    k = tl.load(K + b * skb + hk * skh + tok0 * skn + cols[:, None] * skn + dims[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b * svb + hk * svh + tok0 * svn + cols[:, None] * svn + dims[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     # Query blocks that see this key block: from the diagonal to the window's end.
@@ -206,9 +258,9 @@ def _bwd_dkdv_kernel(
         hi = tl.minimum(start_n + BLOCK_N - 1 + window, seq_len)
     for g in range(0, group):
         h = hk * group + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
-        row_base = (b * n_heads + h) * seq_len
+        q_base = Q + b * sqb + h * sqh + tok0 * sqm
+        do_base = DO + b * sdob + h * sdoh + tok0 * sdom
+        row_base = (b * n_heads + h) * row_len + tok0
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             q_mask = (rows[:, None] < seq_len) & d_ok
@@ -226,9 +278,9 @@ def _bwd_dkdv_kernel(
             if SOFTCAP:
                 ds_t = ds_t * (1.0 - th * th)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
-    tl.store(DK + b * sdkb + hk * sdkh + cols[:, None] * sdkn + dims[None, :],
+    tl.store(DK + b * sdkb + hk * sdkh + tok0 * sdkn + cols[:, None] * sdkn + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
-    tl.store(DV + b * sdvb + hk * sdvh + cols[:, None] * sdvn + dims[None, :],
+    tl.store(DV + b * sdvb + hk * sdvh + tok0 * sdvn + cols[:, None] * sdvn + dims[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
 
 
@@ -284,97 +336,137 @@ def _check(q, k, v, softcap, sliding_window, causal) -> None:
         raise ValueError("flash_attention: sliding_window must be >= 1 and needs causal=True")
 
 
+def _check_packed(q, cu_seqlens, max_seqlen) -> None:
+    # q: the (1, Hq, T, D) row view. The values of cu_seqlens are not checked here: that needs a
+    # host copy, a synchronisation per call; the reference checks them.
+    if q.shape[0] != 1:
+        raise ValueError(f"flash_attention: packed sequences need one row, got batch {q.shape[0]}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or not cu_seqlens.numel():
+        raise ValueError("flash_attention: cu_seqlens must be a 1-D int32 tensor (n_seqs + 1,), "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")  # fmt: skip
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"flash_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    if max_seqlen is None or max_seqlen < 0:
+        raise ValueError(f"flash_attention: max_seqlen must be an int >= 0, got {max_seqlen}")
+
+
 def _last_unit(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _consts(q, scale, softcap, sliding_window):
-    seq_len, d = q.shape[2], q.shape[3]
-    window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
+def _consts(q, scale, softcap, sliding_window, causal, cu_seqlens, max_seqlen):
+    # A window as long as the longest sequence drops no key: it is switched off.
+    longest, d = (q.shape[2] if cu_seqlens is None else max_seqlen), q.shape[3]
+    window = sliding_window if sliding_window is not None and sliding_window < longest else None
     if softcap is not None:
         qk_mul, cap_log2e = scale / softcap, softcap * _LOG2E
     else:
         qk_mul, cap_log2e = scale * _LOG2E, 0.0
     meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=True,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=causal,
         SOFTCAP=softcap is not None, WINDOW=window is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", VARLEN=cu_seqlens is not None,
     )  # fmt: skip
     return window or 0, float(qk_mul), float(cap_log2e), meta
 
 
+def _grid(seq_len, block, heads, bsz, cu_seqlens, max_seqlen) -> tuple[int, ...]:
+    # Fixed length: (blocks, batch x heads). Packed: (blocks of the longest sequence, heads,
+    # sequences), the shape that needs no host copy of cu_seqlens; a program past its shorter
+    # sequence's end returns at once.
+    if cu_seqlens is None:
+        return (triton.cdiv(seq_len, block), bsz * heads)
+    return (triton.cdiv(max_seqlen, block), heads, cu_seqlens.numel() - 1)
+
+
 def flash_attention_forward_triton(
-    q, k, v, *, scale: float, softcap=None, sliding_window=None, causal=True, blocks=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher: (o (B, Hq, S, D), a transposed view of a (B, S, Hq, D) buffer; lse2)."""
+    q, k, v, *, scale: float, softcap=None, sliding_window=None, causal=True, blocks=None,
+    cu_seqlens=None, max_seqlen=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Forward launcher: (o (B, Hq, S, D), a transposed view of a (B, S, Hq, D) buffer; lse2).
+
+    With ``cu_seqlens`` (int32, (n + 1,)) and ``max_seqlen``, q/k/v are one row (1, H, T, D) of
+    packed sequences (see the module docstring) and lse2 is (1, Hq, T).
+    """
     _check(q, k, v, softcap, sliding_window, causal)
+    if cu_seqlens is not None:
+        _check_packed(q, cu_seqlens, max_seqlen)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
     blocks = {**_default_blocks(d, q), **(blocks or {})}
-    window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
-    meta["CAUSAL"] = causal
+    window, qk_mul, cap_log2e, meta = _consts(
+        q, scale, softcap, sliding_window, causal, cu_seqlens, max_seqlen
+    )
     # o is stored (B, S, H, D): attention modules want that layout next, so it is free to get.
     o = torch.empty(bsz, seq_len, hq, d, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse2 = torch.empty(bsz, hq, seq_len, device=q.device, dtype=torch.float32)
-    if o.numel():
-        bl = blocks["fwd"]
-        _fwd_kernel[(triton.cdiv(seq_len, bl.block_m), bsz * hq)](
-            q, k, v, o, lse2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            hq, hq // hkv, seq_len, window, qk_mul, cap_log2e, BLOCK_M=bl.block_m,
-            BLOCK_N=bl.block_n, num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+    bl = blocks["fwd"]
+    grid = _grid(seq_len, bl.block_m, hq, bsz, cu_seqlens, max_seqlen)
+    if o.numel() and min(grid):
+        _fwd_kernel[grid](
+            q, k, v, o, lse2, cu_seqlens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *o.stride()[:3], hq, hq // hkv, seq_len, window, qk_mul, cap_log2e,
+            BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, num_warps=bl.num_warps,
+            num_stages=bl.num_stages, **meta,
         )  # fmt: skip
     return o, lse2
 
 
 def flash_attention_backward_triton(
     do, q, k, v, o, lse2, *, scale: float, softcap=None, sliding_window=None, causal=True,
-    blocks=None,
+    blocks=None, cu_seqlens=None, max_seqlen=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Backward launcher: (dq, dk, dv) from do and the forward's o and lse2."""
+    """Backward launcher: (dq, dk, dv) from do and the forward's o and lse2 (packed as there)."""
     _check(q, k, v, softcap, sliding_window, causal)
+    if cu_seqlens is not None:
+        _check_packed(q, cu_seqlens, max_seqlen)
     q, k, v, o, do = (_last_unit(t) for t in (q, k, v, o, do.to(q.dtype)))
     (bsz, hq, seq_len, d), hkv = q.shape, k.shape[1]
     blocks = {**_default_blocks(d, q), **(blocks or {})}
-    window, qk_mul, cap_log2e, meta = _consts(q, scale, softcap, sliding_window)
-    meta["CAUSAL"] = causal
+    window, qk_mul, cap_log2e, meta = _consts(
+        q, scale, softcap, sliding_window, causal, cu_seqlens, max_seqlen
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if not q.numel():
-        return dq, dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse2)
     bl = blocks["dq"]
-    _bwd_dq_kernel[(triton.cdiv(seq_len, bl.block_m), bsz * hq)](
-        q, k, v, o, do, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], hq, hq // hkv, seq_len, window,
-        qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
-        num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+    grid = _grid(seq_len, bl.block_m, hq, bsz, cu_seqlens, max_seqlen)
+    if not q.numel() or not min(grid):
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse2)
+    _bwd_dq_kernel[grid](
+        q, k, v, o, do, dq, lse2, delta, cu_seqlens, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], hq, hq // hkv,
+        seq_len, window, qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m,
+        BLOCK_N=bl.block_n, num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
     )  # fmt: skip
     bl = blocks["dkdv"]
-    _bwd_dkdv_kernel[(triton.cdiv(seq_len, bl.block_n), bsz * hkv)](
-        q, k, v, do, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], hq, hkv, hq // hkv, seq_len,
-        window, qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m, BLOCK_N=bl.block_n,
-        num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
+    _bwd_dkdv_kernel[_grid(seq_len, bl.block_n, hkv, bsz, cu_seqlens, max_seqlen)](
+        q, k, v, do, dk, dv, lse2, delta, cu_seqlens, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], hq, hkv,
+        hq // hkv, seq_len, window, qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m,
+        BLOCK_N=bl.block_n, num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
+    # Saves q, k, v, o, lse2 (and cu_seqlens when packed); the backward recomputes p from them.
     @staticmethod
-    def forward(ctx, q, k, v, scale, softcap, sliding_window, causal, blocks):
-        o, lse2 = flash_attention_forward_triton(
-            q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
-            blocks=blocks,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.args = dict(scale=scale, softcap=softcap, sliding_window=sliding_window,
-                        causal=causal, blocks=blocks)  # fmt: skip
+    def forward(ctx, q, k, v, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
+                max_seqlen):  # fmt: skip
+        args = dict(scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
+                    blocks=blocks, max_seqlen=max_seqlen)  # fmt: skip
+        o, lse2 = flash_attention_forward_triton(q, k, v, cu_seqlens=cu_seqlens, **args)
+        ctx.save_for_backward(q, k, v, o, lse2, cu_seqlens)
+        ctx.args = args
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse2 = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward_triton(do, q, k, v, o, lse2, **ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, o, lse2, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward_triton(
+            do, q, k, v, o, lse2, cu_seqlens=cu_seqlens, **ctx.args
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attention_triton(
@@ -383,7 +475,8 @@ def flash_attention_triton(
     blocks: dict[str, Blocks] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Differentiable Triton attention on any device Triton runs on (CPU under the interpreter)."""
-    return _FlashAttention.apply(q, k, v, scale, softcap, sliding_window, causal, blocks)
+    packed = (None, None)  # cu_seqlens, max_seqlen: see flash_attention_varlen_triton
+    return _FlashAttention.apply(q, k, v, scale, softcap, sliding_window, causal, blocks, *packed)
 
 
 def flash_attention(
@@ -398,6 +491,49 @@ def flash_attention(
     return flash_attention_reference(
         q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal
     )
+
+
+def _as_row(t: torch.Tensor) -> torch.Tensor:
+    # (T, H, D) packed tokens -> the (1, H, T, D) view the kernels index: no copy.
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _check_tokens(q, k, v) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"flash_attention_varlen: want q (T, Hq, D), k = v (T, Hkv, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
+
+
+def flash_attention_varlen_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
+    causal: bool = True, blocks: dict[str, Blocks] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Differentiable packed attention through the Triton kernels; (T, Hq, D) out.
+
+    cu_seqlens must rise from 0 to T and max_seqlen be at least the longest sequence: the kernels
+    trust both (checking them would copy cu_seqlens to the host, a synchronisation per call).
+    Usage: ``o = flash_attention_varlen_triton(q, k, v, cu_seqlens, max_len, scale=d**-0.5)``.
+    """
+    _check_tokens(q, k, v)
+    rows = (_as_row(q), _as_row(k), _as_row(v))
+    o = _FlashAttention.apply(*rows, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
+                              int(max_seqlen))  # fmt: skip
+    return o[0].transpose(0, 1)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Differentiable attention over sequences packed in (T, H, D) tokens, none seeing another.
+
+    Usage: ``o = flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=d**-0.5)``.
+    """
+    fn = flash_attention_varlen_triton if use_triton(q) else flash_attention_varlen_reference
+    return fn(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap,
+              sliding_window=sliding_window, causal=causal)  # fmt: skip
 
 
 def keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
@@ -427,3 +563,36 @@ def flash_attention_reference(
     keep = keep_pattern(q.shape[2], causal, sliding_window, q.device)
     p = torch.softmax(t.masked_fill(~keep, float("-inf")), dim=-1)
     return (p @ vv).to(q.dtype)
+
+
+def _sequence_bounds(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int) -> list:
+    # The reference copies cu_seqlens to the host anyway, so it checks the values the kernels trust.
+    cu = cu_seqlens.tolist()
+    bounds = list(zip(cu, cu[1:]))
+    if cu[0] != 0 or cu[-1] != n_tokens or any(e < a for a, e in bounds):
+        raise ValueError(f"flash_attention_varlen: cu_seqlens must rise from 0 to the number of "
+                         f"tokens {n_tokens}, got {cu}")  # fmt: skip
+    if any(e - a > max_seqlen for a, e in bounds):
+        raise ValueError(f"flash_attention_varlen: a sequence is longer than max_seqlen "
+                         f"{max_seqlen}; pass the longest length (cu_seqlens {cu})")  # fmt: skip
+    return bounds
+
+
+def flash_attention_varlen_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """Each packed sequence through ``flash_attention_reference`` on its own; (T, Hq, D) out.
+
+    Usage: ``flash_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=s)``.
+    """
+    _check_tokens(q, k, v)
+    _check(_as_row(q), _as_row(k), _as_row(v), softcap, sliding_window, causal)
+    _check_packed(_as_row(q), cu_seqlens, max_seqlen)
+    kw = dict(scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal)
+    outs = [
+        flash_attention_reference(_as_row(q[a:e]), _as_row(k[a:e]), _as_row(v[a:e]), **kw)[0]
+        for a, e in _sequence_bounds(cu_seqlens, q.shape[0], max_seqlen)
+    ]
+    return torch.cat([o.transpose(0, 1) for o in outs]) if outs else q.new_empty(q.shape)

@@ -136,6 +136,20 @@ def _exercise_ops() -> None:
         )
         out.sum().backward()
 
+    # Packed sequences (VARLEN=True): three sequences in 256 tokens, at the same head dims, plus
+    # bidirectional attention (embedding models)
+    cu_seqlens = torch.tensor([0, 100, 101, 256], dtype=torch.int32)
+    for head_dim, softcap, window, causal in (
+        (64, None, None, True), (128, None, 64, True), (256, 50.0, 64, True),
+        (128, None, None, False),
+    ):  # fmt: skip
+        qp, kp, vp = leaf(256, 8, head_dim), leaf(256, 4, head_dim), leaf(256, 4, head_dim)
+        out = flash_attention.flash_attention_varlen_triton(
+            qp, kp, vp, cu_seqlens, 155, scale=head_dim**-0.5, softcap=softcap,
+            sliding_window=window, causal=causal,
+        )  # fmt: skip
+        out.sum().backward()
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

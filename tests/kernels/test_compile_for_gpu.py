@@ -71,5 +71,6 @@ def test_gpu_launch_shapes_were_compiled_not_the_interpreters(compiled):
     assert attention and all(int(r["constants"]["BLOCK_N"]) >= 32 for r in attention)
     assert {r["constants"]["WINDOW"] for r in attention} == {"True", "False"}
     assert {r["constants"]["SOFTCAP"] for r in attention} == {"True", "False"}
+    assert {r["constants"]["VARLEN"] for r in attention} == {"True", "False"}  # packed too
     loss = [r for r in compiled if r["kernel"].startswith("fused_linear_cross_entropy.")]
     assert loss and all(r["constants"]["BLOCK_V"] == "4096" for r in loss)

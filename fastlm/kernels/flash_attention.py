@@ -20,14 +20,14 @@ interpreter): tanh(x) = 1 - 2 / (exp(2x) + 1), exactly +-1 once exp over/underfl
 Packed (variable-length) sequences: ``flash_attention_varlen`` takes q (T, H_q, D) and k, v
 (T, H_kv, D), n sequences laid end to end in one row of T tokens, sequence s at [a_s, a_s+1) with
 a = cu_seqlens (int32, (n + 1,), a_0 = 0, a_n = T), as flash-attn's varlen API and transformers'
-cu_seq_lens take.
-Query i of sequence s keeps key j only when a_s <= j < a_s+1, and the causal and window tests
-above apply to the positions i - a_s, j - a_s inside the sequence (the same differences). The same
-kernels run it with VARLEN=True: each program adds its sequence's first token a_s to its row
-pointers and then works in positions local to the sequence, exactly as a fixed-length program on a
-row of length a_s+1 - a_s, so no token of another sequence is ever loaded. The grid is (blocks of
-the longest sequence, heads, sequences); a program past its shorter sequence's end returns at once
-(one load of cu_seqlens), which needs no host copy of cu_seqlens and so no synchronisation.
+cu_seq_lens take. Query i of sequence s keeps key j only when a_s <= j < a_s+1, and the causal and
+window tests above apply to the positions i - a_s, j - a_s inside the sequence. The same kernels
+run it with VARLEN=True: each program adds its sequence's first token a_s to its row pointers and
+then works in positions local to the sequence, exactly as a fixed-length program on a row of
+length a_s+1 - a_s; its loads are bounded to [0, length), so no token of another sequence is ever
+read. The grid is (blocks of the longest sequence, heads, sequences) and a program past its
+shorter sequence's end returns at once: a flat list of (sequence, block) pairs would waste no
+programs, but building it needs cu_seqlens on the host, a synchronisation per call.
 
 Which calls of a model's attention reach this kernel (and which fall back to eager, and why) is
 decided in ``fastlm.models.attention``.
@@ -58,7 +58,7 @@ def _logits(qk, qk_mul, cap_log2e, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _keep(rows, cols, seq_len, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    # rows / cols broadcast to the block's 2D shape (either orientation).
+    # rows / cols: positions in the sequence, broadcast to the block's 2D shape (either way).
     keep = (rows < seq_len) & (cols < seq_len)
     if CAUSAL:
         keep = keep & (cols <= rows)
@@ -99,7 +99,8 @@ def _sequence(row_len, CU_SEQLENS, VARLEN: tl.constexpr):
 @triton.jit
 def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
-    # Key blocks a query block can see: up to the diagonal, back to the window's start.
+    # Key blocks a query block can see: up to the diagonal, back to the window's start, never
+    # below 0 (in a packed row, the tokens before position 0 are another sequence's).
     hi = seq_len
     if CAUSAL:
         hi = tl.minimum(start_m + BLOCK_M, seq_len)

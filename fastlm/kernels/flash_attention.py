@@ -44,6 +44,7 @@ import triton.language as tl
 from fastlm.kernels._dispatch import gpu_launch_shapes, use_triton
 
 _LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535  # CUDA's limit on a grid's second and third axes
 
 
 @triton.jit
@@ -345,6 +346,9 @@ def _check_packed(q, cu_seqlens, max_seqlen) -> None:
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or not cu_seqlens.numel():
         raise ValueError("flash_attention: cu_seqlens must be a 1-D int32 tensor (n_seqs + 1,), "
                          f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")  # fmt: skip
+    if cu_seqlens.numel() - 1 > _MAX_GRID_YZ:  # the sequences are the grid's third axis
+        raise ValueError(f"flash_attention: at most {_MAX_GRID_YZ} packed sequences per call, got "
+                         f"{cu_seqlens.numel() - 1}; split the batch")  # fmt: skip
     if cu_seqlens.device != q.device:
         raise ValueError(f"flash_attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     if max_seqlen is None or max_seqlen < 0:

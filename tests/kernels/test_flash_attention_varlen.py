@@ -234,6 +234,9 @@ def test_bad_inputs_raise():
         fa.flash_attention_varlen_triton(q, q, q, cu, 6, scale=1.0, sliding_window=3, causal=False)
     with pytest.raises(ValueError, match="max_seqlen"):
         fa.flash_attention_varlen_triton(q, q, q, cu, -1, scale=1.0)
+    many = torch.arange(70_000, dtype=torch.int32)  # 69,999 sequences: past CUDA's grid limit
+    with pytest.raises(ValueError, match="split the batch"):
+        fa.flash_attention_varlen_triton(q, q, q, many, 1, scale=1.0)
     rows = torch.zeros(2, 4, 5, 16)  # packed sequences live in one row
     with pytest.raises(ValueError, match="one row"):
         fa.flash_attention_forward_triton(rows, rows, rows, scale=1.0, cu_seqlens=cu, max_seqlen=6)

@@ -421,8 +421,10 @@ def load_embedding_model(
     if use_fastlm_kernels and model_type in models.SPECS:
         spec = models.spec_for(backbone.config)
         models.patch_model(backbone, spec, max_seq_length, check_finite_loss=check_finite_loss)
-    elif check_finite_loss:  # an unpatched body (BERT...) gets the NaN/inf gradient guard alone
-        models.install_finite_guard(backbone)
+    else:
+        _report_unpatched(model_name, model_type, use_fastlm_kernels)
+        if check_finite_loss:  # an unpatched body (BERT...) gets the NaN/inf gradient guard alone
+            models.install_finite_guard(backbone)
     dense = [
         layer.to(device=_device_of(backbone), dtype=dtype)
         for layer in (layout.dense if layout else [])
@@ -463,6 +465,22 @@ def load_embedding_model(
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def _report_unpatched(model_name: str, model_type: str, asked: bool) -> None:
+    """One line when a body runs transformers' code alone: a known encoder family is meant to
+    (info); anything else (e.g. the multimodal EmbeddingGemma 2) is a family fastlm has no
+    patches for (warning), so nobody takes its speed for fastlm's."""
+    if not asked:
+        logger.info("%s: use_fastlm_kernels=False: transformers' code runs", model_name)
+    elif encoder_spec(model_type) is not None:
+        logger.info("%s: %s body: transformers' code, LoRA through PEFT", model_name, model_type)
+    else:
+        logger.warning(
+            "%s: fastlm has no patches for model_type %r: transformers' code runs, LoRA "
+            "through PEFT (docs/supported.md lists the patched families)",
+            model_name, model_type,
+        )  # fmt: skip
 
 
 def _warn_if_causal(config, model_name: str) -> None:

@@ -48,7 +48,7 @@ def narrow_twin(name: str):
     return dataclasses.replace(shape, name=f"{name}-narrow", config=config, batch=1, seq=64)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="qwen3-4b")
     parser.add_argument("--system", default="fastlm")
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--sort", default="tottime", help="cProfile order: tottime, cumulative")
     parser.add_argument("--cache", default=CACHE)
     parser.add_argument("--checkpointing", default="fastlm", help="fastlm's checkpointing mode")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preimport(args.system)
     import torch
 

@@ -18,7 +18,8 @@ reads besides them, per layer type (sliding / full):
   (√width, 1/√hidden, 1/√2) and the embedding's √hidden are hard-coded alike in both.
 - the final-logit soft-cap, 0 for none (llama.cpp's default would cap at 30).
 
-Usage: ``add_hparams(writer, config)``; ``dict(extra_tensors(config))``.
+Usage: ``GEMMA4`` (the writer's ``GGUFLayout``); ``add_hparams(writer, config)``;
+``dict(extra_tensors(config))``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from fastlm.export.gguf_layout import GGUFLayout
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Written and checked in llama.cpp: f16 and bf16. The quantised methods would pick types for the
@@ -104,3 +107,12 @@ def extra_tensors(config) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs(config)
+
+
+GEMMA4 = GGUFLayout(
+    add_hparams=lambda writer, config, rope: add_hparams(writer, config),
+    replaces_common_hparams=True,
+    extra_tensors=extra_tensors,
+    refused_methods=REFUSED_METHODS,
+    bare_tensors_get_weight_suffix=True,  # layer_scalar -> blk.N.layer_output_scale.weight
+)

@@ -30,28 +30,9 @@ Usage: ``QWEN35.tensor(config, 1.0, name, w)`` -> (HF name for gguf's name map, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
-
-@dataclass(frozen=True)
-class GGUFLayout:
-    """How a llama.cpp arch's tensors and metadata differ from a rename of HF's.
-
-    Usage: ``hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)``.
-    """
-
-    # (config, norm_offset, HF name, fp32 tensor) -> (HF-style name gguf's name map knows,
-    # tensor in llama.cpp's layout); norm_offset is the spec's.
-    tensor: Callable[[Any, float, str, torch.Tensor], tuple[str, torch.Tensor]]
-    # (GGUFWriter, config, RoPE parameters): the arch's keys besides the common ones (which
-    # include neither rope.freq_base nor rope.dimension_count).
-    add_hparams: Callable[[Any, Any, dict], None]
-    # quantization methods whose llama-quantize rules are not reproduced for this arch
-    refused_methods: tuple[str, ...] = ()
+from fastlm.export.gguf_layout import GGUFLayout
 
 
 def _tile_value_heads(tensor: torch.Tensor, dim: int, n_key: int, head: int) -> torch.Tensor:
@@ -101,7 +82,7 @@ def _rope_sections(pairs: int) -> list[int]:
     return [-(-pairs // 3), -(-(pairs - 1) // 3), -(-(pairs - 2) // 3), 0]
 
 
-def _add_qwen35_hparams(writer, config, rope: dict) -> None:
+def _add_qwen35_hparams(writer, config, rope: dict | None) -> None:
     # lazy: fastlm.models loads transformers and peft, which fastlm.export alone does not
     from fastlm.models.qwen3_5 import full_attention_interval
 
@@ -123,5 +104,3 @@ QWEN35 = GGUFLayout(
     add_hparams=_add_qwen35_hparams,
     refused_methods=("q4_k_m", "q5_k_m", "q6_k"),
 )
-# gguf.MODEL_ARCH name -> its layout; arches not here are a rename plus gguf_writer's rules.
-LAYOUTS = {"QWEN35": QWEN35}

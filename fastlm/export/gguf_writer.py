@@ -4,7 +4,7 @@ LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names 
 ``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
 rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
 ``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE;
-Gemma 4: ``fastlm.export.gguf_gemma4``, see ``_ARCH_LAYOUTS``).
+Gemma 4: ``fastlm.export.gguf_gemma4``; one interface, ``gguf_layout.GGUFLayout``, in ``LAYOUTS``).
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
 family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastlm.export import gguf_gemma4, gguf_quants
+from fastlm.export import gguf_quants
 from fastlm.export._atomic import check_free_disk, check_target, export_into
-from fastlm.export.gguf_linear_attention import LAYOUTS
+from fastlm.export.gguf_gemma4 import GEMMA4
+from fastlm.export.gguf_layout import GGUFLayout
+from fastlm.export.gguf_linear_attention import QWEN35
 from fastlm.export.merged import (
     check_plain_lora,
     input_folders,
@@ -57,7 +59,10 @@ F32_TENSORS = ("ssm_conv1d.weight",)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp arches whose metadata and extra tensors a module of their own writes (add_hparams,
 # extra_tensors); the others are written here.
-_ARCH_LAYOUTS = {"GEMMA4": gguf_gemma4}
+# gguf.MODEL_ARCH name -> what the arch needs beyond a rename (gguf_layout.py); the others are
+# a rename plus this module's rules.
+LAYOUTS: dict[str, GGUFLayout] = {"QWEN35": QWEN35, "GEMMA4": GEMMA4}
+_PLAIN = GGUFLayout()
 
 
 def save_pretrained_gguf(
@@ -88,10 +93,7 @@ def save_pretrained_gguf(
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
     for check in spec.gguf_checks:  # before any big work: fail fast on what llama.cpp can't run
         check(config)
-    refused_methods = getattr(LAYOUTS.get(arch.name), "refused_methods", ()) or getattr(
-        _ARCH_LAYOUTS.get(arch.name), "REFUSED_METHODS", ()
-    )
-    refused = [m for m in methods if m in refused_methods]
+    refused = [m for m in methods if m in LAYOUTS.get(arch.name, _PLAIN).refused_methods]
     if refused:
         raise NotImplementedError(
             f"{spec.family} GGUF export writes {[m for m in METHODS if m not in refused]}, not "
@@ -184,29 +186,26 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     norm_offset = _gguf_spec(config).norm_offset
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    layout = LAYOUTS.get(arch.name)
+    layout = LAYOUTS.get(arch.name, _PLAIN)
     for hf_name, tensor in merged_state(model):
         if "rotary_emb" in hf_name:
             continue  # buffers recomputed by llama.cpp
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        if layout is not None:  # the arch's own layout (names as llama.cpp has them)
+        if layout.tensor is not None:  # the arch's own layout (names as llama.cpp has them)
             hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
-            new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if new_name is None:
-                raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
-            yield new_name, tensor
-            continue
+        else:
+            tensor = _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
         new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
-        if not new_name.endswith((".weight", ".bias")):  # a bare HF tensor (Gemma 4 layer_scalar)
+        if layout.bare_tensors_get_weight_suffix and not new_name.endswith((".weight", ".bias")):
             new_name += ".weight"
-        yield new_name, _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
+        yield new_name, tensor
     if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
-    if arch.name in _ARCH_LAYOUTS:
-        yield from _ARCH_LAYOUTS[arch.name].extra_tensors(config)
+    if layout.extra_tensors is not None:
+        yield from layout.extra_tensors(config)
 
 
 def _to_llama_cpp_layout(
@@ -312,8 +311,9 @@ def _mixture_context(arch, config) -> dict:
 def _add_hparams(writer, arch, config, method: str) -> None:
     import gguf
 
-    if arch.name in _ARCH_LAYOUTS:
-        _ARCH_LAYOUTS[arch.name].add_hparams(writer, config)
+    layout = LAYOUTS.get(arch.name, _PLAIN)
+    if layout.replaces_common_hparams:
+        layout.add_hparams(writer, config, None)
         _add_file_type(writer, method)
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -328,8 +328,8 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     rope = _rope(config)
-    if arch.name in LAYOUTS:
-        LAYOUTS[arch.name].add_hparams(writer, config, rope)
+    if layout.add_hparams is not None:
+        layout.add_hparams(writer, config, rope)
     elif arch == gguf.MODEL_ARCH.GEMMA3:
         _add_gemma3(writer, config, rope)
     elif arch == gguf.MODEL_ARCH.GEMMA2:

@@ -1,0 +1,38 @@
+"""How a llama.cpp arch differs from a rename of transformers' tensors: one interface for all.
+
+Most families are written as transformers' tensors renamed by ``gguf.get_tensor_name_map``, with
+the writer's common metadata and its few per-family rules (``gguf_writer``). An arch that needs
+more (Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``) describes
+it with a ``GGUFLayout``, and the writer asks every arch the same questions through it.
+
+Usage: ``layout = GGUFLayout(tensor=..., add_hparams=..., refused_methods=("q6_k",))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """An arch's differences from the plain rename, each optional."""
+
+    # (config, norm_offset, HF name, fp32 tensor) -> (HF-style name gguf's name map knows,
+    # tensor in llama.cpp's layout); norm_offset is the spec's. None: the writer's rules.
+    tensor: Callable[[Any, float, str, torch.Tensor], tuple[str, torch.Tensor]] | None = None
+    # (GGUFWriter, config, RoPE parameters or None): the arch's metadata keys.
+    add_hparams: Callable[[Any, Any, dict | None], None] | None = None
+    # True: add_hparams writes every key but the file type (the common ones are not written);
+    # False: it adds to the common keys (which include neither rope.freq_base nor
+    # rope.dimension_count).
+    replaces_common_hparams: bool = False
+    # config -> (GGUF name, tensor) pairs llama.cpp needs that transformers recomputes
+    extra_tensors: Callable[[Any], Iterator[tuple[str, torch.Tensor]]] | None = None
+    # quantization methods whose llama-quantize rules are not reproduced for this arch
+    refused_methods: tuple[str, ...] = ()
+    # True: a bare HF tensor (no .weight/.bias: Gemma 4's layer_scalar) is named "<gguf>.weight"
+    bare_tensors_get_weight_suffix: bool = False

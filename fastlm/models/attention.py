@@ -12,7 +12,15 @@ the reason recorded:
     CUDA tensors · no attention dropout in training · no output_attentions · a sliding window
     only with a causal mask · as many keys as queries (a KV cache while decoding has more) · one
     head_dim <= 256 for q, k, v · query heads a multiple of kv heads · fp16 / bf16 / fp32 · a 4D
-    mask that is exactly the causal (+ window) pattern (no padding, no packed sequences).
+    mask that is exactly the causal (+ window) pattern (no padding).
+
+Packed (padding-free) batches: where ``packing.packed_sequences`` finds several sequences in a row
+(the ``cu_seq_lens_q/k`` kwargs, else ``position_ids`` that restart), the packed kernel
+(``flash_attention_varlen``) runs instead, on (B·S, H, D) views of q, k, v, when the mask is
+either exactly the per-sequence causal (+ window) pattern of those sequences, or the causal
+(+ window) pattern over the whole row: transformers builds the latter when a KV cache exists
+(``use_cache`` in training), and eager would then let the sequences see each other. Where eager
+runs instead, it gets the per-sequence mask in that case too, so no path mixes sequences.
 
 Each call's choice is an ``AttentionPath``; ``patch.py`` keeps the latest one per module, and
 ``fused_report`` lists it.
@@ -29,10 +37,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.kernels._dispatch import use_triton
-from fastlm.kernels.flash_attention import flash_attention, keep_pattern
+from fastlm.kernels.flash_attention import flash_attention, flash_attention_varlen, keep_pattern
+from fastlm.models.packing import Packing, packed_sequences, sequence_ids
 
 __all__ = [
     "FLASH",
+    "FLASH_VARLEN",
     "AttentionPath",
     "attend",
     "expected_path",
@@ -41,11 +51,13 @@ __all__ = [
 ]
 
 FLASH = "fastlm-flash"  # AttentionPath.implementation of fastlm's Triton kernel
+FLASH_VARLEN = "fastlm-flash-varlen"  # ... and of its packed-sequence launch
 
 
 class AttentionPath(NamedTuple):
-    """What an attention call ran: ``implementation`` (``FLASH``, "eager", or the model's
-    attn_implementation such as "sdpa") and ``reason``, why not fastlm's kernel ("" if it ran)."""
+    """What an attention call ran: ``implementation`` (``FLASH``, ``FLASH_VARLEN``, "eager", or
+    the model's attn_implementation such as "sdpa") and ``reason``: why not fastlm's kernel; ""
+    for ``FLASH``; for ``FLASH_VARLEN``, where the sequence bounds came from."""
 
     implementation: str
     reason: str = ""
@@ -129,22 +141,39 @@ def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
     dtype = query.dtype
     if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
         dtype = torch.get_autocast_dtype(query.device.type)
+    batch, q_len = query.shape[0], query.shape[2]
+    # Sequences packed in a row (none while decoding: the keys then outnumber the queries).
+    packing = packed_sequences(kwargs, batch, q_len) if key.shape[2] == q_len else None
     reason = _why_not_flash(
-        module, query, key, value, attention_mask, causal, window, dtype, kwargs
+        module, query, key, value, attention_mask, causal, window, dtype, kwargs, packing
     )
     if reason:
-        output, weights = _eager_fallback(
-            module, query, key, value, attention_mask, causal, window, **kwargs
-        )
+        mask = attention_mask
+        if packing is not None and not packing.problem and _row_wide(mask, q_len, causal, window):
+            mask = _packed_additive_mask(packing, batch, q_len, causal, window, query)
+        output, weights = _eager_fallback(module, query, key, value, mask, causal, window, **kwargs)
         return output, weights, AttentionPath("eager", reason)
     q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
-    out = flash_attention(q, k, v, scale=scaling, softcap=softcap, sliding_window=window,
-                          causal=causal)  # fmt: skip
+    options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal)
+    if packing is not None:
+        out = _packed_flash(q, k, v, packing, **options)
+        return out, None, AttentionPath(FLASH_VARLEN, f"packed sequences from {packing.source}")
+    out = flash_attention(q, k, v, **options)
     # (B, S, H, D), contiguous: the kernel stored it that way.
     return out.transpose(1, 2), None, AttentionPath(FLASH)
 
 
-def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwargs) -> str:
+def _packed_flash(q, k, v, packing: Packing, **options):
+    """The packed kernel on (B·S, H, D) views of q, k, v (B, H, S, D): a view wherever the
+    storage is (B, S, H, D), as the patched attention leaves it. Returns (B, S, Hq, D)."""
+    batch, heads, seq, d = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], d) for t in (q, k, v))
+    cu = packing.cu_seqlens.to(q.device)
+    out = flash_attention_varlen(q, k, v, cu, packing.max_seqlen, **options)
+    return out.view(batch, seq, heads, d)
+
+
+def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwargs, packing) -> str:
     """Why the kernel would not compute exactly what eager does, "" when it would. The first
     condition that fails; the mask (the one check that costs a pass over S x S) comes last."""
     q_len, d = query.shape[2], query.shape[-1]
@@ -166,37 +195,89 @@ def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwarg
         return "query heads not a multiple of kv heads"
     if dtype not in _HALF_OR_SINGLE:
         return f"{dtype} (the kernel takes fp16, bf16, fp32)"
+    if packing is not None:
+        return packing.problem or _packed_mask_problem(mask, packing, query.shape[0], q_len,
+                                                        causal, window)  # fmt: skip
     if mask is not None and not _mask_is_plain(mask, q_len, causal, window):
         return "padding / packed-sequence mask"
     return ""
 
 
-# Verdicts per mask tensor (the layers of one forward share it): (mask._version, (seq_len, causal,
-# window), plain). Keyed by the tensor's identity and dropped with the tensor, so a new mask can
-# never read an old one's verdict; weakref.WeakKeyDictionary would compare two keys with the
-# tensor's elementwise ``==``.
+def _packed_mask_problem(mask, packing: Packing, batch: int, seq_len: int, causal, window) -> str:
+    """ "" when the packed kernel computes what the mask asks for, or would with the sequences
+    kept apart (a mask over the whole row, see the module docstring)."""
+    if _row_wide(mask, seq_len, causal, window) or _mask_is_packed(
+        mask, packing, batch, seq_len, causal, window
+    ):
+        return ""
+    return f"a mask that is not the pattern of the packed sequences ({packing.source}): padding?"
+
+
+def _row_wide(mask, seq_len: int, causal: bool, window: int | None) -> bool:
+    # None: "causal, no padding" to sdpa-style mask builders.
+    return mask is None or _mask_is_plain(mask, seq_len, causal, window)
+
+
+# Verdicts per mask tensor (the layers of one forward share it): (mask._version, [((seq_len,
+# causal, window, batch), the cu_seqlens checked against or None, verdict), ...]). Keyed by the
+# tensor's identity and dropped with the tensor, so a new mask can never read an old one's
+# verdict; weakref.WeakKeyDictionary would compare two keys with the tensor's elementwise ``==``.
 _PLAIN_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _mask_is_plain(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) -> bool:
     """True when a 4D transformers mask is exactly the causal (+ window) pattern: no padding,
     no packed sequences. Checked once per mask tensor and content (its ``_version``)."""
+    return _mask_is(mask, seq_len, causal, window, None, 1)
+
+
+def _mask_is_packed(mask, packing: Packing, batch: int, seq_len: int, causal, window) -> bool:
+    """True when a 4D mask keeps exactly the causal (+ window) pattern inside each packed
+    sequence and nothing across them."""
+    return _mask_is(mask, seq_len, causal, window, packing.cu_seqlens, batch)
+
+
+def _mask_is(mask, seq_len, causal, window, cu_seqlens, batch) -> bool:
     if mask.dim() != 4 or tuple(mask.shape[-2:]) != (seq_len, seq_len):
         return False
-    key = (seq_len, causal, window)
-    hit = _PLAIN_MASKS.get(mask)
-    if hit is not None and hit[0] == mask._version and hit[1] == key:
-        return hit[2]
+    key = (seq_len, causal, window, batch)
+    version, verdicts = _PLAIN_MASKS.get(mask, (None, []))
+    if version != mask._version:
+        verdicts = []
+    for seen_key, seen_cu, verdict in verdicts:
+        if seen_key == key and seen_cu is cu_seqlens:
+            return verdict
     keep = keep_pattern(seq_len, causal, window, mask.device)
+    if cu_seqlens is not None:  # (B, 1, S, S): and only inside one sequence
+        keep = keep & _same_sequence(cu_seqlens, batch, seq_len, mask.device)
+    verdict = _mask_keeps(mask, keep)
+    _PLAIN_MASKS[mask] = (mask._version, [*verdicts, (key, cu_seqlens, verdict)])
+    return verdict
+
+
+def _same_sequence(cu_seqlens, batch: int, seq_len: int, device) -> torch.Tensor:
+    """(B, 1, S, S) bool: query i and key j of a row are in one packed sequence."""
+    ids = sequence_ids(cu_seqlens.to(device), batch * seq_len).view(batch, 1, seq_len)
+    return ids[..., :, None] == ids[..., None, :]
+
+
+def _mask_keeps(mask: torch.Tensor, keep: torch.Tensor) -> bool:
+    """True when the mask keeps exactly ``keep`` and adds nothing to the kept scores."""
     if mask.dtype == torch.bool:
-        plain = bool((mask == keep).all())
-    elif mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
+        return bool((mask == keep).all())
+    if mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
         dropped = mask <= torch.finfo(mask.dtype).min
-        plain = bool(torch.where(keep, mask == 0, dropped).all())
-    else:
-        plain = False
-    _PLAIN_MASKS[mask] = (mask._version, key, plain)
-    return plain
+        return bool(torch.where(keep, mask == 0, dropped).all())
+    return False
+
+
+def _packed_additive_mask(packing: Packing, batch, seq_len, causal, window, like: torch.Tensor):
+    """Eager's (B, 1, S, S) additive mask for the packed sequences: 0 kept, dtype-min dropped."""
+    device, dtype = like.device, like.dtype
+    keep = keep_pattern(seq_len, causal, window, device)
+    keep = keep & _same_sequence(packing.cu_seqlens, batch, seq_len, device)
+    mask = torch.zeros(keep.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~keep, torch.finfo(dtype).min)
 
 
 def _eager_function(module: nn.Module):

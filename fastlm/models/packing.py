@@ -1,0 +1,121 @@
+"""Which sequences a padding-free (packed) batch holds, read the way transformers reads them.
+
+A collator that packs (``DataCollatorWithFlattening``, TRL's ``padding_free``) lays several
+sequences end to end in one row and says where they start in one or both of two ways; the
+decoder layers pass both on to every attention call:
+- ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments (``return_flash_attn_kwargs``):
+  token offsets a_0 = 0 < ... < a_n = T, sequence s at [a_s, a_s+1). Used first, as transformers'
+  flash-attention path does.
+- ``position_ids`` (B, S): a new sequence starts wherever a position is not the one before it
+  plus one. ``masking_utils.find_packed_sequence_indices`` splits rows the same way, so the eager
+  mask transformers builds from them has the same blocks. Rows are laid end to end, so a batch of
+  several packed rows is one list of sequences over its B·S tokens.
+
+Reading either costs one host copy (a synchronisation on CUDA); the answer is kept per tensor, so
+the layers of one forward pay it once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["MAX_SEQUENCES", "Packing", "packed_sequences", "sequence_ids"]
+
+MAX_SEQUENCES = 65535  # the packed kernel's grid has one program column per sequence (CUDA's limit)
+
+
+class Packing(NamedTuple):
+    """Packed sequences over a batch's B·S tokens: ``cu_seqlens`` int32 (n + 1,), ``max_seqlen``,
+    ``source`` ("cu_seq_lens" or "position_ids"), ``problem`` (why they cannot be used, "" if
+    they can)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    source: str
+    problem: str = ""
+
+
+# signal tensor -> (its _version, (batch, seq_len, the other tensor), Packing or None)
+_SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def packed_sequences(kwargs: dict, batch: int, seq_len: int) -> Packing | None:
+    """The sequences an attention call's batch packs, or None for one sequence per row.
+
+    Usage: ``packing = packed_sequences(kwargs, query.shape[0], query.shape[2])``.
+    """
+    cu_q = kwargs.get("cu_seq_lens_q")
+    signals = (cu_q, kwargs.get("cu_seq_lens_k"), kwargs.get("max_length_q"))
+    if all(s is not None for s in (*signals, kwargs.get("max_length_k"))):
+        if not isinstance(cu_q, torch.Tensor):  # a list: nothing to key a cache on
+            return _from_cu_seq_lens(cu_q, batch, seq_len, signals[1])
+        return _cached(cu_q, (batch, seq_len, signals[1]), _from_cu_seq_lens)
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        return _cached(position_ids, (batch, seq_len, None), _from_position_ids)
+    return None
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(T,) index of the sequence each token belongs to: ``sequence_ids(cu, 7)``."""
+    starts = torch.zeros(n_tokens + 1, dtype=torch.long, device=cu_seqlens.device)
+    inner = cu_seqlens[1:-1].long()  # equal offsets (empty sequences) add up
+    starts.index_add_(0, inner, torch.ones_like(inner))
+    return starts[:n_tokens].cumsum(0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _cached(signal: torch.Tensor, key: tuple, read) -> Packing | None:
+    hit = _SEEN.get(signal)
+    if hit is not None and hit[0] == signal._version and _same_key(hit[1], key):
+        return hit[2]
+    packing = read(signal, *key)
+    _SEEN[signal] = (signal._version, key, packing)
+    return packing
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and a[2] is b[2]  # identity: == on tensors compares elements
+
+
+def _from_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int, _) -> Packing | None:
+    if position_ids.shape[-1] != seq_len or position_ids.shape[0] not in (1, batch):
+        return None
+    rows = position_ids.expand(batch, -1)
+    starts = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    starts[:, 1:] = rows.diff(dim=-1) != 1  # as find_packed_sequence_indices splits them
+    first = starts.flatten().nonzero().flatten()
+    if first.numel() == batch:  # only the rows' own first tokens: nothing packed
+        return None
+    end = first.new_tensor([batch * seq_len])
+    return _packing(torch.cat([first, end]).to(torch.int32), "position_ids")
+
+
+def _from_cu_seq_lens(cu_q: torch.Tensor, batch: int, seq_len: int, cu_k) -> Packing | None:
+    cu = torch.as_tensor(cu_q).to(torch.int32)
+    if batch != 1:
+        return Packing(cu, 0, "cu_seq_lens", f"cu_seq_lens with {batch} rows (packing is one row)")
+    if cu_k is not cu_q and not torch.equal(cu, torch.as_tensor(cu_k).to(cu)):
+        return Packing(cu, 0, "cu_seq_lens", "cu_seq_lens_q and cu_seq_lens_k differ")
+    offsets = cu.tolist()
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != seq_len:
+        problem = f"cu_seq_lens {offsets} do not run from 0 to the row's {seq_len} tokens"
+        return Packing(cu, 0, "cu_seq_lens", problem)
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        return Packing(cu, 0, "cu_seq_lens", f"cu_seq_lens {offsets} are not ascending")
+    return None if len(offsets) == 2 else _packing(cu, "cu_seq_lens", offsets)
+
+
+def _packing(cu: torch.Tensor, source: str, offsets: list | None = None) -> Packing:
+    offsets = cu.tolist() if offsets is None else offsets
+    n = len(offsets) - 1
+    max_seqlen = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if n > MAX_SEQUENCES:
+        problem = f"{n} packed sequences (the kernel takes {MAX_SEQUENCES}; split the batch)"
+        return Packing(cu, max_seqlen, source, problem)
+    return Packing(cu, max_seqlen, source)

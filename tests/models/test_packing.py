@@ -1,0 +1,166 @@
+"""Packed (padding-free) batches through the patched attention: several sequences in one row,
+as ``DataCollatorWithFlattening`` builds them, give the loss and every LoRA gradient of each
+sequence run on its own through unpatched transformers + PEFT (the per-sequence losses summed
+over the packed batch's token count), and no sequence sees another.
+
+The packed kernel runs in the interpreter on CPU tensors (``kernel_on_cpu``); without it, the
+CPU's eager fallback must keep the sequences apart too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_architectures import RTOL, _pair
+from test_attention import kernel_on_cpu  # noqa: F401  (a fixture)
+from tiny_models import VOCAB, relative_error
+from transformers import DataCollatorWithFlattening
+from transformers.masking_utils import find_packed_sequence_indices
+
+from fastlm.models import attention, fused_report
+from fastlm.models.packing import packed_sequences
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = ["llama", "qwen3", "gemma2", "gemma3_text"]  # gemma2: soft-cap + window 4
+LENGTHS = (6, 1, 9)  # one token alone; two longer than the Gemma windows
+# How the collator says where sequences start, and whether a KV cache exists in training (then
+# transformers' mask spans the whole row and only the packing signals keep sequences apart).
+SIGNALS = {
+    "position_ids": (dict(), False),
+    "cu_seq_lens": (dict(return_flash_attn_kwargs=True), True),
+    "cu_seq_lens_only": (dict(return_flash_attn_kwargs=True, return_position_ids=False), False),
+}
+
+
+def _sequences(lengths=LENGTHS, seed=0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _packed_batch(sequences, signal: str) -> dict:
+    options, use_cache = SIGNALS[signal]
+    collator = DataCollatorWithFlattening(**options)
+    batch = collator([{"input_ids": ids} for ids in sequences])
+    return {**batch, "use_cache": use_cache}
+
+
+def _lora_grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _per_sequence_reference(model, sequences):
+    """Each sequence alone; losses summed over the whole batch's predicted tokens, which is how
+    the packed batch's mean is taken (its first label per sequence is -100)."""
+    model.zero_grad(set_to_none=True)
+    n_items = sum(len(ids) - 1 for ids in sequences)
+    total = 0.0
+    for ids in sequences:
+        ids = torch.tensor([ids])
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=n_items).loss
+        loss.backward()
+        total += loss.item()
+    return total, _lora_grads(model)
+
+
+def _packed_run(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), _lora_grads(model)
+
+
+@pytest.mark.parametrize("signal", list(SIGNALS))
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_packed_loss_and_lora_grads_match_each_sequence_alone(
+    tmp_path, model_type, signal, kernel_on_cpu
+):
+    reference, fast = _pair(tmp_path, model_type, checkpointing=False)
+    fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
+    sequences = _sequences()
+    want_loss, want = _per_sequence_reference(reference, sequences)
+    got_loss, got = _packed_run(fast, _packed_batch(sequences, signal))
+    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert relative_error(got[name], grad) <= RTOL, name
+    source = "position_ids" if signal == "position_ids" else "cu_seq_lens"
+    ran = {(row["attention"], row["reason"]) for row in fused_report(fast).attention}
+    assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {source}")}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+@pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
+def test_cpu_eager_fallback_keeps_sequences_apart(tmp_path, signal):
+    reference, fast = _pair(tmp_path, "gemma2", checkpointing=False)
+    fast.set_attn_implementation("eager")
+    sequences = _sequences()
+    want_loss, want = _per_sequence_reference(reference, sequences)
+    got_loss, got = _packed_run(fast, _packed_batch(sequences, signal))
+    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    for name, grad in want.items():
+        assert relative_error(got[name], grad) <= RTOL, name
+    reason = "cpu tensors (the kernel runs on CUDA)"
+    assert {(r["attention"], r["reason"]) for r in fused_report(fast).attention} == {
+        ("eager", reason)
+    }
+
+
+def _per_token(model, batch):
+    """Per-token logits of the packed row (1, T, V) and its per-token losses (T,)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[0, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[0], labels, reduction="none")
+    return logits, losses
+
+
+@pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_a_sequence_never_sees_another(tmp_path, model_type, signal, kernel_on_cpu):
+    """Redraw the middle sequence: every token of the others keeps every bit of its logits and
+    its loss. Seen failing with the kernel given one sequence over the whole row."""
+    _, fast = _pair(tmp_path, model_type, checkpointing=False)
+    fast.set_attn_implementation("eager")
+    lengths = (5, 4, 7)
+    sequences = _sequences(lengths)
+    changed = [sequences[0], _sequences(lengths, seed=1)[1], sequences[2]]
+    before = _per_token(fast, _packed_batch(sequences, signal))
+    after = _per_token(fast, _packed_batch(changed, signal))
+    ran = {row["attention"] for row in fused_report(fast).attention}
+    assert ran == {attention.FLASH_VARLEN}
+    others = torch.ones(sum(lengths), dtype=torch.bool)
+    others[lengths[0] - 1 : lengths[0] + lengths[1]] = False  # the middle (and who predicts it)
+    assert torch.equal(before[0][0, others], after[0][0, others])
+    assert torch.equal(before[1][others], after[1][others])
+    assert not torch.equal(before[0][0, ~others], after[0][0, ~others])  # it did change
+
+
+# --- finding the sequences ---------------------------------------------------------------------
+
+
+def test_position_ids_split_as_transformers_splits_them():
+    position_ids = torch.tensor([[0, 1, 2, 0, 0, 1, 5, 6, 0]])
+    packing = packed_sequences({"position_ids": position_ids}, 1, 9)
+    ids = find_packed_sequence_indices(position_ids)[0]
+    starts = [0] + [i for i in range(1, 9) if ids[i] != ids[i - 1]] + [9]
+    assert packing.cu_seqlens.tolist() == starts and packing.max_seqlen == 3
+    assert packing.source == "position_ids" and not packing.problem
+    assert packed_sequences({"position_ids": torch.arange(9)[None]}, 1, 9) is None
+    rows = torch.tensor([[0, 1, 2, 0], [0, 1, 2, 3]])  # two rows: one packs two sequences
+    assert packed_sequences({"position_ids": rows}, 2, 4).cu_seqlens.tolist() == [0, 3, 4, 8]
+
+
+def test_cu_seq_lens_come_first_and_are_checked():
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=3, max_length_k=3)
+    kwargs["position_ids"] = torch.arange(5)[None]  # disagrees: the kwargs win, as in transformers
+    packing = packed_sequences(kwargs, 1, 5)
+    assert packing.cu_seqlens.tolist() == [0, 2, 5] and packing.source == "cu_seq_lens"
+    other = torch.tensor([0, 1, 5], dtype=torch.int32)
+    assert "differ" in packed_sequences({**kwargs, "cu_seq_lens_k": other}, 1, 5).problem
+    assert "0 to the row's 6" in packed_sequences(kwargs, 1, 6).problem
+    assert "rows" in packed_sequences(kwargs, 2, 5).problem
+    one = torch.tensor([0, 5], dtype=torch.int32)
+    assert packed_sequences({**kwargs, "cu_seq_lens_q": one, "cu_seq_lens_k": one}, 1, 5) is None

@@ -70,11 +70,10 @@ def _packed_run(model, batch):
     return loss.item(), _lora_grads(model)
 
 
+@pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", list(SIGNALS))
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_packed_loss_and_lora_grads_match_each_sequence_alone(
-    tmp_path, model_type, signal, kernel_on_cpu
-):
+def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_type, signal):
     reference, fast = _pair(tmp_path, model_type, checkpointing=False)
     fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
     sequences = _sequences()
@@ -116,9 +115,10 @@ def _per_token(model, batch):
     return logits, losses
 
 
+@pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_a_sequence_never_sees_another(tmp_path, model_type, signal, kernel_on_cpu):
+def test_a_sequence_never_sees_another(tmp_path, model_type, signal):
     """Redraw the middle sequence: every token of the others keeps every bit of its logits and
     its loss. Seen failing with the kernel given one sequence over the whole row."""
     _, fast = _pair(tmp_path, model_type, checkpointing=False)

@@ -31,7 +31,6 @@ plus fastlm against st and Unsloth), rewritten after every child.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 from fastlm.benchmarking import shapes as _shapes
 from fastlm.benchmarking import train_bench
-from fastlm.benchmarking.processes import command_line, dist_version, results_dir
+from fastlm.benchmarking.processes import command_line, dist_version
 from fastlm.benchmarking.shapes import (
     LORA_TARGETS,
     QWEN_COMMON,
@@ -533,37 +532,24 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         print(_list_shapes())
         return 0
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    out = results_dir(args.out, now, "embedding")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    command = command_line(program, argv)
-    payload = train_bench.start_payload(out, command, now, args.append)
-    records = payload["records"]
+    def spec(shape, system: str, path: str, out: Path) -> dict:
+        return {
+            "shape": shape.name,
+            "system": system,
+            "mode": args.mode,
+            "path": path,
+            "batch": args.batch or shape.batch,
+            "seq": args.seq or shape.seq,
+            "query_seq": min(args.query_seq, args.seq or shape.seq),
+            "profile": args.profile,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "checkpointing": args.checkpointing,
+        }
 
-    import torch  # only now: --child / --list-shapes do not need it in the parent
-
-    cuda = torch.cuda.is_available()
-    for shape in [get_shape(n) for n in args.shapes.split(",")]:
-        meta = train_bench.checkpoint_for(shape, payload, args.cache, cuda, ensure_checkpoint)
-        for system in args.systems.split(","):
-            spec = {
-                "shape": shape.name,
-                "system": system,
-                "mode": args.mode,
-                "path": meta["path"],
-                "batch": args.batch or shape.batch,
-                "seq": args.seq or shape.seq,
-                "query_seq": min(args.query_seq, args.seq or shape.seq),
-                "profile": args.profile,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "checkpointing": args.checkpointing,
-            }
-            log = out / "logs" / f"embedding-{args.mode}-{shape.name}-{system}.log"
-            rec = run_child(spec, log, args.child_timeout, cuda)
-            train_bench.add_record(records, rec, log, out, ("shape", "system", "mode"))
-            write_report(out, payload)
-
+    parent = train_bench.Parent("embedding", f"embedding-{args.mode}", get_shape,
+                                ensure_checkpoint, spec, run_child, write_report)  # fmt: skip
+    out, records = train_bench.parent_loop(parent, args, command_line(program, argv))
     train_bench.print_failures(records)
     for other, name in OTHERS.items():
         lines = _versus_lines(versus(records, other), name)

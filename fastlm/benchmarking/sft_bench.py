@@ -34,15 +34,15 @@ before transformers and TRL.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from fastlm.benchmarking import train_bench
 from fastlm.benchmarking.checkpoint import ensure_checkpoint
-from fastlm.benchmarking.processes import command_line, dist_version, results_dir
+from fastlm.benchmarking.processes import command_line, dist_version
 from fastlm.benchmarking.report import write_outputs
 from fastlm.benchmarking.shapes import SHAPES, get_shape
 from fastlm.benchmarking.systems import (
@@ -296,34 +296,24 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         print(train_bench._list_shapes())
         return 0
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    out = results_dir(args.out, now, "sft")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    payload = train_bench.start_payload(out, command_line(program, argv), now, args.append)
-    records = payload["records"]
+    def spec(shape, system: str, path: str, out: Path) -> dict:
+        return {
+            "shape": shape.name,
+            "system": system,
+            "path": path,
+            "batch": args.batch or shape.batch,
+            "seq": args.seq or shape.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "trainer_dir": str(out / "trainer" / system),
+        }
 
-    import torch  # only now: --child / --list-shapes do not need it in the parent
+    def write(out: Path, payload: dict) -> None:
+        md = write_outputs(out, payload).replace("# fastlm training benchmark", TITLE, 1)
+        (out / "results.md").write_text(md)
 
-    cuda = torch.cuda.is_available()
-    for shape in [get_shape(n) for n in args.shapes.split(",")]:
-        meta = train_bench.checkpoint_for(shape, payload, args.cache, cuda, ensure_checkpoint)
-        for system in args.systems.split(","):
-            spec = {
-                "shape": shape.name,
-                "system": system,
-                "path": meta["path"],
-                "batch": args.batch or shape.batch,
-                "seq": args.seq or shape.seq,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "trainer_dir": str(out / "trainer" / system),
-            }
-            log = out / "logs" / f"sft-{shape.name}-{system}.log"
-            rec = run_child(spec, log, args.child_timeout, cuda)
-            train_bench.add_record(records, rec, log, out, ("shape", "system", "mode"))
-            md = write_outputs(out, payload).replace("# fastlm training benchmark", TITLE, 1)
-            (out / "results.md").write_text(md)
-
+    parent = train_bench.Parent("sft", "sft", get_shape, ensure_checkpoint, spec, run_child, write)
+    out, records = train_bench.parent_loop(parent, args, command_line(program, argv))
     train_bench.print_failures(records)
     train_bench.print_table(out, records)
     return 0

@@ -22,7 +22,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from fastlm.benchmarking.checkpoint import CACHE, ensure_checkpoint
 from fastlm.benchmarking.processes import (
@@ -353,42 +355,68 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         print(_list_shapes())
         return 0
 
+    def spec(shape: Shape, system: str, path: str, out: Path) -> dict:
+        return {
+            "shape": shape.name,
+            "system": system,
+            "mode": args.mode,
+            "path": path,
+            "batch": args.batch or shape.batch,
+            "seq": args.seq or shape.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "fastlm_checkpointing": args.fastlm_checkpointing,
+        }
+
+    out, records = parent_loop(
+        Parent(args.mode, args.mode, get_shape, ensure_checkpoint, spec, run_child, write_outputs),
+        args, command_line(program, argv),
+    )  # fmt: skip
+    print_failures(records)
+    print_table(out, records)
+    return 0
+
+
+class Parent(NamedTuple):
+    """What differs between the benchmarks' parent loops (training, embeddings, SFTTrainer).
+
+    ``kind`` names the results folder, ``log_prefix`` the logs; ``spec(shape, system, checkpoint
+    path, out)`` is the child's spec; ``run(spec, log, timeout, cuda)`` runs it; ``write(out,
+    payload)`` rewrites the outputs after every child.
+    """
+
+    kind: str
+    log_prefix: str
+    get_shape: Callable
+    ensure: Callable
+    spec: Callable
+    run: Callable
+    write: Callable
+
+
+def parent_loop(parent: Parent, args, command: str) -> tuple[Path, list[dict]]:
+    """Every (shape, system) of ``args`` in its own process, each record added and the outputs
+    rewritten after each; returns (output folder, records). The loop the benchmarks share."""
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
-    shapes: list[Shape] = [get_shape(n) for n in args.shapes.split(",")]
-    systems = args.systems.split(",")
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = results_dir(args.out, now, args.mode)
+    out = results_dir(args.out, now, parent.kind)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    payload = start_payload(out, command_line(program, argv), now, args.append)
+    payload = start_payload(out, command, now, args.append)
     records = payload["records"]
 
     import torch  # only now: --child / --list-shapes do not need it in the parent
 
     cuda = torch.cuda.is_available()
-
-    for shape in shapes:
-        meta = checkpoint_for(shape, payload, args.cache, cuda, ensure_checkpoint)
-        for system in systems:
-            spec = {
-                "shape": shape.name,
-                "system": system,
-                "mode": args.mode,
-                "path": meta["path"],
-                "batch": args.batch or shape.batch,
-                "seq": args.seq or shape.seq,
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "fastlm_checkpointing": args.fastlm_checkpointing,
-            }
-            log = out / "logs" / f"{args.mode}-{shape.name}-{system}.log"
-            rec = run_child(spec, log, args.child_timeout, cuda)
+    for shape in [parent.get_shape(n) for n in args.shapes.split(",")]:
+        meta = checkpoint_for(shape, payload, args.cache, cuda, parent.ensure)
+        for system in args.systems.split(","):
+            log = out / "logs" / f"{parent.log_prefix}-{shape.name}-{system}.log"
+            rec = parent.run(parent.spec(shape, system, meta["path"], out), log,
+                             args.child_timeout, cuda)  # fmt: skip
             add_record(records, rec, log, out, ("shape", "system", "mode"))
-            write_outputs(out, payload)
-
-    print_failures(records)
-    print_table(out, records)
-    return 0
+            parent.write(out, payload)
+    return out, records
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ from fastlm.models.packing import packed_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = ["llama", "qwen3", "gemma2", "gemma3_text"]  # gemma2: soft-cap + window 4
-LENGTHS = (6, 1, 9)  # one token alone; two longer than the Gemma windows
+# gemma2: soft-cap and window 4; gemma3_text: local and global layers; gemma4_text: KV sharing and
+# k = v layers. Not qwen3_5_text: its linear-attention layers (transformers' PyTorch functions on
+# the CPU) carry their convolution and state across the sequences of a row.
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma4_text"]
+LENGTHS = (6, 1, 9)  # one token alone; two longer than the windows
 # How the collator says where sequences start, and whether a KV cache exists in training (then
 # transformers' mask spans the whole row and only the packing signals keep sequences apart).
 SIGNALS = {
@@ -86,6 +89,18 @@ def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_ty
     source = "position_ids" if signal == "position_ids" else "cu_seq_lens"
     ran = {(row["attention"], row["reason"]) for row in fused_report(fast).attention}
     assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {source}")}
+
+
+@pytest.mark.usefixtures("kernel_on_cpu")
+def test_qwen3_5_full_attention_runs_packed(tmp_path):
+    """Its full-attention layer takes the packed kernel; its linear-attention layers stay as they
+    were (see FAMILIES), which is why its packed loss is not compared here."""
+    _, fast = _pair(tmp_path, "qwen3_5_text", checkpointing=False)
+    fast.set_attn_implementation("eager")
+    fast(**_packed_batch(_sequences(), "position_ids"))
+    rows = fused_report(fast).attention
+    full = [row["attention"] for row in rows if row["kv"] == "k_proj, v_proj"]
+    assert full == [attention.FLASH_VARLEN]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")

@@ -41,6 +41,7 @@ MODULES: list[tuple[str, str]] = [
     ("fastlm.real_models", "Real weights"),
     ("fastlm.models", "Architectures and patching"),
     ("fastlm.models.attention", "Attention: flash kernel or eager"),
+    ("fastlm.models.packing", "Packed sequences: where a padding-free batch's sequences start"),
     ("fastlm.autograd", "LoRA autograd Functions"),
     ("fastlm.kernels.rms_norm", "Kernel: RMSNorm"),
     ("fastlm.kernels.rope", "Kernel: RoPE"),

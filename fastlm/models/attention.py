@@ -22,6 +22,12 @@ either exactly the per-sequence causal (+ window) pattern of those sequences, or
 (``use_cache`` in training), and eager would then let the sequences see each other. Where eager
 runs instead, it gets the per-sequence mask in that case too, so no path mixes sequences.
 
+SDPA models (transformers' default) take the packed kernel for packed batches too: SDPA itself
+needs an (B, 1, S, S) mask to keep the sequences apart (transformers builds one from restarting
+``position_ids``, but none when a KV cache exists or only ``cu_seq_lens`` say where sequences
+start). Where the kernel cannot run (CPU tensors, dropout...), SDPA runs with the per-sequence
+mask in those cases. Every other SDPA call, and every other implementation, is the model's own.
+
 Each call's choice is an ``AttentionPath``; ``patch.py`` keeps the latest one per module, and
 ``fused_report`` lists it.
 """
@@ -72,6 +78,9 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
     function = _model_function(module)
     if function is None:
         return _flash_or_eager(module, query, key, value, attention_mask, **kwargs)
+    packing = _packing(query, key, kwargs) if _is_sdpa(module) else None
+    if packing is not None:
+        return _packed_sdpa(module, function, query, key, value, attention_mask, packing, **kwargs)
     output, weights = function(module, query, key, value, attention_mask, **kwargs)
     return output, weights, _model_path(module)
 
@@ -132,7 +141,22 @@ def _model_path(module: nn.Module) -> AttentionPath:
     return AttentionPath(implementation, f'the model\'s attn_implementation="{implementation}"')
 
 
-def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
+class _Plan(NamedTuple):
+    """One call's kernel decision: ``reason`` ("" when the kernel runs), the dtype it runs in,
+    its options (scale, softcap, sliding_window, causal)."""
+
+    reason: str
+    dtype: torch.dtype
+    options: dict
+
+
+def _packing(query, key, kwargs) -> Packing | None:
+    """The sequences packed in the call's rows; none while decoding (more keys than queries)."""
+    batch, q_len = query.shape[0], query.shape[2]
+    return packed_sequences(kwargs, batch, q_len) if key.shape[2] == q_len else None
+
+
+def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
     scaling = kwargs.get("scaling")
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     softcap, window = kwargs.get("softcap"), kwargs.get("sliding_window")
@@ -141,26 +165,64 @@ def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
     dtype = query.dtype
     if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
         dtype = torch.get_autocast_dtype(query.device.type)
-    batch, q_len = query.shape[0], query.shape[2]
-    # Sequences packed in a row (none while decoding: the keys then outnumber the queries).
-    packing = packed_sequences(kwargs, batch, q_len) if key.shape[2] == q_len else None
     reason = _why_not_flash(
         module, query, key, value, attention_mask, causal, window, dtype, kwargs, packing
     )
-    if reason:
-        mask = attention_mask
-        if packing is not None and not packing.problem and _row_wide(mask, q_len, causal, window):
-            mask = _packed_additive_mask(packing, batch, q_len, causal, window, query)
-        output, weights = _eager_fallback(module, query, key, value, mask, causal, window, **kwargs)
-        return output, weights, AttentionPath("eager", reason)
-    q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
     options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal)
+    return _Plan(reason, dtype, options)
+
+
+def _run_kernel(query, key, value, packing: Packing | None, plan: _Plan):
+    """The flash kernel, or its packed launch: ``(output (B, S, H, D), None, AttentionPath)``."""
+    q, k, v = query.to(plan.dtype), key.to(plan.dtype), value.to(plan.dtype)
     if packing is not None:
-        out = _packed_flash(q, k, v, packing, **options)
+        out = _packed_flash(q, k, v, packing, **plan.options)
         return out, None, AttentionPath(FLASH_VARLEN, f"packed sequences from {packing.source}")
-    out = flash_attention(q, k, v, **options)
+    out = flash_attention(q, k, v, **plan.options)
     # (B, S, H, D), contiguous: the kernel stored it that way.
     return out.transpose(1, 2), None, AttentionPath(FLASH)
+
+
+def _kept_apart(mask, packing: Packing | None, query, options: dict):
+    """The per-sequence (B, 1, S, S) bool mask where the call's mask spans the whole row of a
+    packed batch (the fallback would mix its sequences), else the call's own mask."""
+    batch, q_len = query.shape[0], query.shape[2]
+    causal, window = options["causal"], options["sliding_window"]
+    if packing is None or packing.problem or not _row_wide(mask, q_len, causal, window):
+        return mask
+    return _packed_keep(packing, batch, q_len, causal, window, query.device)
+
+
+def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
+    packing = _packing(query, key, kwargs)
+    plan = _plan(module, query, key, value, attention_mask, packing, kwargs)
+    if not plan.reason:
+        return _run_kernel(query, key, value, packing, plan)
+    mask = _kept_apart(attention_mask, packing, query, plan.options)
+    if mask is not attention_mask:  # eager adds its mask: 0 kept, dtype-min dropped
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    causal, window = plan.options["causal"], plan.options["sliding_window"]
+    output, weights = _eager_fallback(module, query, key, value, mask, causal, window, **kwargs)
+    return output, weights, AttentionPath("eager", plan.reason)
+
+
+def _is_sdpa(module: nn.Module) -> bool:
+    return module.config._attn_implementation == "sdpa"
+
+
+def _packed_sdpa(module, function, query, key, value, attention_mask, packing: Packing, **kwargs):
+    """A packed batch on an SDPA model: the packed kernel where it computes what SDPA with the
+    per-sequence mask would, else SDPA with that mask."""
+    plan = _plan(module, query, key, value, attention_mask, packing, kwargs)
+    if not plan.reason:
+        output, weights, path = _run_kernel(query, key, value, packing, plan)
+        return output, weights, path._replace(reason=f"{path.reason}, in place of sdpa")
+    mask = _kept_apart(attention_mask, packing, query, plan.options)  # bool: SDPA's keep mask
+    output, weights = function(module, query, key, value, mask, **kwargs)
+    reason = f"packed sequences from {packing.source}, but {plan.reason}"
+    return output, weights, AttentionPath("sdpa", reason)
 
 
 def _packed_flash(q, k, v, packing: Packing, **options):
@@ -271,13 +333,10 @@ def _mask_keeps(mask: torch.Tensor, keep: torch.Tensor) -> bool:
     return False
 
 
-def _packed_additive_mask(packing: Packing, batch, seq_len, causal, window, like: torch.Tensor):
-    """Eager's (B, 1, S, S) additive mask for the packed sequences: 0 kept, dtype-min dropped."""
-    device, dtype = like.device, like.dtype
+def _packed_keep(packing: Packing, batch, seq_len, causal, window, device) -> torch.Tensor:
+    """(B, 1, S, S) bool, True where a query may see a key: causal (+ window), one sequence."""
     keep = keep_pattern(seq_len, causal, window, device)
-    keep = keep & _same_sequence(packing.cu_seqlens, batch, seq_len, device)
-    mask = torch.zeros(keep.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~keep, torch.finfo(dtype).min)
+    return keep & _same_sequence(packing.cu_seqlens, batch, seq_len, device)
 
 
 def _eager_function(module: nn.Module):

@@ -120,6 +120,32 @@ def test_cpu_eager_fallback_keeps_sequences_apart(tmp_path, signal):
     }
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("signal", list(SIGNALS))
+def test_sdpa_model_keeps_packed_sequences_apart(tmp_path, request, signal, kernel):
+    """An SDPA model (transformers' default) runs the packed kernel too; on the CPU's SDPA
+    fallback, a mask over the whole row (a KV cache, or cu_seq_lens alone: transformers then
+    gives SDPA none) is replaced by the per-sequence one. Seen failing with SDPA given no mask."""
+    if kernel:
+        request.getfixturevalue("kernel_on_cpu")
+    elif torch.cuda.is_available():
+        pytest.skip("the CPU fallback")
+    reference, fast = _pair(tmp_path, "llama", checkpointing=False)
+    assert fast.config._attn_implementation == "sdpa"
+    sequences = _sequences()
+    want_loss, want = _per_sequence_reference(reference, sequences)
+    got_loss, got = _packed_run(fast, _packed_batch(sequences, signal))
+    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    for name, grad in want.items():
+        assert relative_error(got[name], grad) <= RTOL, name
+    source = "position_ids" if signal == "position_ids" else "cu_seq_lens"
+    path = (attention.FLASH_VARLEN, f"packed sequences from {source}, in place of sdpa")
+    if not kernel:
+        cpu = "cpu tensors (the kernel runs on CUDA)"
+        path = ("sdpa", f"packed sequences from {source}, but {cpu}")
+    assert {(r["attention"], r["reason"]) for r in fused_report(fast).attention} == {path}
+
+
 def _per_token(model, batch):
     """Per-token logits of the packed row (1, T, V) and its per-token losses (T,)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -12,17 +12,22 @@ decoder layers pass both on to every attention call:
   several packed rows is one list of sequences over its B·S tokens.
 
 Reading either costs one host copy (a synchronisation on CUDA); the answer is kept per tensor, so
-the layers of one forward pay it once.
+the layers of one forward pay it once. A forward whose caller passed neither (``caller_signals``:
+the model then makes its own 0..S-1 positions, one sequence per row) reads nothing, so an
+ordinary training step keeps the host running ahead of the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["MAX_SEQUENCES", "Packing", "packed_sequences", "sequence_ids"]
+__all__ = ["MAX_SEQUENCES", "Packing", "caller_signals", "packed_sequences", "sequence_ids"]
 
 MAX_SEQUENCES = 65535  # the packed kernel's grid has one program column per sequence (CUDA's limit)
 
@@ -40,6 +45,23 @@ class Packing(NamedTuple):
 
 # signal tensor -> (its _version, (batch, seq_len, the other tensor), Packing or None)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# Whether the running forward's caller passed position_ids / cu_seq_lens: None when unknown (a
+# body called directly), False when the model made its own positions.
+_CALLER: ContextVar[bool | None] = ContextVar("fastlm_packing_caller", default=None)
+
+
+@contextlib.contextmanager
+def caller_signals(present: bool) -> Iterator[None]:
+    """Within it, attention calls know whether the caller gave packing signals; without them
+    position_ids are the model's own 0..S-1 and are not read (no synchronisation).
+
+    Usage: ``with caller_signals("position_ids" in kwargs): model_body(**kwargs)``.
+    """
+    token = _CALLER.set(present)
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 def packed_sequences(kwargs: dict, batch: int, seq_len: int) -> Packing | None:
@@ -55,8 +77,15 @@ def packed_sequences(kwargs: dict, batch: int, seq_len: int) -> Packing | None:
         return _cached(cu_q, (batch, seq_len, signals[1]), _from_cu_seq_lens)
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-        return _cached(position_ids, (batch, seq_len, None), _from_position_ids)
+        read = _from_position_ids if _CALLER.get() is not False else _one_per_row
+        # Remembered per tensor: a recompute in the backward (another thread, where the caller's
+        # context is unknown) finds the forward's answer.
+        return _cached(position_ids, (batch, seq_len, None), read)
     return None
+
+
+def _one_per_row(position_ids: torch.Tensor, batch: int, seq_len: int, _) -> None:
+    return None  # the model's own positions: nothing packed, nothing read
 
 
 def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:

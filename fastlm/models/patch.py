@@ -51,6 +51,7 @@ from fastlm.models.kv_sharing import reuse_kv, store_kv
 from fastlm.models.linear_attention import expected_linear_path, gated_deltanet_forward
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
+from fastlm.models.packing import caller_signals
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
@@ -409,9 +410,11 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
         _check_length(kwargs, state.max_seq_length)
         labels = kwargs.get("labels")
         head = self.get_output_embeddings()
-        if labels is None or not self.training or not is_plain_linear(head):
-            return original(self, **kwargs)
-        return _fused_loss_forward(self, head, state, kwargs)
+        signals = any(kwargs.get(k) is not None for k in ("position_ids", "cu_seq_lens_q"))
+        with caller_signals(signals):  # no packing signals: attention reads no position_ids
+            if labels is None or not self.training or not is_plain_linear(head):
+                return original(self, **kwargs)
+            return _fused_loss_forward(self, head, state, kwargs)
 
     model.forward = types.MethodType(forward, model)
     state.patched.append(model)

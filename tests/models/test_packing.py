@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_architectures import RTOL, _pair
+from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair
 from test_attention import kernel_on_cpu  # noqa: F401  (a fixture)
-from tiny_models import VOCAB, relative_error
+from tiny_models import VOCAB, relative_error, tiny_batch
 from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
 
@@ -205,3 +205,26 @@ def test_cu_seq_lens_come_first_and_are_checked():
     assert "rows" in packed_sequences(kwargs, 2, 5).problem
     one = torch.tensor([0, 5], dtype=torch.int32)
     assert packed_sequences({**kwargs, "cu_seq_lens_q": one, "cu_seq_lens_k": one}, 1, 5) is None
+
+
+def test_an_ordinary_step_reads_no_position_ids(tmp_path, monkeypatch):
+    """A training step whose caller passes no position_ids (the model makes its own 0..S-1):
+    the attention calls never read them (on a GPU that read is a host synchronisation per
+    forward), and the step is HF's. Passing position_ids reads them, once per forward."""
+    from fastlm.models import packing
+
+    reads = []
+    original = packing._from_position_ids
+
+    def counted(*args):
+        reads.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(packing, "_from_position_ids", counted)
+    reference, fast = _pair(tmp_path, "llama", checkpointing=True)
+    batch = tiny_batch()
+    _assert_loss_and_lora_grads_match(reference, fast, batch)
+    assert reads == []
+    length = batch["input_ids"].shape[1]
+    fast(**batch, position_ids=torch.arange(length).expand(batch["input_ids"].shape[0], -1))
+    assert reads == [1]

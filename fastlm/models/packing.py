@@ -100,12 +100,19 @@ def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
 
 
 def _cached(signal: torch.Tensor, key: tuple, read) -> Packing | None:
+    version = _version(signal)
     hit = _SEEN.get(signal)
-    if hit is not None and hit[0] == signal._version and _same_key(hit[1], key):
+    if hit is not None and hit[0] == version and _same_key(hit[1], key):
         return hit[2]
     packing = read(signal, *key)
-    _SEEN[signal] = (signal._version, key, packing)
+    _SEEN[signal] = (version, key, packing)
     return packing
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version of a tensor; None for an inference tensor (``torch.inference_mode``:
+    generation), which keeps none and which nothing changes between the layers of a forward."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

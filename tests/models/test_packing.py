@@ -228,3 +228,17 @@ def test_an_ordinary_step_reads_no_position_ids(tmp_path, monkeypatch):
     length = batch["input_ids"].shape[1]
     fast(**batch, position_ids=torch.arange(length).expand(batch["input_ids"].shape[0], -1))
     assert reads == [1]
+
+
+def test_inference_mode_generation_reads_positions(tmp_path):
+    """Under torch.inference_mode (generation, the demo's evaluation) the position tensors keep no
+    version counter: they are read and remembered all the same (it used to raise)."""
+    _, fast = _pair(tmp_path, "llama", checkpointing=False)
+    fast.eval()
+    prompt = tiny_batch()["input_ids"][:1, :5]
+    with torch.inference_mode():
+        out = fast.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+        packed = torch.arange(4).repeat(2)[None]  # two sequences of 4 in one row
+        fast(input_ids=prompt.new_ones(1, 8), position_ids=packed)
+    assert out.shape == (1, 8)
+    assert "packed sequences from position_ids" in fused_report(fast).attention[0]["reason"]

@@ -55,34 +55,16 @@ def _offloadable(tensor: torch.Tensor) -> bool:
 
 def _copy_out(tensor: torch.Tensor):
     """(host copy, completion event or None) of a saved tensor, same strides."""
-    host = torch.empty_strided(
-        tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=tensor.is_cuda
-    )
-    if not tensor.is_cuda:
-        return host.copy_(tensor), None
-    stream = checkpoint._copy_stream(tensor.device)
-    stream.wait_stream(torch.cuda.current_stream(tensor.device))
-    with torch.cuda.stream(stream):
-        host.copy_(tensor, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    tensor.record_stream(stream)  # the allocator must not reuse it before the copy has read it
-    return host, done
+    if tensor.is_cuda:
+        return checkpoint._to_host(tensor)
+    return tensor.clone(memory_format=torch.preserve_format), None  # the CPU tests' stand-in
 
 
 def _copy_in(host: torch.Tensor, device: torch.device, after):
     """(device copy, completion event or None) of a host tensor, started after ``after``."""
     if device.type != "cuda":
-        return host.clone(), None
-    stream = checkpoint._copy_stream(device)
-    with torch.cuda.stream(stream):
-        if after is not None:
-            stream.wait_event(after)
-        tensor = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
-        tensor.copy_(host, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    return tensor, done
+        return host.clone(memory_format=torch.preserve_format), None
+    return checkpoint.to_device(host, device, after)
 
 
 class _Stashed:
@@ -193,10 +175,6 @@ def offloaded_activations(run, hidden: torch.Tensor, *args):
     return output
 
 
-def _weak(stash: _LayerStash):
-    return weakref.ref(stash)
-
-
 def _warn_once(budget) -> None:
     budget.fallbacks += 1
     if not getattr(budget, "_warned_activations", False):
@@ -214,7 +192,7 @@ def _throttle(stash: _LayerStash) -> None:
     recent = getattr(_LOCAL, "recent", None)
     if recent is None:
         recent = _LOCAL.recent = collections.deque()
-    recent.append(_weak(stash))
+    recent.append(weakref.ref(stash))
     while len(recent) > _AHEAD:
         older = recent.popleft()()
         if older is not None:

@@ -120,12 +120,7 @@ class _SavedInput:
         """Start the copy back to the GPU on the side stream (no-op if it is there already)."""
         if self.on_device is not None or self.host is None:
             return
-        stream = _copy_stream(self.device)
-        with torch.cuda.stream(stream):
-            stream.wait_event(self.ready)
-            self.on_device = self.host.to(self.device, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record(stream)
+        self.on_device, self.ready = to_device(self.host, self.device, self.ready)
 
     def take(self) -> torch.Tensor:
         """The input on its device, ready to use on the current stream; frees the host copy."""
@@ -147,11 +142,26 @@ class _SavedInput:
         self._free_host()
 
 
+def to_device(host: torch.Tensor, device: torch.device, after):
+    """Start an asynchronous copy of a pinned host tensor to ``device`` on the side stream, once
+    event ``after`` has completed; returns (device tensor, same strides; completion event)."""
+    stream = _copy_stream(device)
+    with torch.cuda.stream(stream):
+        if after is not None:
+            stream.wait_event(after)
+        tensor = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=device)
+        tensor.copy_(host, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    return tensor, done
+
+
 def _to_host(tensor: torch.Tensor):
-    """Start an asynchronous copy to pinned memory; returns (host tensor, completion event)."""
+    """Start an asynchronous copy to pinned memory (same strides: a dense view keeps its layout);
+    returns (host tensor, completion event)."""
     stream = _copy_stream(tensor.device)
     stream.wait_stream(torch.cuda.current_stream(tensor.device))
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, pin_memory=True)
     with torch.cuda.stream(stream):
         host.copy_(tensor, non_blocking=True)
         done = torch.cuda.Event()

@@ -533,17 +533,10 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         return 0
 
     def spec(shape, system: str, path: str, out: Path) -> dict:
-        return {
-            "shape": shape.name,
-            "system": system,
+        return train_bench.base_spec(shape, system, path, args) | {
             "mode": args.mode,
-            "path": path,
-            "batch": args.batch or shape.batch,
-            "seq": args.seq or shape.seq,
             "query_seq": min(args.query_seq, args.seq or shape.seq),
             "profile": args.profile,
-            "warmup": args.warmup,
-            "steps": args.steps,
             "checkpointing": args.checkpointing,
         }
 

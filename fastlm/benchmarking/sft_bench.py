@@ -297,14 +297,7 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         return 0
 
     def spec(shape, system: str, path: str, out: Path) -> dict:
-        return {
-            "shape": shape.name,
-            "system": system,
-            "path": path,
-            "batch": args.batch or shape.batch,
-            "seq": args.seq or shape.seq,
-            "warmup": args.warmup,
-            "steps": args.steps,
+        return train_bench.base_spec(shape, system, path, args) | {
             "trainer_dir": str(out / "trainer" / system),
         }
 

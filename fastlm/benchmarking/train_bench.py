@@ -356,15 +356,8 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         return 0
 
     def spec(shape: Shape, system: str, path: str, out: Path) -> dict:
-        return {
-            "shape": shape.name,
-            "system": system,
+        return base_spec(shape, system, path, args) | {
             "mode": args.mode,
-            "path": path,
-            "batch": args.batch or shape.batch,
-            "seq": args.seq or shape.seq,
-            "warmup": args.warmup,
-            "steps": args.steps,
             "fastlm_checkpointing": args.fastlm_checkpointing,
         }
 
@@ -392,6 +385,20 @@ class Parent(NamedTuple):
     spec: Callable
     run: Callable
     write: Callable
+
+
+def base_spec(shape: Shape, system: str, path: str, args) -> dict:
+    """The child spec's fields every benchmark shares: what runs, on which checkpoint, its
+    batch and sequence (``--batch`` / ``--seq`` over the shape's) and its steps."""
+    return {
+        "shape": shape.name,
+        "system": system,
+        "path": path,
+        "batch": args.batch or shape.batch,
+        "seq": args.seq or shape.seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+    }
 
 
 def parent_loop(parent: Parent, args, command: str) -> tuple[Path, list[dict]]:

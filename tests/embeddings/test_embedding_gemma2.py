@@ -19,6 +19,7 @@ pytest.importorskip("transformers.models.embedding_gemma2", reason="no Embedding
 
 from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model  # noqa: E402
 from test_patched_body import ROWS, _assert_same_embeddings_loss_and_grads, _to  # noqa: E402
+from test_patched_body import _pair as _patched_body_pair  # noqa: E402
 
 from fastlm import FastModel  # noqa: E402
 from fastlm.embeddings import EmbeddingCollator, load_embedding_model  # noqa: E402
@@ -34,25 +35,8 @@ TRANSFORMERS_LINEARS = 1 + 2 * LAYERS + 1
 
 
 def _pair(tmp_path, checkpointing, device):
-    """(unpatched reference, patched model): the same weights and LoRA (B ≠ 0), in train mode."""
-    path = save_tiny_embedding_model(KIND, tmp_path / KIND)
-    models = []
-    for kernels in (False, True):
-        model, _ = load_embedding_model(
-            str(path),
-            max_seq_length=120,
-            dtype=torch.float32,
-            device_map=device,
-            use_fastlm_kernels=kernels,
-        )
-        model.get_peft_model(
-            r=4, lora_alpha=8, init_lora_weights=False, use_gradient_checkpointing=checkpointing
-        )
-        models.append(model.train())
-    reference, fast = models
-    assert not is_patched(reference.backbone) and is_patched(fast.backbone)
-    fast.load_state_dict(reference.state_dict())
-    return reference, fast
+    """test_patched_body's pair on the EmbeddingGemma 2 body (some linears are transformers')."""
+    return _patched_body_pair(tmp_path, KIND, checkpointing, device, all_fused=False)
 
 
 def _split_report(model):

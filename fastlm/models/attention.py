@@ -12,7 +12,15 @@ the reason recorded:
     CUDA tensors · no attention dropout in training · no output_attentions · a sliding window
     only with a causal mask · as many keys as queries (a KV cache while decoding has more) · one
     head_dim <= 256 for q, k, v · query heads a multiple of kv heads · fp16 / bf16 / fp32 · a 4D
-    mask that is exactly the causal (+ window) pattern (no padding).
+    mask that is exactly the causal (+ window) pattern, or padding on it (below).
+
+Padded batches (a tokenizer's 0/1 ``attention_mask``, right, left or both-sided): where the 4D
+mask transformers built from it is exactly padding on the causal (+ window) or bidirectional
+pattern, with each row's real tokens one span (``padding.padded_rows``), the real tokens are
+gathered into one run, the packed kernel runs with one sequence per row, and the output goes back
+in place with zeros at the pad queries (unpad -> varlen -> pad). Every real query gets what eager
+gives it; pad queries are no one's keys, so nothing downstream of a real token sees them. Any
+other mask is a custom one and runs eager.
 
 Packed (padding-free) batches: where ``packing.packed_sequences`` finds several sequences in a row
 (the ``cu_seq_lens_q/k`` kwargs, else ``position_ids`` that restart), the packed kernel
@@ -22,11 +30,12 @@ either exactly the per-sequence causal (+ window) pattern of those sequences, or
 (``use_cache`` in training), and eager would then let the sequences see each other. Where eager
 runs instead, it gets the per-sequence mask in that case too, so no path mixes sequences.
 
-SDPA models (transformers' default) take the packed kernel for packed batches too: SDPA itself
+SDPA models (transformers' default) take the padded and packed launches too: SDPA itself
 needs an (B, 1, S, S) mask to keep the sequences apart (transformers builds one from restarting
 ``position_ids``, but none when a KV cache exists or only ``cu_seq_lens`` say where sequences
 start). Where the kernel cannot run (CPU tensors, dropout...), SDPA runs with the per-sequence
-mask in those cases. Every other SDPA call, and every other implementation, is the model's own.
+mask in those cases. A padded batch's SDPA call takes the padded launch under the rules above.
+Every other SDPA call, and every other implementation, is the model's own.
 
 Each call's choice is an ``AttentionPath``; ``patch.py`` keeps the latest one per module, and
 ``fused_report`` lists it.
@@ -44,11 +53,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.kernels._dispatch import use_triton
 from fastlm.kernels.flash_attention import flash_attention, flash_attention_varlen, keep_pattern
-from fastlm.models.packing import Packing, packed_sequences, sequence_ids
+from fastlm.models.packing import Packing, _version, packed_sequences, sequence_ids
+from fastlm.models.padding import Padding, keeps_exactly, pad, padded_rows, unpad
 
 __all__ = [
+    "CUSTOM_MASK",
     "FLASH",
     "FLASH_VARLEN",
+    "PADDED",
     "AttentionPath",
     "attend",
     "expected_path",
@@ -58,6 +70,8 @@ __all__ = [
 
 FLASH = "fastlm-flash"  # AttentionPath.implementation of fastlm's Triton kernel
 FLASH_VARLEN = "fastlm-flash-varlen"  # ... and of its packed-sequence launch
+PADDED = "padding from the attention mask"  # FLASH_VARLEN's reason for a padded batch
+CUSTOM_MASK = "a custom mask (not padding on the causal, window or bidirectional pattern)"
 
 
 class AttentionPath(NamedTuple):
@@ -81,6 +95,11 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
     packing = _packing(query, key, kwargs) if _is_sdpa(module) else None
     if packing is not None:
         return _packed_sdpa(module, function, query, key, value, attention_mask, packing, **kwargs)
+    if _is_sdpa(module) and attention_mask is not None:  # None: no padding
+        plan = _plan(module, query, key, value, attention_mask, None, kwargs)
+        if plan.padding is not None and not plan.reason:
+            output, weights, path = _run_kernel(query, key, value, None, plan)
+            return output, weights, path._replace(reason=f"{path.reason}, in place of sdpa")
     output, weights = function(module, query, key, value, attention_mask, **kwargs)
     return output, weights, _model_path(module)
 
@@ -143,11 +162,13 @@ def _model_path(module: nn.Module) -> AttentionPath:
 
 class _Plan(NamedTuple):
     """One call's kernel decision: ``reason`` ("" when the kernel runs), the dtype it runs in,
-    its options (scale, softcap, sliding_window, causal)."""
+    its options (scale, softcap, sliding_window, causal), and the real tokens where the mask is
+    padding (the kernel then runs on them alone)."""
 
     reason: str
     dtype: torch.dtype
     options: dict
+    padding: Padding | None = None
 
 
 def _packing(query, key, kwargs) -> Packing | None:
@@ -165,16 +186,21 @@ def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
     dtype = query.dtype
     if torch.is_autocast_enabled(query.device.type):  # eager's matmuls would run in this dtype
         dtype = torch.get_autocast_dtype(query.device.type)
-    reason = _why_not_flash(
-        module, query, key, value, attention_mask, causal, window, dtype, kwargs, packing
-    )
+    reason = _why_not_flash(module, query, key, value, causal, window, dtype, kwargs)
+    padding = None
+    if not reason:  # the mask last: the one check that costs a pass over S x S
+        batch, q_len = query.shape[0], query.shape[2]
+        reason, padding = _mask_problem(attention_mask, packing, batch, q_len, causal, window)
     options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal)
-    return _Plan(reason, dtype, options)
+    return _Plan(reason, dtype, options, padding)
 
 
 def _run_kernel(query, key, value, packing: Packing | None, plan: _Plan):
     """The flash kernel, or its packed launch: ``(output (B, S, H, D), None, AttentionPath)``."""
     q, k, v = query.to(plan.dtype), key.to(plan.dtype), value.to(plan.dtype)
+    if plan.padding is not None:  # before packing: the mask says what eager would compute
+        out = _padded_flash(q, k, v, plan.padding, **plan.options)
+        return out, None, AttentionPath(FLASH_VARLEN, PADDED)
     if packing is not None:
         out = _packed_flash(q, k, v, packing, **plan.options)
         return out, None, AttentionPath(FLASH_VARLEN, f"packed sequences from {packing.source}")
@@ -235,9 +261,20 @@ def _packed_flash(q, k, v, packing: Packing, **options):
     return out.view(batch, seq, heads, d)
 
 
-def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwargs, packing) -> str:
-    """Why the kernel would not compute exactly what eager does, "" when it would. The first
-    condition that fails; the mask (the one check that costs a pass over S x S) comes last."""
+def _padded_flash(q, k, v, padding: Padding, **options):
+    """unpad -> packed kernel -> pad: the real tokens of q, k, v (B, H, S, D), one sequence per
+    row, through the packed kernel. Returns (B, S, Hq, D), zeros at the padding."""
+    batch, _, seq, _ = q.shape
+    out = flash_attention_varlen(
+        unpad(q, padding), unpad(k, padding), unpad(v, padding), padding.cu_seqlens,
+        padding.max_seqlen, **options,
+    )  # fmt: skip
+    return pad(out, padding, batch, seq)
+
+
+def _why_not_flash(module, query, key, value, causal, window, dtype, kwargs) -> str:
+    """Why the kernel would not compute exactly what eager does, "" when it would: the first
+    condition that fails, the mask aside (``_mask_problem``)."""
     q_len, d = query.shape[2], query.shape[-1]
     if not use_triton(query):
         return f"{query.device.type} tensors (the kernel runs on CUDA)"
@@ -257,22 +294,29 @@ def _why_not_flash(module, query, key, value, mask, causal, window, dtype, kwarg
         return "query heads not a multiple of kv heads"
     if dtype not in _HALF_OR_SINGLE:
         return f"{dtype} (the kernel takes fp16, bf16, fp32)"
-    if packing is not None:
-        return packing.problem or _packed_mask_problem(mask, packing, query.shape[0], q_len,
-                                                        causal, window)  # fmt: skip
-    if mask is not None and not _mask_is_plain(mask, q_len, causal, window):
-        return "padding / packed-sequence mask"
     return ""
 
 
-def _packed_mask_problem(mask, packing: Packing, batch: int, seq_len: int, causal, window) -> str:
-    """ "" when the packed kernel computes what the mask asks for, or would with the sequences
-    kept apart (a mask over the whole row, see the module docstring)."""
-    if _row_wide(mask, seq_len, causal, window) or _mask_is_packed(
-        mask, packing, batch, seq_len, causal, window
-    ):
-        return ""
-    return f"a mask that is not the pattern of the packed sequences ({packing.source}): padding?"
+def _mask_problem(mask, packing, batch, seq_len, causal, window) -> tuple[str, Padding | None]:
+    """Why the kernel would not compute what the mask asks for ("" when it would), and the real
+    tokens where the mask is padding. Packed sequences: their own pattern, or the whole row's
+    (kept apart, see the module docstring). Else the plain pattern. Else padding on it, which the
+    padded launch computes whether or not the rows also pack sequences (eager would mix them)."""
+    if packing is not None:
+        if packing.problem:
+            return packing.problem, None
+        if _row_wide(mask, seq_len, causal, window) or _mask_is_packed(
+            mask, packing, batch, seq_len, causal, window
+        ):
+            return "", None
+    elif mask is None or _mask_is_plain(mask, seq_len, causal, window):
+        return "", None
+    padding = padded_rows(mask, batch, seq_len, causal, window)
+    if padding is not None:
+        return padding.problem, padding
+    if packing is not None:
+        return f"a mask that is neither padding nor the packed sequences' ({packing.source})", None
+    return CUSTOM_MASK, None
 
 
 def _row_wide(mask, seq_len: int, causal: bool, window: int | None) -> bool:
@@ -304,7 +348,7 @@ def _mask_is(mask, seq_len, causal, window, cu_seqlens, batch) -> bool:
         return False
     key = (seq_len, causal, window, batch)
     version, verdicts = _PLAIN_MASKS.get(mask, (None, []))
-    if version != mask._version:
+    if version != _version(mask):  # None for an inference tensor: it keeps no version
         verdicts = []
     for seen_key, seen_cu, verdict in verdicts:
         if seen_key == key and seen_cu is cu_seqlens:
@@ -312,8 +356,8 @@ def _mask_is(mask, seq_len, causal, window, cu_seqlens, batch) -> bool:
     keep = keep_pattern(seq_len, causal, window, mask.device)
     if cu_seqlens is not None:  # (B, 1, S, S): and only inside one sequence
         keep = keep & _same_sequence(cu_seqlens, batch, seq_len, mask.device)
-    verdict = _mask_keeps(mask, keep)
-    _PLAIN_MASKS[mask] = (mask._version, [*verdicts, (key, cu_seqlens, verdict)])
+    verdict = bool(keeps_exactly(mask, keep))
+    _PLAIN_MASKS[mask] = (_version(mask), [*verdicts, (key, cu_seqlens, verdict)])
     return verdict
 
 
@@ -321,16 +365,6 @@ def _same_sequence(cu_seqlens, batch: int, seq_len: int, device) -> torch.Tensor
     """(B, 1, S, S) bool: query i and key j of a row are in one packed sequence."""
     ids = sequence_ids(cu_seqlens.to(device), batch * seq_len).view(batch, 1, seq_len)
     return ids[..., :, None] == ids[..., None, :]
-
-
-def _mask_keeps(mask: torch.Tensor, keep: torch.Tensor) -> bool:
-    """True when the mask keeps exactly ``keep`` and adds nothing to the kept scores."""
-    if mask.dtype == torch.bool:
-        return bool((mask == keep).all())
-    if mask.is_floating_point():  # eager's additive mask: 0 kept, dtype-min (or -inf) dropped
-        dropped = mask <= torch.finfo(mask.dtype).min
-        return bool(torch.where(keep, mask == 0, dropped).all())
-    return False
 
 
 def _packed_keep(packing: Packing, batch, seq_len, causal, window, device) -> torch.Tensor:

@@ -22,15 +22,23 @@ TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs eager
 
 @pytest.fixture
 def kernel_on_cpu(monkeypatch) -> list:
-    """The kernel on CPU tensors too (the interpreter); returns the list its launches append to."""
+    """The kernel on CPU tensors too (the interpreter); returns the list its launches append to:
+    1 for a fixed-length launch, "varlen" for a packed one."""
     monkeypatch.setattr(attention, "use_triton", lambda t: True)
     monkeypatch.setattr(fa, "use_triton", lambda t: True)
     calls = []
-    triton_fn = fa.flash_attention_triton
-    monkeypatch.setattr(
-        fa, "flash_attention_triton", lambda *a, **kw: calls.append(1) or triton_fn(*a, **kw)
-    )
+    for name, mark in (("flash_attention_triton", 1), ("flash_attention_varlen_triton", "varlen")):
+        launch = getattr(fa, name)
+        monkeypatch.setattr(fa, name, _recorded(launch, calls, mark))
     return calls
+
+
+def _recorded(launch, calls: list, mark):
+    def recorded(*args, **kwargs):
+        calls.append(mark)
+        return launch(*args, **kwargs)
+
+    return recorded
 
 
 def _inputs(shape, device, q_gain=1.5, seed=0):
@@ -51,18 +59,25 @@ def _gemma2_attention(layer_idx, device):
     return Gemma2Attention(config, layer_idx).to(device).train()
 
 
-def _eager_mask(lengths, seq, window, device, dtype=torch.float32):
+def _eager_mask(lengths, seq, window, device, dtype=torch.float32, left=False):
     """transformers' eager mask (B, 1, S, S): 0 kept, dtype-min dropped (causal/window/padding)."""
     keep = fa.keep_pattern(seq, True, window, device)[None, None]
-    pad = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-    keep = keep & pad[:, None, None, :]
+    keep = keep & _real(lengths, seq, device, left)[:, None, None, :]
     zero = torch.zeros(keep.shape, dtype=dtype, device=device)
     return zero.masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def _real(lengths, seq, device, left=False) -> torch.Tensor:
+    """(B, S) bool: the real (not pad) tokens of rows of ``lengths``, padded right or left."""
+    real = torch.arange(seq, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return real.flip(-1) if left else real
+
+
 @pytest.mark.parametrize("layer_idx", [0, 1], ids=["sliding", "full"])
-@pytest.mark.parametrize("padded", [False, True], ids=["plain", "padded"])
-def test_hook_matches_gemma2_eager(layer_idx, padded, device, kernel_on_cpu):
+@pytest.mark.parametrize("padding", [None, "right", "left"], ids=["plain", "right", "left"])
+def test_hook_matches_gemma2_eager(layer_idx, padding, device, kernel_on_cpu):
+    """Every real query's output and every gradient as eager's. Pad queries: zeros (eager's are
+    an artefact no real token reads), and no upstream gradient, as in a model's loss."""
     from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
     module = _gemma2_attention(layer_idx, device)
@@ -70,7 +85,10 @@ def test_hook_matches_gemma2_eager(layer_idx, padded, device, kernel_on_cpu):
     q, k, v, g = _inputs((batch, 3, 1, seq, 24), device, q_gain=3.0)
     # (B, S, H, D) storage viewed as (B, H, S, D), as the attention modules produce them.
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    mask = _eager_mask([seq, seq - 5] if padded else [seq, seq], seq, module.sliding_window, device)
+    lengths = [seq, seq - 5] if padding else [seq, seq]
+    mask = _eager_mask(lengths, seq, module.sliding_window, device, left=padding == "left")
+    real = _real(lengths, seq, device, left=padding == "left")  # (B, S)
+    g = g * real[:, None, :, None]
     kwargs = dict(dropout=0.0, scaling=module.scaling, sliding_window=module.sliding_window,
                   softcap=module.attn_logit_softcapping)  # fmt: skip
     results = []
@@ -79,9 +97,10 @@ def test_hook_matches_gemma2_eager(layer_idx, padded, device, kernel_on_cpu):
         out, weights = fn(module, *leaves, mask, **kwargs)
         assert out.shape == (batch, seq, 3, 24)
         results.append((out, torch.autograd.grad(out, leaves, g.transpose(1, 2))))
-    assert kernel_on_cpu == ([] if padded else [1])
+    assert kernel_on_cpu == (["varlen"] if padding else [1])  # padding: the padded launch
     (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got[real], want[real], **TOL)
+    assert not got[~real].any()
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, **TOL)
 
@@ -136,7 +155,7 @@ def test_tiny_gemma2_model_registered(padded, device, kernel_on_cpu):
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
-    assert len(kernel_on_cpu) == (0 if padded else config.num_hidden_layers)
+    assert kernel_on_cpu == ["varlen" if padded else 1] * config.num_hidden_layers
     (want_loss, want), (got_loss, got) = results
     torch.testing.assert_close(got_loss, want_loss, **TOL)
     assert got.keys() == want.keys()
@@ -170,9 +189,8 @@ def test_report_names_the_attention_each_call_ran(device, kernel_on_cpu):
     batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
     with torch.no_grad():
         model(**batch)
-        assert (
-            _attention_rows(model) == [("eager", "padding / packed-sequence mask", True)] * layers
-        )
+        padded = (attention.FLASH_VARLEN, attention.PADDED, True)
+        assert _attention_rows(model) == [padded] * layers
         out = model(input_ids=batch["input_ids"], use_cache=True)
         assert _attention_rows(model) == [(attention.FLASH, "", True)] * layers
         model(input_ids=batch["input_ids"][:, -1:], past_key_values=out.past_key_values)
@@ -187,7 +205,8 @@ def test_report_names_dropout_and_the_models_own_attention(device, kernel_on_cpu
     model(**{k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()})
     assert {row for row in _attention_rows(model)} == {(*dropout, True)}
     model = _patched("llama", device, "sdpa")
-    model(**{k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()})
+    batch = {k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()}
+    model(input_ids=batch["input_ids"])  # no padding (a padded batch: tests/models/test_padding.py)
     reason = 'the model\'s attn_implementation="sdpa"'
     assert {row for row in _attention_rows(model)} == {("sdpa", reason, True)}
 

@@ -42,6 +42,7 @@ MODULES: list[tuple[str, str]] = [
     ("fastlm.models", "Architectures and patching"),
     ("fastlm.models.attention", "Attention: flash kernel or eager"),
     ("fastlm.models.packing", "Packed sequences: where a padding-free batch's sequences start"),
+    ("fastlm.models.padding", "Padded batches: the real tokens, read from the mask"),
     ("fastlm.autograd", "LoRA autograd Functions"),
     ("fastlm.kernels.rms_norm", "Kernel: RMSNorm"),
     ("fastlm.kernels.rope", "Kernel: RoPE"),

@@ -170,7 +170,10 @@ def markdown_report(payload: dict) -> str:
     return "\n".join(out)
 
 
-COLORS = {"hf": "#7f7f7f", "fastlm": "#d62728", "liger": "#1f77b4", "unsloth": "#2ca02c"}
+COLORS = {"hf": "#7f7f7f", "fastlm": "#d62728", "liger": "#1f77b4", "unsloth": "#2ca02c",
+          # packing_bench's systems: padded in the system's colour, padding-free a shade darker
+          "hf-padded": "#7f7f7f", "hf-padding-free": "#3f3f3f", "unsloth-packing": "#2ca02c",
+          "fastlm-padded": "#d62728", "fastlm-padding-free": "#8c1a1b"}  # fmt: skip
 
 
 def _group(rec: dict) -> str:
@@ -178,8 +181,12 @@ def _group(rec: dict) -> str:
     return str(rec.get("shape")) + ("" if mode == "lora" else f" ({mode})")
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Grouped bars, one group per shape, one bar per system: tok/s and peak GiB."""
+SPEED_TITLE = "throughput (tokens/s, higher is better)"
+
+
+def plot(records: list[dict], path: Path, speed_title: str = SPEED_TITLE) -> None:
+    """Grouped bars, one group per shape, one bar per system: tok/s (titled `speed_title`) and
+    peak GiB."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +199,7 @@ def plot(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(groups) * 2 + 3), 4.8))
     width = 0.8 / max(1, len(systems))
     for ax, field, title in (
-        (axes[0], "tokens_per_s", "throughput (tokens/s, higher is better)"),
+        (axes[0], "tokens_per_s", speed_title),
         (axes[1], "peak_gib", "peak memory allocated (GiB, lower is better)"),
     ):
         top = max(

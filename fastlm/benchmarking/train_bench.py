@@ -401,13 +401,19 @@ def base_spec(shape: Shape, system: str, path: str, args) -> dict:
     }
 
 
-def parent_loop(parent: Parent, args, command: str) -> tuple[Path, list[dict]]:
+def parent_loop(parent: Parent | list[Parent], args, command: str) -> tuple[Path, list[dict]]:
     """Every (shape, system) of ``args`` in its own process, each record added and the outputs
-    rewritten after each; returns (output folder, records). The loop the benchmarks share."""
+    rewritten after each; returns (output folder, records). The loop the benchmarks share.
+
+    Several parents (one per mode, say) share the output folder and each shape's checkpoint:
+    each runs every system on a shape before the next shape is built; the first names the
+    folder and loads and writes the outputs."""
+    parents = [parent] if isinstance(parent, Parent) else list(parent)
+    first = parents[0]
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     now = datetime.datetime.now(datetime.timezone.utc)
-    out = results_dir(args.out, now, parent.kind)
+    out = results_dir(args.out, now, first.kind)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     payload = start_payload(out, command, now, args.append)
     records = payload["records"]
@@ -415,14 +421,15 @@ def parent_loop(parent: Parent, args, command: str) -> tuple[Path, list[dict]]:
     import torch  # only now: --child / --list-shapes do not need it in the parent
 
     cuda = torch.cuda.is_available()
-    for shape in [parent.get_shape(n) for n in args.shapes.split(",")]:
-        meta = checkpoint_for(shape, payload, args.cache, cuda, parent.ensure)
-        for system in args.systems.split(","):
-            log = out / "logs" / f"{parent.log_prefix}-{shape.name}-{system}.log"
-            rec = parent.run(parent.spec(shape, system, meta["path"], out), log,
-                             args.child_timeout, cuda)  # fmt: skip
-            add_record(records, rec, log, out, ("shape", "system", "mode"))
-            parent.write(out, payload)
+    for shape in [first.get_shape(n) for n in args.shapes.split(",")]:
+        meta = checkpoint_for(shape, payload, args.cache, cuda, first.ensure)
+        for each in parents:
+            for system in args.systems.split(","):
+                log = out / "logs" / f"{each.log_prefix}-{shape.name}-{system}.log"
+                rec = each.run(each.spec(shape, system, meta["path"], out), log,
+                               args.child_timeout, cuda)  # fmt: skip
+                add_record(records, rec, log, out, ("shape", "system", "mode"))
+                first.write(out, payload)
     return out, records
 
 

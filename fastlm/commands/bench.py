@@ -2,8 +2,9 @@
 
 The benchmarks are installed with fastlm (``fastlm.benchmarking``): this command runs one in a
 new Python process — ``python -m fastlm.benchmarking.train_bench`` (the reference loop), or with
-``--loop sft`` / ``--loop embed`` the SFTTrainer / embedding benchmark, or with ``--suite`` every
-row of a table (``fastlm.benchmarking.suite``) — with the flags given here.
+``--loop sft`` / ``--loop embed`` / ``--loop packing`` the SFTTrainer / embedding / packing
+(padded vs padding-free on real lengths) benchmark, or with ``--suite`` every row of a table
+(``fastlm.benchmarking.suite``) — with the flags given here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ LOOP_MODULES = {
     "train": MODULE,
     "sft": "fastlm.benchmarking.sft_bench",
     "embed": "fastlm.benchmarking.embedding_bench",
+    "packing": "fastlm.benchmarking.packing_bench",
 }
 SUITE_MODULE = "fastlm.benchmarking.suite"
 EXAMPLES = """\
@@ -29,6 +31,8 @@ examples:
   fastlm bench --shapes llama-3.1-8b --mode qlora --out benchmarks/results/qlora-8b
   fastlm bench --loop sft --shapes llama-3.2-1b                # TRL SFTTrainer as users run it
   fastlm bench --loop embed --shapes qwen3-embedding-0.6b --mode full
+  fastlm bench --loop packing --shapes qwen3-4b --mode qlora   # padded vs padding-free
+  fastlm bench --loop packing --dry-run                       # its tiny CPU smoke test
   fastlm bench --suite issue15 --rows 1-3 --out DIR           # a part of the whole table;
   fastlm bench --suite issue15 --rows 4-9 --out DIR           #   parts append to DIR
   fastlm bench --suite issue15 --dry-run                      # every row on tiny shapes (CPU)
@@ -71,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(LOOP_MODULES),
         default="train",
         help="train: the reference loop (default); sft: TRL's SFTTrainer as a user runs it; "
-        "embed: embedding fine-tuning (InfoNCE)",
+        "embed: embedding fine-tuning (InfoNCE); packing: padded vs padding-free batches of "
+        "real instruction-data lengths",
     )
     parser.add_argument(
         "--suite",
@@ -79,7 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run every row of a table (issue15: LoRA/QLoRA, embeddings, SFTTrainer) into one "
         "--out; split it with --rows into parts of under 10 minutes, same --out",
     )
-    parser.add_argument("--dry-run", action="store_true", help="with --suite: tiny shapes")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="with --suite or --loop packing: tiny shapes"
+    )
     parser.add_argument(
         "--resume", action="store_true", help="with --suite: skip what --out already has"
     )
@@ -112,14 +119,17 @@ def command_line(args: argparse.Namespace) -> list[str]:
         flags = {"--dry-run": args.dry_run, "--resume": args.resume}
         flags["--list-rows"] = args.list_shapes
         return command + [f for f, on in flags.items() if on] + list(args.extra)
-    if args.rows or args.dry_run or args.resume:
-        raise CommandError("--rows, --dry-run and --resume go with --suite")
+    if args.rows or args.resume or (args.dry_run and args.loop != "packing"):
+        raise CommandError("--rows and --resume go with --suite, --dry-run with --suite or "
+                           "--loop packing")  # fmt: skip
     for flag in _FORWARDED:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             command += [flag, str(value)]
     if args.append:
         command.append("--append")
+    if args.dry_run:
+        command.append("--dry-run")
     if args.list_shapes:
         command.append("--list-shapes")
     return command + list(args.extra)

@@ -93,6 +93,20 @@ def test_sdpa_model_runs_the_padded_launch(tmp_path, side):
     assert _paths(fast) == {(attention.FLASH_VARLEN, f"{attention.PADDED}, in place of sdpa")}
 
 
+@pytest.mark.usefixtures("kernel_on_cpu")
+def test_left_padding_with_generation_positions(tmp_path):
+    """Left padding with the position_ids generate() makes (1 on the pads, 0.. on the tokens):
+    they restart, so packing finds sequences, but the mask is padding and says what eager
+    computes; the padded launch runs."""
+    reference, fast = _pair(tmp_path, "gemma2", checkpointing=False)
+    fast.set_attn_implementation("eager")
+    batch = _padded_batch("left")
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    _assert_matches_transformers(reference, fast, batch)
+    assert _paths(fast) == {(attention.FLASH_VARLEN, attention.PADDED)}
+
+
 def _real_logits(model, batch) -> torch.Tensor:
     """The logits of the real tokens, (T, V), in row order."""
     with torch.no_grad():

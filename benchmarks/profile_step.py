@@ -29,7 +29,11 @@ def main() -> None:
     parser.add_argument("--cache", default=CACHE)
     parser.add_argument("--checkpointing", default="fastlm", help="fastlm's checkpointing mode")
     parser.add_argument("--host", action="store_true", help="also list operators by host time")
+    parser.add_argument("--no-graphs", action="store_true", help="fastlm: no layer CUDA graphs")
     args = parser.parse_args()
+    from fastlm.offload.layer_graphs import LAYER_GRAPHS
+
+    LAYER_GRAPHS.enabled = not args.no_graphs
     preimport(args.system)
     import torch
 
@@ -79,12 +83,16 @@ def main() -> None:
     except (AttributeError, KeyError):
         table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
     gpu_ms, launches = kernel_time(torch, averages, passes=2)
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    pool_gib = LAYER_GRAPHS.pool_bytes() / 2**30
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 + pool_gib
+    reserved_gib = torch.cuda.max_memory_reserved() / 2**30
     print(f"== {args.system} {args.shape} {args.mode}: 2 steps ==")
     print(
         f"wall {wall_ms:.1f} ms/step (unprofiled), GPU kernels {gpu_ms:.1f} ms/step and "
-        f"{launches} launches/step (profiled), peak {peak_gib:.2f} GiB"
+        f"{launches} kernels/step (profiled), peak {peak_gib:.2f} GiB (graph pool "
+        f"{pool_gib:.2f} included), reserved {reserved_gib:.2f} GiB"
     )
+    print(LAYER_GRAPHS.report())
     print(table)
     if args.host:
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -1,6 +1,7 @@
 """CPU offload: activations of gradient checkpointing, and 4-bit weights streamed layer by layer.
 
-``enable_offloaded_checkpointing`` keeps checkpointed layer inputs in pinned CPU memory;
+``enable_offloaded_checkpointing`` keeps checkpointed layer inputs in pinned CPU memory, and
+``LAYER_GRAPHS`` replays those layers as CUDA graphs;
 ``stream_weights`` / ``FastModel.from_pretrained(..., load_in_4bit=True, offload_weights=True)``
 keep NF4 decoder-layer weights in CPU RAM and stream them to the GPU (docs/big_models.md).
 """
@@ -12,6 +13,7 @@ from fastlm.offload.checkpoint import (
     offloaded_checkpoint,
 )
 from fastlm.offload.copy_engine import CopyEngine, CudaCopyEngine, SyncCopyEngine
+from fastlm.offload.layer_graphs import LAYER_GRAPHS, LayerGraphs
 from fastlm.offload.memory_plan import HostBudget, HostMemoryError, MemoryPlan, plan_memory
 from fastlm.offload.streamed_loading import build_random_nf4_model, load_streamed_model
 from fastlm.offload.streamer import (
@@ -29,6 +31,8 @@ __all__ = [
     "CudaCopyEngine",
     "HostBudget",
     "HostMemoryError",
+    "LAYER_GRAPHS",
+    "LayerGraphs",
     "MemoryPlan",
     "PinnedBudget",
     "SyncCopyEngine",

@@ -26,6 +26,8 @@ import weakref
 import torch
 from torch import nn
 
+from fastlm.offload.layer_graphs import LAYER_GRAPHS
+
 logger = logging.getLogger("fastlm")
 
 # Layer inputs smaller than this stay on the GPU: for short sequences the copies cost more time
@@ -223,15 +225,18 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.get_autocast_dtype(device_type),
         )
         ctx.run, ctx.args = run, args
-        # The recompute must draw the same random numbers (LoRA dropout): keep the RNG states.
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        with torch.no_grad():
-            output = run(hidden, *args)
+        ctx.plan = LAYER_GRAPHS.plan(run, hidden, args)
+        if ctx.plan is not None:  # a CUDA graph (no dropout: no RNG state to keep)
+            output = ctx.plan.forward(run, hidden, args)
+        else:
+            # The recompute must draw the same random numbers (LoRA dropout): keep RNG states.
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+            with torch.no_grad():
+                output = run(hidden, *args)
         ctx.saved = _SavedInput(hidden, BUDGET)
         PENDING.push(ctx.saved)
-        ctx.is_tuple = isinstance(output, tuple)
-        return output[0] if ctx.is_tuple else output
+        return _first(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -241,6 +246,15 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         following = PENDING.last()
         if following is not None:  # recomputed next (the layer before): bring its input in now
             following.prefetch()
+        if ctx.plan is not None:
+            grad = ctx.plan.backward(hidden, grad_output)
+            if grad is not None:  # replayed; the parameters' gradients are in their .grad
+                others = len(ctx.args)  # none needs a gradient (the plan checked)
+                ctx.saved = ctx.run = ctx.args = ctx.plan = None
+                return (None, grad, *([None] * others))
+            # the first backward of a shape, or a failed capture: eagerly, RNG as it is
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         hidden = hidden.detach().requires_grad_(True)
         # Other inputs with gradients (Gemma 4's per-layer input) are detached too and their
         # gradients returned: a graph several layers share is then walked once, by autograd.
@@ -255,11 +269,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.enable_grad(),
                 torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled),
             ):
-                output = ctx.run(hidden, *args)
-        output = output[0] if ctx.is_tuple else output
+                output = _first(ctx.run(hidden, *args))
         torch.autograd.backward(output, grad_output)
-        ctx.saved = ctx.run = ctx.args = None
+        ctx.saved = ctx.run = ctx.args = ctx.plan = None
         return (None, hidden.grad, *(_leaf_grad(arg) for arg in args))
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _as_leaf(arg):

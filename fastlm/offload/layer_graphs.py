@@ -1,0 +1,445 @@
+"""Checkpointed decoder layers replayed as CUDA graphs: one launch per layer, not hundreds.
+
+A small-shape LoRA step is paced by the host: the GPU finishes each kernel before Python has
+issued the next (Qwen3-4B QLoRA: ~5,900 launches a step at ~70 µs of host time each, against
+~280 ms of GPU work). A CUDA graph records a layer's kernels once and replays them all with one
+call. Under offloaded checkpointing (``checkpoint.py``) each decoder layer runs in two fixed
+pieces a step -- the forward without grad, and the recompute with its backward -- so each piece
+is captured once per layer and shape, and replayed from then on.
+
+How a replay stays exact:
+- **Static buffers.** A graph reads and writes fixed addresses. Every tensor a layer is called
+  with (hidden states, RoPE cos/sin, mask, position ids) is copied into a buffer of its
+  *signature* (shapes, dtypes, strides, plain values, autocast, the layer's adapter state) before
+  a replay; the outputs (layer output, input gradient, LoRA gradients) are written to buffers
+  and copied out after it. The layers of one signature share its buffers, and all graphs share
+  one private pool for scratch memory: graphs run one after another on one stream, and none
+  keeps scratch memory past its end.
+- **Eager first.** A layer runs eagerly the first time it meets a signature (Triton compiles,
+  fastlm's caches fill), is captured the second time and replays after that.
+- **Gradients** of the layer's trainable parameters are added to ``.grad`` after each replay as
+  autograd adds them: set when None, summed otherwise.
+- **What is not graphed** runs eagerly as before; ``LAYER_GRAPHS.report()`` says why: dropout
+  (a replay would draw the same numbers), inputs besides the hidden states that need gradients,
+  packed batches (their sequence boundaries are read on the host), gradient hooks on the
+  trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
+  hooks, which a replay does not fire), full fine-tuning (gradient buffers as large as the
+  weights), arguments other than tensors and plain values, more than ``max_signatures`` shapes
+  (variable-length batches: pad to a multiple or pack), and any capture that failed -- e.g. an
+  operation that waits for the GPU, such as reading a padding mask on the host.
+
+    LAYER_GRAPHS.enabled = False   # opt out: every checkpointed layer runs eagerly
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlm.models.packing import caller_signals, packed_sequences
+
+logger = logging.getLogger("fastlm")
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype)
+_PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Trainable share of a layer's elements above which it is not graphed: full fine-tuning would
+# need gradient buffers as large as the weights (LoRA's share is a few per cent).
+_MAX_TRAINABLE_SHARE = 0.25
+
+
+class NotGraphable(Exception):
+    """Why one call runs eagerly (the message goes into the report)."""
+
+
+def _spec(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A hashable description of an argument, with its tensors appended to ``tensors``."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise NotGraphable("an input besides the hidden states needs a gradient")
+        tensors.append(value)
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_spec(item, tensors) for item in value))
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    raise NotGraphable(f"an argument of type {type(value).__name__}")
+
+
+def _rebuild(value: Any, buffers: list[torch.Tensor]) -> Any:
+    """``value`` with its tensors replaced, in order, by ``buffers`` (consumed from the end)."""
+    if isinstance(value, torch.Tensor):
+        return buffers.pop()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rebuild(item, buffers) for item in value)
+    return value
+
+
+def _fresh_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    # x * 1.0 is x exactly (signs of zero and NaNs included), in one multi-tensor launch.
+    return list(torch._foreach_mul(tensors, 1.0))
+
+
+class _Signature:
+    """The static buffers of one call signature, shared by every layer called with it."""
+
+    def __init__(self, hidden: torch.Tensor, tensors: list[torch.Tensor], kwargs, args):
+        self.hidden = torch.empty_like(hidden)
+        self.inputs = [torch.empty_like(t) for t in tensors]
+        reversed_inputs = list(reversed(self.inputs))
+        self.kwargs = {k: _rebuild(v, reversed_inputs) for k, v in kwargs.items()}
+        self.args = tuple(_rebuild(a, reversed_inputs) for a in args)
+        self._last: list[tuple[weakref.ref, int] | None] = [None] * len(tensors)
+        self.out = self.grad_out = self.grad_in = None
+
+    def load(self, hidden: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        """Copy a call's tensors in; one the buffer already holds (cos/sin: the same tensors for
+        every layer of a step) is not copied again."""
+        self.hidden.copy_(hidden)
+        for i, (buffer, tensor) in enumerate(zip(self.inputs, tensors)):
+            last = self._last[i]
+            if last is not None and last[0]() is tensor and last[1] == tensor._version:
+                continue
+            buffer.copy_(tensor)
+            self._last[i] = (weakref.ref(tensor), tensor._version)
+
+    def outputs_like(self, output: torch.Tensor) -> None:
+        if self.out is None:
+            self.out = torch.empty_like(output)
+            self.grad_out = torch.empty_like(output)
+            self.grad_in = torch.empty_like(self.hidden)
+
+
+class _LayerGraphs:
+    """One layer's two graphs for one signature, and how often each piece has run."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.forward = self.backward = None
+        self.forward_runs = self.backward_runs = 0
+        self.grads: list[torch.Tensor] = []
+        self.used: list[bool] = []
+        self.failed = ""
+
+
+class _Layer:
+    """What is fixed about a layer: its trainable parameters and why it cannot be graphed."""
+
+    def __init__(self, layer: nn.Module):
+        self.params = [p for p in layer.parameters() if p.requires_grad]
+        self.modules = list(layer.modules())
+        self.adapters = [m for m in self.modules if hasattr(m, "disable_adapters")]
+        self.dropouts = [
+            m for m in self.modules
+            if isinstance(m, nn.Dropout) or getattr(m, "attention_dropout", None) is not None
+        ]  # fmt: skip
+        self.problem = self._problem(layer)
+        self.graphs: dict[Any, _LayerGraphs] = {}
+
+    def _problem(self, layer: nn.Module) -> str:
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in layer.parameters())
+        if not self.params:
+            return "no trainable parameters in the layer"
+        if trainable > _MAX_TRAINABLE_SHARE * total:
+            return "full fine-tuning (gradient buffers as large as the weights)"
+        if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+               for p in self.params):  # fmt: skip
+            return "gradient hooks on the trainable parameters"
+        if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+               for p in self.params):  # fmt: skip
+            return "sharded parameters (FSDP)"
+        return ""
+
+    def state(self) -> tuple:
+        """What changes a layer's kernels without changing its arguments: train/eval (dropout),
+        adapters switched off or merged, forwards patched or unpatched."""
+        dropout = any(
+            m.training
+            and (
+                (isinstance(m, nn.Dropout) and m.p > 0)
+                or (getattr(m, "attention_dropout", 0) or 0) > 0
+            )
+            for m in self.dropouts
+        )
+        adapters = tuple(
+            (m.disable_adapters, getattr(m, "merged", False), tuple(m.active_adapters))
+            for m in self.adapters
+        )
+        forwards = tuple(id(m.__dict__.get("forward")) for m in self.modules)
+        return (dropout, adapters, forwards)
+
+
+class LayerGraphs:
+    """Captures and replays checkpointed layers (module doc). ``enabled``: graph at all;
+    ``max_signatures``: distinct call shapes graphed per layer before new ones run eagerly.
+
+    Usage: ``print(LAYER_GRAPHS.report())`` after a few training steps.
+    """
+
+    def __init__(self, enabled: bool = True, max_signatures: int = 4):
+        self.enabled = enabled
+        self.max_signatures = max_signatures
+        self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
+        self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
+        self._signatures: dict[Any, _Signature] = {}
+        self._pools: dict[torch.device, Any] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public
+
+    def plan(self, run: Callable, hidden: torch.Tensor, args: tuple) -> _Plan | None:
+        """How to run one checkpointed call: a plan (graphed, or eager the first time), or None
+        when it cannot be graphed (counted with its reason)."""
+        if not self.enabled or not self._device_ok(hidden):
+            return None
+        try:
+            return self._plan(run, hidden, args)
+        except NotGraphable as why:
+            self._count(f"eager: {why}")
+            return None
+
+    def report(self) -> str:
+        """One line per outcome, with how many layer pieces (forward or backward) it covered."""
+        if not self.counts:
+            return "layer graphs: no checkpointed layer has run on a GPU yet"
+        lines = [f"layer graphs: {n} x {what}" for what, n in sorted(self.counts.items())]
+        return "\n".join(lines)
+
+    def pool_bytes(self) -> int:
+        """GPU memory the graphs' private pool holds (scratch the allocator's statistics of
+        allocated memory no longer count once a capture has ended): add it to their peak."""
+        pools = set(self._pools.values())
+        if not pools:
+            return 0
+        segments = torch.cuda.memory._snapshot()["segments"]
+        ours = [s for s in segments if tuple(s.get("segment_pool_id", ())) in pools]
+        return sum(s["total_size"] for s in ours)
+
+    def reset(self) -> None:
+        """Drop every graph and buffer (their memory returns to the allocator)."""
+        with self._lock:
+            self._layers = weakref.WeakKeyDictionary()
+            self._signatures.clear()
+            self.counts.clear()
+
+    # ------------------------------------------------------------------ planning
+
+    def _device_ok(self, hidden: torch.Tensor) -> bool:
+        """Graphs exist on CUDA only (the CPU tests replace this and the capture)."""
+        return hidden.is_cuda
+
+    def _plan(self, run: Callable, hidden: torch.Tensor, args: tuple) -> _Plan:
+        layer, bound = _layer_of(run)
+        info = self._layer_info(layer)
+        if info.problem:
+            raise NotGraphable(info.problem)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise NotGraphable("distributed training (gradients are reduced by autograd hooks)")
+        kwargs = run.keywords
+        if any(kwargs.get(key) is not None for key in _PACKING_KEYS) or (
+            packed_sequences(kwargs, hidden.shape[0], hidden.shape[1]) is not None
+        ):
+            raise NotGraphable("a packed batch (sequence boundaries are read on the host)")
+        tensors: list[torch.Tensor] = []
+        spec = (
+            tuple((k, _spec(v, tensors)) for k, v in kwargs.items()),
+            tuple(_spec(a, tensors) for a in args),
+        )
+        state = info.state()
+        if state[0]:
+            raise NotGraphable("dropout (a replay would draw the same random numbers)")
+        device = hidden.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        hidden_spec = (tuple(hidden.shape), hidden.stride(), hidden.dtype, hidden.device)
+        key = (hidden_spec, spec, autocast, state)
+        graphs = info.graphs.get(key)
+        if graphs is None:
+            if len(info.graphs) >= self.max_signatures:
+                raise NotGraphable(f"more than {self.max_signatures} call shapes")
+            graphs = info.graphs[key] = _LayerGraphs(info.params)
+        if graphs.failed:
+            raise NotGraphable(graphs.failed)
+        signature = self._signature(key[:3], hidden, tensors, kwargs, args)
+        return _Plan(self, graphs, signature, bound, tensors, autocast)
+
+    def _layer_info(self, layer: nn.Module) -> _Layer:
+        info = self._layers.get(layer)
+        if info is None:
+            info = self._layers[layer] = _Layer(layer)
+        return info
+
+    def _signature(self, key, hidden, tensors, kwargs, args) -> _Signature:
+        signature = self._signatures.get(key)
+        if signature is None:
+            signature = self._signatures[key] = _Signature(hidden, tensors, kwargs, args)
+        return signature
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
+
+    # ------------------------------------------------------------------ capture
+
+    def capture(self, device: torch.device, body: Callable[[], None]):
+        """Record ``body``'s kernels into a new graph (nothing runs until ``replay()``)."""
+        if device not in self._pools:
+            self._pools[device] = torch.cuda.graph_pool_handle()
+            self._streams[device] = torch.cuda.Stream(device)
+        graph = torch.cuda.CUDAGraph()
+        current, stream = torch.cuda.current_stream(device), self._streams[device]
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            # thread_local: the copy stream and other threads may keep working meanwhile.
+            graph.capture_begin(pool=self._pools[device], capture_error_mode="thread_local")
+            try:
+                body()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        current.wait_stream(stream)
+        return graph
+
+
+def _layer_of(run: Callable) -> tuple[nn.Module, Callable]:
+    """The decoder layer a checkpointed call runs, and the call without its keyword arguments.
+
+    transformers binds the layer as ``partial(forward, layer, **kwargs)`` (5.2x) or as
+    ``partial(layer.__call__, **kwargs)`` (older)."""
+    if not isinstance(run, partial):
+        raise NotGraphable("a checkpointed function that is not a bound layer call")
+    func, args = run.func, run.args
+    if args and isinstance(args[0], nn.Module) and len(args) == 1:
+        return args[0], partial(func, args[0])
+    owner = getattr(func, "__self__", None)
+    if not args and isinstance(owner, nn.Module):
+        return owner, func
+    raise NotGraphable("a checkpointed function that is not a bound layer call")
+
+
+class _Plan:
+    """One checkpointed call: its forward and backward, replayed, captured or eager."""
+
+    def __init__(self, owner: LayerGraphs, graphs: _LayerGraphs, signature: _Signature,
+                 bound: Callable, tensors: list[torch.Tensor], autocast: tuple):  # fmt: skip
+        self.owner, self.graphs, self.signature = owner, graphs, signature
+        self.bound, self.tensors, self.autocast = bound, tensors, autocast
+
+    def forward(self, run: Callable, hidden: torch.Tensor, args: tuple) -> torch.Tensor:
+        """The layer's output (no grad): eager on first sight, then captured and replayed."""
+        graphs, signature = self.graphs, self.signature
+        if graphs.forward is None and graphs.forward_runs == 0:
+            graphs.forward_runs += 1
+            self.owner._count("eager: first call of a shape (capture follows)")
+            with torch.no_grad():
+                output = _first(run(hidden, *args))
+            signature.outputs_like(output)
+            return output
+        signature.load(hidden, self.tensors)
+        if graphs.forward is None and not self._try_capture(
+            "forward", hidden.device, self._forward_body
+        ):
+            with torch.no_grad():
+                return _first(run(hidden, *args))
+        graphs.forward.replay()
+        graphs.forward_runs += 1
+        self.owner._count("replayed")
+        return signature.out.clone()
+
+    def backward(self, hidden: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of the layer input, the parameters' gradients added to ``.grad``; None
+        when this backward must run eagerly (first sight, or a capture that failed)."""
+        graphs, signature = self.graphs, self.signature
+        if graphs.backward is None and (graphs.backward_runs == 0 or graphs.failed):
+            graphs.backward_runs += 1
+            self.owner._count("eager: first call of a shape (capture follows)")
+            return None
+        signature.load(hidden, self.tensors)
+        signature.grad_out.copy_(grad_output)
+        if graphs.backward is None:
+            graphs.grads = [torch.empty_like(p) for p in graphs.params]
+            if not self._try_capture("backward", hidden.device, self._backward_body):
+                return None
+        graphs.backward.replay()
+        graphs.backward_runs += 1
+        self.owner._count("replayed")
+        _accumulate([p for p, u in zip(graphs.params, graphs.used) if u],
+                    [g for g, u in zip(graphs.grads, graphs.used) if u])  # fmt: skip
+        return signature.grad_in.clone()
+
+    # ------------------------------------------------------------------ bodies
+
+    def _context(self, grad: bool):
+        enabled, dtype = self.autocast
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+        device = self.signature.hidden.device.type
+        stack.enter_context(torch.autocast(device, dtype, enabled=enabled))
+        # The plan checked that the batch is not packed: the attention reads no positions.
+        stack.enter_context(caller_signals(False))
+        return stack
+
+    def _call(self, hidden: torch.Tensor) -> torch.Tensor:
+        signature = self.signature
+        return _first(self.bound(hidden, *signature.args, **signature.kwargs))
+
+    def _forward_body(self) -> None:
+        with self._context(grad=False):
+            output = self._call(self.signature.hidden)
+        self.signature.out.copy_(output)
+
+    def _backward_body(self) -> None:
+        graphs, signature = self.graphs, self.signature
+        hidden = signature.hidden.detach().requires_grad_(True)
+        with self._context(grad=True):
+            output = self._call(hidden)
+        grads = torch.autograd.grad(
+            output, [hidden, *graphs.params], signature.grad_out, allow_unused=True
+        )
+        signature.grad_in.copy_(grads[0])
+        graphs.used = [g is not None for g in grads[1:]]
+        for buffer, grad in zip(graphs.grads, grads[1:]):
+            if grad is not None:
+                buffer.copy_(grad)
+
+    def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None]) -> bool:
+        try:
+            graph = self.owner.capture(device, body)
+        except Exception as error:  # noqa: BLE001 -- any failure means: run this layer eagerly
+            reason = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+            self.graphs.failed = reason
+            self.owner._count(f"eager: {reason}")
+            logger.warning("layer graphs: %s; this layer and shape run eagerly.", reason)
+            return False
+        setattr(self.graphs, piece, graph)
+        self.owner._count(f"captured ({piece})")
+        return True
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _accumulate(params: list[nn.Parameter], grads: list[torch.Tensor]) -> None:
+    """Add ``grads`` to the parameters' ``.grad`` as autograd's accumulation does."""
+    present = [(p, g) for p, g in zip(params, grads) if p.grad is not None]
+    missing = [(p, g) for p, g in zip(params, grads) if p.grad is None]
+    if present:
+        torch._foreach_add_([p.grad for p, _ in present], [g for _, g in present])
+    if missing:
+        for (p, _), copy in zip(missing, _fresh_copies([g for _, g in missing])):
+            p.grad = copy
+
+
+LAYER_GRAPHS = LayerGraphs()

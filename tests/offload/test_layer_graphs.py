@@ -1,0 +1,177 @@
+"""Checkpointed layers replayed as CUDA graphs (``fastlm.offload.layer_graphs``).
+
+On a GPU the real graphs are captured and replayed. On the CPU a stand-in keeps the contract a
+capture imposes: the capture runs the layer once under a mode that raises on every operation
+that would wait for the GPU (as CUDA refuses them while a stream is capturing), and ``replay()``
+runs it again against the same static buffers -- so what reaches the layer is only what was
+copied into them. Every check ends in the loss and LoRA gradients of the unpatched HF model +
+PEFT (fp32, the families' tolerance), step after step: eager, captured, replayed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_batch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
+from test_architectures import _assert_loss_and_lora_grads_match, _pair  # noqa: E402
+
+from fastlm.offload import checkpoint, layer_graphs
+from fastlm.offload.layer_graphs import LayerGraphs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# What a capturing CUDA stream refuses: results read back by the host.
+_WAITS = {"_local_scalar_dense", "nonzero", "equal", "masked_select", "_unique2", "unique_dim"}
+
+
+class _NoHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket.__name__ in _WAITS:
+            raise RuntimeError(f"operation not permitted when stream is capturing ({func})")
+        return func(*args, **(kwargs or {}))
+
+
+class _CpuGraph:
+    def __init__(self, body):
+        self.body = body
+
+    def replay(self):
+        self.body()
+
+
+class _CpuLayerGraphs(LayerGraphs):
+    """The real planning and bookkeeping; CPU tensors allowed, capture as described above."""
+
+    def _device_ok(self, hidden):
+        return True
+
+    def capture(self, device, body):
+        with _NoHostReads():
+            body()
+        return _CpuGraph(body)
+
+
+@pytest.fixture
+def graphs(monkeypatch, device):
+    """A fresh LayerGraphs for the test (the real one on a GPU, the CPU stand-in otherwise)."""
+    fresh = LayerGraphs() if device == "cuda" else _CpuLayerGraphs()
+    monkeypatch.setattr(checkpoint, "LAYER_GRAPHS", fresh)
+    return fresh
+
+
+def _unpadded(seq: int = 11) -> dict:
+    batch = tiny_batch(seq=seq)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
+
+
+def _layers(model) -> int:
+    return model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_replayed_steps_match_hf(tmp_path, model_type, device, graphs):
+    reference, fast = _pair(tmp_path, model_type, "unsloth", device=device)
+    n = _layers(fast)
+    batch = _unpadded()
+    for _ in range(3):  # eager, captured + replayed, replayed
+        _assert_loss_and_lora_grads_match(reference, fast, batch)
+    assert graphs.counts["captured (forward)"] == n
+    assert graphs.counts["captured (backward)"] == n
+    assert graphs.counts["replayed"] == 4 * n  # two pieces a layer, two steps
+    assert graphs.counts["eager: first call of a shape (capture follows)"] == 2 * n
+
+
+def test_gradients_accumulate_over_micro_batches(tmp_path, device, graphs):
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    batches = [_unpadded(), {k: v.flip(0) for k, v in _unpadded().items()}]
+    for _ in range(2):  # the second round replays
+        grads = []
+        for model in (reference, fast):
+            model.zero_grad(set_to_none=True)
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+            grads.append({n: p.grad.cpu() for n, p in model.named_parameters() if "lora_" in n})
+        for name, expected in grads[0].items():
+            assert torch.allclose(grads[1][name], expected, rtol=1e-4, atol=1e-6), name
+    assert graphs.counts["replayed"] >= 2 * _layers(fast)
+
+
+def test_a_new_sequence_length_is_captured_apart(tmp_path, device, graphs):
+    reference, fast = _pair(tmp_path, "qwen3", "unsloth", device=device)
+    for seq in (11, 7, 11, 7, 11):
+        _assert_loss_and_lora_grads_match(reference, fast, _unpadded(seq))
+    n = _layers(fast)
+    assert graphs.counts["captured (forward)"] == 2 * n  # one per layer and length
+    assert graphs.counts["replayed"] == 2 * n * 3  # lengths 11, 11 and 7 the third time on
+
+
+def test_more_shapes_than_the_limit_run_eagerly(tmp_path, device, graphs):
+    graphs.max_signatures = 1
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    for seq in (11, 7, 7):
+        _assert_loss_and_lora_grads_match(reference, fast, _unpadded(seq))
+    assert graphs.counts["eager: more than 1 call shapes"] == 2 * _layers(fast)  # per layer call
+    assert "captured (forward)" not in graphs.counts
+
+
+def test_a_layer_that_reads_back_falls_back_to_eager(tmp_path, device, graphs):
+    """A layer that reads a result back to the host (as a padding-mask check does) cannot be
+    captured: it runs eagerly from then on, the report says so, and the numbers still match."""
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    for layer in fast.base_model.model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: args[0].sum().item() and None)
+    for _ in range(3):
+        _assert_loss_and_lora_grads_match(reference, fast, _unpadded())
+    failed = [what for what in graphs.counts if what.startswith("eager: capture failed")]
+    assert failed and "replayed" not in graphs.counts
+    assert "capture failed" in graphs.report()
+
+
+def test_padded_batches_stay_exact(tmp_path, device, graphs):
+    reference, fast = _pair(tmp_path, "gemma2", "unsloth", device=device)
+    for _ in range(3):
+        _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+
+
+def test_dropout_runs_eagerly(tmp_path, device, graphs):
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    for module in fast.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    fast(**{k: v.to(device) for k, v in _unpadded().items()}).loss.backward()
+    reasons = [what for what in graphs.counts if "dropout" in what]
+    assert reasons and graphs.counts[reasons[0]] == _layers(fast)
+
+
+def test_packed_rows_run_eagerly(tmp_path, device, graphs):
+    _, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    batch = _unpadded()
+    batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]] * 3)
+    fast(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+    assert graphs.counts["eager: a packed batch (sequence boundaries are read on the host)"] > 0
+
+
+def test_switching_the_adapter_off_is_a_new_signature(tmp_path, device, graphs):
+    """A replay never runs a layer whose adapters were switched off since its capture."""
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    batch = {k: v.to(device) for k, v in _unpadded().items()}
+    for _ in range(2):
+        fast(**batch).loss.backward()
+    with fast.disable_adapter(), reference.disable_adapter():
+        expected = reference(**batch).loss
+        actual = fast(**batch).loss
+    assert torch.allclose(actual, expected, rtol=1e-5)
+    assert graphs.counts["eager: first call of a shape (capture follows)"] == 3 * _layers(fast)
+
+
+def test_full_fine_tuning_is_not_graphed(device, graphs):
+    layer = torch.nn.Linear(4, 4)
+    assert "full fine-tuning" in layer_graphs._Layer(layer).problem

@@ -23,7 +23,8 @@ The data: batch · (warmup + steps) rows of `seq` random token ids (seeded gener
 pre-tokenised, so TRL neither tokenises nor packs them.
 
 A TrainerCallback times the steps: it synchronises and reads the clock before step warmup + 1
-and after the last step; peak memory is `max_memory_allocated` after a reset at train begin.
+and after the last step; peak memory is `max_memory_allocated` after a reset at train begin, plus
+fastlm's layer-graph pool (`timing.peak_gib`).
 Without CUDA (smoke tests) the loop runs in fp32 with `use_cpu=True`, and adamw_8bit (a
 bitsandbytes CUDA optimizer) is replaced by adamw_torch: each substitution is recorded.
 
@@ -40,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastlm.benchmarking import train_bench
+from fastlm.benchmarking import timing, train_bench
 from fastlm.benchmarking.checkpoint import ensure_checkpoint
 from fastlm.benchmarking.processes import command_line, dist_version
 from fastlm.benchmarking.report import write_outputs
@@ -219,7 +220,7 @@ def sft_loop(model, tokenizer, system: str, *, vocab: int, batch: int, seq: int,
         "last_loss": losses[-1] if losses else None,
         "losses": losses,
         "trainable_params": sum(p.numel() for p in trainable),
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_gib": timing.peak_gib(torch) if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         "sft_config": {k: str(v) for k, v in kwargs.items() if k != "output_dir"},
         "substitutions": substitutions,

@@ -247,7 +247,8 @@ def markdown(payload: dict) -> str:
     out += [f"- CUDA: {c}" for c in sorted({str(r["cuda"]) for r in records if r.get("cuda")})]
     out += ["", "Versions:", *_versions_lines(records), ""]
     out += [
-        "Figures: tok/s (pairs/s for the embedding rows) · peak GiB (`max_memory_allocated`); "
+        "Figures: tok/s (pairs/s for the embedding rows) · peak GiB (`max_memory_allocated`, "
+        "plus fastlm's layer-graph pool); "
         "each system in its own process, on the same random-init weights and data.",
         "",
         table(payload["rows"], records),

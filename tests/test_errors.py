@@ -59,6 +59,16 @@ def test_batch_longer_than_max_seq_length(llama_path):
         model(**tiny_batch())
 
 
+def test_a_packed_row_is_checked_per_sequence(llama_path):
+    """Padding-free rows hold several sequences: 11 tokens of 4 + 4 + 3 fit max_seq_length=8;
+    one sequence of 9 does not."""
+    model, _ = FastModel.from_pretrained(llama_path, max_seq_length=8, device_map="cpu")
+    ids = tiny_batch(batch=1)["input_ids"]
+    model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]))
+    with pytest.raises(SequenceTooLongError, match="9 tokens.*max_seq_length=8"):
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1, 2, 3, 4, 5, 6, 7, 8]]))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dtype rule")
 def test_half_precision_on_cpu_is_refused(llama_path):
     with pytest.raises(UnsupportedDtypeError, match="float32 on CPU"):

@@ -424,12 +424,29 @@ def _check_length(kwargs: dict, max_seq_length: int) -> None:
     tokens = kwargs.get("input_ids")
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
-    if tokens is not None and tokens.dim() >= 2 and tokens.shape[1] > max_seq_length:
-        raise SequenceTooLongError(
-            f"batch has sequences of {tokens.shape[1]} tokens but the model was loaded with "
-            f"max_seq_length={max_seq_length}. Truncate the data (e.g. SFTConfig(max_length="
-            f"{max_seq_length})) or load with a larger max_seq_length."
-        )
+    if tokens is None or tokens.dim() < 2 or tokens.shape[1] <= max_seq_length:
+        return
+    longest = _longest_packed_sequence(kwargs)
+    if longest is not None and longest <= max_seq_length:
+        return  # a padding-free row: several sequences, none of them too long
+    length = tokens.shape[1] if longest is None else longest
+    raise SequenceTooLongError(
+        f"batch has sequences of {length} tokens but the model was loaded with "
+        f"max_seq_length={max_seq_length}. Truncate the data (e.g. SFTConfig(max_length="
+        f"{max_seq_length})) or load with a larger max_seq_length."
+    )
+
+
+def _longest_packed_sequence(kwargs: dict) -> int | None:
+    """The longest sequence of a row that packs several (padding-free collators give
+    ``max_length_q`` or positions restarting at 0), or None. Positions are read on the host only
+    for a row past ``max_seq_length``, never on the ordinary path."""
+    if kwargs.get("max_length_q") is not None:
+        return int(kwargs["max_length_q"])
+    positions = kwargs.get("position_ids")
+    if isinstance(positions, torch.Tensor) and positions.numel():
+        return int(positions.max()) + 1
+    return None
 
 
 def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):

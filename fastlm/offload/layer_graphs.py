@@ -9,12 +9,16 @@ is captured once per layer and shape, and replayed from then on.
 
 How a replay stays exact:
 - **Static buffers.** A graph reads and writes fixed addresses. Every tensor a layer is called
-  with (hidden states, RoPE cos/sin, mask, position ids) is copied into a buffer of its
-  *signature* (shapes, dtypes, strides, plain values, autocast, the layer's adapter state) before
-  a replay; the outputs (layer output, input gradient, LoRA gradients) are written to buffers
-  and copied out after it. The layers of one signature share its buffers, and all graphs share
-  one private pool for scratch memory: graphs run one after another on one stream, and none
-  keeps scratch memory past its end.
+  with (hidden states, RoPE cos/sin, position ids) is copied into a buffer of its *signature*
+  (shapes, dtypes, strides, plain values, autocast, the layer's adapter state) before a replay;
+  the outputs (layer output, input gradient, LoRA gradients) are written to buffers and copied
+  out after it. The layers of one signature share its buffers, and all graphs share one private
+  pool for scratch memory: graphs run one after another on one stream, and none keeps scratch
+  memory past its end.
+- **Masks are kept, not copied.** The attention decides on the host from a mask's content
+  (plain causal, or which spans are padding), and the graph records that decision. So a layer's
+  graphs keep the masks of its first call and replay only for masks equal to them (compared once
+  per mask tensor); any other mask runs eagerly.
 - **Eager first.** A layer runs eagerly the first time it meets a signature (Triton compiles,
   fastlm's caches fill), is captured the second time and replays after that.
 - **Gradients** of the layer's trainable parameters are added to ``.grad`` after each replay as
@@ -44,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.models.packing import caller_signals, packed_sequences
 
@@ -81,6 +86,29 @@ def _rebuild(value: Any, buffers: list[torch.Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_rebuild(item, buffers) for item in value)
     return value
+
+
+def _is_mask(name: str, value: Any) -> bool:
+    return "mask" in name and isinstance(value, torch.Tensor)
+
+
+# mask -> (its _version, the kept mask it was compared with, equal?): one read per mask a forward
+_COMPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _same_content(mask: torch.Tensor, kept: torch.Tensor) -> bool:
+    """Whether a call's mask equals a kept one; compared once per mask tensor (a host read), as
+    the attention reads each mask once a forward."""
+    if mask is kept:
+        return True
+    if mask.shape != kept.shape or mask.dtype != kept.dtype:
+        return False
+    hit = _COMPARED.get(mask)
+    if hit is not None and hit[0] == mask._version and hit[1]() is kept:
+        return hit[2]
+    equal = torch.equal(mask, kept)
+    _COMPARED[mask] = (mask._version, weakref.ref(kept), equal)
+    return equal
 
 
 def _fresh_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -128,6 +156,16 @@ class _LayerGraphs:
         self.grads: list[torch.Tensor] = []
         self.used: list[bool] = []
         self.failed = ""
+        self.masks: dict[str, torch.Tensor] | None = None
+
+    def check_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """The graphs keep the masks of the layer's first call and are replayed only for masks
+        equal to them: the attention's decisions read from a mask (padding spans, whether it is
+        plain causal) are taken on the host and recorded into the graph with it."""
+        if self.masks is None:
+            self.masks = masks
+        elif not all(_same_content(masks[k], self.masks[k]) for k in masks):
+            raise NotGraphable("a mask unlike the one the graphs were captured with")
 
 
 class _Layer:
@@ -250,10 +288,13 @@ class LayerGraphs:
             packed_sequences(kwargs, hidden.shape[0], hidden.shape[1]) is not None
         ):
             raise NotGraphable("a packed batch (sequence boundaries are read on the host)")
+        masks = {k: v for k, v in kwargs.items() if _is_mask(k, v)}
+        kwargs = {k: v for k, v in kwargs.items() if k not in masks}
         tensors: list[torch.Tensor] = []
         spec = (
             tuple((k, _spec(v, tensors)) for k, v in kwargs.items()),
             tuple(_spec(a, tensors) for a in args),
+            tuple((k, _spec(v, [])) for k, v in masks.items()),
         )
         state = info.state()
         if state[0]:
@@ -269,6 +310,7 @@ class LayerGraphs:
             graphs = info.graphs[key] = _LayerGraphs(info.params)
         if graphs.failed:
             raise NotGraphable(graphs.failed)
+        graphs.check_masks(masks)
         signature = self._signature(key[:3], hidden, tensors, kwargs, args)
         return _Plan(self, graphs, signature, bound, tensors, autocast)
 
@@ -392,7 +434,8 @@ class _Plan:
 
     def _call(self, hidden: torch.Tensor) -> torch.Tensor:
         signature = self.signature
-        return _first(self.bound(hidden, *signature.args, **signature.kwargs))
+        kwargs = {**signature.kwargs, **self.graphs.masks}
+        return _first(self.bound(hidden, *signature.args, **kwargs))
 
     def _forward_body(self) -> None:
         with self._context(grad=False):

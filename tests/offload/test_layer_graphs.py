@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
 from test_architectures import _assert_loss_and_lora_grads_match, _pair  # noqa: E402
+from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
 from fastlm.offload import checkpoint, layer_graphs
 from fastlm.offload.layer_graphs import LayerGraphs
@@ -135,10 +136,25 @@ def test_a_layer_that_reads_back_falls_back_to_eager(tmp_path, device, graphs):
     assert "capture failed" in graphs.report()
 
 
-def test_padded_batches_stay_exact(tmp_path, device, graphs):
-    reference, fast = _pair(tmp_path, "gemma2", "unsloth", device=device)
-    for _ in range(3):
+@pytest.mark.parametrize("model_type", ["gemma2", "llama"])
+def test_masks_read_by_the_kernel_path_replay_only_when_equal(tmp_path, model_type, graphs,
+                                                                request, device):  # fmt: skip
+    """Gemma 2 (eager masks, windowed layers) and Llama (padding only): the attention reads
+    each mask on the host (the kernel path, in the interpreter on the CPU). The same padding
+    replays; other padding runs eagerly, with the report saying so; all of it matches HF."""
+    if device == "cpu":
+        request.getfixturevalue("kernel_on_cpu")
+    reference, fast = _pair(tmp_path, model_type, "unsloth", device=device)
+    for _ in range(3):  # eager, captured + replayed, replayed
         _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    n = _layers(fast)
+    assert graphs.counts["replayed"] == 4 * n
+    other = tiny_batch()
+    other["attention_mask"] = other["attention_mask"].flip(0)
+    other["labels"] = other["labels"].flip(0)
+    _assert_loss_and_lora_grads_match(reference, fast, other)
+    assert graphs.counts["eager: a mask unlike the one the graphs were captured with"] == n
+    assert graphs.counts["replayed"] == 4 * n
 
 
 def test_dropout_runs_eagerly(tmp_path, device, graphs):

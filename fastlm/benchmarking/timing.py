@@ -57,6 +57,13 @@ def peak_gib(torch) -> float:
     return (torch.cuda.max_memory_allocated() + pool) / 2**30
 
 
+def layer_graph_counts() -> dict | None:
+    """fastlm's layer CUDA graphs: how many layer pieces replayed, were captured or ran eagerly
+    and why (None in other systems' processes)."""
+    graphs = sys.modules.get("fastlm.offload.layer_graphs")
+    return dict(graphs.LAYER_GRAPHS.counts) if graphs is not None else None
+
+
 def autocast(torch, cuda: bool):
     """bf16 autocast on the GPU; CPU (smoke tests only) runs fp32 without autocast."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -115,5 +122,6 @@ def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bo
     if record_dtypes:
         rec["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
     rec["peak_gib"] = peak_gib(torch) if cuda else None
+    rec["layer_graphs"] = layer_graph_counts()
     rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     return rec

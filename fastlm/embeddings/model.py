@@ -22,7 +22,15 @@ from torch import nn
 
 from fastlm import model_folder, models
 from fastlm.embeddings import st_format
-from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool
+from fastlm.embeddings.padding_free import (
+    PADDED,
+    PADDING_FREE,
+    BatchPath,
+    PackedTexts,
+    body_problem,
+    pack_texts,
+)
+from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool, pool_packed
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
 from fastlm.loading.checkpointing import enable_checkpointing
@@ -41,6 +49,9 @@ class FastSentenceTransformer(nn.Module):
     """Texts → one L2-normalised vector each. ``forward`` takes token ids, ``encode`` texts.
 
     Usage: ``model = FastSentenceTransformer.from_pretrained("./minilm"); model.encode(["hi"])``.
+    ``padding_free`` (default True): a forward lays its texts end to end in one row where the
+    body runs that exactly (``fastlm.embeddings.padding_free``); ``batch_path()`` says whether
+    it will, ``latest_batch_path`` what the latest forward ran, each with the reason if padded.
     """
 
     def __init__(
@@ -55,6 +66,7 @@ class FastSentenceTransformer(nn.Module):
         default_prompt_name: str | None = None,
         prompt_style: PromptStyle | None = None,
         do_lower_case: bool = False,
+        padding_free: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
@@ -69,6 +81,10 @@ class FastSentenceTransformer(nn.Module):
         self.default_prompt_name = default_prompt_name
         self.prompt_style = prompt_style
         self.do_lower_case = do_lower_case
+        self.padding_free = padding_free
+        self.latest_batch_path: BatchPath | None = None  # set by each forward
+        self._body_verdict: tuple = (None, None, "")  # (backbone, attn_implementation, reason)
+        self._reported: set[str] = set()  # fallback reasons already logged
 
     # ------------------------------------------------------------------ loading
 
@@ -135,15 +151,53 @@ class FastSentenceTransformer(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, S) token ids and mask → (B, D) fp32 embeddings (unit length when normalising)."""
+        """(B, S) token ids and mask → (B, D) fp32 embeddings (unit length when normalising);
+        padding-free where ``batch_path()`` allows it and the batch packs."""
+        path = self.batch_path()
+        if path.layout == PADDING_FREE:
+            packed = pack_texts(input_ids, attention_mask, token_type_ids)
+            if isinstance(packed, PackedTexts):
+                self.latest_batch_path = path
+                return self._head(self._pool_packed(packed))
+            path = BatchPath(PADDED, packed)  # this batch only (e.g. an empty text)
+        self._record(path)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs).last_hidden_state  # (B, S, H)
-        vectors = pool(hidden, attention_mask, self.pooling)
+        return self._head(pool(hidden, attention_mask, self.pooling))
+
+    def batch_path(self) -> BatchPath:
+        """How the next forward will lay out its texts, as far as is known before a call (a
+        batch that does not pack, e.g. with an empty text, runs padded).
+
+        Usage: ``model.batch_path()`` → ``BatchPath("padding-free", "")``.
+        """
+        if not self.padding_free:
+            return BatchPath(PADDED, "padding_free=False")
+        backbone = self.backbone
+        implementation = getattr(backbone.config, "_attn_implementation", None)
+        seen, seen_implementation, reason = self._body_verdict
+        if seen is not backbone or seen_implementation != implementation:
+            reason = body_problem(backbone)  # a walk over the modules: once per body
+            self._body_verdict = (backbone, implementation, reason)
+        return BatchPath(PADDED, reason) if reason else BatchPath(PADDING_FREE)
+
+    def _pool_packed(self, packed: PackedTexts) -> torch.Tensor:
+        hidden = self.backbone(**packed.inputs).last_hidden_state  # (1, T, H)
+        return pool_packed(hidden[0], packed.cu_seqlens, packed.max_length, self.pooling)
+
+    def _head(self, vectors: torch.Tensor) -> torch.Tensor:
         for layer in self.dense:
             vectors = layer(vectors)
         return l2_normalize(vectors) if self.normalize else vectors.float()
+
+    def _record(self, path: BatchPath) -> None:
+        """Keep the latest path; log each reason for running padded once per model."""
+        self.latest_batch_path = path
+        if path.reason not in self._reported:
+            self._reported.add(path.reason)
+            logger.info("embedding batches run padded: %s", path.reason)
 
     def tokenize(
         self, texts: list[str], prompt: str = "", to_device: bool = True
@@ -372,6 +426,7 @@ def load_embedding_model(
     allow_untested_versions: bool = False,
     check_finite_loss: bool = True,
     check_finite_weights: bool = True,
+    padding_free: bool = True,
     **kwargs: Any,
 ) -> tuple[FastSentenceTransformer, Any]:
     """Load an embedding model → ``(model, tokenizer)``; fastlm kernels on decoder bodies.
@@ -386,6 +441,8 @@ def load_embedding_model(
     ``load_in_16bit`` is accepted for ``FastModel.from_pretrained`` parity (``dtype`` decides).
     ``check_finite_loss`` / ``check_finite_weights``: as ``FastModel.from_pretrained`` (the
     finite-training guard; NaN/inf weights refused at load).
+    ``padding_free``: lay each batch's texts end to end in one row where the body runs that
+    exactly (``FastSentenceTransformer.batch_path()`` says which layout runs, and why padded).
     """
     from transformers import AutoModel, AutoTokenizer  # lazy: seconds to import
 
@@ -440,7 +497,11 @@ def load_embedding_model(
         default_prompt_name=layout.default_prompt_name if layout else None,
         prompt_style=PROMPT_STYLES.get(model_type),
         do_lower_case=layout.do_lower_case if layout else False,
+        padding_free=padding_free,
     )
+    path = model.batch_path()  # reported as fused paths are: what runs, and why not the fast one
+    reason = f" ({path.reason})" if path.reason else ""
+    logger.info("%s: %s batches%s", model_name, path.layout, reason)
     if check_finite_weights:  # the body and the dense layers: one pass (fastlm.models.finite)
         models.check_finite_weights(model, model_name)
     if full_finetuning:

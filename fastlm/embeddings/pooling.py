@@ -10,6 +10,10 @@ With ``h`` the (B, S, H) last hidden states and ``m`` the (B, S) attention mask:
 Positions are found from the mask, never assumed, so left- and right-padded batches pool the
 same tokens. Padded rows never enter a sum (``where``, not a product), so a NaN/inf a model
 leaves at a padded position cannot leak into a text's vector.
+
+A packed row (``padding_free``: (T, H) states, text b at [a_b, a_b+1) of ``cu_seqlens``) pools
+the same tokens (``pool_packed``): cls = h_{a_b}, lasttoken = h_{a_b+1 − 1}; mean and max put
+the states back in (B, L, H) (L the longest text) and apply the formulas above.
 """
 
 from __future__ import annotations
@@ -40,6 +44,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     else:  # lasttoken: S-1 minus the distance of the last real token from the end
         index = mask.shape[1] - 1 - mask.flip(1).int().argmax(dim=1)
     return hidden[rows, index]
+
+
+def pool_packed(
+    hidden: torch.Tensor, cu_seqlens: torch.Tensor, max_length: int, mode: str
+) -> torch.Tensor:
+    """Pool a packed row's (T, H) token states to (B, H), text b at [cu[b], cu[b+1]).
+
+    Usage: ``pool_packed(h[0], packed.cu_seqlens, packed.max_length, "mean")``.
+    """
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling={mode!r}: choose one of {POOLING_MODES}")
+    cu = cu_seqlens.to(hidden.device).long()
+    if mode == "cls":
+        return hidden.index_select(0, cu[:-1])  # each text's first token
+    if mode == "lasttoken":
+        return hidden.index_select(0, cu[1:] - 1)  # each text's last token
+    # mean / max: (B, L, H) with the mask pool() reads; index_copy, whose backward is a gather
+    # (deterministic on CUDA, unlike index_add), and pool()'s own summation order.
+    batch, total = cu.numel() - 1, hidden.shape[0]
+    lengths = cu.diff()
+    text = torch.arange(batch, device=hidden.device).repeat_interleave(lengths, output_size=total)
+    offset = torch.arange(total, device=hidden.device) - cu[:-1].repeat_interleave(
+        lengths, output_size=total
+    )
+    slots = text * max_length + offset  # token t's place in (B, L) laid end to end
+    padded = hidden.new_zeros(batch * max_length, hidden.shape[-1]).index_copy(0, slots, hidden)
+    mask = torch.arange(max_length, device=hidden.device) < lengths[:, None]  # (B, L)
+    return pool(padded.view(batch, max_length, -1), mask, mode)
 
 
 class Dense(nn.Module):

@@ -12,6 +12,7 @@ plus ``fastlm_trainable.safetensors`` (the trainable tensors), which resuming re
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from fastlm.embeddings.losses import EmbeddingLoss, InfoNCELoss
 from fastlm.models.finite_guard import FiniteLossMonitor, verify_finite
 
 TRAINABLE_STATE_NAME = "fastlm_trainable.safetensors"
+logger = logging.getLogger("fastlm")
 
 
 class EmbeddingTrainer(Trainer):
@@ -38,6 +40,9 @@ class EmbeddingTrainer(Trainer):
     ``FastModel``; on CUDA the check is asynchronous and names the step). NaN/inf gradients are
     stopped by the guard the loaders put on the model (``fastlm.models.finite_guard``), and
     checkpoints holding NaN/inf trained weights are refused (``NonFiniteWeightsError``).
+    ``padding_free``: True / False sets the model's ``padding_free`` (each set of texts laid end
+    to end in one row where the body runs that exactly); None keeps the model's (default on).
+    ``batch_path`` says which layout the batches take, and why padded.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class EmbeddingTrainer(Trainer):
         data_collator: Any = None,
         prompts: dict[str, str] | None = None,
         check_finite_loss: bool = True,
+        padding_free: bool | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -57,6 +63,8 @@ class EmbeddingTrainer(Trainer):
         args.remove_unused_columns = False  # the text columns are the inputs
         self.loss = loss if loss is not None else InfoNCELoss()
         self.loss_monitor = FiniteLossMonitor() if check_finite_loss else None
+        if padding_free is not None:
+            model.padding_free = padding_free
         if data_collator is None:
             data_collator = EmbeddingCollator(model, prompts)
         super().__init__(
@@ -67,6 +75,20 @@ class EmbeddingTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
+
+    @property
+    def batch_path(self):
+        """The model's ``batch_path()``: ``BatchPath(layout, reason)`` ("" when padding-free);
+        None for a model without one (a reranker)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.batch_path() if hasattr(model, "batch_path") else None
+
+    def train(self, *args, **kwargs):
+        path = self.batch_path
+        if path is not None:  # which layout the steps run, as the loaders report fused paths
+            reason = f" ({path.reason})" if path.reason else ""
+            logger.info("%s: %s batches%s", type(self).__name__, path.layout, reason)
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.loss.batch_loss(model, inputs)

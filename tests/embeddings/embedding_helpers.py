@@ -4,6 +4,8 @@
 - ``gemma3``: a bidirectional Gemma3TextModel body (as EmbeddingGemma, sliding window 3 < the
   test lengths), mean pooling, then Dense 72→96→72 (no bias, identity) and Normalize, with the
   EmbeddingGemma prompts: a Sentence-Transformers directory.
+- ``gemma3_full``: the ``gemma3`` body with full-attention layers only (no window), mean pooling,
+  no Dense: a bidirectional body the padding-free layout takes.
 - ``embedding_gemma2``: an EmbeddingGemma2TextModel body (tests/tiny_models.py: sliding and full
   layers, per-layer inputs, projection to 50), mean pooling and Normalize, with query/document
   prompts: a Sentence-Transformers directory.
@@ -40,6 +42,13 @@ def gemma3_bidirectional_config() -> Gemma3TextConfig:
     return Gemma3TextConfig(**base)
 
 
+def gemma3_full_attention_config() -> Gemma3TextConfig:
+    """The bidirectional tiny Gemma 3 config with every layer full attention."""
+    base = gemma3_bidirectional_config().to_dict()
+    base["layer_types"] = ["full_attention"] * base["num_hidden_layers"]
+    return Gemma3TextConfig(**base)
+
+
 def save_tiny_embedding_model(kind: str, path, seed: int = 0):
     """Write a tiny embedding-model directory of ``kind`` (see module doc); returns ``path``."""
     torch.manual_seed(seed)
@@ -49,6 +58,8 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         tokenizer.padding_side = "left"
     elif kind == "gemma3":
         model = AutoModel.from_config(gemma3_bidirectional_config())
+    elif kind == "gemma3_full":
+        model = AutoModel.from_config(gemma3_full_attention_config())
     elif kind == "embedding_gemma2":
         model = AutoModel.from_config(tiny_config("embedding_gemma2_text"))
     elif kind == "bert":
@@ -78,6 +89,8 @@ def save_tiny_embedding_model(kind: str, path, seed: int = 0):
         style = PROMPT_STYLES["gemma3_text"]
         prompts = {"query": style.query_prompt(), "document": style.document_prompt}
         _write_layout(path, hidden, "mean", dense, 120, prompts)
+    elif kind == "gemma3_full":
+        _write_layout(path, hidden, "mean", [], 120, {})
     elif kind == "embedding_gemma2":  # pooling sees the projected states
         prompts = {"query": "query: ", "document": "document: "}
         _write_layout(path, model.config.embedding_dim, "mean", [], 120, prompts)

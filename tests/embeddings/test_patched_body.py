@@ -92,6 +92,7 @@ def test_padded_batch_on_the_kernel_matches_hf(tmp_path, kind, monkeypatch):
     monkeypatch.setattr(attention, "use_triton", lambda t: True)
     monkeypatch.setattr(fa, "use_triton", lambda t: True)
     reference, fast = _pair(tmp_path, kind, False, "cpu")
+    fast.padding_free = False  # the padded launch (test_padding_free.py: the packed one)
     batch = EmbeddingCollator(fast, prompts={})(ROWS)
     assert not batch["response"]["attention_mask"].all()  # padded
     _assert_same_embeddings_loss_and_grads(reference, fast, batch)

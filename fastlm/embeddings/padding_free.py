@@ -1,0 +1,119 @@
+"""Padding-free embedding batches: a set of texts laid end to end in one row, the body run once.
+
+A padded batch (B, S) of texts with lengths L_b runs the body's projections, MLPs and norms over
+B·S tokens, B·S − Σ L_b of them padding. Packed, the same texts are one row of T = Σ L_b tokens:
+
+    input_ids     (1, T)   the real tokens of every row, in order
+    position_ids  (1, T)   0..L_b−1 per text (restarting: RoPE and transformers' masks see texts)
+    cu_seq_lens   (B + 1,) text b at [a_b, a_b+1), a_0 = 0, a_B = T (also as cu_seq_lens_q/k)
+
+These are the packing signals ``fastlm.models.packing`` reads: every attention call keeps the
+texts apart (the varlen kernel over ``cu_seq_lens`` on CUDA; elsewhere the per-text mask), so
+each text's token states are what the padded batch gives its real tokens, and pooling per text
+(``pooling.pool_packed``) gives the padded batch's vectors. Nothing crosses a text boundary:
+changing one text leaves the others' vectors as they were.
+
+Which bodies take it (``body_problem``): fastlm-patched ones (their attention routes packed rows)
+with eager or SDPA attention, no linear-attention layers (their recurrent state would run across
+texts in transformers' fallback) and no bidirectional sliding-window layers (the kernel's window
+is causal only: those layers would run SDPA over a T × T mask, costlier than the padding saved).
+Anything else runs padded, and ``BatchPath.reason`` says why.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastlm.models import patch_state
+
+__all__ = ["PADDED", "PADDING_FREE", "BatchPath", "PackedTexts", "body_problem", "pack_texts"]
+
+PADDING_FREE = "padding-free"  # BatchPath.layout: the texts in one packed row
+PADDED = "padded"  # ... and a (B, S) batch padded to its longest text
+_ATTENTION = (None, "eager", "sdpa", "fastlm")  # the implementations models/attention.py routes
+
+
+class BatchPath(NamedTuple):
+    """How an embedding forward laid out its texts: ``layout`` (``PADDING_FREE`` or ``PADDED``)
+    and ``reason``: why padded ("" when padding-free)."""
+
+    layout: str
+    reason: str = ""
+
+
+class PackedTexts(NamedTuple):
+    """One row of texts (see module doc): ``inputs`` for the body (input_ids, position_ids,
+    cu_seq_lens_q/k, max_length_q/k[, token_type_ids]); ``cu_seqlens`` int32 (B + 1,);
+    ``max_length`` the longest text."""
+
+    inputs: dict
+    cu_seqlens: torch.Tensor
+    max_length: int
+
+
+def body_problem(backbone: nn.Module) -> str:
+    """Why ``backbone`` cannot run packed rows exactly ("" when it can).
+
+    Usage: ``reason = body_problem(model.backbone)``.
+    """
+    state = patch_state(backbone)
+    config = backbone.config
+    if state is None:
+        return (
+            f"{config.model_type} body runs transformers' code (padding-free rows need fastlm's "
+            "patched attention)"
+        )
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in _ATTENTION:
+        return f'attn_implementation="{implementation}" (padding-free rows: eager or sdpa)'
+    if state.spec.linear_attention is not None:
+        return "linear-attention layers (their recurrent state is not split at text boundaries)"
+    for module in backbone.modules():
+        if type(module).__name__ != state.spec.attention_class:
+            continue
+        if not getattr(module, "is_causal", True) and getattr(module, "sliding_window", None):
+            return (
+                "bidirectional sliding-window layers (the varlen kernel's window is causal "
+                "only; they would run SDPA over the whole packed row)"
+            )
+    return ""
+
+
+def pack_texts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+) -> PackedTexts | str:
+    """A padded batch (B, S) (either padding side) as one packed row, or why it cannot be.
+
+    Usage: ``packed = pack_texts(ids, mask); hidden = body(**packed.inputs).last_hidden_state``.
+    """
+    real = attention_mask.bool()  # (B, S)
+    lengths = real.sum(dim=1)
+    starts = real & ~F.pad(real, (1, 0))[:, :-1]  # where a span of real tokens begins
+    shortest, longest, total, spans = torch.stack(
+        [lengths.min(), lengths.max(), lengths.sum(), starts.sum(dim=1).max()]
+    ).tolist()  # one host copy: the kernel's max_length and the row's length T
+    if shortest == 0:
+        return "a text with no tokens"
+    if spans > 1:
+        return "padding between a text's tokens (a custom attention_mask)"
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+    firsts = cu_seqlens[:-1].long().repeat_interleave(lengths, output_size=total)
+    position_ids = torch.arange(total, device=input_ids.device) - firsts  # 0..L_b−1 per text
+    inputs = {
+        "input_ids": input_ids[real][None],  # row-major: row b's tokens in order, then row b+1
+        "position_ids": position_ids[None],
+        "cu_seq_lens_q": cu_seqlens,
+        "cu_seq_lens_k": cu_seqlens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "use_cache": False,  # a cache would make transformers build one row-wide mask
+    }
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids[real][None]
+    return PackedTexts(inputs, cu_seqlens, longest)

@@ -1,0 +1,225 @@
+"""Padding-free embedding batches (``fastlm.embeddings.padding_free``) vs the padded computation.
+
+fp32 on the CPU. A causal body (Qwen3, last-token pooling, left padding) and a bidirectional one
+(Gemma 3 with full-attention layers, mean pooling), texts of very different lengths: the packed
+row's embeddings, the InfoNCE loss and every LoRA gradient equal the patched padded batch's and
+unpatched transformers + PEFT's (padded) within 1e-4 (embeddings 1e-5). The attention runs SDPA
+with the per-text mask, or the varlen kernel in the interpreter (``kernel_on_cpu``). Changing one
+text leaves the others' vectors bit-identical. Bodies the layout cannot take run padded, and say
+why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from embedding_helpers import CPU, TEXTS, cpu_training_args, save_tiny_embedding_model
+from tiny_models import relative_error
+
+from fastlm.embeddings import (
+    EmbeddingCollator,
+    EmbeddingTrainer,
+    InfoNCELoss,
+    load_embedding_model,
+    pool,
+)
+from fastlm.embeddings.padding_free import PADDED, PADDING_FREE, pack_texts
+from fastlm.embeddings.pooling import POOLING_MODES, pool_packed
+from fastlm.kernels import flash_attention as fa
+from fastlm.models import attention, fused_report
+
+RTOL = 1e-4
+LONG = "a much longer document about cats, mats, foxes and retrieval, to pad the rest by far"
+ROWS = [
+    {"query": "find the cat", "response": LONG, "rejected_response": ["hi", TEXTS[1]]},
+    {"query": "fox?", "response": "x", "rejected_response": [TEXTS[3]]},
+    {
+        "query": "a longer query about greetings and such",
+        "response": "hi!",
+        "rejected_response": [],
+    },
+]
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch) -> list:
+    """fastlm's kernel on CPU tensors too (the Triton interpreter), as on a GPU; returns the
+    list its launches append to: 1 for a fixed-length launch, "varlen" for a packed one."""
+    monkeypatch.setattr(attention, "use_triton", lambda t: True)
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    calls = []
+    for name, mark in (("flash_attention_triton", 1), ("flash_attention_varlen_triton", "varlen")):
+        launch = getattr(fa, name)
+
+        def recorded(*args, _launch=launch, _mark=mark, **kwargs):
+            calls.append(_mark)
+            return _launch(*args, **kwargs)
+
+        monkeypatch.setattr(fa, name, recorded)
+    return calls
+
+
+# --------------------------------------------------------------------------- packing, pooling
+
+
+def test_pack_texts_lays_left_and_right_padded_rows_end_to_end():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 4], [0, 0, 0, 3]])  # left padding
+    packed = pack_texts(ids, (ids != 0).long())
+    assert packed.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 4, 3]]
+    assert packed.inputs["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 0]]
+    assert packed.cu_seqlens.tolist() == [0, 2, 6, 7] and packed.max_length == 4
+    right = pack_texts(torch.tensor([[5, 6, 0, 0]]), torch.tensor([[1, 1, 0, 0]]))
+    assert right.inputs["input_ids"].tolist() == [[5, 6]]
+
+
+def test_pack_texts_refuses_empty_texts_and_holes():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 1]])
+    assert pack_texts(ids, torch.tensor([[1, 1, 1], [0, 0, 0]])) == "a text with no tokens"
+    assert "between a text's tokens" in pack_texts(ids, torch.tensor([[1, 0, 1], [1, 1, 1]]))
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+def test_pool_packed_equals_pool_on_the_padded_states(mode):
+    """The same tokens are selected or summed in the same order: bit-identical."""
+    lengths = [7, 1, 3]
+    states = torch.randn(len(lengths), 7, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(7) < torch.tensor(lengths)[:, None]
+    packed = states[mask]  # (T, H), the real tokens end to end
+    cu = torch.tensor([0, 7, 8, 11], dtype=torch.int32)
+    assert torch.equal(pool_packed(packed, cu, 7, mode), pool(states, mask, mode))
+
+
+# --------------------------------------------------------------------------- against padded / HF
+
+
+def _models(tmp_path, kind):
+    """(unpatched reference, patched padded, patched padding-free): the same weights and LoRA
+    (B ≠ 0, gradient checkpointing on), in train mode."""
+    path = save_tiny_embedding_model(kind, tmp_path / kind)
+    models = []
+    for kernels, padding_free in ((False, True), (True, False), (True, True)):
+        model, _ = load_embedding_model(
+            str(path), max_seq_length=120, use_fastlm_kernels=kernels, padding_free=padding_free,
+            **CPU,
+        )  # fmt: skip
+        model.get_peft_model(r=4, lora_alpha=8, init_lora_weights=False)
+        model.load_state_dict(models[0].state_dict()) if models else None
+        models.append(model.train())
+    return models
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = InfoNCELoss(temperature=0.05).batch_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "varlen-kernel"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_full"])
+def test_padding_free_equals_padded_and_hf(tmp_path, kind, kernel, request):
+    calls = request.getfixturevalue("kernel_on_cpu") if kernel else None
+    reference, padded, packed = _models(tmp_path, kind)
+    batch = EmbeddingCollator(packed, prompts={})(ROWS)
+    lengths = batch["response"]["attention_mask"].sum(1).tolist()
+    assert max(lengths) >= 20 * min(lengths)  # very different lengths: mostly padding
+    with torch.no_grad():
+        want = reference(**batch["response"])
+        assert torch.allclose(padded(**batch["response"]), want, atol=1e-5, rtol=0)
+        got = packed(**batch["response"])
+    assert packed.latest_batch_path == (PADDING_FREE, "")
+    assert padded.latest_batch_path == (PADDED, "padding_free=False")
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    want_loss, want_grads = _loss_and_grads(reference, batch)
+    for model in (padded, packed):
+        loss, grads = _loss_and_grads(model, batch)
+        assert abs(loss - want_loss) <= RTOL * abs(want_loss)
+        assert grads.keys() == want_grads.keys() and len(grads) > 0
+        for name, grad in want_grads.items():
+            assert grad.abs().sum() > 0, name
+            assert relative_error(grads[name], grad) <= RTOL, name
+    paths = {(row["attention"], row["reason"]) for row in fused_report(packed.backbone).attention}
+    if kernel:
+        assert "varlen" in calls and 1 not in calls  # no fixed-length launch
+        reason = "packed sequences from cu_seq_lens, in place of sdpa"
+        assert paths == {(attention.FLASH_VARLEN, reason)}
+    else:
+        (ran, reason), *others = paths  # SDPA with the per-text mask: the kernel is for CUDA
+        assert not others and ran == "sdpa" and reason.startswith("packed sequences from cu_seq")
+
+
+@pytest.mark.parametrize(
+    "kind, kernel", [("qwen3", False), ("gemma3_full", False), ("qwen3", True)]
+)
+def test_changing_one_text_leaves_the_others_bit_identical(tmp_path, kind, kernel, request):
+    if kernel:
+        request.getfixturevalue("kernel_on_cpu")
+    path = save_tiny_embedding_model(kind, tmp_path / kind)
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    model.eval()
+    texts = ["hi", LONG, "the cat sat on the mat", "x"]
+    changed = [*texts]
+    changed[2] = "a dog ran by the bay!!"  # as many tokens: the others keep their places
+    with torch.no_grad():
+        before = model.embed(texts)
+        after = model.embed(changed)
+        assert model.latest_batch_path.layout == PADDING_FREE
+        shifted = model.embed(["hello there", *texts[1:]])  # longer first text: the rest move
+    keep = [0, 1, 3]
+    assert torch.equal(before[keep], after[keep])
+    assert (before[2] - after[2]).abs().max() > 1e-3  # the changed text did change
+    assert torch.allclose(before[1:], shifted[1:], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("gemma3", "bidirectional sliding-window layers"),  # window 4, attending both ways
+        ("embedding_gemma2", "bidirectional sliding-window layers"),
+        ("bert", "bert body runs transformers' code"),
+    ],
+)
+def test_unsupported_bodies_run_padded_and_say_why(tmp_path, kind, reason, caplog):
+    if kind == "embedding_gemma2":
+        pytest.importorskip("transformers.models.embedding_gemma2")
+    path = save_tiny_embedding_model(kind, tmp_path / kind)
+    with caplog.at_level(logging.INFO, logger="fastlm"):
+        model, _ = load_embedding_model(str(path), max_seq_length=100, **CPU)
+    assert model.batch_path().layout == PADDED and reason in model.batch_path().reason
+    assert any(reason in record.getMessage() for record in caplog.records)
+    with torch.no_grad():
+        model.eval().embed(TEXTS[:2])
+    assert model.latest_batch_path == model.batch_path()
+
+
+def test_a_batch_that_does_not_pack_runs_padded(tmp_path):
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    model.eval()
+    batch = model.tokenize(["the cat", "a fox"])
+    batch["attention_mask"][1] = 0  # an empty text
+    with torch.no_grad():
+        vectors = model(**batch)
+    assert model.latest_batch_path == (PADDED, "a text with no tokens")
+    assert model.batch_path().layout == PADDING_FREE  # the next batch packs again
+    with torch.no_grad():
+        assert torch.allclose(vectors[0], model.embed(["the cat"])[0], atol=1e-5)
+
+
+def test_trainer_option_turns_it_off_and_on(tmp_path):
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=120, lora_r=4, **CPU)
+    args = cpu_training_args(tmp_path, learning_rate=1e-3, max_steps=1)
+    trainer = EmbeddingTrainer(model, args, train_dataset=ROWS, padding_free=False)
+    assert trainer.batch_path == (PADDED, "padding_free=False")
+    trainer.train()
+    assert model.latest_batch_path == (PADDED, "padding_free=False")
+    trainer = EmbeddingTrainer(model, args, train_dataset=ROWS, padding_free=True)
+    trainer.train()
+    assert model.latest_batch_path == (PADDING_FREE, "")

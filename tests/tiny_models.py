@@ -25,6 +25,10 @@ try:  # transformers >= 5.23 (embedding_gemma2); without it its tests are skippe
     from transformers import EmbeddingGemma2TextConfig
 except ImportError:  # pragma: no cover
     EmbeddingGemma2TextConfig = None
+try:  # transformers with qwen3_moe's fused 3-D experts (5.x); without it the MoE tests skip
+    from transformers import Qwen3MoeConfig
+except ImportError:  # pragma: no cover
+    Qwen3MoeConfig = None
 try:  # transformers with qwen3_5; without it the Qwen3.5 tests are skipped
     from transformers import Qwen3_5TextConfig
 except ImportError:  # pragma: no cover
@@ -97,6 +101,23 @@ _QWEN3_5_TEXT = dict(
     layer_types=["linear_attention", "full_attention", "linear_attention"],
     tie_word_embeddings=False,
 )
+# Qwen3-MoE: three layers, the middle one a dense MLP (mlp_only_layers); the others route each
+# token to 2 of 5 experts of width 27 (odd), renormalised top-k weights, aux loss on (its
+# coefficient large enough that its gradient counts in the comparisons).
+_QWEN3_MOE = dict(
+    _LLAMA_LIKE,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    head_dim=24,
+    num_experts=5,
+    num_experts_per_tok=2,
+    moe_intermediate_size=27,
+    mlp_only_layers=[1],
+    norm_topk_prob=True,
+    output_router_logits=True,
+    router_aux_loss_coef=0.05,
+    tie_word_embeddings=False,
+)
 # EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
 # be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
 # the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
@@ -156,6 +177,8 @@ if Gemma4TextConfig is not None:
     _CONFIGS["gemma4_text"] = (Gemma4TextConfig, _GEMMA4_TEXT)
 if Qwen3_5TextConfig is not None:
     _CONFIGS["qwen3_5_text"] = (Qwen3_5TextConfig, _QWEN3_5_TEXT)
+if Qwen3MoeConfig is not None:
+    _CONFIGS["qwen3_moe"] = (Qwen3MoeConfig, _QWEN3_MOE)
 if EmbeddingGemma2TextConfig is not None:
     _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
@@ -253,6 +276,22 @@ def random_norms(model: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.3)
 
 
+def starve_expert(model: torch.nn.Module, expert: int) -> None:
+    """Make every MoE router of a tiny model (Qwen3-MoE's) skip ``expert`` on any batch, LoRA
+    (B != 0) included: embedding column 0 is set to 0.3 (the other entries are ~0.02), so every
+    token's state stays positive there through the layers (normalised: >= 1.5 on tiny_batch);
+    each router reads nothing from that column but for ``expert``, whose weight there is
+    -8 / (the MoE input norm's weight 0): its logit is lower by >= 12 than without, the others'
+    routing is untouched (a per-token positive scale does not reorder them)."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 0.3
+        for layer in model.model.layers:
+            router = getattr(layer.mlp, "gate", None)
+            if router is not None and getattr(router, "weight", None) is not None:
+                router.weight[:, 0] = 0.0
+                router.weight[expert, 0] = -8.0 / layer.post_attention_layernorm.weight[0]
+
+
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     """Build a random tiny model in fp32, save it (with the tokenizer) and return the path."""
     from transformers import AutoModelForCausalLM
@@ -260,6 +299,8 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     random_norms(model)
+    if model_type == "qwen3_moe":  # an expert without tokens, on any batch
+        starve_expert(model, model.config.num_experts - 1)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

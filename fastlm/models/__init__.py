@@ -27,6 +27,7 @@ from fastlm.models.patch import (
 )
 from fastlm.models.qwen import QWEN2, QWEN3
 from fastlm.models.qwen3_5 import QWEN3_5_TEXT
+from fastlm.models.qwen3_moe import QWEN3_MOE
 from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
 SPECS: dict[str, ArchitectureSpec] = {
@@ -36,6 +37,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         MISTRAL,
         QWEN2,
         QWEN3,
+        QWEN3_MOE,
         GEMMA,
         GEMMA2,
         GEMMA3_TEXT,

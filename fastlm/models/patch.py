@@ -19,6 +19,9 @@ What runs where:
                      projections as one fused LoRA group, conv + gated delta rule + gated norm
                      through fla's kernels on CUDA or transformers' functions, fused LoRA out_proj.
 - MLP              → one fused LoRA gate/up/down autograd Function with the gated activation.
+- MoE block        → (``spec.moe``) ``moe.py``: fastlm's router forward from the spec's facts, the
+                     experts (LoRA through PEFT's target_parameters) as grouped GEMMs over the
+                     tokens sorted by expert; the load-balancing loss added to the fused loss.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
 - a 4-bit Linear4bit that runs unfused (LoRA dropout, DoRA, ...) → on the CPU, fastlm's NF4
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 from fastlm.autograd import lora_linear, lora_mlp, lora_qkv
 from fastlm.errors import SequenceTooLongError
@@ -50,6 +53,15 @@ from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direc
 from fastlm.models.kv_sharing import reuse_kv, store_kv
 from fastlm.models.linear_attention import expected_linear_path, gated_deltanet_forward
 from fastlm.models.lora_layers import linear_weights
+from fastlm.models.moe import (
+    AuxLossGradient,
+    aux_loss_settings,
+    load_balancing_loss,
+    moe_block_forward,
+    moe_report_rows,
+    record_loss_scale,
+    router_forward,
+)
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
 from fastlm.models.packing import caller_signals
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
@@ -70,6 +82,8 @@ class PatchState:
     finite_guard: FiniteGuard | None = None  # NaN/inf loss, gradient and save checks
     # attention module -> what its latest call ran (fused_report lists it)
     attention_paths: dict[nn.Module, AttentionPath] = field(default_factory=dict)
+    # MoE: the load-balancing loss's gradient, filled per fused-loss step (moe.py)
+    moe_aux: AuxLossGradient = field(default_factory=AuxLossGradient)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -103,6 +117,17 @@ def patch_model(
                 linear=spec.linear_attention,
                 paths=state.attention_paths,
             )
+        elif spec.moe and name == spec.moe.block_class:
+            _set_forward(
+                state,
+                module,
+                moe_block_forward,
+                moe=spec.moe,
+                activation=spec.activation,
+                aux=state.moe_aux,
+            )
+        elif spec.moe and name == spec.moe.router_class:
+            _set_forward(state, module, router_forward, moe=spec.moe)
         elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
             _set_forward(state, module, nf4_linear_forward)
     _set_causal_lm_forward(state, model)
@@ -180,6 +205,9 @@ def fused_report(model: nn.Module) -> FusedReport:
             attention.append({**row, "kv": kv})
         elif cls == state.spec.mlp_class:
             projections = MLP_PROJECTIONS
+        elif state.spec.moe is not None and cls == state.spec.moe.block_class:
+            rows.extend(moe_report_rows(name, module, state.spec.moe))
+            continue
         else:
             continue
         for projection in projections:
@@ -413,6 +441,7 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
         signals = any(kwargs.get(k) is not None for k in ("position_ids", "cu_seq_lens_q"))
         with caller_signals(signals):  # no packing signals: attention reads no position_ids
             if labels is None or not self.training or not is_plain_linear(head):
+                state.moe_aux.stop()  # transformers' forward takes the aux loss's gradient
                 return original(self, **kwargs)
             return _fused_loss_forward(self, head, state, kwargs)
 
@@ -456,6 +485,14 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs.pop("logits_to_keep", None)
     kwargs.pop("return_dict", None)
+    moe = state.spec.moe
+    if moe is not None:  # router logits for the load-balancing loss, as transformers' forward
+        if kwargs.get("output_router_logits") is None:
+            kwargs["output_router_logits"] = getattr(self.config, "output_router_logits", False)
+        if kwargs["output_router_logits"]:
+            state.moe_aux.start(kwargs.get("attention_mask"))
+        else:
+            state.moe_aux.stop()
     outputs = getattr(self, self.base_model_prefix)(**kwargs)
     hidden = outputs.last_hidden_state  # (B, S, H)
     if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
@@ -470,6 +507,8 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         num_items_in_batch=num_items_in_batch,
         softcap=softcap,
     )
+    if moe is not None:
+        return _with_aux_loss(self, state, loss, outputs, kwargs)
     if state.check_finite_loss:
         state.loss_monitor.watch(loss, self)
     return CausalLMOutputWithPast(
@@ -478,4 +517,32 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
+    )
+
+
+def _with_aux_loss(self, state: PatchState, loss, outputs, kwargs: dict):
+    """A MoE model's output: with router logits, loss + coefficient × load-balancing loss
+    (``moe.load_balancing_loss``), as transformers' causal-LM forward adds it. The aux term's
+    gradient comes from the blocks' backward (``moe.AuxLossGradient``), so it is added detached
+    and the loss records the scale its backward starts with."""
+    aux_loss = None
+    if kwargs["output_router_logits"]:
+        experts, top_k, coefficient = aux_loss_settings(self.config, state.spec.moe)
+        aux_loss = load_balancing_loss(
+            outputs.router_logits, experts, top_k, kwargs.get("attention_mask")
+        )
+        state.moe_aux.finish(outputs.router_logits, experts, top_k, coefficient)
+        loss = record_loss_scale(
+            loss + coefficient * aux_loss.detach().to(loss.device), state.moe_aux
+        )
+    if state.check_finite_loss:
+        state.loss_monitor.watch(loss, self)
+    return MoeCausalLMOutputWithPast(
+        loss=loss,
+        aux_loss=aux_loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        router_logits=outputs.router_logits if kwargs["output_router_logits"] else None,
     )

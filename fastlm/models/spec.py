@@ -59,6 +59,39 @@ class LinearAttention:
 
 
 @dataclass(frozen=True)
+class MixtureOfExperts:
+    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's sparse MoE block).
+
+    Per token x: the router's logits z = x R^T (E experts); p = softmax(z) (``scoring``
+    "softmax"); the top_k experts by p, their weights w = p[top] (divided by their sum where the
+    router module's ``normalize_attr`` is true); out = sum over the top_k of w_e · expert_e(x),
+    expert_e(x) = down_e(act(gate_e(x)) · up_e(x)). The experts' weights are 3-D parameters of
+    the experts module: ``gate_up`` (E, 2·I, H), gate rows then up rows, and ``down`` (E, H, I),
+    each (out, in) per expert. Training adds ``aux_loss_coef_attr`` × the load-balancing loss
+    (``moe.py``) over every router's logits when the config's ``output_router_logits`` is on.
+    fastlm's router forward reads these facts; the experts run grouped (``moe.py``).
+    """
+
+    block_class: str  # the MoE block module (it holds the router and the experts)
+    router_class: str
+    experts_class: str
+    router_attr: str = "gate"  # the block's router module
+    experts_attr: str = "experts"  # the block's experts module
+    scoring: str = "softmax"  # softmax over all experts, then top-k (the only one so far)
+    top_k_attr: str = "top_k"  # router module attribute: experts per token
+    normalize_attr: str | None = "norm_topk_prob"  # router module attribute: renormalise top-k
+    gate_up: str = "gate_up_proj"  # experts parameter (E, 2·I, H)
+    down: str = "down_proj"  # experts parameter (E, H, I)
+    num_experts_attr: str = "num_experts"  # config attribute
+    experts_per_token_attr: str = "num_experts_per_tok"  # config attribute
+    aux_loss_coef_attr: str = "router_aux_loss_coef"  # config attribute
+
+    def __post_init__(self) -> None:
+        if self.scoring != "softmax":
+            raise ValueError(f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax'")
+
+
+@dataclass(frozen=True)
 class ArchitectureSpec:
     """Every fact fastlm needs about a decoder family: patching, GGUF export, embeddings.
 
@@ -75,8 +108,9 @@ class ArchitectureSpec:
     activation_config_attr: str  # config attribute that names the activation
     activation_config_values: tuple[str, ...]  # values of it this spec implements
     # GGUF: the gguf.MODEL_ARCH member llama.cpp runs the family as. llama.cpp's RMSNorm scales by
-    # w alone, so a norm_offset family's norm weights are stored as norm_offset + w. None: llama.cpp
-    # has no arch for the family (EmbeddingGemma 2) and GGUF export refuses it.
+    # w alone, so a norm_offset family's norm weights are stored as norm_offset + w. None: GGUF
+    # export refuses the family: llama.cpp has no arch for it (EmbeddingGemma 2), or fastlm's writer
+    # has no layout for its tensors yet (Qwen3-MoE's 3-D experts).
     gguf_arch: str | None
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Gemma 3, Qwen3)
     v_norm: bool = False  # per-head RMSNorm on v (Gemma 4's has no weight: y = x̂)
@@ -88,6 +122,7 @@ class ArchitectureSpec:
     # sigmoid(gate) before o_proj (Qwen3.5's full-attention layers).
     attention_output_gate: bool = False
     linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
+    moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap
     final_logit_softcap_attr: str | None = None  # config attribute with final-logit soft-cap
     # Configs fastlm cannot patch exactly, refused when the model is loaded: each raises
@@ -114,7 +149,8 @@ class ArchitectureSpec:
 
 
 # The projections fastlm's patched attention and MLP forwards compute (and read directly), in the
-# order LoRA targets them by default. Every family so far names them alike.
+# order LoRA targets them by default. Every family so far names them alike. A MoE block's experts
+# hold 3-D parameters instead, which PEFT targets with target_parameters (``MixtureOfExperts``).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS

@@ -24,6 +24,7 @@ _GGUF_ARCH_BEFORE = {
     "gemma3_text": "GEMMA3",
     "qwen2": "QWEN2",
     "qwen3": "QWEN3",
+    "qwen3_moe": None,  # llama.cpp has qwen3moe, fastlm's writer no layout for 3-D experts yet
     "gemma4_text": "GEMMA4",
     "qwen3_5_text": "QWEN35",
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it

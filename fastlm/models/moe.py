@@ -1,0 +1,360 @@
+"""Sparse mixture-of-experts blocks: the router, the experts run grouped, the load-balancing loss.
+
+A block (``spec.moe``, e.g. Qwen3-MoE's) takes x (N tokens, H) and its router picks k experts per
+token with weights w (N, k) (``router_forward``, from the spec's facts). The N·k (token, expert)
+pairs are sorted by expert (a stable sort: within an expert, tokens keep their order), and each
+projection of every expert runs as *one* grouped GEMM over the sorted rows
+(``fastlm.kernels.grouped_gemm``) instead of transformers' loop of one small GEMM per expert:
+
+    xs   = x[token of each sorted pair]                                   (N·k, H)
+    e|g  = xs W_gu[e]^T + s_gu (xs A_gu[e]^T) B_gu[e]^T                  (N·k, 2·I), gate | up
+    h    = act(e) · g                                                     (N·k, I)
+    o    = (h W_d[e]^T + s_d (h A_d[e]^T) B_d[e]^T) · w[pair]             (N·k, H)
+    out  = o[back in pair order].view(N, k, H).sum(1)                     (N, H)
+
+LoRA on the experts is PEFT's own: ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"])`` wraps the experts module in one ``ParamWrapper`` per parameter,
+holding per expert A_e (r, in) and B_e (out, r) in two ``nn.Linear`` (``expert_weights`` reads
+them as views, so their gradients land in PEFT's parameters). PEFT's forward adds s·B_e A_e to
+the whole (E, out, in) weight stack on every call and backpropagates through it; here the A and
+B products run on the routed rows only (three grouped GEMMs per projection), and no delta weight
+the size of the experts is ever made.
+
+Backward is autograd's through those steps; each grouped GEMM is a hand-derived Function
+(``GroupedMatmul``: dX_g = dY_g W_g^T, dW_g = X_g^T dY_g). The gather/sort/un-sort are index
+ops, and the routing weights w carry the router's gradient. Exactness against transformers + PEFT
+(fp32, 1e-4 relative): ``tests/models/test_moe.py``.
+
+Training with labels adds the router's load-balancing loss (``load_balancing_loss``, Switch
+Transformer's) × the config's coefficient, as transformers' causal-LM forward does. Its value is
+computed from the router logits transformers records; its *gradient* is not taken through those
+recorded logits but put into each block's backward (``AuxLossGradient``), because fastlm's
+offloaded checkpointing runs a layer's first forward without a graph and backpropagates its
+hidden-state output alone: a gradient through recorded logits would be lost there (seen: 2.5%
+off on q_proj's LoRA A with use_gradient_checkpointing="unsloth"). With
+aux = E · sum_e f_e P_e over all MoE layers (``load_balancing_loss``), f_e the routed-token
+share (no gradient), T the unpadded tokens × MoE layers, and c = d(what backward starts from) /
+d(loss) (recorded as the backward passes the loss: the Trainer's scaling, for one):
+    d(c · coef · aux) / dz_t = c · coef · E / T · mask_t · (p_t ⊙ (f − <p_t, f>))
+for token t's router logits z_t, p_t = softmax(z_t): the softmax Jacobian applied to f.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm.kernels.geglu import geglu
+from fastlm.kernels.grouped_gemm import group_ends, grouped_mm
+from fastlm.kernels.swiglu import swiglu
+from fastlm.models.spec import MixtureOfExperts
+
+try:  # peft is a dependency, but keep plain-model use importable without it
+    from peft.tuners.lora.layer import ParamWrapper
+except ImportError:  # pragma: no cover
+    ParamWrapper = ()  # type: ignore[assignment,misc]
+
+_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
+
+
+class ExpertProjection(NamedTuple):
+    """One projection of every expert: base (E, out, in); LoRA A (E, r, in), B (E, out, r)."""
+
+    weight: Tensor
+    lora_A: Tensor | None = None
+    lora_B: Tensor | None = None
+    scaling: float = 1.0
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def expert_weights(
+    experts: nn.Module, moe: MixtureOfExperts
+) -> tuple[dict[str, ExpertProjection] | None, str]:
+    """``({"gate_up": ..., "down": ...}, "")`` when the experts module (PEFT-wrapped or not) can
+    run grouped, else ``(None, reason)``. Usage: ``weights, why_not = expert_weights(block.experts,
+    spec.moe)``."""
+    adapters: dict[str, tuple[Tensor, Tensor, float]] = {}
+    module = experts
+    while ParamWrapper and isinstance(module, ParamWrapper):
+        name = module.parameter_name
+        if name not in (moe.gate_up, moe.down):
+            return (
+                None,
+                f"LoRA on experts parameter {name!r} (grouped path: {moe.gate_up}, {moe.down})",
+            )
+        lora, why_not = _param_wrapper_lora(module)
+        if why_not:
+            return None, why_not
+        if lora is not None:
+            adapters[name] = lora
+        module = module.base_layer
+    if type(module).__name__ != moe.experts_class:
+        return None, f"{type(module).__name__} is not {moe.experts_class}"
+    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
+        return None, "experts stored transposed or with biases (this spec takes (E, out, in))"
+    weights = {}
+    for key, name in (("gate_up", moe.gate_up), ("down", moe.down)):
+        weight = getattr(module, name)
+        if weight.dim() != 3:
+            return None, f"experts {name} is {weight.dim()}-D (grouped path takes (E, out, in))"
+        weights[key] = ExpertProjection(weight, *adapters.get(name, (None, None, 1.0)))
+    return weights, ""
+
+
+def _param_wrapper_lora(wrapper) -> tuple[tuple[Tensor, Tensor, float] | None, str]:
+    """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, as
+    views of its parameters; None without an active adapter (disabled, merged, none)."""
+    if wrapper.disable_adapters or wrapper.merged:
+        return None, ""
+    active = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
+    if not active:
+        return None, ""
+    if len(active) > 1:
+        return None, f"{len(active)} active adapters on the experts (grouped path takes one)"
+    if not wrapper._did_swap_in_out_features:  # PEFT's marker of an (E, out, in) parameter
+        return None, "experts parameter stored (E, in, out)"
+    name = active[0]
+    experts = wrapper.num_experts
+    a = wrapper.lora_A[name].weight  # (E·r, in): rows e·r .. e·r + r - 1 are expert e's A
+    b = wrapper.lora_B[name].weight  # (out, r·E): column j·E + e is rank j of expert e's B
+    rank = a.shape[0] // experts
+    lora_a = a.view(experts, rank, a.shape[1])  # (E, r, in)
+    lora_b = b.view(b.shape[0], rank, experts).permute(2, 0, 1)  # (E, out, r)
+    return (lora_a, lora_b, wrapper.scaling[name]), ""
+
+
+# --------------------------------------------------------------------------- forwards
+
+
+def router_forward(self, hidden_states: Tensor, *, moe: MixtureOfExperts):
+    """(logits (N, E), top-k weights (N, k), top-k experts (N, k)), as transformers' router:
+    p = softmax(x R^T) in fp32, its top k, renormalised where the router says so. Called as a
+    module, so transformers' output recorders still collect the logits for the aux loss."""
+    x = hidden_states.reshape(-1, self.weight.shape[1])
+    logits = F.linear(x, self.weight, getattr(self, "bias", None))  # (N, E)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    top, experts = torch.topk(probs, getattr(self, moe.top_k_attr), dim=-1)  # (N, k)
+    if moe.normalize_attr and getattr(self, moe.normalize_attr):
+        top = top / top.sum(dim=-1, keepdim=True)
+    return logits, top.to(logits.dtype), experts
+
+
+def moe_block_forward(
+    self, hidden_states: Tensor, *, moe: MixtureOfExperts, activation: str, aux: AuxLossGradient
+):
+    """The MoE block: route, run the experts grouped (transformers' / PEFT's experts forward
+    where ``expert_weights`` says they cannot), return (B, S, H); in a fused-loss training step
+    its backward also carries the load-balancing loss's gradient (``AuxLossGradient``)."""
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])  # (N, H)
+    logits, weights, experts = getattr(self, moe.router_attr)(x)  # (N, E), (N, k), (N, k)
+    module = getattr(self, moe.experts_attr)
+    projections, _ = expert_weights(module, moe)
+    if projections is None:
+        out = module(x, experts, weights)
+    else:
+        out = grouped_experts(x, weights, experts, projections, activation)
+    if aux.active and torch.is_grad_enabled():
+        out = _AuxLossBackward.apply(out, logits, aux)
+    return out.reshape(shape)
+
+
+def grouped_experts(
+    x: Tensor,
+    weights: Tensor,
+    experts: Tensor,
+    projections: dict[str, ExpertProjection],
+    activation: str = "swiglu",
+) -> Tensor:
+    """sum over the k chosen experts of w · expert(x), every expert's projections as grouped
+    GEMMs over the (token, expert) pairs sorted by expert.
+
+    Usage: ``out = grouped_experts(x, w, idx, expert_weights(block.experts, spec.moe)[0])``.
+    """
+    tokens, k = experts.shape
+    gate_up, down = projections["gate_up"], projections["down"]
+    pairs = experts.reshape(-1)  # (N·k,): pair t·k + j is token t's j-th expert
+    order = torch.argsort(pairs, stable=True)  # pairs sorted by expert
+    sizes = torch.bincount(pairs, minlength=gate_up.weight.shape[0])  # rows per expert
+    ends, host_sizes = group_ends(sizes)
+    xs = x[order // k]  # (N·k, H)
+    gu = _grouped_projection(xs, gate_up, ends, host_sizes)  # (N·k, 2·I)
+    gate, up = gu.chunk(2, dim=-1)
+    h = _ACTIVATIONS[activation](gate, up)  # (N·k, I)
+    out = _grouped_projection(h, down, ends, host_sizes)  # (N·k, H)
+    out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(order.numel(), device=order.device)
+    return out[restore].view(tokens, k, -1).sum(dim=1).to(x.dtype)  # (N, H)
+
+
+def _grouped_projection(x: Tensor, p: ExpertProjection, ends: Tensor, sizes: list[int]) -> Tensor:
+    """Y = X W_e^T + s (X A_e^T) B_e^T per expert e's rows: three grouped GEMMs with LoRA."""
+    y = grouped_mm(x, p.weight.transpose(1, 2), ends, sizes)
+    if p.lora_A is None:
+        return y
+    xa = grouped_mm(x, p.lora_A.to(x.dtype).transpose(1, 2), ends, sizes)  # (rows, r)
+    return y.add(grouped_mm(xa, p.lora_B.to(x.dtype).transpose(1, 2), ends, sizes), alpha=p.scaling)
+
+
+# --------------------------------------------------------------------------- aux loss
+
+
+@dataclass
+class AuxLossGradient:
+    """What a MoE block's backward needs for the load-balancing loss's gradient (see the module
+    docstring), shared by the blocks of one model and filled per training step: ``start`` before
+    the body runs, ``finish`` with every layer's logits after it, ``loss_scale`` as backward
+    passes the loss (``record_loss_scale``)."""
+
+    active: bool = False
+    mask: Tensor | None = None  # (N,) 1.0 for a real token, 0.0 for padding
+    expert_weights: Tensor | None = None  # (E,) coef · E · f_e / T
+    loss_scale: Tensor | None = None  # c: the gradient that reached the loss
+
+    def start(self, attention_mask: Tensor | None) -> None:
+        """A fused-loss training step begins: the blocks add the gradient from now on."""
+        mask = None if attention_mask is None else attention_mask.reshape(-1).float()
+        self.active, self.mask, self.expert_weights, self.loss_scale = True, mask, None, None
+
+    def stop(self) -> None:
+        """A call that computes no fused loss (eval, no labels): no gradient to add."""
+        self.active = False
+
+    def finish(self, router_logits, num_experts: int, top_k: int, coefficient: float) -> None:
+        """f_e and T from every layer's (detached) logits: the backward's weights."""
+        counts = torch.zeros(num_experts, device=router_logits[0].device)
+        tokens = torch.zeros((), device=counts.device)
+        for logits in router_logits:
+            keep = self._keep(logits)
+            chosen = torch.topk(logits.detach().float(), top_k, dim=-1).indices  # (N, k)
+            counts += (F.one_hot(chosen, num_experts).sum(1) * keep[:, None]).sum(0)
+            tokens += keep.sum()
+        self.expert_weights = coefficient * num_experts * counts / tokens / tokens
+
+    def _keep(self, logits: Tensor) -> Tensor:
+        if self.mask is None:
+            return logits.new_ones(logits.shape[0], dtype=torch.float32)
+        return self.mask.to(logits.device)
+
+
+class _AuxLossBackward(torch.autograd.Function):
+    """out unchanged; backward adds dz = c · mask · p ⊙ (w − <p, w>), w = coef·E·f/T, to the
+    router logits z (p = softmax(z), recomputed from the saved z)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, logits: Tensor, aux: AuxLossGradient) -> Tensor:
+        ctx.save_for_backward(logits)
+        ctx.aux = aux
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        (logits,) = ctx.saved_tensors
+        aux = ctx.aux
+        if aux.expert_weights is None or aux.loss_scale is None:
+            return d_out, None, None  # the backward did not start from the fused loss
+        p = torch.softmax(logits.float(), dim=-1)  # (N, E)
+        w = aux.expert_weights * aux.loss_scale  # (E,)
+        dz = p * (w - (p * w).sum(-1, keepdim=True)) * aux._keep(logits)[:, None]
+        return d_out, dz.to(logits.dtype), None
+
+
+class _RecordLossScale(torch.autograd.Function):
+    """loss unchanged; backward records the gradient that reached it (c) before any layer's."""
+
+    @staticmethod
+    def forward(ctx, loss: Tensor, aux: AuxLossGradient) -> Tensor:
+        ctx.aux = aux
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, d_loss: Tensor):
+        ctx.aux.loss_scale = d_loss.detach().float()
+        return d_loss, None
+
+
+def record_loss_scale(loss: Tensor, aux: AuxLossGradient) -> Tensor:
+    """``loss`` whose backward tells the MoE blocks the scale they multiply the aux gradient by.
+
+    Usage: ``loss = record_loss_scale(ce + coef * aux.detach(), state.moe_aux)``."""
+    return _RecordLossScale.apply(loss, aux)
+
+
+def load_balancing_loss(
+    router_logits: tuple[Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
+    """Switch Transformer's load-balancing loss over every MoE layer's router logits (N, E):
+
+        f_e = (tokens routed to e, over layers) / (tokens over layers)     (top-k counts)
+        P_e = (sum of softmax(z)_e over tokens and layers) / (tokens over layers)
+        loss = E · sum_e f_e · P_e
+
+    Padding tokens (``attention_mask`` (B, S) == 0) count in neither. f carries no gradient
+    (a count); P carries the router's. Usage: ``aux = load_balancing_loss(out.router_logits,
+    8, 2, batch["attention_mask"])``.
+    """
+    device = router_logits[0].device
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    prob_sums = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    tokens = torch.zeros((), dtype=torch.float32, device=device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.to(device).float(), dim=-1)  # (N, E)
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # (N, k)
+        keep = torch.ones(probs.shape[0], device=device)
+        if attention_mask is not None:
+            keep = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+        hits = F.one_hot(chosen, num_experts).float().sum(dim=1)  # (N, E): 1 where routed
+        counts = counts + (hits * keep[:, None]).sum(dim=0)
+        prob_sums = prob_sums + (probs * keep[:, None]).sum(dim=0)
+        tokens = tokens + keep.sum()
+    return num_experts * torch.sum((counts / tokens) * (prob_sums / tokens))
+
+
+def aux_loss_settings(config, moe: MixtureOfExperts) -> tuple[int, int, float]:
+    """(experts, experts per token, coefficient) of the load-balancing loss from a config."""
+    return (
+        getattr(config, moe.num_experts_attr),
+        getattr(config, moe.experts_per_token_attr),
+        getattr(config, moe.aux_loss_coef_attr),
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def moe_report_rows(name: str, block: nn.Module, moe: MixtureOfExperts) -> list[dict]:
+    """``fused_report`` rows of a MoE block: one per experts parameter (grouped GEMMs or not)."""
+    experts = getattr(block, moe.experts_attr)
+    projections, reason = expert_weights(experts, moe)
+    rows = []
+    for key, param in (("gate_up", moe.gate_up), ("down", moe.down)):
+        lora = projections is not None and projections[key].lora_A is not None
+        rows.append(
+            {
+                "module": f"{name}.{moe.experts_attr}.{param} (grouped)",
+                "fused": projections is not None,
+                "lora": lora or (projections is None and _wraps(experts, param)),
+                "reason": reason,
+            }
+        )
+    return rows
+
+
+def _wraps(experts: nn.Module, param: str) -> bool:
+    """A PEFT ParamWrapper in the chain adapts ``param``."""
+    module = experts
+    while ParamWrapper and isinstance(module, ParamWrapper):
+        if module.parameter_name == param:
+            return True
+        module = module.base_layer
+    return False

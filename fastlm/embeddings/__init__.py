@@ -30,7 +30,8 @@ from fastlm.embeddings.model import (
     PromptStyle,
     load_embedding_model,
 )
-from fastlm.embeddings.pooling import POOLING_MODES, Dense, pool
+from fastlm.embeddings.padding_free import BatchPath
+from fastlm.embeddings.pooling import POOLING_MODES, Dense, pool, pool_packed
 from fastlm.embeddings.reranker import (
     GEMMA_RERANKER_TEMPLATE,
     QWEN3_RERANKER_TEMPLATE,
@@ -51,6 +52,7 @@ __all__ = [
     "GEMMA_RERANKER_TEMPLATE",
     "POOLING_MODES",
     "PROMPT_STYLES",
+    "BatchPath",
     "QWEN3_RERANKER_TEMPLATE",
     "ContrastiveLoss",
     "CosineSimilarityLoss",
@@ -83,5 +85,6 @@ __all__ = [
     "online_contrastive_loss",
     "pointwise_rerank_loss",
     "pool",
+    "pool_packed",
     "retrieval_metrics",
 ]

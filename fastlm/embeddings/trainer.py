@@ -84,6 +84,10 @@ class EmbeddingTrainer(Trainer):
         return model.batch_path() if hasattr(model, "batch_path") else None
 
     def train(self, *args, **kwargs):
+        """``Trainer.train`` after one log line naming the batch layout (and why padded).
+
+        Usage: ``EmbeddingTrainer(model, args, train_dataset=rows).train()``.
+        """
         path = self.batch_path
         if path is not None:  # which layout the steps run, as the loaders report fused paths
             reason = f" ({path.reason})" if path.reason else ""

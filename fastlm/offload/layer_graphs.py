@@ -27,7 +27,8 @@ How a replay stays exact:
   (a replay would draw the same numbers), inputs besides the hidden states that need gradients,
   packed batches (their sequence boundaries are read on the host), gradient hooks on the
   trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
-  hooks, which a replay does not fire), full fine-tuning (gradient buffers as large as the
+  hooks, which a replay does not fire), mixture-of-experts blocks (their router logits are
+  recorded for the load-balancing loss), full fine-tuning (gradient buffers as large as the
   weights), arguments other than tensors and plain values, more than ``max_signatures`` shapes
   (variable-length batches: pad to a multiple or pack), and any capture that failed -- e.g. an
   operation that waits for the GPU, such as reading a padding mask on the host.
@@ -50,6 +51,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastlm.models.moe import moe_block_forward, router_forward
 from fastlm.models.packing import caller_signals, packed_sequences
 
 logger = logging.getLogger("fastlm")
@@ -86,6 +88,16 @@ def _rebuild(value: Any, buffers: list[torch.Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_rebuild(item, buffers) for item in value)
     return value
+
+
+# Patched forwards that record state beside their outputs, which a replay would not record.
+_RECORDING_FORWARDS = (moe_block_forward, router_forward)
+
+
+def _forward_function(module: nn.Module):
+    """The function behind a patched instance forward (a method over a partial), or None."""
+    forward = getattr(module.__dict__.get("forward"), "__func__", None)
+    return getattr(forward, "func", forward)
 
 
 def _is_mask(name: str, value: Any) -> bool:
@@ -192,6 +204,8 @@ class _Layer:
         if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
                for p in self.params):  # fmt: skip
             return "gradient hooks on the trainable parameters"
+        if any(_forward_function(m) in _RECORDING_FORWARDS for m in self.modules):
+            return "a mixture-of-experts block (its router logits are recorded for the aux loss)"
         if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
                for p in self.params):  # fmt: skip
             return "sharded parameters (FSDP)"

@@ -191,3 +191,12 @@ def test_switching_the_adapter_off_is_a_new_signature(tmp_path, device, graphs):
 def test_full_fine_tuning_is_not_graphed(device, graphs):
     layer = torch.nn.Linear(4, 4)
     assert "full fine-tuning" in layer_graphs._Layer(layer).problem
+
+
+def test_mixture_of_experts_layers_run_eagerly(tmp_path, device, graphs):
+    """Their router logits are recorded for the load-balancing loss, which a replay would not
+    do: the layers say so and run eagerly (the MoE tests check the numbers)."""
+    _, fast = _pair(tmp_path, "qwen3_moe", "unsloth", device=device)
+    fast(**{k: v.to(device) for k, v in _unpadded().items()}).loss.backward()
+    reasons = [what for what in graphs.counts if "mixture-of-experts" in what]
+    assert reasons and "captured (forward)" not in graphs.counts

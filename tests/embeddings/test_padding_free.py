@@ -223,3 +223,12 @@ def test_trainer_option_turns_it_off_and_on(tmp_path):
     trainer = EmbeddingTrainer(model, args, train_dataset=ROWS, padding_free=True)
     trainer.train()
     assert model.latest_batch_path == (PADDING_FREE, "")
+
+
+def test_max_seq_length_applies_per_text_not_per_row(tmp_path):
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=90, **CPU)
+    with torch.no_grad():
+        vectors = model.eval().embed([LONG] * 3)  # one row of about 3 × 84 tokens
+    assert model.latest_batch_path.layout == PADDING_FREE
+    assert torch.allclose(vectors[0], vectors[2], atol=1e-6, rtol=0)  # the same text

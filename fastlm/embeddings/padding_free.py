@@ -17,6 +17,7 @@ Which bodies take it (``body_problem``): fastlm-patched ones (their attention ro
 with eager or SDPA attention, no linear-attention layers (their recurrent state would run across
 texts in transformers' fallback) and no bidirectional sliding-window layers (the kernel's window
 is causal only: those layers would run SDPA over a T × T mask, costlier than the padding saved).
+A batch without padding runs as it is (nothing to strip; its layers can replay as CUDA graphs).
 Anything else runs padded, and ``BatchPath.reason`` says why.
 """
 
@@ -100,6 +101,10 @@ def pack_texts(
     ).tolist()  # one host copy: the kernel's max_length and the row's length T
     if shortest == 0:
         return "a text with no tokens"
+    if shortest == input_ids.shape[1]:
+        # Nothing to strip: the padded batch is the same work, and keeps the layers' CUDA graphs
+        # (a packed row's sequence boundaries are read on the host, so it runs eagerly).
+        return "no padding in the batch (every text fills the row)"
     if spans > 1:
         return "padding between a text's tokens (a custom attention_mask)"
     cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)

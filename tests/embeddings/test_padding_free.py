@@ -225,10 +225,20 @@ def test_trainer_option_turns_it_off_and_on(tmp_path):
     assert model.latest_batch_path == (PADDING_FREE, "")
 
 
+def test_a_batch_without_padding_is_not_packed(tmp_path):
+    """Nothing to strip: the padded batch is the same work (and keeps the layer CUDA graphs)."""
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), **CPU)
+    with torch.no_grad():
+        model.eval().embed([LONG] * 3)
+    assert model.latest_batch_path.layout == PADDED
+    assert "no padding" in model.latest_batch_path.reason
+
+
 def test_max_seq_length_applies_per_text_not_per_row(tmp_path):
     path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
     model, _ = load_embedding_model(str(path), max_seq_length=90, **CPU)
     with torch.no_grad():
-        vectors = model.eval().embed([LONG] * 3)  # one row of about 3 × 84 tokens
+        vectors = model.eval().embed([LONG, LONG[:40], LONG])  # one row of about 210 tokens
     assert model.latest_batch_path.layout == PADDING_FREE
     assert torch.allclose(vectors[0], vectors[2], atol=1e-6, rtol=0)  # the same text

@@ -61,7 +61,7 @@ class _CpuLayerGraphs(LayerGraphs):
 @pytest.fixture
 def graphs(monkeypatch, device):
     """A fresh LayerGraphs for the test (the real one on a GPU, the CPU stand-in otherwise)."""
-    fresh = LayerGraphs() if device == "cuda" else _CpuLayerGraphs()
+    fresh = LayerGraphs(enabled=True) if device == "cuda" else _CpuLayerGraphs(enabled=True)
     monkeypatch.setattr(checkpoint, "LAYER_GRAPHS", fresh)
     return fresh
 

@@ -527,7 +527,8 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     for k, v in CHILD_ENV.items():
         os.environ.setdefault(k, v)
     if args.child is not None:
-        return train_bench.emit_record(child_main(json.loads(args.child)), args.record)
+        spec = train_bench.child_setup(json.loads(args.child))
+        return train_bench.emit_record(child_main(spec), args.record)
     if args.list_shapes:
         print(_list_shapes())
         return 0

@@ -157,6 +157,7 @@ def child_spec(row: Row, system: str, shape, path: str, args, out: Path) -> dict
         spec["trainer_dir"] = str(out / "trainer" / f"row{row.id}-{system}")
     if row.loop == "train":
         spec["fastlm_checkpointing"] = getattr(args, "fastlm_checkpointing", "fastlm")
+    spec["fastlm_graphs"] = getattr(args, "fastlm_graphs", False)
     return spec
 
 
@@ -380,6 +381,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fastlm",
         choices=("fastlm", "activations"),
         help="fastlm's use_gradient_checkpointing in the training rows (default: fastlm)",
+    )
+    p.add_argument(
+        "--fastlm-graphs",
+        action="store_true",
+        help="fastlm's checkpointed layers replayed as CUDA graphs (opt-in; recorded per row)",
     )
     p.add_argument("--list-rows", action="store_true", help="print the rows and exit")
     return p.parse_args(argv)

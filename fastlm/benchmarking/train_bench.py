@@ -135,6 +135,16 @@ def new_record(spec: dict, mode: str, **fields) -> dict:
     return rec | fields | {"checkpoint": spec["path"], "status": "error"}
 
 
+def child_setup(spec: dict) -> dict:
+    """What a child sets before its loop: fastlm's layer CUDA graphs when the spec opts in
+    (``fastlm_graphs``; recorded). Returns the spec. Usage: ``child_main(child_setup(spec))``."""
+    if spec.get("system", "").startswith("fastlm") and spec.get("fastlm_graphs"):
+        from fastlm.offload.layer_graphs import LAYER_GRAPHS  # lazy: fastlm's children only
+
+        LAYER_GRAPHS.enabled = True
+    return spec
+
+
 def child_main(spec: dict) -> dict:
     """Load, apply the system, run the loop; always returns a record (status ok/error/skipped)."""
     t_start = time.perf_counter()
@@ -350,7 +360,7 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     if args.child is not None:
         for k, v in CHILD_ENV.items():
             os.environ.setdefault(k, v)
-        return emit_record(child_main(json.loads(args.child)), args.record)
+        return emit_record(child_main(child_setup(json.loads(args.child))), args.record)
     if args.list_shapes:
         print(_list_shapes())
         return 0

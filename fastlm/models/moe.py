@@ -1,7 +1,9 @@
 """Sparse mixture-of-experts blocks: the router, the experts run grouped, the load-balancing loss.
 
 A block (``spec.moe``, e.g. Qwen3-MoE's) takes x (N tokens, H) and its router picks k experts per
-token with weights w (N, k) (``router_forward``, from the spec's facts). The N·k (token, expert)
+token with weights w (N, k) (``router_forward``, from the spec's facts). A block with a shared
+expert (Qwen3.5-MoE's) adds sigmoid(x G^T) · shared(x) to every token's output, the shared
+expert being a dense MLP that runs the fused LoRA MLP (``_shared_expert``). The N·k (token, expert)
 pairs are sorted by expert (a stable sort: within an expert, tokens keep their order), and each
 projection of every expert runs as *one* grouped GEMM over the sorted rows
 (``fastlm.kernels.grouped_gemm``) instead of transformers' loop of one small GEMM per expert:
@@ -140,7 +142,8 @@ def router_forward(self, hidden_states: Tensor, *, moe: MixtureOfExperts):
     logits = F.linear(x, self.weight, getattr(self, "bias", None))  # (N, E)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     top, experts = torch.topk(probs, getattr(self, moe.top_k_attr), dim=-1)  # (N, k)
-    if moe.normalize_attr and getattr(self, moe.normalize_attr):
+    normalize = moe.normalize_top_k
+    if normalize if isinstance(normalize, bool) else getattr(self, normalize):
         top = top / top.sum(dim=-1, keepdim=True)
     return logits, top.to(logits.dtype), experts
 
@@ -149,8 +152,9 @@ def moe_block_forward(
     self, hidden_states: Tensor, *, moe: MixtureOfExperts, activation: str, aux: AuxLossGradient
 ):
     """The MoE block: route, run the experts grouped (transformers' / PEFT's experts forward
-    where ``expert_weights`` says they cannot), return (B, S, H); in a fused-loss training step
-    its backward also carries the load-balancing loss's gradient (``AuxLossGradient``)."""
+    where ``expert_weights`` says they cannot), add the gated shared expert where the block has
+    one, return (B, S, H); in a fused-loss training step its backward also carries the
+    load-balancing loss's gradient (``AuxLossGradient``)."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])  # (N, H)
     logits, weights, experts = getattr(self, moe.router_attr)(x)  # (N, E), (N, k), (N, k)
@@ -160,9 +164,20 @@ def moe_block_forward(
         out = module(x, experts, weights)
     else:
         out = grouped_experts(x, weights, experts, projections, activation)
+    if moe.shared_expert_attr:
+        out = out + _shared_expert(self, x, moe)
     if aux.active and torch.is_grad_enabled():
         out = _AuxLossBackward.apply(out, logits, aux)
     return out.reshape(shape)
+
+
+def _shared_expert(self, x: Tensor, moe: MixtureOfExperts) -> Tensor:
+    """sigmoid(x G^T) · shared(x) (N, H): the shared expert is the spec's MLP, so its forward is
+    the fused LoRA MLP; the (H -> 1) gate runs its own (PEFT's, if a LoRA targets it)."""
+    shared = getattr(self, moe.shared_expert_attr)(x)  # (N, H)
+    if not moe.shared_expert_gate_attr:
+        return shared
+    return torch.sigmoid(getattr(self, moe.shared_expert_gate_attr)(x)) * shared  # (N, 1) gate
 
 
 def grouped_experts(

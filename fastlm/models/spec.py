@@ -60,16 +60,19 @@ class LinearAttention:
 
 @dataclass(frozen=True)
 class MixtureOfExperts:
-    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's sparse MoE block).
+    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's, Qwen3.5-MoE's).
 
     Per token x: the router's logits z = x R^T (E experts); p = softmax(z) (``scoring``
-    "softmax"); the top_k experts by p, their weights w = p[top] (divided by their sum where the
-    router module's ``normalize_attr`` is true); out = sum over the top_k of w_e · expert_e(x),
+    "softmax"); the top_k experts by p, their weights w = p[top] (divided by their sum as
+    ``normalize_top_k`` says); out = sum over the top_k of w_e · expert_e(x),
     expert_e(x) = down_e(act(gate_e(x)) · up_e(x)). The experts' weights are 3-D parameters of
     the experts module: ``gate_up`` (E, 2·I, H), gate rows then up rows, and ``down`` (E, H, I),
-    each (out, in) per expert. Training adds ``aux_loss_coef_attr`` × the load-balancing loss
-    (``moe.py``) over every router's logits when the config's ``output_router_logits`` is on.
-    fastlm's router forward reads these facts; the experts run grouped (``moe.py``).
+    each (out, in) per expert. Where the block has a shared expert (``shared_expert_attr``, a
+    dense MLP of the spec's ``mlp_class`` that every token goes through), out += s(x) ·
+    shared(x), s(x) = sigmoid(x G^T) from the (H -> 1) linear ``shared_expert_gate_attr`` (1
+    without one). Training adds ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``)
+    over every router's logits when the config's ``output_router_logits`` is on. fastlm's router
+    and block forwards read these facts; the experts run grouped (``moe.py``).
     """
 
     block_class: str  # the MoE block module (it holds the router and the experts)
@@ -79,9 +82,13 @@ class MixtureOfExperts:
     experts_attr: str = "experts"  # the block's experts module
     scoring: str = "softmax"  # softmax over all experts, then top-k (the only one so far)
     top_k_attr: str = "top_k"  # router module attribute: experts per token
-    normalize_attr: str | None = "norm_topk_prob"  # router module attribute: renormalise top-k
+    # Renormalise the top-k weights: a router module attribute that says whether (Qwen3-MoE's
+    # norm_topk_prob), or True / False where the router always / never does (Qwen3.5-MoE: True).
+    normalize_top_k: str | bool = "norm_topk_prob"
     gate_up: str = "gate_up_proj"  # experts parameter (E, 2·I, H)
     down: str = "down_proj"  # experts parameter (E, H, I)
+    shared_expert_attr: str | None = None  # the block's shared expert (an mlp_class module)
+    shared_expert_gate_attr: str | None = None  # the block's (H -> 1) linear gating it
     num_experts_attr: str = "num_experts"  # config attribute
     experts_per_token_attr: str = "num_experts_per_tok"  # config attribute
     aux_loss_coef_attr: str = "router_aux_loss_coef"  # config attribute
@@ -89,6 +96,8 @@ class MixtureOfExperts:
     def __post_init__(self) -> None:
         if self.scoring != "softmax":
             raise ValueError(f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax'")
+        if self.shared_expert_gate_attr and not self.shared_expert_attr:
+            raise ValueError("MixtureOfExperts: a shared_expert_gate_attr without a shared expert")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ try:  # transformers with qwen3_5; without it the Qwen3.5 tests are skipped
     from transformers import Qwen3_5TextConfig
 except ImportError:  # pragma: no cover
     Qwen3_5TextConfig = None
+try:  # transformers with qwen3_5_moe; without it the Qwen3.5-MoE tests are skipped
+    from transformers import Qwen3_5MoeTextConfig
+except ImportError:  # pragma: no cover
+    Qwen3_5MoeTextConfig = None
 
 VOCAB = 131  # odd on purpose
 # Odd sizes shared by the Llama-shaped families (GQA 6/2, hidden 72, intermediate 100).
@@ -118,6 +122,18 @@ _QWEN3_MOE = dict(
     router_aux_loss_coef=0.05,
     tie_word_embeddings=False,
 )
+# Qwen3.5-MoE text: Qwen3.5's three hybrid layers, each with a MoE block: 2 of 5 experts of
+# width 27 per token (the router always renormalises), a shared expert of width 35 behind its
+# sigmoid gate, aux loss on (coefficient 0.05, as Qwen3-MoE's). No dense intermediate_size.
+_QWEN3_5_MOE_TEXT = dict(
+    {k: v for k, v in _QWEN3_5_TEXT.items() if k != "intermediate_size"},
+    num_experts=5,
+    num_experts_per_tok=2,
+    moe_intermediate_size=27,
+    shared_expert_intermediate_size=35,
+    output_router_logits=True,
+    router_aux_loss_coef=0.05,
+)
 # EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
 # be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
 # the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
@@ -179,6 +195,8 @@ if Qwen3_5TextConfig is not None:
     _CONFIGS["qwen3_5_text"] = (Qwen3_5TextConfig, _QWEN3_5_TEXT)
 if Qwen3MoeConfig is not None:
     _CONFIGS["qwen3_moe"] = (Qwen3MoeConfig, _QWEN3_MOE)
+if Qwen3_5MoeTextConfig is not None:
+    _CONFIGS["qwen3_5_moe_text"] = (Qwen3_5MoeTextConfig, _QWEN3_5_MOE_TEXT)
 if EmbeddingGemma2TextConfig is not None:
     _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
@@ -276,20 +294,26 @@ def random_norms(model: torch.nn.Module) -> None:
                 param.normal_(0.0, 0.3)
 
 
-def starve_expert(model: torch.nn.Module, expert: int) -> None:
-    """Make every MoE router of a tiny model (Qwen3-MoE's) skip ``expert`` on any batch, LoRA
-    (B != 0) included: embedding column 0 is set to 0.3 (the other entries are ~0.02), so every
-    token's state stays positive there through the layers (normalised: >= 1.5 on tiny_batch);
-    each router reads nothing from that column but for ``expert``, whose weight there is
-    -8 / (the MoE input norm's weight 0): its logit is lower by >= 12 than without, the others'
-    routing is untouched (a per-token positive scale does not reorder them)."""
+def starve_expert(model: torch.nn.Module, expert: int, norm_offset: float = 0.0) -> None:
+    """Make every MoE router of a tiny model (Qwen3-MoE's, Qwen3.5-MoE's) skip ``expert`` on any
+    batch, LoRA (B != 0) included: embedding column 0 is set to 0.3 (the other entries are
+    ~0.02), so every token's state stays positive there through the layers (normalised: >= 1.5
+    on tiny_batch); each router reads nothing from that column but for ``expert``, whose weight
+    there is -8 / (the MoE input norm's scale there: its weight w, or 1 + w for a
+    ``norm_offset`` 1 family): its logit is lower by >= 12 than without, the others' routing is
+    untouched (a per-token positive scale does not reorder them)."""
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 0.3
         for layer in model.model.layers:
             router = getattr(layer.mlp, "gate", None)
             if router is not None and getattr(router, "weight", None) is not None:
+                scale = norm_offset + layer.post_attention_layernorm.weight[0]
                 router.weight[:, 0] = 0.0
-                router.weight[expert, 0] = -8.0 / layer.post_attention_layernorm.weight[0]
+                router.weight[expert, 0] = -8.0 / scale
+
+
+# MoE model_type -> its norm offset (starve_expert)
+_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0}
 
 
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
@@ -299,8 +323,8 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     random_norms(model)
-    if model_type == "qwen3_moe":  # an expert without tokens, on any batch
-        starve_expert(model, model.config.num_experts - 1)
+    if model_type in _MOE_NORM_OFFSETS:  # an expert without tokens, on any batch
+        starve_expert(model, model.config.num_experts - 1, _MOE_NORM_OFFSETS[model_type])
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -27,6 +27,7 @@ from fastlm.models.patch import (
 )
 from fastlm.models.qwen import QWEN2, QWEN3
 from fastlm.models.qwen3_5 import QWEN3_5_TEXT
+from fastlm.models.qwen3_5_moe import QWEN3_5_MOE_TEXT
 from fastlm.models.qwen3_moe import QWEN3_MOE
 from fastlm.models.spec import PROJECTIONS, ArchitectureSpec, PromptStyle
 
@@ -43,6 +44,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         GEMMA3_TEXT,
         GEMMA4_TEXT,
         QWEN3_5_TEXT,
+        QWEN3_5_MOE_TEXT,
         EMBEDDING_GEMMA2_TEXT,
     )
 }
@@ -51,6 +53,7 @@ _TEXT_MODELS = {
     "gemma3": ("Gemma 3", "Gemma3ForCausalLM", "gemma3_text"),
     "gemma4": ("Gemma 4", "Gemma4ForCausalLM", "gemma4_text"),
     "qwen3_5": ("Qwen3.5", "Qwen3_5ForCausalLM", "qwen3_5_text"),
+    "qwen3_5_moe": ("Qwen3.5-MoE", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
     "embedding_gemma2": ("EmbeddingGemma 2", "EmbeddingGemma2TextModel", "embedding_gemma2_text"),
 }
 

@@ -12,9 +12,9 @@ What differs from Qwen3, and where fastlm's shared path takes it from the spec:
   forward rotates).
 The masks (a 2D padding mask for the linear layers), the rotary tables and the cache stay
 transformers'. GGUF: llama.cpp's qwen35 (layout in fastlm/export/gguf_linear_attention.py); the
-gguf_checks below refuse what it would not load or would run otherwise. Qwen3.5-MoE
-(``qwen3_5_moe``) has no spec; the multimodal ``qwen3_5`` checkpoint is refused with a hint to
-load its text model.
+gguf_checks below refuse what it would not load or would run otherwise. Qwen3.5-MoE text is
+``qwen3_5_moe.py``; the multimodal ``qwen3_5`` checkpoint is refused with a hint to load its
+text model.
 """
 
 from fastlm.models.gguf_limits import default_rope_only

@@ -1,29 +1,37 @@
-"""Mixture-of-experts (Qwen3-MoE): fastlm's grouped experts vs transformers' per-expert loop + PEFT.
+"""Mixture-of-experts (Qwen3-MoE, Qwen3.5-MoE text): fastlm's grouped experts vs transformers'
+per-expert loop + PEFT.
 
-The tiny model (tiny_models: 3 layers, 5 experts of width 27, top-2, renormalised weights, one
-dense layer, aux loss coefficient 0.05) has an expert that no token reaches (``starve_expert``)
-and runs on a padded batch. The reference is unpatched transformers with its eager experts
-(``experts_implementation="eager"``: one GEMM per expert in a loop) and PEFT's LoRA on the
-experts (``ParamWrapper``: W_e + s·B_e A_e for the whole stack). Tolerance: 1e-4 relative on the
-loss (aux loss included) and on every gradient, fp32 on CPU, plain and checkpointed.
+The tiny models (tiny_models) route each token to 2 of 5 experts of width 27 with renormalised
+weights and an aux loss coefficient of 0.05. Qwen3-MoE: 3 layers, the middle one dense.
+Qwen3.5-MoE: Qwen3.5's hybrid layers (Gated DeltaNet, gated full attention, Gated DeltaNet), a
+MoE block in each, with a shared expert of width 35 behind its sigmoid gate. Each has an expert
+that no token reaches (``starve_expert``) and runs on a padded batch. The reference is unpatched
+transformers with its eager experts (``experts_implementation="eager"``: one GEMM per expert in
+a loop) and PEFT's LoRA on the experts (``ParamWrapper``: W_e + s·B_e A_e for the whole stack).
+Tolerance: 1e-4 relative on the loss (aux loss included) and on every gradient, fp32 on CPU,
+plain and checkpointed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import NamedTuple
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import relative_error, save_tiny_model, tiny_batch
+from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
+from fastlm.errors import UnsupportedArchitectureError
 from fastlm.kernels.grouped_gemm import (
     group_ends,
     grouped_mm,
     grouped_mm_reference,
     torch_grouped_mm_fits,
 )
-from fastlm.models import fused_report
+from fastlm.models import fused_report, spec_for
 from fastlm.models.moe import load_balancing_loss
 
 pytest.importorskip("transformers.models.qwen3_moe")
@@ -31,17 +39,48 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-4
 STARVED = 4  # the expert no token reaches (starve_expert)
-# fastlm's default targets: PEFT 0.21 maps gate/up/down_proj of a MoE model to its experts'
-# gate_up_proj (rank and alpha doubled: two projections fused) and down_proj parameters.
+# fastlm's default targets: PEFT 0.21 maps gate/up/down_proj of a Qwen3-MoE model to its
+# experts' gate_up_proj (rank and alpha doubled: two projections fused) and down_proj parameters.
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+QWEN3_5_MOE = "qwen3_5_moe_text"
 
 
-def _pair(tmp_path, checkpointing, target_parameters=None, target_modules=DEFAULT_TARGETS):
+class Family(NamedTuple):
+    model_type: str
+    target_modules: list[str]
+    target_parameters: list[str] | None
+    moe_layers: int  # layers with a MoE block
+    shared_expert: bool
+
+
+FAMILIES = {
+    "qwen3_moe": Family("qwen3_moe", DEFAULT_TARGETS, None, 2, False),
+    # PEFT 0.21 maps no qwen3_5_moe target onto the experts: gate/up/down_proj are the shared
+    # expert's, and the experts take LoRA through target_parameters.
+    QWEN3_5_MOE: Family(QWEN3_5_MOE, ATTENTION + LINEAR + MLP, EXPERT_PARAMETERS, 3, True),
+}
+_NO_QWEN3_5_MOE = importlib.util.find_spec("transformers.models.qwen3_5_moe") is None
+FAMILY_PARAMS = [
+    pytest.param("qwen3_moe", id="qwen3_moe"),
+    pytest.param(
+        QWEN3_5_MOE,
+        id="qwen3_5_moe",
+        marks=pytest.mark.skipif(_NO_QWEN3_5_MOE, reason="transformers without Qwen3.5-MoE"),
+    ),
+]
+
+
+def _pair(tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, target_modules=None):
     """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0)."""
-    path = save_tiny_model("qwen3_moe", tmp_path / "qwen3_moe")
-    lora = dict(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)
+    spec = FAMILIES[family]
+    path = save_tiny_model(family, tmp_path / family)
+    target_parameters = target_parameters or spec.target_parameters
+    targets = target_modules or spec.target_modules
+    lora = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     if target_parameters:
         lora["target_parameters"] = target_parameters
     reference = AutoModelForCausalLM.from_pretrained(
@@ -81,45 +120,63 @@ def _assert_match(reference, fast, batch):
     return actual, actual_grads
 
 
-def _assert_an_expert_without_tokens(output, top_k=2):
+def _assert_an_expert_without_tokens(output, moe_layers, top_k=2):
     """Every MoE layer's routing left STARVED without tokens, and every other expert had some."""
-    assert len(output.router_logits) == 2  # layers 0 and 2 (layer 1 is dense)
+    assert len(output.router_logits) == moe_layers  # Qwen3-MoE: layers 0 and 2 (1 is dense)
     for logits in output.router_logits:
         counts = torch.bincount(torch.topk(logits, top_k).indices.flatten(), minlength=5)
         assert counts[STARVED] == 0 and (counts[:STARVED] > 0).all(), counts
 
 
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 @pytest.mark.parametrize(
     "checkpointing", [False, True, "unsloth"], ids=["plain", "checkpointed", "unsloth"]
 )
-def test_loss_aux_loss_and_lora_gradients_match_hf(tmp_path, checkpointing):
-    reference, fast = _pair(tmp_path, checkpointing)
+def test_loss_aux_loss_and_lora_gradients_match_hf(tmp_path, checkpointing, family):
+    spec = FAMILIES[family]
+    reference, fast = _pair(tmp_path, checkpointing, family)
     report = fused_report(fast)
-    assert all(row["fused"] for row in report), report
+    gates = [row for row in report if row["module"].endswith("shared_expert_gate")]
+    assert len(gates) == (spec.moe_layers if spec.shared_expert else 0)
+    assert not any(row["fused"] or row["lora"] for row in gates)  # transformers' Linear
+    assert all(row["fused"] for row in report if row not in gates), report
     grouped = [row for row in report if "(grouped)" in row["module"]]
-    assert len(grouped) == 4 and all(row["lora"] for row in grouped)
+    assert len(grouped) == 2 * spec.moe_layers and all(row["lora"] for row in grouped)
     actual, grads = _assert_match(reference, fast, tiny_batch())
-    _assert_an_expert_without_tokens(actual)
+    _assert_an_expert_without_tokens(actual, spec.moe_layers)
     experts = [n for n in grads if ".experts." in n]
-    assert len(experts) == 2 * 2 * 2  # 2 MoE layers x (gate_up, down) x (A, B)
+    assert len(experts) == spec.moe_layers * 2 * 2  # MoE layers x (gate_up, down) x (A, B)
+    shared = [n for n in grads if ".shared_expert." in n]
+    assert len(shared) == (spec.moe_layers * 3 * 2 if spec.shared_expert else 0)
+    if family == QWEN3_5_MOE:  # linear attention in layers 0 and 2, full attention in 1
+        assert len([n for n in grads if ".linear_attn." in n]) == 2 * len(LINEAR) * 2
+        assert len([n for n in grads if ".self_attn." in n]) == len(ATTENTION) * 2
 
 
-def test_target_parameters_and_a_trainable_router_match_hf(tmp_path):
-    """PEFT's own spelling (attention modules + target_parameters), and router weights that
-    train: their gradients (through the top-k weights and the aux loss) match too."""
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_target_parameters_and_a_trainable_router_match_hf(tmp_path, family):
+    """PEFT's own spelling (attention modules + target_parameters), and router weights (and the
+    shared expert's gate) that train: their gradients (through the top-k weights, the aux loss,
+    the sigmoid gate) match too."""
+    targets = ATTENTION if family == "qwen3_moe" else None  # None: the family's (above)
     reference, fast = _pair(
-        tmp_path, False, target_parameters=EXPERT_PARAMETERS, target_modules=ATTENTION
+        tmp_path, False, family, target_parameters=EXPERT_PARAMETERS, target_modules=targets
     )
+    trained = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
     for model in (reference, fast):
         for name, param in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):
+            if name.endswith(trained):
                 param.requires_grad_(True)
     _, grads = _assert_match(reference, fast, tiny_batch())
-    assert sum(name.endswith("mlp.gate.weight") for name in grads) == 2
+    spec = FAMILIES[family]
+    assert sum(name.endswith("mlp.gate.weight") for name in grads) == spec.moe_layers
+    gates = sum(name.endswith("shared_expert_gate.weight") for name in grads)
+    assert gates == (spec.moe_layers if spec.shared_expert else 0)
 
 
-def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
-    reference, fast = _pair(tmp_path, "unsloth")
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_twenty_steps_follow_the_same_loss_curve(tmp_path, family):
+    reference, fast = _pair(tmp_path, "unsloth", family)
     batch = tiny_batch(seed=1)
     curves = []
     for model in (reference, fast):
@@ -138,8 +195,9 @@ def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
     assert torch.allclose(actual, expected, rtol=1e-3, atol=0), (actual - expected).abs().max()
 
 
-def test_eval_logits_generation_and_unpatch(tmp_path):
-    reference, fast = _pair(tmp_path, False)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_eval_logits_generation_and_unpatch(tmp_path, family):
+    reference, fast = _pair(tmp_path, False, family)
     batch = tiny_batch()
     reference.eval()
     fast.eval()
@@ -155,13 +213,29 @@ def test_eval_logits_generation_and_unpatch(tmp_path):
     assert not [m for m in fast.modules() if "forward" in m.__dict__]
 
 
-def test_two_active_adapters_run_peft_and_say_why(tmp_path):
-    _, fast = _pair(tmp_path, False)
-    fast.add_adapter("second", LoraConfig(r=2, target_modules=DEFAULT_TARGETS))
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_two_active_adapters_run_peft_and_say_why(tmp_path, family):
+    spec = FAMILIES[family]
+    _, fast = _pair(tmp_path, False, family)
+    second = dict(r=2, target_modules=spec.target_modules)
+    if spec.target_parameters:
+        second["target_parameters"] = spec.target_parameters
+    fast.add_adapter("second", LoraConfig(**second))
     fast.base_model.set_adapter(["default", "second"])
     rows = [row for row in fused_report(fast) if "(grouped)" in row["module"]]
     assert rows and not any(row["fused"] for row in rows)
     assert all("2 active adapters" in row["reason"] for row in rows)
+
+
+@pytest.mark.skipif(_NO_QWEN3_5_MOE, reason="transformers without Qwen3.5-MoE")
+def test_multimodal_qwen3_5_moe_is_refused_with_the_text_model_named():
+    from transformers import Qwen3_5MoeConfig
+
+    with pytest.raises(
+        UnsupportedArchitectureError, match="load the text-only Qwen3_5MoeForCausalLM"
+    ):
+        spec_for(Qwen3_5MoeConfig())
+    assert spec_for(tiny_config(QWEN3_5_MOE)).family == "Qwen3.5-MoE (text)"
 
 
 # --------------------------------------------------------------------------- pieces

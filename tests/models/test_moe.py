@@ -214,6 +214,38 @@ def test_eval_logits_generation_and_unpatch(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
+@pytest.mark.parametrize("spelling", ["family", "target_parameters"])
+def test_adapter_round_trip_on_unpatched_transformers(tmp_path, family, spelling):
+    """save_pretrained writes a plain PEFT adapter (LoRA on the experts through ParamWrapper, and
+    on attention): PeftModel.from_pretrained on unpatched transformers (eager experts) loads the
+    same tensors and gives the fastlm model's eval logits within 1e-5 (fp32)."""
+    from peft import PeftModel
+
+    parameters = EXPERT_PARAMETERS if spelling == "target_parameters" else None
+    targets = ATTENTION if spelling == "target_parameters" else None  # None: the family's
+    _, fast = _pair(tmp_path, False, family, parameters, targets)
+    grouped = [row for row in fused_report(fast) if "(grouped)" in row["module"]]
+    assert grouped and all(row["fused"] and row["lora"] for row in grouped)
+    fast.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / family, dtype=torch.float32, experts_implementation="eager"
+    )
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert not [m for m in loaded.modules() if "forward" in m.__dict__]  # unpatched
+    lora = {n: v for n, v in loaded.state_dict().items() if "lora_" in n}
+    assert lora.keys() == {n for n in fast.state_dict() if "lora_" in n}
+    assert all(torch.equal(v, fast.state_dict()[n]) for n, v in lora.items())
+    adapted = {n.split(".lora_")[0] for n in lora}
+    assert sum(n.endswith(".mlp.experts") for n in adapted) == FAMILIES[family].moe_layers
+    assert any(".self_attn." in n for n in adapted)
+    batch = tiny_batch()
+    fast.eval()
+    with torch.no_grad():
+        expected, actual = fast(**batch).logits, loaded(**batch).logits
+    assert relative_error(actual, expected) < 1e-5 and (actual - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_two_active_adapters_run_peft_and_say_why(tmp_path, family):
     spec = FAMILIES[family]
     _, fast = _pair(tmp_path, False, family)

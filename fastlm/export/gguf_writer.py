@@ -123,6 +123,12 @@ def _gguf_spec(config):
     from fastlm.models import SPECS
 
     spec = SPECS.get(getattr(config, "model_type", None))
+    if spec is not None and spec.moe is not None and spec.gguf_arch is None:
+        raise ValueError(
+            f"GGUF export of {spec.family} ({config.model_type!r}) is not supported: fastlm's "
+            "writer has no layout for its 3-D expert tensors; save merged_16bit and convert "
+            "that with llama.cpp's convert_hf_to_gguf.py."
+        )
     if spec is None or spec.gguf_arch is None:  # None: llama.cpp has no arch for the family
         exportable = sorted(t for t, s in SPECS.items() if s.gguf_arch)
         raise ValueError(f"GGUF export supports {exportable}, not {config.model_type!r}")

@@ -272,19 +272,20 @@ def check_plain_lora(base: nn.Module) -> None:
         if not isinstance(module, _mergeable_lora_types()):
             raise NotImplementedError(
                 f"{name} is a {type(module).__name__}; save_pretrained_merged merges LoRA on "
-                "Linear, 4-bit Linear and Embedding layers only."
+                "Linear, 4-bit Linear and Embedding layers and on parameters (target_parameters) "
+                "only."
             )
 
 
 def _mergeable_lora_types() -> tuple[type, ...]:
-    from peft.tuners.lora import Embedding
+    from peft.tuners.lora import Embedding, ParamWrapper
     from peft.tuners.lora import Linear as LoraLinear
 
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # no bitsandbytes: no 4-bit layers either
-        return (LoraLinear, Embedding)
-    return (LoraLinear, Linear4bit, Embedding)
+        return (LoraLinear, Embedding, ParamWrapper)
+    return (LoraLinear, Linear4bit, Embedding, ParamWrapper)
 
 
 def _tied_names(base: nn.Module) -> set[str]:
@@ -326,6 +327,8 @@ def _linear_weight_keys(base: nn.Module) -> set[str]:
 def _plan(base: nn.Module, dtype: torch.dtype, quantize: bool = False) -> list[_Entry]:
     """Every tensor of the merged checkpoint, in state-dict order, without reading any data."""
     check_plain_lora(base)
+    if quantize:
+        _refuse_4bit_experts(base)
     tied = _tied_names(base)
     entries: dict[str, _Entry] = {}
     state = base.state_dict()
@@ -355,6 +358,24 @@ def _plan(base: nn.Module, dtype: torch.dtype, quantize: bool = False) -> list[_
         entries[name] = _Entry(name, key, lora, shape, out_dtype, weight, requantize)
     _refuse_adapted_tied_source(base, entries, tied)
     return list(entries.values())
+
+
+def _refuse_4bit_experts(base: nn.Module) -> None:
+    """merged_4bit of a mixture-of-experts model: NotImplementedError naming its experts, whose
+    3-D weights bitsandbytes NF4 (nn.Linear only) would leave 16-bit: most of the model."""
+    from fastlm.models import SPECS  # lazy: fastlm.export alone loads torch only
+
+    spec = SPECS.get(getattr(getattr(base, "config", None), "model_type", None))
+    if spec is None or spec.moe is None:
+        return
+    for name, module in base.named_modules():
+        if type(module).__name__ == spec.moe.experts_class:
+            name = name.replace(".base_layer", "")
+            raise NotImplementedError(
+                f"merged_4bit: {name} holds {spec.family}'s experts as 3-D weights, which "
+                "bitsandbytes NF4 does not quantise (they would stay 16-bit beside 4-bit "
+                "linears); save with save_method='merged_16bit'."
+            )
 
 
 def _refuse_adapted_tied_source(base: nn.Module, entries: dict[str, _Entry], tied: set) -> None:
@@ -389,6 +410,9 @@ def _resolve_key(base: nn.Module, key: str) -> tuple[str, nn.Module | None] | No
     if parts is None:
         return None
     lora = None
+    wrapped = _param_wrapper_key(base, parts)
+    if wrapped is not None:
+        return wrapped
     if "base_layer" in parts:
         index = len(parts) - 1 - parts[::-1].index("base_layer")
         module = base.get_submodule(".".join(parts[:index]))
@@ -396,6 +420,27 @@ def _resolve_key(base: nn.Module, key: str) -> tuple[str, nn.Module | None] | No
             lora = module
         parts = [part for part in parts if part != "base_layer"]
     return ".".join(parts), lora
+
+
+def _param_wrapper_key(base: nn.Module, parts: list[str]) -> tuple[str, nn.Module | None] | None:
+    """A parameter under PEFT's ParamWrappers (``experts.base_layer.base_layer.down_proj``):
+    ``(experts.down_proj, the wrapper that adapts down_proj or None)``; None for other keys.
+
+    One ParamWrapper adapts one parameter; two on one module nest, each the other's base_layer."""
+    from peft.tuners.lora import ParamWrapper
+
+    if "base_layer" not in parts:
+        return None
+    first = parts.index("base_layer")
+    module = base.get_submodule(".".join(parts[:first]))
+    if not isinstance(module, ParamWrapper):
+        return None
+    rest, wrappers = parts[first:], []
+    while isinstance(module, ParamWrapper) and rest[:1] == ["base_layer"]:
+        wrappers.append(module)
+        module, rest = module.base_layer, rest[1:]
+    adapting = [w for w in wrappers if rest == [w.parameter_name]]
+    return ".".join(parts[:first] + rest), (adapting[0] if adapting else None)
 
 
 def _resolve_modules_to_save(base: nn.Module, parts: list[str]) -> list[str] | None:
@@ -538,7 +583,8 @@ class _CheckpointReader:
 
 
 def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """W + Σ scaling·B·A over the active adapters, in fp32, on a copy of ``weight``.
+    """W + Σ scaling·B·A over the active adapters, in fp32, on a copy of ``weight``; for a
+    PEFT ParamWrapper (LoRA on a 3-D experts parameter) W[e] + scaling·B_e·A_e per expert e.
 
     Usage: ``merged = merge_lora_weight(lora_layer, lora_layer.base_layer.weight)``.
     """
@@ -548,7 +594,11 @@ def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     for adapter in layer.active_adapters:
         if adapter in layer.merged_adapters:
             continue  # PEFT already folded it into the base weight
-        if adapter in layer.lora_A:
+        if hasattr(layer, "parameter_name"):  # PEFT's ParamWrapper (target_parameters)
+            if adapter not in layer.lora_A:
+                continue
+            delta = _parameter_delta(layer, adapter, merged.shape)
+        elif adapter in layer.lora_A:
             delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
             if getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
@@ -559,6 +609,25 @@ def merge_lora_weight(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
             continue
         merged.add_(delta.detach().to(merged.device), alpha=layer.scaling[adapter])
     return merged
+
+
+def _parameter_delta(wrapper: nn.Module, adapter: str, shape: torch.Size) -> torch.Tensor:
+    """B_e A_e for every expert e of a ParamWrapper's parameter, in the parameter's layout (fp32).
+
+    PEFT holds the E experts' factors in two Linears: A (E·r, in), whose rows e·r .. e·r + r - 1
+    are expert e's A_e (r, in); B (out, r·E), whose column j·E + e is rank j of expert e's B_e
+    (out, r). Then delta[e] = B_e A_e (out, in): the (E, out, in) parameter's slice e (Qwen3-MoE's
+    experts); a parameter stored (E, in, out) takes delta[e]ᵀ; a 2-D one (E = 1) is B A.
+    """
+    experts = wrapper.num_experts
+    a = wrapper.lora_A[adapter].weight.detach().float()  # (E·r, in)
+    b = wrapper.lora_B[adapter].weight.detach().float()  # (out, r·E)
+    a = a.view(experts, -1, a.shape[1])  # (E, r, in)
+    b = b.view(b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
+    delta = torch.bmm(b, a)  # (E, out, in)
+    if len(shape) == 3 and not wrapper._did_swap_in_out_features:  # stored (E, in, out)
+        delta = delta.transpose(1, 2)
+    return delta.reshape(shape)
 
 
 def _write_config(base: nn.Module, folder: Path, dtype: torch.dtype, quantize: bool) -> None:

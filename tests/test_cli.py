@@ -232,6 +232,7 @@ def test_sft_writes_adapter_summary_and_reusable_config(trained, tiny_llama):
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
     assert summary["trained_tokens"] > 0 and summary["tokens_per_s"] > 0
     assert summary["outputs"]["adapter"] == str(adapter)
+    assert summary["batching"] == {"mode": "padded"}  # no --packing / --padding-free
     settings = json.loads((trained / "sft_config.json").read_text())
     assert settings["lora-r"] == 4 and settings["max-steps"] == 3
     args = cli.parse_args(["sft", "--config", str(trained / "sft_config.json")])

@@ -34,6 +34,7 @@ examples:
   fastlm sft --model ./Llama-3.2-1B --data data/ --lora-r 32 --epochs 2 --output-dir out/llama
   fastlm sft --model ./Qwen3-8B --data chat.jsonl --load-in-4bit --gguf q8_0
   fastlm sft --model ./Qwen3-0.6B --data notes.jsonl --full-finetune --lr 2e-5
+  fastlm sft --model ./Qwen3-0.6B --data chat.jsonl --packing --max-seq-length 4096
   fastlm sft --config sft.yaml --lr 1e-4                # keys = flag names; flags win
 
 data (--data: a .jsonl file, a .json list, or a folder of them; the format is detected):
@@ -52,7 +53,7 @@ outputs (in --output-dir):
   model/             the full model, with --full-finetune
   merged_16bit/      LoRA merged into the weights, with --save-method merged_16bit
   gguf/              llama.cpp / Ollama files, with --gguf q8_0 (or f16, bf16)
-  sft_summary.json   steps, losses, tokens/s, time and the paths above
+  sft_summary.json   steps, losses, tokens/s, time, batching (packed rows) and the paths above
   sft_config.json    every setting of the run; reuse it with --config
 """
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
@@ -104,7 +105,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="completion",
         help="completion: loss on the answers only; all: on every token",
     )
-    group.add_argument("--packing", action="store_true", help="pack short examples together")
+    group.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack examples into rows of up to --max-seq-length tokens (best-fit decreasing), "
+        "batched without padding; attention stays within each example",
+    )
+    group.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="the same batches as without it, their examples laid end to end instead of padded; "
+        "attention stays within each example (--packing does this too)",
+    )
 
     add_group(
         parser,
@@ -202,6 +214,9 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     _check_left(console, trainer.train_dataset, len(train_set), max_length, "--data")
     if eval_set is not None:
         _check_left(console, trainer.eval_dataset, len(eval_set), max_length, "--eval-data")
+    batching = _batching(trainer.train_dataset, args, max_length)
+    if batching["mode"] != "padded":
+        console.status(f"batches: {_describe_batching(batching)}")
     console.status(_training.training_status(model, args))
     output_dir = Path(args.output_dir)
     config_file = output_dir / "sft_config.json"
@@ -225,6 +240,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(_training.compute_dtype(model)).replace("torch.", ""),
         "method": "full" if args.full_finetune else "qlora" if args.load_in_4bit else "lora",
         **stats,
+        "batching": batching,
         "outputs": outputs,
         "wall_seconds": time.perf_counter() - wall_start,
     }
@@ -278,9 +294,10 @@ def _check_resume(checkpoint: str, args: argparse.Namespace) -> None:
 
 
 def _check_left(console: Console, dataset, total: int, max_length: int, flag: str) -> None:
-    """After SFTTrainer's truncation: rows whose answer was cut off entirely are gone (no token
-    left to learn from). None left is an error; some gone, a warning."""
-    left = len(dataset)
+    """After SFTTrainer's truncation: examples whose answer was cut off entirely have no token
+    left to learn from (gone, or with --packing kept in their rows with no label). None left is
+    an error; some gone, a warning."""
+    left = _examples_left(dataset)
     if left == 0:
         raise CommandError(
             f"{flag}: none of the {total} examples keeps a token to train on within "
@@ -292,6 +309,54 @@ def _check_left(console: Console, dataset, total: int, max_length: int, flag: st
             f"warning: {flag}: {total - left} of {total} examples dropped: their answers start "
             f"after --max-seq-length {max_length} tokens"
         )
+
+
+def _examples_left(dataset) -> int:
+    """The examples with a label token: the rows, or the sequences of packed rows (BFD packing
+    cuts an example longer than the row but keeps it, even with every label gone)."""
+    if "seq_lengths" not in dataset.column_names:
+        return len(dataset)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    labels = pc.list_flatten(table["labels"]).to_numpy()  # (T,) over all rows
+    lengths = pc.list_flatten(table["seq_lengths"]).to_numpy()  # (n,) tokens per example
+    example = np.repeat(np.arange(len(lengths)), lengths)  # (T,) the example of each token
+    learned = np.bincount(example, weights=labels != -100, minlength=len(lengths))
+    return int((learned > 0).sum())
+
+
+def _batching(dataset, args: argparse.Namespace, max_length: int) -> dict[str, Any]:
+    """sft_summary.json's "batching": ``padded`` (rows padded to the batch's longest), or
+    ``packed`` / ``padding_free`` (one row per batch, no padding token) with their counts."""
+    if not (args.packing or args.padding_free):
+        return {"mode": "padded"}
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]
+    tokens = int(pc.sum(pc.list_value_length(table["input_ids"])).as_py() or 0)
+    if not args.packing:
+        return {"mode": "padding_free", "examples": len(dataset), "tokens": tokens}
+    rows = len(dataset)
+    return {
+        "mode": "packed",
+        "strategy": "bfd",
+        "examples": int(pc.sum(pc.list_value_length(table["seq_lengths"])).as_py() or 0),
+        "rows": rows,
+        "row_tokens": max_length,
+        "tokens": tokens,
+        "fill": tokens / (rows * max_length) if rows else 0.0,  # the rows' share of max_length
+    }
+
+
+def _describe_batching(batching: dict[str, Any]) -> str:
+    if batching["mode"] == "padding_free":
+        return f"padding-free, {batching['examples']} examples, {batching['tokens']:,} tokens"
+    return (
+        f"packed, {batching['examples']} examples in {batching['rows']} rows of up to "
+        f"{batching['row_tokens']} tokens ({batching['fill']:.0%} full)"
+    )
 
 
 CHATML_TEMPLATE = (
@@ -320,8 +385,13 @@ def _to_dataset(data, tokenizer, args):
 
 
 def _trainer(model, tokenizer, train_set, eval_set, args, device: str, max_length: int):
+    """SFTTrainer on the rows. --packing: TRL's BFD packing, whose batches are padding-free (one
+    row, positions restarting at each example, ``cu_seq_lens``: fastlm's attention keeps the
+    examples apart); --padding-free alone: the same, without packing."""
     from trl import SFTConfig, SFTTrainer
 
+    # TRL refuses max_length with padding_free but no packing (it would not truncate): cut here
+    cut_here = args.padding_free and not args.packing
     config = SFTConfig(
         **_training.trainer_arguments(
             args,
@@ -330,8 +400,10 @@ def _trainer(model, tokenizer, train_set, eval_set, args, device: str, max_lengt
             per_device_eval_batch_size=args.batch_size,
             eval_strategy="steps" if args.eval_steps else "no",
             eval_steps=args.eval_steps,
-            max_length=max_length,
+            max_length=None if cut_here else max_length,
             packing=args.packing,
+            packing_strategy="bfd",  # whole examples (cut at max_length), never split across rows
+            padding_free=args.packing or args.padding_free,
             completion_only_loss=args.train_on == "completion",
         )
     )
@@ -343,7 +415,22 @@ def _trainer(model, tokenizer, train_set, eval_set, args, device: str, max_lengt
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
+    if cut_here:
+        trainer.train_dataset = _truncated(trainer.train_dataset, max_length)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = _truncated(trainer.eval_dataset, max_length)
     return _training.show_progress(trainer)
+
+
+def _truncated(dataset, max_length: int):
+    """SFTTrainer's own truncation when it pads: the first ``max_length`` tokens of each row, and
+    rows left without a label token dropped."""
+
+    def cut(row):
+        return {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]}
+
+    dataset = dataset.map(cut)
+    return dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
 
 
 def _quiet_datasets() -> None:
@@ -396,6 +483,8 @@ def _print_summary(console: Console, summary: dict, output_dir: Path) -> None:
         ("data", f"{summary['examples']} {summary['data_format']} records"),
         *_training.run_rows(summary),
     ]
+    if summary["batching"]["mode"] != "padded":
+        rows.append(("batches", _describe_batching(summary["batching"])))
     if summary.get("eval_loss") is not None:
         rows.append(("eval loss", f"{summary['eval_loss']:.4f}"))
     outputs = [

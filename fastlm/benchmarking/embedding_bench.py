@@ -31,8 +31,6 @@ plus fastlm against st and Unsloth), rewritten after every child.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +55,6 @@ from fastlm.benchmarking.systems import (
     versions,
 )
 from fastlm.benchmarking.timing import kernel_time, timed_training
-from fastlm.benchmarking.train_bench import CHILD_ENV
 
 MODULE = "fastlm.benchmarking.embedding_bench"  # what the children run: python -m MODULE --child
 PROGRAM = f"python -m {MODULE}"  # how a run is recorded unless main() is told otherwise
@@ -524,11 +521,8 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     """Run the benchmark with `argv` (default: ``sys.argv[1:]``); `program` is how the results
     record the command. Exit code 0 even when a child failed: failures are results."""
     args = parse_args(argv)
-    for k, v in CHILD_ENV.items():
-        os.environ.setdefault(k, v)
-    if args.child is not None:
-        spec = train_bench.child_setup(json.loads(args.child))
-        return train_bench.emit_record(child_main(spec), args.record)
+    if (code := train_bench.child_entry(args, child_main)) is not None:
+        return code
     if args.list_shapes:
         print(_list_shapes())
         return 0

@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -414,11 +413,8 @@ def run_child(spec: dict, log_path: Path, timeout: float, cuda: bool) -> dict:
 def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     """Run the benchmark with `argv`; `program` is how the results record the command."""
     args = parse_args(argv)
-    for k, v in train_bench.CHILD_ENV.items():
-        os.environ.setdefault(k, v)
-    if args.child is not None:
-        spec = train_bench.child_setup(json.loads(args.child))
-        return train_bench.emit_record(child_main(spec), args.record)
+    if (code := train_bench.child_entry(args, child_main)) is not None:
+        return code
     if args.list_shapes:
         print(train_bench._list_shapes())
         return 0

@@ -35,7 +35,6 @@ before transformers and TRL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -290,11 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     """Run the benchmark with `argv`; `program` is how the results record the command."""
     args = parse_args(argv)
-    for k, v in train_bench.CHILD_ENV.items():
-        os.environ.setdefault(k, v)
-    if args.child is not None:
-        spec = train_bench.child_setup(json.loads(args.child))
-        return train_bench.emit_record(child_main(spec), args.record)
+    if (code := train_bench.child_entry(args, child_main)) is not None:
+        return code
     if args.list_shapes:
         print(train_bench._list_shapes())
         return 0

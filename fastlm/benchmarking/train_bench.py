@@ -145,6 +145,17 @@ def child_setup(spec: dict) -> dict:
     return spec
 
 
+def child_entry(args: argparse.Namespace, child_main) -> int | None:
+    """The start every loop's ``main`` shares: the children's environment (offline, no
+    statistics) and, in a child (``--child``), its one run: returns the exit code; None in the
+    parent. Usage: ``code = child_entry(args, child_main); if code is not None: return code``."""
+    for k, v in CHILD_ENV.items():
+        os.environ.setdefault(k, v)
+    if args.child is None:
+        return None
+    return emit_record(child_main(child_setup(json.loads(args.child))), args.record)
+
+
 def child_main(spec: dict) -> dict:
     """Load, apply the system, run the loop; always returns a record (status ok/error/skipped)."""
     t_start = time.perf_counter()
@@ -357,10 +368,8 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
     """Run the benchmark with `argv` (default: ``sys.argv[1:]``); `program` is how the results
     record the command. Exit code 0 even when a child failed: failures are results."""
     args = parse_args(argv)
-    if args.child is not None:
-        for k, v in CHILD_ENV.items():
-            os.environ.setdefault(k, v)
-        return emit_record(child_main(child_setup(json.loads(args.child))), args.record)
+    if (code := child_entry(args, child_main)) is not None:
+        return code
     if args.list_shapes:
         print(_list_shapes())
         return 0

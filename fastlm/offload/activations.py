@@ -163,7 +163,12 @@ def offloaded_activations(run, hidden: torch.Tensor, *args):
     budget = checkpoint.BUDGET
     estimate = _estimate()
     if estimate and budget.in_use + estimate > budget.limit:
-        _warn_once(budget)
+        budget.fall_back(
+            "activations",
+            f"offloaded activations: the pinned-memory budget ({budget.limit / 2**30:.1f} GiB) "
+            "has no room for another layer's activations; such layers are checkpointed "
+            "(recomputed) instead. Raise fastlm.offload.BUDGET.limit to keep more.",
+        )
         return offloaded_checkpoint(run, hidden, *args)
     stash = _LayerStash(budget)
     with torch.autograd.graph.saved_tensors_hooks(stash.pack, stash.unpack):
@@ -173,18 +178,6 @@ def offloaded_activations(run, hidden: torch.Tensor, *args):
         checkpoint.PENDING.push(stash)
         _throttle(stash)
     return output
-
-
-def _warn_once(budget) -> None:
-    budget.fallbacks += 1
-    if not getattr(budget, "_warned_activations", False):
-        budget._warned_activations = True
-        logger.warning(
-            "offloaded activations: the pinned-memory budget (%.1f GiB) has no room for another "
-            "layer's activations; such layers are checkpointed (recomputed) instead. Raise "
-            "fastlm.offload.BUDGET.limit to keep more.",
-            budget.limit / 2**30,
-        )
 
 
 def _throttle(stash: _LayerStash) -> None:

@@ -66,7 +66,7 @@ class PinnedBudget:
         self.in_use = 0
         self.fallbacks = 0
         self._lock = threading.Lock()
-        self._warned = False
+        self._warned: set[str] = set()  # the kinds of fallback already logged
 
     def reserve(self, nbytes: int) -> bool:
         if nbytes < self.min_bytes:
@@ -74,7 +74,7 @@ class PinnedBudget:
         with self._lock:
             if self.in_use + nbytes > self.limit:
                 budget_gib = self.limit / 2**30
-                self._fall_back(f"the pinned-memory budget of {budget_gib:.1f} GiB is spent")
+                self._input_stays(f"the pinned-memory budget of {budget_gib:.1f} GiB is spent")
                 return False
             self.in_use += nbytes
             return True
@@ -83,15 +83,20 @@ class PinnedBudget:
         with self._lock:
             self.in_use -= nbytes
 
-    def _fall_back(self, why: str) -> None:
+    def fall_back(self, kind: str, message: str) -> None:
+        """Count one fallback; log ``message`` the first time a fallback of ``kind`` happens.
+        Usage: ``budget.fall_back("activations", "... checkpointed instead ...")``."""
         self.fallbacks += 1
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "offloaded checkpointing: %s; some layer inputs stay on the GPU (plain "
-                "checkpointing for them). Raise fastlm.offload.BUDGET.limit to offload more.",
-                why,
-            )
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message)
+
+    def _input_stays(self, why: str) -> None:
+        self.fall_back(
+            "checkpoint",
+            f"offloaded checkpointing: {why}; some layer inputs stay on the GPU (plain "
+            "checkpointing for them). Raise fastlm.offload.BUDGET.limit to offload more.",
+        )
 
 
 BUDGET = PinnedBudget()
@@ -114,7 +119,7 @@ class _SavedInput:
                 self.host, self.ready = _to_host(tensor)
             except RuntimeError as error:  # pinning refused by the OS or the driver
                 budget.release(self.nbytes)
-                budget._fall_back(f"pinning host memory failed ({error})")
+                budget._input_stays(f"pinning host memory failed ({error})")
         if self.host is None:
             self.on_device = tensor.detach()
 

@@ -54,19 +54,27 @@ def base_weights(module: nn.Module) -> tuple[LoRAWeights | None, str]:
     return None, f"{type(module).__name__} is not an nn.Linear, a 4-bit Linear or a PEFT LoRA layer"
 
 
+def active_adapter(module, path: str = "fused") -> tuple[str | None, str]:
+    """The one adapter a PEFT layer (or ParamWrapper) applies: (name, ""); (None, "") when none
+    does (disabled, merged into the base weight, none active); (None, why) with several, which
+    the ``path`` does not take. Usage: ``name, why_not = active_adapter(peft_layer)``."""
+    if module.disable_adapters or module.merged:
+        return None, ""
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) > 1:
+        return None, f"{len(active)} active adapters ({path} path takes one)"
+    return (active[0] if active else None), ""
+
+
 def _peft_lora_weights(module) -> tuple[LoRAWeights | None, str]:
     base, why_not = base_weights(module.get_base_layer())
     if base is None:
         return None, f"base layer: {why_not}"
-    # Adapters disabled or merged into the base weight: the base layer alone is the exact answer.
-    if module.disable_adapters or module.merged:
+    name, why_not = active_adapter(module)
+    if why_not:
+        return None, why_not
+    if name is None:  # disabled, merged or none active: the base layer alone is the exact answer
         return base, ""
-    active = [name for name in module.active_adapters if name in module.lora_A]
-    if not active:
-        return base, ""
-    if len(active) > 1:
-        return None, f"{len(active)} active adapters (fused path takes one)"
-    name = active[0]
     if not isinstance(module.lora_dropout[name], nn.Identity):
         return None, "lora_dropout > 0"
     if name in getattr(module, "lora_variant", {}):

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from fastlm.kernels.geglu import geglu
 from fastlm.kernels.grouped_gemm import group_ends, grouped_mm
 from fastlm.kernels.swiglu import swiglu
+from fastlm.models.lora_layers import active_adapter
 from fastlm.models.spec import MixtureOfExperts
 
 try:  # peft is a dependency, but keep plain-model use importable without it
@@ -112,16 +113,11 @@ def expert_weights(
 def _param_wrapper_lora(wrapper) -> tuple[tuple[Tensor, Tensor, float] | None, str]:
     """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, as
     views of its parameters; None without an active adapter (disabled, merged, none)."""
-    if wrapper.disable_adapters or wrapper.merged:
-        return None, ""
-    active = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
-    if not active:
-        return None, ""
-    if len(active) > 1:
-        return None, f"{len(active)} active adapters on the experts (grouped path takes one)"
+    name, why_not = active_adapter(wrapper, path="the experts' grouped")
+    if name is None:
+        return None, why_not
     if not wrapper._did_swap_in_out_features:  # PEFT's marker of an (E, out, in) parameter
         return None, "experts parameter stored (E, in, out)"
-    name = active[0]
     experts = wrapper.num_experts
     a = wrapper.lora_A[name].weight  # (E·r, in): rows e·r .. e·r + r - 1 are expert e's A
     b = wrapper.lora_B[name].weight  # (out, r·E): column j·E + e is rank j of expert e's B

@@ -63,7 +63,7 @@ from fastlm.models.moe import (
     router_forward,
 )
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
-from fastlm.models.packing import caller_signals
+from fastlm.models.packing import caller_signals, packed_sequences
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
@@ -455,27 +455,16 @@ def _check_length(kwargs: dict, max_seq_length: int) -> None:
         tokens = kwargs.get("inputs_embeds")
     if tokens is None or tokens.dim() < 2 or tokens.shape[1] <= max_seq_length:
         return
-    longest = _longest_packed_sequence(kwargs)
-    if longest is not None and longest <= max_seq_length:
-        return  # a padding-free row: several sequences, none of them too long
-    length = tokens.shape[1] if longest is None else longest
+    # A padding-free row holds several sequences; the attention reads the same cached answer.
+    packing = packed_sequences(kwargs, tokens.shape[0], tokens.shape[1])
+    length = tokens.shape[1] if packing is None or packing.problem else packing.max_seqlen
+    if length <= max_seq_length:
+        return
     raise SequenceTooLongError(
         f"batch has sequences of {length} tokens but the model was loaded with "
         f"max_seq_length={max_seq_length}. Truncate the data (e.g. SFTConfig(max_length="
         f"{max_seq_length})) or load with a larger max_seq_length."
     )
-
-
-def _longest_packed_sequence(kwargs: dict) -> int | None:
-    """The longest sequence of a row that packs several (padding-free collators give
-    ``max_length_q`` or positions restarting at 0), or None. Positions are read on the host only
-    for a row past ``max_seq_length``, never on the ordinary path."""
-    if kwargs.get("max_length_q") is not None:
-        return int(kwargs["max_length_q"])
-    positions = kwargs.get("position_ids")
-    if isinstance(positions, torch.Tensor) and positions.numel():
-        return int(positions.max()) + 1
-    return None
 
 
 def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):

@@ -234,9 +234,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         if ctx.plan is not None:  # a CUDA graph (no dropout: no RNG state to keep)
             output = ctx.plan.forward(run, hidden, args)
         else:
-            # The recompute must draw the same random numbers (LoRA dropout): keep RNG states.
-            ctx.cpu_rng = torch.get_rng_state()
-            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+            _keep_rng_states(ctx, hidden)
             with torch.no_grad():
                 output = run(hidden, *args)
         ctx.saved = _SavedInput(hidden, BUDGET)
@@ -257,9 +255,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 others = len(ctx.args)  # none needs a gradient (the plan checked)
                 ctx.saved = ctx.run = ctx.args = ctx.plan = None
                 return (None, grad, *([None] * others))
-            # the first backward of a shape, or a failed capture: eagerly, RNG as it is
-            ctx.cpu_rng = torch.get_rng_state()
-            ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+            _keep_rng_states(ctx, hidden)  # a first backward or a failed capture: eagerly
         hidden = hidden.detach().requires_grad_(True)
         # Other inputs with gradients (Gemma 4's per-layer input) are detached too and their
         # gradients returned: a graph several layers share is then walked once, by autograd.
@@ -278,6 +274,12 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         torch.autograd.backward(output, grad_output)
         ctx.saved = ctx.run = ctx.args = ctx.plan = None
         return (None, hidden.grad, *(_leaf_grad(arg) for arg in args))
+
+
+def _keep_rng_states(ctx, hidden: torch.Tensor) -> None:
+    """The recompute must draw the same random numbers (LoRA dropout): keep the RNG states."""
+    ctx.cpu_rng = torch.get_rng_state()
+    ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
 
 
 def _first(output):

@@ -28,7 +28,7 @@ from fastlm.errors import (
 from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
-from fastlm.models.spec import PROJECTIONS
+from fastlm.models.spec import PROJECTIONS, MixtureOfExperts
 from fastlm.offload import place_trainable
 from fastlm.versions import check_versions
 
@@ -262,7 +262,69 @@ def add_causal_lm_lora(model: nn.Module, **options: Any) -> nn.Module:
         models.patch_state(model).max_seq_length = max_seq_length
         model.max_seq_length = max_seq_length
     options.setdefault("task_type", "CAUSAL_LM")
+    spec = models.patch_state(model).spec
+    if spec.moe is not None and "target_parameters" not in options:
+        targets = options.get("target_modules")
+        if not _peft_maps_experts(model, targets):
+            options["target_modules"], options["target_parameters"] = expert_targets(
+                model, spec.moe, targets
+            )
     return add_lora(model, **options)
+
+
+# What an MLP projection name means on a mixture-of-experts layer: its experts' 3-D parameter.
+_EXPERT_PARAMETER_OF = {"gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+
+
+def _peft_maps_experts(model: nn.Module, target_modules: list[str] | str | None) -> bool:
+    """PEFT itself turns these module names into expert parameters for this model type (0.21
+    does for Qwen2/3-MoE and Mixtral, fusing gate + up at twice the rank), so fastlm adds
+    nothing and the adapter is the one PEFT makes from the same config."""
+    import copy
+
+    from peft import LoraConfig
+
+    try:  # PEFT's conversion of transformers-v4 MoE targets: private, so probed, not assumed
+        from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
+    except ImportError:
+        logger.warning("fastlm: PEFT has no MoE target conversion; experts get target_parameters")
+        return False
+    names = list(PROJECTIONS) if target_modules is None else copy.copy(target_modules)
+    probe = LoraConfig(target_modules=names)
+    _convert_peft_config_moe(probe, model)  # in place, on a config of its own
+    return bool(probe.target_parameters)
+
+
+def expert_targets(
+    model: nn.Module, moe: MixtureOfExperts, target_modules: list[str] | str | None
+) -> tuple[list[str] | str | None, list[str] | None]:
+    """(target_modules, target_parameters) for LoRA on a mixture-of-experts model when the
+    caller named only modules, as Unsloth reads them: ``gate_proj`` / ``up_proj`` also adapt
+    every experts module's gate-up parameter and ``down_proj`` its down parameter (PEFT's
+    ``target_parameters``, suffixes like ``mlp.experts.gate_up_proj``). A name that matches no
+    linear layer left (Qwen3-MoE has no dense MLP) is dropped from the modules; None (the
+    default seven) and "all-linear" take every expert parameter; any other string (a regex) is
+    PEFT's, and no expert is added. Logged, never silent.
+
+    Usage: ``modules, parameters = expert_targets(model, spec.moe, ["q_proj", "down_proj"])``.
+    """
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return target_modules, None
+    names = list(PROJECTIONS) if target_modules in (None, "all-linear") else list(target_modules)
+    wanted = {getattr(moe, _EXPERT_PARAMETER_OF[n]) for n in names if n in _EXPERT_PARAMETER_OF}
+    places = {
+        ".".join(path.split(".")[-2:])
+        for path, module in model.named_modules()
+        if type(module).__name__ == moe.experts_class
+    }  # "mlp.experts": PEFT matches target_parameters as suffixes of "<module path>.<param>"
+    parameters = sorted(f"{place}.{param}" for place in places for param in wanted)
+    if not parameters:
+        return target_modules, None
+    linear = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if _is_linear(m)}
+    if target_modules is not None and target_modules != "all-linear":
+        target_modules = [n for n in names if n in linear or n not in _EXPERT_PARAMETER_OF]
+    logger.info("fastlm: LoRA on the experts too: target_parameters=%s", parameters)
+    return target_modules, parameters
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -330,12 +392,7 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str | Non
     """
     if target_modules is None or isinstance(target_modules, str):
         return
-    paths = [
-        name
-        for name, module in model.named_modules()
-        if hasattr(module, "weight") and getattr(module.weight, "ndim", 0) == 2
-        and not isinstance(module, nn.Embedding)
-    ]  # fmt: skip
+    paths = [name for name, module in model.named_modules() if _is_linear(module)]
     unknown = [
         target
         for target in target_modules
@@ -347,6 +404,12 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str | Non
             f"target_modules {unknown} match no layer of this model; its linear layers are "
             f"named {', '.join(valid)}"
         )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer LoRA's target_modules can name: a 2-D weight that is not an embedding."""
+    weight = getattr(module, "weight", None)
+    return getattr(weight, "ndim", 0) == 2 and not isinstance(module, nn.Embedding)
 
 
 def log_fused_report(model: nn.Module) -> None:

@@ -17,6 +17,10 @@ import json
 from dataclasses import asdict, dataclass, field
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION_TARGETS = LORA_TARGETS[:4]
+# A mixture-of-experts shape's experts, by PEFT's target_parameters (every system the same, so
+# no library's own reading of "gate_proj" on experts, e.g. PEFT's fused rank doubling, enters).
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,21 @@ class Shape:
     liger: str | None = None  # suffix of liger_kernel.transformers.apply_liger_kernel_to_*
     tiny: bool = False  # a CPU smoke-test shape
     attn_implementation: str = "sdpa"  # Gemma 2 soft-caps attention logits: eager only in HF
+    # LoRA targets: the seven projections, or (a MoE shape) attention modules + expert parameters
+    lora_modules: tuple[str, ...] = tuple(LORA_TARGETS)
+    lora_parameters: tuple[str, ...] = ()
 
     @property
     def vocab_size(self) -> int:
         return int(self.config["vocab_size"])
+
+    def lora_targets(self) -> dict:
+        """The target keywords of every system's LoRA: ``target_modules`` and, on a MoE shape,
+        ``target_parameters``."""
+        targets: dict = {"target_modules": list(self.lora_modules)}
+        if self.lora_parameters:
+            targets["target_parameters"] = list(self.lora_parameters)
+        return targets
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the checkpoint's weights (used to reuse caches)."""
@@ -240,6 +255,36 @@ SHAPES: dict[str, Shape] = {
             batch=2,
             config=dims(vocab=262144, hidden=2304, intermediate=9216, layers=30, heads=8,
                         kv_heads=4, head_dim=256),
+        ),
+        # Mixture-of-experts (issue 18), the published configs' sizes. Qwen3-30B-A3B: 48
+        # layers, 128 experts of width 768, 8 per token, 30.5B parameters (61 GB in bf16).
+        Shape(
+            name="qwen3-30b-a3b",
+            model_type="qwen3_moe",
+            batch=1,
+            lora_modules=tuple(ATTENTION_TARGETS),
+            lora_parameters=EXPERT_PARAMETERS,
+            config={
+                **QWEN_COMMON,
+                **dims(vocab=151936, hidden=2048, intermediate=6144, layers=48, heads=32,
+                       kv_heads=4, head_dim=128),
+                "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                "router_aux_loss_coef": 0.001, "max_position_embeddings": 40960,
+                "attention_bias": False, "tie_word_embeddings": False,
+            },
+        ),
+        Shape(
+            name="tiny-qwen3-moe",
+            model_type="qwen3_moe",
+            batch=2,
+            seq=32,
+            tiny=True,
+            lora_modules=tuple(ATTENTION_TARGETS),
+            lora_parameters=EXPERT_PARAMETERS,
+            config={**TINY_DIMS, "head_dim": 16, "moe_intermediate_size": 48, "num_experts": 5,
+                    "num_experts_per_tok": 2, "norm_topk_prob": True, "mlp_only_layers": [],
+                    "decoder_sparse_step": 1},
         ),
         # CPU dry-run twins of the two above: every layer kind present (tests/tiny_models.py's).
         Shape(

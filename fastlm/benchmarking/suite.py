@@ -93,6 +93,13 @@ SUITES: dict[str, list[Row]] = {
         Row(3, "Gemma-4 4B LoRA, B2 S2048", "train", "gemma4-4b", "lora", _NEW, "tiny-gemma4"),
         Row(4, "Gemma-4 4B QLoRA, B2", "train", "gemma4-4b", "qlora", _NEW, "tiny-gemma4"),
     ],
+    # Issue 18: mixture-of-experts, LoRA on attention and on every expert (target_parameters).
+    "issue18": [
+        Row(1, "Qwen3-30B-A3B LoRA, B1 S2048", "train", "qwen3-30b-a3b", "lora", _NEW,
+            "tiny-qwen3-moe"),
+        Row(2, "Qwen3-30B-A3B QLoRA, B1", "train", "qwen3-30b-a3b", "qlora", _NEW,
+            "tiny-qwen3-moe"),
+    ],
 }  # fmt: skip
 # The loops' default warm-up and timed steps (sft_bench times 12 steps, as the issue did).
 STEPS = {"train": (3, 10), "embed": (3, 10), "sft": (3, 12)}

@@ -72,19 +72,14 @@ def _to_device(model, ctx: Ctx):
     return model
 
 
-def lora_config(**extra):
-    """PEFT's LoraConfig of every system: r=16, alpha=16, no dropout, no bias, the seven
-    projections (`extra`: more fields, e.g. task_type)."""
+def lora_config(shape: Shape | None = None, **extra):
+    """PEFT's LoraConfig of every system: r=16, alpha=16, no dropout, no bias, the shape's
+    targets (the seven projections; a MoE shape's attention + experts) (`extra`: more fields,
+    e.g. task_type)."""
     from peft import LoraConfig
 
-    return LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=list(LORA_TARGETS),
-        **extra,
-    )
+    targets = shape.lora_targets() if shape else {"target_modules": list(LORA_TARGETS)}
+    return LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", **targets, **extra)
 
 
 def plain_checkpointing(model) -> None:
@@ -93,14 +88,15 @@ def plain_checkpointing(model) -> None:
     model.enable_input_require_grads()
 
 
-def _peft_kwargs(checkpointing: str) -> dict:
+def _peft_kwargs(checkpointing: str, shape: Shape | None = None) -> dict:
     """The get_peft_model arguments of fastlm's and Unsloth's loaders (the same LoRA as HF's)."""
+    targets = shape.lora_targets() if shape else {"target_modules": list(LORA_TARGETS)}
     return {
         "r": 16,
         "lora_alpha": 16,
         "lora_dropout": 0,
         "bias": "none",
-        "target_modules": list(LORA_TARGETS),
+        **targets,
         "use_gradient_checkpointing": checkpointing,
         "random_state": LORA_SEED,
     }
@@ -119,7 +115,7 @@ def load_hf(ctx: Ctx):
         kwargs["quantization_config"] = _bnb_config()
     model = AutoModelForCausalLM.from_pretrained(ctx.path, **kwargs)
     torch.manual_seed(LORA_SEED)
-    model = get_peft_model(model, lora_config(task_type="CAUSAL_LM"))
+    model = get_peft_model(model, lora_config(ctx.shape, task_type="CAUSAL_LM"))
     plain_checkpointing(model)
     return model
 
@@ -151,7 +147,7 @@ def load_fastlm(ctx: Ctx):
     )
     model = _to_device(model, ctx)
     # "fastlm" checkpointing: offloaded, as Unsloth's "unsloth" mode.
-    model = FastModel.get_peft_model(model, **_peft_kwargs(ctx.checkpointing))
+    model = FastModel.get_peft_model(model, **_peft_kwargs(ctx.checkpointing, ctx.shape))
     return _to_device(model, ctx)
 
 
@@ -165,7 +161,7 @@ def load_unsloth(ctx: Ctx):
         dtype=ctx.dtype,
         load_in_4bit=ctx.qlora,
     )
-    model = FastLanguageModel.get_peft_model(model, **_peft_kwargs("unsloth"))
+    model = FastLanguageModel.get_peft_model(model, **_peft_kwargs("unsloth", ctx.shape))
     return _to_device(model, ctx)
 
 

@@ -95,10 +95,10 @@ SUITES: dict[str, list[Row]] = {
     ],
     # Issue 18: mixture-of-experts, LoRA on attention and on every expert (target_parameters).
     "issue18": [
-        Row(1, "Qwen3-30B-A3B LoRA, B1 S2048", "train", "qwen3-30b-a3b", "lora", _NEW,
-            "tiny-qwen3-moe"),
-        Row(2, "Qwen3-30B-A3B QLoRA, B1", "train", "qwen3-30b-a3b", "qlora", _NEW,
-            "tiny-qwen3-moe"),
+        Row(1, "Qwen3-30B-A3B (24 of 48 layers) LoRA, B1 S2048", "train", "qwen3-30b-a3b-24l",
+            "lora", _NEW, "tiny-qwen3-moe"),
+        Row(2, "Qwen3-30B-A3B (24 of 48 layers) QLoRA, B1", "train", "qwen3-30b-a3b-24l",
+            "qlora", _NEW, "tiny-qwen3-moe"),
     ],
 }  # fmt: skip
 # The loops' default warm-up and timed steps (sft_bench times 12 steps, as the issue did).

@@ -257,7 +257,7 @@ SHAPES: dict[str, Shape] = {
                         kv_heads=4, head_dim=256),
         ),
         # Mixture-of-experts (issue 18). Qwen3-30B-A3B's layer (128 experts of width 768, 8 per
-        # token) in 24 of its 48 layers: 15.4B parameters, 31 GB in bf16, so the random-weight
+        # token) in 24 of its 48 layers: 15.6B parameters, 31 GB in bf16, so the random-weight
         # checkpoint fits the benchmark machine's disk (the whole 61 GB would not).
         Shape(
             name="qwen3-30b-a3b-24l",

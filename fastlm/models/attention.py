@@ -13,6 +13,8 @@ the reason recorded:
     only with a causal mask · as many keys as queries (a KV cache while decoding has more) · one
     head_dim <= 256 for q, k, v · query heads a multiple of kv heads · fp16 / bf16 / fp32 · a 4D
     mask that is exactly the causal (+ window) pattern, or padding on it (below).
+A call with attention sinks (the ``s_aux`` keyword: gpt-oss's) never runs it, the kernel having
+none; that reason comes before the others.
 
 Padded batches (a tokenizer's 0/1 ``attention_mask``, right, left or both-sided): where the 4D
 mask transformers built from it is exactly padding on the causal (+ window) or bidirectional
@@ -104,14 +106,17 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return output, weights, _model_path(module)
 
 
-def expected_path(module: nn.Module) -> AttentionPath:
+def expected_path(module: nn.Module, sinks: bool = False) -> AttentionPath:
     """The path ``attend`` will take for ``module`` as far as is known before a call (the mask,
-    the KV cache, the device and the dtype come with the call).
+    the KV cache, the device and the dtype come with the call); ``sinks``: its calls pass
+    attention sinks (``s_aux``).
 
     Usage: ``expected_path(model.model.layers[0].self_attn).implementation``.
     """
     if _model_function(module) is not None:
         return _model_path(module)
+    if sinks:
+        return AttentionPath("eager", _SINKS)
     if module.training and getattr(module, "attention_dropout", 0.0):
         return AttentionPath("eager", _DROPOUT)
     if module.head_dim > 256:
@@ -143,6 +148,7 @@ def register_fastlm_attention(name: str = "fastlm") -> str:
 # --------------------------------------------------------------------------- helpers
 
 _DROPOUT = "attention dropout in training"
+_SINKS = "attention sinks (s_aux): the kernel has none"
 _HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -276,6 +282,8 @@ def _why_not_flash(module, query, key, value, causal, window, dtype, kwargs) -> 
     """Why the kernel would not compute exactly what eager does, "" when it would: the first
     condition that fails, the mask aside (``_mask_problem``)."""
     q_len, d = query.shape[2], query.shape[-1]
+    if kwargs.get("s_aux") is not None:  # first: a fact of the model, not of this call
+        return _SINKS
     if not use_triton(query):
         return f"{query.device.type} tensors (the kernel runs on CUDA)"
     if kwargs.get("dropout", 0.0) and module.training:

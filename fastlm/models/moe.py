@@ -1,26 +1,34 @@
 """Sparse mixture-of-experts blocks: the router, the experts run grouped, the load-balancing loss.
 
 A block (``spec.moe``, e.g. Qwen3-MoE's) takes x (N tokens, H) and its router picks k experts per
-token with weights w (N, k) (``router_forward``, from the spec's facts). A block with a shared
-expert (Qwen3.5-MoE's) adds sigmoid(x G^T) · shared(x) to every token's output, the shared
-expert being a dense MLP that runs the fused LoRA MLP (``_shared_expert``). The N·k (token, expert)
-pairs are sorted by expert (a stable sort: within an expert, tokens keep their order), and each
-projection of every expert runs as *one* grouped GEMM over the sorted rows
-(``fastlm.kernels.grouped_gemm``) instead of transformers' loop of one small GEMM per expert:
+token with weights w (N, k) (``router_forward``, from the spec's facts: softmax then top-k, or
+gpt-oss's top-k logits then softmax over those k). A block with a shared expert (Qwen3.5-MoE's)
+adds sigmoid(x G^T) · shared(x) to every token's output, the shared expert being a dense MLP
+that runs the fused LoRA MLP (``_shared_expert``). The N·k (token, expert) pairs are sorted by
+expert (a stable sort: within an expert, tokens keep their order), and each projection of every
+expert runs as *one* grouped GEMM over the sorted rows (``fastlm.kernels.grouped_gemm``) instead
+of transformers' loop of one small GEMM per expert:
 
     xs   = x[token of each sorted pair]                                   (N·k, H)
-    e|g  = xs W_gu[e]^T + s_gu (xs A_gu[e]^T) B_gu[e]^T                  (N·k, 2·I), gate | up
-    h    = act(e) · g                                                     (N·k, I)
-    o    = (h W_d[e]^T + s_d (h A_d[e]^T) B_d[e]^T) · w[pair]             (N·k, H)
+    e|g  = xs W_gu[e]^T + s_gu (xs A_gu[e]^T) B_gu[e]^T (+ b_gu[e])      (N·k, 2·I), gate | up
+    h    = act(e, g)                          (e.g. SiLU(e) · g)          (N·k, I)
+    o    = (h W_d[e]^T + s_d (h A_d[e]^T) B_d[e]^T (+ b_d[e])) · w[pair]  (N·k, H)
     out  = o[back in pair order].view(N, k, H).sum(1)                     (N, H)
+
+with W[e] expert e's (out, in) weight: the parameter's slice e where it is stored (E, out, in)
+(Qwen), that slice's transpose where it is stored (E, in, out) (gpt-oss, whose slices are then
+the grouped GEMM's operands as they are), and b[e] its per-expert bias, gathered per row
+(gpt-oss). gate | up are the two halves of the 2·I outputs, or their even and odd columns where
+the spec says they are interleaved (gpt-oss); act is the spec's gated activation (gpt-oss's:
+``clamped_swiglu``).
 
 LoRA on the experts is PEFT's own: ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
 "mlp.experts.down_proj"])`` wraps the experts module in one ``ParamWrapper`` per parameter,
 holding per expert A_e (r, in) and B_e (out, r) in two ``nn.Linear`` (``expert_weights`` reads
 them as views, so their gradients land in PEFT's parameters). PEFT's forward adds s·B_e A_e to
-the whole (E, out, in) weight stack on every call and backpropagates through it; here the A and
-B products run on the routed rows only (three grouped GEMMs per projection), and no delta weight
-the size of the experts is ever made.
+the whole weight stack on every call (its transpose (s·B_e A_e)^T to a stack stored (E, in, out))
+and backpropagates through it; here the A and B products run on the routed rows only (three
+grouped GEMMs per projection), and no delta weight the size of the experts is ever made.
 
 Backward is autograd's through those steps; each grouped GEMM is a hand-derived Function
 (``GroupedMatmul``: dX_g = dY_g W_g^T, dW_g = X_g^T dY_g). The gather/sort/un-sort are index
@@ -39,12 +47,17 @@ share (no gradient), T the unpadded tokens × MoE layers, and c = d(what backwar
 d(loss) (recorded as the backward passes the loss: the Trainer's scaling, for one):
     d(c · coef · aux) / dz_t = c · coef · E / T · mask_t · (p_t ⊙ (f − <p_t, f>))
 for token t's router logits z_t, p_t = softmax(z_t): the softmax Jacobian applied to f.
+The same holds for gpt-oss's scoring (top-k logits, softmax over those k): transformers records
+the full logits z there too (its router's first output, with the router's bias) and its loss
+takes softmax(z) over all E experts and the top-k of it, which are the top-k of z (softmax keeps
+the order). The scoring changes the routing weights w only, whose gradient autograd carries
+through the experts' weighted sum; dz reaches the bias as sum_t dz_t, the weight as dz^T x.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,16 +74,35 @@ try:  # peft is a dependency, but keep plain-model use importable without it
 except ImportError:  # pragma: no cover
     ParamWrapper = ()  # type: ignore[assignment,misc]
 
-_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
+
+def clamped_swiglu(gate: Tensor, up: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's expert activation, g = min(gate, limit), u = clamp(up, -limit, limit):
+
+        h = (u + 1) · g · sigmoid(alpha · g)
+
+    Plain PyTorch with autograd (each clamp passes the gradient only inside its bounds), in the
+    order of transformers' ``GptOssExperts._apply_gate``, so fp32 results are bit-equal. A fused
+    kernel would save the few (rows, I) intermediates autograd keeps; not measured to matter yet.
+
+    Usage: ``h = clamped_swiglu(gate_up[:, ::2], gate_up[:, 1::2], alpha=1.702, limit=7.0)``.
+    """
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu, "clamped_swiglu": clamped_swiglu}
 
 
 class ExpertProjection(NamedTuple):
-    """One projection of every expert: base (E, out, in); LoRA A (E, r, in), B (E, out, r)."""
+    """One projection of every expert, as the grouped GEMMs take it: ``weight`` (E, in, out) (a
+    view of the parameter); LoRA A (E, r, in), B (E, out, r); ``bias`` (E, out) or None."""
 
     weight: Tensor
     lora_A: Tensor | None = None
     lora_B: Tensor | None = None
     scaling: float = 1.0
+    bias: Tensor | None = None
 
 
 # --------------------------------------------------------------------------- weights
@@ -91,7 +123,7 @@ def expert_weights(
                 None,
                 f"LoRA on experts parameter {name!r} (grouped path: {moe.gate_up}, {moe.down})",
             )
-        lora, why_not = _param_wrapper_lora(module)
+        lora, why_not = _param_wrapper_lora(module, moe)
         if why_not:
             return None, why_not
         if lora is not None:
@@ -99,25 +131,64 @@ def expert_weights(
         module = module.base_layer
     if type(module).__name__ != moe.experts_class:
         return None, f"{type(module).__name__} is not {moe.experts_class}"
-    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-        return None, "experts stored transposed or with biases (this spec takes (E, out, in))"
+    why_not = _layout_mismatch(module, moe)
+    if why_not:
+        return None, why_not
     weights = {}
-    for key, name in (("gate_up", moe.gate_up), ("down", moe.down)):
+    for key, name, bias in (
+        ("gate_up", moe.gate_up, moe.gate_up_bias),
+        ("down", moe.down, moe.down_bias),
+    ):
         weight = getattr(module, name)
         if weight.dim() != 3:
-            return None, f"experts {name} is {weight.dim()}-D (grouped path takes (E, out, in))"
-        weights[key] = ExpertProjection(weight, *adapters.get(name, (None, None, 1.0)))
+            return None, f"experts {name} is {weight.dim()}-D (the grouped path takes 3-D)"
+        if moe.experts_layout == "out_in":  # (E, out, in) -> the (E, in, out) operand
+            weight = weight.transpose(1, 2)
+        lora = adapters.get(name, (None, None, 1.0))
+        weights[key] = ExpertProjection(weight, *lora, getattr(module, bias) if bias else None)
     return weights, ""
 
 
-def _param_wrapper_lora(wrapper) -> tuple[tuple[Tensor, Tensor, float] | None, str]:
+def _layout_mismatch(module: nn.Module, moe: MixtureOfExperts) -> str:
+    """Why the experts module is not stored as the spec says ("" when it is), read from the
+    layout flags transformers' experts modules carry (``is_transposed``, ``has_bias``,
+    ``is_concatenated``), so that a changed transformers class is refused, not misread."""
+    transposed = moe.experts_layout == "in_out"
+    if getattr(module, "is_transposed", transposed) != transposed:
+        return f"experts stored {'(E, out, in)' if transposed else '(E, in, out)'}, not as spec"
+    biased = bool(moe.gate_up_bias or moe.down_bias)
+    if getattr(module, "has_bias", biased) != biased:
+        return f"experts {'without' if biased else 'with'} biases, unlike the spec"
+    interleaved = moe.gate_up_interleaved
+    if getattr(module, "is_concatenated", not interleaved) == interleaved:
+        return f"gate/up {'concatenated' if interleaved else 'interleaved'}, unlike the spec"
+    return ""
+
+
+def _base_experts(experts: nn.Module) -> nn.Module:
+    """The experts module under any PEFT ParamWrappers."""
+    while ParamWrapper and isinstance(experts, ParamWrapper):
+        experts = experts.base_layer
+    return experts
+
+
+def _param_wrapper_lora(
+    wrapper, moe: MixtureOfExperts
+) -> tuple[tuple[Tensor, Tensor, float] | None, str]:
     """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, as
-    views of its parameters; None without an active adapter (disabled, merged, none)."""
+    views of its parameters; None without an active adapter (disabled, merged, none).
+
+    The views are the same for both layouts. PEFT names in/out from the parameter's dims 1, 2,
+    swapped for a 3-D parameter whose module is not ``is_transposed`` (its
+    ``_did_swap_in_out_features``): so in and out are the projection's own either way, A_e is
+    (r, in), B_e (out, r), and the delta is s·B_e A_e on an (E, out, in) slice, (s·B_e A_e)^T on
+    an (E, in, out) one. Both give y = x W_e^T + s (x A_e^T) B_e^T."""
     name, why_not = active_adapter(wrapper, path="the experts' grouped")
     if name is None:
         return None, why_not
-    if not wrapper._did_swap_in_out_features:  # PEFT's marker of an (E, out, in) parameter
-        return None, "experts parameter stored (E, in, out)"
+    if wrapper._did_swap_in_out_features != (moe.experts_layout == "out_in"):
+        layout = "(E, out, in)" if wrapper._did_swap_in_out_features else "(E, in, out)"
+        return None, f"PEFT reads {wrapper.parameter_name!r} as {layout}, unlike the spec"
     experts = wrapper.num_experts
     a = wrapper.lora_A[name].weight  # (E·r, in): rows e·r .. e·r + r - 1 are expert e's A
     b = wrapper.lora_B[name].weight  # (out, r·E): column j·E + e is rank j of expert e's B
@@ -132,12 +203,17 @@ def _param_wrapper_lora(wrapper) -> tuple[tuple[Tensor, Tensor, float] | None, s
 
 def router_forward(self, hidden_states: Tensor, *, moe: MixtureOfExperts):
     """(logits (N, E), top-k weights (N, k), top-k experts (N, k)), as transformers' router:
-    p = softmax(x R^T) in fp32, its top k, renormalised where the router says so. Called as a
-    module, so transformers' output recorders still collect the logits for the aux loss."""
+    z = x R^T (+ b); "softmax" scoring: p = softmax(z) in fp32, its top k, renormalised where
+    the router says so; "topk_softmax": the top k of z, softmax over those k in z's dtype. Called
+    as a module, so transformers' output recorders still collect the logits for the aux loss."""
     x = hidden_states.reshape(-1, self.weight.shape[1])
     logits = F.linear(x, self.weight, getattr(self, "bias", None))  # (N, E)
+    k = getattr(self, moe.top_k_attr)
+    if moe.scoring == "topk_softmax":
+        top, experts = torch.topk(logits, k, dim=-1)  # (N, k)
+        return logits, torch.softmax(top, dim=-1, dtype=top.dtype), experts
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    top, experts = torch.topk(probs, getattr(self, moe.top_k_attr), dim=-1)  # (N, k)
+    top, experts = torch.topk(probs, k, dim=-1)  # (N, k)
     normalize = moe.normalize_top_k
     if normalize if isinstance(normalize, bool) else getattr(self, normalize):
         top = top / top.sum(dim=-1, keepdim=True)
@@ -149,8 +225,9 @@ def moe_block_forward(
 ):
     """The MoE block: route, run the experts grouped (transformers' / PEFT's experts forward
     where ``expert_weights`` says they cannot), add the gated shared expert where the block has
-    one, return (B, S, H); in a fused-loss training step its backward also carries the
-    load-balancing loss's gradient (``AuxLossGradient``)."""
+    one, return (B, S, H) (and the router scores (N, k) where the spec's block returns them);
+    in a fused-loss training step its backward also carries the load-balancing loss's gradient
+    (``AuxLossGradient``). ``activation``: the spec's, used where ``moe.activation`` is None."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])  # (N, H)
     logits, weights, experts = getattr(self, moe.router_attr)(x)  # (N, E), (N, k), (N, k)
@@ -159,11 +236,18 @@ def moe_block_forward(
     if projections is None:
         out = module(x, experts, weights)
     else:
-        out = grouped_experts(x, weights, experts, projections, activation)
+        base = _base_experts(module)
+        options = {name: getattr(base, name) for name in moe.activation_attrs}
+        out = grouped_experts(
+            x, weights, experts, projections, moe.activation or activation,
+            interleaved=moe.gate_up_interleaved, activation_options=options,
+        )  # fmt: skip
     if moe.shared_expert_attr:
         out = out + _shared_expert(self, x, moe)
     if aux.active and torch.is_grad_enabled():
         out = _AuxLossBackward.apply(out, logits, aux)
+    if moe.returns_router_scores:
+        return out.reshape(shape), weights
     return out.reshape(shape)
 
 
@@ -182,9 +266,14 @@ def grouped_experts(
     experts: Tensor,
     projections: dict[str, ExpertProjection],
     activation: str = "swiglu",
+    *,
+    interleaved: bool = False,
+    activation_options: dict[str, Any] | None = None,
 ) -> Tensor:
     """sum over the k chosen experts of w · expert(x), every expert's projections as grouped
-    GEMMs over the (token, expert) pairs sorted by expert.
+    GEMMs over the (token, expert) pairs sorted by expert. ``interleaved``: gate_up's outputs
+    alternate gate, up; ``activation_options``: keywords of the activation (gpt-oss's alpha,
+    limit).
 
     Usage: ``out = grouped_experts(x, w, idx, expert_weights(block.experts, spec.moe)[0])``.
     """
@@ -194,24 +283,32 @@ def grouped_experts(
     order = torch.argsort(pairs, stable=True)  # pairs sorted by expert
     sizes = torch.bincount(pairs, minlength=gate_up.weight.shape[0])  # rows per expert
     ends, host_sizes = group_ends(sizes)
+    rows = pairs[order]  # (N·k,): the expert of each sorted row (its bias)
     xs = x[order // k]  # (N·k, H)
-    gu = _grouped_projection(xs, gate_up, ends, host_sizes)  # (N·k, 2·I)
-    gate, up = gu.chunk(2, dim=-1)
-    h = _ACTIVATIONS[activation](gate, up)  # (N·k, I)
-    out = _grouped_projection(h, down, ends, host_sizes)  # (N·k, H)
+    gu = _grouped_projection(xs, gate_up, ends, host_sizes, rows)  # (N·k, 2·I)
+    gate, up = (gu[:, ::2], gu[:, 1::2]) if interleaved else gu.chunk(2, dim=-1)
+    h = _ACTIVATIONS[activation](gate, up, **(activation_options or {}))  # (N·k, I)
+    out = _grouped_projection(h, down, ends, host_sizes, rows)  # (N·k, H)
     out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     restore = torch.empty_like(order)
     restore[order] = torch.arange(order.numel(), device=order.device)
     return out[restore].view(tokens, k, -1).sum(dim=1).to(x.dtype)  # (N, H)
 
 
-def _grouped_projection(x: Tensor, p: ExpertProjection, ends: Tensor, sizes: list[int]) -> Tensor:
-    """Y = X W_e^T + s (X A_e^T) B_e^T per expert e's rows: three grouped GEMMs with LoRA."""
-    y = grouped_mm(x, p.weight.transpose(1, 2), ends, sizes)
-    if p.lora_A is None:
-        return y
-    xa = grouped_mm(x, p.lora_A.to(x.dtype).transpose(1, 2), ends, sizes)  # (rows, r)
-    return y.add(grouped_mm(xa, p.lora_B.to(x.dtype).transpose(1, 2), ends, sizes), alpha=p.scaling)
+def _grouped_projection(
+    x: Tensor, p: ExpertProjection, ends: Tensor, sizes: list[int], rows: Tensor
+) -> Tensor:
+    """Y = X W_e^T + s (X A_e^T) B_e^T + b_e per expert e's rows: three grouped GEMMs with
+    LoRA, the bias gathered per row (``rows``: each row's expert; its gradient adds back per
+    expert through the gather)."""
+    y = grouped_mm(x, p.weight, ends, sizes)
+    if p.lora_A is not None:
+        xa = grouped_mm(x, p.lora_A.to(x.dtype).transpose(1, 2), ends, sizes)  # (rows, r)
+        lora = grouped_mm(xa, p.lora_B.to(x.dtype).transpose(1, 2), ends, sizes)
+        y = y.add(lora, alpha=p.scaling)
+    if p.bias is not None:
+        y = y + p.bias.to(y.dtype)[rows]  # (rows, out)
+    return y
 
 
 # --------------------------------------------------------------------------- aux loss

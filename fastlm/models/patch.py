@@ -13,8 +13,10 @@ What runs where:
                      rotary part of each head where the rotary tables are narrower, partial
                      RoPE), then ``attention.attend``: where the model runs eager attention,
                      fastlm's flash-attention kernel (eager again for padding masks, dropout,
-                     decoding...), else the model's own SDPA / flash / flex function; × sigmoid
-                     of the gate, if any; then fused LoRA O. The latest call's choice is recorded.
+                     decoding, attention sinks...), else the model's own SDPA / flash / flex
+                     function; the sinks, where the spec names them, go along as ``s_aux``; ×
+                     sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
+                     recorded.
 - linear attention → (``spec.linear_attention``, Gated DeltaNet) ``linear_attention.py``: the input
                      projections as one fused LoRA group, conv + gated delta rule + gated norm
                      through fla's kernels on CUDA or transformers' functions, fused LoRA out_proj.
@@ -196,7 +198,8 @@ def fused_report(model: nn.Module) -> FusedReport:
             continue
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
-            row = _attention_row(name, latest, expected_path(module))
+            sinks = state.spec.attention_sinks_attr is not None
+            row = _attention_row(name, latest, expected_path(module, sinks=sinks))
             attention.append({**row, "kv": _kv_source(module, state.spec)})
         elif linear is not None and cls == linear.module_class:
             projections = (*linear.input_projections, linear.output_projection)
@@ -373,6 +376,8 @@ def _attention_forward(
     if spec.qk_norm:
         query = self.q_norm(query)
     cos, sin = position_embeddings
+    if spec.rope_half_tables:  # one entry per rotated pair: to the rotate_half layout (D wide)
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     if reuses_kv:  # K, V (B, Hk, S, D) as the storing layer left them: rotated, cache-updated
         query = _rope_query(query, cos, sin).transpose(1, 2)
         key, value = reuse_kv(stored, getattr(self, sharing.key_attr))
@@ -401,6 +406,8 @@ def _attention_forward(
     )
     if softcap is not None:
         extra["softcap"] = softcap
+    if spec.attention_sinks_attr:  # transformers' keyword for them: its functions read it
+        extra["s_aux"] = getattr(self, spec.attention_sinks_attr)
     output, weights, path = attend(
         self,
         query,

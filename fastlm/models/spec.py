@@ -60,19 +60,30 @@ class LinearAttention:
 
 @dataclass(frozen=True)
 class MixtureOfExperts:
-    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's, Qwen3.5-MoE's).
+    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's, Qwen3.5-MoE's,
+    gpt-oss's).
 
-    Per token x: the router's logits z = x R^T (E experts); p = softmax(z) (``scoring``
-    "softmax"); the top_k experts by p, their weights w = p[top] (divided by their sum as
-    ``normalize_top_k`` says); out = sum over the top_k of w_e · expert_e(x),
-    expert_e(x) = down_e(act(gate_e(x)) · up_e(x)). The experts' weights are 3-D parameters of
-    the experts module: ``gate_up`` (E, 2·I, H), gate rows then up rows, and ``down`` (E, H, I),
-    each (out, in) per expert. Where the block has a shared expert (``shared_expert_attr``, a
-    dense MLP of the spec's ``mlp_class`` that every token goes through), out += s(x) ·
-    shared(x), s(x) = sigmoid(x G^T) from the (H -> 1) linear ``shared_expert_gate_attr`` (1
-    without one). Training adds ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``)
-    over every router's logits when the config's ``output_router_logits`` is on. fastlm's router
-    and block forwards read these facts; the experts run grouped (``moe.py``).
+    Per token x: the router's logits z = x R^T + b (E experts; b where the router has a bias).
+    ``scoring`` "softmax": p = softmax(z), the top_k experts by p, their weights w = p[top]
+    (divided by their sum as ``normalize_top_k`` says). ``scoring`` "topk_softmax" (gpt-oss):
+    the top_k experts by z, w = softmax(z[top]) over those k alone. out = sum over the top_k of
+    w_e · expert_e(x), expert_e(x) = down_e(act(gate_e(x), up_e(x))) (+ each projection's bias
+    b_e where ``gate_up_bias`` / ``down_bias`` name one).
+
+    The experts' weights are 3-D parameters of the experts module, stored per ``experts_layout``:
+    "out_in" (Qwen): ``gate_up`` (E, 2·I, H) and ``down`` (E, H, I), each (out, in) per expert;
+    "in_out" (gpt-oss): ``gate_up`` (E, H, 2·I) and ``down`` (E, I, H), y = x W_e. The 2·I gate_up
+    outputs are gate then up (I each), or interleaved gate, up, gate, up... where
+    ``gate_up_interleaved``. act is the spec's gated activation, or ``activation`` with the
+    experts-module attributes ``activation_attrs`` as keyword arguments (gpt-oss:
+    "clamped_swiglu" with alpha and limit, ``moe.clamped_swiglu``).
+
+    Where the block has a shared expert (``shared_expert_attr``, a dense MLP of the spec's
+    ``mlp_class`` that every token goes through), out += s(x) · shared(x), s(x) = sigmoid(x G^T)
+    from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one). Training adds
+    ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every router's logits z
+    when the config's ``output_router_logits`` is on. fastlm's router and block forwards read
+    these facts; the experts run grouped (``moe.py``).
     """
 
     block_class: str  # the MoE block module (it holds the router and the experts)
@@ -80,13 +91,22 @@ class MixtureOfExperts:
     experts_class: str
     router_attr: str = "gate"  # the block's router module
     experts_attr: str = "experts"  # the block's experts module
-    scoring: str = "softmax"  # softmax over all experts, then top-k (the only one so far)
+    scoring: str = "softmax"  # "softmax" (over all experts, then top-k) or "topk_softmax"
     top_k_attr: str = "top_k"  # router module attribute: experts per token
     # Renormalise the top-k weights: a router module attribute that says whether (Qwen3-MoE's
     # norm_topk_prob), or True / False where the router always / never does (Qwen3.5-MoE: True).
     normalize_top_k: str | bool = "norm_topk_prob"
-    gate_up: str = "gate_up_proj"  # experts parameter (E, 2·I, H)
-    down: str = "down_proj"  # experts parameter (E, H, I)
+    gate_up: str = "gate_up_proj"  # experts parameter (E, 2·I, H), or (E, H, 2·I) "in_out"
+    down: str = "down_proj"  # experts parameter (E, H, I), or (E, I, H) "in_out"
+    experts_layout: str = "out_in"  # "out_in": W_e is (out, in); "in_out": (in, out)
+    gate_up_bias: str | None = None  # experts parameter (E, 2·I), added to each routed row
+    down_bias: str | None = None  # experts parameter (E, H)
+    gate_up_interleaved: bool = False  # gate_up's outputs alternate gate, up (gpt-oss)
+    activation: str | None = None  # the experts' gated activation; None: the spec's
+    activation_attrs: tuple[str, ...] = ()  # experts-module attributes it takes as keywords
+    # The block returns (hidden states, router scores (N, k)) instead of the hidden states
+    # alone: what the decoder layer unpacks (gpt-oss's GptOssMLP).
+    returns_router_scores: bool = False
     shared_expert_attr: str | None = None  # the block's shared expert (an mlp_class module)
     shared_expert_gate_attr: str | None = None  # the block's (H -> 1) linear gating it
     num_experts_attr: str = "num_experts"  # config attribute
@@ -94,8 +114,18 @@ class MixtureOfExperts:
     aux_loss_coef_attr: str = "router_aux_loss_coef"  # config attribute
 
     def __post_init__(self) -> None:
-        if self.scoring != "softmax":
-            raise ValueError(f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax'")
+        if self.scoring not in ("softmax", "topk_softmax"):
+            raise ValueError(
+                f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax', 'topk_softmax'"
+            )
+        if self.scoring == "topk_softmax" and self.normalize_top_k is not False:
+            raise ValueError("MixtureOfExperts: 'topk_softmax' weights sum to 1 already")
+        if self.experts_layout not in ("out_in", "in_out"):
+            raise ValueError(
+                f"MixtureOfExperts experts_layout {self.experts_layout!r}: 'out_in' or 'in_out'"
+            )
+        if self.activation_attrs and not self.activation:
+            raise ValueError("MixtureOfExperts: activation_attrs without an activation")
         if self.shared_expert_gate_attr and not self.shared_expert_attr:
             raise ValueError("MixtureOfExperts: a shared_expert_gate_attr without a shared expert")
 
@@ -111,7 +141,7 @@ class ArchitectureSpec:
     family: str  # human name, used in messages
     norm_class: str  # RMSNorm class name
     attention_class: str
-    mlp_class: str
+    mlp_class: str | None  # the dense MLP; None where every layer's is a MoE block (gpt-oss)
     norm_offset: float  # 0.0: y = w·x̂ (Llama, Gemma 4); 1.0: y = (1 + w)·x̂ (Gemma 1-3)
     activation: str  # "swiglu" (SiLU-gated) or "geglu" (tanh-GELU-gated)
     activation_config_attr: str  # config attribute that names the activation
@@ -130,6 +160,13 @@ class ArchitectureSpec:
     # q_proj yields per head [query | gate] (2·head_dim); the attention output is multiplied by
     # sigmoid(gate) before o_proj (Qwen3.5's full-attention layers).
     attention_output_gate: bool = False
+    # Module attribute with per-head learned attention sinks (gpt-oss): one extra logit per head
+    # in each query's softmax, with no value. Passed to the attention function as ``s_aux``, as
+    # transformers does; fastlm's flash kernel has no sinks, so such calls run the model's own.
+    attention_sinks_attr: str | None = None
+    # The rotary tables hold one entry per rotated pair (D/2 wide, gpt-oss) instead of the
+    # rotate_half layout's D with equal halves; the pairs (i, i + D/2) are the same.
+    rope_half_tables: bool = False
     linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
     moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap

@@ -29,6 +29,10 @@ try:  # transformers with qwen3_moe's fused 3-D experts (5.x); without it the Mo
     from transformers import Qwen3MoeConfig
 except ImportError:  # pragma: no cover
     Qwen3MoeConfig = None
+try:  # transformers with gpt_oss; without it the gpt-oss tests are skipped
+    from transformers import GptOssConfig
+except ImportError:  # pragma: no cover
+    GptOssConfig = None
 try:  # transformers with qwen3_5; without it the Qwen3.5 tests are skipped
     from transformers import Qwen3_5TextConfig
 except ImportError:  # pragma: no cover
@@ -134,6 +138,38 @@ _QWEN3_5_MOE_TEXT = dict(
     output_router_logits=True,
     router_aux_loss_coef=0.05,
 )
+# gpt-oss: three layers, sliding (window 4), full, sliding; 4 query heads over 2 kv heads of
+# head_dim 12 (heads·head_dim 48 ≠ hidden 40), biased q/k/v/o, learned sinks; each token routed
+# to 2 of 5 experts of width 24 (biased, gate/up interleaved), YaRN RoPE, aux loss coefficient
+# 0.05. swiglu_limit 1.0: the experts' gate/up values cross it (gpt_oss_extras), so both clamps
+# act on some rows and not on others.
+_GPT_OSS = dict(
+    vocab_size=VOCAB,
+    hidden_size=40,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=12,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    swiglu_limit=1.0,
+    output_router_logits=True,
+    router_aux_loss_coef=0.05,
+    max_position_embeddings=256,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 4.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 64,
+    },
+    tie_word_embeddings=False,
+)
 # EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
 # be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
 # the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
@@ -197,6 +233,8 @@ if Qwen3MoeConfig is not None:
     _CONFIGS["qwen3_moe"] = (Qwen3MoeConfig, _QWEN3_MOE)
 if Qwen3_5MoeTextConfig is not None:
     _CONFIGS["qwen3_5_moe_text"] = (Qwen3_5MoeTextConfig, _QWEN3_5_MOE_TEXT)
+if GptOssConfig is not None:
+    _CONFIGS["gpt_oss"] = (GptOssConfig, _GPT_OSS)
 if EmbeddingGemma2TextConfig is not None:
     _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
@@ -295,25 +333,51 @@ def random_norms(model: torch.nn.Module) -> None:
 
 
 def starve_expert(model: torch.nn.Module, expert: int, norm_offset: float = 0.0) -> None:
-    """Make every MoE router of a tiny model (Qwen3-MoE's, Qwen3.5-MoE's) skip ``expert`` on any
+    """Make every MoE router of a tiny model (Qwen3-MoE's, Qwen3.5-MoE's, gpt-oss's) skip
+    ``expert`` on any
     batch, LoRA (B != 0) included: embedding column 0 is set to 0.3 (the other entries are
     ~0.02), so every token's state stays positive there through the layers (normalised: >= 1.5
     on tiny_batch); each router reads nothing from that column but for ``expert``, whose weight
     there is -8 / (the MoE input norm's scale there: its weight w, or 1 + w for a
     ``norm_offset`` 1 family): its logit is lower by >= 12 than without, the others' routing is
-    untouched (a per-token positive scale does not reorder them)."""
+    untouched (a per-token positive scale does not reorder them). A router with a bias
+    (gpt-oss's, whose token embeddings gpt_oss_extras scales up, so column 0 weighs less) also
+    gets -8 on ``expert``'s bias."""
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 0.3
         for layer in model.model.layers:
-            router = getattr(layer.mlp, "gate", None)
+            router = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)
             if router is not None and getattr(router, "weight", None) is not None:
                 scale = norm_offset + layer.post_attention_layernorm.weight[0]
                 router.weight[:, 0] = 0.0
                 router.weight[expert, 0] = -8.0 / scale
+                if getattr(router, "bias", None) is not None:
+                    router.bias[expert] = -8.0
+
+
+def gpt_oss_extras(model: torch.nn.Module) -> None:
+    """What a freshly initialised tiny gpt-oss lacks for a test to see every term, and routing
+    that spreads over the experts: its biases start at zero (attention, experts) or near it
+    (router) and its sinks near zero. Here the sinks are drawn ~N(0, 1), attention biases
+    ~N(0, 0.05), expert biases ~N(0, 0.1); the router (weight and bias) ×10 and the token
+    embeddings ×6, so that routing depends on the token more than on the biases every token
+    shares (each expert but the starved one gets tokens on tiny_batch); the experts' gate_up
+    weights ×25, so that gate/up values (|.| ~ 0.7) cross swiglu_limit 1.0 on some rows."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(6.0)
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.normal_(0.0, 1.0)
+            elif ".router." in name:
+                param.mul_(10.0)
+            elif name.endswith("bias"):  # q/k/v/o_proj.bias, experts' gate_up/down_proj_bias
+                param.normal_(0.0, 0.05 if ".self_attn." in name else 0.1)
+            elif name.endswith("experts.gate_up_proj"):
+                param.mul_(25.0)
 
 
 # MoE model_type -> its norm offset (starve_expert)
-_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0}
+_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0, "gpt_oss": 0.0}
 
 
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
@@ -323,6 +387,8 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
     random_norms(model)
+    if model_type == "gpt_oss":
+        gpt_oss_extras(model)
     if model_type in _MOE_NORM_OFFSETS:  # an expert without tokens, on any batch
         starve_expert(model, model.config.num_experts - 1, _MOE_NORM_OFFSETS[model_type])
     model.save_pretrained(path)

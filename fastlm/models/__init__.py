@@ -15,6 +15,7 @@ from fastlm.models.finite_guard import install_finite_guard, verify_finite
 from fastlm.models.gemma import GEMMA, GEMMA2
 from fastlm.models.gemma3 import GEMMA3_TEXT
 from fastlm.models.gemma4 import GEMMA4_TEXT
+from fastlm.models.gpt_oss import GPT_OSS
 from fastlm.models.llama import LLAMA
 from fastlm.models.mistral import MISTRAL
 from fastlm.models.patch import (
@@ -45,6 +46,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         GEMMA4_TEXT,
         QWEN3_5_TEXT,
         QWEN3_5_MOE_TEXT,
+        GPT_OSS,
         EMBEDDING_GEMMA2_TEXT,
     )
 }

@@ -1,7 +1,9 @@
-"""save_pretrained_merged on mixture-of-experts models (Qwen3-MoE, Qwen3.5-MoE text).
+"""save_pretrained_merged on mixture-of-experts models (Qwen3-MoE, Qwen3.5-MoE text, gpt-oss).
 
 LoRA on the experts is PEFT's ParamWrapper: per expert e, A_e and B_e live in two Linears and
-the merge adds s·B_e A_e to the 3-D parameter's slice e. A fastlm model with LoRA (B ≠ 0) on
+the merge adds s·B_e A_e to the 3-D parameter's slice e ((s·B_e A_e)ᵀ where the parameter is
+stored (E, in, out), as gpt-oss's; its expert biases, sinks and router bias are written as they
+are). A fastlm model with LoRA (B ≠ 0) on
 the experts and on attention → merged_16bit → plain AutoModelForCausalLM (eager experts) →
 eval logits equal the adapter model's (fp32, atol 1e-5 / rtol 1e-4); the expert weights equal
 PEFT's own merge. merged_4bit and GGUF refuse MoE models in one line.
@@ -34,6 +36,14 @@ FAMILIES = [
         marks=pytest.mark.skipif(
             importlib.util.find_spec("transformers.models.qwen3_5_moe") is None,
             reason="transformers without Qwen3.5-MoE",
+        ),
+    ),
+    pytest.param(
+        "gpt_oss",
+        id="gpt_oss",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("transformers.models.gpt_oss") is None,
+            reason="transformers without gpt-oss",
         ),
     ),
 ]

@@ -1,11 +1,15 @@
-"""Mixture-of-experts (Qwen3-MoE, Qwen3.5-MoE text): fastlm's grouped experts vs transformers'
-per-expert loop + PEFT.
+"""Mixture-of-experts (Qwen3-MoE, Qwen3.5-MoE text, gpt-oss): fastlm's grouped experts vs
+transformers' per-expert loop + PEFT.
 
 The tiny models (tiny_models) route each token to 2 of 5 experts of width 27 with renormalised
 weights and an aux loss coefficient of 0.05. Qwen3-MoE: 3 layers, the middle one dense.
 Qwen3.5-MoE: Qwen3.5's hybrid layers (Gated DeltaNet, gated full attention, Gated DeltaNet), a
-MoE block in each, with a shared expert of width 35 behind its sigmoid gate. Each has an expert
-that no token reaches (``starve_expert``) and runs on a padded batch. The reference is unpatched
+MoE block in each, with a shared expert of width 35 behind its sigmoid gate. gpt-oss: 3 layers
+(sliding, full, sliding attention with non-zero learned sinks and biases), a MoE block in each:
+a biased router (top-2 logits, softmax over those two) and 5 biased experts of width 24 stored
+(E, in, out) with gate/up interleaved and the clamped SwiGLU (limit crossed on some rows;
+tiny_models.gpt_oss_extras). Each has an expert that no token reaches (``starve_expert``) and
+runs on a padded batch. The reference is unpatched
 transformers with its eager experts (``experts_implementation="eager"``: one GEMM per expert in
 a loop) and PEFT's LoRA on the experts (``ParamWrapper``: W_e + s·B_e A_e for the whole stack).
 Tolerance: 1e-4 relative on the loss (aux loss included) and on every gradient, fp32 on CPU,
@@ -47,6 +51,7 @@ LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 QWEN3_5_MOE = "qwen3_5_moe_text"
+GPT_OSS = "gpt_oss"
 
 
 class Family(NamedTuple):
@@ -55,6 +60,8 @@ class Family(NamedTuple):
     target_parameters: list[str] | None
     moe_layers: int  # layers with a MoE block
     shared_expert: bool
+    router: str = "mlp.gate"  # the router module's path in a layer
+    expert_parameters: int = 2  # parameters of an experts module (gpt-oss: and two biases)
 
 
 FAMILIES = {
@@ -62,14 +69,22 @@ FAMILIES = {
     # PEFT 0.21 maps no qwen3_5_moe target onto the experts: gate/up/down_proj are the shared
     # expert's, and the experts take LoRA through target_parameters.
     QWEN3_5_MOE: Family(QWEN3_5_MOE, ATTENTION + LINEAR + MLP, EXPERT_PARAMETERS, 3, True),
+    # No dense MLP at all: LoRA on the experts through target_parameters only.
+    GPT_OSS: Family(GPT_OSS, ATTENTION, EXPERT_PARAMETERS, 3, False, "mlp.router", 4),
 }
 _NO_QWEN3_5_MOE = importlib.util.find_spec("transformers.models.qwen3_5_moe") is None
+_NO_GPT_OSS = importlib.util.find_spec("transformers.models.gpt_oss") is None
 FAMILY_PARAMS = [
     pytest.param("qwen3_moe", id="qwen3_moe"),
     pytest.param(
         QWEN3_5_MOE,
         id="qwen3_5_moe",
         marks=pytest.mark.skipif(_NO_QWEN3_5_MOE, reason="transformers without Qwen3.5-MoE"),
+    ),
+    pytest.param(
+        GPT_OSS,
+        id="gpt_oss",
+        marks=pytest.mark.skipif(_NO_GPT_OSS, reason="transformers without gpt-oss"),
     ),
 ]
 
@@ -156,20 +171,23 @@ def test_loss_aux_loss_and_lora_gradients_match_hf(tmp_path, checkpointing, fami
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_target_parameters_and_a_trainable_router_match_hf(tmp_path, family):
     """PEFT's own spelling (attention modules + target_parameters), and router weights (and the
-    shared expert's gate) that train: their gradients (through the top-k weights, the aux loss,
-    the sigmoid gate) match too."""
+    shared expert's gate; gpt-oss's router bias and expert biases) that train: their gradients
+    (through the top-k weights, the aux loss, the sigmoid gate, the gathered biases) match too."""
     targets = ATTENTION if family == "qwen3_moe" else None  # None: the family's (above)
     reference, fast = _pair(
         tmp_path, False, family, target_parameters=EXPERT_PARAMETERS, target_modules=targets
     )
-    trained = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+    spec = FAMILIES[family]
+    router = f"{spec.router}.weight"
+    trained = (router, f"{spec.router}.bias", "mlp.shared_expert_gate.weight", "proj_bias")
     for model in (reference, fast):
         for name, param in model.named_parameters():
             if name.endswith(trained):
                 param.requires_grad_(True)
     _, grads = _assert_match(reference, fast, tiny_batch())
-    spec = FAMILIES[family]
-    assert sum(name.endswith("mlp.gate.weight") for name in grads) == spec.moe_layers
+    assert sum(name.endswith(router) for name in grads) == spec.moe_layers
+    biases = sum(name.endswith(("router.bias", "proj_bias")) for name in grads)
+    assert biases == (3 * spec.moe_layers if family == GPT_OSS else 0)  # router, gate_up, down
     gates = sum(name.endswith("shared_expert_gate.weight") for name in grads)
     assert gates == (spec.moe_layers if spec.shared_expert else 0)
 
@@ -270,7 +288,7 @@ def test_load_in_4bit_leaves_the_experts_in_the_load_dtype_and_says_so(tmp_path,
             path, dtype=torch.float32, device_map="cpu", load_in_4bit=True
         )
     experts = [p for n, p in model.named_parameters() if ".mlp.experts." in n]
-    assert len(experts) == 2 * FAMILIES[family].moe_layers
+    assert len(experts) == FAMILIES[family].expert_parameters * FAMILIES[family].moe_layers
     assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in experts)
     quantised = [n for n, p in model.named_parameters() if hasattr(p, "quant_state")]
     assert any(".self_attn." in n or ".linear_attn." in n for n in quantised)
@@ -294,9 +312,13 @@ def test_multimodal_qwen3_5_moe_is_refused_with_the_text_model_named():
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padded"])
-def test_load_balancing_loss_matches_transformers(masked):
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
-
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_load_balancing_loss_matches_transformers(masked, family):
+    """Each family's own load_balancing_loss_func (gpt-oss's takes the raw logits, as the others'
+    do: softmax over all experts inside), value and gradient."""
+    folder = family.removesuffix("_text")
+    modeling = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    load_balancing_loss_func = modeling.load_balancing_loss_func
     generator = torch.Generator().manual_seed(0)
     logits = tuple(torch.randn(33, 5, generator=generator, requires_grad=True) for _ in range(2))
     mask = tiny_batch()["attention_mask"] if masked else None

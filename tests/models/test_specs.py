@@ -28,6 +28,7 @@ _GGUF_ARCH_BEFORE = {
     "gemma4_text": "GEMMA4",
     "qwen3_5_text": "QWEN35",
     "qwen3_5_moe_text": None,  # llama.cpp has qwen35moe, fastlm's writer no layout for experts
+    "gpt_oss": None,  # llama.cpp has gpt-oss, fastlm's writer no layout for experts or sinks
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}

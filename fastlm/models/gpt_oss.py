@@ -1,0 +1,68 @@
+"""gpt-oss (``gpt_oss``): attention with learned sinks, and a sparse mixture of biased experts.
+
+What differs from the Llama-shaped families, and where fastlm's shared path takes it from the
+spec:
+- Attention: biased q/k/v/o (the fused LoRA projections take biases), sliding-window layers
+  alternating with full ones, and per-head learned sinks (``attention_sinks_attr``): one extra
+  logit per head in each query's softmax, with no value. fastlm's flash kernel has no sinks, so
+  every call runs transformers' own attention with ``s_aux`` (eager: gpt-oss has no SDPA path;
+  flash / flex where loaded so); ``fused_report(model).attention`` says so on every layer. The
+  rotary tables are D/2 wide (``rope_half_tables``), YaRN-scaled by default.
+- Every layer's MLP is a ``GptOssMLP`` (``moe``; there is no dense MLP): the router has a bias,
+  picks the top k experts by logit and softmaxes those k (``scoring="topk_softmax"``); the
+  experts are stored (E, in, out) (``gate_up_proj`` (E, H, 2·I), ``down_proj`` (E, I, H)) with
+  per-expert biases, gate and up interleaved in gate_up's outputs, and the clamped SwiGLU
+  ``(clamp(up, ±limit) + 1) · g·sigmoid(alpha·g)``, g = min(gate, limit) (config
+  ``swiglu_alpha``, ``swiglu_limit``; ``moe.clamped_swiglu``). They run as grouped GEMMs, LoRA on
+  them through PEFT's ``target_parameters=["mlp.experts.gate_up_proj",
+  "mlp.experts.down_proj"]`` (``moe.py``). The block returns (hidden, router scores), as the
+  decoder layer unpacks.
+- Training adds ``router_aux_loss_coef`` × the load-balancing loss when ``output_router_logits``:
+  transformers records the full router logits and softmaxes them over all experts for it, as
+  for Qwen3-MoE, so the aux loss and its gradient are the shared ones.
+MXFP4 checkpoints (openai/gpt-oss-*): fastlm has no MXFP4 kernels and trains the experts
+dequantised. transformers dequantises them to bf16 at load by itself where its MXFP4 path cannot
+run (no ``kernels`` package, which fastlm does not install, or no Triton / device for it); where
+it can, pass ``quantization_config=Mxfp4Config(dequantize=True)``, since quantised experts
+(``Mxfp4GptOssExperts``) are not this spec's class: ``fused_report`` names them unfused and
+transformers does not train them. ``load_in_4bit`` quantises the linear layers (attention) to
+NF4 and leaves the experts' 3-D weights (and the router, not an ``nn.Linear``) in the load dtype,
+with one warning at load (as for Qwen3-MoE).
+GGUF export is refused (``gguf_arch`` None): fastlm's writer has no layout for the experts'
+3-D tensors (nor for sinks); export merged_16bit and convert that instead.
+"""
+
+from fastlm.models.spec import ArchitectureSpec, MixtureOfExperts
+
+GPT_OSS = ArchitectureSpec(
+    model_type="gpt_oss",
+    family="gpt-oss",
+    norm_class="GptOssRMSNorm",
+    attention_class="GptOssAttention",
+    mlp_class=None,  # no dense MLP: every layer's is the MoE block
+    norm_offset=0.0,
+    # Unused by gpt-oss's experts (the clamped SwiGLU below): the config's default, kept so that
+    # a config naming another activation is refused rather than silently ignored.
+    activation="swiglu",
+    activation_config_attr="hidden_act",
+    activation_config_values=("silu",),
+    gguf_arch=None,
+    attention_sinks_attr="sinks",
+    rope_half_tables=True,
+    moe=MixtureOfExperts(
+        block_class="GptOssMLP",
+        router_class="GptOssTopKRouter",
+        experts_class="GptOssExperts",
+        router_attr="router",
+        scoring="topk_softmax",
+        normalize_top_k=False,
+        experts_layout="in_out",
+        gate_up_bias="gate_up_proj_bias",
+        down_bias="down_proj_bias",
+        gate_up_interleaved=True,
+        activation="clamped_swiglu",
+        activation_attrs=("alpha", "limit"),
+        returns_router_scores=True,
+        num_experts_attr="num_local_experts",
+    ),
+)

@@ -275,6 +275,42 @@ SHAPES: dict[str, Shape] = {
                 "attention_bias": False, "tie_word_embeddings": False,
             },
         ),
+        # gpt-oss-20b: 24 layers alternating sliding (128) and full attention with sinks, 32
+        # experts of width 2880, 4 per token, 20.9B parameters (42 GB in bf16). transformers'
+        # gpt-oss attention has no SDPA path (the sinks): eager, as for Gemma 2.
+        Shape(
+            name="gpt-oss-20b",
+            model_type="gpt_oss",
+            batch=1,
+            attn_implementation="eager",
+            lora_modules=tuple(ATTENTION_TARGETS),
+            lora_parameters=EXPERT_PARAMETERS,
+            config={
+                **dims(vocab=201088, hidden=2880, intermediate=2880, layers=24, heads=64,
+                       kv_heads=8, head_dim=64),
+                "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
+                "layer_types": ["sliding_attention", "full_attention"] * 12,
+                "swiglu_limit": 7.0, "router_aux_loss_coef": 0.001, "attention_bias": True,
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "max_position_embeddings": 131072,
+                "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                    "original_max_position_embeddings": 4096},
+            },
+        ),
+        Shape(
+            name="tiny-gpt-oss",
+            model_type="gpt_oss",
+            batch=2,
+            seq=32,
+            tiny=True,
+            attn_implementation="eager",
+            lora_modules=tuple(ATTENTION_TARGETS),
+            lora_parameters=EXPERT_PARAMETERS,
+            config={**TINY_DIMS, "head_dim": 16, "intermediate_size": 48, "num_local_experts": 5,
+                    "num_experts_per_tok": 2, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+        ),
         Shape(
             name="tiny-qwen3-moe",
             model_type="qwen3_moe",

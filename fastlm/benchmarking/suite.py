@@ -99,6 +99,8 @@ SUITES: dict[str, list[Row]] = {
             "lora", _NEW, "tiny-qwen3-moe"),
         Row(2, "Qwen3-30B-A3B (24 of 48 layers) QLoRA, B1", "train", "qwen3-30b-a3b-24l",
             "qlora", _NEW, "tiny-qwen3-moe"),
+        Row(3, "gpt-oss-20b LoRA, B1 S2048", "train", "gpt-oss-20b", "lora", _NEW, "tiny-gpt-oss"),
+        Row(4, "gpt-oss-20b QLoRA, B1", "train", "gpt-oss-20b", "qlora", _NEW, "tiny-gpt-oss"),
     ],
 }  # fmt: skip
 # The loops' default warm-up and timed steps (sft_bench times 12 steps, as the issue did).

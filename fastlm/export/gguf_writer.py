@@ -101,7 +101,7 @@ def save_pretrained_gguf(
             "reproduced. Write f16 and run llama-quantize on it."
         )
     vocab = tokenizer_vocab(tokenizer, config)  # before any big work: fail fast on a bad vocab
-    inputs = input_folders(model)
+    inputs = input_folders(model, tokenizer)
     out_dir = check_target(save_directory, inputs)
     # f16/bf16 take 2 bytes a weight, q8_0 ~1.06, the k-quants less: 2 bytes is an upper bound.
     weights = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)

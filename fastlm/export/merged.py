@@ -83,7 +83,9 @@ def save_pretrained_merged(
     The merged folder loads with plain ``AutoModelForCausalLM.from_pretrained``. Files are
     written into ``save_directory`` (other files there are kept; docs/export.md lists what is
     replaced), each appearing only once all are complete; ``model`` is left unchanged. Refuses
-    the folder the model (or ``base_checkpoint``) was loaded from. Returns the absolute path.
+    the folder the model, ``tokenizer`` or ``base_checkpoint`` was loaded from (a LoRA adapter
+    folder loaded with ``FastModel.from_pretrained`` is known by its tokenizer). Returns the
+    absolute path.
     """
     if save_method == "lora":
         return _save_lora(model, save_directory, tokenizer)
@@ -120,7 +122,7 @@ def _save_lora(model: nn.Module, save_directory: str | os.PathLike, tokenizer: A
             "save_method='lora' needs a PEFT model (from FastModel.get_peft_model); for a full "
             "fine-tune use save_method='merged_16bit'."
         )
-    inputs = input_folders(model)
+    inputs = input_folders(model, tokenizer)
     folder = check_target(save_directory, inputs)
     needed = sum(t.numel() * t.element_size() for t in get_peft_model_state_dict(model).values())
     check_free_disk(folder, needed, "the LoRA adapter")
@@ -153,7 +155,7 @@ def _save_merged(
     if original is not None:
         original.check(entries)
     shards = _split(entries, parse_size(max_shard_size))
-    inputs = [*input_folders(model), base_checkpoint]
+    inputs = [*input_folders(model, tokenizer), base_checkpoint]
     folder = check_target(save_directory, inputs)
     stale = _superseded_weights(folder, [_shard_name(i, len(shards)) for i in range(len(shards))])
     total = sum(entry.nbytes for entry in entries)
@@ -167,15 +169,19 @@ def _save_merged(
     return folder
 
 
-def input_folders(model: nn.Module) -> list[str]:
-    """Local folders ``model`` was loaded from (its base model's): an export must not write there.
+def input_folders(model: nn.Module, tokenizer: Any = None) -> list[str]:
+    """Local folders ``model`` (and ``tokenizer``) were loaded from: an export must not write there.
 
-    Usage: ``check_target(out, input_folders(model))``. Hub ids and in-memory models give none.
+    Usage: ``check_target(out, input_folders(model, tokenizer))``. Hub ids and in-memory models
+    give none. The tokenizer's folder counts because it is the only trace of a LoRA adapter
+    folder loaded with ``FastModel.from_pretrained(adapter_folder)``: PEFT keeps the base
+    model's path, not the adapter's, and the adapter's tokenizer is loaded from its folder.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = [
         getattr(getattr(base, "config", None), "_name_or_path", None),
         getattr(base, "name_or_path", None),
+        getattr(tokenizer, "name_or_path", None),
     ]
     for config in (getattr(model, "peft_config", None) or {}).values():
         names.append(getattr(config, "base_model_name_or_path", None))

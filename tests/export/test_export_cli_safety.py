@@ -83,6 +83,28 @@ def test_export_into_its_own_input_is_refused(trained, capsys, method, into):
     assert snapshot(target) == before
 
 
+@pytest.mark.parametrize("spelling", ["relative/", "./relative", "symlink", "symlink/"])
+@pytest.mark.parametrize("flag", ["--adapter", "--model"])
+def test_its_own_input_is_refused_however_the_path_is_spelt(
+    trained, tmp_path, monkeypatch, capsys, flag, spelling
+):
+    """The --adapter folder, or the --model folder (a merged checkpoint, say), is refused as
+    --output-dir through a relative path, a trailing slash or a symlink: the paths are compared
+    as the folders they name."""
+    base, adapter = trained
+    source = adapter if flag == "--adapter" else base
+    before = snapshot(source)
+    monkeypatch.chdir(source.parent)
+    (tmp_path / "link").symlink_to(source)
+    output = {"relative/": f"{source.name}/", "./relative": f"./{source.name}"}.get(spelling)
+    if output is None:
+        output = str(tmp_path / "link") + spelling.removeprefix("symlink")
+    assert run(["export", flag, source, "--output-dir", output, "--method", "merged_16bit"]) == 1
+    line = one_error_line(capsys)
+    assert "reads from" in line and "another output folder" in line
+    assert snapshot(source) == before
+
+
 @pytest.mark.parametrize("output", ["notes.txt", "notes.txt/merged"])
 def test_output_dir_that_is_a_file_is_one_line(trained, tmp_path, capsys, output):
     _, adapter = trained

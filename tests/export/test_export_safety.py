@@ -138,6 +138,32 @@ def test_export_into_the_folder_the_model_was_loaded_from_is_refused(tmp_path, m
     assert snapshot(source) == before  # nothing written, nothing replaced
 
 
+@pytest.mark.parametrize("method", ["lora", "merged_16bit", "gguf"])
+def test_export_into_the_adapter_folder_the_model_was_loaded_from_is_refused(
+    tmp_path, monkeypatch, method
+):
+    """FastModel.from_pretrained(adapter_folder), then an export into that folder, however the
+    path is spelt: it replaced the adapter (lora), or made the folder load as a full model
+    (merged_16bit writes a config.json beside adapter_config.json)."""
+    from fastlm import FastModel
+
+    model, _, _ = _trained(tmp_path)
+    adapter = tmp_path / "adapter"
+    save_pretrained_merged(model, adapter, spm_tokenizer(), "lora")  # a tokenizer GGUF can write
+    loaded, tokenizer = FastModel.from_pretrained(str(adapter), device_map="cpu")
+    before = snapshot(adapter)
+    (tmp_path / "link").symlink_to(adapter)
+    monkeypatch.chdir(tmp_path)
+    for target in (adapter, "adapter/", "./adapter", "link/", tmp_path / "link"):
+        with pytest.raises(ExportPathError, match="reads from.*another output folder"):
+            if method == "gguf":
+                save_pretrained_gguf(loaded, target, tokenizer, ["f16"], name="tiny")
+            else:
+                save_pretrained_merged(loaded, target, tokenizer, method)
+    assert snapshot(adapter) == before  # nothing written, nothing replaced
+    save_pretrained_merged(loaded, tmp_path / "elsewhere", tokenizer, "lora")  # allowed
+
+
 def test_base_checkpoint_folder_is_refused_as_output(tmp_path):
     pytest.importorskip("bitsandbytes.functional")
     from test_merged_qlora import _qlora

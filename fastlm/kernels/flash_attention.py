@@ -1,4 +1,5 @@
-"""Flash attention, forward and backward, with Gemma 2's logit soft-capping and sliding windows.
+"""Flash attention, forward and backward, with Gemma 2's logit soft-capping, sliding windows and
+gpt-oss's attention sinks.
 
 Layout (batch, heads, seq, head_dim), as transformers' attention functions receive q/k/v. Per batch
 b and query head h (GQA: query head h reads kv head h // (H_q / H_kv)):
@@ -7,11 +8,17 @@ b and query head h (GQA: query head h reads kv head h // (H_q / H_kv)):
     t_ij = c * tanh(s_ij / c)           (soft-capping with c = softcap; t = s without it)
     kept: j <= i (causal) and i - j < window (transformers' sliding_window_overlay keeps
           kv_idx > q_idx - window: a key at distance == window is dropped)
-    p_ij = softmax_j(t_ij),   o_i = sum_j p_ij v_j
+    p_ij = exp(t_ij) / (exp(sink_h) + sum_j' exp(t_ij')),   o_i = sum_j p_ij v_j
+
+sink_h (optional, ``sinks`` (H_q,), fp32 in the kernels): one learned logit per query head, a
+softmax column with no value vector (gpt-oss's eager attention concatenates it to the masked
+scores and drops it after the softmax), taken as given: not scaled, not capped. It only enlarges
+the denominator; without sinks the term is absent (a sink of -inf).
 
 The forward streams key blocks with an online softmax and saves only o and the row log-sum-exp, in
-base 2 (lse2_i = log2 sum_j 2^(t_ij * log2 e)); the S x S scores never exist in memory. The
-backward recomputes p = 2^(t * log2 e - lse2) block by block (see the kernels for the derivative).
+base 2 (lse2_i = log2 (2^(sink_h log2 e) + sum_j 2^(t_ij * log2 e)), the sink's term only with
+sinks); the S x S scores never exist in memory. The backward recomputes p = 2^(t * log2 e - lse2)
+block by block (see the kernels for the derivative, the sinks' included).
 Two deterministic backward kernels, no atomics: dq over query blocks (it also writes
 delta_i = sum_d do_id o_id), then dk/dv over key blocks, each kv-head program summing the GQA group
 of query heads in registers. tanh is built from tl.exp2 (libdevice tanh is missing in the
@@ -113,11 +120,11 @@ def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OUT, LSE, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    n_heads, group, row_len, window, qk_mul, cap_log2e,
+    Q, K, V, OUT, LSE, CU_SEQLENS, SINK_LOGITS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    sob, soh, som, n_heads, group, row_len, window, qk_mul, cap_log2e,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, SINKS: tl.constexpr,
 ):  # fmt: skip
     start_m, bh, b, h, hk = _query_block(n_heads, group, BLOCK_M, VARLEN)
     tok0, seq_len = _sequence(row_len, CU_SEQLENS, VARLEN)
@@ -132,8 +139,16 @@ def _fwd_kernel(
                 mask=(rows[:, None] < seq_len) & d_ok, other=0.0)  # fmt: skip
     k_base = K + b * skb + hk * skh + tok0 * skn
     v_base = V + b * svb + hk * svh + tok0 * svn
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:
+        # The sink is a key seen before the first block, with no value: its logit (as given: not
+        # scaled, not capped) is the running max so far, it adds 2^(sink2 - m) = 1 to the
+        # denominator and nothing to acc; the loop rescales that 1 like any earlier key's term.
+        # A sink of -inf is no sink (0, not 2^(-inf + inf) = NaN).
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINK_LOGITS + h) * 1.4426950408889634
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
@@ -166,6 +181,19 @@ def _fwd_kernel(
 #   dt = p * (dp - delta)                     (softmax backward)
 #   ds = dt * (1 - tanh^2(s / c))  (= dt * (1 - (t / c)^2); ds = dt without capping)
 #   dq = scale * ds k;   dk = scale * ds^T q
+# With sinks, row i's softmax runs over n + 1 columns, the keys' t_i1..t_in and the sink's
+# sigma = sink_h, which has no value vector (v_sink = 0):
+#   lse_i = log(e^sigma + sum_j e^t_ij),  p_ij = e^(t_ij - lse_i),  p_sink,i = e^(sigma - lse_i)
+#   dp_sink,i = do_i . v_sink = 0, and the softmax backward over the n + 1 columns is
+#   dt_ij = p_ij (dp_ij - sum_k p_ik dp_ik), k over the keys and the sink: the sink's term is
+#   p_sink,i * 0, so the sum is the keys' alone, delta_i = do_i . o_i, as without sinks.
+# So dq, dk, dv are the formulas above with p recomputed from the sink-inclusive lse2 the forward
+# saved: these kernels never read the sinks. The sink's own column gives
+#   dsigma_i = p_sink,i (dp_sink,i - delta_i) = -p_sink,i delta_i
+#   dsink_h  = -sum over batch b and queries i of 2^(sink_h log2 e - lse2_bhi) delta_bhi
+# which needs only lse2 and delta (the dq kernel writes it): one pass over (B, Hq, S) floats in
+# PyTorch (_sink_gradient), against the kernels' S x S work. Every row is a real token (padding
+# is unpadded into a packed launch before it gets here), so the sum is over real queries only.
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, OUT, DO, DQ, LSE, DELTA, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
@@ -320,7 +348,7 @@ def _default_blocks(head_dim: int, q: torch.Tensor) -> dict[str, Blocks]:
     return blocks
 
 
-def _check(q, k, v, softcap, sliding_window, causal) -> None:
+def _check(q, k, v, softcap, sliding_window, causal, sinks=None, fp32_sinks=False) -> None:
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"flash_attention: want q (B, Hq, S, D), k = v (B, Hkv, S, D); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")  # fmt: skip
@@ -336,6 +364,12 @@ def _check(q, k, v, softcap, sliding_window, causal) -> None:
         raise ValueError(f"flash_attention: softcap must be > 0, got {softcap}")
     if sliding_window is not None and (sliding_window < 1 or not causal):
         raise ValueError("flash_attention: sliding_window must be >= 1 and needs causal=True")
+    if sinks is not None:
+        if sinks.shape != (hq,) or sinks.device != q.device:
+            raise ValueError(f"flash_attention: sinks must be one logit per query head, ({hq},) on "
+                             f"{q.device}; got {tuple(sinks.shape)} on {sinks.device}")  # fmt: skip
+        if fp32_sinks and sinks.dtype != torch.float32:  # the differentiable functions cast them
+            raise ValueError(f"flash_attention: the launchers take fp32 sinks, got {sinks.dtype}")
 
 
 def _check_packed(q, cu_seqlens, max_seqlen) -> None:
@@ -386,14 +420,15 @@ def _grid(seq_len, block, heads, bsz, cu_seqlens, max_seqlen) -> tuple[int, ...]
 
 def flash_attention_forward_triton(
     q, k, v, *, scale: float, softcap=None, sliding_window=None, causal=True, blocks=None,
-    cu_seqlens=None, max_seqlen=None,
+    cu_seqlens=None, max_seqlen=None, sinks=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward launcher: (o (B, Hq, S, D), a transposed view of a (B, S, Hq, D) buffer; lse2).
 
     With ``cu_seqlens`` (int32, (n + 1,)) and ``max_seqlen``, q/k/v are one row (1, H, T, D) of
-    packed sequences (see the module docstring) and lse2 is (1, Hq, T).
+    packed sequences (see the module docstring) and lse2 is (1, Hq, T). ``sinks``: fp32 (Hq,)
+    logits, one softmax column per query head with no value; lse2 then includes them.
     """
-    _check(q, k, v, softcap, sliding_window, causal)
+    _check(q, k, v, softcap, sliding_window, causal, sinks, fp32_sinks=True)
     if cu_seqlens is not None:
         _check_packed(q, cu_seqlens, max_seqlen)
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
@@ -409,10 +444,10 @@ def flash_attention_forward_triton(
     grid = _grid(seq_len, bl.block_m, hq, bsz, cu_seqlens, max_seqlen)
     if o.numel() and min(grid):
         _fwd_kernel[grid](
-            q, k, v, o, lse2, cu_seqlens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *o.stride()[:3], hq, hq // hkv, seq_len, window, qk_mul, cap_log2e,
+            q, k, v, o, lse2, cu_seqlens, sinks, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *o.stride()[:3], hq, hq // hkv, seq_len, window, qk_mul, cap_log2e,
             BLOCK_M=bl.block_m, BLOCK_N=bl.block_n, num_warps=bl.num_warps,
-            num_stages=bl.num_stages, **meta,
+            num_stages=bl.num_stages, SINKS=sinks is not None, **meta,
         )  # fmt: skip
     return o, lse2
 
@@ -421,7 +456,19 @@ def flash_attention_backward_triton(
     do, q, k, v, o, lse2, *, scale: float, softcap=None, sliding_window=None, causal=True,
     blocks=None, cu_seqlens=None, max_seqlen=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Backward launcher: (dq, dk, dv) from do and the forward's o and lse2 (packed as there)."""
+    """Backward launcher: (dq, dk, dv) from do and the forward's o and lse2 (packed as there).
+
+    With sinks too: they are in lse2 (see the derivation above the kernels); their own gradient
+    is ``_FlashAttention``'s, from lse2 and the delta this launch computes.
+    """
+    return _backward(do, q, k, v, o, lse2, scale=scale, softcap=softcap,
+                     sliding_window=sliding_window, causal=causal, blocks=blocks,
+                     cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[:3]  # fmt: skip
+
+
+def _backward(do, q, k, v, o, lse2, *, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
+              max_seqlen) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    # (dq, dk, dv, delta (B, Hq, S) fp32: rowsum(do * o), which the sink gradient reuses).
     _check(q, k, v, softcap, sliding_window, causal)
     if cu_seqlens is not None:
         _check_packed(q, cu_seqlens, max_seqlen)
@@ -435,7 +482,7 @@ def flash_attention_backward_triton(
     bl = blocks["dq"]
     grid = _grid(seq_len, bl.block_m, hq, bsz, cu_seqlens, max_seqlen)
     if not q.numel() or not min(grid):
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(lse2)
     delta = torch.empty_like(lse2)
     _bwd_dq_kernel[grid](
         q, k, v, o, do, dq, lse2, delta, cu_seqlens, *q.stride()[:3], *k.stride()[:3],
@@ -450,52 +497,67 @@ def flash_attention_backward_triton(
         hq // hkv, seq_len, window, qk_mul, cap_log2e, float(scale), BLOCK_M=bl.block_m,
         BLOCK_N=bl.block_n, num_warps=bl.num_warps, num_stages=bl.num_stages, **meta,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq, dk, dv, delta
+
+
+def _sink_gradient(sinks: torch.Tensor, lse2: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """dsink_h = -sum over batch and queries of p_sink * delta, p_sink = 2^(sink_h log2 e - lse2):
+    (Hq,) fp32 from fp32 sinks (Hq,) and the (B, Hq, S) lse2 and delta (derivation above)."""
+    p_sink = torch.exp2(sinks.view(1, -1, 1) * _LOG2E - lse2)
+    return -(p_sink * delta).sum((0, 2))
 
 
 class _FlashAttention(torch.autograd.Function):
-    # Saves q, k, v, o, lse2 (and cu_seqlens when packed); the backward recomputes p from them.
+    # Saves q, k, v, o, lse2 (and cu_seqlens when packed, sinks when given); the backward
+    # recomputes p from them. Sinks of any float dtype run in fp32; their gradient goes back in
+    # their dtype: dsink = -sum p_sink * delta (_sink_gradient).
     @staticmethod
-    def forward(ctx, q, k, v, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
+    def forward(ctx, q, k, v, sinks, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
                 max_seqlen):  # fmt: skip
         args = dict(scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
                     blocks=blocks, max_seqlen=max_seqlen)  # fmt: skip
-        o, lse2 = flash_attention_forward_triton(q, k, v, cu_seqlens=cu_seqlens, **args)
-        ctx.save_for_backward(q, k, v, o, lse2, cu_seqlens)
-        ctx.args = args
+        sinks32 = None if sinks is None else sinks.detach().float().contiguous()
+        o, lse2 = flash_attention_forward_triton(
+            q, k, v, cu_seqlens=cu_seqlens, sinks=sinks32, **args
+        )
+        ctx.save_for_backward(q, k, v, o, lse2, cu_seqlens, sinks32)
+        ctx.args, ctx.sinks_dtype = args, None if sinks is None else sinks.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse2, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward_triton(
-            do, q, k, v, o, lse2, cu_seqlens=cu_seqlens, **ctx.args
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, o, lse2, cu_seqlens, sinks32 = ctx.saved_tensors
+        dq, dk, dv, delta = _backward(do, q, k, v, o, lse2, cu_seqlens=cu_seqlens, **ctx.args)
+        dsinks = None
+        if sinks32 is not None and ctx.needs_input_grad[3]:
+            dsinks = _sink_gradient(sinks32, lse2, delta).to(ctx.sinks_dtype)
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None
 
 
 def flash_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
-    blocks: dict[str, Blocks] | None = None,
+    blocks: dict[str, Blocks] | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Differentiable Triton attention on any device Triton runs on (CPU under the interpreter)."""
+    """Differentiable Triton attention on any device Triton runs on (CPU under the interpreter);
+    ``sinks`` (Hq,) differentiable too. Usage: ``flash_attention_triton(q, k, v, scale=s)``."""
     packed = (None, None)  # cu_seqlens, max_seqlen: see flash_attention_varlen_triton
-    return _FlashAttention.apply(q, k, v, scale, softcap, sliding_window, causal, blocks, *packed)
+    return _FlashAttention.apply(q, k, v, sinks, scale, softcap, sliding_window, causal, blocks,
+                                 *packed)  # fmt: skip
 
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Differentiable (B, H, S, D) attention; usage: ``o = flash_attention(q, k, v, scale=s)``."""
-    if use_triton(q):
-        return flash_attention_triton(
-            q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal
-        )
-    return flash_attention_reference(
-        q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal
-    )
+    """Differentiable (B, H, S, D) attention, ``sinks``: gpt-oss's (Hq,) learned logits or None.
+
+    Usage: ``o = flash_attention(q, k, v, scale=s)``; ``flash_attention(..., sinks=attn.sinks)``.
+    """
+    fn = flash_attention_triton if use_triton(q) else flash_attention_reference
+    return fn(q, k, v, scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
+              sinks=sinks)  # fmt: skip
 
 
 def _as_row(t: torch.Tensor) -> torch.Tensor:
@@ -513,6 +575,7 @@ def flash_attention_varlen_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
     causal: bool = True, blocks: dict[str, Blocks] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Differentiable packed attention through the Triton kernels; (T, Hq, D) out.
 
@@ -522,23 +585,24 @@ def flash_attention_varlen_triton(
     """
     _check_tokens(q, k, v)
     rows = (_as_row(q), _as_row(k), _as_row(v))
-    o = _FlashAttention.apply(*rows, scale, softcap, sliding_window, causal, blocks, cu_seqlens,
-                              int(max_seqlen))  # fmt: skip
+    o = _FlashAttention.apply(*rows, sinks, scale, softcap, sliding_window, causal, blocks,
+                              cu_seqlens, int(max_seqlen))  # fmt: skip
     return o[0].transpose(0, 1)
 
 
 def flash_attention_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
-    causal: bool = True,
+    causal: bool = True, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Differentiable attention over sequences packed in (T, H, D) tokens, none seeing another.
+    """Differentiable attention over sequences packed in (T, H, D) tokens, none seeing another;
+    ``sinks`` (Hq,) as for ``flash_attention``.
 
     Usage: ``o = flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, scale=d**-0.5)``.
     """
     fn = flash_attention_varlen_triton if use_triton(q) else flash_attention_varlen_reference
     return fn(q, k, v, cu_seqlens, max_seqlen, scale=scale, softcap=softcap,
-              sliding_window=sliding_window, causal=causal)  # fmt: skip
+              sliding_window=sliding_window, causal=causal, sinks=sinks)  # fmt: skip
 
 
 def keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torch.Tensor:
@@ -556,9 +620,13 @@ def keep_pattern(seq_len: int, causal: bool, window: int | None, device) -> torc
 def flash_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
     softcap: float | None = None, sliding_window: int | None = None, causal: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Plain-PyTorch attention materialising the scores, in fp32 (float64 stays float64)."""
-    _check(q, k, v, softcap, sliding_window, causal)
+    """Plain-PyTorch attention materialising the scores, in fp32 (float64 stays float64); the
+    sinks, if any, as gpt-oss's eager attention has them: a column concatenated to the masked
+    scores before the softmax and dropped after. Usage: ``flash_attention_reference(q, k, v,
+    scale=s, sinks=attn.sinks)``."""
+    _check(q, k, v, softcap, sliding_window, causal, sinks)
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
     kk = k.to(cd).repeat_interleave(group, dim=1)
@@ -566,7 +634,12 @@ def flash_attention_reference(
     s = q.to(cd) @ kk.transpose(-1, -2) * scale
     t = softcap * torch.tanh(s / softcap) if softcap is not None else s
     keep = keep_pattern(q.shape[2], causal, sliding_window, q.device)
-    p = torch.softmax(t.masked_fill(~keep, float("-inf")), dim=-1)
+    t = t.masked_fill(~keep, float("-inf"))
+    if sinks is None:
+        p = torch.softmax(t, dim=-1)
+    else:
+        column = sinks.to(cd).view(1, -1, 1, 1).expand(*t.shape[:3], 1)
+        p = torch.softmax(torch.cat([t, column], dim=-1), dim=-1)[..., :-1]
     return (p @ vv).to(q.dtype)
 
 
@@ -586,16 +659,17 @@ def _sequence_bounds(cu_seqlens: torch.Tensor, n_tokens: int, max_seqlen: int) -
 def flash_attention_varlen_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     *, scale: float, softcap: float | None = None, sliding_window: int | None = None,
-    causal: bool = True,
+    causal: bool = True, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Each packed sequence through ``flash_attention_reference`` on its own; (T, Hq, D) out.
 
     Usage: ``flash_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale=s)``.
     """
     _check_tokens(q, k, v)
-    _check(_as_row(q), _as_row(k), _as_row(v), softcap, sliding_window, causal)
+    _check(_as_row(q), _as_row(k), _as_row(v), softcap, sliding_window, causal, sinks)
     _check_packed(_as_row(q), cu_seqlens, max_seqlen)
-    kw = dict(scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal)
+    kw = dict(scale=scale, softcap=softcap, sliding_window=sliding_window, causal=causal,
+              sinks=sinks)  # fmt: skip
     outs = [
         flash_attention_reference(_as_row(q[a:e]), _as_row(k[a:e]), _as_row(v[a:e]), **kw)[0]
         for a, e in _sequence_bounds(cu_seqlens, q.shape[0], max_seqlen)

@@ -137,6 +137,114 @@ def test_uneven_blocks_and_determinism(device):
         assert torch.equal(a, b)
 
 
+# --- Attention sinks (gpt-oss) ------------------------------------------------------------------
+
+# GQA with sliding and full attention as gpt-oss has them; sequences of length 0 and 1 (a query
+# that sees only itself and the sink), a soft-capped and a bidirectional case.
+SINK_CASES = [
+    pytest.param((4, 2, (37, 1, 16, 5, 50), 16, None, 5, True), id="gqa-window5"),
+    pytest.param((4, 2, (1, 45, 20, 7), 16, None, None, True), id="gqa-causal"),
+    pytest.param((6, 2, (0, 33, 0, 2, 19), 32, None, 20, True), id="group3-window20-empty"),
+    pytest.param((2, 1, (40, 3, 1, 19), 24, 1.5, None, False), id="bidirectional-cap"),
+]
+
+
+def _sinks(n_heads, device, seed=1):
+    """~N(0, 1.5) logits, the last head's 4.0 (the sink takes most of the softmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    sinks = torch.randn(n_heads, generator=gen, dtype=torch.float64) * 1.5
+    sinks[-1] = 4.0
+    return sinks.to(device, torch.float32)
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_sinks_forward_lse_and_backward_match_float64(case, device):
+    # Output, lse2 (each sequence's own keys and the sink) and (dq, dk, dv, dsinks): dsinks sums
+    # every sequence's queries, and nothing else.
+    (q, k, v, g), cu, max_len = _inputs(case, device)
+    sinks = _sinks(case[0], device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+    out = fa.flash_attention_varlen_triton(*leaves[:3], cu, max_len, sinks=leaves[3],
+                                           **_kw(case))  # fmt: skip
+    grads = torch.autograd.grad(out, leaves, g)
+    truth = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    want = fa.flash_attention_varlen_reference(*truth[:3], cu, max_len, sinks=truth[3],
+                                               **_kw(case))  # fmt: skip
+    want_grads = torch.autograd.grad(want, truth, g.double())
+    torch.testing.assert_close(out.double(), want.detach(), **TOL)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, **TOL)
+    rows = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]
+    _, lse2 = fa.flash_attention_forward_triton(*rows, cu_seqlens=cu, max_seqlen=max_len,
+                                                sinks=sinks, **_kw(case))  # fmt: skip
+    scale, cap, window, causal = _kw(case).values()
+    bounds = cu.tolist()
+    for a, e in zip(bounds, bounds[1:]):
+        qs, ks = rows[0][..., a:e, :].double(), rows[1][..., a:e, :].double()
+        s = qs @ ks.repeat_interleave(q.shape[1] // k.shape[1], 1).mT * scale
+        t = cap * torch.tanh(s / cap) if cap else s
+        t = t.masked_fill(~fa.keep_pattern(e - a, causal, window, device), float("-inf"))
+        t = torch.cat([t, sinks.double().view(1, -1, 1, 1).expand(*t.shape[:3], 1)], -1)
+        expected = torch.logsumexp(t, -1) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+        torch.testing.assert_close(lse2[..., a:e].double(), expected, **TOL)
+
+
+def test_sinks_each_sequence_gets_the_fixed_length_kernels_result(device):
+    # Packed with sinks, each sequence's output and dq, dk, dv are what the fixed-length kernel
+    # gives it alone (the same bits in the interpreter), and dsinks is the sum of theirs.
+    case = SINK_CASES[0].values[0]
+    (q, k, v, g), cu, max_len = _inputs(case, device)
+    sinks = _sinks(case[0], device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+    out = fa.flash_attention_varlen_triton(*leaves[:3], cu, max_len, sinks=leaves[3],
+                                           **_kw(case))  # fmt: skip
+    grads = torch.autograd.grad(out, leaves, g)
+    bounds, dsinks = cu.tolist(), torch.zeros_like(sinks)
+    for a, e in zip(bounds, bounds[1:]):
+        one = [t[a:e].unsqueeze(0).transpose(1, 2).detach().requires_grad_() for t in (q, k, v)]
+        one.append(sinks.detach().requires_grad_())
+        o = fa.flash_attention_triton(*one[:3], sinks=one[3], **_kw(case))
+        one_grads = torch.autograd.grad(o, one, g[a:e].unsqueeze(0).transpose(1, 2))
+        dsinks += one_grads[3]
+        for got, want in zip((out, *grads[:3]), (o, *one_grads[:3])):
+            want = want[0].transpose(0, 1)
+            if device == "cpu":
+                assert torch.equal(got[a:e], want)
+            else:
+                torch.testing.assert_close(got[a:e], want, **TOL)
+    torch.testing.assert_close(grads[3], dsinks, atol=1e-6, rtol=1e-6)
+
+
+def test_sinks_leave_other_sequences_alone(device):
+    # Redrawing one sequence changes neither another sequence's outputs nor its gradients.
+    case = LEAK_CASES[0].values[0]
+    (q, k, v, g), cu, max_len = _inputs(case, device)
+    sinks = _sinks(case[0], device)
+    a, e = cu[2].item(), cu[3].item()
+    before = _run(q, k, v, g, cu, max_len, sinks=sinks, **_kw(case))
+    after = _run(*_resampled((q, k, v, g), a, e, "noise", seed=1), cu, max_len, sinks=sinks,
+                 **_kw(case))  # fmt: skip
+    others = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+    others[a:e] = False
+    for x, y in zip((before[0], *before[1]), (after[0], *after[1])):
+        assert torch.equal(x[others], y[others])
+        assert not torch.equal(x[a:e], y[a:e])
+
+
+def test_sinks_public_function_dispatch(device, monkeypatch):
+    case = SINK_CASES[0].values[0]
+    (q, k, v, _), cu, max_len = _inputs(case, device)
+    sinks = _sinks(case[0], device)
+    out = fa.flash_attention_varlen(q, k, v, cu, max_len, sinks=sinks, **_kw(case))
+    if device == "cpu":  # CPU tensors run the reference
+        want = fa.flash_attention_varlen_reference(q, k, v, cu, max_len, sinks=sinks, **_kw(case))
+        assert torch.equal(out, want)
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    got = fa.flash_attention_varlen(q, k, v, cu, max_len, sinks=sinks, **_kw(case))
+    torch.testing.assert_close(got, out, **TOL)
+
+
 # --- No attention across a sequence boundary ----------------------------------------------------
 
 LEAK_CASES = [
@@ -279,3 +387,23 @@ def test_cuda_bf16_as_accurate_as_the_fixed_length_kernel(case, device):
             err = (got[a:e].double() - want[a:e]).abs().max().item()
             base_err = (base[0].transpose(0, 1).double() - want[a:e]).abs().max().item()
             assert err <= 2 * base_err + 1e-3, (a, e, err, base_err)
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [128, None], ids=["sliding128", "full"])
+def test_cuda_sinks_fp32_real_blocks(window, device):
+    # gpt-oss's attention (head_dim 64, GQA, no soft-cap) packed, at the real launch shapes.
+    case = (16, 2, (300, 1, 129, 513), 64, None, window, True)
+    (q, k, v, g), cu, max_len = _inputs(case, device, q_gain=4.0)
+    sinks = _sinks(case[0], device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+    out = fa.flash_attention_varlen_triton(*leaves[:3], cu, max_len, sinks=leaves[3],
+                                           **_kw(case))  # fmt: skip
+    grads = torch.autograd.grad(out, leaves, g)
+    truth = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    want = fa.flash_attention_varlen_reference(*truth[:3], cu, max_len, sinks=truth[3],
+                                               **_kw(case))  # fmt: skip
+    want_grads = torch.autograd.grad(want, truth, g.double())
+    torch.testing.assert_close(out.double(), want.detach(), atol=1e-4, rtol=1e-4)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-3)

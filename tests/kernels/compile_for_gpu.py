@@ -128,25 +128,31 @@ def _exercise_ops() -> None:
             nf4_dequant.dequantize_nf4_triton(packed, state, dtype)
             nf4_dequant.dequantize_nf4_group([packed, packed2], [state, state2], dtype)
 
-    # (head_dim, softcap, sliding window): Llama-like, Qwen-like with a window, Gemma 2
-    for head_dim, softcap, window in ((64, None, None), (128, None, 64), (256, 50.0, 64)):
+    # (head_dim, softcap, sliding window, sinks): Llama-like, Qwen-like with a window, Gemma 2,
+    # gpt-oss (sliding layers of window 128 with attention sinks: the forward's SINKS branch)
+    for head_dim, softcap, window, sinks in (
+        (64, None, None, False), (128, None, 64, False), (256, 50.0, 64, False),
+        (64, None, 128, True),
+    ):  # fmt: skip
         qa, ka, va = leaf(1, 8, 256, head_dim), leaf(1, 4, 256, head_dim), leaf(1, 4, 256, head_dim)
         out = flash_attention.flash_attention_triton(
-            qa, ka, va, scale=head_dim**-0.5, softcap=softcap, sliding_window=window
-        )
+            qa, ka, va, scale=head_dim**-0.5, softcap=softcap, sliding_window=window,
+            sinks=leaf(8, dtype=torch.float32) if sinks else None,
+        )  # fmt: skip
         out.sum().backward()
 
     # Packed sequences (VARLEN=True): three sequences in 256 tokens, at the same head dims, plus
-    # bidirectional attention (embedding models)
+    # bidirectional attention (embedding models) and gpt-oss's full layers (sinks, padded batches)
     cu_seqlens = torch.tensor([0, 100, 101, 256], dtype=torch.int32)
-    for head_dim, softcap, window, causal in (
-        (64, None, None, True), (128, None, 64, True), (256, 50.0, 64, True),
-        (128, None, None, False),
+    for head_dim, softcap, window, causal, sinks in (
+        (64, None, None, True, False), (128, None, 64, True, False), (256, 50.0, 64, True, False),
+        (128, None, None, False, False), (64, None, None, True, True),
     ):  # fmt: skip
         qp, kp, vp = leaf(256, 8, head_dim), leaf(256, 4, head_dim), leaf(256, 4, head_dim)
         out = flash_attention.flash_attention_varlen_triton(
             qp, kp, vp, cu_seqlens, 155, scale=head_dim**-0.5, softcap=softcap,
             sliding_window=window, causal=causal,
+            sinks=leaf(8, dtype=torch.float32) if sinks else None,
         )  # fmt: skip
         out.sum().backward()
 

@@ -72,5 +72,8 @@ def test_gpu_launch_shapes_were_compiled_not_the_interpreters(compiled):
     assert {r["constants"]["WINDOW"] for r in attention} == {"True", "False"}
     assert {r["constants"]["SOFTCAP"] for r in attention} == {"True", "False"}
     assert {r["constants"]["VARLEN"] for r in attention} == {"True", "False"}  # packed too
+    forward = [r for r in attention if r["kernel"] == "flash_attention._fwd_kernel"]
+    sinks = {(r["constants"]["SINKS"], r["constants"]["VARLEN"]) for r in forward}
+    assert sinks == {("True", "True"), ("True", "False"), ("False", "True"), ("False", "False")}
     loss = [r for r in compiled if r["kernel"].startswith("fused_linear_cross_entropy.")]
     assert loss and all(r["constants"]["BLOCK_V"] == "4096" for r in loss)

@@ -10,6 +10,11 @@ at them first finds the new weights already in place). Nothing else in the targe
 except the stale files a caller names (an earlier export's shards) and staging folders of dead
 exports. A crash between two renames leaves some new and some old files plus the staging folder
 with the rest; the next export to the folder removes that staging folder and writes everything.
+
+A temporary is "of a dead export" when nobody holds its lock (the writer keeps an ``flock`` on
+it while it writes: the kernel drops it when the process dies, however it dies) and the PID in
+its name, on this host, is not running or is this process's own without being one of its
+temporaries (a container runs every export as the same PID, often 1).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from pathlib import Path
 
 from fastlm.errors import FastLMError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the host/PID rule alone says which temporaries are dead
+    fcntl = None
+
 logger = logging.getLogger("fastlm")
 
 # Written after every other file: a loader that opens these first then finds the files they name.
@@ -36,6 +46,9 @@ _LAST = ("model.safetensors.index.json", "adapter_config.json", "config.json", "
 _HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
 TMP_PREFIX = ".fastlm-tmp-"
 _TMP_NAME = re.compile(r"\.fastlm-tmp-([0-9a-f]{8})-([0-9]+)-[0-9a-z_]+")
+# (st_dev, st_ino) of this process's temporaries while their export runs: a temporary named with
+# this PID and not listed is an earlier process's (the same PID in a restarted container).
+_LIVE: set[tuple[int, int]] = set()
 
 
 class ExportPathError(FastLMError, ValueError):
@@ -135,32 +148,58 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete staging folders / files of exports to ``folder`` whose process is gone.
+    """Delete the staging folders / files that exports to ``folder`` left when they were killed.
 
     Usage: ``remove_stale_temporaries("out/merged")``. Only names fastlm gives its temporaries
-    (``.fastlm-tmp-<host>-<pid>-<random>``), only made on this host, only when that PID is no
-    longer running (a live PID, even a reused one, keeps them: removed by a later export).
+    (``.fastlm-tmp-<host>-<pid>-<random>``), only when no process holds the temporary's lock and
+    it was made on this host by a PID that is gone (or is this process's, reused: see the module
+    doc). One log line names what was removed; another names the unlocked temporaries of other
+    hosts, which are kept (a PID of another machine or container says nothing here).
     """
-    removed = []
+    removed, foreign = [], []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(folder):
             match = _TMP_NAME.fullmatch(entry.name)
-            if match is None or _in_use(match.group(1), int(match.group(2))):
+            if match is None:
                 continue
             path = Path(entry.path)
+            if _claimed(entry) or _locked(path):
+                continue  # an export is writing it
+            host, pid = match.group(1), int(match.group(2))
+            if host != _HOST:
+                foreign.append(path)
+                continue
+            if pid != os.getpid() and _running(pid):
+                continue  # maybe an export of a fastlm without locks; a reused PID waits
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
-        logger.info("Removed %d leftover(s) of interrupted exports in %s", len(removed), folder)
+        names = ", ".join(sorted(p.name for p in removed))
+        logger.info("Removed leftovers of interrupted exports from %s: %s", folder, names)
+    if foreign:
+        names = ", ".join(sorted(p.name for p in foreign))
+        logger.info(
+            "Kept %s in %s: temporaries of exports on another host or container, which cannot "
+            "be checked from here; delete them if no export is writing there",
+            names,
+            folder,
+        )
     return removed
 
 
-def _in_use(host: str, pid: int) -> bool:
-    if host != _HOST or pid == os.getpid():
-        return True
+def _claimed(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is one of this process's temporaries (``_in_use``) whose export runs."""
+    try:
+        stat = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return (stat.st_dev, stat.st_ino) in _LIVE
+
+
+def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -168,6 +207,61 @@ def _in_use(host: str, pid: int) -> bool:
     except OSError:  # EPERM: alive, another user's
         return True
     return True
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive ``flock``; None when locks cannot be
+    had here (a file system without them, no ``fcntl``)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)  # a folder opens read-only too, and flock works on it
+    except OSError:
+        return None
+    try:
+        # Blocking: the only other holder of a new temporary's lock is another export's
+        # _locked probing it, for an instant; giving up then would leave it unlocked throughout.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked(path: Path) -> bool:
+    """Whether another process holds ``path``'s lock: its export is running (False where
+    locks are not available: the PID rule decides alone)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system
+        return False
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
+
+
+@contextlib.contextmanager
+def _in_use(path: Path) -> Iterator[None]:
+    """While the block runs, ``path`` (a temporary this process made) is this process's: listed
+    in _LIVE for this process's exports and locked for the others'."""
+    stat = os.stat(path, follow_symlinks=False)
+    key = (stat.st_dev, stat.st_ino)
+    _LIVE.add(key)
+    fd = _lock(path)
+    try:
+        yield
+    finally:
+        _LIVE.discard(key)
+        if fd is not None:
+            os.close(fd)
 
 
 def _umask() -> int:
@@ -245,13 +339,14 @@ def export_into(
         _remove_empty(created)
         raise
     try:
-        yield staging
-        _commit(staging, final, set(keep), list(remove))
+        with _in_use(staging):
+            yield staging
+            _commit(staging, final, set(keep), list(remove))
+            shutil.rmtree(staging, ignore_errors=True)  # only the emptied sub-folders are left
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
         raise
-    shutil.rmtree(staging, ignore_errors=True)  # only the emptied sub-folders are left in it
 
 
 def _order(name: Path) -> int:
@@ -293,14 +388,16 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final).absolute()
     _make_folders(final.parent)
+    remove_stale_temporaries(final.parent)
     prefix = f"{TMP_PREFIX}{_HOST}-{os.getpid()}-"
     handle, name = tempfile.mkstemp(dir=final.parent, prefix=prefix)
     os.close(handle)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
-        os.replace(tmp, final)
+        with _in_use(tmp):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600
+            os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ save_pretrained_gguf) on the tiny Llama; the CLI side is in test_export_cli_safe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
@@ -258,11 +259,14 @@ with export_into(sys.argv[1]) as tmp:
 """
 
 
-def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(tmp_path):
+def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(tmp_path, caplog):
     model, tokenizer, _ = _trained(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     before = add_user_files(run)
+    # our prefix, not our pattern: a user's file
+    before[".fastlm-tmp-notes.txt"] = b"mine\n"
+    (run / ".fastlm-tmp-notes.txt").write_bytes(b"mine\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     killed = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(KILLED_EXPORT), str(run)],
@@ -282,14 +286,95 @@ def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(tmp_path):
         in_use.mkdir()
         other_host = run / f"{TMP_PREFIX}00000000-{killed.pid}-abc123"
         other_host.mkdir()
-        save_pretrained_merged(model, run, tokenizer)
+        with caplog.at_level(logging.INFO, logger="fastlm"):
+            save_pretrained_merged(model, run, tokenizer)
         assert not staging.exists()
         assert in_use.exists() and other_host.exists()
     finally:
         alive.kill()
         alive.wait()
+    # One line names what was removed; one names what is kept because it cannot be checked.
+    lines = [r.getMessage() for r in caplog.records if TMP_PREFIX in r.getMessage()]
+    assert lines == [
+        f"Removed leftovers of interrupted exports from {run}: {staging.name}",
+        f"Kept {other_host.name} in {run}: temporaries of exports on another host or container, "
+        "which cannot be checked from here; delete them if no export is writing there",
+    ]
     assert_kept(run, before)
     assert (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("locks", [True, False], ids=["flock", "no-flock"])
+def test_a_leftover_with_this_process_pid_is_removed(tmp_path, monkeypatch, locks):
+    """A container runs every export as the same PID (often 1): a temporary named with this
+    process's PID that this process is not writing is a killed earlier run's. This process's own
+    temporaries, while its export runs, are kept (on a file system without locks too)."""
+    import fastlm.export._atomic as atomic
+    from fastlm.export import atomic_file, export_into
+    from fastlm.export._atomic import remove_stale_temporaries
+
+    if not locks:
+        monkeypatch.setattr(atomic, "fcntl", None)
+    run = tmp_path / "run"
+    run.mkdir()
+    before = add_user_files(run)
+    earlier = run / f"{TMP_PREFIX}{_HOST}-{os.getpid()}-abc123"
+    earlier.mkdir()
+    (earlier / "model.safetensors").write_bytes(b"partial")
+    with export_into(run) as staging, atomic_file(run / "x.gguf") as tmp:
+        assert not earlier.exists()
+        tmp.write_bytes(b"gguf")
+        assert remove_stale_temporaries(run) == []  # a second export, in another thread, say
+        assert staging.exists() and tmp.exists()
+        (staging / "model.safetensors").write_bytes(b"new")
+    assert (run / "model.safetensors").read_bytes() == b"new"
+    assert (run / "x.gguf").read_bytes() == b"gguf"
+    assert temporaries(run) == []
+    assert_kept(run, before)
+
+
+HOLDS_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_locked_temporary_is_kept_whatever_its_pid(tmp_path):
+    """An export's lock, not the PID in the name, says it is running: one in another container
+    (its own PID numbers) named with a PID that is gone here, or with this process's PID."""
+    from fastlm.export._atomic import remove_stale_temporaries
+
+    if sys.platform == "win32":
+        pytest.skip("flock")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = tmp_path / "run"
+    run.mkdir()
+    names = [f"{TMP_PREFIX}{_HOST}-{gone.pid}-abc123", f"{TMP_PREFIX}{_HOST}-{os.getpid()}-abc"]
+    holders = []
+    try:
+        for name in names:
+            (run / name).mkdir()
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLDS_LOCK, str(run / name)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holders.append(holder)
+            assert holder.stdout.readline().strip() == "locked"
+        assert remove_stale_temporaries(run) == []
+        assert all((run / name).exists() for name in names)
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()
+    # the kernel drops a dead process's lock, however it died
+    assert sorted(p.name for p in remove_stale_temporaries(run)) == sorted(names)
+    assert list(run.iterdir()) == []
 
 
 @pytest.mark.parametrize("exception", [KeyboardInterrupt, RuntimeError])

@@ -13,8 +13,10 @@ the reason recorded:
     only with a causal mask · as many keys as queries (a KV cache while decoding has more) · one
     head_dim <= 256 for q, k, v · query heads a multiple of kv heads · fp16 / bf16 / fp32 · a 4D
     mask that is exactly the causal (+ window) pattern, or padding on it (below).
-A call with attention sinks (the ``s_aux`` keyword: gpt-oss's) never runs it, the kernel having
-none; that reason comes before the others.
+Attention sinks (the ``s_aux`` keyword: gpt-oss's learned per-head logits, one softmax column
+with no value) are no condition: every launch below takes them (in fp32, their gradient back in
+their dtype), computing what gpt-oss's eager attention does with them; where eager runs instead,
+it reads them itself.
 
 Padded batches (a tokenizer's 0/1 ``attention_mask``, right, left or both-sided): where the 4D
 mask transformers built from it is exactly padding on the causal (+ window) or bidirectional
@@ -109,14 +111,13 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
 def expected_path(module: nn.Module, sinks: bool = False) -> AttentionPath:
     """The path ``attend`` will take for ``module`` as far as is known before a call (the mask,
     the KV cache, the device and the dtype come with the call); ``sinks``: its calls pass
-    attention sinks (``s_aux``).
+    attention sinks (``s_aux``), which every kernel launch takes, so they change no path.
 
     Usage: ``expected_path(model.model.layers[0].self_attn).implementation``.
     """
+    del sinks  # kept for callers that say whether the calls carry sinks
     if _model_function(module) is not None:
         return _model_path(module)
-    if sinks:
-        return AttentionPath("eager", _SINKS)
     if module.training and getattr(module, "attention_dropout", 0.0):
         return AttentionPath("eager", _DROPOUT)
     if module.head_dim > 256:
@@ -148,7 +149,6 @@ def register_fastlm_attention(name: str = "fastlm") -> str:
 # --------------------------------------------------------------------------- helpers
 
 _DROPOUT = "attention dropout in training"
-_SINKS = "attention sinks (s_aux): the kernel has none"
 _HALF_OR_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -168,8 +168,8 @@ def _model_path(module: nn.Module) -> AttentionPath:
 
 class _Plan(NamedTuple):
     """One call's kernel decision: ``reason`` ("" when the kernel runs), the dtype it runs in,
-    its options (scale, softcap, sliding_window, causal), and the real tokens where the mask is
-    padding (the kernel then runs on them alone)."""
+    its options (scale, softcap, sliding_window, causal, sinks), and the real tokens where the
+    mask is padding (the kernel then runs on them alone)."""
 
     reason: str
     dtype: torch.dtype
@@ -197,7 +197,9 @@ def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
     if not reason:  # the mask last: the one check that costs a pass over S x S
         batch, q_len = query.shape[0], query.shape[2]
         reason, padding = _mask_problem(attention_mask, packing, batch, q_len, causal, window)
-    options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal)
+    # The sinks stay in their own dtype: the kernel runs them in fp32 whatever q's.
+    options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal,
+                   sinks=kwargs.get("s_aux"))  # fmt: skip
     return _Plan(reason, dtype, options, padding)
 
 
@@ -282,8 +284,6 @@ def _why_not_flash(module, query, key, value, causal, window, dtype, kwargs) -> 
     """Why the kernel would not compute exactly what eager does, "" when it would: the first
     condition that fails, the mask aside (``_mask_problem``)."""
     q_len, d = query.shape[2], query.shape[-1]
-    if kwargs.get("s_aux") is not None:  # first: a fact of the model, not of this call
-        return _SINKS
     if not use_triton(query):
         return f"{query.device.type} tensors (the kernel runs on CUDA)"
     if kwargs.get("dropout", 0.0) and module.training:

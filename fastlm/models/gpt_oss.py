@@ -4,10 +4,14 @@ What differs from the Llama-shaped families, and where fastlm's shared path take
 spec:
 - Attention: biased q/k/v/o (the fused LoRA projections take biases), sliding-window layers
   alternating with full ones, and per-head learned sinks (``attention_sinks_attr``): one extra
-  logit per head in each query's softmax, with no value. fastlm's flash kernel has no sinks, so
-  every call runs transformers' own attention with ``s_aux`` (eager: gpt-oss has no SDPA path;
-  flash / flex where loaded so); ``fused_report(model).attention`` says so on every layer. The
-  rotary tables are D/2 wide (``rope_half_tables``), YaRN-scaled by default.
+  logit per head in each query's softmax, with no value. They go to the attention as ``s_aux``,
+  and fastlm's flash kernel takes them (``fastlm.kernels.flash_attention``: in the running
+  denominator and the saved log-sum-exp; their own gradient from it), so gpt-oss's eager
+  attention runs the kernel under the usual conditions (``fastlm.models.attention``: CUDA, no
+  dropout, the causal / window mask or padding on it, packed sequences), and transformers' eager
+  where they fail (gpt-oss has no SDPA path; flash / flex where loaded so run transformers').
+  ``fused_report(model).attention`` says which ran on every layer. The rotary tables are D/2
+  wide (``rope_half_tables``), YaRN-scaled by default.
 - Every layer's MLP is a ``GptOssMLP`` (``moe``; there is no dense MLP): the router has a bias,
   picks the top k experts by logit and softmaxes those k (``scoring="topk_softmax"``); the
   experts are stored (E, in, out) (``gate_up_proj`` (E, H, 2·I), ``down_proj`` (E, I, H)) with

@@ -1,6 +1,7 @@
-"""The attention a patched model runs (fastlm.models.attention): the hook computes Gemma 2's eager
-attention, through the flash kernel where that is exact and through eager where it is not, and
-``fused_report`` names what each attention module ran on its latest call, and why not the kernel.
+"""The attention a patched model runs (fastlm.models.attention): the hook computes Gemma 2's and
+gpt-oss's (attention sinks) eager attention, through the flash kernel where that is exact and
+through eager where it is not, and ``fused_report`` names what each attention module ran on its
+latest call, and why not the kernel.
 
 The Triton kernel runs in the interpreter on CPU tensors here (``kernel_on_cpu``).
 """
@@ -8,6 +9,7 @@ The Triton kernel runs in the interpreter on CPU tensors here (``kernel_on_cpu``
 from __future__ import annotations
 
 import gc
+import itertools
 
 import pytest
 import torch
@@ -103,6 +105,85 @@ def test_hook_matches_gemma2_eager(layer_idx, padding, device, kernel_on_cpu):
     assert not got[~real].any()
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def _gpt_oss_attention(layer_idx, device):
+    pytest.importorskip("transformers.models.gpt_oss")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention
+
+    config = tiny_config("gpt_oss")  # 4 q heads / 2 kv heads, head_dim 12, window 4
+    config._attn_implementation = "eager"
+    module = GptOssAttention(config, layer_idx).to(device).train()
+    with torch.no_grad():  # sinks ~N(0, 1.5) (initialised near 0), one large
+        module.sinks.copy_(torch.tensor([0.5, -2.0, 1.5, 4.0]))
+    return module
+
+
+def _packed_mask(lengths, seq, window, device, dtype=torch.float32):
+    """Eager's (B, 1, S, S) mask for rows packing sequences of ``lengths`` (per row, summing to S):
+    causal (+ window) inside each sequence, nothing across; and the position_ids that restart
+    at each sequence (the packing signal of several rows)."""
+    ids = torch.tensor(
+        [i for row in lengths for i, n in enumerate(row) for _ in range(n)], device=device
+    ).view(len(lengths), 1, seq)
+    keep = fa.keep_pattern(seq, True, window, device) & (ids[..., :, None] == ids[..., None, :])
+    zero = torch.zeros(keep.shape, dtype=dtype, device=device)
+    positions = [list(range(n)) for row in lengths for n in row]
+    position_ids = torch.tensor(list(itertools.chain(*positions)), device=device)
+    return zero.masked_fill(~keep, torch.finfo(dtype).min), {
+        "position_ids": position_ids.view(len(lengths), seq)
+    }
+
+
+@pytest.mark.parametrize("layer_idx", [0, 1], ids=["sliding", "full"])
+@pytest.mark.parametrize("batching", [None, "right", "left", "packed"])
+def test_hook_matches_gpt_oss_eager_with_sinks(layer_idx, batching, device, kernel_on_cpu):
+    """gpt-oss's attention sinks through the kernel's fixed-length, padded and packed launches:
+    every real query's output, dq, dk, dv and the sinks' gradient as gpt-oss's eager attention
+    (which reads ``module.sinks``; the hook reads ``s_aux``)."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    module = _gpt_oss_attention(layer_idx, device)
+    batch, seq, window = 2, 19, module.sliding_window
+    q, k, v, g = _inputs((batch, 4, 2, seq, 12), device, q_gain=3.0)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    lengths = [seq, seq - 5] if batching in ("right", "left") else [seq, seq]
+    real = _real(lengths, seq, device, left=batching == "left")  # (B, S)
+    packed = {}
+    if batching == "packed":
+        mask, packed = _packed_mask([[7, 12], [5, 1, 13]], seq, window, device)
+    else:
+        mask = _eager_mask(lengths, seq, window, device, left=batching == "left")
+    g = g * real[:, None, :, None]
+    kwargs = dict(dropout=0.0, scaling=module.scaling, sliding_window=window, s_aux=module.sinks,
+                  **packed)  # fmt: skip
+    results = []
+    for fn in (eager_attention_forward, attention.fastlm_attention_forward):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = fn(module, *leaves, mask, **kwargs)
+        assert out.shape == (batch, seq, 4, 12)
+        grads = torch.autograd.grad(out, [*leaves, module.sinks], g.transpose(1, 2))
+        results.append((out, grads))
+    assert kernel_on_cpu == ([1] if batching is None else ["varlen"])
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got[real], want[real], **TOL)
+    assert not got[~real].any()
+    assert want_grads[3].abs().min() > 1e-3  # every head's sink gets a gradient
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_report_says_sinks_run_the_kernel(device, kernel_on_cpu):
+    """A patched gpt-oss: no reason against the kernel before a call, the padded launch on a
+    padded batch."""
+    pytest.importorskip("transformers.models.gpt_oss")
+    model = _patched("gpt_oss", device, "eager").eval()
+    layers = model.config.num_hidden_layers
+    assert _attention_rows(model) == [(attention.FLASH, "not called yet", False)] * layers
+    with torch.no_grad():
+        model(**{k: t.to(device) for k, t in tiny_batch(batch=2, seq=13).items()})
+    assert _attention_rows(model) == [(attention.FLASH_VARLEN, attention.PADDED, True)] * layers
+    assert kernel_on_cpu == ["varlen"] * layers
 
 
 def test_mask_check_rejects_non_causal_patterns(device):

@@ -1,7 +1,8 @@
 """gpt-oss pieces the shared MoE comparisons (``test_moe.py``, its ``gpt_oss`` cases) do not
-isolate: attention sinks keep every call off fastlm's flash kernel (even where the kernel could
-run), the clamped SwiGLU and the router's scoring are transformers' own, and an experts module
-stored otherwise than the spec says runs transformers' code with the reason, not misread.
+isolate: attention with sinks runs fastlm's flash kernel (its fixed-length and padded launches,
+the sinks trainable) and matches transformers' eager attention, the clamped SwiGLU and the
+router's scoring are transformers' own, and an experts module stored otherwise than the spec
+says runs transformers' code with the reason, not misread.
 
 The tiny model is ``tiny_models``'s gpt_oss (non-zero sinks and biases, limit crossed).
 """
@@ -24,7 +25,6 @@ pytest.importorskip("transformers.models.gpt_oss")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RTOL = 1e-4
-SINKS = ("eager", "attention sinks (s_aux): the kernel has none")
 LORA = dict(
     r=4,
     lora_alpha=8,
@@ -65,6 +65,14 @@ def _pair(tmp_path):
     return reference.train(), fast.train()
 
 
+def _train_sinks(*models) -> None:
+    """Make every attention layer's sinks trainable (PEFT freezes them with the base weights)."""
+    for model in models:
+        for name, param in model.named_parameters():
+            if name.endswith("self_attn.sinks"):
+                param.requires_grad_(True)
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
@@ -72,37 +80,64 @@ def _loss_and_grads(model, batch):
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_match(reference, fast, batch) -> None:
+def _assert_match(reference, fast, batch, n_grads: int = 36) -> dict:
+    """Loss and every gradient as HF's (relative error <= RTOL); returns the max errors."""
     expected, expected_grads = _loss_and_grads(reference, batch)
     actual, actual_grads = _loss_and_grads(fast, batch)
-    assert abs(actual - expected) <= RTOL * expected
-    assert expected_grads.keys() == actual_grads.keys() and len(expected_grads) == 36
+    errors = {"loss": abs(actual - expected) / expected}
+    assert errors["loss"] <= RTOL
+    assert expected_grads.keys() == actual_grads.keys() and len(expected_grads) == n_grads
     for name, grad in expected_grads.items():
-        assert relative_error(actual_grads[name], grad) <= RTOL, name
+        errors[name] = relative_error(actual_grads[name], grad)
+        assert errors[name] <= RTOL, name
+    return errors
 
 
-def test_sinks_keep_every_call_off_the_flash_kernel(tmp_path, kernel_on_cpu):
-    """With the kernel allowed (the padded batch is padding on the causal and window patterns,
-    which a sink-less model would run as the kernel's padded launch), each layer runs
-    transformers' eager attention, which reads the sinks, and says why: the loss and every LoRA
-    gradient are HF's, and no kernel was launched. The sinks matter on this batch."""
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
+def test_attention_with_sinks_runs_the_flash_kernel(tmp_path, kernel_on_cpu, padded):
+    """With the kernel allowed (on CPU here, as on a GPU), every layer (sliding window 4, full,
+    sliding) runs it with the sinks: the fixed-length launch, or the padded launch for the
+    padding on the causal and window patterns. The loss, every LoRA gradient and the sinks'
+    gradients (trainable in both models) are HF eager's; the report says which launch ran. The
+    sinks matter on this batch: without them the loss differs."""
     reference, fast = _pair(tmp_path)
+    _train_sinks(reference, fast)
     layers = [m for m in fast.modules() if type(m).__name__ == "GptOssAttention"]
     assert len(layers) == 3 and all(layer.sinks.abs().min() > 1e-2 for layer in layers)
-    expected = {(*SINKS, False)}
-    assert {(r["attention"], r["reason"].removeprefix("not called yet; "), r["called"])
-            for r in fused_report(fast).attention} == expected  # fmt: skip
-    batch = tiny_batch()
-    _assert_match(reference, fast, batch)
-    assert kernel_on_cpu == []
     rows = fused_report(fast).attention
-    assert {(r["attention"], r["reason"], r["called"]) for r in rows} == {(*SINKS, True)}
+    assert {(r["attention"], r["reason"], r["called"]) for r in rows} == {
+        (attention.FLASH, "not called yet", False)
+    }
+    batch = tiny_batch()
+    if not padded:
+        batch["attention_mask"].fill_(1)
+        batch["labels"] = batch["input_ids"]
+    errors = _assert_match(reference, fast, batch, n_grads=36 + len(layers))
+    assert {name for name in errors if name.endswith("sinks")} == {
+        f"base_model.model.model.layers.{i}.self_attn.sinks" for i in range(len(layers))
+    }
+    launch = "flash_attention_varlen_triton" if padded else "flash_attention_triton"
+    assert kernel_on_cpu == [launch] * len(layers)
+    path = (attention.FLASH_VARLEN, attention.PADDED) if padded else (attention.FLASH, "")
+    rows = fused_report(fast).attention
+    assert {(r["attention"], r["reason"], r["called"]) for r in rows} == {(*path, True)}
     with torch.no_grad():
-        with_sinks = reference(**batch).loss
+        with_sinks = fast(**batch).loss
         for layer in layers:
             layer.sinks.fill_(-1e4)  # no sink: softmax over the keys alone
         without_sinks = fast(**batch).loss
     assert abs(with_sinks - without_sinks) > 1e-3
+
+
+def test_attention_with_sinks_on_the_cpu_runs_eager_and_says_why(tmp_path):
+    """Without the kernel (CPU tensors), transformers' eager attention reads the sinks itself:
+    the loss and gradients are HF's, and the reason is the device, not the sinks."""
+    reference, fast = _pair(tmp_path)
+    _train_sinks(reference, fast)
+    _assert_match(reference, fast, tiny_batch(), n_grads=39)
+    rows = fused_report(fast).attention
+    reason = "cpu tensors (the kernel runs on CUDA)"
+    assert {(r["attention"], r["reason"], r["called"]) for r in rows} == {("eager", reason, True)}
 
 
 def test_experts_stored_otherwise_than_the_spec_says_run_transformers_and_say_why(tmp_path):

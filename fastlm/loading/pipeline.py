@@ -28,6 +28,7 @@ from fastlm.errors import (
 from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
+from fastlm.models.nf4_experts import quantize_experts
 from fastlm.models.spec import PROJECTIONS, MixtureOfExperts
 from fastlm.offload import place_trainable
 from fastlm.versions import check_versions
@@ -178,26 +179,11 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
         # Trainer and save_pretrained refuse the (plain floating-point) model.
         model.hf_quantizer = None
         model.is_quantized = False
-    if options["load_in_4bit"] and spec.moe is not None:
-        _log_dense_experts(model, spec)
+    if options["load_in_4bit"] and spec.moe is not None:  # bitsandbytes quantised the linears
+        quantize_experts(model, spec.moe)
     model.max_seq_length = max_seq_length
     models.patch_model(model, spec, max_seq_length, check_finite_loss=options["check_finite_loss"])
     return model
-
-
-def _log_dense_experts(model: nn.Module, spec) -> None:
-    """load_in_4bit on a MoE model: bitsandbytes NF4 quantises nn.Linear only, so the experts'
-    3-D weights stay in the load dtype (the router too); say so, with their size."""
-    blocks = [m for m in model.modules() if type(m).__name__ == spec.moe.experts_class]
-    weights = [param for block in blocks for param in block.parameters(recurse=False)]
-    if not weights:
-        return
-    size = sum(w.numel() * w.element_size() for w in weights)
-    logger.warning(
-        "load_in_4bit: %s's experts (%d MoE layers, %.2f GiB) stay %s, not NF4: bitsandbytes "
-        "quantises linear layers only (attention and dense MLPs are NF4)",
-        spec.family, len(blocks), size / 2**30, weights[0].dtype,
-    )  # fmt: skip
 
 
 def load_adapter(

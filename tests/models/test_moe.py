@@ -277,26 +277,6 @@ def test_two_active_adapters_run_peft_and_say_why(tmp_path, family):
     assert all("2 active adapters" in row["reason"] for row in rows)
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
-def test_load_in_4bit_leaves_the_experts_in_the_load_dtype_and_says_so(tmp_path, family, caplog):
-    """bitsandbytes NF4 quantises nn.Linear only: attention is 4-bit, the experts' 3-D weights
-    stay fp32 (the load dtype), and the load logs one warning saying so."""
-    pytest.importorskip("bitsandbytes")
-    path = save_tiny_model(family, tmp_path / family)
-    with caplog.at_level("WARNING", logger="fastlm"):
-        model, _ = FastModel.from_pretrained(
-            path, dtype=torch.float32, device_map="cpu", load_in_4bit=True
-        )
-    experts = [p for n, p in model.named_parameters() if ".mlp.experts." in n]
-    assert len(experts) == FAMILIES[family].expert_parameters * FAMILIES[family].moe_layers
-    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in experts)
-    quantised = [n for n, p in model.named_parameters() if hasattr(p, "quant_state")]
-    assert any(".self_attn." in n or ".linear_attn." in n for n in quantised)
-    assert not any(".experts." in n for n in quantised)
-    lines = [r.getMessage() for r in caplog.records if "load_in_4bit:" in r.getMessage()]
-    assert len(lines) == 1 and "experts" in lines[0] and "stay torch.float32, not NF4" in lines[0]
-
-
 @pytest.mark.skipif(_NO_QWEN3_5_MOE, reason="transformers without Qwen3.5-MoE")
 def test_multimodal_qwen3_5_moe_is_refused_with_the_text_model_named():
     from transformers import Qwen3_5MoeConfig

@@ -299,7 +299,7 @@ def expert_targets(
     names = list(PROJECTIONS) if target_modules in (None, "all-linear") else list(target_modules)
     wanted = {getattr(moe, _EXPERT_PARAMETER_OF[n]) for n in names if n in _EXPERT_PARAMETER_OF}
     places = {
-        ".".join(path.split(".")[-2:])
+        _within_layer(path)
         for path, module in model.named_modules()
         if type(module).__name__ == moe.experts_class
     }  # "mlp.experts": PEFT matches target_parameters as suffixes of "<module path>.<param>"
@@ -311,6 +311,15 @@ def expert_targets(
         target_modules = [n for n in names if n in linear or n not in _EXPERT_PARAMETER_OF]
     logger.info("fastlm: LoRA on the experts too: target_parameters=%s", parameters)
     return target_modules, parameters
+
+
+def _within_layer(path: str) -> str:
+    """A module's path inside its decoder layer: what follows the last layer index
+    ("model.layers.3.mlp.experts" -> "mlp.experts"; Gemma 4's "model.layers.3.experts" ->
+    "experts"), the same for every layer."""
+    parts = path.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[indices[-1] + 1 :] if indices else parts[-2:])
 
 
 # --------------------------------------------------------------------------- shared steps

@@ -22,6 +22,12 @@ the grouped GEMM's operands as they are), and b[e] its per-expert bias, gathered
 the spec says they are interleaved (gpt-oss); act is the spec's gated activation (gpt-oss's:
 ``clamped_swiglu``).
 
+Gemma 4's layer has no MoE block module: it owns the router and the experts and calls
+``experts(x, idx, w)`` itself, beside its dense MLP. There the layer's forward and its router stay
+transformers', and only that call runs ``grouped_experts`` (``experts_forward``, set on whatever
+module sits at the layer's ``experts`` when the layer runs: PEFT's outermost ParamWrapper once
+LoRA targets the experts); w carries the router's gradient into the experts' weighted sum.
+
 LoRA on the experts is PEFT's own: ``LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
 "mlp.experts.down_proj"])`` wraps the experts module in one ``ParamWrapper`` per parameter,
 holding per expert A_e (r, in) and B_e (out, r) in two ``nn.Linear`` (``expert_weights`` reads
@@ -56,7 +62,9 @@ through the experts' weighted sum; dz reaches the bias as sum_t dz_t, the weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -232,16 +240,7 @@ def moe_block_forward(
     x = hidden_states.reshape(-1, shape[-1])  # (N, H)
     logits, weights, experts = getattr(self, moe.router_attr)(x)  # (N, E), (N, k), (N, k)
     module = getattr(self, moe.experts_attr)
-    projections, _ = expert_weights(module, moe)
-    if projections is None:
-        out = module(x, experts, weights)
-    else:
-        base = _base_experts(module)
-        options = {name: getattr(base, name) for name in moe.activation_attrs}
-        out = grouped_experts(
-            x, weights, experts, projections, moe.activation or activation,
-            interleaved=moe.gate_up_interleaved, activation_options=options,
-        )  # fmt: skip
+    out = _run_experts(module, x, experts, weights, moe, activation, module)
     if moe.shared_expert_attr:
         out = out + _shared_expert(self, x, moe)
     if aux.active and torch.is_grad_enabled():
@@ -249,6 +248,51 @@ def moe_block_forward(
     if moe.returns_router_scores:
         return out.reshape(shape), weights
     return out.reshape(shape)
+
+
+def experts_forward(
+    self,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    *,
+    moe: MixtureOfExperts,
+    activation: str,
+) -> Tensor:
+    """An experts call run grouped, for a block that calls its experts itself
+    (``moe.patched == "experts"``, Gemma 4's decoder layer): ``self`` is the module at the
+    block's experts attribute (the experts module, or PEFT's outermost ParamWrapper around it),
+    the routing (N, k) is the model's own router's. (N, H) as transformers' experts forward
+    returns it; that forward runs where ``expert_weights`` says the grouped path cannot.
+
+    Usage: ``patch_model`` sets it on the module at ``layer.experts`` (reversibly); the layer's
+    own ``out = self.experts(x, top_k_index, top_k_weights)`` then runs it."""
+    # The fallback is the class forward: the instance forward is this function.
+    fallback = partial(type(self).forward, self)
+    return _run_experts(self, hidden_states, top_k_index, top_k_weights, moe, activation, fallback)
+
+
+def _run_experts(
+    module: nn.Module,
+    x: Tensor,
+    experts: Tensor,
+    weights: Tensor,
+    moe: MixtureOfExperts,
+    activation: str,
+    fallback: Callable[[Tensor, Tensor, Tensor], Tensor],
+) -> Tensor:
+    """sum over the k chosen experts of w · expert(x) (N, H): grouped where ``expert_weights``
+    reads the experts module (PEFT-wrapped or not), else ``fallback(x, experts, weights)``
+    (transformers' / PEFT's experts forward)."""
+    projections, _ = expert_weights(module, moe)
+    if projections is None:
+        return fallback(x, experts, weights)
+    base = _base_experts(module)
+    options = {name: getattr(base, name) for name in moe.activation_attrs}
+    return grouped_experts(
+        x, weights, experts, projections, moe.activation or activation,
+        interleaved=moe.gate_up_interleaved, activation_options=options,
+    )  # fmt: skip
 
 
 def _shared_expert(self, x: Tensor, moe: MixtureOfExperts) -> Tensor:

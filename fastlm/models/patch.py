@@ -24,6 +24,8 @@ What runs where:
 - MoE block        → (``spec.moe``) ``moe.py``: fastlm's router forward from the spec's facts, the
                      experts (LoRA through PEFT's target_parameters) as grouped GEMMs over the
                      tokens sorted by expert; the load-balancing loss added to the fused loss.
+                     A layer that calls its experts itself (Gemma 4's, ``moe.patched``
+                     "experts") keeps its own forward and router; its experts call runs grouped.
 - causal-LM head   → in training with labels: the fused linear cross-entropy (no full logits);
                      otherwise the model's own forward (generation and evaluation see logits).
 - a 4-bit Linear4bit that runs unfused (LoRA dropout, DoRA, ...) → on the CPU, fastlm's NF4
@@ -35,6 +37,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +61,7 @@ from fastlm.models.lora_layers import linear_weights
 from fastlm.models.moe import (
     AuxLossGradient,
     aux_loss_settings,
+    experts_forward,
     load_balancing_loss,
     moe_block_forward,
     moe_report_rows,
@@ -86,6 +90,9 @@ class PatchState:
     attention_paths: dict[nn.Module, AttentionPath] = field(default_factory=dict)
     # MoE: the load-balancing loss's gradient, filled per fused-loss step (moe.py)
     moe_aux: AuxLossGradient = field(default_factory=AuxLossGradient)
+    # MoE blocks that call their experts themselves: the modules whose forward is the grouped
+    # experts call (``_experts_call_forward``)
+    grouped_experts_calls: weakref.WeakSet = field(default_factory=weakref.WeakSet)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -120,6 +127,11 @@ def patch_model(
                 paths=state.attention_paths,
             )
         elif spec.moe and name == spec.moe.block_class:
+            if getattr(module, spec.moe.experts_attr, None) is None:
+                continue  # not a MoE block (Gemma 4's layers without enable_moe_block)
+            if spec.moe.patched == "experts":
+                _set_forward(state, module, _experts_call_forward, patch=state)
+                continue
             _set_forward(
                 state,
                 module,
@@ -128,7 +140,7 @@ def patch_model(
                 activation=spec.activation,
                 aux=state.moe_aux,
             )
-        elif spec.moe and name == spec.moe.router_class:
+        elif spec.moe and spec.moe.patched == "block" and name == spec.moe.router_class:
             _set_forward(state, module, router_forward, moe=spec.moe)
         elif is_bnb_linear4bit(module):  # runs only when not fused: see nf4_linear.py
             _set_forward(state, module, nf4_linear_forward)
@@ -209,7 +221,8 @@ def fused_report(model: nn.Module) -> FusedReport:
         elif cls == state.spec.mlp_class:
             projections = MLP_PROJECTIONS
         elif state.spec.moe is not None and cls == state.spec.moe.block_class:
-            rows.extend(moe_report_rows(name, module, state.spec.moe))
+            if getattr(module, state.spec.moe.experts_attr, None) is not None:  # a MoE block
+                rows.extend(moe_report_rows(name, module, state.spec.moe))
             continue
         else:
             continue
@@ -435,6 +448,27 @@ def _mlp_forward(self, x: torch.Tensor, *, activation: str) -> torch.Tensor:
     return self.down_proj(_GATED_ACTIVATIONS[activation](self.gate_proj(x), self.up_proj(x)))
 
 
+def _experts_call_forward(self, *args, patch: PatchState, **kwargs):
+    """A MoE block that calls its experts itself (``MixtureOfExperts.patched == "experts"``,
+    Gemma 4's decoder layer): its class forward runs, transformers' code line for line, with
+    the module now at its experts attribute running grouped (``moe.experts_forward``).
+
+    Why the experts call is patched from here, at the call, and not once at load: LoRA on the
+    experts (PEFT's ``target_parameters``) replaces the layer's ``experts`` with a ParamWrapper
+    around the experts module, and that wrapper's forward adds s·B_e A_e to the whole weight
+    stack before calling the module inside. So the grouped forward must sit on the *outermost*
+    module, which is only known at the call: PEFT wraps after fastlm patched (through fastlm's
+    or PEFT's own get_peft_model, TRL's trainer, PeftModel.from_pretrained), and merging or
+    unloading unwraps again. A module once given the forward keeps it (and is listed for
+    ``unpatch_model``); the check is one set lookup per layer call."""
+    moe = patch.spec.moe
+    experts = getattr(self, moe.experts_attr)
+    if experts not in patch.grouped_experts_calls:
+        _set_forward(patch, experts, experts_forward, moe=moe, activation=patch.spec.activation)
+        patch.grouped_experts_calls.add(experts)
+    return type(self).forward(self, *args, **kwargs)
+
+
 def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
     original = type(model).forward
     names = list(inspect.signature(original).parameters)[1:]
@@ -482,7 +516,8 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
     kwargs.pop("logits_to_keep", None)
     kwargs.pop("return_dict", None)
     moe = state.spec.moe
-    if moe is not None:  # router logits for the load-balancing loss, as transformers' forward
+    balances = moe is not None and moe.aux_loss_coef_attr is not None  # a load-balancing loss
+    if balances:  # router logits for the load-balancing loss, as transformers' forward
         if kwargs.get("output_router_logits") is None:
             kwargs["output_router_logits"] = getattr(self.config, "output_router_logits", False)
         if kwargs["output_router_logits"]:
@@ -503,10 +538,19 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         num_items_in_batch=num_items_in_batch,
         softcap=softcap,
     )
-    if moe is not None:
+    if balances:
         return _with_aux_loss(self, state, loss, outputs, kwargs)
     if state.check_finite_loss:
         state.loss_monitor.watch(loss, self)
+    if getattr(outputs, "router_logits", None) is not None:  # asked for, with no aux loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,

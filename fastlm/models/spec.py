@@ -60,8 +60,8 @@ class LinearAttention:
 
 @dataclass(frozen=True)
 class MixtureOfExperts:
-    """A sparse mixture-of-experts block in place of the MLP (Qwen3-MoE's, Qwen3.5-MoE's,
-    gpt-oss's).
+    """A sparse mixture-of-experts block in place of (or beside) the MLP (Qwen3-MoE's,
+    Qwen3.5-MoE's, gpt-oss's, Gemma 4's).
 
     Per token x: the router's logits z = x R^T + b (E experts; b where the router has a bias).
     ``scoring`` "softmax": p = softmax(z), the top_k experts by p, their weights w = p[top]
@@ -82,8 +82,19 @@ class MixtureOfExperts:
     ``mlp_class`` that every token goes through), out += s(x) · shared(x), s(x) = sigmoid(x G^T)
     from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one). Training adds
     ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every router's logits z
-    when the config's ``output_router_logits`` is on. fastlm's router and block forwards read
+    when the config's ``output_router_logits`` is on, where the family has that loss
+    (``aux_loss_coef_attr`` None: it has none, Gemma 4). fastlm's router and block forwards read
     these facts; the experts run grouped (``moe.py``).
+
+    ``patched`` says how much of the block fastlm runs. "block": the block module is the MoE
+    block alone, and fastlm's block forward runs it (router, grouped experts, shared expert).
+    "experts": the block is a module that calls ``experts(x, top_k_index, top_k_weights)`` itself
+    amid other work (Gemma 4's decoder layer, which also runs a dense MLP beside the experts and
+    feeds the router another input than the experts): its own forward and its router stay
+    transformers', and only that experts call runs grouped. The scoring facts above are then
+    unused (the model's router computes w) and there is no shared expert. A ``block_class``
+    module without the ``experts_attr`` attribute is not a MoE block (Gemma 4's layers when
+    ``enable_moe_block`` is off): it is left alone.
     """
 
     block_class: str  # the MoE block module (it holds the router and the experts)
@@ -109,9 +120,12 @@ class MixtureOfExperts:
     returns_router_scores: bool = False
     shared_expert_attr: str | None = None  # the block's shared expert (an mlp_class module)
     shared_expert_gate_attr: str | None = None  # the block's (H -> 1) linear gating it
+    patched: str = "block"  # "block": fastlm's block forward; "experts": the experts call only
     num_experts_attr: str = "num_experts"  # config attribute
     experts_per_token_attr: str = "num_experts_per_tok"  # config attribute
-    aux_loss_coef_attr: str = "router_aux_loss_coef"  # config attribute
+    # Config attribute with the load-balancing loss coefficient; None: the family has no such
+    # loss (its causal-LM forward adds none), so fastlm adds none either.
+    aux_loss_coef_attr: str | None = "router_aux_loss_coef"
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "topk_softmax"):
@@ -128,6 +142,13 @@ class MixtureOfExperts:
             raise ValueError("MixtureOfExperts: activation_attrs without an activation")
         if self.shared_expert_gate_attr and not self.shared_expert_attr:
             raise ValueError("MixtureOfExperts: a shared_expert_gate_attr without a shared expert")
+        if self.patched not in ("block", "experts"):
+            raise ValueError(f"MixtureOfExperts patched {self.patched!r}: 'block' or 'experts'")
+        if self.patched == "experts" and (self.shared_expert_attr or self.returns_router_scores):
+            raise ValueError(
+                "MixtureOfExperts: patched='experts' runs the block's own forward, so fastlm adds "
+                "no shared expert and returns no router scores"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,7 +189,7 @@ class ArchitectureSpec:
     # rotate_half layout's D with equal halves; the pairs (i, i + D/2) are the same.
     rope_half_tables: bool = False
     linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
-    moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs
+    moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs, or beside them
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap
     final_logit_softcap_attr: str | None = None  # config attribute with final-logit soft-cap
     # Configs fastlm cannot patch exactly, refused when the model is loaded: each raises

@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover
     Qwen3_5MoeTextConfig = None
 
 VOCAB = 131  # odd on purpose
+# A tiny model's name that is not its model_type: Gemma 4 text ("gemma4_text") with its MoE block.
+GEMMA4_TEXT_MOE = "gemma4_text_moe"
 # Odd sizes shared by the Llama-shaped families (GQA 6/2, hidden 72, intermediate 100).
 _LLAMA_LIKE = dict(
     vocab_size=VOCAB,
@@ -91,6 +93,12 @@ _GEMMA4_TEXT = dict(
     hidden_size_per_layer_input=10,
     final_logit_softcapping=5.0,
     tie_word_embeddings=True,
+)
+# Gemma 4 text with the mixture-of-experts block (enable_moe_block): the five layers above, each
+# with a router over 5 experts of width 27 (odd) that sends each token to 2 of them, beside the
+# dense MLP. Gemma 4 has no aux loss (no coefficient in its config).
+_GEMMA4_TEXT_MOE = dict(
+    _GEMMA4_TEXT, enable_moe_block=True, num_experts=5, top_k_experts=2, moe_intermediate_size=27
 )
 # Qwen3.5 text: three layers, linear attention (Gated DeltaNet) around one full-attention layer.
 # Full attention: 4 query heads over 2 kv heads of head_dim 24, q_proj twice as wide (query and
@@ -227,6 +235,7 @@ _CONFIGS = {
 }
 if Gemma4TextConfig is not None:
     _CONFIGS["gemma4_text"] = (Gemma4TextConfig, _GEMMA4_TEXT)
+    _CONFIGS[GEMMA4_TEXT_MOE] = (Gemma4TextConfig, _GEMMA4_TEXT_MOE)  # model_type gemma4_text
 if Qwen3_5TextConfig is not None:
     _CONFIGS["qwen3_5_text"] = (Qwen3_5TextConfig, _QWEN3_5_TEXT)
 if Qwen3MoeConfig is not None:
@@ -244,7 +253,8 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(model_type: str, **overrides):
-    """A 2–3 layer config with odd sizes (GQA, non-power-of-two dims)."""
+    """A 2–3 layer config with odd sizes (GQA, non-power-of-two dims); ``model_type`` is a
+    config's model_type, or GEMMA4_TEXT_MOE."""
     if model_type not in _CONFIGS:
         raise ValueError(model_type)
     config_class, kwargs = _CONFIGS[model_type]
@@ -376,6 +386,26 @@ def gpt_oss_extras(model: torch.nn.Module) -> None:
                 param.mul_(25.0)
 
 
+def gemma4_moe_extras(model: torch.nn.Module, starved: int) -> None:
+    """Gemma 4's router (layer.router, reading the residual stream) starts with unit ``scale``
+    and ``per_expert_scale`` and a near-uniform softmax: here both scales are drawn from
+    U(0.5, 1.5) (so that a router reading the wrong input, or dropping a scale, shows), and the
+    projection ×10, so that routing depends on the token and spreads over the experts. Then
+    ``starved`` gets no token, as in starve_expert: embedding column 0 is 0.3 (the residual
+    stream stays positive there through the layers), and each router reads nothing from it but
+    for ``starved``, whose logit there is -8·x̂_0 (the router scales its normalised input by
+    scale·H^-1/2, which the weight undoes)."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 0.3
+        for layer in model.model.layers:
+            router = layer.router
+            router.scale.uniform_(0.5, 1.5)
+            router.per_expert_scale.uniform_(0.5, 1.5)
+            router.proj.weight.mul_(10.0)
+            router.proj.weight[:, 0] = 0.0
+            router.proj.weight[starved, 0] = -8.0 / (router.scale[0] * router.scalar_root_size)
+
+
 # MoE model_type -> its norm offset (starve_expert)
 _MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0, "gpt_oss": 0.0}
 
@@ -391,6 +421,8 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
         gpt_oss_extras(model)
     if model_type in _MOE_NORM_OFFSETS:  # an expert without tokens, on any batch
         starve_expert(model, model.config.num_experts - 1, _MOE_NORM_OFFSETS[model_type])
+    if model_type == GEMMA4_TEXT_MOE:  # its router is the layer's, with scales of its own
+        gemma4_moe_extras(model, starved=model.config.num_experts - 1)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ What differs, and who does it:
   symmetric window |i − j| ≤ sliding_window. The masks are the model's own, so the patched
   attention gets them as transformers' does; fastlm's flash kernel takes causal windows only, so
   sliding layers run the model's attention function (``models/attention.py`` says so).
-- No k = v layers, no KV sharing, no LM head and no final-logit soft-cap.
+- No k = v layers, no KV sharing, no MoE block, no LM head and no final-logit soft-cap.
 - Projection-only per-layer inputs (PLE): ``ple`` derives them from inputs_embeds and each
   layer's ``ple_block`` mixes its slice in after the MLP (gate, GELU, × input, projection,
   norm). Their linears run transformers' code (``transformers_linears``; fused_report lists
@@ -36,7 +36,7 @@ EMBEDDING_GEMMA2_TEXT = replace(
     key_is_value_attr=None,
     kv_sharing=None,
     final_logit_softcap_attr=None,
-    load_checks=(),  # no MoE variant
+    moe=None,  # no MoE variant
     gguf_arch=None,
     gguf_checks=(),
     embedding_pooling="mean",

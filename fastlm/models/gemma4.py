@@ -1,4 +1,5 @@
-"""Gemma 4 text (dense): w·x̂ norms, GeGLU, q/k norm, a weightless v norm, k = v, KV sharing.
+"""Gemma 4 text: w·x̂ norms, GeGLU, q/k norm, a weightless v norm, k = v, KV sharing, and the
+mixture-of-experts block beside the dense MLP (``enable_moe_block``).
 
 What differs from Gemma 3, and where fastlm's shared path takes it from the spec:
 - RMSNorm is ``w·x̂`` (offset 0, not Gemma 3's ``1 + w``); v's norm has no weight (``y = x̂``).
@@ -11,22 +12,39 @@ What differs from Gemma 3, and where fastlm's shared path takes it from the spec
 - Attention scaling is 1.0 (the module's ``scaling``); full layers use proportional RoPE (a
   cos/sin table of the whole head_dim, identity on the unrotated part: transformers' rotary
   module computes it).
+- The MoE block (``enable_moe_block``, ``moe``) is no module of its own: the decoder layer owns
+  a ``router`` and ``experts`` and runs them *beside* the dense MLP,
+
+      out = post_ff(post_ff_1(mlp(pre_ff(x))) + post_ff_2(experts(pre_ff_2(x), idx, w)))
+
+  where the router reads the residual x itself: RMS-normalised without a scale, × ``scale`` ×
+  H^-1/2, projected to E logits, softmax (fp32), top-k (``top_k_experts``), renormalised, ×
+  ``per_expert_scale`` of each chosen expert. The experts are GeGLU (the config's
+  ``hidden_activation``), stored (E, 2·I, H) gate then up, and (E, H, I). fastlm patches only
+  the layer's experts call (``MixtureOfExperts.patched="experts"``): it runs as grouped GEMMs
+  with LoRA through PEFT's ``target_parameters`` (``moe.py``); the layer's forward, the router
+  and its norms stay transformers' (the norms run fastlm's RMSNorm, the dense MLP the fused
+  LoRA MLP). Replacing the call alone keeps the layer's arithmetic out of fastlm (nothing of it
+  is copied), and the router's gradient (its proj, ``scale`` and ``per_expert_scale``) flows
+  through the routing weights w into the grouped experts. Gemma 4 has no load-balancing loss:
+  its causal-LM forward adds none (``output_router_logits`` records the router's
+  probabilities, returned as they are), so fastlm adds none (``aux_loss_coef_attr`` None).
 The embedding scaling, the per-layer inputs (their gate and projection), ``layer_scalar``, the
-masks and the final-logit soft-cap's config value stay transformers'. The MoE block
-(``enable_moe_block``) and the multimodal model are refused at load.
+masks and the final-logit soft-cap's config value stay transformers'. The multimodal model is
+refused at load; GGUF export of the MoE variant is refused (``_dense_as_llama_cpp``).
 """
 
-from fastlm.errors import UnsupportedArchitectureError
 from fastlm.models.gguf_limits import rope_parameters
-from fastlm.models.spec import ArchitectureSpec, KVSharing
+from fastlm.models.spec import ArchitectureSpec, KVSharing, MixtureOfExperts
 
 
-def _dense_only(config) -> None:
-    """Refuse the mixture-of-experts variant: its router and experts have no patched path."""
+def _dense_as_llama_cpp(config) -> None:
+    """fastlm's GEMMA4 writer has tensors for the dense layers only: no router, no 3-D experts."""
     if getattr(config, "enable_moe_block", False):
-        raise UnsupportedArchitectureError(
-            "mixture-of-experts Gemma 4 (enable_moe_block=True) is not supported yet; fastlm "
-            "supports the dense Gemma 4 text models (the MoE block is issue 18's scope)."
+        raise NotImplementedError(
+            "Gemma 4 GGUF: fastlm's writer has no layout for the mixture-of-experts block "
+            "(enable_moe_block=True: router and 3-D expert tensors); save merged_16bit and convert "
+            "that with llama.cpp's convert_hf_to_gguf.py."
         )
 
 
@@ -110,7 +128,21 @@ GEMMA4_TEXT = ArchitectureSpec(
         key_attr="layer_type",
         states_kwarg="shared_kv_states",
     ),
+    moe=MixtureOfExperts(
+        block_class="Gemma4TextDecoderLayer",  # owns router and experts where enable_moe_block
+        router_class="Gemma4TextRouter",  # transformers' own runs (patched="experts")
+        experts_class="Gemma4TextExperts",
+        router_attr="router",
+        experts_attr="experts",
+        patched="experts",
+        experts_per_token_attr="top_k_experts",
+        aux_loss_coef_attr=None,  # no load-balancing loss in Gemma 4's causal-LM forward
+    ),
     final_logit_softcap_attr="final_logit_softcapping",
-    load_checks=(_dense_only,),
-    gguf_checks=(_kv_sharing_as_llama_cpp, _rope_as_llama_cpp, _shapes_as_llama_cpp),
+    gguf_checks=(
+        _dense_as_llama_cpp,
+        _kv_sharing_as_llama_cpp,
+        _rope_as_llama_cpp,
+        _shapes_as_llama_cpp,
+    ),
 )

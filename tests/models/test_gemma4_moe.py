@@ -195,6 +195,56 @@ def test_peft_wrapping_after_the_patch_still_runs_grouped(tmp_path, grouped_call
         assert relative_error(actual_grads[name], grad) <= RTOL, name
 
 
+@pytest.mark.parametrize("checkpointing", [False, "unsloth"], ids=["plain", "offloaded"])
+def test_qlora_matches_hf_on_the_same_4bit_weights(tmp_path, checkpointing, grouped_calls):
+    """load_in_4bit: bitsandbytes quantises the linears (the router's projection too, on both
+    sides) and fastlm stores the experts NF4 (nf4_experts.py); the reference computes with the
+    format's values of the same bytes (its linears and its experts), as test_moe_qlora.py does
+    for the other MoE families."""
+    pytest.importorskip("bitsandbytes")
+    from nf4_format import nf4_dequantize, run_4bit_layers_from_format
+    from tiny_models import copy_lora
+
+    from fastlm.models.nf4_experts import is_nf4_expert_weight
+    from fastlm.quant import nf4_config
+
+    path = save_tiny_model(GEMMA4_TEXT_MOE, tmp_path / GEMMA4_TEXT_MOE)
+    fast, _ = FastModel.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", load_in_4bit=True
+    )
+    experts = {
+        f"{name}.{param}": getattr(module, param)
+        for name, module in fast.named_modules()
+        if type(module).__name__ == "Gemma4TextExperts"
+        for param in ("gate_up_proj", "down_proj")
+    }
+    assert len(experts) == 2 * LAYERS and all(map(is_nf4_expert_weight, experts.values()))
+    reference = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, device_map="cpu", experts_implementation="eager",
+        quantization_config=nf4_config(torch.float32),
+    )  # fmt: skip
+    run_4bit_layers_from_format(reference)
+    assert hasattr(reference.model.layers[0].router.proj.weight, "quant_state")
+    with torch.no_grad():
+        for name, weight in experts.items():
+            module, param = name.rsplit(".", 1)
+            dense = nf4_dequantize(weight.packed, weight.nf4_state, torch.float32)
+            getattr(reference.get_submodule(module), param).copy_(dense)
+    lora = dict(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    reference = get_peft_model(reference, LoraConfig(target_parameters=EXPERT_PARAMETERS, **lora))
+    fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=checkpointing, **lora)
+    copy_lora(reference, fast)
+    if checkpointing:
+        reference.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    reference.train()
+    fast.train()
+    _, grads = _assert_match(reference, fast, tiny_batch())
+    assert sum(".experts." in n for n in grads) == LAYERS * 2 * 2
+    assert len(grouped_calls) == LAYERS * (2 if checkpointing else 1)
+
+
 def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
     reference, fast = _pair(tmp_path, "unsloth")
     batch = tiny_batch(seed=1)

@@ -14,8 +14,9 @@ Commands run offline: ``main`` sets HF_HUB_OFFLINE=1 unless it is set (``HF_HUB_
 downloads from the Hugging Face Hub); importing this module changes nothing.
 Errors fastlm raises on purpose (``FastLMError``) are printed without a traceback (exit code 1;
 ``-v`` shows it). Ctrl-C and SIGTERM stop a command alike (exit code 130). During training the
-first one stops at the end of the current optimizer step (``fastlm sft`` saves that step's
-checkpoint and says how to continue) and a second one at once (``_training.stop_at_step_end``).
+first one stops at the end of the current optimizer step (``fastlm sft``, ``embed`` and
+``rerank`` save that step's checkpoint and say how to continue: ``--resume``) and a second one at
+once (``_training.stop_at_step_end``).
 """
 
 from __future__ import annotations

@@ -206,11 +206,13 @@ def test_every_loss_trains_on_tiny_qwen3(tiny_qwen3, tmp_path, loss, rows, extra
     assert (out / "model" / "modules.json").is_file() and (out / "adapter").is_dir()
 
 
-def test_sigterm_stops_at_the_step_end_and_says_nothing_was_saved(
+def test_sigterm_saves_that_step_and_resume_continues_the_run(
     tiny_qwen3, tmp_path, monkeypatch, capsys
 ):
-    """fastlm embed (and rerank: the same ``_training.train``) cannot resume: SIGTERM during
-    update 2 of 4 stops after it, exit 130, and says that nothing was saved."""
+    """fastlm embed stops as fastlm sft does (rerank: the same ``_training.train``): SIGTERM
+    during update 2 of 4 finishes it, saves checkpoint-2, exit 130, and the line names the
+    command that continues; that command reaches step 4 with the losses of a run never
+    interrupted."""
     import signal
 
     from test_cli_errors import _interrupting
@@ -218,19 +220,82 @@ def test_sigterm_stops_at_the_step_end_and_says_nothing_was_saved(
     from fastlm.commands import embed
 
     data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    reference = tmp_path / "reference"
+    assert run(tiny_argv(tiny_qwen3, data, reference, "--max-steps", 4)) == 0
     out = tmp_path / "out"
     _interrupting(monkeypatch, embed, "on_pre_optimizer_step", 1, signal.SIGTERM)
+    capsys.readouterr()
     assert run(tiny_argv(tiny_qwen3, data, out, "--max-steps", 4)) == 130
     err = capsys.readouterr().err.strip().splitlines()
     stopping = (
-        "fastlm: stopping after this step (nothing is saved); press Ctrl-C again to stop at once"
+        "fastlm: stopping after this step and saving a checkpoint; press Ctrl-C again to stop at "
+        "once"
     )
     assert err.count(stopping) == 1, err
+    checkpoint = out / "checkpoints" / "checkpoint-2"
     assert err[-1] == (
-        "fastlm embed: interrupted: stopped after step 2 of 4; nothing was saved (this command "
-        "does not resume)"
+        f"fastlm embed: interrupted: saved {checkpoint} (step 2 of 4); continue with: "
+        f"fastlm embed --config {out / 'embed_config.json'} --resume"
     )
-    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / "adapter").exists()
+
+    monkeypatch.undo()
+    assert run(["embed", "--config", out / "embed_config.json", "--resume"]) == 0
+    assert f"resuming from {checkpoint}" in capsys.readouterr().out
+    resumed = json.loads((out / "embed_summary.json").read_text())
+    uninterrupted = json.loads((reference / "embed_summary.json").read_text())
+    assert resumed["steps"] == 4 and len(resumed["losses"]) == 4
+    assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
+    assert (out / "adapter").is_dir()
+
+
+def test_resume_continues_from_the_newest_checkpoint(tiny_qwen3, tmp_path, capsys):
+    """2 steps with a checkpoint each, then --resume to 4: the Trainer's global_step goes on
+    from 2 (steps 1 and 2 are the first run's, not trained again: their checkpoints are not
+    written again)."""
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_qwen3, data, out, "--save-steps", 1)) == 0
+    first = json.loads((out / "embed_summary.json").read_text())
+    assert first["steps"] == 2
+    states = [out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json" for step in (1, 2)]
+    written = [(path.stat().st_mtime_ns, path.read_bytes()) for path in states]
+    capsys.readouterr()
+    argv = tiny_argv(tiny_qwen3, data, out, "--save-steps", 1, "--max-steps", 4, "--resume")
+    assert run(argv) == 0
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in capsys.readouterr().out
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert [entry["loss"] for entry in logged[:2]] == first["losses"]
+    assert [(path.stat().st_mtime_ns, path.read_bytes()) for path in states] == written
+    assert json.loads((out / "embed_summary.json").read_text())["steps"] == 4
+
+
+def test_resume_with_other_lora_flags_is_one_line(tiny_qwen3, tmp_path, capsys):
+    """Checked before anything loads, from the checkpoint's trainable tensors (an embed
+    checkpoint holds the model with LoRA merged in, and no adapter_config.json)."""
+    from fastlm.commands import _training
+    from fastlm.embeddings.trainer import TRAINABLE_STATE_NAME
+
+    assert _training.TRAINABLE_STATE_NAME == TRAINABLE_STATE_NAME
+    data = write_jsonl(tmp_path / "train.jsonl", retrieval_rows())
+    out = tmp_path / "out"
+    assert run(tiny_argv(tiny_qwen3, data, out, "--save-steps", 1, "--max-steps", 1)) == 0
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    capsys.readouterr()
+    for extra, message in (
+        (["--lora-r", 8], f"--resume {checkpoint} has LoRA rank 4, not --lora-r 8"),
+        (["--full-finetune"], f"--resume {checkpoint} is a LoRA checkpoint"),
+    ):
+        assert run([*tiny_argv(tiny_qwen3, data, out, "--resume"), *extra]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [
+            f"fastlm embed: error: {message}; resume with the interrupted run's flags (its "
+            "--output-dir has them in embed_config.json)"
+        ]
 
 
 def test_load_in_4bit_trains_qlora_and_saves_a_16bit_model(tiny_qwen3, tmp_path):

@@ -179,10 +179,15 @@ def test_max_seq_length_past_the_positions_is_one_warning_line(root, tmp_path, c
         ("embed", ["--max-grad-norm", "-1"], "--max-grad-norm must be at least 0"),
         ("rerank", ["--output-dir", "FILE"], "is a file; pass a folder"),
         ("rerank", ["--save-total-limit", "0", "--save-steps", "1"], "must be at least 1"),
+        ("embed", ["--resume", "--output-dir", "TMP"], "--resume: no complete checkpoint in"),
+        ("rerank", ["--resume", "--output-dir", "TMP"], "--resume: no complete checkpoint in"),
+        ("embed", ["--resume", "TMP/nowhere"], "--resume TMP/nowhere: no such folder"),
     ],
 )
-def test_embed_and_rerank_share_the_checks(command, extra, pattern, root, capsys):
+def test_embed_and_rerank_share_the_checks(command, extra, pattern, root, tmp_path, capsys):
     extra = [str(root / "chat.jsonl") if value == "FILE" else value for value in extra]
+    extra = [value.replace("TMP", str(tmp_path)) for value in extra]
+    pattern = pattern.replace("TMP", str(tmp_path))
     assert cli.main([command, "--model", str(root / "llama"), *extra]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fastlm {command}: error: ")

@@ -336,3 +336,56 @@ def test_load_in_4bit_trains_a_qlora_reranker_whose_adapter_reloads(
     assert any("4bit" in type(m).__name__ for m in adapter.causal_lm.modules())
     theirs = adapter.score(PROBE_QUERIES, PROBE_DOCS, return_logits=True)
     assert torch.allclose(theirs, trained_scores["probe"], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_from_the_newest_checkpoint(tiny_reranker, tmp_path, capsys):
+    """2 steps with a checkpoint each, then --resume to 4 (as fastlm sft and embed): the
+    Trainer's global_step goes on from 2, steps 1 and 2 being the first run's (their
+    checkpoints are not written again)."""
+    data = write_jsonl(tmp_path / "train.jsonl", listwise_rows())
+    out = tmp_path / "out"
+    argv = tiny_argv(tiny_reranker, data, out, "--save-steps", 1, "--max-steps")
+    assert run([*argv, 2]) == 0
+    first = json.loads((out / "rerank_summary.json").read_text())
+    assert first["steps"] == 2
+    states = [out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json" for step in (1, 2)]
+    written = [(path.stat().st_mtime_ns, path.read_bytes()) for path in states]
+    capsys.readouterr()
+    assert run([*argv, 4, "--resume"]) == 0
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'}" in capsys.readouterr().out
+    resumed = json.loads((out / "rerank_summary.json").read_text())
+    assert resumed["steps"] == 4
+    assert resumed["losses"][:2] == first["losses"] and len(resumed["losses"]) == 4
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert [(path.stat().st_mtime_ns, path.read_bytes()) for path in states] == written
+
+
+@pytest.mark.parametrize(
+    ("resume", "extra", "message"),
+    [
+        (None, ["--full-finetune"], "is a LoRA checkpoint; resume with the interrupted run's "
+         "flags (its --output-dir has them in rerank_config.json)"),
+        (None, ["--lora-r", 8], "has LoRA rank 4, not --lora-r 8"),
+        ("EMPTY", [], ": not a checkpoint, and holds no complete checkpoint-N folder"),
+        ("MISSING", [], "no such folder"),
+    ],
+)  # fmt: skip
+def test_resume_errors_are_one_line(tiny_reranker, tmp_path, capsys, resume, extra, message):
+    data = write_jsonl(tmp_path / "train.jsonl", listwise_rows())
+    out = tmp_path / "out"
+    if resume is None:
+        assert run(tiny_argv(tiny_reranker, data, out, "--max-steps", 1, "--save-steps", 1)) == 0
+        resume = out / "checkpoints" / "checkpoint-1"
+    else:
+        resume = tmp_path / resume.lower()
+        if resume.name == "empty":
+            resume.mkdir()
+    capsys.readouterr()
+    assert run([*tiny_argv(tiny_reranker, data, out, "--resume", resume), *extra]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastlm rerank: error: --resume {resume}")
+    assert message in lines[0]

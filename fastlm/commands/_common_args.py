@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from fastlm.commands import DTYPES
-from fastlm.commands._training import GRADIENT_CHECKPOINTING
+from fastlm.commands._training import GRADIENT_CHECKPOINTING, RESUME_LATEST
 
 # flag -> argparse ``add_argument`` keywords (a command's changes replace them)
 FLAGS: dict[str, dict[str, Any]] = {
@@ -78,6 +78,14 @@ FLAGS: dict[str, dict[str, Any]] = {
         "metavar": "N",
         "help": "keep only the newest N checkpoints (default: all)",
     },
+    "--resume": {
+        "nargs": "?",
+        "const": RESUME_LATEST,
+        "metavar": "PATH",
+        "help": "continue an interrupted run: from the newest complete checkpoint in "
+        "--output-dir, or from PATH (a checkpoint, or a folder of them); pass the run's other "
+        "flags again",
+    },
     # output
     "--output-dir": {"metavar": "DIR", "help": "where everything is written"},
     "--save-method": {"default": "lora"},  # choices and help: the command's
@@ -102,6 +110,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "--logging-steps",
         "--save-steps",
         "--save-total-limit",
+        "--resume",
     ),
     "output": ("--output-dir",),
 }

@@ -3,10 +3,11 @@
 The settings and summary files, the range checks, the training rows of ``embed`` and ``rerank``,
 model loading (its status lines, errors, checkpointing choice and LoRA), the trainer arguments
 they set the same way, the progress bar (and a token count for trainers that log none), training
-(stopped at a step's end by Ctrl-C / SIGTERM) with its statistics (and before / after metrics),
-and the summary and metrics tables. Imports of torch / transformers, and of the fastlm modules
-that load them, stay inside the functions: the command modules import this one to build the
-parser (see ``fastlm.commands``).
+(stopped at a step's end by Ctrl-C / SIGTERM, which saves that step's checkpoint; ``--resume``
+continues from one) with its statistics (and before / after metrics), and the summary and
+metrics tables. Imports of torch / transformers, and of the fastlm modules that load them, stay
+inside the functions: the command modules import this one to build the parser (see
+``fastlm.commands``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -394,18 +396,18 @@ def training_status(model, args: argparse.Namespace) -> str:
 
 
 def train(
-    trainer, output_dir: str | Path, resume: str | None = None, continue_with: str | None = None
+    trainer, output_dir: str | Path, resume: str | None, continue_with: str
 ) -> dict[str, Any]:
     """``trainer.train()`` (from the checkpoint ``resume``), then ``train_stats``; no empty
     checkpoints/ folder is left behind.
 
     Ctrl-C or SIGTERM stops training at the end of the current optimizer step
-    (``stop_at_step_end``): with ``continue_with`` (the command that resumes) the Trainer saves
-    that step's checkpoint first, and the KeyboardInterrupt raised then says where it is and how
-    to continue. A second Ctrl-C or SIGTERM stops at once and saves nothing (the update under way
-    may be half applied); its KeyboardInterrupt names the newest complete checkpoint.
+    (``stop_at_step_end``): the Trainer saves that step's checkpoint first, and the
+    KeyboardInterrupt raised then says where it is and how to continue (``continue_with``: the
+    command that resumes). A second Ctrl-C or SIGTERM stops at once and saves nothing (the update
+    under way may be half applied); its KeyboardInterrupt names the newest complete checkpoint.
     """
-    stop = stop_callback(saves=continue_with is not None)
+    stop = stop_callback()
     trainer.add_callback(stop)
     try:
         with stop_at_step_end(stop):
@@ -420,12 +422,6 @@ def train(
             checkpoints.rmdir()  # the Trainer makes it even when it saves no checkpoint
     if stop.requested:
         _close_bars(trainer)
-        if continue_with is None:
-            state = trainer.state
-            raise KeyboardInterrupt(
-                f"stopped after step {state.global_step} of {state.max_steps}; nothing was saved "
-                "(this command does not resume)"
-            )
         raise KeyboardInterrupt(save_interrupted(trainer, continue_with))
     return train_stats(trainer, result)
 
@@ -436,20 +432,19 @@ def _close_bars(trainer) -> None:
             callback.close_bar()
 
 
-def stop_callback(saves: bool):
+def stop_callback():
     """A TrainerCallback whose ``requested`` (set by the first Ctrl-C / SIGTERM, see
     ``stop_at_step_end``) stops the Trainer at the end of the current optimizer step, after the
     optimizer and scheduler steps, as ``max_steps`` does. Under gradient accumulation that is the
-    end of the update whose micro-batches are under way: the update is completed, never cut. With
-    ``saves``, that step's checkpoint is saved by the Trainer's own path (``--save-total-limit``
-    applies). Requested during an evaluation or a checkpoint save (both follow a finished step),
-    it stops after them, at that same step; an evaluation due at the stopping step is skipped. A
-    request before the first step ends stops after step 1."""
+    end of the update whose micro-batches are under way: the update is completed, never cut. That
+    step's checkpoint is saved by the Trainer's own path (``--save-total-limit`` applies).
+    Requested during an evaluation or a checkpoint save (both follow a finished step), it stops
+    after them, at that same step; an evaluation due at the stopping step is skipped. A request
+    before the first step ends stops after step 1."""
     from transformers import TrainerCallback
 
     class StopAtStepEnd(TrainerCallback):
         def __init__(self) -> None:
-            self.saves = saves
             self.requested = False
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -457,12 +452,12 @@ def stop_callback(saves: bool):
                 control.should_training_stop = True
                 control.should_evaluate = False  # stop now, not after an evaluation
                 control.should_log = True  # the last steps' loss goes into the checkpoint
-                control.should_save = control.should_save or self.saves
+                control.should_save = True
 
         def on_evaluate(self, args, state, control, **kwargs):
             if self.requested:  # the step it follows is finished: save it after the evaluation
                 control.should_training_stop = True
-                control.should_save = control.should_save or self.saves
+                control.should_save = True
 
         def on_save(self, args, state, control, **kwargs):
             if self.requested:  # this step's checkpoint is written
@@ -471,7 +466,7 @@ def stop_callback(saves: bool):
     return StopAtStepEnd()
 
 
-STOPPING = "stopping after this step{saving}; press Ctrl-C again to stop at once"
+STOPPING = "stopping after this step and saving a checkpoint; press Ctrl-C again to stop at once"
 
 
 @contextlib.contextmanager
@@ -487,8 +482,7 @@ def stop_at_step_end(stop) -> Iterator[None]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested = True
-        saving = " and saving a checkpoint" if stop.saves else " (nothing is saved)"
-        _say(f"fastlm: {STOPPING.format(saving=saving)}")
+        _say(f"fastlm: {STOPPING}")
 
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = {number: signal.signal(number, request) for number in signals}
@@ -509,11 +503,9 @@ def _say(line: str) -> None:
         os.write(2, f"\n{line}\n".encode())
 
 
-def stopped_at_once(trainer, continue_with: str | None) -> str:
+def stopped_at_once(trainer, continue_with: str) -> str:
     """The line for a run stopped at once (a second Ctrl-C): nothing saved, and the newest
     complete checkpoint, if there is one, with how to continue from it."""
-    if continue_with is None:
-        return "stopped at once; nothing was saved"
     latest = latest_checkpoint(Path(trainer.args.output_dir))
     if latest is None:
         return "stopped at once; nothing was saved, and there is no checkpoint to continue from"
@@ -598,19 +590,120 @@ def resume_checkpoint(resume: str | None, output_dir: str) -> str | None:
     return str(found)
 
 
+def resume_from(args: argparse.Namespace, command: str) -> str | None:
+    """``--resume``'s checkpoint folder (``resume_checkpoint``; None without the flag), checked
+    against the run's flags (``check_resume``), before any data or model loads.
+
+    Usage: ``resume = resume_from(args, "embed")``.
+    """
+    resume = resume_checkpoint(args.resume, args.output_dir)
+    if resume is not None:
+        check_resume(resume, args, command)
+    return resume
+
+
+def check_resume(checkpoint: str, args: argparse.Namespace, command: str) -> None:
+    """A ``CommandError`` when the checkpoint is of another kind of run than the flags ask: LoRA
+    against ``--full-finetune`` or the reverse, or a LoRA rank other than ``--lora-r``.
+
+    Usage: ``check_resume("out/checkpoints/checkpoint-4", args, "sft")``.
+    """
+    lora, rank = _checkpoint_lora(Path(checkpoint))
+    again = (
+        f"resume with the interrupted run's flags (its --output-dir has them in {command}_config"
+        ".json)"
+    )
+    if args.full_finetune == lora:
+        kind = "a LoRA" if lora else "a full fine-tune"
+        raise CommandError(f"--resume {checkpoint} is {kind} checkpoint; {again}")
+    if lora and rank not in (None, args.lora_r):
+        raise CommandError(
+            f"--resume {checkpoint} has LoRA rank {rank}, not --lora-r {args.lora_r}; {again}"
+        )
+
+
+# fastlm.embeddings.trainer.TRAINABLE_STATE_NAME, written out: importing it loads torch, and the
+# --resume checks run before anything heavy (tests/test_cli_embed.py checks the two agree).
+TRAINABLE_STATE_NAME = "fastlm_trainable.safetensors"
+
+
+def _checkpoint_lora(folder: Path) -> tuple[bool, int | None]:
+    """Whether ``folder`` is a LoRA run's checkpoint, and its rank (None: not recorded).
+
+    ``fastlm sft`` and ``rerank`` checkpoints hold the adapter (adapter_config.json); ``fastlm
+    embed``'s hold a Sentence-Transformers folder with the LoRA merged in, and the trainable
+    tensors beside it: LoRA A matrices, of shape (r, in), when it was a LoRA run.
+    """
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            rank = json.loads(adapter.read_text(encoding="utf-8")).get("r")
+        except (OSError, ValueError, AttributeError):
+            rank = None
+        return True, rank if isinstance(rank, int) else None
+    shapes = _tensor_shapes(folder / TRAINABLE_STATE_NAME)
+    ranks = [shape[0] for name, shape in shapes.items() if ".lora_A." in name and shape]
+    return (True, ranks[0]) if ranks else (False, None)
+
+
+def _tensor_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors file's header (8 bytes of length, then JSON);
+    empty when there is no such file or it cannot be read."""
+    try:
+        with open(file, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    if not isinstance(header, dict):
+        return {}
+    return {
+        name: entry.get("shape") or []
+        for name, entry in header.items()
+        if isinstance(entry, dict) and name != "__metadata__"
+    }
+
+
+def train_resumable(
+    console: Console, trainer, args: argparse.Namespace, command: str, resume: str | None
+) -> dict[str, Any]:
+    """``train`` as the commands run it: ``<command>_config.json`` written first (an interrupted
+    run's line names the command that continues it: ``--config`` that file ``--resume``), and a
+    status line when it continues from the checkpoint ``resume``.
+
+    Usage: ``stats = train_resumable(console, trainer, args, "sft", resume_from(args, "sft"))``.
+    """
+    config_file = Path(args.output_dir) / f"{command}_config.json"
+    write_json(config_file, settings(args))
+    if resume is not None:
+        console.status(f"resuming from {resume}")
+    continue_with = f"fastlm {command} --config {config_file.absolute()} --resume"
+    return train(trainer, args.output_dir, resume, continue_with)
+
+
 def train_evaluated(
-    console: Console, args: argparse.Namespace, model, new_trainer, loss: str, evaluate, title: str
+    console: Console,
+    args: argparse.Namespace,
+    model,
+    new_trainer,
+    loss: str,
+    evaluate,
+    title: str,
+    command: str,
+    resume: str | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Measure, train, measure again: ``train``'s statistics and ``{"before": ..., "after": ...}``.
 
     ``evaluate(when)``: metric -> value, None without held-out data (then no metrics: None);
     ``new_trainer()``: the trainer, built after the first measurement; ``loss``: its description
     for the status line. The metrics are printed as a ``print_metrics`` table titled ``title``.
+    Training is ``train_resumable``'s (``command``, from the checkpoint ``resume``); "before" is
+    the loaded model's, before the checkpoint's weights too.
     """
     before = evaluate("before training") if evaluate is not None else None
     trainer = new_trainer()
     console.status(f"{training_status(model, args)}, {loss}")
-    stats = train(trainer, args.output_dir)
+    stats = train_resumable(console, trainer, args, command, resume)
     if before is None:
         return stats, None
     after = evaluate("after training")

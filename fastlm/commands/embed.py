@@ -309,6 +309,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
+    resume = _training.resume_from(args, "embed")
     demo = args.data is None
     if demo and args.loss in PAIR_LOSSES:
         raise CommandError(f"--loss {args.loss} needs --data with labelled pairs")
@@ -338,7 +339,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         _trainer, model, data.rows, make_loss(args), args, knobs, device
     )
     stats, metrics = _training.train_evaluated(
-        console, args, model, new_trainer, _describe_loss(args), evaluate, title
+        console, args, model, new_trainer, _describe_loss(args), evaluate, title, "embed", resume
     )
 
     output_dir = Path(args.output_dir)

@@ -283,6 +283,7 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
+    resume = _training.resume_from(args, "rerank")
     demo = args.data is None
     data, groups = _training.training_rows(console, args, _demo_data, _kind)
     loss_name = _check_data(data, args.loss, "--data")
@@ -307,8 +308,9 @@ def run_rerank(args: argparse.Namespace) -> dict[str, Any]:
     evaluate = functools.partial(_evaluate, reranker, groups, console) if groups else None
     title = f"reranking, {len(groups or ())} held-out queries"
     new_trainer = functools.partial(_trainer, reranker, data.rows, loss, args, knobs, device)
+    described = _describe_loss(loss)
     stats, metrics = _training.train_evaluated(
-        console, args, reranker, new_trainer, _describe_loss(loss), evaluate, title
+        console, args, reranker, new_trainer, described, evaluate, title, "rerank", resume
     )
 
     output_dir = Path(args.output_dir)

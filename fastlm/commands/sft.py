@@ -8,7 +8,6 @@ the full model), optionally exports merged / GGUF copies, and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from fastlm.commands import (
     default_model_path,
     export_dtype,
     resolve_torch_dtype,
-    write_json,
 )
 from fastlm.commands._common_args import add_flags, add_group
 from fastlm.data.formats import FORMATS, TRAIN_ON, load_data, sft_rows
@@ -127,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "help": "projections to adapt (default: q k v o gate up down), e.g. q_proj v_proj"
         },
     )
-    group = add_group(
+    add_group(
         parser,
         "training",
         batch_size={"default": 2, "help": "examples per device step"},
@@ -141,14 +139,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "recompute; false: keep everything (fastest, most memory); auto: fastlm on GPU, "
             "false on CPU",
         },
-    )
-    group.add_argument(
-        "--resume",
-        nargs="?",
-        const=_training.RESUME_LATEST,
-        metavar="PATH",
-        help="continue an interrupted run: from the newest complete checkpoint in --output-dir, "
-        "or from PATH (a checkpoint, or a folder of them); pass the run's other flags again",
     )
     group = add_group(parser, "output", output_dir={"default": "outputs/sft"})
     save_method = "besides adapter/: merged_16bit or merged_4bit also writes a merged model"
@@ -188,9 +178,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     wall_start = time.perf_counter()
     _check_args(args)
-    resume = _training.resume_checkpoint(args.resume, args.output_dir)
-    if resume is not None:
-        _check_resume(resume, args)
+    resume = _training.resume_from(args, "sft")
     data = load_data(args.data, args.data_format, args.max_samples)
     eval_data = load_data(args.eval_data, args.data_format) if args.eval_data else None
     console.status(
@@ -219,13 +207,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
         console.status(f"batches: {_describe_batching(batching)}")
     console.status(_training.training_status(model, args))
     output_dir = Path(args.output_dir)
-    config_file = output_dir / "sft_config.json"
-    # written before training, so that an interrupted run can be continued from it
-    write_json(config_file, _training.settings(args))
-    if resume is not None:
-        console.status(f"resuming from {resume}")
-    continue_with = f"fastlm sft --config {config_file.absolute()} --resume"
-    stats = _training.train(trainer, args.output_dir, resume, continue_with)
+    stats = _training.train_resumable(console, trainer, args, "sft", resume)
     if eval_set is not None:
         stats["eval_loss"] = trainer.evaluate().get("eval_loss")
 
@@ -275,22 +257,6 @@ def _load_model(args, model_path: str, max_length: int, device: str, dtype, cons
             model, use_rslora=args.use_rslora, **_training.lora_arguments(args, checkpointing)
         )
     return model, tokenizer
-
-
-def _check_resume(checkpoint: str, args: argparse.Namespace) -> None:
-    """--resume: the checkpoint is of the same kind of run (LoRA of the same rank, or full)."""
-    adapter = Path(checkpoint) / "adapter_config.json"
-    again = "resume with the interrupted run's flags (its --output-dir has them in sft_config.json)"
-    if args.full_finetune == adapter.is_file():
-        kind = "a LoRA" if adapter.is_file() else "a full fine-tune"
-        raise CommandError(f"--resume {checkpoint} is {kind} checkpoint; {again}")
-    if adapter.is_file():
-        saved = json.loads(adapter.read_text(encoding="utf-8"))
-        if saved.get("r") not in (None, args.lora_r):
-            raise CommandError(
-                f"--resume {checkpoint} has LoRA rank {saved['r']}, not --lora-r "
-                f"{args.lora_r}; {again}"
-            )
 
 
 def _check_left(console: Console, dataset, total: int, max_length: int, flag: str) -> None:

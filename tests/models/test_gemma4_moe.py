@@ -334,15 +334,22 @@ def test_merged_16bit_reloads_in_plain_transformers(tmp_path):
         assert not torch.allclose(without_experts.eval()(**batch).logits, expected, atol=1e-3)
 
 
-def test_gguf_export_is_refused_in_one_line(tmp_path):
+def test_gguf_and_merged_4bit_are_refused_in_one_line(tmp_path):
+    """GGUF: fastlm's gemma4 writer has no router or 3-D expert tensors (without the refusal it
+    stops at the first router tensor it has no name for); merged_4bit: bitsandbytes would leave
+    the experts 16-bit. Both before writing anything."""
     pytest.importorskip("gguf")
-    from fastlm.export import save_pretrained_gguf
+    from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     path = save_tiny_model(GEMMA4_TEXT_MOE, tmp_path / GEMMA4_TEXT_MOE)
     model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu")
     with pytest.raises(NotImplementedError, match="no layout for the mixture-of-experts block"):
         save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, quantization_method="f16")
     assert not (tmp_path / "gguf").exists()
+    model = FastModel.get_peft_model(model, r=4, target_modules=["q_proj"])
+    with pytest.raises(NotImplementedError, match=r"merged_4bit: model\.layers\.0\.experts "):
+        save_pretrained_merged(model, tmp_path / "m4", tokenizer, "merged_4bit")
+    assert not (tmp_path / "m4").exists()
 
 
 def test_the_spec_patches_the_experts_call_alone():

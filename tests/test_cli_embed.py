@@ -247,6 +247,8 @@ def test_sigterm_saves_that_step_and_resume_continues_the_run(
     uninterrupted = json.loads((reference / "embed_summary.json").read_text())
     assert resumed["steps"] == 4 and len(resumed["losses"]) == 4
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
+    # the tokens of steps 1-2 (the checkpoint's log) and of this session's steps 3-4
+    assert resumed["trained_tokens"] == uninterrupted["trained_tokens"] > 0
     assert (out / "adapter").is_dir()
 
 

@@ -347,6 +347,8 @@ def test_sigterm_inside_an_optimizer_step_saves_that_step_and_resume_continues(
     uninterrupted = json.loads((reference / "sft_summary.json").read_text())
     assert resumed["steps"] == 6 and len(resumed["losses"]) == 6
     assert resumed["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-5)
+    # TRL's token count starts again at 0: the checkpoint's log has the first steps' tokens
+    assert resumed["trained_tokens"] == uninterrupted["trained_tokens"] > 0
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert _checkpoints(out) == ["checkpoint-6"]
 

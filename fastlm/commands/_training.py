@@ -407,6 +407,8 @@ def train(
     command that resumes). A second Ctrl-C or SIGTERM stops at once and saves nothing (the update
     under way may be half applied); its KeyboardInterrupt names the newest complete checkpoint.
     """
+    # read now: --save-total-limit may delete that checkpoint during the run
+    resumed_step = _checkpoint_step(resume)
     stop = stop_callback()
     trainer.add_callback(stop)
     try:
@@ -423,7 +425,7 @@ def train(
     if stop.requested:
         _close_bars(trainer)
         raise KeyboardInterrupt(save_interrupted(trainer, continue_with))
-    return train_stats(trainer, result)
+    return train_stats(trainer, result, resumed_step)
 
 
 def _close_bars(trainer) -> None:
@@ -711,20 +713,37 @@ def train_evaluated(
     return stats, {"before": before, "after": after}
 
 
-def train_stats(trainer, result) -> dict[str, Any]:
-    """Steps, losses, trained tokens and tokens/s of a finished ``trainer.train()``."""
+def train_stats(trainer, result, resumed_step: int = 0) -> dict[str, Any]:
+    """Steps, losses, trained tokens and tokens/s of a finished ``trainer.train()``.
+
+    ``resumed_step``: the global step of the checkpoint the run resumed from. The log history
+    then holds the checkpoint's entries too, but the token counters (TRL's, ``counting_tokens``)
+    start again from 0 in each process: the run's tokens are those logged up to that step plus
+    this session's, and tokens/s is this session's over its own time (``train_runtime``).
+    """
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
-    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
+    earlier = [e.get("num_tokens", 0) for e in history if e.get("step", 0) <= resumed_step]
+    session = [e.get("num_tokens", 0) for e in history if e.get("step", 0) > resumed_step]
+    tokens = max(session, default=0)
     seconds = float(result.metrics.get("train_runtime", 0.0))
     return {
         "steps": trainer.state.global_step,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
-        "trained_tokens": int(tokens),
+        "trained_tokens": int(max(earlier, default=0) + tokens),
         "train_seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
     }
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The global step of the checkpoint a run resumes from (``resume_checkpoint``'s, complete:
+    its trainer_state.json is readable); 0 for a run from the start."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state["global_step"])
 
 
 def run_rows(summary: dict) -> list[tuple[str, str]]:

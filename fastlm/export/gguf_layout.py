@@ -2,8 +2,9 @@
 
 Most families are written as transformers' tensors renamed by ``gguf.get_tensor_name_map``, with
 the writer's common metadata and its few per-family rules (``gguf_writer``). An arch that needs
-more (Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``) describes
-it with a ``GGUFLayout``, and the writer asks every arch the same questions through it.
+more (Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``; the
+mixture-of-experts arches: ``gguf_moe``) describes it with a ``GGUFLayout``, and the writer asks
+every arch the same questions through it.
 
 Usage: ``layout = GGUFLayout(tensor=..., add_hparams=..., refused_methods=("q6_k",))``.
 """
@@ -36,3 +37,7 @@ class GGUFLayout:
     refused_methods: tuple[str, ...] = ()
     # True: a bare HF tensor (no .weight/.bias: Gemma 4's layer_scalar) is named "<gguf>.weight"
     bare_tensors_get_weight_suffix: bool = False
+    # True: the family's 3-D expert parameters (its spec's ``moe``) are written as llama.cpp's
+    # per-projection stacks, one (E, out, in) tensor each (``gguf_moe.expert_tensors``), before
+    # ``tensor`` sees them.
+    split_experts: bool = False

@@ -45,7 +45,13 @@ def _tile_value_heads(tensor: torch.Tensor, dim: int, n_key: int, head: int) -> 
     return grouped.transpose(dim, dim + 1).flatten(dim, dim + 2).contiguous()
 
 
-def _qwen35_tensor(config, norm_offset: float, hf_name: str, tensor: torch.Tensor):
+def qwen35_tensor(
+    config, norm_offset: float, hf_name: str, tensor: torch.Tensor
+) -> tuple[str, torch.Tensor]:
+    """(HF name for gguf's name map, tensor in llama.cpp's qwen35 / qwen35moe layout).
+
+    Usage: ``qwen35_tensor(config, 1.0, "model.norm.weight", w)`` -> (same name, 1 + w).
+    """
     n_key, key_dim = config.linear_num_key_heads, config.linear_key_head_dim
     value_dim = config.linear_value_head_dim
     if ".linear_attn." not in hf_name:
@@ -82,7 +88,12 @@ def _rope_sections(pairs: int) -> list[int]:
     return [-(-pairs // 3), -(-(pairs - 1) // 3), -(-(pairs - 2) // 3), 0]
 
 
-def _add_qwen35_hparams(writer, config, rope: dict | None) -> None:
+def add_qwen35_hparams(writer, config, rope: dict | None) -> None:
+    """qwen35's keys beside the writer's common ones: partial M-RoPE, the layer pattern, the
+    Gated DeltaNet sizes (qwen35moe reads the same).
+
+    Usage: ``add_qwen35_hparams(gguf_writer, config, rope_parameters(config))``.
+    """
     # lazy: fastlm.models loads transformers and peft, which fastlm.export alone does not
     from fastlm.models.qwen3_5 import full_attention_interval
 
@@ -100,7 +111,7 @@ def _add_qwen35_hparams(writer, config, rope: dict | None) -> None:
 
 # llama-quantize gives the linear-attention tensors types of their own (not mirrored here).
 QWEN35 = GGUFLayout(
-    tensor=_qwen35_tensor,
-    add_hparams=_add_qwen35_hparams,
+    tensor=qwen35_tensor,
+    add_hparams=add_qwen35_hparams,
     refused_methods=("q4_k_m", "q5_k_m", "q6_k"),
 )

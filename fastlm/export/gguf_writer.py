@@ -4,7 +4,8 @@ LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names 
 ``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
 rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
 ``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE;
-Gemma 4: ``fastlm.export.gguf_gemma4``; one interface, ``gguf_layout.GGUFLayout``, in ``LAYOUTS``).
+Gemma 4: ``fastlm.export.gguf_gemma4``; Qwen3-MoE, Qwen3.5-MoE, gpt-oss: their 3-D experts split per
+projection, ``fastlm.export.gguf_moe``; one interface, ``gguf_layout.GGUFLayout``, in ``LAYOUTS``).
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
 family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
@@ -32,6 +33,7 @@ from fastlm.export._atomic import check_free_disk, check_target, export_into
 from fastlm.export.gguf_gemma4 import GEMMA4
 from fastlm.export.gguf_layout import GGUFLayout
 from fastlm.export.gguf_linear_attention import QWEN35
+from fastlm.export.gguf_moe import GPT_OSS, QWEN3MOE, QWEN35MOE, expert_tensors
 from fastlm.export.merged import (
     check_plain_lora,
     input_folders,
@@ -53,15 +55,21 @@ BYTE_LEVEL_PRE_TOKENIZERS = {
     _BPE_WORDS + r"\p{N}{1,3}" + _BPE_REST: "llama-bpe",
     _BPE_WORDS + r"\p{N}" + _BPE_REST: "qwen2",
 }
-# Tensors llama.cpp reads as F32 only, whatever the file type (ggml_ssm_conv's kernel).
-F32_TENSORS = ("ssm_conv1d.weight",)
+# Tensors kept F32 whatever the file type: ggml_ssm_conv's kernel (llama.cpp reads it as F32
+# only), and the MoE routers, which llama-quantize never quantises (a rounded router would send
+# near-tied tokens to other experts). So is every tensor not named .weight (biases, sinks).
+F32_TENSORS = ("ssm_conv1d.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-# llama.cpp arches whose metadata and extra tensors a module of their own writes (add_hparams,
-# extra_tensors); the others are written here.
 # gguf.MODEL_ARCH name -> what the arch needs beyond a rename (gguf_layout.py); the others are
 # a rename plus this module's rules.
-LAYOUTS: dict[str, GGUFLayout] = {"QWEN35": QWEN35, "GEMMA4": GEMMA4}
+LAYOUTS: dict[str, GGUFLayout] = {
+    "QWEN35": QWEN35,
+    "GEMMA4": GEMMA4,
+    "QWEN3MOE": QWEN3MOE,
+    "QWEN35MOE": QWEN35MOE,
+    "GPT_OSS": GPT_OSS,
+}
 _PLAIN = GGUFLayout()
 
 
@@ -148,30 +156,45 @@ def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     Usage: ``dict(merged_state(peft_model))``. Works on a copy per tensor, never in place.
     A QLoRA model's 4-bit weights are dequantised first (the LoRA is merged into the weights it
-    was trained against).
+    was trained against). LoRA on a 3-D experts parameter (PEFT's target_parameters) is merged
+    per expert: W[e] + scaling·B_e·A_e.
     """
     base = lora_base_model(model)
     check_plain_lora(base)
     state = base.state_dict(keep_vars=True)
     packed = packed_weights(base)
     quant_state_parts = quant_state_keys(state, packed)
-    lora_parents = {}
-    for module_name, module in base.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-            lora_parents[module_name] = module
+    adapted = _lora_layers_by_weight(base)
     seen = set()
     for param_name, param in state.items():
         if "lora_" in param_name or param_name in quant_state_parts:
             continue
-        clean = param_name.replace(".base_layer.", ".")
+        clean = _without_base_layers(param_name)
         if clean in seen:  # tied weights appear once
             continue
         seen.add(clean)
         tensor = dequantized(packed.get(param_name, param))
-        parent = param_name.rsplit(".base_layer.", 1)[0] if ".base_layer." in param_name else None
-        if parent in lora_parents and param_name.endswith("base_layer.weight"):
-            tensor = merge_lora_weight(lora_parents[parent], tensor)
+        if clean in adapted:
+            tensor = merge_lora_weight(adapted[clean], tensor)
         yield clean, tensor
+
+
+def _without_base_layers(name: str) -> str:
+    """The HF name under PEFT's wrappers: ``q_proj.base_layer.weight`` -> ``q_proj.weight``,
+    ``experts.base_layer.base_layer.down_proj`` -> ``experts.down_proj``."""
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
+def _lora_layers_by_weight(base: nn.Module) -> dict[str, nn.Module]:
+    """HF weight name -> the PEFT layer whose active LoRA merges into it: a LoRA Linear's or
+    Embedding's ``weight``, a ParamWrapper's parameter. Two ParamWrappers on one experts module
+    nest (each the other's base_layer); each names the parameter it adapts."""
+    layers = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+            leaf = getattr(module, "parameter_name", None) or "weight"
+            layers[f"{_without_base_layers(name)}.{leaf}"] = module
+    return layers
 
 
 def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -189,29 +212,40 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     config = lora_base_model(model).config
-    norm_offset = _gguf_spec(config).norm_offset
+    spec = _gguf_spec(config)
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     layout = LAYOUTS.get(arch.name, _PLAIN)
-    for hf_name, tensor in merged_state(model):
-        if "rotary_emb" in hf_name:
+    for merged_name, merged in merged_state(model):
+        if "rotary_emb" in merged_name:
             continue  # buffers recomputed by llama.cpp
-        if tied and hf_name == "lm_head.weight":
+        if tied and merged_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        if layout.tensor is not None:  # the arch's own layout (names as llama.cpp has them)
-            hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
-        else:
-            tensor = _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
-        new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
-        if layout.bare_tensors_get_weight_suffix and not new_name.endswith((".weight", ".bias")):
-            new_name += ".weight"
-        yield new_name, tensor
+        pieces = [(merged_name, merged)]
+        if layout.split_experts:  # one 3-D parameter -> llama.cpp's per-projection stacks
+            pieces = expert_tensors(spec.moe, merged_name, merged)
+        for hf_name, tensor in pieces:
+            yield _gguf_tensor(arch, config, spec.norm_offset, layout, name_map, hf_name, tensor)
     if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
         yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
     if layout.extra_tensors is not None:
         yield from layout.extra_tensors(config)
+
+
+def _gguf_tensor(
+    arch, config, norm_offset: float, layout: GGUFLayout, name_map, hf_name: str, tensor
+) -> tuple[str, torch.Tensor]:
+    """(GGUF name, tensor in llama.cpp's layout) of one HF tensor."""
+    if layout.tensor is not None:  # the arch's own layout (names as llama.cpp has them)
+        hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
+    else:
+        tensor = _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
+    new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if new_name is None:
+        raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
+    if layout.bare_tensors_get_weight_suffix and not new_name.endswith((".weight", ".bias")):
+        new_name += ".weight"
+    return new_name, tensor
 
 
 def _to_llama_cpp_layout(
@@ -263,7 +297,7 @@ def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
     """
     import gguf
 
-    if name.endswith(F32_TENSORS):
+    if name.endswith(F32_TENSORS) or not name.endswith(".weight"):
         return tensor.detach().cpu().numpy().astype(np.float32), None
     if method in gguf_quants.METHOD_TYPES:
         qtype = gguf_quants.llama_cpp_tensor_type(name, tuple(tensor.shape), method, **mixture)
@@ -325,7 +359,8 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    if getattr(config, "intermediate_size", None):  # Qwen3.5-MoE has no dense MLP width
+        writer.add_feed_forward_length(config.intermediate_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)

@@ -32,11 +32,72 @@ it can, pass ``quantization_config=Mxfp4Config(dequantize=True)``, since quantis
 transformers does not train them. ``load_in_4bit`` quantises the linear layers (attention) to
 NF4 and leaves the experts' 3-D weights (and the router, not an ``nn.Linear``) in the load dtype,
 with one warning at load (as for Qwen3-MoE).
-GGUF export is refused (``gguf_arch`` None): fastlm's writer has no layout for the experts'
-3-D tensors (nor for sinks); export merged_16bit and convert that instead.
+GGUF: llama.cpp's gpt-oss, each 3-D experts parameter split into per-projection stacks
+(``fastlm/export/gguf_moe.py``), the sinks as ``attn_sinks``; the gguf_checks below refuse what
+it would run otherwise, OpenAI's published YaRN (``truncate=False``) among them.
 """
 
+from fastlm.models.gguf_limits import rope_parameters
 from fastlm.models.spec import ArchitectureSpec, MixtureOfExperts
+
+# llama.cpp's gpt-oss graph hard-codes its experts' clamped SwiGLU: (swiglu_alpha, swiglu_limit).
+LLAMA_CPP_SWIGLU = (1.702, 7.0)
+
+
+def _swiglu_as_llama_cpp(config) -> None:
+    """The experts' activation constants llama.cpp's gpt-oss graph hard-codes."""
+    used = (getattr(config, "swiglu_alpha", 1.702), config.swiglu_limit)
+    if used != LLAMA_CPP_SWIGLU:
+        raise NotImplementedError(
+            f"gpt-oss with (swiglu_alpha, swiglu_limit) = {used} is not exported to GGUF: "
+            f"llama.cpp's gpt-oss hard-codes {LLAMA_CPP_SWIGLU}, so it would compute another "
+            "model; use merged_16bit with transformers instead."
+        )
+
+
+def _layers_as_llama_cpp(config) -> None:
+    """llama.cpp's gpt-oss: sliding layers at even indices, full at odd ones (its default
+    pattern), biased attention output, an output matrix of its own."""
+    n = config.num_hidden_layers
+    expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if list(config.layer_types) != expected:
+        raise NotImplementedError(
+            f"gpt-oss layer_types {list(config.layer_types)} are not sliding at even and full "
+            "at odd indices, the only pattern llama.cpp's gpt-oss runs; this model cannot be "
+            "exported to GGUF."
+        )
+    if not getattr(config, "attention_bias", True) or config.tie_word_embeddings:
+        raise NotImplementedError(
+            "gpt-oss without attention biases or with tied embeddings is not exported to GGUF: "
+            "llama.cpp's gpt-oss requires attn_output.bias and output.weight tensors; this "
+            "model cannot be exported to GGUF."
+        )
+
+
+def _yarn_as_llama_cpp(config) -> None:
+    """llama.cpp's YaRN computes its own attention factor 1 + 0.1·ln(factor) and rounds the
+    correction range [low, high] outward to whole dims (transformers' ``truncate=True``)."""
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "yarn"):
+        raise NotImplementedError(f"gpt-oss RoPE type {rope_type!r} is not exported to GGUF")
+    if rope_type != "yarn":
+        return
+    own = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k)]
+    if own:
+        raise NotImplementedError(
+            f"gpt-oss YaRN with {own} is not exported to GGUF: llama.cpp's YaRN takes its "
+            "attention factor from the scaling factor alone."
+        )
+    if not rope.get("truncate", True):
+        raise NotImplementedError(
+            "gpt-oss YaRN with truncate=False (OpenAI's published configs) is not exported to "
+            "GGUF: llama.cpp rounds the correction range to whole dims, which moves the "
+            "frequencies inside it (gpt-oss-20b's by up to 76%, 0.1 rad after ~450 positions). "
+            "If that difference is acceptable, save merged_16bit and convert it with llama.cpp's "
+            "convert_hf_to_gguf.py, which writes the same YaRN keys."
+        )
+
 
 GPT_OSS = ArchitectureSpec(
     model_type="gpt_oss",
@@ -50,7 +111,8 @@ GPT_OSS = ArchitectureSpec(
     activation="swiglu",
     activation_config_attr="hidden_act",
     activation_config_values=("silu",),
-    gguf_arch=None,
+    gguf_arch="GPT_OSS",
+    gguf_checks=(_yarn_as_llama_cpp, _swiglu_as_llama_cpp, _layers_as_llama_cpp),
     attention_sinks_attr="sinks",
     rope_half_tables=True,
     moe=MixtureOfExperts(

@@ -12,11 +12,18 @@ What differs from Qwen3.5 (dense), and where fastlm's shared path takes it from 
   PEFT's ``gate_proj``/``up_proj``/``down_proj`` targets land on it), scaled per token by
   sigmoid of ``shared_expert_gate`` (H -> 1, transformers' Linear).
 - Training adds ``router_aux_loss_coef`` × the load-balancing loss when ``output_router_logits``.
-GGUF export is refused (``gguf_arch`` None): llama.cpp has a qwen35moe arch, but fastlm's writer
-has no layout for the experts' 3-D tensors yet; export merged_16bit and convert that instead.
+GGUF: llama.cpp's qwen35moe, Qwen3.5's layout (``gguf_linear_attention.py``) with each 3-D
+experts parameter split into per-projection stacks and the shared expert beside them
+(``gguf_moe.py``); Qwen3.5's gguf_checks refuse what it would run otherwise.
 The multimodal ``qwen3_5_moe`` checkpoint is refused with a hint to load its text model.
 """
 
+from fastlm.models.gguf_limits import default_rope_only
+from fastlm.models.qwen3_5 import (
+    _equal_linear_head_dims,
+    _full_attention_every_nth_layer,
+    _no_attention_bias,
+)
 from fastlm.models.spec import ArchitectureSpec, LinearAttention, MixtureOfExperts
 
 QWEN3_5_MOE_TEXT = ArchitectureSpec(
@@ -29,7 +36,13 @@ QWEN3_5_MOE_TEXT = ArchitectureSpec(
     activation="swiglu",
     activation_config_attr="hidden_act",
     activation_config_values=("silu",),
-    gguf_arch=None,
+    gguf_arch="QWEN35MOE",
+    gguf_checks=(
+        default_rope_only,
+        _full_attention_every_nth_layer,
+        _equal_linear_head_dims,
+        _no_attention_bias,
+    ),
     qk_norm=True,
     attention_output_gate=True,
     linear_attention=LinearAttention(module_class="Qwen3_5MoeGatedDeltaNet"),

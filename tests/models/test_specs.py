@@ -24,11 +24,11 @@ _GGUF_ARCH_BEFORE = {
     "gemma3_text": "GEMMA3",
     "qwen2": "QWEN2",
     "qwen3": "QWEN3",
-    "qwen3_moe": None,  # llama.cpp has qwen3moe, fastlm's writer no layout for 3-D experts yet
+    "qwen3_moe": "QWEN3MOE",  # experts split per projection: tests/export/test_gguf_moe.py
     "gemma4_text": "GEMMA4",
     "qwen3_5_text": "QWEN35",
-    "qwen3_5_moe_text": None,  # llama.cpp has qwen35moe, fastlm's writer no layout for experts
-    "gpt_oss": None,  # llama.cpp has gpt-oss, fastlm's writer no layout for experts or sinks
+    "qwen3_5_moe_text": "QWEN35MOE",
+    "gpt_oss": "GPT_OSS",
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
@@ -46,8 +46,8 @@ def test_norm_offset_gives_the_gguf_norm_convention_of_before():
     norms are 1 + w too, but for its linear-attention gated norm: test_gguf_qwen3_5.py)."""
     shifted = {
         spec.gguf_arch for spec in SPECS.values() if spec.norm_offset == 1.0 and spec.gguf_arch
-    }  # Qwen3.5-MoE's norms are 1 + w too, but it has no GGUF arch yet
-    assert shifted == {"GEMMA", "GEMMA2", "GEMMA3", "QWEN35"}
+    }
+    assert shifted == {"GEMMA", "GEMMA2", "GEMMA3", "QWEN35", "QWEN35MOE"}
     assert all(spec.norm_offset in (0.0, 1.0) for spec in SPECS.values())
 
 
@@ -83,10 +83,21 @@ def test_tiny_configs_are_exported_unless_refused_for_their_window(model_type):
         with pytest.raises(NotImplementedError, match="llama.cpp's KV-shared full_attention"):
             _gguf_refusal(config)
         return  # a layer order llama.cpp runs is exported: tests/export/test_gguf_gemma4.py
-    if model_type == "qwen3_5_text":  # llama.cpp's qwen35 needs equal linear head dims
+    if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):  # qwen35(moe): equal head dims
         with pytest.raises(NotImplementedError, match="linear_key_head_dim == linear_value"):
             _gguf_refusal(config)
         config.linear_value_head_dim = config.linear_key_head_dim
+    if model_type == "qwen3_moe":  # llama.cpp's qwen3moe: a MoE block in every layer
+        with pytest.raises(NotImplementedError, match=r"mlp_only_layers=\[1\]"):
+            _gguf_refusal(config)
+        config.mlp_only_layers = []
+    if model_type == "gpt_oss":  # llama.cpp hard-codes swiglu_limit 7 and truncates YaRN's range
+        with pytest.raises(NotImplementedError, match="truncate=False"):
+            _gguf_refusal(config)
+        config.rope_parameters = dict(config.rope_parameters, truncate=True)
+        with pytest.raises(NotImplementedError, match="swiglu_limit"):
+            _gguf_refusal(config)
+        config.swiglu_limit = 7.0
     _gguf_refusal(config)
 
 
@@ -143,11 +154,11 @@ def test_gguf_export_of_an_unknown_family_names_the_supported_ones(tmp_path):
 
     model = nn.Linear(2, 2)
     model.config = SimpleNamespace(model_type="gpt2")
-    with pytest.raises(ValueError, match=r"supports \['gemma', .*'qwen3_5_text'\], not 'gpt2'"):
+    with pytest.raises(ValueError, match=r"supports \['gemma', .*'qwen3_moe'\], not 'gpt2'"):
         save_pretrained_gguf(model, tmp_path / "out", tokenizer=None, quantization_method="f16")
     assert not (tmp_path / "out").exists()
     model.config = SimpleNamespace(model_type="embedding_gemma2_text")  # a spec, no llama.cpp arch
-    with pytest.raises(ValueError, match=r"'qwen3_5_text'\], not 'embedding_gemma2_text'"):
+    with pytest.raises(ValueError, match=r"'qwen3_moe'\], not 'embedding_gemma2_text'"):
         save_pretrained_gguf(model, tmp_path / "out", tokenizer=None, quantization_method="f16")
 
 

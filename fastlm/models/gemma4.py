@@ -22,11 +22,12 @@ What differs from Gemma 3, and where fastlm's shared path takes it from the spec
   ``per_expert_scale`` of each chosen expert. The experts are GeGLU (the config's
   ``hidden_activation``), stored (E, 2·I, H) gate then up, and (E, H, I). fastlm patches only
   the layer's experts call (``MixtureOfExperts.patched="experts"``): it runs as grouped GEMMs
-  with LoRA through PEFT's ``target_parameters`` (``moe.py``); the layer's forward, the router
-  and its norms stay transformers' (the norms run fastlm's RMSNorm, the dense MLP the fused
-  LoRA MLP). Replacing the call alone keeps the layer's arithmetic out of fastlm (nothing of it
-  is copied), and the router's gradient (its proj, ``scale`` and ``per_expert_scale``) flows
-  through the routing weights w into the grouped experts. Gemma 4 has no load-balancing loss:
+  with LoRA through PEFT's ``target_parameters`` (``moe.py``); the layer's forward and the
+  router stay transformers' (the RMSNorms in and around them run fastlm's kernel and the dense
+  MLP the fused LoRA MLP, as on a dense layer). Replacing the call alone keeps the layer's
+  arithmetic out of fastlm (nothing of it is copied), and the router's gradient (its proj,
+  ``scale`` and ``per_expert_scale``) flows through the routing weights w into the grouped
+  experts. Gemma 4 has no load-balancing loss:
   its causal-LM forward adds none (``output_router_logits`` records the router's
   probabilities, returned as they are), so fastlm adds none (``aux_loss_coef_attr`` None).
 The embedding scaling, the per-layer inputs (their gate and projection), ``layer_scalar``, the

@@ -173,14 +173,16 @@ def input_folders(model: nn.Module, tokenizer: Any = None) -> list[str]:
     """Local folders ``model`` (and ``tokenizer``) were loaded from: an export must not write there.
 
     Usage: ``check_target(out, input_folders(model, tokenizer))``. Hub ids and in-memory models
-    give none. The tokenizer's folder counts because it is the only trace of a LoRA adapter
-    folder loaded with ``FastModel.from_pretrained(adapter_folder)``: PEFT keeps the base
-    model's path, not the adapter's, and the adapter's tokenizer is loaded from its folder.
+    give none. PEFT keeps the base model's path, not the adapter's: the adapter folder of
+    ``FastModel.from_pretrained(adapter_folder)`` is the ``adapter_folder`` the loader records
+    on the model, and the folder of the tokenizer passed in counts too (a tokenizer loaded from
+    an adapter folder by other means).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = [
         getattr(getattr(base, "config", None), "_name_or_path", None),
         getattr(base, "name_or_path", None),
+        getattr(model, "adapter_folder", None),
         getattr(tokenizer, "name_or_path", None),
     ]
     for config in (getattr(model, "peft_config", None) or {}).values():

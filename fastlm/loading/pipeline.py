@@ -205,6 +205,8 @@ def load_adapter(
     model, tokenizer = load_causal_lm(base, use_gradient_checkpointing=False, **options)
     model_folder.check_weights(Path(adapter))
     model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    # PEFT keeps the base model's path only; exports refuse to write where they read from
+    model.adapter_folder = os.path.abspath(adapter)
     if options["check_finite_weights"]:  # the base was checked; an adapter saved mid-divergence
         models.check_finite_weights(model, adapter)
     place_trainable(model)  # streamed 4-bit layers: the adapter's weights to the GPU

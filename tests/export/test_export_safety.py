@@ -165,6 +165,21 @@ def test_export_into_the_adapter_folder_the_model_was_loaded_from_is_refused(
     save_pretrained_merged(loaded, tmp_path / "elsewhere", tokenizer, "lora")  # allowed
 
 
+def test_an_adapter_folder_without_tokenizer_files_is_refused_too(tmp_path):
+    """The loader records the adapter folder itself: no tokenizer needed to know it."""
+    from fastlm import FastModel
+
+    model, tokenizer, _ = _trained(tmp_path)
+    adapter = tmp_path / "adapter"
+    save_pretrained_merged(model, adapter, None, "lora")
+    assert not any(adapter.glob("tokenizer*"))
+    loaded, _ = FastModel.from_pretrained(str(adapter), device_map="cpu")
+    before = snapshot(adapter)
+    with pytest.raises(ExportPathError, match="reads from"):
+        save_pretrained_merged(loaded, adapter, tokenizer, "merged_16bit")
+    assert snapshot(adapter) == before
+
+
 def test_base_checkpoint_folder_is_refused_as_output(tmp_path):
     pytest.importorskip("bitsandbytes.functional")
     from test_merged_qlora import _qlora

@@ -1,10 +1,12 @@
 """How a llama.cpp arch differs from a rename of transformers' tensors: one interface for all.
 
-Most families are written as transformers' tensors renamed by ``gguf.get_tensor_name_map``, with
-the writer's common metadata and its few per-family rules (``gguf_writer``). An arch that needs
-more (Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``; the
-mixture-of-experts arches: ``gguf_moe``) describes it with a ``GGUFLayout``, and the writer asks
-every arch the same questions through it.
+Every family is written as transformers' tensors renamed by ``gguf.get_tensor_name_map``, with
+the writer's common metadata and its one common rule (a Gemma-style norm stored as 1 + w;
+``gguf_writer``). An arch that needs more (Llama's RoPE row order, Gemma 2/3's metadata:
+``gguf_dense``; Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``;
+the mixture-of-experts arches: ``gguf_moe``) describes it with a ``GGUFLayout`` in
+``gguf_writer.LAYOUTS``, and the writer asks every arch the same questions through it; there is
+no other per-arch branch in the writer.
 
 Usage: ``layout = GGUFLayout(tensor=..., add_hparams=..., refused_methods=("q6_k",))``.
 """

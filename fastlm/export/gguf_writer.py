@@ -1,11 +1,13 @@
 """Export a (LoRA-)fine-tuned model to GGUF for llama.cpp / Ollama, without llama.cpp's converter.
 
 LoRA is merged in fp32 tensor by tensor (the model is left untouched), HF names are mapped with
-``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects (Llama: q/k
-rows permuted to its interleaved RoPE, Mistral too; Gemma 1/2/3: RMSNorm weights stored as
-``1 + w``; Qwen 2/3: HF layout as is, llama.cpp's qwen arches use the half-split NeoX RoPE;
-Gemma 4: ``fastlm.export.gguf_gemma4``; Qwen3-MoE, Qwen3.5-MoE, gpt-oss: their 3-D experts split per
-projection, ``fastlm.export.gguf_moe``; one interface, ``gguf_layout.GGUFLayout``, in ``LAYOUTS``).
+``gguf.get_tensor_name_map``, and each architecture gets the layout llama.cpp expects: the common
+rules here (Gemma 1/2/3's RMSNorm weights stored as ``1 + w``; Qwen 2/3 as they are, llama.cpp's
+qwen arches use HF's half-split RoPE) and, per arch in ``LAYOUTS``, one interface
+(``gguf_layout.GGUFLayout``) for the rest: Llama's q/k rows permuted to its interleaved RoPE
+(Mistral too), Gemma 2/3's metadata (``gguf_dense``); Gemma 4 (``gguf_gemma4``); Qwen3.5's linear
+attention (``gguf_linear_attention``); the MoE arches' 3-D experts split per projection
+(``gguf_moe``).
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
 family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from torch import nn
 
 from fastlm.export import gguf_quants
 from fastlm.export._atomic import check_free_disk, check_target, export_into
+from fastlm.export.gguf_dense import GEMMA2, GEMMA3, LLAMA
 from fastlm.export.gguf_gemma4 import GEMMA4
 from fastlm.export.gguf_layout import GGUFLayout
 from fastlm.export.gguf_linear_attention import QWEN35
@@ -64,6 +66,9 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # gguf.MODEL_ARCH name -> what the arch needs beyond a rename (gguf_layout.py); the others are
 # a rename plus this module's rules.
 LAYOUTS: dict[str, GGUFLayout] = {
+    "LLAMA": LLAMA,
+    "GEMMA2": GEMMA2,
+    "GEMMA3": GEMMA3,
     "QWEN35": QWEN35,
     "GEMMA4": GEMMA4,
     "QWEN3MOE": QWEN3MOE,
@@ -197,13 +202,6 @@ def _lora_layers_by_weight(base: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _permute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF's half-split RoPE rows -> llama.cpp's interleaved pairs (per head: 0,h/2,1,h/2+1,..)."""
-    rows, cols = weight.shape
-    head_dim = rows // n_heads
-    return weight.reshape(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (GGUF name, fp32 tensor) in llama.cpp's layout for ``arch``.
 
@@ -226,8 +224,6 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
             pieces = expert_tensors(spec.moe, merged_name, merged)
         for hf_name, tensor in pieces:
             yield _gguf_tensor(arch, config, spec.norm_offset, layout, name_map, hf_name, tensor)
-    if arch == gguf.MODEL_ARCH.LLAMA and _llama3_rope(config):
-        yield gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", _llama3_factors(config)
     if layout.extra_tensors is not None:
         yield from layout.extra_tensors(config)
 
@@ -238,8 +234,8 @@ def _gguf_tensor(
     """(GGUF name, tensor in llama.cpp's layout) of one HF tensor."""
     if layout.tensor is not None:  # the arch's own layout (names as llama.cpp has them)
         hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
-    else:
-        tensor = _to_llama_cpp_layout(arch, config, norm_offset, hf_name, tensor)
+    elif norm_offset and hf_name.endswith("norm.weight"):
+        tensor = tensor + norm_offset  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
     new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if new_name is None:
         raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
@@ -248,46 +244,10 @@ def _gguf_tensor(
     return new_name, tensor
 
 
-def _to_llama_cpp_layout(
-    arch, config, norm_offset: float, hf_name: str, tensor: torch.Tensor
-) -> torch.Tensor:
-    import gguf
-
-    if arch == gguf.MODEL_ARCH.LLAMA:
-        if hf_name.endswith("q_proj.weight"):
-            return _permute_rope_rows(tensor, config.num_attention_heads)
-        if hf_name.endswith("k_proj.weight"):
-            return _permute_rope_rows(tensor, config.num_key_value_heads)
-    if norm_offset and hf_name.endswith("norm.weight"):
-        return tensor + norm_offset  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
-    return tensor
-
-
 def _rope(config) -> dict:
     from fastlm.models.gguf_limits import rope_parameters  # lazy: as in _gguf_spec
 
     return rope_parameters(config)
-
-
-def _llama3_rope(config) -> bool:
-    return _rope(config).get("rope_type") == "llama3"
-
-
-def _llama3_factors(config) -> torch.Tensor:
-    """Per-frequency divisors of Llama 3.1 RoPE scaling; llama.cpp divides θ_i by rope_freqs[i]."""
-    rope = _rope(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    inv_freq = 1.0 / rope["rope_theta"] ** (
-        torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
-    )
-    factor, old_ctx = rope["factor"], rope["original_max_position_embeddings"]
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    divisor = 1.0 / ((1 - smooth) / factor + smooth)  # the blend HF applies between the bands
-    divisor = torch.where(wavelen < old_ctx / high, torch.ones_like(divisor), divisor)
-    divisor = torch.where(wavelen > old_ctx / low, torch.full_like(divisor, factor), divisor)
-    return divisor.float()
 
 
 def _encode(name: str, tensor: torch.Tensor, method: str, mixture: dict):
@@ -349,8 +309,6 @@ def _mixture_context(arch, config) -> dict:
 
 
 def _add_hparams(writer, arch, config, method: str) -> None:
-    import gguf
-
     layout = LAYOUTS.get(arch.name, _PLAIN)
     if layout.replaces_common_hparams:
         layout.add_hparams(writer, config, None)
@@ -371,10 +329,6 @@ def _add_hparams(writer, arch, config, method: str) -> None:
     rope = _rope(config)
     if layout.add_hparams is not None:
         layout.add_hparams(writer, config, rope)
-    elif arch == gguf.MODEL_ARCH.GEMMA3:
-        _add_gemma3(writer, config, rope)
-    elif arch == gguf.MODEL_ARCH.GEMMA2:
-        _add_gemma2(writer, config, rope)
     else:
         writer.add_rope_freq_base(rope.get("rope_theta", 10000.0))
         writer.add_rope_dimension_count(head_dim)
@@ -395,34 +349,6 @@ def _add_file_type(writer, method: str) -> None:
         }[method]
     )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _add_gemma2(writer, config, rope: dict) -> None:
-    """Gemma 2: one RoPE base, the sliding window (pattern fixed in llama.cpp), soft-caps."""
-    writer.add_rope_freq_base(rope.get("rope_theta", 10_000.0))
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
-    writer.add_final_logit_softcapping(config.final_logit_softcapping)
-
-
-def _add_gemma3(writer, config, rope: dict) -> None:
-    """Gemma 3: per-layer-type RoPE bases, the sliding window and its pattern, soft-caps.
-
-    Scaled RoPE is refused before writing (the spec's gguf_checks): only the bases are written.
-    """
-    full = rope.get("full_attention", rope)
-    local = rope.get("sliding_attention", {})
-    writer.add_rope_freq_base(full.get("rope_theta", 1_000_000.0))
-    writer.add_rope_freq_base_swa(local.get("rope_theta", 10_000.0))
-    writer.add_sliding_window(config.sliding_window)
-    layer_types = list(getattr(config, "layer_types", []) or [])
-    if layer_types:
-        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
-    if getattr(config, "final_logit_softcapping", None):
-        writer.add_final_logit_softcapping(config.final_logit_softcapping)
-    if getattr(config, "attn_logit_softcapping", None):
-        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
 
 
 # ----------------------------------------------------------------------------- tokenizer

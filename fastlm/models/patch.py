@@ -12,8 +12,8 @@ What runs where:
                      where ``attention_output_gate``), q/k/v norm, the RoPE kernel (on the
                      rotary part of each head where the rotary tables are narrower, partial
                      RoPE), then ``attention.attend``: where the model runs eager attention,
-                     fastlm's flash-attention kernel (eager again for padding masks, dropout,
-                     decoding, attention sinks...), else the model's own SDPA / flash / flex
+                     fastlm's flash-attention kernel (eager again for custom masks, dropout,
+                     decoding...), else the model's own SDPA / flash / flex
                      function; the sinks, where the spec names them, go along as ``s_aux``; ×
                      sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
                      recorded.

@@ -183,7 +183,7 @@ class ArchitectureSpec:
     attention_output_gate: bool = False
     # Module attribute with per-head learned attention sinks (gpt-oss): one extra logit per head
     # in each query's softmax, with no value. Passed to the attention function as ``s_aux``, as
-    # transformers does; fastlm's flash kernel has no sinks, so such calls run the model's own.
+    # transformers does; fastlm's flash kernel takes them (forward and their gradient).
     attention_sinks_attr: str | None = None
     # The rotary tables hold one entry per rotated pair (D/2 wide, gpt-oss) instead of the
     # rotate_half layout's D with equal halves; the pairs (i, i + D/2) are the same.

@@ -427,3 +427,34 @@ def test_a_layout_mistake_is_caught(tmp_path, monkeypatch, model_type):
         errors.append(max(abs(e["logprob"] - float(want[e["id"]])) for e in step["top_logprobs"]))
     print(f"{model_type} f16, gate and up swapped: max |Δ log-prob| {max(errors):.2e}")
     assert max(errors) > 10 * TOL["f16"][0], errors
+
+
+def test_a_qlora_moe_model_exports_its_dequantised_merged_weights(tmp_path):
+    """load_in_4bit keeps the experts NF4 (fastlm/models/nf4_experts.py): the GGUF's tensors are
+    merged_16bit's, i.e. the dequantised experts plus their LoRA."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    from fastlm.export import save_pretrained_merged
+
+    kwargs = dict(FAMILIES["qwen3_moe"][1], vocab_size=VOCAB)
+    path = save_tiny_model("qwen3_moe", tmp_path / "hf", **kwargs)
+    model, tokenizer = FastModel.from_pretrained(
+        str(path), dtype=torch.float32, device_map="cpu", load_in_4bit=True
+    )
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_parameters=EXPERTS)
+    model = FastModel.get_peft_model(model, target_modules=ATTENTION, **lora)
+    folder = save_pretrained_merged(model, tmp_path / "merged", tokenizer, "merged_16bit")
+    written = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        written |= load_file(shard)
+    ours = dict(merged_state(model))
+    assert set(written) <= set(ours) and "model.layers.0.mlp.experts.gate_up_proj" in written
+    for name, tensor in written.items():
+        torch.testing.assert_close(ours[name], tensor.float(), rtol=1e-6, atol=1e-6)
+    (out,) = save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), "f16", name="q")
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    gate = ours["model.layers.0.mlp.experts.gate_up_proj"][:, :32]
+    stored = tensors["blk.0.ffn_gate_exps.weight"]
+    got = np.array(stored.data, dtype=np.float32).reshape(gate.shape)
+    np.testing.assert_allclose(got, gate.numpy(), rtol=1e-3, atol=1e-3)

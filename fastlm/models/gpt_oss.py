@@ -37,8 +37,12 @@ GGUF: llama.cpp's gpt-oss, each 3-D experts parameter split into per-projection 
 it would run otherwise, OpenAI's published YaRN (``truncate=False``) among them.
 """
 
+import logging
+
 from fastlm.models.gguf_limits import rope_parameters
 from fastlm.models.spec import ArchitectureSpec, MixtureOfExperts
+
+logger = logging.getLogger("fastlm")
 
 # llama.cpp's gpt-oss graph hard-codes its experts' clamped SwiGLU: (swiglu_alpha, swiglu_limit).
 LLAMA_CPP_SWIGLU = (1.702, 7.0)
@@ -75,8 +79,10 @@ def _layers_as_llama_cpp(config) -> None:
 
 
 def _yarn_as_llama_cpp(config) -> None:
-    """llama.cpp's YaRN computes its own attention factor 1 + 0.1·ln(factor) and rounds the
-    correction range [low, high] outward to whole dims (transformers' ``truncate=True``)."""
+    """llama.cpp's YaRN computes its own attention factor 1 + 0.1·ln(factor) (another is
+    refused) and rounds the correction range [low, high] outward to whole dims (transformers'
+    ``truncate=True``; ``truncate=False`` is written with a warning: llama.cpp runs every
+    gpt-oss that way, and the tiny model's log-probs stay within the f16 bound)."""
     rope = rope_parameters(config)
     rope_type = rope.get("rope_type", "default")
     if rope_type not in ("default", "yarn"):
@@ -89,13 +95,12 @@ def _yarn_as_llama_cpp(config) -> None:
             f"gpt-oss YaRN with {own} is not exported to GGUF: llama.cpp's YaRN takes its "
             "attention factor from the scaling factor alone."
         )
-    if not rope.get("truncate", True):
-        raise NotImplementedError(
-            "gpt-oss YaRN with truncate=False (OpenAI's published configs) is not exported to "
-            "GGUF: llama.cpp rounds the correction range to whole dims, which moves the "
-            "frequencies inside it (gpt-oss-20b's by up to 76%, 0.1 rad after ~450 positions). "
-            "If that difference is acceptable, save merged_16bit and convert it with llama.cpp's "
-            "convert_hf_to_gguf.py, which writes the same YaRN keys."
+    if not rope.get("truncate", True):  # written, as every llama.cpp gpt-oss file is: said
+        logger.warning(
+            "GGUF of gpt-oss YaRN with truncate=False (OpenAI's published configs): llama.cpp "
+            "rounds YaRN's correction range to whole dims, as in every llama.cpp gpt-oss file, "
+            "so the frequencies inside that range differ from transformers' (gpt-oss-20b's by "
+            "up to 76%%, 0.1 rad of phase after ~450 positions)"
         )
 
 

@@ -367,7 +367,6 @@ REFUSED = [
     ("qwen3_moe", {"mlp_only_layers": [], "norm_topk_prob": False}, "norm_topk_prob=False"),
     ("qwen3_5_moe_text", {}, "linear_key_head_dim == linear_value_head_dim"),
     ("gpt_oss", {"rope_parameters": YARN_TRUNCATED}, r"\(1\.702, 1\.0\)"),  # swiglu_limit 1
-    ("gpt_oss", {"swiglu_limit": 7.0}, "truncate=False"),  # tiny_models' (and OpenAI's) YaRN
     (
         "gpt_oss",
         {"swiglu_limit": 7.0, "rope_parameters": dict(YARN_TRUNCATED, attention_factor=1.3)},
@@ -393,6 +392,29 @@ def test_what_llama_cpp_runs_otherwise_is_refused(model_type, overrides, match):
         pytest.skip(f"transformers without {model_type}")
     with pytest.raises(NotImplementedError, match=match):
         _refusal(tiny_config(model_type, **overrides))
+
+
+@pytest.mark.skipif(SKIPS["gpt_oss"], reason="transformers without gpt_oss")
+def test_openai_s_yarn_is_written_with_a_warning_and_runs_within_the_f16_bound(tmp_path, caplog):
+    """YaRN's truncate=False (OpenAI's gpt-oss configs): llama.cpp rounds the correction range
+    to whole dims, as in every llama.cpp gpt-oss file; the tiny model's log-probs stay within
+    the f16 bound (measured 2.7e-3, against 2.2e-3 with truncate=True)."""
+    pytest.importorskip("xllamacpp")
+    yarn = dict(YARN_TRUNCATED, truncate=False)
+    model = _tiny_moe(tmp_path, "gpt_oss", rope_parameters=yarn)
+    tokenizer = spm_tokenizer()
+    with caplog.at_level("WARNING", logger="fastlm"):
+        (out,) = save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, "f16", name="tiny")
+    assert any("truncate=False" in r.getMessage() for r in caplog.records)
+    merged = _peft_merged(model)
+    stored = {k: _as_stored(k, v, "f16", True) for k, v in merged.items()}
+    config = model.get_base_model().config
+    stored_model = _transformers_model(config, stored)
+    fp32_model = _transformers_model(config, merged)
+    tight, loose = TOL["f16"]
+    errors, errors_fp32 = _errors(llama_cpp_server(out), tokenizer, stored_model, fp32_model, tight)
+    print(f"gpt_oss truncate=False f16: max |Δ log-prob| {max(errors):.2e}")
+    assert max(errors) < tight and max(errors_fp32) < loose, (errors, errors_fp32)
 
 
 @pytest.mark.parametrize("model_type", FAMILY_PARAMS)

@@ -91,10 +91,7 @@ def test_tiny_configs_are_exported_unless_refused_for_their_window(model_type):
         with pytest.raises(NotImplementedError, match=r"mlp_only_layers=\[1\]"):
             _gguf_refusal(config)
         config.mlp_only_layers = []
-    if model_type == "gpt_oss":  # llama.cpp hard-codes swiglu_limit 7 and truncates YaRN's range
-        with pytest.raises(NotImplementedError, match="truncate=False"):
-            _gguf_refusal(config)
-        config.rope_parameters = dict(config.rope_parameters, truncate=True)
+    if model_type == "gpt_oss":  # llama.cpp hard-codes swiglu_limit 7
         with pytest.raises(NotImplementedError, match="swiglu_limit"):
             _gguf_refusal(config)
         config.swiglu_limit = 7.0

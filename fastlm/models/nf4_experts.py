@@ -153,9 +153,10 @@ def is_nf4_expert_weight(tensor) -> bool:
     return isinstance(tensor, NF4ExpertWeight)
 
 
-def quantize_experts(model: nn.Module, moe: MixtureOfExperts) -> int:
+def quantize_experts(model: nn.Module, moe: MixtureOfExperts, log: bool = True) -> int:
     """Every experts module's 3-D weights (``moe.gate_up`` and ``moe.down``) stored NF4 in place;
-    biases and the router stay as loaded. Returns the bytes freed, and logs them.
+    biases and the router stay as loaded. Returns the bytes freed, and logs them (``log``; a
+    loader that quantises layer by layer says it once itself).
 
     Usage: ``quantize_experts(model, spec.moe)`` (``FastModel.from_pretrained(load_in_4bit=True)``
     calls it).
@@ -172,7 +173,7 @@ def quantize_experts(model: nn.Module, moe: MixtureOfExperts) -> int:
             freed += dense.numel() * dense.element_size() - quantized.nbytes_stored()
             module._parameters[name] = nn.Parameter(quantized, requires_grad=False)
             count += 1
-    if count:
+    if count and log:
         logger.info(
             "load_in_4bit: %d experts weights stored NF4 (%.2f GiB freed)", count, freed / 2**30
         )

@@ -31,6 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, G
 from transformers.quantizers import AutoHfQuantizer
 
 from fastlm.models import spec_for
+from fastlm.models.nf4_experts import quantize_experts
+from fastlm.models.spec import MixtureOfExperts
 from fastlm.offload.copy_engine import CopyEngine
 from fastlm.offload.memory_plan import DEFAULT_SLOTS, HostBudget, auto_resident_layers
 from fastlm.offload.streamer import (
@@ -203,6 +205,7 @@ def _materialise(
     dtype: torch.dtype,
     pre_quantized: bool,
     streamer: WeightStreamer | None,
+    moe: MixtureOfExperts | None = None,
 ) -> None:
     stack, layers = decoder_layers(model)
     in_layer = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
@@ -226,9 +229,12 @@ def _materialise(
         for name, module in by_layer.get(index, []):
             load(module, name)
         complete = all(p.device.type != "meta" for p in layers[index].parameters())
+        if moe is not None and complete:  # before the layer leaves the device: one at a time
+            quantize_experts(layers[index], moe, log=False)
         if streamer is not None and index in streamer.streamed and complete:
             streamer.adopt(index)  # an incomplete layer is reported below, with the rest
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    _refuse_experts_stored_apart(still_meta, source, moe)
     if still_meta:
         shown = ", ".join(still_meta[:5]) + (" ..." if len(still_meta) > 5 else "")
         raise WeightStreamingError(
@@ -238,6 +244,23 @@ def _materialise(
         )
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
+
+
+def _refuse_experts_stored_apart(still_meta: list[str], source, moe) -> None:
+    """A MoE checkpoint that stores each expert's projections as their own tensors
+    (``experts.0.gate_proj.weight``..., as Qwen's do): transformers stacks them into the 3-D
+    parameters while loading, which this tensor-by-tensor loader does not do (yet)."""
+    if moe is None:
+        return
+    missing = [n for n in still_meta if n.rsplit(".", 1)[-1] in (moe.gate_up, moe.down)]
+    apart = [k for k in source.keys() if ".experts.0." in k]  # noqa: SIM118 (not a dict)
+    if missing and apart:
+        raise WeightStreamingError(
+            f"offload_weights=True: this checkpoint stores each expert's projections apart "
+            f"({apart[0]}...), which fastlm's streamed loader does not stack into the experts' "
+            "3-D weights yet; load it without offload_weights (load_in_4bit stores the experts "
+            "NF4 too), then fastlm.offload.stream_weights(model) if it must stream."
+        )
 
 
 def _build(
@@ -262,15 +285,16 @@ def _build(
         config, dtype, bnb_config, pre_quantized, device, trust_remote_code, attn_implementation
     )
     streamer = None
+    moe = spec_for(config).moe  # a MoE model's experts are stored NF4 too, layer by layer
     if stream:
         _, layers = decoder_layers(model)
         nested = bool(bnb_config.bnb_4bit_use_double_quant)
-        sizes = {i: expected_layer_nbytes(layer, 64, nested) for i, layer in enumerate(layers)}
+        sizes = {i: expected_layer_nbytes(layer, 64, nested, moe) for i, layer in enumerate(layers)}
         if resident_layers == "auto":
             resident_layers = auto_resident_layers(config, dtype, device, sizes, max_seq_length)
         streamer = WeightStreamer(model, device, slots, int(resident_layers), engine, budget)
         streamer.plan_host(sizes)
-    _materialise(model, quantizer, source_factory(), device, dtype, pre_quantized, streamer)
+    _materialise(model, quantizer, source_factory(), device, dtype, pre_quantized, streamer, moe)
     if streamer is not None:
         streamer.finish()
     model.eval()

@@ -48,11 +48,14 @@ import os
 import tempfile
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from fastlm.models.nf4_experts import BLOCKSIZE as EXPERT_BLOCKSIZE
+from fastlm.models.nf4_experts import is_nf4_expert_weight
+from fastlm.models.spec import MixtureOfExperts
 from fastlm.offload import checkpoint
 from fastlm.offload.checkpoint import PinnedBudget, default_pinned_budget
 from fastlm.offload.copy_engine import CopyEngine, default_engine
@@ -75,10 +78,12 @@ logger = logging.getLogger("fastlm")
 ALIGN = 256  # bytes: every tensor in a layer buffer starts at a multiple (vectorised loads)
 _ATTR = "_fastlm_weight_streamer"
 __all__ = [
+    "FourBitWeight",
     "WeightStreamer",
     "WeightStreamingError",
     "decoder_layers",
     "expected_layer_nbytes",
+    "four_bit_weights",
     "get_weight_streamer",
     "layer_nbytes",
     "place_trainable",
@@ -91,12 +96,37 @@ class WeightStreamingError(RuntimeError):
     """Weight streaming cannot do what was asked (the message says why and what to do)."""
 
 
+class FourBitWeight(NamedTuple):
+    """A 4-bit weight of a layer as the streamer moves it: its packed bytes and its absmax."""
+
+    holder: nn.Module  # whose parameter it is: a Linear4bit, or a MoE experts module
+    name: str  # the parameter's name in it: "weight", or "gate_up_proj", "down_proj"...
+    weight: Any  # bitsandbytes' Params4bit, or an NF4ExpertWeight
+    kind: str  # where its bytes are: "data" (Params4bit.data) or "packed" (NF4ExpertWeight)
+    state: Any  # its bitsandbytes QuantState
+
+
+def four_bit_weights(module: nn.Module) -> list[FourBitWeight]:
+    """Every 4-bit weight under ``module``: the Linear4bit layers' and the NF4 experts' (QLoRA on
+    a mixture-of-experts model). Usage: ``four_bit_weights(model.model.layers[0])``."""
+    found = [
+        FourBitWeight(linear, "weight", weight, "data", weight.quant_state)
+        for _, linear, weight in packed_weights(module)
+    ]
+    for holder in module.modules():
+        for name, param in holder._parameters.items():
+            if is_nf4_expert_weight(param):
+                found.append(FourBitWeight(holder, name, param, "packed", param.nf4_state))
+    return found
+
+
 @dataclass
 class _Streamed:
-    """One streamed tensor: a packed weight (``Params4bit.data``) or a quant_state's absmax."""
+    """One streamed tensor: a packed weight (``Params4bit.data``, ``NF4ExpertWeight.packed``) or
+    a quant_state's absmax."""
 
-    owner: Any  # the Params4bit, or the QuantState
-    kind: str  # "data" or "absmax"
+    owner: Any  # the Params4bit, the NF4ExpertWeight, or the QuantState
+    kind: str  # "data", "packed" or "absmax": the owner's attribute that holds the tensor
     offset: int
     nbytes: int
     dtype: torch.dtype
@@ -105,17 +135,14 @@ class _Streamed:
     slot_view: torch.Tensor | None = None
 
     def current(self) -> torch.Tensor:
-        return self.owner.data if self.kind == "data" else self.owner.absmax
+        return getattr(self.owner, self.kind)
 
     def current_ptr(self) -> int:
         # Params4bit.data_ptr() reads the parameter's storage without making a .data alias
-        return self.owner.data_ptr() if self.kind == "data" else self.owner.absmax.data_ptr()
+        return self.owner.data_ptr() if self.kind == "data" else self.current().data_ptr()
 
     def bind(self, tensor: torch.Tensor) -> None:
-        if self.kind == "data":
-            self.owner.data = tensor
-        else:
-            self.owner.absmax = tensor
+        setattr(self.owner, self.kind, tensor)
 
 
 @dataclass
@@ -123,7 +150,7 @@ class _Layer:
     index: int
     module: nn.Module
     tensors: list[_Streamed]
-    weights: list[tuple[nn.Module, Any]]  # (Linear4bit, its Params4bit): checked on entry
+    weights: list[FourBitWeight]  # checked on entry
     nbytes: int
     kind: str = "pinned"  # where the host copy lives: pinned / pageable / disk
     host: torch.Tensor | None = None
@@ -162,15 +189,18 @@ def layer_nbytes(module: nn.Module) -> int:
     Usage: ``layer_nbytes(model.model.layers[0])``.
     """
     total = 0
-    for _, _, weight in packed_weights(module):
-        state = weight.quant_state
-        total += _align(weight.numel() * weight.element_size())
-        total += _align(state.absmax.numel() * state.absmax.element_size())
+    for item in four_bit_weights(module):
+        packed = getattr(item.weight, item.kind)
+        total += _align(packed.numel() * packed.element_size())
+        total += _align(item.state.absmax.numel() * item.state.absmax.element_size())
     return total
 
 
-def expected_layer_nbytes(module: nn.Module, blocksize: int, nested: bool) -> int:
-    """``layer_nbytes`` of a not yet quantised (meta) layer, from its Linear4bit shapes.
+def expected_layer_nbytes(
+    module: nn.Module, blocksize: int, nested: bool, moe: MixtureOfExperts | None = None
+) -> int:
+    """``layer_nbytes`` of a not yet quantised (meta) layer, from its Linear4bit shapes and,
+    with ``moe``, its experts' 3-D weights (stored NF4 as ``nf4_experts`` stores them).
 
     Usage: ``expected_layer_nbytes(layer, blocksize=64, nested=True)``.
     """
@@ -180,7 +210,18 @@ def expected_layer_nbytes(module: nn.Module, blocksize: int, nested: bool) -> in
         storage = torch.empty((), dtype=weight.quant_storage).element_size()
         total += _align((numel + 1) // (2 * storage) * storage)
         total += _align(-(-numel // blocksize) * (1 if nested else 4))
+    for experts in _experts_modules(module, moe):
+        for name in (moe.gate_up, moe.down):
+            numel = getattr(experts, name).numel()
+            total += _align((numel + 1) // 2)  # uint8 storage
+            total += _align(-(-numel // EXPERT_BLOCKSIZE))  # nested: one byte a block
     return total
+
+
+def _experts_modules(module: nn.Module, moe: MixtureOfExperts | None) -> list[nn.Module]:
+    if moe is None:
+        return []
+    return [m for m in module.modules() if type(m).__name__ == moe.experts_class]
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -279,17 +320,17 @@ class WeightStreamer:
         """Move layer ``index``'s packed weights and absmax into its host buffer (freeing their
         device memory) and point the model at them."""
         module = self.layers[index]
-        weights = [(linear, weight) for _, linear, weight in packed_weights(module)]
+        weights = four_bit_weights(module)
         if not weights:
             raise WeightStreamingError(
                 f"decoder layer {index} has no 4-bit weights to stream: weight streaming takes a "
                 "model loaded with load_in_4bit=True."
             )
         tensors, offset = [], 0
-        for _, weight in weights:
-            state = weight.quant_state
+        for item in weights:
+            state = item.state
             for owner, kind, tensor in (
-                (weight, "data", weight.data),
+                (item.weight, item.kind, getattr(item.weight, item.kind)),
                 (state, "absmax", state.absmax),
             ):
                 nbytes = tensor.numel() * tensor.element_size()
@@ -305,9 +346,9 @@ class WeightStreamer:
             view.copy_(flat)
             item.host = view.view(item.dtype).view(item.shape)
             item.bind(item.host)
-        for linear, _ in weights:
-            # bitsandbytes would repack a CPU weight in place for its inference kernel
-            linear.support_avx512bf16_for_cpu = False
+        for item in weights:
+            if item.kind == "data":  # bitsandbytes would repack a CPU weight for its kernel
+                item.holder.support_avx512bf16_for_cpu = False
         self._layers[index] = layer
 
     def _alloc_host(self, nbytes: int, kind: str) -> tuple[torch.Tensor, str]:
@@ -454,7 +495,7 @@ class WeightStreamer:
     def place_trainable(self) -> None:
         """Move parameters created in the layers after streaming began (PEFT puts new LoRA
         weights on their base weight's device: the host) to the GPU."""
-        streamed = {id(w) for layer in self._layers.values() for _, w in layer.weights}
+        streamed = {id(item.weight) for layer in self._layers.values() for item in layer.weights}
         moved = 0
         for layer in self.layers:
             for param in layer.parameters():
@@ -511,9 +552,9 @@ class WeightStreamer:
         self.stats.waits += 1
 
     def _check(self, layer: _Layer) -> None:
-        for linear, weight in layer.weights:
-            if linear._parameters.get("weight") is not weight:
-                self._tampered(layer, f"{type(linear).__name__}.weight was replaced")
+        for item in layer.weights:
+            if item.holder._parameters.get(item.name) is not item.weight:
+                self._tampered(layer, f"{type(item.holder).__name__}.{item.name} was replaced")
         # Host and device pointers share CUDA's unified address space: a pointer check suffices.
         for item in layer.tensors:
             expected = item.host if layer.bound == "host" else item.slot_view
@@ -550,8 +591,8 @@ class WeightStreamer:
         for layer in self._layers.values():
             for item in layer.tensors:
                 streamed_ids.add(id(item.owner))
-            for _, weight in layer.weights:
-                state = weight.quant_state
+            for item in layer.weights:
+                state = item.state
                 nested = state.state2
                 small = [state.code, state.offset]
                 small += [nested.absmax, nested.code] if nested is not None else []
@@ -569,7 +610,9 @@ class WeightStreamer:
             seen.add(id(tensor))
             nbytes = tensor.numel() * tensor.element_size()
             state = getattr(tensor, "quant_state", None)
-            if state is not None:
+            if is_nf4_expert_weight(tensor):  # resident NF4 experts: their bytes, not dense
+                nbytes = tensor.nbytes_stored()
+            elif state is not None:
                 nbytes += state.absmax.numel() * state.absmax.element_size()
             if id(tensor) in resident_ids:
                 resident += nbytes

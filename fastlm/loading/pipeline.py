@@ -257,7 +257,26 @@ def add_causal_lm_lora(model: nn.Module, **options: Any) -> nn.Module:
             options["target_modules"], options["target_parameters"] = expert_targets(
                 model, spec.moe, targets
             )
+    if spec.moe is not None and options.get("target_modules") == "all-linear":
+        _keep_linear_routers(model, spec.moe, options)
     return add_lora(model, **options)
+
+
+def _keep_linear_routers(model: nn.Module, moe: MixtureOfExperts, options: dict) -> None:
+    """Target "all-linear" without the MoE routers that are ``nn.Linear`` subclasses (Llama
+    4's): PEFT would wrap them as linear layers, and its LoRA forward adds to what the router
+    returns, a (scores, logits) tuple: a crash, with transformers' forward too. Logged."""
+    linear = any(
+        isinstance(m, nn.Linear) for m in model.modules() if type(m).__name__ == moe.router_class
+    )
+    if not linear or "exclude_modules" in options:
+        return
+    options["exclude_modules"] = [moe.router_attr]
+    logger.info(
+        "fastlm: target_modules='all-linear' leaves out the %s routers (%r): nn.Linear "
+        "subclasses whose forward returns a tuple, which a LoRA layer cannot add to",
+        moe.router_class, moe.router_attr,
+    )  # fmt: skip
 
 
 # What an MLP projection name means on a mixture-of-experts layer: its experts' 3-D parameter.

@@ -1,10 +1,12 @@
 """Sparse mixture-of-experts blocks: the router, the experts run grouped, the load-balancing loss.
 
 A block (``spec.moe``, e.g. Qwen3-MoE's) takes x (N tokens, H) and its router picks k experts per
-token with weights w (N, k) (``router_forward``, from the spec's facts: softmax then top-k, or
-gpt-oss's top-k logits then softmax over those k). A block with a shared expert (Qwen3.5-MoE's)
-adds sigmoid(x G^T) · shared(x) to every token's output, the shared expert being a dense MLP
-that runs the fused LoRA MLP (``_shared_expert``). The N·k (token, expert) pairs are sorted by
+token with weights w (N, k) (``router_forward``, from the spec's facts: softmax then top-k;
+gpt-oss's top-k logits then
+softmax over those k; Llama 4's top-k logits, sigmoid of each). A block with a shared expert
+(Qwen3.5-MoE's, Llama 4's) adds [sigmoid(x G^T) ·] shared(x) to every token's output, the shared
+expert being a dense MLP that runs the fused LoRA MLP (``_shared_expert``). The N·k (token,
+expert) pairs are sorted by
 expert (a stable sort: within an expert, tokens keep their order), and each projection of every
 expert runs as *one* grouped GEMM over the sorted rows (``fastlm.kernels.grouped_gemm``) instead
 of transformers' loop of one small GEMM per expert:
@@ -14,6 +16,8 @@ of transformers' loop of one small GEMM per expert:
     h    = act(e, g)                          (e.g. SiLU(e) · g)          (N·k, I)
     o    = (h W_d[e]^T + s_d (h A_d[e]^T) B_d[e]^T (+ b_d[e])) · w[pair]  (N·k, H)
     out  = o[back in pair order].view(N, k, H).sum(1)                     (N, H)
+
+(Llama 4 scales the expert's input instead, xs · w[pair], and not o: ``routing_weight_on``.)
 
 with W[e] expert e's (out, in) weight: the parameter's slice e where it is stored (E, out, in)
 (Qwen), that slice's transpose where it is stored (E, in, out) (gpt-oss, whose slices are then
@@ -75,6 +79,7 @@ from fastlm.kernels.geglu import geglu
 from fastlm.kernels.grouped_gemm import group_ends, grouped_mm
 from fastlm.kernels.swiglu import swiglu
 from fastlm.models.lora_layers import active_adapter
+from fastlm.models.nf4_experts import is_nf4_expert_weight
 from fastlm.models.spec import MixtureOfExperts
 
 try:  # peft is a dependency, but keep plain-model use importable without it
@@ -150,6 +155,10 @@ def expert_weights(
         weight = getattr(module, name)
         if weight.dim() != 3:
             return None, f"experts {name} is {weight.dim()}-D (the grouped path takes 3-D)"
+        if is_nf4_expert_weight(weight):
+            # Dense once per call: every read of an NF4 weight dequantises all of it, and the
+            # grouped GEMM reads one expert slice at a time (E reads of an (E, in, out) operand).
+            weight = weight.dequantize()
         if moe.experts_layout == "out_in":  # (E, out, in) -> the (E, in, out) operand
             weight = weight.transpose(1, 2)
         lora = adapters.get(name, (None, None, 1.0))
@@ -186,23 +195,25 @@ def _param_wrapper_lora(
     """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, as
     views of its parameters; None without an active adapter (disabled, merged, none).
 
-    The views are the same for both layouts. PEFT names in/out from the parameter's dims 1, 2,
-    swapped for a 3-D parameter whose module is not ``is_transposed`` (its
-    ``_did_swap_in_out_features``): so in and out are the projection's own either way, A_e is
-    (r, in), B_e (out, r), and the delta is s·B_e A_e on an (E, out, in) slice, (s·B_e A_e)^T on
-    an (E, in, out) one. Both give y = x W_e^T + s (x A_e^T) B_e^T."""
+    PEFT names in/out from the parameter's dims 1, 2, swapped for a 3-D parameter whose module is
+    not ``is_transposed`` (its ``_did_swap_in_out_features``); with its A_p (r, in_p), B_p
+    (out_p, r) it adds s·B_p A_p to an (E, out_p, in_p) slice where it swapped, (s·B_p A_p)^T to
+    an (E, in_p, out_p) one where not. Where PEFT's reading is the layout's (Qwen's (E, out, in)
+    swapped; gpt-oss's (E, in, out), ``is_transposed``, not), in_p and out_p are the projection's
+    own, A = A_p, B = B_p and y = x W_e^T + s (x A_e^T) B_e^T. Where it is not (Llama 4's
+    (E, in, out) experts carry no ``is_transposed``, so PEFT reads them (E, out, in)), the same
+    delta is x ↦ s (x B_p) A_p: A = B_p^T (r, in), B = A_p^T (out, r), views still."""
     name, why_not = active_adapter(wrapper, path="the experts' grouped")
     if name is None:
         return None, why_not
-    if wrapper._did_swap_in_out_features != (moe.experts_layout == "out_in"):
-        layout = "(E, out, in)" if wrapper._did_swap_in_out_features else "(E, in, out)"
-        return None, f"PEFT reads {wrapper.parameter_name!r} as {layout}, unlike the spec"
     experts = wrapper.num_experts
-    a = wrapper.lora_A[name].weight  # (E·r, in): rows e·r .. e·r + r - 1 are expert e's A
-    b = wrapper.lora_B[name].weight  # (out, r·E): column j·E + e is rank j of expert e's B
+    a = wrapper.lora_A[name].weight  # (E·r, in_p): rows e·r .. e·r + r - 1 are expert e's A
+    b = wrapper.lora_B[name].weight  # (out_p, r·E): column j·E + e is rank j of expert e's B
     rank = a.shape[0] // experts
-    lora_a = a.view(experts, rank, a.shape[1])  # (E, r, in)
-    lora_b = b.view(b.shape[0], rank, experts).permute(2, 0, 1)  # (E, out, r)
+    lora_a = a.view(experts, rank, a.shape[1])  # (E, r, in_p)
+    lora_b = b.view(b.shape[0], rank, experts).permute(2, 0, 1)  # (E, out_p, r)
+    if wrapper._did_swap_in_out_features != (moe.experts_layout == "out_in"):
+        lora_a, lora_b = lora_b.transpose(1, 2), lora_a.transpose(1, 2)  # (E, r, in), (E, out, r)
     return (lora_a, lora_b, wrapper.scaling[name]), ""
 
 
@@ -212,20 +223,33 @@ def _param_wrapper_lora(
 def router_forward(self, hidden_states: Tensor, *, moe: MixtureOfExperts):
     """(logits (N, E), top-k weights (N, k), top-k experts (N, k)), as transformers' router:
     z = x R^T (+ b); "softmax" scoring: p = softmax(z) in fp32, its top k, renormalised where
-    the router says so; "topk_softmax": the top k of z, softmax over those k in z's dtype. Called
-    as a module, so transformers' output recorders still collect the logits for the aux loss."""
+    the router says so; "topk_softmax": the top k of z, softmax over
+    those k in z's dtype; "topk_sigmoid": the top k of z, sigmoid of each (in fp32). The logits
+    sit at ``moe.router_logits_index`` of the tuple (weights and logits swap places at 1).
+    Called as a module, so transformers' output recorders still collect the logits."""
     x = hidden_states.reshape(-1, self.weight.shape[1])
     logits = F.linear(x, self.weight, getattr(self, "bias", None))  # (N, E)
+    weights, experts = _route(self, logits, moe)
+    if moe.router_logits_index == 1:  # where the model's recorder reads them (Llama 4)
+        return weights, logits, experts
+    return logits, weights, experts
+
+
+def _route(self, logits: Tensor, moe: MixtureOfExperts) -> tuple[Tensor, Tensor]:
+    """(weights (N, k) in the logits' dtype, experts (N, k)) from the logits, per the spec."""
     k = getattr(self, moe.top_k_attr)
     if moe.scoring == "topk_softmax":
         top, experts = torch.topk(logits, k, dim=-1)  # (N, k)
-        return logits, torch.softmax(top, dim=-1, dtype=top.dtype), experts
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        return torch.softmax(top, dim=-1, dtype=top.dtype), experts
+    if moe.scoring == "topk_sigmoid":
+        top, experts = torch.topk(logits, k, dim=-1)  # (N, k)
+        return torch.sigmoid(top.float()).to(top.dtype), experts
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
     top, experts = torch.topk(probs, k, dim=-1)  # (N, k)
     normalize = moe.normalize_top_k
     if normalize if isinstance(normalize, bool) else getattr(self, normalize):
         top = top / top.sum(dim=-1, keepdim=True)
-    return logits, top.to(logits.dtype), experts
+    return top.to(logits.dtype), experts
 
 
 def moe_block_forward(
@@ -238,7 +262,9 @@ def moe_block_forward(
     (``AuxLossGradient``). ``activation``: the spec's, used where ``moe.activation`` is None."""
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])  # (N, H)
-    logits, weights, experts = getattr(self, moe.router_attr)(x)  # (N, E), (N, k), (N, k)
+    routed = getattr(self, moe.router_attr)(x)  # logits (N, E), weights (N, k), experts (N, k)
+    logits = routed[moe.router_logits_index]
+    weights, experts = routed[1 - moe.router_logits_index], routed[2]
     module = getattr(self, moe.experts_attr)
     out = _run_experts(module, x, experts, weights, moe, activation, module)
     if moe.shared_expert_attr:
@@ -247,6 +273,8 @@ def moe_block_forward(
         out = _AuxLossBackward.apply(out, logits, aux)
     if moe.returns_router_scores:
         return out.reshape(shape), weights
+    if moe.returns_router_logits:
+        return out.reshape(shape), logits
     return out.reshape(shape)
 
 
@@ -292,6 +320,7 @@ def _run_experts(
     return grouped_experts(
         x, weights, experts, projections, moe.activation or activation,
         interleaved=moe.gate_up_interleaved, activation_options=options,
+        weight_input=moe.routing_weight_on == "input",
     )  # fmt: skip
 
 
@@ -313,11 +342,13 @@ def grouped_experts(
     *,
     interleaved: bool = False,
     activation_options: dict[str, Any] | None = None,
+    weight_input: bool = False,
 ) -> Tensor:
     """sum over the k chosen experts of w · expert(x), every expert's projections as grouped
     GEMMs over the (token, expert) pairs sorted by expert. ``interleaved``: gate_up's outputs
     alternate gate, up; ``activation_options``: keywords of the activation (gpt-oss's alpha,
-    limit).
+    limit); ``weight_input``: sum of expert(w · x) instead (Llama 4: w scales each pair's input
+    row, and its gradient comes back through the whole expert).
 
     Usage: ``out = grouped_experts(x, w, idx, expert_weights(block.experts, spec.moe)[0])``.
     """
@@ -329,11 +360,15 @@ def grouped_experts(
     ends, host_sizes = group_ends(sizes)
     rows = pairs[order]  # (N·k,): the expert of each sorted row (its bias)
     xs = x[order // k]  # (N·k, H)
+    w = weights.reshape(-1)[order].unsqueeze(-1)  # (N·k, 1): each sorted pair's weight
+    if weight_input:
+        xs = xs * w.to(xs.dtype)
     gu = _grouped_projection(xs, gate_up, ends, host_sizes, rows)  # (N·k, 2·I)
     gate, up = (gu[:, ::2], gu[:, 1::2]) if interleaved else gu.chunk(2, dim=-1)
     h = _ACTIVATIONS[activation](gate, up, **(activation_options or {}))  # (N·k, I)
     out = _grouped_projection(h, down, ends, host_sizes, rows)  # (N·k, H)
-    out = out * weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
+    if not weight_input:
+        out = out * w.to(out.dtype)
     restore = torch.empty_like(order)
     restore[order] = torch.arange(order.numel(), device=order.device)
     return out[restore].view(tokens, k, -1).sum(dim=1).to(x.dtype)  # (N, H)

@@ -11,9 +11,13 @@ What runs where:
                      ``kv_sharing.py``; q and k on a k = v layer; q also yields the output gate
                      where ``attention_output_gate``), q/k/v norm, the RoPE kernel (on the
                      rotary part of each head where the rotary tables are narrower, partial
-                     RoPE), then ``attention.attend``: where the model runs eager attention,
-                     fastlm's flash-attention kernel (eager again for custom masks, dropout,
-                     decoding...), else the model's own SDPA / flash / flex
+                     RoPE; on heads reordered even-then-odd for Llama 4's interleaved pairs;
+                     none on a NoPE layer, which may scale q by the attention temperature
+                     instead; a weightless q/k norm after it where the spec says), then
+                     ``attention.attend``: where the model runs eager attention,
+                     fastlm's flash-attention kernel (eager again for custom masks -- Llama
+                     4's chunked layers past one chunk among them --, dropout, decoding...),
+                     else the model's own SDPA / flash / flex
                      function; the sinks, where the spec names them, go along as ``s_aux``; ×
                      sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
                      recorded.
@@ -52,7 +56,7 @@ from fastlm.kernels.geglu import geglu
 from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
-from fastlm.models.attention import AttentionPath, attend, expected_path
+from fastlm.models.attention import CUSTOM_MASK, AttentionPath, attend, expected_path
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.models.kv_sharing import reuse_kv, store_kv
@@ -211,7 +215,12 @@ def fused_report(model: nn.Module) -> FusedReport:
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
             sinks = state.spec.attention_sinks_attr is not None
-            row = _attention_row(name, latest, expected_path(module, sinks=sinks))
+            expected = expected_path(module, sinks=sinks)
+            if _chunked(module, state.spec):
+                note = f"past one chunk, {_chunked_reason(module, state.spec)}"
+                reason = "; ".join(filter(None, [expected.reason, note]))
+                expected = expected._replace(reason=reason)
+            row = _attention_row(name, latest, expected)
             attention.append({**row, "kv": _kv_source(module, state.spec)})
         elif linear is not None and cls == linear.module_class:
             projections = (*linear.input_projections, linear.output_projection)
@@ -358,6 +367,56 @@ def _rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.
     return torch.cat([q_rot, query[..., rotary:]], -1), torch.cat([k_rot, key[..., rotary:]], -1)
 
 
+def _rope_tables(position_embeddings, spec: ArchitectureSpec):
+    """(cos, sin) (B, S, D) in the rotate_half layout from what the model passes: (cos, sin);
+    D/2-wide ones (gpt-oss); or Llama 4's complex freqs_cis (B, S, D/2), whose real and
+    imaginary parts are cos and sin (× its RoPE's attention scaling, as the products need)."""
+    if spec.rope_interleaved:
+        cos, sin = position_embeddings.real, position_embeddings.imag  # (B, S, D/2)
+    else:
+        cos, sin = position_embeddings
+    if spec.rope_half_tables or spec.rope_interleaved:  # one entry per pair: to D wide
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return cos, sin
+
+
+def _even_then_odd(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, H, D) with each head's dims reordered 0, 2, 4, ..., 1, 3, 5, ...: the interleaved
+    RoPE pairs (2i, 2i + 1) become the rotate_half pairs (i, i + D/2)."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def _positional(self, query, key, cos, sin, spec: ArchitectureSpec, past_key_values):
+    """q, k (B, S, H, D) after what encodes positions on this layer: RoPE (the interleaved pairs
+    through ``_even_then_odd``, which q·k does not see) and a weightless norm after it, or, on a
+    layer without RoPE, the attention temperature (``spec.attention_temperature``)."""
+    if spec.rope_layer_attr is None or getattr(self, spec.rope_layer_attr):
+        if spec.rope_interleaved:
+            query, key = _even_then_odd(query), _even_then_odd(key)
+        query, key = _rope(query, key, cos, sin)
+        attr = spec.qk_norm_after_rope_attr
+        norm = getattr(self, attr, None) if attr else None
+        if norm is not None:  # the norm is over the whole head: the order of its dims is moot
+            ones = query.new_ones(query.shape[-1])
+            query, key = rms_norm(query, ones, _eps(norm)), rms_norm(key, ones, _eps(norm))
+    elif spec.attention_temperature is not None:
+        query = _temperature(self, query, spec.attention_temperature, past_key_values)
+    return query, key
+
+
+def _temperature(self, query: torch.Tensor, temperature, past_key_values) -> torch.Tensor:
+    """q (B, S, H, D) × 1 + attn_scale · log1p(floor((t + 1) / floor_scale)) per position t
+    (``AttentionTemperature``), in transformers' order of operations, so fp32 is bit-equal."""
+    if not getattr(self, temperature.enabled_attr):
+        return query
+    seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+    positions = torch.arange(query.shape[1], device=query.device) + seen  # (S,)
+    floor_scale = getattr(self, temperature.floor_scale_attr)
+    scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
+    scales = scales * getattr(self, temperature.scale_attr) + 1.0
+    return (query * scales.view(1, -1, 1, 1)).to(query.dtype)
+
+
 def _rope_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on q alone (its K comes rotated from another layer). The op rotates q and k together:
     k is q's first head here and its rotation is dropped (so its gradient is zero)."""
@@ -388,9 +447,7 @@ def _attention_forward(
     query = query.reshape(batch, seq, -1, self.head_dim)  # (B, S, Hq, D)
     if spec.qk_norm:
         query = self.q_norm(query)
-    cos, sin = position_embeddings
-    if spec.rope_half_tables:  # one entry per rotated pair: to the rotate_half layout (D wide)
-        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    cos, sin = _rope_tables(position_embeddings, spec)
     if reuses_kv:  # K, V (B, Hk, S, D) as the storing layer left them: rotated, cache-updated
         query = _rope_query(query, cos, sin).transpose(1, 2)
         key, value = reuse_kv(stored, getattr(self, sharing.key_attr))
@@ -401,7 +458,7 @@ def _attention_forward(
             key = self.k_norm(key)
         if spec.v_norm:
             value = self.v_norm(value)
-        query, key = _rope(query, key, cos, sin)
+        query, key = _positional(self, query, key, cos, sin, spec, past_key_values)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -432,11 +489,30 @@ def _attention_forward(
         **extra,
         **kwargs,
     )
+    if path.reason == CUSTOM_MASK and _chunked(self, spec):
+        path = path._replace(reason=_chunked_reason(self, spec))
     paths[self] = path
     output = output.reshape(batch, seq, -1)
     if gate is not None:
         output = output * torch.sigmoid(gate)
     return _project(self.o_proj, output), weights
+
+
+def _chunked(module: nn.Module, spec: ArchitectureSpec) -> bool:
+    """A "chunked_attention" layer (``spec.attention_chunk_attr``): queries see their chunk only."""
+    if spec.attention_chunk_attr is None:
+        return False
+    types = getattr(module.config, "layer_types", None) or ()
+    index = getattr(module, "layer_idx", None)
+    return index is not None and index < len(types) and types[index] == "chunked_attention"
+
+
+def _chunked_reason(module: nn.Module, spec: ArchitectureSpec) -> str:
+    size = getattr(module.config, spec.attention_chunk_attr)
+    return (
+        f"chunked attention ({spec.attention_chunk_attr}={size}: each query sees its own chunk "
+        "of the sequence), a mask the flash kernel has no pattern for"
+    )
 
 
 def _mlp_forward(self, x: torch.Tensor, *, activation: str) -> torch.Tensor:
@@ -524,7 +600,7 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
             state.moe_aux.start(kwargs.get("attention_mask"))
         else:
             state.moe_aux.stop()
-    outputs = getattr(self, self.base_model_prefix)(**kwargs)
+    outputs = _decoder_body(self)(**kwargs)
     hidden = outputs.last_hidden_state  # (B, S, H)
     if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
@@ -558,6 +634,14 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
     )
+
+
+def _decoder_body(model: nn.Module) -> nn.Module:
+    """The causal LM's decoder stack (its ``*Model``): at ``base_model_prefix``, else at
+    ``model`` (Llama4ForCausalLM's prefix is the multimodal model's "language_model", an
+    attribute the text-only class does not have; its body is ``model``)."""
+    body = getattr(model, model.base_model_prefix, None)
+    return body if body is not None else model.model
 
 
 def _with_aux_loss(self, state: PatchState, loss, outputs, kwargs: dict):

@@ -59,32 +59,52 @@ class LinearAttention:
 
 
 @dataclass(frozen=True)
+class AttentionTemperature:
+    """Per-position query scaling on the layers without RoPE (Llama 4's
+    ``attn_temperature_tuning``, arXiv 2501.19399): the query at position t is multiplied by
+
+        1 + attn_scale · log(1 + floor((t + 1) / floor_scale))
+
+    with t counted as transformers counts it, arange(S) + the tokens already in the layer's
+    cache (not the position_ids). ``enabled_attr``, ``floor_scale_attr`` and ``scale_attr`` are
+    attention-module attributes; a layer whose ``enabled_attr`` is false scales nothing.
+    """
+
+    enabled_attr: str = "attn_temperature_tuning"
+    floor_scale_attr: str = "floor_scale"
+    scale_attr: str = "attn_scale"
+
+
+@dataclass(frozen=True)
 class MixtureOfExperts:
     """A sparse mixture-of-experts block in place of (or beside) the MLP (Qwen3-MoE's,
-    Qwen3.5-MoE's, gpt-oss's, Gemma 4's).
+    Qwen3.5-MoE's, gpt-oss's, Gemma 4's, Llama 4's).
 
     Per token x: the router's logits z = x R^T + b (E experts; b where the router has a bias).
     ``scoring`` "softmax": p = softmax(z), the top_k experts by p, their weights w = p[top]
     (divided by their sum as ``normalize_top_k`` says). ``scoring`` "topk_softmax" (gpt-oss):
-    the top_k experts by z, w = softmax(z[top]) over those k alone. out = sum over the top_k of
-    w_e · expert_e(x), expert_e(x) = down_e(act(gate_e(x), up_e(x))) (+ each projection's bias
-    b_e where ``gate_up_bias`` / ``down_bias`` name one).
+    the top_k experts by z, w = softmax(z[top]) over those k alone.
+    ``scoring`` "topk_sigmoid" (Llama 4): the top_k experts by z, w = sigmoid(z[top]), each on
+    its own (no sum to 1). out = sum over the top_k of w_e · expert_e(x), or of expert_e(w_e · x)
+    where ``routing_weight_on`` is "input" (Llama 4 scales what enters the expert, and with the
+    nonlinear expert that is another function), expert_e(x) = down_e(act(gate_e(x), up_e(x)))
+    (+ each projection's bias b_e where ``gate_up_bias`` / ``down_bias`` name one).
 
     The experts' weights are 3-D parameters of the experts module, stored per ``experts_layout``:
     "out_in" (Qwen): ``gate_up`` (E, 2·I, H) and ``down`` (E, H, I), each (out, in) per expert;
-    "in_out" (gpt-oss): ``gate_up`` (E, H, 2·I) and ``down`` (E, I, H), y = x W_e. The 2·I gate_up
-    outputs are gate then up (I each), or interleaved gate, up, gate, up... where
+    "in_out" (gpt-oss, Llama 4): ``gate_up`` (E, H, 2·I) and ``down`` (E, I, H), y = x W_e. The
+    2·I gate_up outputs are gate then up (I each), or interleaved gate, up, gate, up... where
     ``gate_up_interleaved``. act is the spec's gated activation, or ``activation`` with the
     experts-module attributes ``activation_attrs`` as keyword arguments (gpt-oss:
     "clamped_swiglu" with alpha and limit, ``moe.clamped_swiglu``).
 
     Where the block has a shared expert (``shared_expert_attr``, a dense MLP of the spec's
     ``mlp_class`` that every token goes through), out += s(x) · shared(x), s(x) = sigmoid(x G^T)
-    from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one). Training adds
-    ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every router's logits z
-    when the config's ``output_router_logits`` is on, where the family has that loss
-    (``aux_loss_coef_attr`` None: it has none, Gemma 4). fastlm's router and block forwards read
-    these facts; the experts run grouped (``moe.py``).
+    from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one: Llama 4). Training
+    adds ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every router's logits
+    z when the config's ``output_router_logits`` is on, where the family has that loss
+    (``aux_loss_coef_attr`` None: it has none, Gemma 4, Llama 4). fastlm's router and block
+    forwards read these facts; the experts run grouped (``moe.py``).
 
     ``patched`` says how much of the block fastlm runs. "block": the block module is the MoE
     block alone, and fastlm's block forward runs it (router, grouped experts, shared expert).
@@ -102,11 +122,20 @@ class MixtureOfExperts:
     experts_class: str
     router_attr: str = "gate"  # the block's router module
     experts_attr: str = "experts"  # the block's experts module
-    scoring: str = "softmax"  # "softmax" (over all experts, then top-k) or "topk_softmax"
+    # "softmax" (over all experts, then top-k), "topk_softmax" or "topk_sigmoid" (top-k logits,
+    # then softmax over those k / sigmoid of each)
+    scoring: str = "softmax"
     top_k_attr: str = "top_k"  # router module attribute: experts per token
     # Renormalise the top-k weights: a router module attribute that says whether (Qwen3-MoE's
     # norm_topk_prob), or True / False where the router always / never does (Qwen3.5-MoE: True).
     normalize_top_k: str | bool = "norm_topk_prob"
+    # "output": w_e · expert_e(x) (most families); "input": expert_e(w_e · x) (Llama 4)
+    routing_weight_on: str = "output"
+    # Where the router's output tuple holds the logits: the index transformers' output recorder
+    # reads (its OutputRecorder(router_class, index=...)), so that output_router_logits records
+    # the logits from fastlm's router too. 0: (logits, weights, experts), Qwen; 1: (weights,
+    # logits, experts), Llama 4, whose router returns (scores, logits).
+    router_logits_index: int = 0
     gate_up: str = "gate_up_proj"  # experts parameter (E, 2·I, H), or (E, H, 2·I) "in_out"
     down: str = "down_proj"  # experts parameter (E, H, I), or (E, I, H) "in_out"
     experts_layout: str = "out_in"  # "out_in": W_e is (out, in); "in_out": (in, out)
@@ -118,6 +147,9 @@ class MixtureOfExperts:
     # The block returns (hidden states, router scores (N, k)) instead of the hidden states
     # alone: what the decoder layer unpacks (gpt-oss's GptOssMLP).
     returns_router_scores: bool = False
+    # The block returns (hidden states, router logits (N, E)): Llama 4's Llama4TextMoe, whose
+    # decoder layer drops the second.
+    returns_router_logits: bool = False
     shared_expert_attr: str | None = None  # the block's shared expert (an mlp_class module)
     shared_expert_gate_attr: str | None = None  # the block's (H -> 1) linear gating it
     patched: str = "block"  # "block": fastlm's block forward; "experts": the experts call only
@@ -128,12 +160,25 @@ class MixtureOfExperts:
     aux_loss_coef_attr: str | None = "router_aux_loss_coef"
 
     def __post_init__(self) -> None:
-        if self.scoring not in ("softmax", "topk_softmax"):
+        if self.scoring not in ("softmax", "topk_softmax", "topk_sigmoid"):
             raise ValueError(
-                f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax', 'topk_softmax'"
+                f"MixtureOfExperts scoring {self.scoring!r}: fastlm has 'softmax', "
+                "'topk_softmax', 'topk_sigmoid'"
             )
-        if self.scoring == "topk_softmax" and self.normalize_top_k is not False:
-            raise ValueError("MixtureOfExperts: 'topk_softmax' weights sum to 1 already")
+        if self.scoring != "softmax" and self.normalize_top_k is not False:
+            raise ValueError(
+                f"MixtureOfExperts: {self.scoring!r} weights are not renormalised "
+                "(normalize_top_k=False)"
+            )
+        if self.routing_weight_on not in ("output", "input"):
+            raise ValueError(
+                f"MixtureOfExperts routing_weight_on {self.routing_weight_on!r}: "
+                "'output' or 'input'"
+            )
+        if self.router_logits_index not in (0, 1):
+            raise ValueError("MixtureOfExperts router_logits_index: 0 or 1")
+        if self.returns_router_scores and self.returns_router_logits:
+            raise ValueError("MixtureOfExperts: the block returns router scores or logits")
         if self.experts_layout not in ("out_in", "in_out"):
             raise ValueError(
                 f"MixtureOfExperts experts_layout {self.experts_layout!r}: 'out_in' or 'in_out'"
@@ -144,7 +189,8 @@ class MixtureOfExperts:
             raise ValueError("MixtureOfExperts: a shared_expert_gate_attr without a shared expert")
         if self.patched not in ("block", "experts"):
             raise ValueError(f"MixtureOfExperts patched {self.patched!r}: 'block' or 'experts'")
-        if self.patched == "experts" and (self.shared_expert_attr or self.returns_router_scores):
+        returns = self.returns_router_scores or self.returns_router_logits
+        if self.patched == "experts" and (self.shared_expert_attr or returns):
             raise ValueError(
                 "MixtureOfExperts: patched='experts' runs the block's own forward, so fastlm adds "
                 "no shared expert and returns no router scores"
@@ -188,6 +234,25 @@ class ArchitectureSpec:
     # The rotary tables hold one entry per rotated pair (D/2 wide, gpt-oss) instead of the
     # rotate_half layout's D with equal halves; the pairs (i, i + D/2) are the same.
     rope_half_tables: bool = False
+    # RoPE rotates the interleaved pairs (2i, 2i + 1) of each head by one complex table freqs_cis
+    # (B, S, D/2) that the model passes as its position embeddings (Llama 4), not the pairs
+    # (i, i + D/2) by (cos, sin). fastlm moves each q and k head's even dims before its odd ones
+    # and runs its RoPE kernel with cos, sin = Re, Im of the table: one permutation of both q's
+    # and k's dims leaves every q·k, hence the attention, unchanged (v is not moved), so the
+    # rotated q, k stay in that order (the KV cache holds k so).
+    rope_interleaved: bool = False
+    # Module attribute, false on a layer without RoPE (Llama 4's NoPE layers: no_rope_layers).
+    rope_layer_attr: str | None = None
+    # Module attribute holding a weightless RMS norm, x · rsqrt(mean(x²) + eps), that q and k go
+    # through *after* RoPE on the layers that have it (Llama 4's L2 norm: its RoPE layers when
+    # use_qk_norm). Where qk_norm (before RoPE, with weights) is another family's.
+    qk_norm_after_rope_attr: str | None = None
+    attention_temperature: AttentionTemperature | None = None  # on the layers without RoPE
+    # Config attribute with the chunk size of the "chunked_attention" layers of config.layer_types
+    # (Llama 4's attention_chunk_size): their mask (transformers') keeps each query within its
+    # chunk of the sequence, a pattern fastlm's flash kernel has not, so past one chunk those
+    # layers run the model's own attention (eager or SDPA) with that mask; fused_report says so.
+    attention_chunk_attr: str | None = None
     linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
     moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs, or beside them
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap

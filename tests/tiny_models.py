@@ -41,6 +41,10 @@ try:  # transformers with qwen3_5_moe; without it the Qwen3.5-MoE tests are skip
     from transformers import Qwen3_5MoeTextConfig
 except ImportError:  # pragma: no cover
     Qwen3_5MoeTextConfig = None
+try:  # transformers with llama4; without it the Llama 4 tests are skipped
+    from transformers import Llama4TextConfig
+except ImportError:  # pragma: no cover
+    Llama4TextConfig = None
 
 VOCAB = 131  # odd on purpose
 # A tiny model's name that is not its model_type: Gemma 4 text ("gemma4_text") with its MoE block.
@@ -178,6 +182,31 @@ _GPT_OSS = dict(
     },
     tie_word_embeddings=False,
 )
+# Llama 4 text: four layers. Layers 0, 1 and 3 rotate their heads' interleaved pairs, attend
+# within chunks of 4 tokens (shorter than the test sequences) and L2-normalise q and k; layer 2
+# is NoPE, with the attention temperature (floor_scale 3, attn_scale 0.5: it changes along the
+# sequence). Layers 1 and 3 have a MoE block (interleave_moe_layer_step 2): 2 of 5 experts of
+# width 27 per token and a shared expert of width 27; layers 0 and 2 a dense MLP of width 100.
+# GQA 4/2, head_dim 24 (heads·head_dim 96 ≠ hidden 72), Llama 3 RoPE scaling. No aux loss.
+_LLAMA4_TEXT = dict(
+    _LLAMA_LIKE,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=24,
+    intermediate_size=27,
+    intermediate_size_mlp=100,
+    num_local_experts=5,
+    num_experts_per_tok=2,
+    interleave_moe_layer_step=2,
+    no_rope_layers=[1, 1, 0, 1],
+    attention_chunk_size=4,
+    use_qk_norm=True,
+    attn_temperature_tuning=True,
+    floor_scale=3,
+    attn_scale=0.5,
+    rope_parameters=_LLAMA3_ROPE,
+    tie_word_embeddings=False,
+)
 # EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
 # be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
 # the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
@@ -244,6 +273,8 @@ if Qwen3_5MoeTextConfig is not None:
     _CONFIGS["qwen3_5_moe_text"] = (Qwen3_5MoeTextConfig, _QWEN3_5_MOE_TEXT)
 if GptOssConfig is not None:
     _CONFIGS["gpt_oss"] = (GptOssConfig, _GPT_OSS)
+if Llama4TextConfig is not None:
+    _CONFIGS["llama4_text"] = (Llama4TextConfig, _LLAMA4_TEXT)
 if EmbeddingGemma2TextConfig is not None:
     _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
@@ -343,8 +374,8 @@ def random_norms(model: torch.nn.Module) -> None:
 
 
 def starve_expert(model: torch.nn.Module, expert: int, norm_offset: float = 0.0) -> None:
-    """Make every MoE router of a tiny model (Qwen3-MoE's, Qwen3.5-MoE's, gpt-oss's) skip
-    ``expert`` on any
+    """Make every MoE router of a tiny model (Qwen3-MoE's, Qwen3.5-MoE's, gpt-oss's, Llama 4's)
+    skip ``expert`` on any
     batch, LoRA (B != 0) included: embedding column 0 is set to 0.3 (the other entries are
     ~0.02), so every token's state stays positive there through the layers (normalised: >= 1.5
     on tiny_batch); each router reads nothing from that column but for ``expert``, whose weight
@@ -356,7 +387,8 @@ def starve_expert(model: torch.nn.Module, expert: int, norm_offset: float = 0.0)
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 0.3
         for layer in model.model.layers:
-            router = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)
+            block = getattr(layer, "mlp", None) or layer.feed_forward  # Llama 4: feed_forward
+            router = getattr(block, "gate", None) or getattr(block, "router", None)
             if router is not None and getattr(router, "weight", None) is not None:
                 scale = norm_offset + layer.post_attention_layernorm.weight[0]
                 router.weight[:, 0] = 0.0
@@ -406,8 +438,22 @@ def gemma4_moe_extras(model: torch.nn.Module, starved: int) -> None:
             router.proj.weight[starved, 0] = -8.0 / (router.scale[0] * router.scalar_root_size)
 
 
+def llama4_extras(model: torch.nn.Module) -> None:
+    """Llama 4's router starts near zero (|logits| < 1: sigmoid weights 0.43 .. 0.68 on
+    tiny_batch): ×30, which keeps the routing (the top k of the logits) and spreads the sigmoid
+    weights over 0.2 .. 0.99; and its experts' weights ×10, so that the routed experts' output is
+    of the residual stream's size, not 1e-3 of it. Then a weight applied to an expert's output
+    instead of its input, or a softmax for the sigmoid, shows in the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("feed_forward.router.weight"):
+                param.mul_(30.0)
+            elif name.endswith(("feed_forward.experts.gate_up_proj", "experts.down_proj")):
+                param.mul_(10.0)
+
+
 # MoE model_type -> its norm offset (starve_expert)
-_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0, "gpt_oss": 0.0}
+_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0, "gpt_oss": 0.0, "llama4_text": 0.0}
 
 
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
@@ -420,7 +466,10 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     if model_type == "gpt_oss":
         gpt_oss_extras(model)
     if model_type in _MOE_NORM_OFFSETS:  # an expert without tokens, on any batch
-        starve_expert(model, model.config.num_experts - 1, _MOE_NORM_OFFSETS[model_type])
+        experts = getattr(model.config, "num_experts", None) or model.config.num_local_experts
+        starve_expert(model, experts - 1, _MOE_NORM_OFFSETS[model_type])
+    if model_type == "llama4_text":  # after starving: its -8 scales too, as the routing keeps
+        llama4_extras(model)
     if model_type == GEMMA4_TEXT_MOE:  # its router is the layer's, with scales of its own
         gemma4_moe_extras(model, starved=model.config.num_experts - 1)
     model.save_pretrained(path)

@@ -17,6 +17,7 @@ from fastlm.models.gemma3 import GEMMA3_TEXT
 from fastlm.models.gemma4 import GEMMA4_TEXT
 from fastlm.models.gpt_oss import GPT_OSS
 from fastlm.models.llama import LLAMA
+from fastlm.models.llama4 import LLAMA4_TEXT
 from fastlm.models.mistral import MISTRAL
 from fastlm.models.patch import (
     FusedReport,
@@ -47,6 +48,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         QWEN3_5_TEXT,
         QWEN3_5_MOE_TEXT,
         GPT_OSS,
+        LLAMA4_TEXT,
         EMBEDDING_GEMMA2_TEXT,
     )
 }
@@ -57,6 +59,7 @@ _TEXT_MODELS = {
     "qwen3_5": ("Qwen3.5", "Qwen3_5ForCausalLM", "qwen3_5_text"),
     "qwen3_5_moe": ("Qwen3.5-MoE", "Qwen3_5MoeForCausalLM", "qwen3_5_moe_text"),
     "embedding_gemma2": ("EmbeddingGemma 2", "EmbeddingGemma2TextModel", "embedding_gemma2_text"),
+    "llama4": ("Llama 4", "Llama4ForCausalLM", "llama4_text"),
 }
 
 

@@ -144,8 +144,54 @@ def _find_key(source, model_prefix: str, key: str) -> str:
     return stripped if stripped is not None and stripped in keys else key
 
 
+def _expert_converters(model_type: str) -> list:
+    """transformers' checkpoint conversions that stack a MoE model's per-expert tensors into its
+    3-D experts parameters (``experts.*.gate_proj.weight`` + ``up_proj`` -> ``gate_up_proj``),
+    those whose operations ``_stacked_experts`` performs; [] for others.
+
+    Usage: ``_expert_converters("qwen3_moe")``."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    found = []
+    for converter in get_checkpoint_conversion_mapping(model_type) or []:
+        operations = [
+            (type(op).__name__, getattr(op, "dim", None))
+            for op in getattr(converter, "operations", [])
+        ]
+        if len(converter.target_patterns) == 1 and operations in (
+            [("MergeModulelist", 0)],
+            [("MergeModulelist", 0), ("Concatenate", 1)],
+        ):
+            found.append(converter)
+    return found
+
+
+def _stacked_experts(source, prefix: str, full_name: str, meta, converters) -> torch.Tensor | None:
+    """A 3-D experts parameter (E, out, in) from a checkpoint that stores each expert's
+    projections apart: each source pattern's E tensors stacked (transformers' MergeModulelist
+    on dim 0), the patterns concatenated along out (its Concatenate on dim 1: gate rows, then
+    up rows). None when no conversion names it or a tensor is missing."""
+    for converter in converters:
+        (target,) = converter.target_patterns
+        if not full_name.endswith(target):
+            continue
+        base = full_name[: -len(target)]
+        parts = []
+        for pattern in converter.source_patterns:
+            keys = [
+                _find_key(source, prefix, base + pattern.replace("*", str(expert)))
+                for expert in range(meta.shape[0])
+            ]
+            tensors = [source.get(key) for key in keys]
+            if any(t is None for t in tensors):
+                return None
+            parts.append(torch.stack(tensors))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    return None
+
+
 def _load_module_tensors(
-    module, name, *, source, device, dtype, pre_quantized, prefix, missing, tied
+    module, name, *, source, device, dtype, pre_quantized, prefix, missing, tied, converters=()
 ) -> None:
     """Load the parameters and persistent buffers of ``module`` (not its children)."""
     import bitsandbytes as bnb  # lazy: the optional "quant" extra (nf4_config checked it is there)
@@ -176,6 +222,8 @@ def _load_module_tensors(
             param = bnb.nn.Params4bit(value, requires_grad=False, **meta.__dict__).to(device)
         else:
             value = source.get(key, meta)
+            if value is None and meta.dim() == 3:  # experts a checkpoint stores one by one
+                value = _stacked_experts(source, prefix, full_name, meta, converters)
             if value is None:
                 missing.append(key)
                 continue
@@ -213,9 +261,11 @@ def _materialise(
     named = list(model.named_modules())
     missing: list[str] = []
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # tie_weights() sets them
+    converters = _expert_converters(model.config.model_type) if moe is not None else []
     load = functools.partial(
         _load_module_tensors, source=source, device=device, dtype=dtype,
         pre_quantized=pre_quantized, prefix=prefix, missing=missing, tied=tied,
+        converters=converters,
     )  # fmt: skip
     for name, module in named:  # everything outside the decoder layers first
         if id(module) not in in_layer:
@@ -248,8 +298,8 @@ def _materialise(
 
 def _refuse_experts_stored_apart(still_meta: list[str], source, moe) -> None:
     """A MoE checkpoint that stores each expert's projections as their own tensors
-    (``experts.0.gate_proj.weight``..., as Qwen's do): transformers stacks them into the 3-D
-    parameters while loading, which this tensor-by-tensor loader does not do (yet)."""
+    (``experts.0.gate_proj.weight``...) where no conversion ``_stacked_experts`` performs
+    assembled them (Qwen's are: ``_expert_converters``)."""
     if moe is None:
         return
     missing = [n for n in still_meta if n.rsplit(".", 1)[-1] in (moe.gate_up, moe.down)]
@@ -257,9 +307,10 @@ def _refuse_experts_stored_apart(still_meta: list[str], source, moe) -> None:
     if missing and apart:
         raise WeightStreamingError(
             f"offload_weights=True: this checkpoint stores each expert's projections apart "
-            f"({apart[0]}...), which fastlm's streamed loader does not stack into the experts' "
-            "3-D weights yet; load it without offload_weights (load_in_4bit stores the experts "
-            "NF4 too), then fastlm.offload.stream_weights(model) if it must stream."
+            f"({apart[0]}...) in a way transformers' conversion for this model type does not "
+            "stack as fastlm's streamed loader does; load it without offload_weights "
+            "(load_in_4bit stores the experts NF4 too), then fastlm.offload.stream_weights(model) "
+            "if it must stream."
         )
 
 

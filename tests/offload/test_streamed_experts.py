@@ -20,7 +20,6 @@ from fastlm.models import nf4_experts
 from fastlm.models.nf4_experts import is_nf4_expert_weight
 from fastlm.offload.streamed_loading import build_random_nf4_model
 from fastlm.offload.streamer import (
-    WeightStreamingError,
     four_bit_weights,
     get_weight_streamer,
     layer_nbytes,
@@ -139,8 +138,37 @@ def test_random_moe_model_is_the_same_streamed_or_not():
         assert torch.equal(resident(**batch).logits, streamed(**batch).logits)
 
 
-def test_a_checkpoint_with_experts_stored_apart_is_refused_in_one_line(moe_path):
-    with pytest.raises(WeightStreamingError, match="stores each expert's projections apart"):
-        FastModel.from_pretrained(
-            str(moe_path), load_in_4bit=True, device_map="cpu", offload_weights=True
-        )
+@pytest.mark.parametrize("checkpointing", [False, "unsloth"], ids=["plain", "offloaded"])
+def test_offload_weights_stacks_a_checkpoint_s_experts_stored_apart(moe_path, checkpointing):
+    """Qwen's checkpoints store experts.<e>.gate_proj / up_proj / down_proj apart; the streamed
+    loader stacks them as transformers' conversion does, into the same NF4 bytes as the
+    resident load, and a training step is bit-identical."""
+    resident = _qlora(moe_path, checkpointing)
+    streamed, _ = FastModel.from_pretrained(
+        str(moe_path), load_in_4bit=True, device_map="cpu", offload_weights=True
+    )
+    assert get_weight_streamer(streamed) is not None
+    plain, _ = FastModel.from_pretrained(str(moe_path), load_in_4bit=True, device_map="cpu")
+    for layer, expected in zip(streamed.model.layers, plain.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(layer.mlp.experts, name)
+            assert is_nf4_expert_weight(weight), name
+            assert torch.equal(weight.packed, getattr(expected.mlp.experts, name).packed), name
+    streamed = FastModel.get_peft_model(
+        streamed,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=EXPERTS,
+        init_lora_weights=False,
+        use_gradient_checkpointing=False,
+    )
+    if checkpointing:
+        enable_checkpointing(streamed, checkpointing)
+    streamed.train()
+    copy_lora(resident, streamed)
+    batch = tiny_batch()
+    (loss_r, grads_r), (loss_s, grads_s) = _step(resident, batch), _step(streamed, batch)
+    assert torch.equal(loss_r, loss_s)
+    for name, grad in grads_r.items():
+        assert torch.equal(grad, grads_s[name]), name

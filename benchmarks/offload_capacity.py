@@ -25,6 +25,11 @@ figures and the memory cap belong to that part alone:
   allocated and reserved, host RSS and pinned bytes, step time, the bytes copied per step and
   the bandwidth that implies. An out-of-memory error is recorded as such (with the plan).
 
+``--capacity-shape`` runs the capacity part on a benchmark shape instead (issue 18's MoE one:
+``--capacity-shape qwen3-30b-a3b-24l``, experts stored NF4 and streamed with their layer), and
+``--resident`` repeats it with every layer on the GPU and no cap: the step time streaming is
+compared with.
+
 Output (``--out``): results.json (records, command, date, device, versions), results.md (table),
 and each child's log under logs/. The table is also printed. The whole run stays within
 ``--total-timeout`` (560 s). Without CUDA the script exits with an error (``--help`` works
@@ -112,11 +117,22 @@ class _Device:
 # --------------------------------------------------------------------------------------------
 # Children.
 # --------------------------------------------------------------------------------------------
+def _part(part: str, args) -> tuple[str, str, dict]:
+    """(shape name, model_type, config) of a part: the capacity part's --capacity-shape, if
+    given, is a benchmark shape (e.g. the MoE ``qwen3-30b-a3b-24l``)."""
+    if part == "capacity" and args.capacity_shape:
+        shape = SHAPES[args.capacity_shape]
+        return shape.name, shape.model_type, shape.config
+    return PARTS[part]
+
+
 def _config(part: str, args):
     from transformers import AutoConfig
 
-    _, model_type, config = PARTS[part]
+    _, model_type, config = _part(part, args)
     config = {**config, **(_TINY if args.tiny else {})}
+    if args.tiny and "num_experts" in config:  # a MoE shape: few, narrow experts
+        config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     if args.layers:
         config["num_hidden_layers"] = args.layers
     return AutoConfig.for_model(model_type, **config)
@@ -263,23 +279,25 @@ def child_capacity(args, dev: _Device) -> dict:
 
     from fastlm.offload import get_weight_streamer, plan_memory
 
-    if dev.cuda:  # before anything is allocated: the cap counts PyTorch's reserved memory
+    stream = not args.resident
+    if dev.cuda and stream:  # before anything is allocated: the cap counts reserved memory
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GIB / total))
     config = _config("capacity", args)
     record: dict = {
         "status": "ok",
-        "shape": PARTS["capacity"][0] + ("-tiny" if args.tiny else ""),
+        "shape": _part("capacity", args)[0] + ("-tiny" if args.tiny else ""),
+        "streamed": stream,
         "layers": config.num_hidden_layers,
         "seq": args.seq,
         "batch": args.batch,
-        "cap_gib": args.cap_gib,
+        "cap_gib": args.cap_gib if stream else None,
         "optimizer": args.optimizer,
         "checkpointing": args.checkpointing,
     }
     try:
         start = time.perf_counter()
-        model = _lora_model(config, args, dev, stream=True, random_b=False)
+        model = _lora_model(config, args, dev, stream=stream, random_b=False)
         record["build_s"] = time.perf_counter() - start
         record["peak_gib_while_loading"] = dev.peak()
         streamer = get_weight_streamer(model)
@@ -304,7 +322,8 @@ def child_capacity(args, dev: _Device) -> dict:
         dev.reset_peak()
         losses, times, copied = [], [], []
         for _ in range(args.warmup + args.steps):
-            streamer.stats.reset()
+            if streamer is not None:
+                streamer.stats.reset()
             dev.sync()
             begin = time.perf_counter()
             loss = _forward_backward(model, ids, dev)
@@ -313,7 +332,7 @@ def child_capacity(args, dev: _Device) -> dict:
             dev.sync()
             times.append(time.perf_counter() - begin)
             losses.append(loss.item())
-            copied.append(streamer.stats.bytes)
+            copied.append(streamer.stats.bytes if streamer is not None else 0)
         timed = times[args.warmup :] or times
         step_s = sorted(timed)[len(timed) // 2]
         record.update(
@@ -430,7 +449,8 @@ def table(records: list[dict]) -> str:
                 f"{rec['tokens_per_s']:.0f} tok/s"
             )
             step = _fmt(rec["step_s"], ".2f")
-            peak = f"{rec['peak_gib_allocated']:.2f} / {rec['peak_gib_reserved']:.2f} (cap {rec['cap_gib']:g})"  # noqa: E501
+            cap = f"cap {rec['cap_gib']:g}" if rec.get("cap_gib") else "resident, no cap"
+            peak = f"{rec['peak_gib_allocated']:.2f} / {rec['peak_gib_reserved']:.2f} ({cap})"
             rss = _fmt(rec.get("host_rss_gib"), ".1f")
             effective = _fmt(rec.get("effective_h2d_gbs"), ".1f")
         else:
@@ -475,6 +495,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--optimizer",
         default="adamw,adamw8bit",
         help="capacity: optimisers to try in order; the next runs only if one runs out of memory",
+    )
+    parser.add_argument(
+        "--capacity-shape",
+        default=None,
+        choices=sorted(SHAPES),
+        help="capacity: a benchmark shape instead of Qwen2.5-32B (e.g. qwen3-30b-a3b-24l, MoE)",
+    )
+    parser.add_argument(
+        "--resident",
+        action="store_true",
+        help="capacity: the same steps with every layer on the GPU and no cap (the reference)",
     )
     parser.add_argument("--layers", type=int, default=None, help="override layer counts (smoke)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: a quick check")

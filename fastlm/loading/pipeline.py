@@ -163,7 +163,12 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
         kwargs, config, load_in_4bit=options["load_in_4bit"], device=device,
         device_map=device_map, dtype=dtype, max_seq_length=max_seq_length,
     )  # fmt: skip
-    load = AutoModelForCausalLM.from_pretrained if streaming is None else streaming.load
+    causal_lm = AutoModelForCausalLM
+    if spec.causal_lm_class:  # a family AutoModelForCausalLM does not map (Mistral 4)
+        import transformers
+
+        causal_lm = getattr(transformers, spec.causal_lm_class)
+    load = causal_lm.from_pretrained if streaming is None else streaming.load
     model = load(
         model_name,
         dtype=dtype,
@@ -251,6 +256,8 @@ def add_causal_lm_lora(model: nn.Module, **options: Any) -> nn.Module:
         model.max_seq_length = max_seq_length
     options.setdefault("task_type", "CAUSAL_LM")
     spec = models.patch_state(model).spec
+    if spec.lora_targets is not None:  # the family's own names (Mistral 4's MLA linears)
+        options.setdefault("default_targets", spec.lora_targets)
     if spec.moe is not None and "target_parameters" not in options:
         targets = options.get("target_modules")
         if not _peft_maps_experts(model, targets):

@@ -1,8 +1,8 @@
 """Sparse mixture-of-experts blocks: the router, the experts run grouped, the load-balancing loss.
 
 A block (``spec.moe``, e.g. Qwen3-MoE's) takes x (N tokens, H) and its router picks k experts per
-token with weights w (N, k) (``router_forward``, from the spec's facts: softmax then top-k;
-gpt-oss's top-k logits then
+token with weights w (N, k) (``router_forward``, from the spec's facts: softmax then top-k, among
+the best expert groups only where the spec says so (Mistral 4); gpt-oss's top-k logits then
 softmax over those k; Llama 4's top-k logits, sigmoid of each). A block with a shared expert
 (Qwen3.5-MoE's, Llama 4's) adds [sigmoid(x G^T) ·] shared(x) to every token's output, the shared
 expert being a dense MLP that runs the fused LoRA MLP (``_shared_expert``). The N·k (token,
@@ -80,7 +80,7 @@ from fastlm.kernels.grouped_gemm import group_ends, grouped_mm
 from fastlm.kernels.swiglu import swiglu
 from fastlm.models.lora_layers import active_adapter
 from fastlm.models.nf4_experts import is_nf4_expert_weight
-from fastlm.models.spec import MixtureOfExperts
+from fastlm.models.spec import ExpertGroups, MixtureOfExperts
 
 try:  # peft is a dependency, but keep plain-model use importable without it
     from peft.tuners.lora.layer import ParamWrapper
@@ -222,8 +222,9 @@ def _param_wrapper_lora(
 
 def router_forward(self, hidden_states: Tensor, *, moe: MixtureOfExperts):
     """(logits (N, E), top-k weights (N, k), top-k experts (N, k)), as transformers' router:
-    z = x R^T (+ b); "softmax" scoring: p = softmax(z) in fp32, its top k, renormalised where
-    the router says so; "topk_softmax": the top k of z, softmax over
+    z = x R^T (+ b); "softmax" scoring: p = softmax(z) (in fp32 where ``scores_in_fp32``), its
+    top k (among the best groups' experts where ``expert_groups``), renormalised where the router
+    says so, × the routed scaling where named; "topk_softmax": the top k of z, softmax over
     those k in z's dtype; "topk_sigmoid": the top k of z, sigmoid of each (in fp32). The logits
     sit at ``moe.router_logits_index`` of the tuple (weights and logits swap places at 1).
     Called as a module, so transformers' output recorders still collect the logits."""
@@ -244,12 +245,39 @@ def _route(self, logits: Tensor, moe: MixtureOfExperts) -> tuple[Tensor, Tensor]
     if moe.scoring == "topk_sigmoid":
         top, experts = torch.topk(logits, k, dim=-1)  # (N, k)
         return torch.sigmoid(top.float()).to(top.dtype), experts
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
-    top, experts = torch.topk(probs, k, dim=-1)  # (N, k)
+    if moe.scores_in_fp32:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+    else:
+        probs = logits.softmax(dim=-1)
+    if moe.expert_groups is not None:
+        experts = _group_limited_top_k(self, probs, k, moe.expert_groups)
+        top = probs.gather(1, experts)  # the weights: the scores themselves, not the masked copy
+    else:
+        top, experts = torch.topk(probs, k, dim=-1)  # (N, k)
     normalize = moe.normalize_top_k
     if normalize if isinstance(normalize, bool) else getattr(self, normalize):
-        top = top / top.sum(dim=-1, keepdim=True)
+        denominator = top.sum(dim=-1, keepdim=True)
+        if moe.normalize_epsilon:  # Mistral 4's 1e-20: a row of underflowed scores stays finite
+            denominator = denominator + moe.normalize_epsilon
+        top = top / denominator
+    if moe.routed_scaling_attr:
+        top = top * getattr(self, moe.routed_scaling_attr)
     return top.to(logits.dtype), experts
+
+
+def _group_limited_top_k(self, probs: Tensor, k: int, groups: ExpertGroups) -> Tensor:
+    """The top k experts (N, k) among those of each token's best groups (``ExpertGroups``):
+    group score = sum of its ``group_score_top`` best scores, the ``kept`` best groups kept,
+    every other expert's score zeroed before the top k. Selection only: no gradient flows here."""
+    tokens, num_experts = probs.shape
+    num_groups = getattr(self, groups.num_groups_attr)
+    kept = getattr(self, groups.kept_groups_attr)
+    grouped = probs.view(tokens, num_groups, num_experts // num_groups)  # (N, G, E/G)
+    group_scores = grouped.topk(groups.group_score_top, dim=-1).values.sum(dim=-1)  # (N, G)
+    best = torch.topk(group_scores, kept, dim=-1, sorted=False).indices  # (N, kept)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+    keep = keep.unsqueeze(-1).expand_as(grouped).reshape(tokens, num_experts)  # (N, E)
+    return torch.topk(probs.masked_fill(~keep, 0.0), k, dim=-1, sorted=False).indices
 
 
 def moe_block_forward(

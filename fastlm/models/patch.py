@@ -20,7 +20,8 @@ What runs where:
                      else the model's own SDPA / flash / flex
                      function; the sinks, where the spec names them, go along as ``s_aux``; ×
                      sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
-                     recorded.
+                     recorded. A spec with ``transformers_attention`` (Mistral 4's MLA) leaves
+                     its attention modules to transformers' forward (PEFT's LoRA, reported).
 - linear attention → (``spec.linear_attention``, Gated DeltaNet) ``linear_attention.py``: the input
                      projections as one fused LoRA group, conv + gated delta rule + gated norm
                      through fla's kernels on CUDA or transformers' functions, fused LoRA out_proj.
@@ -119,6 +120,8 @@ def patch_model(
         if name == spec.norm_class:
             _set_forward(state, module, _norm_forward, offset=spec.norm_offset)
         elif name == spec.attention_class:
+            if spec.transformers_attention:  # e.g. Mistral 4's MLA: its own forward, PEFT's LoRA
+                continue
             _set_forward(state, module, _attention_forward, spec=spec, paths=state.attention_paths)
         elif name == spec.mlp_class:
             _set_forward(state, module, _mlp_forward, activation=spec.activation)
@@ -212,6 +215,10 @@ def fused_report(model: nn.Module) -> FusedReport:
                 {"module": name, "fused": False, "lora": _has_lora(module), "reason": reason}
             )
             continue
+        if cls == state.spec.attention_class and state.spec.transformers_attention:
+            rows.extend(_transformers_attention_rows(name, module, state.spec))
+            attention.append(_transformers_attention_row(name, module, state.spec))
+            continue
         if cls == state.spec.attention_class:
             projections = ATTENTION_PROJECTIONS
             sinks = state.spec.attention_sinks_attr is not None
@@ -260,6 +267,34 @@ def fused_report(model: nn.Module) -> FusedReport:
             }
         )
     return FusedReport(rows, attention)
+
+
+def _transformers_attention_rows(name: str, module: nn.Module, spec: ArchitectureSpec) -> list:
+    """Unfused rows for the linears of an attention module that runs transformers' forward
+    (``spec.transformers_attention``): PEFT's forward where LoRA targets them."""
+    return [
+        {
+            "module": f"{name}.{child_name}",
+            "fused": False,
+            "lora": _has_lora(child),
+            "reason": spec.transformers_attention,
+        }
+        for child_name, child in module.named_children()
+        if getattr(getattr(child, "weight", None), "ndim", 0) == 2
+    ]
+
+
+def _transformers_attention_row(name: str, module: nn.Module, spec: ArchitectureSpec) -> dict:
+    """The ``FusedReport.attention`` row of such a module: its own forward on every call, with
+    the model's attn_implementation inside it."""
+    implementation = module.config._attn_implementation or "eager"
+    reason = (
+        f"transformers' {type(module).__name__} forward on every call "
+        f'(attn_implementation="{implementation}"): {spec.transformers_attention}'
+    )
+    kv = "transformers' forward (its own projections and cache)"
+    return {"module": name, "attention": implementation, "reason": reason, "called": False,
+            "kv": kv}  # fmt: skip
 
 
 def _has_lora(module: nn.Module) -> bool:

@@ -76,14 +76,32 @@ class AttentionTemperature:
 
 
 @dataclass(frozen=True)
+class ExpertGroups:
+    """Group-limited expert selection (Mistral 4's router, DeepSeek's "group-limited greedy").
+
+    The E experts form G equal groups of consecutive experts (G: the router's
+    ``num_groups_attr``). With p the per-expert scores (N, E): each group's score is the sum of
+    its ``group_score_top`` largest p; the router keeps the ``kept_groups_attr`` best groups,
+    zeroes p outside them, and takes the top_k experts of what is left; the weights are p of
+    those experts (not the zeroed copy), normalised and scaled as ``MixtureOfExperts`` says.
+    """
+
+    num_groups_attr: str = "num_group"  # router module attribute: G
+    kept_groups_attr: str = "topk_group"  # router module attribute: groups kept per token
+    group_score_top: int = 2  # a group scores the sum of its this many best expert scores
+
+
+@dataclass(frozen=True)
 class MixtureOfExperts:
     """A sparse mixture-of-experts block in place of (or beside) the MLP (Qwen3-MoE's,
-    Qwen3.5-MoE's, gpt-oss's, Gemma 4's, Llama 4's).
+    Qwen3.5-MoE's, gpt-oss's, Gemma 4's, Llama 4's, Mistral 4's).
 
     Per token x: the router's logits z = x R^T + b (E experts; b where the router has a bias).
     ``scoring`` "softmax": p = softmax(z), the top_k experts by p, their weights w = p[top]
-    (divided by their sum as ``normalize_top_k`` says). ``scoring`` "topk_softmax" (gpt-oss):
-    the top_k experts by z, w = softmax(z[top]) over those k alone.
+    (divided by their sum + ``normalize_epsilon`` as ``normalize_top_k`` says), × the router's
+    ``routed_scaling_attr`` where named (Mistral 4); with ``expert_groups`` the top_k are chosen
+    among the experts of the best groups only (``ExpertGroups``, Mistral 4). ``scoring``
+    "topk_softmax" (gpt-oss): the top_k experts by z, w = softmax(z[top]) over those k alone.
     ``scoring`` "topk_sigmoid" (Llama 4): the top_k experts by z, w = sigmoid(z[top]), each on
     its own (no sum to 1). out = sum over the top_k of w_e · expert_e(x), or of expert_e(w_e · x)
     where ``routing_weight_on`` is "input" (Llama 4 scales what enters the expert, and with the
@@ -100,11 +118,11 @@ class MixtureOfExperts:
 
     Where the block has a shared expert (``shared_expert_attr``, a dense MLP of the spec's
     ``mlp_class`` that every token goes through), out += s(x) · shared(x), s(x) = sigmoid(x G^T)
-    from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one: Llama 4). Training
-    adds ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every router's logits
-    z when the config's ``output_router_logits`` is on, where the family has that loss
-    (``aux_loss_coef_attr`` None: it has none, Gemma 4, Llama 4). fastlm's router and block
-    forwards read these facts; the experts run grouped (``moe.py``).
+    from the (H -> 1) linear ``shared_expert_gate_attr`` (1 without one: Llama 4, Mistral 4).
+    Training adds ``aux_loss_coef_attr`` × the load-balancing loss (``moe.py``) over every
+    router's logits z when the config's ``output_router_logits`` is on, where the family has that
+    loss (``aux_loss_coef_attr`` None: it has none, Gemma 4, Llama 4, Mistral 4). fastlm's router
+    and block forwards read these facts; the experts run grouped (``moe.py``).
 
     ``patched`` says how much of the block fastlm runs. "block": the block module is the MoE
     block alone, and fastlm's block forward runs it (router, grouped experts, shared expert).
@@ -129,6 +147,12 @@ class MixtureOfExperts:
     # Renormalise the top-k weights: a router module attribute that says whether (Qwen3-MoE's
     # norm_topk_prob), or True / False where the router always / never does (Qwen3.5-MoE: True).
     normalize_top_k: str | bool = "norm_topk_prob"
+    normalize_epsilon: float = 0.0  # added to the sum the weights are divided by (Mistral 4)
+    routed_scaling_attr: str | None = None  # router module attribute: the weights' final factor
+    # "softmax" scoring in fp32 (Qwen: softmax(z, dtype=float32)), or in the logits' own dtype
+    # (Mistral 4: z.softmax(-1)); the weights end in the logits' dtype either way.
+    scores_in_fp32: bool = True
+    expert_groups: ExpertGroups | None = None  # group-limited top-k (Mistral 4)
     # "output": w_e · expert_e(x) (most families); "input": expert_e(w_e · x) (Llama 4)
     routing_weight_on: str = "output"
     # Where the router's output tuple holds the logits: the index transformers' output recorder
@@ -170,6 +194,8 @@ class MixtureOfExperts:
                 f"MixtureOfExperts: {self.scoring!r} weights are not renormalised "
                 "(normalize_top_k=False)"
             )
+        if self.scoring != "softmax" and self.expert_groups is not None:
+            raise ValueError("MixtureOfExperts: expert_groups select over softmax scores")
         if self.routing_weight_on not in ("output", "input"):
             raise ValueError(
                 f"MixtureOfExperts routing_weight_on {self.routing_weight_on!r}: "
@@ -253,6 +279,18 @@ class ArchitectureSpec:
     # chunk of the sequence, a pattern fastlm's flash kernel has not, so past one chunk those
     # layers run the model's own attention (eager or SDPA) with that mask; fused_report says so.
     attention_chunk_attr: str | None = None
+    # Why the attention modules run transformers' own forward (Mistral 4's multi-head latent
+    # attention: latent q/kv projections and a partly rotated head, which fastlm's patched
+    # attention does not compute): LoRA on their linears is PEFT's, the norms inside them
+    # fastlm's kernel, and fused_report lists each linear unfused with this reason.
+    transformers_attention: str | None = None
+    # Default LoRA target names where not the seven PROJECTIONS (Mistral 4: its MLA linears; a
+    # name no layer has is skipped by PEFT, so alternatives of one config can be listed).
+    lora_targets: tuple[str, ...] | None = None
+    # The transformers class that loads the causal LM where AutoModelForCausalLM has no entry
+    # for model_type (transformers 5.23 maps mistral4 to Mistral4ForCausalLM for pretraining and
+    # image-text-to-text, not for causal LM); None: AutoModelForCausalLM.
+    causal_lm_class: str | None = None
     linear_attention: LinearAttention | None = None  # linear-attention layers beside attention
     moe: MixtureOfExperts | None = None  # sparse MoE blocks in place of (some) MLPs, or beside them
     attention_softcap_attr: str | None = None  # module attribute with attention-logit soft-cap

@@ -45,6 +45,10 @@ try:  # transformers with llama4; without it the Llama 4 tests are skipped
     from transformers import Llama4TextConfig
 except ImportError:  # pragma: no cover
     Llama4TextConfig = None
+try:  # transformers with mistral4; without it the Mistral 4 tests are skipped
+    from transformers import Mistral4Config
+except ImportError:  # pragma: no cover
+    Mistral4Config = None
 
 VOCAB = 131  # odd on purpose
 # A tiny model's name that is not its model_type: Gemma 4 text ("gemma4_text") with its MoE block.
@@ -207,6 +211,48 @@ _LLAMA4_TEXT = dict(
     rope_parameters=_LLAMA3_ROPE,
     tie_word_embeddings=False,
 )
+# Mistral 4: three layers, the first dense (first_k_dense_replace 1, width 100), the others MoE
+# blocks: 9 experts of width 27 in 3 groups of 3; each token's 2 best groups (a group scores its
+# 2 best experts) give its 3 experts, weights renormalised and ×2.5; shared experts of width
+# 2·27. Multi-head latent attention: 4 heads, q latent 20, kv latent 18, q·k heads of 12 + 8
+# (rotated, interleaved) dims, v heads of 14; YaRN RoPE with the Llama 4 query scaling past
+# original_max_position_embeddings 8 (inside the test sequences). No aux loss.
+_MISTRAL4 = dict(
+    vocab_size=VOCAB,
+    hidden_size=72,
+    intermediate_size=100,
+    moe_intermediate_size=27,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=9,
+    num_experts_per_tok=3,
+    n_group=3,
+    topk_group=2,
+    n_shared_experts=2,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    q_lora_rank=20,
+    kv_lora_rank=18,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=12,
+    v_head_dim=14,
+    max_position_embeddings=32,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 8,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale_all_dim": 1.0,
+        "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1,
+    },
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 # EmbeddingGemma 2 text: four bidirectional layers, sliding and full alternating (the last must
 # be full). Sliding layers: head_dim 24, 2 kv heads, symmetric window |i - j| <= 3 (shorter than
 # the test texts); full layers: head_dim 40, 1 kv head. Per-layer inputs of width 10; the final
@@ -275,6 +321,8 @@ if GptOssConfig is not None:
     _CONFIGS["gpt_oss"] = (GptOssConfig, _GPT_OSS)
 if Llama4TextConfig is not None:
     _CONFIGS["llama4_text"] = (Llama4TextConfig, _LLAMA4_TEXT)
+if Mistral4Config is not None:
+    _CONFIGS["mistral4"] = (Mistral4Config, _MISTRAL4)
 if EmbeddingGemma2TextConfig is not None:
     _CONFIGS["embedding_gemma2_text"] = (EmbeddingGemma2TextConfig, _EMBEDDING_GEMMA2_TEXT)
 CHAT_TEMPLATE = (
@@ -452,16 +500,44 @@ def llama4_extras(model: torch.nn.Module) -> None:
                 param.mul_(10.0)
 
 
+def mistral4_extras(model: torch.nn.Module, starved: int) -> None:
+    """Mistral 4's experts start at N(0, 0.02), so that the routed experts' output is 1e-3 of the
+    residual stream: ×10, so that what the router decides (the groups, the scaling) shows. And
+    starve_expert made firmer: with LoRA (B != 0) on the dense MLP and the latent attention the
+    residual stream grows and turned column 0 negative by layer 1 (the starved expert then got
+    most tokens), so column 0 of the embeddings is 1.0 (it stays >= 0.5 through the layers) and
+    the starved expert's router weight there ×10."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                param.mul_(10.0)
+            elif name.endswith("mlp.gate.weight"):
+                param[starved, 0] *= 10.0
+        model.get_input_embeddings().weight[:, 0] = 1.0
+
+
 # MoE model_type -> its norm offset (starve_expert)
-_MOE_NORM_OFFSETS = {"qwen3_moe": 0.0, "qwen3_5_moe_text": 1.0, "gpt_oss": 0.0, "llama4_text": 0.0}
+_MOE_NORM_OFFSETS = {
+    "qwen3_moe": 0.0,
+    "qwen3_5_moe_text": 1.0,
+    "gpt_oss": 0.0,
+    "llama4_text": 0.0,
+    "mistral4": 0.0,
+}
+# model_type -> the class to build it with where AutoModelForCausalLM has none (transformers 5.23)
+_CAUSAL_LM_CLASSES = {"mistral4": "Mistral4ForCausalLM"}
 
 
 def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     """Build a random tiny model in fp32, save it (with the tokenizer) and return the path."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    config = tiny_config(model_type, **overrides)
+    if model_type in _CAUSAL_LM_CLASSES:
+        model = getattr(transformers, _CAUSAL_LM_CLASSES[model_type])(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     random_norms(model)
     if model_type == "gpt_oss":
         gpt_oss_extras(model)
@@ -470,6 +546,8 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
         starve_expert(model, experts - 1, _MOE_NORM_OFFSETS[model_type])
     if model_type == "llama4_text":  # after starving: its -8 scales too, as the routing keeps
         llama4_extras(model)
+    if model_type == "mistral4":  # after starving: it strengthens that
+        mistral4_extras(model, starved=model.config.num_local_experts - 1)
     if model_type == GEMMA4_TEXT_MOE:  # its router is the layer's, with scales of its own
         gemma4_moe_extras(model, starved=model.config.num_experts - 1)
     model.save_pretrained(path)

@@ -19,6 +19,7 @@ from fastlm.models.gpt_oss import GPT_OSS
 from fastlm.models.llama import LLAMA
 from fastlm.models.llama4 import LLAMA4_TEXT
 from fastlm.models.mistral import MISTRAL
+from fastlm.models.mistral4 import MISTRAL4
 from fastlm.models.patch import (
     FusedReport,
     fused_report,
@@ -49,6 +50,7 @@ SPECS: dict[str, ArchitectureSpec] = {
         QWEN3_5_MOE_TEXT,
         GPT_OSS,
         LLAMA4_TEXT,
+        MISTRAL4,
         EMBEDDING_GEMMA2_TEXT,
     )
 }

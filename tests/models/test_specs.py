@@ -31,6 +31,7 @@ _GGUF_ARCH_BEFORE = {
     "gpt_oss": "GPT_OSS",
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it
     "llama4_text": None,  # fastlm's writer has no Llama 4 layout: GGUF export refuses it
+    "mistral4": None,  # fastlm's writer has no layout for MLA: GGUF export refuses it
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 

@@ -15,12 +15,15 @@ Two implementations of the same three products:
   CPU in torch 2.13 it fails on an expanded gradient (``Invalid strides/sizes``), so the backward
   below calls the forward op for dX and its 2-D x 2-D form (groups along K) for dW.
 - the reference: one ``torch.mm`` per non-empty group into slices of one output (the group sizes
-  read on the host once per call). Exact in fp32; what CPU tests and odd sizes run.
+  read on the host once per call: ``HostSizes``, which the fused path never reads, so it never
+  waits for the GPU). Exact in fp32; what CPU tests and odd sizes run.
 No Triton kernel yet: the two above are exact, and a Triton grouped GEMM that beats cuBLAS's /
 CUTLASS's grouped kernels is a project of its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +56,9 @@ def torch_grouped_mm_fits(*operands: Tensor) -> bool:
     return all(_aligned(t) for t in operands)
 
 
-def _grouped_product(x: Tensor, w: Tensor, ends: Tensor, sizes: list[int], fused: bool) -> Tensor:
+def _grouped_product(
+    x: Tensor, w: Tensor, ends: Tensor, sizes: Sequence[int], fused: bool
+) -> Tensor:
     """y (S, N) = x (S, K) @ w[g] per group; ``fused``: torch._grouped_mm, else the reference."""
     if fused:
         return torch._grouped_mm(x, w, offs=ends)
@@ -69,7 +74,7 @@ def _grouped_product(x: Tensor, w: Tensor, ends: Tensor, sizes: list[int], fused
 
 
 def _grouped_weight_grad(
-    x: Tensor, dy: Tensor, ends: Tensor, sizes: list[int], fused: bool
+    x: Tensor, dy: Tensor, ends: Tensor, sizes: Sequence[int], fused: bool
 ) -> Tensor:
     """dW (G, K, N): dW_g = X_g^T dY_g, zero for an empty group."""
     if fused:  # the 2-D x 2-D form: groups along the reduced dimension
@@ -88,7 +93,9 @@ class GroupedMatmul(torch.autograd.Function):
     and as host ints."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, ends: Tensor, sizes: list[int], fused: bool) -> Tensor:
+    def forward(
+        ctx, x: Tensor, w: Tensor, ends: Tensor, sizes: Sequence[int], fused: bool
+    ) -> Tensor:
         ctx.save_for_backward(x, w, ends)
         ctx.sizes, ctx.fused = sizes, fused
         return _grouped_product(x, w, ends, sizes, fused)
@@ -107,15 +114,47 @@ class GroupedMatmul(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
-def group_ends(sizes: Tensor) -> tuple[Tensor, list[int]]:
-    """(ends as int32 on the device, sizes as host ints) from rows per group: one host read.
+class HostSizes(Sequence):
+    """Rows per group as host ints, read from the device the first time a value is needed.
+
+    ``torch._grouped_mm`` takes the group ends on the device, so the fused path only asks for
+    the number of groups and never waits for the GPU; the reference path (one ``torch.mm`` per
+    group) reads the values, once. A read on CUDA is a synchronisation: the host stops queueing
+    kernels ahead, once per MoE layer call, which a launch-bound step cannot afford.
+    """
+
+    def __init__(self, sizes: Tensor):
+        self._sizes = sizes
+        self._values: list[int] | None = None
+
+    def __len__(self) -> int:
+        return self._sizes.numel()
+
+    def __getitem__(self, index):
+        return self.values()[index]
+
+    def values(self) -> list[int]:
+        """The sizes as a list (the one host read)."""
+        if self._values is None:
+            self._values = self._sizes.tolist()
+        return self._values
+
+    @property
+    def read(self) -> bool:
+        """Whether the values have been read from the device."""
+        return self._values is not None
+
+
+def group_ends(sizes: Tensor) -> tuple[Tensor, HostSizes]:
+    """(ends as int32 on the device, sizes as host ints read only if a path needs them) from
+    rows per group.
 
     Usage: ``ends, host_sizes = group_ends(torch.bincount(expert_ids, minlength=E))``."""
-    return torch.cumsum(sizes, 0, dtype=torch.int32), sizes.tolist()
+    return torch.cumsum(sizes, 0, dtype=torch.int32), HostSizes(sizes)
 
 
 def grouped_mm(
-    x: Tensor, w: Tensor, ends: Tensor, sizes: list[int], implementation: str | None = None
+    x: Tensor, w: Tensor, ends: Tensor, sizes: Sequence[int], implementation: str | None = None
 ) -> Tensor:
     """Differentiable y = x @ w[g] over row groups (x sorted by group; ``group_ends`` gives
     ``ends`` and ``sizes``). ``implementation``: "torch" or "reference" to force one (tests),

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlm.kernels.geglu import geglu
-from fastlm.kernels.grouped_gemm import group_ends, grouped_mm
+from fastlm.kernels.grouped_gemm import group_ends, group_sizes, grouped_mm
 from fastlm.kernels.swiglu import swiglu
 from fastlm.models.lora_layers import active_adapter
 from fastlm.models.nf4_experts import is_nf4_expert_weight
@@ -384,7 +384,7 @@ def grouped_experts(
     gate_up, down = projections["gate_up"], projections["down"]
     pairs = experts.reshape(-1)  # (N·k,): pair t·k + j is token t's j-th expert
     order = torch.argsort(pairs, stable=True)  # pairs sorted by expert
-    sizes = torch.bincount(pairs, minlength=gate_up.weight.shape[0])  # rows per expert
+    sizes = group_sizes(pairs, gate_up.weight.shape[0])  # rows per expert, no host read
     ends, host_sizes = group_ends(sizes)
     rows = pairs[order]  # (N·k,): the expert of each sorted row (its bias)
     xs = x[order // k]  # (N·k, H)

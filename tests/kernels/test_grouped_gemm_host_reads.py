@@ -9,6 +9,7 @@ import torch
 
 from fastlm.kernels.grouped_gemm import (
     group_ends,
+    group_sizes,
     grouped_mm,
     grouped_mm_reference,
     torch_grouped_mm_fits,
@@ -42,3 +43,8 @@ def test_the_reference_path_reads_them_once():
     y.sum().backward()
     assert host_sizes.read and list(host_sizes) == sizes.tolist() and len(host_sizes) == 4
     assert torch.equal(y.detach(), grouped_mm_reference(x.detach(), w.detach(), sizes.tolist()))
+
+
+def test_group_sizes_count_like_bincount():
+    ids = torch.tensor([3, 0, 3, 3, 2, 0])
+    assert torch.equal(group_sizes(ids, 5), torch.bincount(ids, minlength=5))

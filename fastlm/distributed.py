@@ -127,7 +127,7 @@ def gather_direct_reads(model: nn.Module) -> nn.Module:
             module.register_forward_pre_hook(gather_projections)
             setattr(module, _GATHERS, True)
     base = _base_model(model)
-    backbone = getattr(base, base.base_model_prefix)
+    backbone = models.decoder_body(base)
     if not getattr(backbone, _GATHERS, False):
         backbone.register_forward_hook(
             lambda _m, _a, _o: unshard_for_direct_read(base.get_output_embeddings())

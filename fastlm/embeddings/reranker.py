@@ -39,6 +39,7 @@ from fastlm.embeddings.trainer import EmbeddingTrainer
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
 from fastlm.loading.pipeline import DEFAULT_MAX_SEQ_LENGTH, add_causal_lm_lora, load_causal_lm
+from fastlm.models import decoder_body
 
 TEMPLATE_FILE = "fastlm_reranker.json"  # the template, saved beside the weights or adapter
 
@@ -368,7 +369,7 @@ class FastReranker(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, S) token ids and mask → (N,) fp32 relevance logits z = l_yes − l_no."""
         causal_lm = self.causal_lm
-        body = getattr(causal_lm, causal_lm.base_model_prefix)
+        body = decoder_body(causal_lm)
         hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (N, S, H)

@@ -22,6 +22,7 @@ from fastlm.models.mistral import MISTRAL
 from fastlm.models.mistral4 import MISTRAL4
 from fastlm.models.patch import (
     FusedReport,
+    decoder_body,
     fused_report,
     is_patched,
     patch_model,
@@ -124,6 +125,7 @@ __all__ = [
     "FusedReport",
     "PromptStyle",
     "check_finite_weights",
+    "decoder_body",
     "embedding_pooling",
     "encoder_spec",
     "fused_report",

@@ -635,7 +635,7 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
             state.moe_aux.start(kwargs.get("attention_mask"))
         else:
             state.moe_aux.stop()
-    outputs = _decoder_body(self)(**kwargs)
+    outputs = decoder_body(self)(**kwargs)
     hidden = outputs.last_hidden_state  # (B, S, H)
     if shift_labels is None:  # tokens < n predict n, as transformers' ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
@@ -671,10 +671,12 @@ def _fused_loss_forward(self, head: nn.Linear, state: PatchState, kwargs: dict):
     )
 
 
-def _decoder_body(model: nn.Module) -> nn.Module:
+def decoder_body(model: nn.Module) -> nn.Module:
     """The causal LM's decoder stack (its ``*Model``): at ``base_model_prefix``, else at
     ``model`` (Llama4ForCausalLM's prefix is the multimodal model's "language_model", an
-    attribute the text-only class does not have; its body is ``model``)."""
+    attribute the text-only class does not have; its body is ``model``).
+
+    Usage: ``hidden = decoder_body(causal_lm)(input_ids=ids).last_hidden_state``."""
     body = getattr(model, model.base_model_prefix, None)
     return body if body is not None else model.model
 

@@ -521,3 +521,15 @@ def test_rope_on_the_interleaved_pairs_is_the_kernels_on_even_then_odd_dims():
     got = torch.autograd.grad((actual * weight).sum(), (q, k))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_body_is_found_where_the_prefix_names_none():
+    """Llama4ForCausalLM's base_model_prefix names the multimodal model's attribute; every
+    caller (fused loss, reranker, FSDP gathers) reads the body through models.decoder_body."""
+    from fastlm.models import decoder_body
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama4_text"))
+    assert getattr(model, model.base_model_prefix, None) is None
+    assert decoder_body(model) is model.model
+    llama = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    assert decoder_body(llama) is getattr(llama, llama.base_model_prefix)

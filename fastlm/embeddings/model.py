@@ -33,6 +33,7 @@ from fastlm.embeddings.padding_free import (
 from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool, pool_packed
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
+from fastlm.export.merged import input_folders
 from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.pipeline import add_lora, add_quantization_config
@@ -345,9 +346,13 @@ class FastSentenceTransformer(nn.Module):
         """
         if not merge_lora:
             return self.save_adapter(save_directory)
-        with atomic_directory(save_directory) as tmp:
+        with atomic_directory(save_directory, inputs=self._input_folders()) as tmp:
             self._write_sentence_transformer(tmp, dtype, max_shard_size)
         return Path(save_directory).absolute()
+
+    def _input_folders(self) -> list[str]:
+        """The folders this model was loaded from: a save must not write there."""
+        return input_folders(self.backbone, self.tokenizer)
 
     def _write_sentence_transformer(self, folder: Path, dtype, max_shard_size) -> None:
         save_pretrained_merged(
@@ -374,7 +379,8 @@ class FastSentenceTransformer(nn.Module):
         """Save the PEFT LoRA adapter alone (loads with ``peft.PeftModel.from_pretrained``)."""
         if not hasattr(self.backbone, "peft_config"):
             raise ValueError("no LoRA adapter to save: use save_pretrained for a full model")
-        self.backbone.save_pretrained(save_directory)
+        with atomic_directory(save_directory, inputs=self._input_folders()) as tmp:
+            self.backbone.save_pretrained(tmp)
         return Path(save_directory).absolute()
 
     def _prompts_to_save(self) -> dict[str, str]:

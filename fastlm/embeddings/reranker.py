@@ -38,6 +38,7 @@ from fastlm.embeddings.pooling import pool
 from fastlm.embeddings.trainer import EmbeddingTrainer
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
+from fastlm.export.merged import input_folders
 from fastlm.loading.pipeline import DEFAULT_MAX_SEQ_LENGTH, add_causal_lm_lora, load_causal_lm
 from fastlm.models import decoder_body
 
@@ -495,7 +496,8 @@ class FastReranker(nn.Module):
         Usage: ``reranker.save_pretrained("out/adapter")``, then
         ``FastReranker.from_pretrained("out/adapter")`` scores the same.
         """
-        with atomic_directory(save_directory) as tmp:
+        inputs = input_folders(self.model, self.tokenizer)  # never write where it was read
+        with atomic_directory(save_directory, inputs=inputs) as tmp:
             self._write(Path(tmp))
         return Path(save_directory).absolute()
 

@@ -441,6 +441,17 @@ def test_missing_answer_token_names_the_fix(tmp_path):
 # --------------------------------------------------------------------------- 6. saving
 
 
+def test_saving_into_the_folder_the_reranker_was_loaded_from_is_refused(tmp_path):
+    from fastlm.export import ExportPathError
+
+    path, reranker = _reranker(tmp_path)
+    reranker.get_peft_model(r=4, lora_alpha=8)
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    with pytest.raises(ExportPathError, match="reads from"):
+        reranker.save_pretrained(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+
+
 def test_adapter_and_merged_saves_reload_with_equal_scores(tmp_path):
     _, reranker = _reranker(tmp_path)
     base_scores = reranker.score(QUERIES, DOCS)

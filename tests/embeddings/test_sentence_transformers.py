@@ -145,3 +145,16 @@ def test_sentence_transformers_trainer_trains_the_shared_model(tmp_path):
         atol=ATOL,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize("merge_lora", [True, False], ids=["merged", "adapter"])
+def test_saving_into_the_folder_the_model_was_loaded_from_is_refused(tmp_path, merge_lora):
+    from fastlm.export import ExportPathError
+
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), lora_r=4, **CPU)
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+    with pytest.raises(ExportPathError, match="reads from"):
+        model.save_pretrained(str(path) + "/", merge_lora=merge_lora)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+    model.save_pretrained(tmp_path / "elsewhere", merge_lora=merge_lora)  # allowed

@@ -13,9 +13,6 @@ plus ``fastlm_trainable.safetensors`` (the trainable tensors), which resuming re
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from transformers import Trainer, TrainingArguments
 
 from fastlm.embeddings.data import EmbeddingCollator
 from fastlm.embeddings.losses import EmbeddingLoss, InfoNCELoss
+from fastlm.export._atomic import atomic_directory
 from fastlm.models.finite_guard import FiniteLossMonitor, verify_finite
 
 TRAINABLE_STATE_NAME = "fastlm_trainable.safetensors"
@@ -120,16 +118,12 @@ class EmbeddingTrainer(Trainer):
         torch.save(self.args, output_dir / "training_args.bin")
 
     def _write_model(self, model: nn.Module, output_dir: Path) -> None:
-        """The model part of a checkpoint: a Sentence-Transformers folder."""
-        # Write beside, then move in: the folder may already hold the trainer's other files.
-        with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".fastlm-save-") as tmp:
-            staged = Path(tmp) / "model"
+        """The model part of a checkpoint: a Sentence-Transformers folder, written as exports
+        write (staged under fastlm's temporary name in the folder, which may already hold the
+        trainer's other files, then moved in file by file; a killed save's leftovers are
+        removed by the next save there)."""
+        with atomic_directory(output_dir) as staged:
             model._write_sentence_transformer(staged, None, "5GB")
-            for item in staged.iterdir():
-                target = output_dir / item.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(item, target)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -12,9 +12,10 @@ How a replay stays exact:
   with (hidden states, RoPE cos/sin, position ids) is copied into a buffer of its *signature*
   (shapes, dtypes, strides, plain values, autocast, the layer's adapter state) before a replay;
   the outputs (layer output, input gradient, LoRA gradients) are written to buffers and copied
-  out after it. The layers of one signature share its buffers, and all graphs share one private
-  pool for scratch memory: graphs run one after another on one stream, and none keeps scratch
-  memory past its end.
+  out after it. The layers of one signature share its buffers (the LoRA gradients' too, where
+  their shapes agree: each replay's are added to ``.grad`` before the next layer's replay), and
+  all graphs share one private pool for scratch memory: graphs run one after another on one
+  stream, and none keeps scratch memory past its end.
 - **Masks are kept, not copied.** The attention decides on the host from a mask's content
   (plain causal, or which spans are padding), and the graph records that decision. So a layer's
   graphs keep the masks of its first call and replay only for masks equal to them (compared once
@@ -243,6 +244,7 @@ class LayerGraphs:
         self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
         self._signatures: dict[Any, _Signature] = {}
+        self._grads: dict[Any, list[torch.Tensor]] = {}  # _grad_buffers
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
@@ -282,6 +284,7 @@ class LayerGraphs:
         with self._lock:
             self._layers = weakref.WeakKeyDictionary()
             self._signatures.clear()
+            self._grads.clear()
             self.counts.clear()
 
     # ------------------------------------------------------------------ planning
@@ -339,6 +342,19 @@ class LayerGraphs:
         if signature is None:
             signature = self._signatures[key] = _Signature(hidden, tensors, kwargs, args)
         return signature
+
+    def _grad_buffers(
+        self, signature: _Signature, params: list[nn.Parameter]
+    ) -> list[torch.Tensor]:
+        """The buffers a backward graph writes its parameters' gradients into, shared by the
+        layers of one signature whose parameters have the same shapes: a replay's gradients are
+        added to ``.grad`` before the next layer's replay runs (same stream), so one set serves
+        them all, instead of one set a layer (LoRA's gradients, ~130 MB on Qwen3-4B r=16)."""
+        key = (id(signature), tuple((p.shape, p.dtype, p.device) for p in params))
+        buffers = self._grads.get(key)
+        if buffers is None:
+            buffers = self._grads[key] = [torch.empty_like(p) for p in params]
+        return buffers
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -424,7 +440,7 @@ class _Plan:
         signature.load(hidden, self.tensors)
         signature.grad_out.copy_(grad_output)
         if graphs.backward is None:
-            graphs.grads = [torch.empty_like(p) for p in graphs.params]
+            graphs.grads = self.owner._grad_buffers(signature, graphs.params)
             if not self._try_capture("backward", hidden.device, self._backward_body):
                 return None
         graphs.backward.replay()

@@ -200,3 +200,14 @@ def test_mixture_of_experts_layers_run_eagerly(tmp_path, device, graphs):
     fast(**{k: v.to(device) for k, v in _unpadded().items()}).loss.backward()
     reasons = [what for what in graphs.counts if "mixture-of-experts" in what]
     assert reasons and "captured (forward)" not in graphs.counts
+
+
+def test_the_layers_of_a_signature_share_their_gradient_buffers(tmp_path, device, graphs):
+    """One set of LoRA-gradient buffers for all layers of a shape (each replay's gradients
+    reach .grad before the next layer's replay), and the steps stay exact."""
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    for _ in range(3):
+        _assert_loss_and_lora_grads_match(reference, fast, _unpadded())
+    sets = [g.grads for info in graphs._layers.values() for g in info.graphs.values()]
+    assert len(sets) == _layers(fast) and all(s is sets[0] for s in sets)
+    assert len(graphs._grads) == 1

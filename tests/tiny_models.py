@@ -581,3 +581,13 @@ def llama_cpp_server(path, n_ctx: int = 256):
     params.n_parallel = 1
     params.cpuparams.n_threads = 2
     return xllamacpp.Server(params)
+
+
+def train_step(model: torch.nn.Module, batch: dict, **call_kwargs):
+    """One forward + backward from zero gradients: (output, {name: gradient}) of every parameter
+    that got one. ``call_kwargs`` go to the forward (e.g. ``output_router_logits=True``)."""
+    model.zero_grad(set_to_none=True)
+    output = model(**batch, **call_kwargs)
+    output.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return output, grads

@@ -22,17 +22,19 @@ import torch
 pytest.importorskip("transformers.models.gemma4", reason="transformers without Gemma 4")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from test_architectures import _assert_same_loss_curve  # noqa: E402
 from tiny_models import (  # noqa: E402
     GEMMA4_TEXT_MOE,
     relative_error,
     save_tiny_model,
     tiny_batch,
     tiny_config,
+    train_step,
 )
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from fastlm import FastModel  # noqa: E402
-from fastlm.models import fused_report, moe, spec_for  # noqa: E402
+from fastlm.models import fused_report, spec_for  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,33 +77,11 @@ def _pair(tmp_path, checkpointing):
     return reference, fast
 
 
-def _step(model, batch):
-    model.zero_grad(set_to_none=True)
-    output = model(**batch, output_router_logits=True)
-    output.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return output, grads
-
-
-@pytest.fixture
-def grouped_calls(monkeypatch):
-    """How many times the grouped experts ran (``moe.grouped_experts``)."""
-    calls = []
-    original = moe.grouped_experts
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(moe, "grouped_experts", counting)
-    return calls
-
-
 def _assert_match(reference, fast, batch):
     """One step each: loss, router probabilities and every gradient within RTOL; returns
     fastlm's output and gradients."""
-    expected, expected_grads = _step(reference, batch)
-    actual, actual_grads = _step(fast, batch)
+    expected, expected_grads = train_step(reference, batch, output_router_logits=True)
+    actual, actual_grads = train_step(fast, batch, output_router_logits=True)
     assert actual.logits is None  # the fused cross-entropy (with the soft-cap) ran
     assert abs(actual.loss.item() - expected.loss.item()) <= RTOL * expected.loss.item()
     # Gemma 4 has no load-balancing loss: none is added, and the router's probabilities are
@@ -181,12 +161,12 @@ def test_peft_wrapping_after_the_patch_still_runs_grouped(tmp_path, grouped_call
     fast.load_state_dict(reference.state_dict())
     reference.train()
     fast.train()
-    expected, expected_grads = _step(reference, tiny_batch())
+    expected, expected_grads = train_step(reference, tiny_batch(), output_router_logits=True)
     stacks = []
     monkeypatch.setattr(
         torch.nn.utils.parametrize, "register_parametrization", lambda *a, **k: stacks.append(a)
     )
-    actual, actual_grads = _step(fast, tiny_batch())
+    actual, actual_grads = train_step(fast, tiny_batch(), output_router_logits=True)
     assert not stacks and len(grouped_calls) == 2 * LAYERS
     assert abs(actual.loss.item() - expected.loss.item()) <= RTOL * expected.loss.item()
     assert expected_grads.keys() == actual_grads.keys()
@@ -247,22 +227,7 @@ def test_qlora_matches_hf_on_the_same_4bit_weights(tmp_path, checkpointing, grou
 
 def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
     reference, fast = _pair(tmp_path, "unsloth")
-    batch = tiny_batch(seed=1)
-    curves = []
-    for model in (reference, fast):
-        torch.manual_seed(0)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for _ in range(20):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves.append(losses)
-    expected, actual = map(torch.tensor, curves)
-    assert expected[-1] < expected[0]
-    assert torch.allclose(actual, expected, rtol=1e-3, atol=0), (actual - expected).abs().max()
+    _assert_same_loss_curve(reference, fast, tiny_batch(seed=1), 20)
 
 
 def test_eval_logits_generation_and_unpatch(tmp_path, grouped_calls):

@@ -25,7 +25,8 @@ import torch
 pytest.importorskip("transformers.models.llama4", reason="transformers without Llama 4")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config  # noqa: E402
+from test_architectures import _assert_same_loss_curve  # noqa: E402
+from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama4 import modeling_llama4  # noqa: E402
 
@@ -67,33 +68,11 @@ def _pair(tmp_path, checkpointing, attn_implementation=None):
     return reference.train(), fast.train()
 
 
-def _step(model, batch):
-    model.zero_grad(set_to_none=True)
-    output = model(**batch, output_router_logits=True)
-    output.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return output, grads
-
-
-@pytest.fixture
-def grouped_calls(monkeypatch):
-    """How many times the grouped experts ran (``moe.grouped_experts``)."""
-    calls = []
-    original = moe.grouped_experts
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(moe, "grouped_experts", counting)
-    return calls
-
-
 def _assert_match(reference, fast, batch, rtol=RTOL):
     """One step each: loss, router logits and every gradient within rtol; returns fastlm's
     output and gradients."""
-    expected, expected_grads = _step(reference, batch)
-    actual, actual_grads = _step(fast, batch)
+    expected, expected_grads = train_step(reference, batch, output_router_logits=True)
+    actual, actual_grads = train_step(fast, batch, output_router_logits=True)
     assert actual.logits is None  # the fused cross-entropy ran
     assert abs(actual.loss.item() - expected.loss.item()) <= rtol * expected.loss.item()
     # Llama 4 has no load-balancing loss: none is added, and the router logits are returned as
@@ -265,22 +244,7 @@ def test_all_linear_leaves_the_routers_to_their_own_forward(tmp_path, caplog):
 
 def test_twenty_steps_follow_the_same_loss_curve(tmp_path):
     reference, fast = _pair(tmp_path, "unsloth")
-    batch = tiny_batch(seed=1)
-    curves = []
-    for model in (reference, fast):
-        torch.manual_seed(0)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for _ in range(20):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves.append(losses)
-    expected, actual = map(torch.tensor, curves)
-    assert expected[-1] < expected[0]
-    assert torch.allclose(actual, expected, rtol=1e-3, atol=0), (actual - expected).abs().max()
+    _assert_same_loss_curve(reference, fast, tiny_batch(seed=1), 20)
 
 
 def test_eval_logits_generation_and_unpatch(tmp_path, grouped_calls):

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config
+from test_architectures import _assert_same_loss_curve
+from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
@@ -114,17 +115,9 @@ def _pair(tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, t
     return reference, fast
 
 
-def _step(model, batch):
-    model.zero_grad(set_to_none=True)
-    output = model(**batch)
-    output.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return output, grads
-
-
 def _assert_match(reference, fast, batch):
-    expected, expected_grads = _step(reference, batch)
-    actual, actual_grads = _step(fast, batch)
+    expected, expected_grads = train_step(reference, batch)
+    actual, actual_grads = train_step(fast, batch)
     assert actual.logits is None  # the fused cross-entropy ran
     assert abs(actual.aux_loss.item() - expected.aux_loss.item()) <= RTOL * expected.aux_loss
     assert abs(actual.loss.item() - expected.loss.item()) <= RTOL * expected.loss.item()
@@ -195,22 +188,7 @@ def test_target_parameters_and_a_trainable_router_match_hf(tmp_path, family):
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_twenty_steps_follow_the_same_loss_curve(tmp_path, family):
     reference, fast = _pair(tmp_path, "unsloth", family)
-    batch = tiny_batch(seed=1)
-    curves = []
-    for model in (reference, fast):
-        torch.manual_seed(0)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for _ in range(20):
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves.append(losses)
-    expected, actual = map(torch.tensor, curves)
-    assert expected[-1] < expected[0]
-    assert torch.allclose(actual, expected, rtol=1e-3, atol=0), (actual - expected).abs().max()
+    _assert_same_loss_curve(reference, fast, tiny_batch(seed=1), 20)
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)

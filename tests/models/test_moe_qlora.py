@@ -15,7 +15,7 @@ import torch
 from nf4_format import nf4_dequantize, run_4bit_layers_from_format
 from peft import LoraConfig, get_peft_model
 from test_moe import FAMILIES, FAMILY_PARAMS, RTOL
-from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch
+from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch, train_step
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
@@ -75,14 +75,6 @@ def _qlora_pair(tmp_path, family: str, checkpointing):
     return reference, fast
 
 
-def _step(model, batch):
-    model.zero_grad(set_to_none=True)
-    output = model(**batch)
-    output.loss.backward()
-    named = model.named_parameters()
-    return output, {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
-
-
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
 @pytest.mark.parametrize("checkpointing", [False, "unsloth"], ids=["plain", "unsloth"])
 def test_qlora_experts_are_nf4_and_training_matches_hf(tmp_path, family, checkpointing):
@@ -91,8 +83,8 @@ def test_qlora_experts_are_nf4_and_training_matches_hf(tmp_path, family, checkpo
     assert all(is_nf4_expert_weight(w) and not w.requires_grad for w in experts.values())
     for weight in experts.values():  # 4.5 bits a weight (absmax double-quantised), not 32
         assert weight.nbytes_stored() < weight.numel() * 0.6
-    expected, expected_grads = _step(reference, tiny_batch())
-    actual, actual_grads = _step(fast, tiny_batch())
+    expected, expected_grads = train_step(reference, tiny_batch())
+    actual, actual_grads = train_step(fast, tiny_batch())
     assert actual.logits is None  # the fused cross-entropy ran
     assert abs(actual.loss.item() - expected.loss.item()) <= RTOL * expected.loss.item()
     assert abs(actual.aux_loss.item() - expected.aux_loss.item()) <= RTOL * expected.aux_loss

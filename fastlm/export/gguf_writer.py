@@ -43,6 +43,7 @@ from fastlm.export.merged import (
     merge_lora_weight,
     packed_weights,
     quant_state_keys,
+    resolve_key,
 )
 from fastlm.quant import dequantized
 
@@ -169,37 +170,19 @@ def merged_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     state = base.state_dict(keep_vars=True)
     packed = packed_weights(base)
     quant_state_parts = quant_state_keys(state, packed)
-    adapted = _lora_layers_by_weight(base)
     seen = set()
     for param_name, param in state.items():
-        if "lora_" in param_name or param_name in quant_state_parts:
+        resolved = None if param_name in quant_state_parts else resolve_key(base, param_name)
+        if resolved is None:
             continue
-        clean = _without_base_layers(param_name)
+        clean, lora = resolved
         if clean in seen:  # tied weights appear once
             continue
         seen.add(clean)
         tensor = dequantized(packed.get(param_name, param))
-        if clean in adapted:
-            tensor = merge_lora_weight(adapted[clean], tensor)
+        if lora is not None:
+            tensor = merge_lora_weight(lora, tensor)
         yield clean, tensor
-
-
-def _without_base_layers(name: str) -> str:
-    """The HF name under PEFT's wrappers: ``q_proj.base_layer.weight`` -> ``q_proj.weight``,
-    ``experts.base_layer.base_layer.down_proj`` -> ``experts.down_proj``."""
-    return re.sub(r"\.base_layer(?=\.|$)", "", name)
-
-
-def _lora_layers_by_weight(base: nn.Module) -> dict[str, nn.Module]:
-    """HF weight name -> the PEFT layer whose active LoRA merges into it: a LoRA Linear's or
-    Embedding's ``weight``, a ParamWrapper's parameter. Two ParamWrappers on one experts module
-    nest (each the other's base_layer); each names the parameter it adapts."""
-    layers = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
-            leaf = getattr(module, "parameter_name", None) or "weight"
-            layers[f"{_without_base_layers(name)}.{leaf}"] = module
-    return layers
 
 
 def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:

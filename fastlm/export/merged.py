@@ -346,7 +346,7 @@ def _plan(base: nn.Module, dtype: torch.dtype, quantize: bool = False) -> list[_
     for key, tensor in state.items():
         if key in skip:
             continue
-        resolved = _resolve_key(base, key)
+        resolved = resolve_key(base, key)
         if resolved is None:
             continue
         name, lora = resolved
@@ -402,8 +402,10 @@ def _refuse_adapted_tied_source(base: nn.Module, entries: dict[str, _Entry], tie
             )
 
 
-def _resolve_key(base: nn.Module, key: str) -> tuple[str, nn.Module | None] | None:
-    """``(checkpoint name, LoRA layer to merge or None)`` for a state-dict key; None skips it."""
+def resolve_key(base: nn.Module, key: str) -> tuple[str, nn.Module | None] | None:
+    """``(checkpoint name, LoRA layer to merge or None)`` for a state-dict key of a LoRA model's
+    base (PEFT's base_layer / ParamWrapper / modules_to_save wrappers looked through); None skips
+    it (an adapter's own tensors). Usage: ``name, lora = resolve_key(base, key)``."""
     from peft.tuners.lora import LoraLayer
 
     parts = key.split(".")

@@ -30,11 +30,11 @@ run (no ``kernels`` package, which fastlm does not install, or no Triton / devic
 it can, pass ``quantization_config=Mxfp4Config(dequantize=True)``, since quantised experts
 (``Mxfp4GptOssExperts``) are not this spec's class: ``fused_report`` names them unfused and
 transformers does not train them. ``load_in_4bit`` quantises the linear layers (attention) to
-NF4 and leaves the experts' 3-D weights (and the router, not an ``nn.Linear``) in the load dtype,
-with one warning at load (as for Qwen3-MoE).
+NF4 and stores the experts' 3-D weights NF4 too (``nf4_experts.py``); the router, not an
+``nn.Linear``, and the biases stay in the load dtype.
 GGUF: llama.cpp's gpt-oss, each 3-D experts parameter split into per-projection stacks
 (``fastlm/export/gguf_moe.py``), the sinks as ``attn_sinks``; the gguf_checks below refuse what
-it would run otherwise, OpenAI's published YaRN (``truncate=False``) among them.
+it would run otherwise, and write OpenAI's published YaRN (``truncate=False``) with a warning.
 """
 
 import logging

@@ -34,6 +34,7 @@ def main() -> None:
     from fastlm.offload.layer_graphs import LAYER_GRAPHS
 
     LAYER_GRAPHS.enabled = not args.no_graphs
+    LAYER_GRAPHS.measure_peak = True  # peak_bytes() counts the pool once
     preimport(args.system)
     import torch
 
@@ -84,7 +85,7 @@ def main() -> None:
         table = averages.table(sort_by="self_device_time_total", row_limit=args.rows)
     gpu_ms, launches = kernel_time(torch, averages, passes=2)
     pool_gib = LAYER_GRAPHS.pool_bytes() / 2**30
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 + pool_gib
+    peak_gib = LAYER_GRAPHS.peak_bytes() / 2**30
     reserved_gib = torch.cuda.max_memory_reserved() / 2**30
     print(f"== {args.system} {args.shape} {args.mode}: 2 steps ==")
     print(

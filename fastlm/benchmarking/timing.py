@@ -49,12 +49,14 @@ def peak_mib(fn, torch) -> float:
 
 
 def peak_gib(torch) -> float:
-    """Peak allocated GiB since the last reset, plus the private pool of fastlm's layer CUDA
-    graphs: scratch memory the allocator stops counting as allocated once a capture has ended,
-    though every replay uses it. Other systems' processes never import fastlm's graphs (0)."""
+    """Peak GiB in use since the last reset: the allocator's peak of allocated memory, or, in a
+    fastlm process that captured layer CUDA graphs, ``LAYER_GRAPHS.peak_bytes()``, which adds the
+    graphs' private pool (scratch the allocator stops counting as allocated once a capture has
+    ended, though every replay uses it) without counting a capture's scratch twice."""
     graphs = sys.modules.get("fastlm.offload.layer_graphs")
-    pool = graphs.LAYER_GRAPHS.pool_bytes() if graphs is not None else 0
-    return (torch.cuda.max_memory_allocated() + pool) / 2**30
+    if graphs is None:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return graphs.LAYER_GRAPHS.peak_bytes() / 2**30
 
 
 def layer_graph_counts() -> dict | None:

@@ -142,6 +142,7 @@ def child_setup(spec: dict) -> dict:
         from fastlm.offload.layer_graphs import LAYER_GRAPHS  # lazy: fastlm's children only
 
         LAYER_GRAPHS.enabled = True
+        LAYER_GRAPHS.measure_peak = True  # timing.peak_gib counts the pool once
     return spec
 
 

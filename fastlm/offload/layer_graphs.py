@@ -241,6 +241,9 @@ class LayerGraphs:
     def __init__(self, enabled: bool = True, max_signatures: int = 4):
         self.enabled = enabled
         self.max_signatures = max_signatures
+        # peak_bytes()' bookkeeping (benchmarks switch it on: it restarts the peak statistic)
+        self.measure_peak = False
+        self._peaks = {"before_pool": 0, "between_captures": 0, "held_at_capture": 0}
         self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
         self._signatures: dict[Any, _Signature] = {}
@@ -279,6 +282,44 @@ class LayerGraphs:
         ours = [s for s in segments if tuple(s.get("segment_pool_id", ())) in pools]
         return sum(s["total_size"] for s in ours)
 
+    def peak_bytes(self) -> int:
+        """Peak GPU memory in use since the last ``torch.cuda.reset_peak_memory_stats()``, the
+        graphs' private pool included.
+
+        The allocator counts a capture's scratch as allocated while the capture runs and not
+        after it, though the pool keeps it for every replay. Adding the pool to the allocator's
+        peak therefore counts it twice when that peak was reached inside a capture (where the
+        eager step's scratch would have been). With ``measure_peak`` on, each capture instead
+        notes the peak before it (the first: before any pool existed) and the memory held
+        outside the pool, and restarts the peak statistic after it, so that the peak is
+        ``max(peak before the first capture, (peak since, or held at a capture) + pool)``.
+        Off, the bound is the allocator's peak plus the pool (counted twice at worst).
+
+        Usage: ``LAYER_GRAPHS.measure_peak = True`` before training, then ``peak_bytes()``.
+        """
+        allocated_peak = torch.cuda.max_memory_allocated()
+        pool = self.pool_bytes()
+        if not pool or not self.measure_peak:
+            return allocated_peak + pool
+        peaks = self._peaks
+        after_pool = max(peaks["between_captures"], peaks["held_at_capture"], allocated_peak)
+        return max(peaks["before_pool"], after_pool + pool)
+
+    def _note_capture(self, device: torch.device, starting: bool) -> None:
+        """peak_bytes()' bookkeeping around one capture (``measure_peak`` only)."""
+        if not self.measure_peak:
+            return
+        peaks = self._peaks
+        peaks["held_at_capture"] = max(
+            peaks["held_at_capture"], torch.cuda.memory_allocated(device)
+        )
+        if starting:
+            first = not self.pool_bytes()
+            which = "before_pool" if first else "between_captures"
+            peaks[which] = max(peaks[which], torch.cuda.max_memory_allocated(device))
+        else:  # the capture's scratch is counted through the pool from now on
+            torch.cuda.reset_peak_memory_stats(device)
+
     def reset(self) -> None:
         """Drop every graph and buffer (their memory returns to the allocator)."""
         with self._lock:
@@ -286,6 +327,7 @@ class LayerGraphs:
             self._signatures.clear()
             self._grads.clear()
             self.counts.clear()
+            self._peaks = dict.fromkeys(self._peaks, 0)
 
     # ------------------------------------------------------------------ planning
 
@@ -368,6 +410,7 @@ class LayerGraphs:
             self._pools[device] = torch.cuda.graph_pool_handle()
             self._streams[device] = torch.cuda.Stream(device)
         graph = torch.cuda.CUDAGraph()
+        self._note_capture(device, starting=True)
         current, stream = torch.cuda.current_stream(device), self._streams[device]
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
@@ -381,6 +424,7 @@ class LayerGraphs:
                 raise
             graph.capture_end()
         current.wait_stream(stream)
+        self._note_capture(device, starting=False)
         return graph
 
 

@@ -211,3 +211,83 @@ def test_the_layers_of_a_signature_share_their_gradient_buffers(tmp_path, device
     sets = [g.grads for info in graphs._layers.values() for g in info.graphs.values()]
     assert len(sets) == _layers(fast) and all(s is sets[0] for s in sets)
     assert len(graphs._grads) == 1
+
+
+class _Allocator:
+    """The CUDA allocator's statistics as peak_bytes() reads them, driven by hand (GiB)."""
+
+    def __init__(self, monkeypatch, graphs):
+        self.allocated = self.peak = self.pool = 0
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self._reset)
+        monkeypatch.setattr(graphs, "pool_bytes", lambda: self.pool)
+
+    def _reset(self, device=None):
+        self.peak = self.allocated
+
+    def use(self, allocated):
+        self.allocated = allocated
+        self.peak = max(self.peak, allocated)
+
+
+@pytest.mark.parametrize("steady, expected", [(5, 10), (8, 11)])
+def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, expected):
+    """An eager step peaks at 10 (4 held + 6 of one layer's scratch); the capture puts the same
+    scratch into the pool (3 of it kept), the replayed steps peak at ``steady`` outside the
+    pool: the peak is max(10, steady + 3), not the allocator's 10 plus the pool."""
+    graphs = LayerGraphs(enabled=True)
+    graphs.measure_peak = True
+    allocator = _Allocator(monkeypatch, graphs)
+    allocator.use(10)  # the eager first step
+    allocator.use(4)
+    graphs._note_capture("cuda", starting=True)
+    allocator.use(10)  # the capture's scratch, counted as allocated while it runs
+    allocator.pool = 3
+    allocator.use(4)
+    graphs._note_capture("cuda", starting=False)
+    allocator.use(steady)  # replays
+    allocator.use(4)
+    assert graphs.peak_bytes() == expected
+    graphs.measure_peak = False  # no bookkeeping: the bound counts the pool on top
+    assert graphs.peak_bytes() == allocator.peak + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's statistics")
+def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path, graphs):
+    """On a GPU: the peak with graphs (pool included, peak_bytes) stays within the eager step's
+    peak plus the graphs' static buffers and the pool's rounding."""
+    import gc
+
+    from tiny_models import save_tiny_model
+
+    from fastlm import FastModel
+
+    size = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8, head_dim=128)  # fmt: skip
+    path = save_tiny_model("llama", tmp_path / "llama", **size)
+    model, _ = FastModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    model = FastModel.get_peft_model(model, r=16, use_gradient_checkpointing="unsloth")
+    batch = {"input_ids": torch.randint(3, 200, (2, 1024), device="cuda")}
+    batch["labels"] = batch["input_ids"]
+
+    def peak(steps: int) -> int:
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return graphs.peak_bytes()
+
+    graphs.enabled = False
+    eager = peak(2)
+    graphs.enabled = graphs.measure_peak = True
+    replayed = peak(4)
+    assert graphs.counts["replayed"] > 0
+    buffers = [t for s in graphs._signatures.values()
+               for t in (s.hidden, *s.inputs, s.out, s.grad_out, s.grad_in)]  # fmt: skip
+    buffers += [t for grads in graphs._grads.values() for t in grads]
+    held = sum(t.numel() * t.element_size() for t in buffers)
+    assert replayed <= eager + held + 64 * 2**20, (replayed, eager, held)

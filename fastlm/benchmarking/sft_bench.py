@@ -23,8 +23,8 @@ The data: batch · (warmup + steps) rows of `seq` random token ids (seeded gener
 pre-tokenised, so TRL neither tokenises nor packs them.
 
 A TrainerCallback times the steps: it synchronises and reads the clock before step warmup + 1
-and after the last step; peak memory is `max_memory_allocated` after a reset at train begin, plus
-fastlm's layer-graph pool (`timing.peak_gib`).
+and after the last step; peak memory is `max_memory_allocated` after a reset at train begin, with
+fastlm's layer-graph pool counted once (`timing.peak_gib`).
 Without CUDA (smoke tests) the loop runs in fp32 with `use_cpu=True`, and adamw_8bit (a
 bitsandbytes CUDA optimizer) is replaced by adamw_torch: each substitution is recorded.
 

@@ -258,7 +258,7 @@ def markdown(payload: dict) -> str:
     out += ["", "Versions:", *_versions_lines(records), ""]
     out += [
         "Figures: tok/s (pairs/s for the embedding rows) · peak GiB (`max_memory_allocated`, "
-        "plus fastlm's layer-graph pool); "
+        "with fastlm's layer-graph pool counted once: `LayerGraphs.peak_bytes`); "
         "each system in its own process, on the same random-init weights and data.",
         "",
         table(payload["rows"], records),

@@ -35,6 +35,7 @@ from fastlm.export.gguf_dense import GEMMA2, GEMMA3, LLAMA
 from fastlm.export.gguf_gemma4 import GEMMA4
 from fastlm.export.gguf_layout import GGUFLayout
 from fastlm.export.gguf_linear_attention import QWEN35
+from fastlm.export.gguf_llama4 import LLAMA4
 from fastlm.export.gguf_moe import GPT_OSS, QWEN3MOE, QWEN35MOE, expert_tensors
 from fastlm.export.merged import (
     check_plain_lora,
@@ -75,6 +76,7 @@ LAYOUTS: dict[str, GGUFLayout] = {
     "QWEN3MOE": QWEN3MOE,
     "QWEN35MOE": QWEN35MOE,
     "GPT_OSS": GPT_OSS,
+    "LLAMA4": LLAMA4,
 }
 _PLAIN = GGUFLayout()
 

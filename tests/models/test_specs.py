@@ -30,7 +30,7 @@ _GGUF_ARCH_BEFORE = {
     "qwen3_5_moe_text": "QWEN35MOE",
     "gpt_oss": "GPT_OSS",
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it
-    "llama4_text": None,  # fastlm's writer has no Llama 4 layout: GGUF export refuses it
+    "llama4_text": "LLAMA4",  # experts split per projection: tests/export/test_gguf_llama4.py
     "mistral4": None,  # fastlm's writer has no layout for MLA: GGUF export refuses it
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
@@ -93,6 +93,10 @@ def test_tiny_configs_are_exported_unless_refused_for_their_window(model_type):
         with pytest.raises(NotImplementedError, match=r"mlp_only_layers=\[1\]"):
             _gguf_refusal(config)
         config.mlp_only_layers = []
+    if model_type == "llama4_text":  # llama.cpp's llama4: NoPE at every 4th layer, not layer 2
+        with pytest.raises(NotImplementedError, match=r"no_rope_layers=\[1, 1, 0, 1\]"):
+            _gguf_refusal(config)
+        return  # a config llama.cpp runs is exported: tests/export/test_gguf_llama4.py
     if model_type == "gpt_oss":  # llama.cpp hard-codes swiglu_limit 7
         with pytest.raises(NotImplementedError, match="swiglu_limit"):
             _gguf_refusal(config)

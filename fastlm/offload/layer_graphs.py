@@ -29,10 +29,10 @@ How a replay stays exact:
   packed batches (their sequence boundaries are read on the host), gradient hooks on the
   trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
   hooks, which a replay does not fire), mixture-of-experts blocks (their router logits are
-  recorded for the load-balancing loss), full fine-tuning (gradient buffers as large as the
-  weights), arguments other than tensors and plain values, more than ``max_signatures`` shapes
-  (variable-length batches: pad to a multiple or pack), and any capture that failed -- e.g. an
-  operation that waits for the GPU, such as reading a padding mask on the host.
+  recorded for the load-balancing loss), arguments other than tensors and plain values, more
+  than ``max_signatures`` shapes (variable-length batches: pad to a multiple or pack), and any
+  capture that failed -- e.g. an operation that waits for the GPU, such as reading a padding
+  mask on the host. Full fine-tuning is graphed: its gradient buffers are one layer's.
 
     LAYER_GRAPHS.enabled = True   # opt in (off by default until measured on a GPU)
 """
@@ -59,9 +59,6 @@ logger = logging.getLogger("fastlm")
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-# Trainable share of a layer's elements above which it is not graphed: full fine-tuning would
-# need gradient buffers as large as the weights (LoRA's share is a few per cent).
-_MAX_TRAINABLE_SHARE = 0.25
 
 
 class NotGraphable(Exception):
@@ -196,12 +193,10 @@ class _Layer:
         self.graphs: dict[Any, _LayerGraphs] = {}
 
     def _problem(self, layer: nn.Module) -> str:
-        trainable = sum(p.numel() for p in self.params)
-        total = sum(p.numel() for p in layer.parameters())
+        # Full fine-tuning is graphed too: the gradient buffers are one layer's, shared by the
+        # layers of a signature (_grad_buffers), not a copy of every weight.
         if not self.params:
             return "no trainable parameters in the layer"
-        if trainable > _MAX_TRAINABLE_SHARE * total:
-            return "full fine-tuning (gradient buffers as large as the weights)"
         if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
                for p in self.params):  # fmt: skip
             return "gradient hooks on the trainable parameters"

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_batch
+from tiny_models import relative_error, save_tiny_model, tiny_batch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
-from test_architectures import _assert_loss_and_lora_grads_match, _pair  # noqa: E402
+from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  # noqa: E402
 from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
+from fastlm import FastModel
 from fastlm.offload import checkpoint, layer_graphs
 from fastlm.offload.layer_graphs import LayerGraphs
 
@@ -188,9 +190,32 @@ def test_switching_the_adapter_off_is_a_new_signature(tmp_path, device, graphs):
     assert graphs.counts["eager: first call of a shape (capture follows)"] == 3 * _layers(fast)
 
 
-def test_full_fine_tuning_is_not_graphed(device, graphs):
-    layer = torch.nn.Linear(4, 4)
-    assert "full fine-tuning" in layer_graphs._Layer(layer).problem
+def test_full_fine_tuning_replays_exactly(tmp_path, device, graphs):
+    """Every weight trainable (HF's own model, checkpointed, against fastlm's full fine-tune):
+    the loss and every gradient step after step, through eager, captured and replayed steps;
+    one set of gradient buffers serves all layers."""
+    path = save_tiny_model("qwen3", tmp_path / "qwen3")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device)
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map=device,
+                                        full_finetuning=True, use_gradient_checkpointing="unsloth")  # fmt: skip
+    reference.train()
+    fast.train()
+    batch = {k: v.to(device) for k, v in _unpadded().items()}
+    for _ in range(3):
+        losses, grads = [], []
+        for model in (reference, fast):
+            model.zero_grad(set_to_none=True)
+            losses.append(model(**batch).loss)
+            losses[-1].backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert torch.allclose(losses[1], losses[0], rtol=RTOL)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for name, grad in grads[0].items():
+            assert relative_error(grads[1][name], grad) <= RTOL, name
+    # steps 2 and 3 replay each layer's forward and backward (step 2 right after capturing)
+    assert graphs.counts["replayed"] == 4 * _layers(fast)
+    assert len(graphs._grads) == 1
 
 
 def test_mixture_of_experts_layers_run_eagerly(tmp_path, device, graphs):
@@ -258,10 +283,6 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
     """On a GPU: the peak with graphs (pool included, peak_bytes) stays within the eager step's
     peak plus the graphs' static buffers and the pool's rounding."""
     import gc
-
-    from tiny_models import save_tiny_model
-
-    from fastlm import FastModel
 
     size = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                 num_attention_heads=8, num_key_value_heads=8, head_dim=128)  # fmt: skip

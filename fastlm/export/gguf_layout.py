@@ -24,8 +24,9 @@ import torch
 class GGUFLayout:
     """An arch's differences from the plain rename, each optional."""
 
-    # (config, norm_offset, HF name, fp32 tensor) -> (HF-style name gguf's name map knows,
-    # tensor in llama.cpp's layout); norm_offset is the spec's. None: the writer's rules.
+    # (config, norm_offset, HF name, fp32 tensor) -> (HF-style name gguf's name map knows, with
+    # .weight, .bias or .scale, tensor in llama.cpp's layout); norm_offset is the spec's. None:
+    # the writer's rules.
     tensor: Callable[[Any, float, str, torch.Tensor], tuple[str, torch.Tensor]] | None = None
     # (GGUFWriter, config, RoPE parameters or None): the arch's metadata keys.
     add_hparams: Callable[[Any, Any, dict | None], None] | None = None
@@ -35,11 +36,20 @@ class GGUFLayout:
     replaces_common_hparams: bool = False
     # config -> (GGUF name, tensor) pairs llama.cpp needs that transformers recomputes
     extra_tensors: Callable[[Any], Iterator[tuple[str, torch.Tensor]]] | None = None
-    # quantization methods whose llama-quantize rules are not reproduced for this arch
-    refused_methods: tuple[str, ...] = ()
-    # True: a bare HF tensor (no .weight/.bias: Gemma 4's layer_scalar) is named "<gguf>.weight"
+    # quantization methods whose llama-quantize rules are not reproduced for this arch, or
+    # config -> those methods (where it depends on the model: Gemma 4's per-layer inputs)
+    refused_methods: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
+    # True: a bare HF tensor (no .weight/.bias/.scale: Gemma 4's layer_scalar) is named
+    # "<gguf>.weight"
     bare_tensors_get_weight_suffix: bool = False
     # True: the family's 3-D expert parameters (its spec's ``moe``) are written as llama.cpp's
     # per-projection stacks, one (E, out, in) tensor each (``gguf_moe.expert_tensors``), before
     # ``tensor`` sees them.
     split_experts: bool = False
+    # True (with split_experts): gate and up as one (E, 2·I, H) stack, ffn_gate_up_exps (Gemma 4)
+    fused_gate_up: bool = False
+
+    def refused(self, config) -> tuple[str, ...]:
+        """The quantization methods refused for this config. Usage: ``"q8_0" in l.refused(c)``."""
+        methods = self.refused_methods
+        return methods(config) if callable(methods) else methods

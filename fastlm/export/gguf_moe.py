@@ -7,6 +7,8 @@ ne fastest first, so ffn_gate_exps has ne = [H, I, E]):
 
   ffn_gate_exps (E, I, H)   ffn_up_exps (E, I, H)   ffn_down_exps (E, H, I)
   gpt-oss also: ffn_gate_exps.bias (E, I), ffn_up_exps.bias (E, I), ffn_down_exps.bias (E, H)
+  (Gemma 4's gemma4 reads gate and up as one stack, ffn_gate_up_exps (E, 2I, H): each expert's
+  gate rows, then its up rows; ``expert_tensors(..., fused_gate_up=True)``, ``gguf_gemma4``.)
 
 From transformers' layouts (``expert_tensors``), per expert e:
 - "out_in" (Qwen3-MoE, Qwen3.5-MoE): gate_up[e] is (2I, H), rows [gate | up]: gate = rows
@@ -49,10 +51,14 @@ REFUSED_METHODS = ("q4_k_m", "q5_k_m", "q6_k")
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 
 
-def expert_tensors(moe, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+def expert_tensors(
+    moe, hf_name: str, tensor: torch.Tensor, fused_gate_up: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """llama.cpp's per-projection (E, out, in) stacks for an experts parameter of ``moe`` (a
     ``MixtureOfExperts``), named ``<experts>.{gate,up,down}_proj.{weight,bias}`` as gguf's name
-    map knows them; any other tensor is returned as it is.
+    map knows them; any other tensor is returned as it is. ``fused_gate_up``: gate and up as one
+    (E, 2I, H) stack, ``<experts>.gate_up_proj.{weight,bias}`` (each expert's I gate rows, then
+    its I up rows: llama.cpp's ffn_gate_up_exps).
 
     Usage: ``dict(expert_tensors(spec.moe, name, w))`` -> {"...gate_proj.weight": (E, I, H),
     "...up_proj.weight": (E, I, H)} for a gate_up parameter.
@@ -65,16 +71,23 @@ def expert_tensors(moe, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, t
     if leaf == moe.gate_up:
         weight = tensor.transpose(1, 2) if transposed else tensor  # (E, 2I, H)
         gate, up = _gate_and_up(weight, moe.gate_up_interleaved)
-        return [(base + "gate_proj.weight", gate), (base + "up_proj.weight", up)]
+        return _gate_up_stacks(base, "weight", gate, up, fused_gate_up)
     if leaf == moe.down:
         weight = tensor.transpose(1, 2) if transposed else tensor  # (E, H, I)
         return [(base + "down_proj.weight", weight.contiguous())]
     if moe.gate_up_bias and leaf == moe.gate_up_bias:  # (E, 2I)
         gate, up = _gate_and_up(tensor, moe.gate_up_interleaved)
-        return [(base + "gate_proj.bias", gate), (base + "up_proj.bias", up)]
+        return _gate_up_stacks(base, "bias", gate, up, fused_gate_up)
     if moe.down_bias and leaf == moe.down_bias:  # (E, H)
         return [(base + "down_proj.bias", tensor)]
     raise ValueError(f"{hf_name}: an experts tensor with no GGUF layout")
+
+
+def _gate_up_stacks(base: str, kind: str, gate, up, fused: bool) -> list[tuple[str, torch.Tensor]]:
+    """The gate and up stacks (E, I, ...) under their names, or one (E, 2I, ...) stack."""
+    if fused:
+        return [(f"{base}gate_up_proj.{kind}", torch.cat([gate, up], dim=1))]
+    return [(f"{base}gate_proj.{kind}", gate), (f"{base}up_proj.{kind}", up)]
 
 
 def _gate_and_up(tensor: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,8 @@ BYTE_LEVEL_PRE_TOKENIZERS = {
 # only), and the MoE routers, which llama-quantize never quantises (a rounded router would send
 # near-tied tokens to other experts). So is every tensor not named .weight (biases, sinks).
 F32_TENSORS = ("ssm_conv1d.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+# What llama.cpp's tensor names end with (.scale: Gemma 4's router and per-expert scales).
+_SUFFIXES = (".weight", ".bias", ".scale")
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # gguf.MODEL_ARCH name -> what the arch needs beyond a rename (gguf_layout.py); the others are
@@ -109,7 +111,7 @@ def save_pretrained_gguf(
     arch = gguf.MODEL_ARCH[spec.gguf_arch]
     for check in spec.gguf_checks:  # before any big work: fail fast on what llama.cpp can't run
         check(config)
-    refused = [m for m in methods if m in LAYOUTS.get(arch.name, _PLAIN).refused_methods]
+    refused = [m for m in methods if m in LAYOUTS.get(arch.name, _PLAIN).refused(config)]
     if refused:
         raise NotImplementedError(
             f"{spec.family} GGUF export writes {[m for m in METHODS if m not in refused]}, not "
@@ -206,7 +208,7 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         pieces = [(merged_name, merged)]
         if layout.split_experts:  # one 3-D parameter -> llama.cpp's per-projection stacks
-            pieces = expert_tensors(spec.moe, merged_name, merged)
+            pieces = expert_tensors(spec.moe, merged_name, merged, layout.fused_gate_up)
         for hf_name, tensor in pieces:
             yield _gguf_tensor(arch, config, spec.norm_offset, layout, name_map, hf_name, tensor)
     if layout.extra_tensors is not None:
@@ -221,10 +223,10 @@ def _gguf_tensor(
         hf_name, tensor = layout.tensor(config, norm_offset, hf_name, tensor)
     elif norm_offset and hf_name.endswith("norm.weight"):
         tensor = tensor + norm_offset  # HF Gemma RMSNorm scales by (1 + w); llama.cpp's by w
-    new_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    new_name = name_map.get_name(hf_name, try_suffixes=_SUFFIXES)
     if new_name is None:
         raise ValueError(f"no GGUF name for tensor {hf_name!r} of {arch.name}")
-    if layout.bare_tensors_get_weight_suffix and not new_name.endswith((".weight", ".bias")):
+    if layout.bare_tensors_get_weight_suffix and not new_name.endswith(_SUFFIXES):
         new_name += ".weight"
     return new_name, tensor
 

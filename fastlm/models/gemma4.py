@@ -32,20 +32,23 @@ What differs from Gemma 3, and where fastlm's shared path takes it from the spec
   probabilities, returned as they are), so fastlm adds none (``aux_loss_coef_attr`` None).
 The embedding scaling, the per-layer inputs (their gate and projection), ``layer_scalar``, the
 masks and the final-logit soft-cap's config value stay transformers'. The multimodal model is
-refused at load; GGUF export of the MoE variant is refused (``_dense_as_llama_cpp``).
+refused at load. GGUF (``fastlm.export.gguf_gemma4``): llama.cpp's gemma4 runs the dense and the
+MoE variant; its routing (softmax, top-k, renormalised, × per-expert scale) is transformers'
+hard-coded arithmetic on both sides, so only what a config can change is checked here (the
+``gguf_checks``: KV-sharing layout, RoPE types, shapes, the GELU).
 """
 
 from fastlm.models.gguf_limits import rope_parameters
 from fastlm.models.spec import ArchitectureSpec, KVSharing, MixtureOfExperts
 
 
-def _dense_as_llama_cpp(config) -> None:
-    """fastlm's GEMMA4 writer has tensors for the dense layers only: no router, no 3-D experts."""
-    if getattr(config, "enable_moe_block", False):
+def _gelu_as_llama_cpp(config) -> None:
+    """llama.cpp's gemma4 runs GELU with the tanh approximation in the MLP and the experts."""
+    if config.hidden_activation != "gelu_pytorch_tanh":
         raise NotImplementedError(
-            "Gemma 4 GGUF: fastlm's writer has no layout for the mixture-of-experts block "
-            "(enable_moe_block=True: router and 3-D expert tensors); save merged_16bit and convert "
-            "that with llama.cpp's convert_hf_to_gguf.py."
+            f"Gemma 4 GGUF: hidden_activation={config.hidden_activation!r}, but llama.cpp's "
+            "gemma4 runs 'gelu_pytorch_tanh' in the MLP and the experts. Export merged_16bit "
+            "instead."
         )
 
 
@@ -141,7 +144,7 @@ GEMMA4_TEXT = ArchitectureSpec(
     ),
     final_logit_softcap_attr="final_logit_softcapping",
     gguf_checks=(
-        _dense_as_llama_cpp,
+        _gelu_as_llama_cpp,
         _kv_sharing_as_llama_cpp,
         _rope_as_llama_cpp,
         _shapes_as_llama_cpp,

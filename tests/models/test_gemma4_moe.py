@@ -300,15 +300,15 @@ def test_merged_16bit_reloads_in_plain_transformers(tmp_path):
 
 
 def test_gguf_and_merged_4bit_are_refused_in_one_line(tmp_path):
-    """GGUF: fastlm's gemma4 writer has no router or 3-D expert tensors (without the refusal it
-    stops at the first router tensor it has no name for); merged_4bit: bitsandbytes would leave
-    the experts 16-bit. Both before writing anything."""
+    """GGUF: the MoE block is written (tests/export/test_gguf_gemma4_moe.py), but tiny_models'
+    layer order has KV-shared layers that read other layers in llama.cpp, as the dense model's;
+    merged_4bit: bitsandbytes would leave the experts 16-bit. Both before writing anything."""
     pytest.importorskip("gguf")
     from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     path = save_tiny_model(GEMMA4_TEXT_MOE, tmp_path / GEMMA4_TEXT_MOE)
     model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu")
-    with pytest.raises(NotImplementedError, match="no layout for the mixture-of-experts block"):
+    with pytest.raises(NotImplementedError, match="llama.cpp's KV-shared full_attention layers"):
         save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, quantization_method="f16")
     assert not (tmp_path / "gguf").exists()
     model = FastModel.get_peft_model(model, r=4, target_modules=["q_proj"])

@@ -4,9 +4,9 @@ Every family is written as transformers' tensors renamed by ``gguf.get_tensor_na
 the writer's common metadata and its one common rule (a Gemma-style norm stored as 1 + w;
 ``gguf_writer``). An arch that needs more (Llama's RoPE row order, Gemma 2/3's metadata:
 ``gguf_dense``; Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``;
-the mixture-of-experts arches: ``gguf_moe``) describes it with a ``GGUFLayout`` in
-``gguf_writer.LAYOUTS``, and the writer asks every arch the same questions through it; there is
-no other per-arch branch in the writer.
+Llama 4: ``gguf_llama4``; the other mixture-of-experts arches: ``gguf_moe``) describes it with a
+``GGUFLayout`` in ``gguf_writer.LAYOUTS``, and the writer asks every arch the same questions
+through it; there is no other per-arch branch in the writer.
 
 Usage: ``layout = GGUFLayout(tensor=..., add_hparams=..., refused_methods=("q6_k",))``.
 """
@@ -48,6 +48,10 @@ class GGUFLayout:
     split_experts: bool = False
     # True (with split_experts): gate and up as one (E, 2·I, H) stack, ffn_gate_up_exps (Gemma 4)
     fused_gate_up: bool = False
+    # (config, HF name, fp32 tensor) -> the HF-style (name, tensor) pieces one tensor is written
+    # as, each then given to ``tensor`` (Mistral 4's kv_b_proj: k_b_proj and v_b_proj). None:
+    # every tensor is one.
+    split: Callable[[Any, str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None
 
     def refused(self, config) -> tuple[str, ...]:
         """The quantization methods refused for this config. Usage: ``"q8_0" in l.refused(c)``."""

@@ -7,7 +7,9 @@ qwen arches use HF's half-split RoPE) and, per arch in ``LAYOUTS``, one interfac
 (``gguf_layout.GGUFLayout``) for the rest: Llama's q/k rows permuted to its interleaved RoPE
 (Mistral too), Gemma 2/3's metadata (``gguf_dense``); Gemma 4 (``gguf_gemma4``); Qwen3.5's linear
 attention (``gguf_linear_attention``); the MoE arches' 3-D experts split per projection
-(``gguf_moe``).
+(``gguf_moe``), Llama 4's with the rest of its layout in ``gguf_llama4``.
+A byte-level BPE vocabulary is written with the llama.cpp pre-tokenizer of its split regex
+(``BYTE_LEVEL_PRE_TOKENIZERS``: Llama 3, Qwen 2/3, Llama 4); another one is refused.
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the
 family's spec (``ArchitectureSpec.gguf_arch`` / ``gguf_checks`` in ``fastlm.models``).
 
@@ -36,6 +38,7 @@ from fastlm.export.gguf_gemma4 import GEMMA4
 from fastlm.export.gguf_layout import GGUFLayout
 from fastlm.export.gguf_linear_attention import QWEN35
 from fastlm.export.gguf_llama4 import LLAMA4
+from fastlm.export.gguf_mistral4 import MISTRAL4
 from fastlm.export.gguf_moe import GPT_OSS, QWEN3MOE, QWEN35MOE, expert_tensors
 from fastlm.export.merged import (
     check_plain_lora,
@@ -55,9 +58,25 @@ METHODS = ("f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 # Llama 3 ("llama-bpe") and Qwen 2/3 ("qwen2") differ only in digits: runs of 1-3 vs single.
 _BPE_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
 _BPE_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Llama 4 ("llama4") splits as GPT-4o's o200k: a word is a run of capitals then one of lower-case
+# letters (caseless letters and marks count as both) with its contraction; digits go in runs of
+# 1-3; punctuation keeps a trailing "/". llama.cpp runs "llama4" as its "gpt-4o", which differs
+# from transformers on two kinds of word, in files of its own converter too: it cuts a word before
+# each combining mark (हिन्दी, NFD accents), and takes a capital after a lower-case letter as a new
+# word only in A-Z ("fooÜber" stays whole; transformers: "foo", "Über"). Nor does it honour the
+# tokenizer's ignore_merges (a word the vocabulary holds whole but its merges do not rebuild comes
+# out in pieces). Seen in xllamacpp 2026.10.11549.
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_O200K = (
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}|"
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}|"
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 BYTE_LEVEL_PRE_TOKENIZERS = {
     _BPE_WORDS + r"\p{N}{1,3}" + _BPE_REST: "llama-bpe",
     _BPE_WORDS + r"\p{N}" + _BPE_REST: "qwen2",
+    _O200K: "llama4",
 }
 # Tensors kept F32 whatever the file type: ggml_ssm_conv's kernel (llama.cpp reads it as F32
 # only), and the MoE routers, which llama-quantize never quantises (a rounded router would send
@@ -79,6 +98,7 @@ LAYOUTS: dict[str, GGUFLayout] = {
     "QWEN35MOE": QWEN35MOE,
     "GPT_OSS": GPT_OSS,
     "LLAMA4": LLAMA4,
+    "MISTRAL4": MISTRAL4,
 }
 _PLAIN = GGUFLayout()
 
@@ -209,6 +229,8 @@ def gguf_tensors(model: nn.Module, arch) -> Iterator[tuple[str, torch.Tensor]]:
         pieces = [(merged_name, merged)]
         if layout.split_experts:  # one 3-D parameter -> llama.cpp's per-projection stacks
             pieces = expert_tensors(spec.moe, merged_name, merged, layout.fused_gate_up)
+        if layout.split is not None:  # one tensor -> llama.cpp's pieces of it
+            pieces = [piece for name, t in pieces for piece in layout.split(config, name, t)]
         for hf_name, tensor in pieces:
             yield _gguf_tensor(arch, config, spec.norm_offset, layout, name_map, hf_name, tensor)
     if layout.extra_tensors is not None:
@@ -412,7 +434,8 @@ def _gpt2_pre(spec: dict) -> str:
             return BYTE_LEVEL_PRE_TOKENIZERS[regex]
     raise ValueError(
         f"unknown byte-level BPE pre-tokenizer for GGUF (split regex {regexes or 'none'}); "
-        f"fastlm writes {sorted(set(BYTE_LEVEL_PRE_TOKENIZERS.values()))} (Llama 3, Qwen 2/3). "
+        f"fastlm writes {sorted(set(BYTE_LEVEL_PRE_TOKENIZERS.values()))} (Llama 3, Qwen 2/3, "
+        "Llama 4). "
         "A file with another one would tokenise differently in llama.cpp, so none is written; "
         "export merged_16bit and convert it with llama.cpp's converter instead."
     )

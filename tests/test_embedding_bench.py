@@ -2,7 +2,8 @@
 checkout's benchmarks/embedding_bench.py around it), tiny Qwen3 shape.
 
 The systems' children run in this process (imports already paid) on one cached checkpoint; one
-end-to-end run goes through the parent and a child process as on the GPU machine.
+end-to-end run goes through the parent and a child process as on the GPU machine. The
+variable-length mode (--lengths) runs as a dry run through the parent, every system in-process.
 """
 
 from __future__ import annotations
@@ -181,3 +182,91 @@ def test_full_fine_tuning_trains_every_weight_and_agrees(checkpoint):
         n_weights = n_weights or rec["trainable_params"]
         assert rec["trainable_params"] == n_weights
     assert records["fastlm"]["step0_loss"] == pytest.approx(records["hf"]["step0_loss"], rel=1e-4)
+
+
+# The data file both length histograms (and packing_bench's) were counted on.
+ALPACA_SHA256 = "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318"
+
+
+def test_pair_histograms_are_counted_on_the_packing_data():
+    from fastlm.benchmarking.lengths import load_histogram, sample_lengths, sample_pairs
+
+    bench = _bench()
+    query, positive = bench.pair_histograms("alpaca_en_demo")
+    example = load_histogram("alpaca_en_demo")  # packing_bench's
+    for hist in (query, positive):
+        assert hist.n == example.n == 999
+        assert hist.source["sha256"] == ALPACA_SHA256 and ALPACA_SHA256 in example.source["data"]
+        assert hist.source["tokenizer"].startswith(example.source["tokenizer"].split(", encode")[0])
+        assert "eos=True" in hist.source["tokenizer"] and "bos=False" in hist.source["tokenizer"]
+        assert hist.stats["min"] >= hist.bins[0][0] and hist.stats["max"] < hist.bins[-1][1]
+    assert query.source["fields"].startswith("instruction")
+    assert positive.source["fields"] == "output"
+    # Queries are short, positives long; each side sampled as packing_bench samples, seeded.
+    assert query.stats["median"] < 20 < 100 < positive.stats["median"]
+    pairs = sample_pairs(query, positive, 500, seed=3)
+    assert [q for q, _ in pairs] == sample_lengths(query, 500, seed=3)
+    assert [p for _, p in pairs] == sample_lengths(positive, 500, seed=4)
+
+
+def test_variable_length_pairs_dry_run(checkpoint, tmp_path, capsys):
+    """Same pairs in every system; hf, fastlm padded and fastlm padding-free agree on the step-0
+    loss (fp32, CPU); the padding-free system's body embeds no pad token."""
+    from fastlm.benchmarking import packing_bench
+
+    bench = _bench()
+    out = tmp_path / "varlen"
+    argv = ["--shapes", TINY, "--lengths", "alpaca_en_demo", "--length-scale", "0.25",
+            "--batch", "4", "--warmup", "1", "--steps", "1", "--in-process",
+            "--out", str(out), "--cache", str(checkpoint["cache"])]  # fmt: skip
+    assert bench.main(argv) == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = {r["system"]: r for r in payload["records"]}
+    assert list(records) == list(bench.VARLEN_SYSTEMS)
+    for system, rec in records.items():
+        if system in ("st", "unsloth") and rec["status"] == "skipped":  # not installed here
+            continue
+        assert rec["status"] == "ok", (system, rec.get("error"), rec.get("traceback"))
+    ok = {s: r for s, r in records.items() if r["status"] == "ok"}
+    assert {"hf", "fastlm-padded", "fastlm-padding-free"} <= set(ok)
+
+    # Step 0: the same pairs and weights, LoRA B = 0: the same loss wherever it is laid out.
+    base = ok["hf"]["step0_loss"]
+    assert 0 < base < 2 / bench.TEMPERATURE + math.log(4)
+    for system, rec in ok.items():
+        assert abs(rec["step0_loss"] - base) < 1e-4, (system, rec["step0_loss"], base)
+
+    # The pairs: drawn from the histograms, the same in every record; counts of the timed step.
+    spec = {"warmup": 1, "steps": 1, "batch": 4, "lengths": "alpaca_en_demo",
+            "seed": bench.SEED, "length_scale": 0.25, "seq": 256}  # fmt: skip
+    steps = bench.pair_steps(spec, vocab=bench.SHAPES[TINY].vocab_size)
+    (timed,) = steps[1:]
+    own = sum(len(q) + len(p) for q, p in timed)
+    padded = 4 * max(len(q) for q, _ in timed) + 4 * max(len(p) for _, p in timed)
+    assert own < padded  # the lengths vary: padding exists to be saved
+    for system, rec in ok.items():
+        assert rec["data_sha256"] == packing_bench.data_digest(steps), system
+        assert rec["useful_tokens"] == own and rec["padded_tokens"] == padded, system
+        assert rec["tokens_per_s"] == pytest.approx(own / rec["timed_s"])
+        assert rec["pairs_per_s"] == pytest.approx(4 / rec["timed_s"])
+        assert rec["embedding_calls"] == 4  # two texts' sides a step, two steps
+        if rec["layout"] == "padded":
+            assert rec["computed_tokens"] == padded and rec["padding_fraction"] > 0, system
+        else:  # measured at the body's input embedding: no pad token enters it
+            assert rec["computed_tokens"] == own and rec["padding_fraction"] == 0, system
+        source = rec["lengths_source"]
+        assert source["query"]["sha256"] == source["positive"]["sha256"] == ALPACA_SHA256
+        assert "llamafactory 0.9.5" in source["query"]["data"]
+        assert "Tekken" in source["positive"]["tokenizer"]
+    assert ok["fastlm-padding-free"]["batch_path"] == "padding-free"
+    assert ok["fastlm-padded"]["batch_path"] == "padded"
+
+    md = (out / "results.md").read_text()
+    assert md.startswith(bench.VARLEN_TITLE) and "`alpaca_en_demo_query`, 999 texts" in md
+    assert md.count(f"\n| {TINY} | lora |") == len(bench.VARLEN_SYSTEMS)
+    assert (out / "results.png").stat().st_size > 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]  # the table comes last
+    assert last.startswith(f"| {TINY} | lora | fastlm-padding-free | padding-free |")
+    # A fixed-length run cannot be appended to this folder (the records would replace others).
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", TINY, "--out", str(out), "--append"])

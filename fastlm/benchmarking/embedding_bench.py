@@ -26,17 +26,46 @@ Sentence-Transformers' MNRL scale 20), bf16 autocast, AdamW. Systems:
 
 Results go to --out as results.json, results.md and results.png (report.py, ratios against hf,
 plus fastlm against st and Unsloth), rewritten after every child.
+
+Variable-length mode (``--lengths alpaca_en_demo``): the pairs have real lengths. Each step's
+`batch` query / positive lengths are drawn (seed 1234, ``lengths.sample_pairs``) from two
+histograms counted on the same data as packing_bench's (fastlm/benchmarking/lengths_<name>_query
+.json: instruction [+ input], mean 19.8 tokens; lengths_<name>_positive.json: the output, mean
+148, max 560), capped at --seq (default 1024: none is cut); random token ids; every system trains
+on the same pairs in the same steps (`data_sha256`), a new batch each step:
+
+    python -m fastlm.benchmarking.embedding_bench --shapes qwen3-embedding-0.6b \
+        --lengths alpaca_en_demo --out benchmarks/results/<name>
+
+- hf, st, unsloth: as above, each step's texts padded to the batch's longest (hf by hand, right,
+  with the attention mask; st and unsloth with their tokenizer's ``pad``, as Sentence-Transformers
+  pads what it tokenises);
+- fastlm-padded:       the fastlm system with ``padding_free=False`` (what ``EmbeddingTrainer(...,
+                       padding_free=False)`` sets), the batch padded by its tokenizer, as
+                       EmbeddingCollator pads; the loss is ``InfoNCELoss.batch_loss``;
+- fastlm-padding-free: the same with the loader's default ``padding_free=True``: the model's
+                       forward packs each padded batch into one row (padding_free.pack_texts) and
+                       runs its varlen attention, the path EmbeddingTrainer takes.
+
+Recorded besides the loop's figures: useful (non-pad) tokens/s (``tokens_per_s``), pairs/s, the
+tokens the body computed (counted at its input embedding: padding included) and the padding
+share, the layout fastlm's model reports, and both histograms' source. ``--length-scale`` shrinks
+the lengths and ``--in-process`` runs every system in the parent: CPU smoke tests only.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
 
+from fastlm.benchmarking import packing_bench, report, train_bench
 from fastlm.benchmarking import shapes as _shapes
-from fastlm.benchmarking import train_bench
+from fastlm.benchmarking.lengths import LengthHistogram, load_histogram, sample_pairs
 from fastlm.benchmarking.processes import command_line, dist_version
 from fastlm.benchmarking.shapes import (
     LORA_TARGETS,
@@ -63,6 +92,17 @@ MODES = ("lora", "full")  # LoRA r=16, or every weight trained
 TEMPERATURE = 0.05  # = 1 / Sentence-Transformers' MNRL scale of 20
 CHECKPOINTING = ("true", "false", "fastlm")  # unsloth: "unsloth" unless "false"
 TITLE = "# fastlm embedding fine-tuning benchmark"
+# The variable-length mode (--lengths): system -> how its batches are laid out.
+VARLEN_SYSTEMS = {
+    "hf": "padded",
+    "st": "padded",
+    "unsloth": "padded",
+    "fastlm-padded": "padded",
+    "fastlm-padding-free": "padding-free",
+}
+VARLEN_CAP = 1024  # a text's length cap (--seq): over both histograms' longest (169, 560)
+SEED = 1234  # of the drawn lengths and the random token ids
+VARLEN_TITLE = f"{TITLE}: variable-length pairs"
 
 _QWEN3 = {
     **QWEN_COMMON,
@@ -264,8 +304,18 @@ def build_unsloth(path: str, seq: int, cuda: bool, dtype, checkpointing: str, fu
     return model, _mnrl_loss(model)
 
 
-def build_fastlm(path: str, seq: int, cuda: bool, dtype, checkpointing: str, full: bool = False):
-    """fastlm.embeddings as users call it: load_embedding_model(lora_r=16) + InfoNCELoss."""
+def build_fastlm(
+    path: str,
+    seq: int,
+    cuda: bool,
+    dtype,
+    checkpointing: str,
+    full: bool = False,
+    padding_free: bool = True,
+):
+    """fastlm.embeddings as users call it: load_embedding_model(lora_r=16) + InfoNCELoss, whose
+    ``batch_loss`` is what EmbeddingTrainer computes. `padding_free`: the loader's flag (default
+    on; a batch without padding runs as it is)."""
     # lazy: a child imports only its own system's packages
     from fastlm.embeddings import InfoNCELoss, load_embedding_model
 
@@ -280,17 +330,25 @@ def build_fastlm(path: str, seq: int, cuda: bool, dtype, checkpointing: str, ful
         target_modules=list(LORA_TARGETS),
         use_gradient_checkpointing=mode,
         random_state=LORA_SEED,
+        padding_free=padding_free,
         **lora,
     )
     infonce = InfoNCELoss(temperature=TEMPERATURE)
 
     def loss(query: dict, positive: dict):
-        return infonce(model(**query), model(**positive))
+        return infonce.batch_loss(model, {"query": query, "response": positive})
 
     return model, loss
 
 
-BUILDERS = {"hf": build_hf, "st": build_st, "unsloth": build_unsloth, "fastlm": build_fastlm}
+BUILDERS = {
+    "hf": build_hf,
+    "st": build_st,
+    "unsloth": build_unsloth,
+    "fastlm": build_fastlm,
+    "fastlm-padded": functools.partial(build_fastlm, padding_free=False),
+    "fastlm-padding-free": functools.partial(build_fastlm, padding_free=True),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,10 +419,144 @@ def _profile(torch, loss, passes: int = 2) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# Variable-length pairs (--lengths): the same pairs for every system, padded or packed.
+# --------------------------------------------------------------------------------------------
+def pair_histograms(name: str) -> tuple[LengthHistogram, LengthHistogram]:
+    """The query and positive histograms of data set `name`: lengths_<name>_query.json and
+    lengths_<name>_positive.json."""
+    return load_histogram(f"{name}_query"), load_histogram(f"{name}_positive")
+
+
+def pair_steps(spec: dict, vocab: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Per step, its `batch` (query ids, positive ids) pairs: lengths drawn from the spec's
+    histograms (seeded, times `length_scale`, capped at `seq`), random token ids."""
+    import torch
+
+    n_steps, batch = spec["warmup"] + spec["steps"], spec["batch"]
+    lengths = sample_pairs(
+        *pair_histograms(spec["lengths"]), n_steps * batch, spec["seed"],
+        scale=spec.get("length_scale", 1.0), max_len=spec["seq"],
+    )  # fmt: skip
+    flat = [n for pair in lengths for n in pair]  # q0, p0, q1, p1, ...
+    gen = torch.Generator().manual_seed(spec["seed"])
+    texts = [x.tolist() for x in torch.randint(0, vocab, (sum(flat),), generator=gen).split(flat)]
+    pairs = list(zip(texts[0::2], texts[1::2]))
+    return [pairs[i * batch : (i + 1) * batch] for i in range(n_steps)]
+
+
+def pad_texts(system: str, model, texts: list[list[int]], pad_id: int) -> dict:
+    """One side of a step as the system gets it: (B, longest) input_ids + attention_mask. hf
+    pads by hand (right, `pad_id`); the others with their own tokenizer's ``pad`` (its side and
+    pad token), as Sentence-Transformers and fastlm's EmbeddingCollator pad what they tokenise."""
+    if system == "hf":
+        batch = packing_bench.padded_batch(texts, pad_id)
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+    batch = model.tokenizer.pad({"input_ids": texts}, padding=True, return_tensors="pt")
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def count_embedded_tokens(model) -> tuple[list[int], object]:
+    """(counts, hook handle): every call of the body's input embedding (``embed_tokens``)
+    appends how many token ids it embeds, padding included: what the body computes."""
+    import torch
+
+    embeddings = [
+        m for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding) and name.endswith("embed_tokens")
+    ]  # fmt: skip
+    if len(embeddings) != 1:
+        raise RuntimeError(f"expected one embed_tokens in the model, found {len(embeddings)}")
+    counts: list[int] = []
+    handle = embeddings[0].register_forward_pre_hook(lambda m, args: counts.append(args[0].numel()))
+    return counts, handle
+
+
+def varlen_loop(model, loss_fn, batches: list, *, warmup: int, steps: int, profile: bool = False):
+    """train_bench's step over prepared (query, positive) batches, one a step (warm-up first);
+    useful (non-pad) tokens/s and pairs/s over the timed steps, and the tokens the body
+    computed (``count_embedded_tokens``: two embedding calls a step, or the count is unknown)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_device = [tuple({k: v.to(device) for k, v in side.items()} for side in b) for b in batches]
+    feed = iter(on_device)
+
+    def loss(pair=None):
+        query, positive = pair or next(feed)
+        return loss_fn(dict(query), dict(positive))  # fresh dicts: ST writes into them
+
+    counts, handle = count_embedded_tokens(model)
+    try:
+        loop = timed_training(model, loss, warmup=warmup, steps=steps, record_dtypes=True)
+    finally:
+        handle.remove()
+    timed = batches[warmup:]
+    useful = sum(int(side["attention_mask"].sum()) for b in timed for side in b)
+    computed = sum(counts[2 * warmup :]) if len(counts) == 2 * (warmup + steps) else None
+    elapsed = loop["timed_s"]
+    if profile and device == "cuda":
+        loop["gpu_busy_ms_per_step"] = _profile(torch, lambda: loss(on_device[-1]))
+    return {
+        "tokens_per_s": useful / elapsed,  # the figure: useful (non-pad) tokens per second
+        "pairs_per_s": sum(len(b[0]["input_ids"]) for b in timed) / elapsed,
+        "ms_per_step": 1000.0 * elapsed / steps,
+        "useful_tokens": useful,
+        "padded_tokens": sum(side["input_ids"].numel() for b in timed for side in b),
+        "computed_tokens": computed,
+        "computed_tokens_per_s": computed / elapsed if computed is not None else None,
+        "padding_fraction": 1.0 - useful / computed if computed else None,
+        "embedding_calls": len(counts),
+        **loop,
+    }
+
+
+def varlen_child(spec: dict, t_start: float) -> dict:
+    """One system on the variable-length pairs; always returns a record."""
+    shape = get_shape(spec["shape"])
+    system, mode = spec["system"], spec.get("mode", "lora")
+    query, positive = pair_histograms(spec["lengths"])
+    rec = train_bench.new_record(
+        spec, mode, layout=VARLEN_SYSTEMS[system], lengths=spec["lengths"],
+        lengths_source={"query": query.source, "positive": positive.source},
+        seed=spec["seed"], length_scale=spec.get("length_scale", 1.0),
+        checkpointing=spec["checkpointing"],
+    )  # fmt: skip
+
+    def load(cuda: bool, dtype):
+        from transformers import AutoTokenizer
+
+        model, loss_fn = BUILDERS[system](
+            spec["path"], spec["seq"], cuda, dtype, spec["checkpointing"], full=mode == "full"
+        )
+        steps = pair_steps(spec, shape.vocab_size)
+        pad_id = AutoTokenizer.from_pretrained(spec["path"]).pad_token_id
+        batches = [
+            tuple(pad_texts(system, model, list(side), pad_id) for side in zip(*step))
+            for step in steps
+        ]
+        rec["data_sha256"] = packing_bench.data_digest(steps)
+
+        def run() -> dict:
+            out = varlen_loop(model, loss_fn, batches, warmup=spec["warmup"],
+                              steps=spec["steps"], profile=spec.get("profile", False))  # fmt: skip
+            path = getattr(model, "latest_batch_path", None)  # fastlm: what the last step ran
+            if path is not None:
+                out |= {"batch_path": path.layout, "batch_path_reason": path.reason}
+            return out
+
+        return model, run
+
+    return train_bench.measure_child(
+        rec, t_start, load, lambda: _versions(system), prepare=lambda: preimport(system)
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Child process: one (shape, system).
 # --------------------------------------------------------------------------------------------
 def _versions(system: str) -> dict:
-    out = versions(system if system in ("fastlm", "unsloth") else "hf", "lora")
+    loader = "fastlm" if system.startswith("fastlm") else system
+    out = versions(loader if loader in ("fastlm", "unsloth") else "hf", "lora")
     if system in ("st", "unsloth"):
         out["sentence-transformers"] = dist_version("sentence-transformers")
     return out
@@ -373,6 +565,8 @@ def _versions(system: str) -> dict:
 def child_main(spec: dict) -> dict:
     """Load, add LoRA, run the loop; always returns a record (status ok / error / skipped)."""
     t_start = time.perf_counter()
+    if spec.get("lengths"):
+        return varlen_child(spec, t_start)
     shape = get_shape(spec["shape"])
     system = spec["system"]
     mode = spec.get("mode", "lora")
@@ -409,20 +603,20 @@ def _label(rec: dict) -> str:
     return rec["shape"] + ("" if mode == "lora" else f" ({mode})")
 
 
-def versus(records: list[dict], other: str) -> dict[str, dict]:
-    """Per shape (and mode): fastlm's speed-up, memory ratio and |Δ step-0 loss| against the
-    system `other` (both ok)."""
+def versus(records: list[dict], other: str, fast: str = "fastlm") -> dict[str, dict]:
+    """Per shape (and mode): the system `fast`'s speed-up, memory ratio and |Δ step-0 loss|
+    against the system `other` (both ok)."""
     ok = {(_label(r), r["system"]): r for r in records if r.get("status") == "ok"}
     out = {}
     for (label, system), base in ok.items():
-        fast = ok.get((label, "fastlm"))
-        if system != other or fast is None:
+        fast_rec = ok.get((label, fast))
+        if system != other or fast_rec is None:
             continue
-        peak_f, peak_b = fast.get("peak_gib"), base.get("peak_gib")
+        peak_f, peak_b = fast_rec.get("peak_gib"), base.get("peak_gib")
         out[label] = {
-            "speedup": fast["tokens_per_s"] / base["tokens_per_s"],
+            "speedup": fast_rec["tokens_per_s"] / base["tokens_per_s"],
             "memory_ratio": peak_f / peak_b if peak_f and peak_b else None,
-            "loss_delta": abs(fast["step0_loss"] - base["step0_loss"]),
+            "loss_delta": abs(fast_rec["step0_loss"] - base["step0_loss"]),
         }
     return out
 
@@ -435,12 +629,14 @@ def versus_st(records: list[dict]) -> dict[str, dict]:
 OTHERS = {"st": "sentence-transformers", "unsloth": "Unsloth"}
 
 
-def _versus_lines(comparison: dict[str, dict], name: str = OTHERS["st"]) -> list[str]:
+def _versus_lines(
+    comparison: dict[str, dict], name: str = OTHERS["st"], fast: str = "fastlm"
+) -> list[str]:
     lines = []
     for shape, c in comparison.items():
         memory = "n/a" if c["memory_ratio"] is None else f"{c['memory_ratio']:.2f}×"
         lines.append(
-            f"- {shape}: fastlm {c['speedup']:.2f}× the tokens/s of {name}, "
+            f"- {shape}: {fast} {c['speedup']:.2f}× the tokens/s of {name}, "
             f"{memory} its peak memory, |Δ step-0 loss| {c['loss_delta']:.2g}"
         )
     return lines
@@ -479,6 +675,99 @@ def write_report(out: Path, payload: dict) -> str:
     return md
 
 
+VARLEN_COLUMNS = ["shape", "mode", "system", "layout", "useful tok/s", "× hf", "pairs/s",
+                  "ms/step", "padding", "peak GiB", "× hf memory", "step-0 loss",
+                  "\\|Δ step-0 loss\\| vs hf"]  # fmt: skip
+
+
+def varlen_table(records: list[dict]) -> str:
+    """The variable-length mode's markdown table, one line per record, ratios against hf."""
+    base = report.baselines(records)
+    lines = ["| " + " | ".join(VARLEN_COLUMNS) + " |", "|" + " --- |" * len(VARLEN_COLUMNS)]
+    for r in records:
+        head = [str(r.get("shape")), str(r.get("mode")), str(r.get("system")), str(r.get("layout"))]
+        if r.get("status") != "ok":
+            cells = head + [str(r.get("status"))] + [report.DASH] * (len(VARLEN_COLUMNS) - 5)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        vs = report.derived(r, base.get(report._key(r)))
+        tps, pad = report._num(r.get("tokens_per_s")), report._num(r.get("padding_fraction"))
+        times = {k: report.DASH if x is None else f"{x:.2f}×" for k, x in vs.items()}
+        cells = head + [
+            report.DASH if tps is None else f"{tps:,.0f}",
+            times["speedup"],
+            report._fmt(r.get("pairs_per_s"), ".1f"),
+            report._fmt(r.get("ms_per_step"), ".1f"),
+            report.DASH if pad is None else f"{100 * pad:.0f}%",
+            report._fmt(r.get("peak_gib"), ".2f"),
+            times["memory_ratio"],
+            report._fmt(r.get("step0_loss"), ".4f"),
+            report._fmt_delta(vs["loss_delta"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_varlen_report(out: Path, payload: dict) -> str:
+    """The variable-length mode's results.json / .md / .png: where and how it ran, both
+    histograms' source, the table (against hf), fastlm-padding-free against st and Unsloth."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = payload["records"]
+    base = report.baselines(records)
+    for r in records:
+        r["vs_hf"] = report.derived(r, base.get(report._key(r)))
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    devices = sorted({r["device"] for r in records if r.get("device")})
+    md = [VARLEN_TITLE, "", f"- date: {payload.get('date')}"]
+    md += [f"- command: `{run['command']}`" for run in payload.get("runs", [])]
+    md.append(f"- device: {', '.join(devices) or report.DASH}")
+    md += [f"- CUDA: {c}" for c in sorted({str(r["cuda"]) for r in records if r.get("cuda")})]
+    md += sorted({
+        f"- loop: {r.get('batch')} pairs per step, texts capped at {r.get('seq')} tokens, "
+        f"lengths × {r.get('length_scale')}, {r.get('warmup')} warm-up + {r.get('steps')} timed "
+        f"steps, seed {r.get('seed')}, checkpointing {r.get('checkpointing')}"
+        for r in records if r.get("status") == "ok"
+    })  # fmt: skip
+    for name in sorted({r["lengths"] for r in records if r.get("lengths")}):
+        for side, hist in zip(("queries", "positives"), pair_histograms(name)):
+            src = hist.source
+            md.append(
+                f"- {side}: `{hist.name}`, {hist.n} texts: {src['data']}; {src['fields']}; "
+                f"counted with {src['tokenizer']}. Stats: {hist.stats}"
+            )
+    md += ["", "Versions:", *report._versions_lines(records), ""]
+    md += [
+        "useful tok/s: the pairs' own tokens (queries and positives, no padding) of the timed "
+        "steps / their time; padding: the share of the tokens the body computed (counted at its "
+        "input embedding) that are padding; pairs/s; peak GiB: `max_memory_allocated`. Same "
+        "pairs, steps and random-init weights in every system (`data_sha256`), "
+        + (
+            "all in one process (--in-process: a smoke test, not a measurement)."
+            if any(r.get("in_process") for r in records)
+            else "each in its own process."
+        ),
+        "",
+        varlen_table(records),
+        "",
+    ]
+    notes = report._notes(records)
+    if notes:
+        md += ["Not measured:", *notes, ""]
+    for other, name in OTHERS.items():
+        lines = _versus_lines(versus(records, other, VARLEN_FAST), name, VARLEN_FAST)
+        if lines:
+            md += [f"fastlm padding-free vs {name}:", *lines, ""]
+    text = "\n".join(md)
+    (out / "results.md").write_text(text)
+    if importlib.util.find_spec("matplotlib") is not None:
+        report.plot(records, out / "results.png", speed_title=VARLEN_SPEED_TITLE)
+    return text
+
+
+VARLEN_FAST = "fastlm-padding-free"  # the system set against st and Unsloth
+VARLEN_SPEED_TITLE = "useful (non-pad) tokens/s, higher is better"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
@@ -487,7 +776,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list of: {', '.join(SHAPES)}",
     )
     p.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma list of: {','.join(SYSTEMS)}"
+        "--systems",
+        help=f"comma list of: {','.join(SYSTEMS)} (default all); with --lengths: "
+        f"{','.join(VARLEN_SYSTEMS)} (default all)",
     )
     p.add_argument(
         "--mode", choices=MODES, default="lora", help="lora (r=16), or full: every weight trained"
@@ -495,10 +786,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default benchmarks/results/<date>-embedding)")
     train_bench.add_loop_args(
         p,
-        seq_help="override every shape's document length (256)",
+        seq_help="override every shape's document length (256); with --lengths: the cap on a "
+        f"text's length (default {VARLEN_CAP}, or the shape's positions if fewer)",
         batch_help="override every shape's pairs per step (64)",
     )
     p.add_argument("--query-seq", type=int, default=64, help="query length (at most --seq)")
+    p.add_argument(
+        "--lengths",
+        help="variable-length mode: query / positive lengths drawn from the histograms "
+        "fastlm/benchmarking/lengths_<NAME>_query.json / _positive.json (alpaca_en_demo)",
+    )
+    p.add_argument("--seed", type=int, default=SEED, help="--lengths: seed of lengths and ids")
+    p.add_argument("--length-scale", type=float, default=1.0,
+                   help="--lengths: scale the drawn lengths (CPU smoke tests: 0.25)")  # fmt: skip
+    p.add_argument(
+        "--in-process", action="store_true",
+        help="run every system in this process (CPU smoke tests only: no isolation)",
+    )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="also profile two passes (in the logs)")
     p.add_argument(
         "--checkpointing",
@@ -509,7 +813,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(as Unsloth does), hf and st recompute",
     )
     train_bench.add_parent_args(p, child_timeout=600.0, list_help="print the shapes and exit")
-    return train_bench.check_args(p, p.parse_args(argv), get_shape, SYSTEMS)
+    args = p.parse_args(argv)
+    systems = tuple(VARLEN_SYSTEMS) if args.lengths else SYSTEMS
+    args.systems = args.systems or ",".join(systems)
+    if args.child is None:
+        if args.lengths:
+            pair_histograms(args.lengths)  # an unknown name exits here, listing the known ones
+        _refuse_mixed_append(p, args)
+    return train_bench.check_args(p, args, get_shape, systems)
+
+
+def _refuse_mixed_append(p: argparse.ArgumentParser, args) -> None:
+    """--append adds to an --out folder of the same kind only: fixed-length and variable-length
+    records share their (shape, system, mode) keys and would replace each other."""
+    old = Path(args.out or "") / "results.json"
+    if not (args.append and args.out and old.is_file()):
+        return
+    kinds = {r.get("lengths") for r in json.loads(old.read_text()).get("records", [])}
+    if kinds - {args.lengths}:
+        p.error(f"{old} holds records of another length mode ({sorted(map(str, kinds))}): "
+                "give this run another --out")  # fmt: skip
 
 
 def _list_shapes() -> str:
@@ -528,22 +851,40 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
         return 0
 
     def spec(shape, system: str, path: str, out: Path) -> dict:
-        return train_bench.base_spec(shape, system, path, args) | {
+        common = train_bench.base_spec(shape, system, path, args) | {
             "mode": args.mode,
-            "query_seq": min(args.query_seq, args.seq or shape.seq),
             "profile": args.profile,
             "checkpointing": args.checkpointing,
         }
+        if not args.lengths:
+            return common | {"query_seq": min(args.query_seq, args.seq or shape.seq)}
+        cap = args.seq or min(VARLEN_CAP, int(shape.config["max_position_embeddings"]))
+        return common | {"seq": cap, "lengths": args.lengths, "seed": args.seed,
+                         "length_scale": args.length_scale}  # fmt: skip
 
-    parent = train_bench.Parent("embedding", f"embedding-{args.mode}", get_shape,
-                                ensure_checkpoint, spec, run_child, write_report)  # fmt: skip
+    def run(spec: dict, log: Path, timeout: float, cuda: bool) -> dict:
+        if args.in_process:
+            log.write_text("run in the parent process (--in-process)\n")
+            return child_main(spec) | {"in_process": True}
+        return run_child(spec, log, timeout, cuda)
+
+    varlen = "-varlen" if args.lengths else ""
+    write = write_varlen_report if args.lengths else write_report
+    parent = train_bench.Parent(f"embedding{varlen}", f"embedding{varlen}-{args.mode}",
+                                get_shape, ensure_checkpoint, spec, run, write)  # fmt: skip
     out, records = train_bench.parent_loop(parent, args, command_line(program, argv))
     train_bench.print_failures(records)
+    fast = VARLEN_FAST if args.lengths else "fastlm"
     for other, name in OTHERS.items():
-        lines = _versus_lines(versus(records, other), name)
+        lines = _versus_lines(versus(records, other, fast), name, fast)
         if lines:
-            print(f"\nfastlm vs {name}:\n" + "\n".join(lines))
-    train_bench.print_table(out, records)
+            print(f"\n{fast} vs {name}:\n" + "\n".join(lines))
+    if args.lengths:
+        written = [n for n in ("results.json", "results.md", "results.png") if (out / n).is_file()]
+        print(f"\nwrote {out}/{', '.join(written)}\n")
+        print(varlen_table(records), flush=True)
+    else:
+        train_bench.print_table(out, records)
     return 0
 
 

@@ -1,15 +1,21 @@
-"""Example lengths with a real instruction set's distribution, for the packing benchmark.
+"""Example lengths with a real instruction set's distribution, for the packing and embedding
+benchmarks.
 
 A length histogram is data beside this module, ``lengths_<name>.json``: bins ``[lo, hi, count]``
 (``count`` examples have ``lo <= tokens < hi``) and where the numbers come from (``source``:
 the data, the prompt template and the tokenizer they were counted with; ``stats``: min, mean,
-median, p90, max). The one shipped, ``alpaca_en_demo``, counts the 999 Alpaca-format records
-that the llamafactory 0.9.5 sdist on PyPI bundles, as Stanford Alpaca's training script lays
-them out, with mistral-common's Tekken tokenizer (mean 197 tokens, median 159, max 706);
-``benchmarks/length_histogram.py`` rebuilds it.
+median, p90, max). All three count the 999 Alpaca-format records that the llamafactory 0.9.5
+sdist on PyPI bundles, with mistral-common's Tekken tokenizer; ``benchmarks/length_histogram.py``
+rebuilds them:
+
+    alpaca_en_demo           a training example as Stanford Alpaca's script lays it out
+                             (mean 197 tokens, median 159, max 706): packing_bench
+    alpaca_en_demo_query     instruction [+ input] (mean 19.8, median 16, max 169)  } an embedding
+    alpaca_en_demo_positive  output (mean 148, median 109, max 560)                 } pair
 
 Sampling draws a bin with probability count / n, then a length uniformly in [lo, hi): the
 sampled lengths have the histogram's bin frequencies (tests/test_packing_bench.py checks it).
+A pair's two lengths (``sample_pairs``) are drawn from their own histograms independently.
 
 Stdlib only, like the other modules here: the benchmark's children import it first.
 """
@@ -72,3 +78,24 @@ def sample_lengths(
         n = max(2, round(rng.randrange(lo, hi) * scale))
         lengths.append(n if max_len is None else min(n, max_len))
     return lengths
+
+
+def sample_pairs(
+    query: LengthHistogram,
+    positive: LengthHistogram,
+    count: int,
+    seed: int,
+    *,
+    scale: float = 1.0,
+    max_len: int | None = None,
+) -> list[tuple[int, int]]:
+    """`count` (query, positive) lengths: the queries by ``sample_lengths(query, count, seed)``,
+    the positives by ``sample_lengths(positive, count, seed + 1)``. Independent draws: how the
+    two lengths go together in the data (alpaca_en_demo: Spearman -0.31) is not kept.
+
+    Usage: ``sample_pairs(load_histogram(f"{name}_query"), load_histogram(f"{name}_positive"),
+    64, seed=1234)``.
+    """
+    queries = sample_lengths(query, count, seed, scale=scale, max_len=max_len)
+    positives = sample_lengths(positive, count, seed + 1, scale=scale, max_len=max_len)
+    return list(zip(queries, positives))

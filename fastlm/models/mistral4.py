@@ -28,11 +28,90 @@ What differs from Mistral, and where fastlm's shared path takes it from the spec
 - No load-balancing loss: ``Mistral4ForCausalLM``'s forward adds none, so fastlm adds none;
   ``output_router_logits`` returns the router's logits.
 transformers 5.23 has no AutoModelForCausalLM entry for mistral4: fastlm loads it with
-``Mistral4ForCausalLM`` (``causal_lm_class``), and so must whoever reloads a merged folder. GGUF
-export is refused (fastlm's writer has no layout for MLA or the 3-D experts).
+``Mistral4ForCausalLM`` (``causal_lm_class``), and so must whoever reloads a merged folder.
+GGUF: llama.cpp's mistral4 (its deepseek2 graph), kv_b_proj split into the absorbed MLA's k_b and
+v_b, each 3-D experts parameter into per-projection stacks (``fastlm/export/gguf_mistral4.py``).
+llama.cpp hard-codes what some configs set otherwise (YaRN's mscales, the latent norms' ε, no
+attention biases, "lite" DeepSeek models by their layer count): the gguf_checks below refuse them.
 """
 
+from fastlm.models.gguf_limits import rope_parameters
 from fastlm.models.spec import ArchitectureSpec, ExpertGroups, MixtureOfExperts
+
+# transformers' q_a_layernorm and kv_a_layernorm: Mistral4RMSNorm's default ε, whatever the
+# config says; llama.cpp's deepseek2 normalises them with the file's rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+# llama.cpp's deepseek2 loader takes these models for DeepSeek-V2-Lite-style ones (q_proj, no q
+# latent) by their size alone: 26 or 27 layers, or 48 with a 128256-token vocabulary.
+LLAMA_CPP_LITE_LAYERS = (26, 27)
+LLAMA_CPP_LITE_48_VOCAB = 128256
+_USE_MERGED = "use merged_16bit with transformers instead."
+
+
+def _yarn_as_llama_cpp(config) -> None:
+    """YaRN with mscale = mscale_all_dim = 1 and no attention_factor: llama.cpp's mistral4
+    assumes both are 1 (its attention scale is (1 + 0.1·ln factor)² / √(N + R), its RoPE
+    unscaled), and rounds the correction range outward (transformers' truncate=True)."""
+    rope = rope_parameters(config)
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "yarn":
+        raise NotImplementedError(
+            f"Mistral 4 RoPE type {rope_type!r} is not exported to GGUF: fastlm writes Mistral 4's "
+            "YaRN only; " + _USE_MERGED
+        )
+    used = {k: rope.get(k) for k in ("mscale", "mscale_all_dim")}
+    if used != {"mscale": 1.0, "mscale_all_dim": 1.0} or rope.get("attention_factor") is not None:
+        raise NotImplementedError(
+            f"Mistral 4 YaRN with {used}, attention_factor={rope.get('attention_factor')} is not "
+            "exported to GGUF: llama.cpp's mistral4 takes mscale = mscale_all_dim = 1 and derives "
+            "its attention factor from the scaling factor alone; " + _USE_MERGED
+        )
+    if not rope.get("truncate", True):
+        raise NotImplementedError(
+            "Mistral 4 YaRN with truncate=False is not exported to GGUF: llama.cpp rounds the "
+            "correction range to whole dims (truncate=True); " + _USE_MERGED
+        )
+
+
+def _attention_as_llama_cpp(config) -> None:
+    """No attention biases, the latent norms' ε as the other norms', and a layer count that
+    llama.cpp's loader does not take for a DeepSeek-V2-Lite (which has no q latent)."""
+    if config.attention_bias:
+        raise NotImplementedError(
+            "Mistral 4 with attention_bias=True is not exported to GGUF: llama.cpp's mistral4 "
+            "loads no attention biases (the file would not load); " + _USE_MERGED
+        )
+    if config.rms_norm_eps != LATENT_NORM_EPS:
+        raise NotImplementedError(
+            f"Mistral 4 with rms_norm_eps={config.rms_norm_eps} is not exported to GGUF: "
+            f"transformers normalises the q and kv latents with ε={LATENT_NORM_EPS}, llama.cpp "
+            "with rms_norm_eps; " + _USE_MERGED
+        )
+    lite = config.num_hidden_layers in LLAMA_CPP_LITE_LAYERS or (
+        config.num_hidden_layers == 48 and config.vocab_size == LLAMA_CPP_LITE_48_VOCAB
+    )
+    if lite and config.q_lora_rank:
+        raise NotImplementedError(
+            f"Mistral 4 with {config.num_hidden_layers} layers and q_lora_rank="
+            f"{config.q_lora_rank} is not exported to GGUF: llama.cpp takes a model of that size "
+            "for a DeepSeek-V2-Lite without a q latent and would not load the file; " + _USE_MERGED
+        )
+
+
+def _routing_as_llama_cpp(config) -> None:
+    """The top k fit in the kept groups: beyond them both would fill it with experts of the
+    dropped groups by breaking ties (transformers zeroes their scores, llama.cpp sets -inf), in
+    no defined order."""
+    groups, kept = config.n_group or 1, config.topk_group or 1
+    in_kept = kept * (config.n_routed_experts // groups)
+    if config.num_experts_per_tok > in_kept:
+        raise NotImplementedError(
+            f"Mistral 4 with num_experts_per_tok={config.num_experts_per_tok} > the {in_kept} "
+            f"experts of its topk_group={kept} groups is not exported to GGUF: transformers and "
+            "llama.cpp would fill the top k from the dropped groups by ties, in no defined "
+            "order; " + _USE_MERGED
+        )
+
 
 MISTRAL4 = ArchitectureSpec(
     model_type="mistral4",
@@ -44,7 +123,8 @@ MISTRAL4 = ArchitectureSpec(
     activation="swiglu",
     activation_config_attr="hidden_act",
     activation_config_values=("silu",),
-    gguf_arch=None,
+    gguf_arch="MISTRAL4",
+    gguf_checks=(_yarn_as_llama_cpp, _attention_as_llama_cpp, _routing_as_llama_cpp),
     transformers_attention=(
         "multi-head latent attention (latent q and kv projections, RoPE on part of each head, "
         "latents in the KV cache), which fastlm's patched attention does not compute"

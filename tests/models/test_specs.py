@@ -31,7 +31,7 @@ _GGUF_ARCH_BEFORE = {
     "gpt_oss": "GPT_OSS",
     "embedding_gemma2_text": None,  # llama.cpp has no arch for it: GGUF export refuses it
     "llama4_text": "LLAMA4",  # experts split per projection: tests/export/test_gguf_llama4.py
-    "mistral4": None,  # fastlm's writer has no layout for MLA: GGUF export refuses it
+    "mistral4": "MISTRAL4",  # MLA's kv_b split, experts per projection: test_gguf_mistral4.py
 }
 _LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 

@@ -61,6 +61,8 @@ from fastlm.models.packing import Packing, _version, packed_sequences, sequence_
 from fastlm.models.padding import Padding, keeps_exactly, pad, padded_rows, unpad
 
 __all__ = [
+    "CHUNK_KWARG",
+    "CHUNKED",
     "CUSTOM_MASK",
     "FLASH",
     "FLASH_VARLEN",
@@ -76,6 +78,10 @@ FLASH = "fastlm-flash"  # AttentionPath.implementation of fastlm's Triton kernel
 FLASH_VARLEN = "fastlm-flash-varlen"  # ... and of its packed-sequence launch
 PADDED = "padding from the attention mask"  # FLASH_VARLEN's reason for a padded batch
 CUSTOM_MASK = "a custom mask (not padding on the causal, window or bidirectional pattern)"
+# attend()'s keyword for a chunked layer's chunk size (Llama 4's attention_chunk_size): queries
+# see the keys of their own chunk only; the mask carries that, the kernel needs the size.
+CHUNK_KWARG = "fastlm_attention_chunk"
+CHUNKED = "chunks of the attention mask"  # FLASH_VARLEN's reason for a chunked layer
 
 
 class AttentionPath(NamedTuple):
@@ -104,7 +110,7 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
         if plan.padding is not None and not plan.reason:
             output, weights, path = _run_kernel(query, key, value, None, plan)
             return output, weights, path._replace(reason=f"{path.reason}, in place of sdpa")
-    output, weights = function(module, query, key, value, attention_mask, **kwargs)
+    output, weights = function(module, query, key, value, attention_mask, **_theirs(kwargs))
     return output, weights, _model_path(module)
 
 
@@ -175,6 +181,7 @@ class _Plan(NamedTuple):
     dtype: torch.dtype
     options: dict
     padding: Padding | None = None
+    padding_reason: str = PADDED  # CHUNKED where the padded launch runs a chunked layer
 
 
 def _packing(query, key, kwargs) -> Packing | None:
@@ -194,13 +201,18 @@ def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
         dtype = torch.get_autocast_dtype(query.device.type)
     reason = _why_not_flash(module, query, key, value, causal, window, dtype, kwargs)
     padding = None
+    chunk = kwargs.get(CHUNK_KWARG)
+    chunk = chunk if chunk is not None and query.shape[2] > chunk else None  # within one: causal
     if not reason:  # the mask last: the one check that costs a pass over S x S
         batch, q_len = query.shape[0], query.shape[2]
-        reason, padding = _mask_problem(attention_mask, packing, batch, q_len, causal, window)
+        reason, padding = _mask_problem(
+            attention_mask, packing, batch, q_len, causal, window, chunk
+        )
     # The sinks stay in their own dtype: the kernel runs them in fp32 whatever q's.
     options = dict(scale=scaling, softcap=softcap, sliding_window=window, causal=causal,
                    sinks=kwargs.get("s_aux"))  # fmt: skip
-    return _Plan(reason, dtype, options, padding)
+    chunked = padding is not None and chunk is not None
+    return _Plan(reason, dtype, options, padding, CHUNKED if chunked else PADDED)
 
 
 def _run_kernel(query, key, value, packing: Packing | None, plan: _Plan):
@@ -208,7 +220,7 @@ def _run_kernel(query, key, value, packing: Packing | None, plan: _Plan):
     q, k, v = query.to(plan.dtype), key.to(plan.dtype), value.to(plan.dtype)
     if plan.padding is not None:  # before packing: the mask says what eager would compute
         out = _padded_flash(q, k, v, plan.padding, **plan.options)
-        return out, None, AttentionPath(FLASH_VARLEN, PADDED)
+        return out, None, AttentionPath(FLASH_VARLEN, plan.padding_reason)
     if packing is not None:
         out = _packed_flash(q, k, v, packing, **plan.options)
         return out, None, AttentionPath(FLASH_VARLEN, f"packed sequences from {packing.source}")
@@ -254,7 +266,7 @@ def _packed_sdpa(module, function, query, key, value, attention_mask, packing: P
         output, weights, path = _run_kernel(query, key, value, packing, plan)
         return output, weights, path._replace(reason=f"{path.reason}, in place of sdpa")
     mask = _kept_apart(attention_mask, packing, query, plan.options)  # bool: SDPA's keep mask
-    output, weights = function(module, query, key, value, mask, **kwargs)
+    output, weights = function(module, query, key, value, mask, **_theirs(kwargs))
     reason = f"packed sequences from {packing.source}, but {plan.reason}"
     return output, weights, AttentionPath("sdpa", reason)
 
@@ -305,11 +317,20 @@ def _why_not_flash(module, query, key, value, causal, window, dtype, kwargs) -> 
     return ""
 
 
-def _mask_problem(mask, packing, batch, seq_len, causal, window) -> tuple[str, Padding | None]:
+def _mask_problem(
+    mask, packing, batch, seq_len, causal, window, chunk=None
+) -> tuple[str, Padding | None]:
     """Why the kernel would not compute what the mask asks for ("" when it would), and the real
     tokens where the mask is padding. Packed sequences: their own pattern, or the whole row's
     (kept apart, see the module docstring). Else the plain pattern. Else padding on it, which the
-    padded launch computes whether or not the rows also pack sequences (eager would mix them)."""
+    padded launch computes whether or not the rows also pack sequences (eager would mix them).
+    ``chunk`` (a chunked layer past one chunk): the pattern within chunks, padded or not, through
+    the padded launch with the rows cut at the chunk bounds; never with packed sequences."""
+    if chunk is not None:
+        if packing is not None:
+            return f"packed sequences in chunked attention ({packing.source})", None
+        padding = padded_rows(mask, batch, seq_len, causal, window, chunk)
+        return (padding.problem, padding) if padding is not None else (CUSTOM_MASK, None)
     if packing is not None:
         if packing.problem:
             return packing.problem, None
@@ -381,6 +402,11 @@ def _packed_keep(packing: Packing, batch, seq_len, causal, window, device) -> to
     return keep & _same_sequence(packing.cu_seqlens, batch, seq_len, device)
 
 
+def _theirs(kwargs: dict) -> dict:
+    """The call's keywords without fastlm's own (transformers' functions get theirs only)."""
+    return {k: v for k, v in kwargs.items() if k != CHUNK_KWARG}
+
+
 def _eager_function(module: nn.Module):
     """The eager attention function of the module's modeling file; Gemma 2's (which soft-caps)
     for a model whose file has none."""
@@ -398,4 +424,4 @@ def _eager_fallback(module, query, key, value, attention_mask, causal, window, *
         keep = keep_pattern(q_len, True, window, query.device)
         attention_mask = torch.zeros(keep.shape, dtype=query.dtype, device=query.device)
         attention_mask = attention_mask.masked_fill(~keep, torch.finfo(query.dtype).min)[None, None]
-    return _eager_function(module)(module, query, key, value, attention_mask, **kwargs)
+    return _eager_function(module)(module, query, key, value, attention_mask, **_theirs(kwargs))

@@ -11,10 +11,12 @@ What differs from Llama, and where fastlm's shared path takes it from the spec:
   L2-normalise q and k after RoPE where ``use_qk_norm`` (a weightless RMS norm, the module's
   ``qk_norm``: ``qk_norm_after_rope_attr``).
 - RoPE layers are "chunked_attention" layers: each query sees the keys of its own chunk of
-  ``attention_chunk_size`` tokens. transformers builds that mask; fastlm's flash kernel has no
-  chunk pattern, so past one chunk those layers run the model's own attention function (eager
-  or SDPA) with it, and ``fused_report`` says so (``attention_chunk_attr``). Within one chunk
-  the mask is the causal one and the kernel runs (on CUDA).
+  ``attention_chunk_size`` tokens. transformers builds that mask; past one chunk fastlm checks
+  that it is exactly the chunked causal pattern (with padding, if any) and runs the flash
+  kernel's packed launch with each row's real tokens cut at the chunk bounds
+  (``attention_chunk_attr``; ``padding.padded_rows``), and ``fused_report`` says so; packed
+  sequences in a chunked layer, or any other mask, run the model's own attention function.
+  Within one chunk the mask is the causal one and the kernel runs as for Llama.
 - Layers in ``moe_layers`` (every ``interleave_moe_layer_step``-th) have a ``Llama4TextMoe``
   block (``moe``), the others a dense ``Llama4TextMLP`` of width ``intermediate_size_mlp`` (the
   fused LoRA MLP). The router (an ``nn.Linear``) takes the top k logits and the sigmoid of each

@@ -19,6 +19,11 @@ the output goes back to (B, S) with zeros at the pad queries (pad). The window a
 test use positions relative to the span's start, which is why a hole in a row is refused.
 RoPE is the model's: q and k arrive already rotated with the positions it chose.
 
+Chunked attention (Llama 4's "chunked_attention" layers, ``chunk``): the pattern also keeps a
+query within its chunk of ``chunk`` positions, counted from the row's first real token as
+transformers' mask counts them (left padding shifts the chunks). Each row's span of real tokens
+is then cut every ``chunk`` tokens into sequences of their own, which the same launch runs.
+
 Reading the mask costs a host copy (a synchronisation on CUDA) and a pass over B x S x S; the
 answer is kept per mask tensor, so the layers of one forward pay it once.
 """
@@ -40,7 +45,8 @@ __all__ = ["Padding", "keeps_exactly", "pad", "padded_rows", "unpad"]
 class Padding(NamedTuple):
     """The real tokens of a padded batch: ``indices`` (T,) int64, their places among the B·S
     tokens laid end to end; ``cu_seqlens`` int32 (B + 1,), row b's tokens at [cu[b], cu[b+1]) of
-    the T; ``max_seqlen`` the longest row; ``problem`` why the kernel cannot take them ("" if it
+    the T (chunked: (B·C + 1,), chunk c of row b the (b·C + c)-th sequence); ``max_seqlen`` the
+    longest; ``problem`` why the kernel cannot take them ("" if it
     can)."""
 
     indices: torch.Tensor
@@ -55,21 +61,27 @@ _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def padded_rows(
-    mask: torch.Tensor | None, batch: int, seq_len: int, causal: bool, window: int | None
+    mask: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    causal: bool,
+    window: int | None,
+    chunk: int | None = None,
 ) -> Padding | None:
     """The real tokens where a (B, 1, S, S) mask is exactly padding on the causal (+ window) or
-    bidirectional pattern; None for any other mask.
+    bidirectional pattern (within chunks of ``chunk`` positions, if given: each row's real tokens
+    cut at the chunk bounds); None for any other mask.
 
     Usage: ``padding = padded_rows(mask, q.shape[0], q.shape[2], causal=True, window=None)``.
     """
     if mask is None or tuple(mask.shape) != (batch, 1, seq_len, seq_len):
         return None
-    key = (batch, seq_len, causal, window)
+    key = (batch, seq_len, causal, window, chunk)
     version = _version(mask)
     hit = _SEEN.get(mask)
     if hit is not None and hit[0] == version and hit[1] == key:
         return hit[2]
-    padding = _read(mask, seq_len, causal, window)
+    padding = _read(mask, seq_len, causal, window, chunk)
     _SEEN[mask] = (version, key, padding)
     return padding
 
@@ -109,12 +121,21 @@ def pad(out: torch.Tensor, padding: Padding, batch: int, seq_len: int) -> torch.
 # --------------------------------------------------------------------------- helpers
 
 
-def _read(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) -> Padding | None:
+def _read(
+    mask: torch.Tensor, seq_len: int, causal: bool, window: int | None, chunk: int | None
+) -> Padding | None:
     diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)  # (B, S): every pattern keeps i = j
     real = diagonal if mask.dtype == torch.bool else diagonal == 0
-    keep = keep_pattern(seq_len, causal, window, mask.device) & real[:, None, None, :]
+    pattern = keep_pattern(seq_len, causal, window, mask.device)
+    if chunk is not None:  # (B, 1, S, S): the chunks count from each row's first real token
+        first = real.long().argmax(-1, keepdim=True)  # 0 for a row without real tokens
+        chunks = (torch.arange(seq_len, device=mask.device) - first).div(
+            chunk, rounding_mode="floor"
+        )
+        pattern = pattern & (chunks[:, None, :, None] == chunks[:, None, None, :])
+    keep = pattern & real[:, None, None, :]
     starts = real & ~F.pad(real, (1, 0))[:, :-1]  # where a span of real tokens begins
-    lengths = real.sum(-1)
+    lengths = _sequence_lengths(real, chunk)
     checks = torch.stack([keeps_exactly(mask, keep), (starts.sum(-1) <= 1).all()]).long()
     exact, one_span, longest = torch.cat([checks, lengths.max()[None]]).tolist()  # one host copy
     if not exact:
@@ -127,3 +148,13 @@ def _read(mask: torch.Tensor, seq_len: int, causal: bool, window: int | None) ->
     elif not longest:
         problem = "every token is padding"
     return Padding(indices, cu_seqlens, longest, problem)
+
+
+def _sequence_lengths(real: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Real tokens per sequence, row by row: one sequence a row, or one a chunk of a row
+    (empty ones included: the launch skips them), so that the count never depends on the data."""
+    lengths = real.sum(-1)
+    if chunk is None:
+        return lengths
+    starts = torch.arange(0, real.shape[1], chunk, device=real.device)  # of the chunks, in a span
+    return (lengths[:, None] - starts).clamp(0, chunk).flatten()

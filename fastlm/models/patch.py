@@ -15,8 +15,9 @@ What runs where:
                      none on a NoPE layer, which may scale q by the attention temperature
                      instead; a weightless q/k norm after it where the spec says), then
                      ``attention.attend``: where the model runs eager attention,
-                     fastlm's flash-attention kernel (eager again for custom masks -- Llama
-                     4's chunked layers past one chunk among them --, dropout, decoding...),
+                     fastlm's flash-attention kernel (Llama 4's chunked layers past one
+                     chunk through its packed launch over the chunks; eager again for custom
+                     masks, dropout, decoding...),
                      else the model's own SDPA / flash / flex
                      function; the sinks, where the spec names them, go along as ``s_aux``; ×
                      sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
@@ -57,7 +58,13 @@ from fastlm.kernels.geglu import geglu
 from fastlm.kernels.rms_norm import rms_norm
 from fastlm.kernels.rope import apply_rope
 from fastlm.kernels.swiglu import swiglu
-from fastlm.models.attention import CUSTOM_MASK, AttentionPath, attend, expected_path
+from fastlm.models.attention import (
+    CHUNK_KWARG,
+    CUSTOM_MASK,
+    AttentionPath,
+    attend,
+    expected_path,
+)
 from fastlm.models.finite_guard import FiniteGuard, FiniteLossMonitor, install_finite_guard
 from fastlm.models.fsdp import gather_linear, is_plain_linear, unshard_for_direct_read
 from fastlm.models.kv_sharing import reuse_kv, store_kv
@@ -224,9 +231,14 @@ def fused_report(model: nn.Module) -> FusedReport:
             sinks = state.spec.attention_sinks_attr is not None
             expected = expected_path(module, sinks=sinks)
             if _chunked(module, state.spec):
-                note = f"past one chunk, {_chunked_reason(module, state.spec)}"
-                reason = "; ".join(filter(None, [expected.reason, note]))
-                expected = expected._replace(reason=reason)
+                attr = state.spec.attention_chunk_attr
+                note = (
+                    f"chunked attention ({attr}={getattr(module.config, attr)}): past one chunk,"
+                    " the flash kernel's packed launch over the chunks where the kernel runs"
+                )
+                expected = expected._replace(
+                    reason="; ".join(filter(None, [expected.reason, note]))
+                )
             row = _attention_row(name, latest, expected)
             attention.append({**row, "kv": _kv_source(module, state.spec)})
         elif linear is not None and cls == linear.module_class:
@@ -513,6 +525,8 @@ def _attention_forward(
         extra["softcap"] = softcap
     if spec.attention_sinks_attr:  # transformers' keyword for them: its functions read it
         extra["s_aux"] = getattr(self, spec.attention_sinks_attr)
+    if _chunked(self, spec):  # the kernel cuts the rows at the chunk bounds the mask keeps
+        extra[CHUNK_KWARG] = getattr(self.config, spec.attention_chunk_attr)
     output, weights, path = attend(
         self,
         query,
@@ -546,7 +560,7 @@ def _chunked_reason(module: nn.Module, spec: ArchitectureSpec) -> str:
     size = getattr(module.config, spec.attention_chunk_attr)
     return (
         f"chunked attention ({spec.attention_chunk_attr}={size}: each query sees its own chunk "
-        "of the sequence), a mask the flash kernel has no pattern for"
+        "of the sequence) with a mask that is not padding on that pattern"
     )
 
 

@@ -276,8 +276,8 @@ class ArchitectureSpec:
     attention_temperature: AttentionTemperature | None = None  # on the layers without RoPE
     # Config attribute with the chunk size of the "chunked_attention" layers of config.layer_types
     # (Llama 4's attention_chunk_size): their mask (transformers') keeps each query within its
-    # chunk of the sequence, a pattern fastlm's flash kernel has not, so past one chunk those
-    # layers run the model's own attention (eager or SDPA) with that mask; fused_report says so.
+    # chunk of the sequence; past one chunk the flash kernel's packed launch runs the chunks as
+    # sequences of their own (attention.CHUNK_KWARG); fused_report says so.
     attention_chunk_attr: str | None = None
     # Why the attention modules run transformers' own forward (Mistral 4's multi-head latent
     # attention: latent q/kv projections and a partly rotated head, which fastlm's patched

@@ -325,14 +325,15 @@ def test_merged_16bit_reloads_in_plain_transformers(tmp_path):
 
 
 def test_gguf_and_merged_4bit_are_refused_in_one_line(tmp_path):
-    """GGUF: fastlm's writer has no Llama 4 layout (3-D experts, NoPE and chunk metadata);
-    merged_4bit: bitsandbytes would leave the experts 16-bit. Both before writing anything."""
+    """GGUF: this tiny config's NoPE layer is not where llama.cpp's llama4 puts it (GGUF of the
+    layouts llama.cpp runs: tests/export/test_gguf_llama4.py); merged_4bit: bitsandbytes would
+    leave the experts 16-bit. Both before writing anything."""
     pytest.importorskip("gguf")
     from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 
     path = save_tiny_model(FAMILY, tmp_path / FAMILY)
     model, tokenizer = FastModel.from_pretrained(str(path), device_map="cpu")
-    with pytest.raises(ValueError, match=r"^GGUF export of Llama 4 \(text\) \('llama4_text'\)"):
+    with pytest.raises(NotImplementedError, match=r"^Llama 4 with no_rope_layers=.* every 4th"):
         save_pretrained_gguf(model, tmp_path / "gguf", tokenizer, quantization_method="f16")
     assert not (tmp_path / "gguf").exists()
     model = FastModel.get_peft_model(model, r=4, target_modules=["q_proj"])
@@ -378,10 +379,10 @@ def test_the_kernels_run_where_the_mask_allows_and_the_report_names_the_chunks(
 ):
     """Eager attention with the kernels allowed (on CPU here, as on a GPU): the RoPE kernel on
     the reordered heads, the weightless norm through fastlm's RMSNorm kernel; the NoPE layer's
-    padded batch through the flash kernel's padded launch. The chunked layers past one chunk run
-    transformers' eager attention with its chunked mask, and fused_report says why; within one
-    chunk (4 tokens) their mask is the causal one and the kernel runs them too. The loss and
-    every gradient are HF eager's either way."""
+    padded batch through the flash kernel's padded launch. The chunked layers past one chunk
+    (11 tokens: chunks of 4, 4 and 3, padded rows) run the same launch with each row cut at the
+    chunk bounds, and fused_report says so; within one chunk (4 tokens) their mask is the causal
+    one. The loss and every gradient are HF eager's either way."""
     from fastlm.models import attention
 
     reference, fast = _pair(tmp_path, checkpointing=False, attn_implementation="eager")
@@ -398,10 +399,31 @@ def test_the_kernels_run_where_the_mask_allows_and_the_report_names_the_chunks(
         assert kernels_on_cpu == ["flash_attention_varlen_triton"] * LAYERS
         assert all(row["attention"] == attention.FLASH_VARLEN for row in rows.values())
         return
-    assert kernels_on_cpu == ["flash_attention_varlen_triton"]  # layer 2 alone
+    assert kernels_on_cpu == ["flash_attention_varlen_triton"] * LAYERS
     for layer in ("0", "1", "3"):
-        assert rows[layer]["attention"] == "eager" and rows[layer]["called"], rows[layer]
-        assert rows[layer]["reason"].startswith("chunked attention (attention_chunk_size=4")
+        assert rows[layer]["attention"] == attention.FLASH_VARLEN and rows[layer]["called"]
+        assert rows[layer]["reason"] == attention.CHUNKED, rows[layer]
+
+
+def test_left_padded_rows_are_chunked_from_their_first_token(tmp_path, kernels_on_cpu):
+    """Left padding shifts transformers' chunks to each row's first real token; the chunked
+    layers' packed launch cuts the rows there too: the loss and every gradient are HF eager's."""
+    from fastlm.models import attention
+
+    reference, fast = _pair(tmp_path, checkpointing=False, attn_implementation="eager")
+    batch = tiny_batch()
+    for key in ("input_ids", "attention_mask"):  # right padding moved to the left
+        batch[key] = torch.stack([row.roll(int((row_mask == 0).sum())) for row, row_mask in
+                                  zip(batch[key], batch["attention_mask"])])  # fmt: skip
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    # A row's first real token would be predicted from a pad position (an artefact in eager,
+    # whose pad query sees no key): collators leave that label out.
+    first = batch["attention_mask"].argmax(-1)
+    labels[torch.arange(len(first)), first] = -100
+    batch["labels"] = labels
+    _assert_match(reference, fast, batch)
+    rows = {row["module"].split(".")[-2]: row for row in fused_report(fast).attention}
+    assert all(rows[layer]["reason"] == attention.CHUNKED for layer in ("0", "1", "3"))
 
 
 # --------------------------------------------------------------------------- pieces

@@ -221,3 +221,37 @@ def test_answers_belong_to_their_mask():
         del custom
     gc.collect()
     assert len(padding._SEEN) == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_chunked_masks_cut_each_row_at_the_chunk_bounds(side):
+    """Llama 4's chunked layers: transformers' chunked causal mask with padding is read as each
+    row's real tokens cut every chunk tokens from its first (as transformers counts the chunks
+    under left padding), empty pieces kept so that the count never depends on the data; the
+    same mask read without the chunk, or a plain causal mask with it, is not padding."""
+    from transformers import Llama4TextConfig
+    from transformers.masking_utils import create_chunked_causal_mask
+
+    config = Llama4TextConfig(attention_chunk_size=4, num_hidden_layers=1)
+    config._attn_implementation = "eager"
+    lengths, seq = (10, 3, 0), 10
+    real = torch.zeros(3, seq, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        real[row, seq - n :] = 1 if side == "left" else 0
+        real[row, :n] = 1 if side == "right" else real[row, :n]
+    embeds = torch.zeros(3, seq, 8)
+    mask = create_chunked_causal_mask(
+        config=config, inputs_embeds=embeds, attention_mask=real, past_key_values=None,
+        position_ids=torch.arange(seq)[None],
+    )  # fmt: skip
+    found = padding.padded_rows(mask, 3, seq, causal=True, window=None, chunk=4)
+    expected = [[4, 4, 2], [3, 0, 0], [0, 0, 0]]  # chunks of each row's real tokens
+    cu = torch.tensor([0, *torch.tensor(expected).flatten().cumsum(0).tolist()], dtype=torch.int32)
+    assert torch.equal(found.cu_seqlens, cu) and found.max_seqlen == 4 and not found.problem
+    assert torch.equal(found.indices, real.flatten().nonzero().flatten())
+    assert padding.padded_rows(mask, 3, seq, causal=True, window=None) is None
+    plain = mask.clone()
+    plain[...] = torch.where(
+        keep_pattern(seq, True, None, "cpu") & (real[:, None, None, :] == 1), 0.0, mask.min()
+    )
+    assert padding.padded_rows(plain, 3, seq, causal=True, window=None, chunk=4) is None

@@ -4,7 +4,8 @@ Every family is written as transformers' tensors renamed by ``gguf.get_tensor_na
 the writer's common metadata and its one common rule (a Gemma-style norm stored as 1 + w;
 ``gguf_writer``). An arch that needs more (Llama's RoPE row order, Gemma 2/3's metadata:
 ``gguf_dense``; Qwen3.5's linear attention: ``gguf_linear_attention``; Gemma 4: ``gguf_gemma4``;
-Llama 4: ``gguf_llama4``; the other mixture-of-experts arches: ``gguf_moe``) describes it with a
+Llama 4: ``gguf_llama4``; Mistral 4: ``gguf_mistral4``; the other mixture-of-experts arches:
+``gguf_moe``) describes it with a
 ``GGUFLayout`` in ``gguf_writer.LAYOUTS``, and the writer asks every arch the same questions
 through it; there is no other per-arch branch in the writer.
 

@@ -7,7 +7,8 @@ qwen arches use HF's half-split RoPE) and, per arch in ``LAYOUTS``, one interfac
 (``gguf_layout.GGUFLayout``) for the rest: Llama's q/k rows permuted to its interleaved RoPE
 (Mistral too), Gemma 2/3's metadata (``gguf_dense``); Gemma 4 (``gguf_gemma4``); Qwen3.5's linear
 attention (``gguf_linear_attention``); the MoE arches' 3-D experts split per projection
-(``gguf_moe``), Llama 4's with the rest of its layout in ``gguf_llama4``.
+(``gguf_moe``), Llama 4's with the rest of its layout in ``gguf_llama4``, Mistral 4's with its
+latent attention in ``gguf_mistral4``.
 A byte-level BPE vocabulary is written with the llama.cpp pre-tokenizer of its split regex
 (``BYTE_LEVEL_PRE_TOKENIZERS``: Llama 3, Qwen 2/3, Llama 4); another one is refused.
 Which llama.cpp arch a family is written as, and which of its configs are refused, is in the

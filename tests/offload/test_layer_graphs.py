@@ -24,7 +24,7 @@ from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  #
 from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
 from fastlm import FastModel
-from fastlm.offload import checkpoint, layer_graphs
+from fastlm.offload import checkpoint
 from fastlm.offload.layer_graphs import LayerGraphs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,8 +197,10 @@ def test_full_fine_tuning_replays_exactly(tmp_path, device, graphs):
     path = save_tiny_model("qwen3", tmp_path / "qwen3")
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device)
     reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map=device,
-                                        full_finetuning=True, use_gradient_checkpointing="unsloth")  # fmt: skip
+    fast, _ = FastModel.from_pretrained(
+        path, dtype=torch.float32, device_map=device, full_finetuning=True,
+        use_gradient_checkpointing="unsloth",
+    )  # fmt: skip
     reference.train()
     fast.train()
     batch = {k: v.to(device) for k, v in _unpadded().items()}
@@ -279,9 +281,16 @@ def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, expected):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's statistics")
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on an H200 (2026-12-07): the eager step peaks outside the decoder layers "
+    "(320 MB with and without graphs), so the pool (164 MB, one layer's scratch) adds to it; "
+    "layer graphs stay opt-in until it does not",
+)
 def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path, graphs):
     """On a GPU: the peak with graphs (pool included, peak_bytes) stays within the eager step's
-    peak plus the graphs' static buffers and the pool's rounding."""
+    peak plus the graphs' static buffers and the pool's rounding -- the goal for making them
+    the default; not met yet (the xfail says by how much)."""
     import gc
 
     size = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
@@ -289,7 +298,8 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
     path = save_tiny_model("llama", tmp_path / "llama", **size)
     model, _ = FastModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
     model = FastModel.get_peft_model(model, r=16, use_gradient_checkpointing="unsloth")
-    batch = {"input_ids": torch.randint(3, 200, (2, 1024), device="cuda")}
+    model.train()  # checkpointing (and so the graphs) runs in training only
+    batch = {"input_ids": torch.randint(3, 100, (2, 1024), device="cuda")}  # < tiny vocab
     batch["labels"] = batch["input_ids"]
 
     def peak(steps: int) -> int:
@@ -311,4 +321,8 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
                for t in (s.hidden, *s.inputs, s.out, s.grad_out, s.grad_in)]  # fmt: skip
     buffers += [t for grads in graphs._grads.values() for t in grads]
     held = sum(t.numel() * t.element_size() for t in buffers)
-    assert replayed <= eager + held + 64 * 2**20, (replayed, eager, held)
+    why = dict(
+        replayed=replayed, eager=eager, buffers=held, pool=graphs.pool_bytes(),
+        peaks=graphs._peaks, since_last_capture=torch.cuda.max_memory_allocated(),
+    )  # fmt: skip
+    assert replayed <= eager + held + 64 * 2**20, why

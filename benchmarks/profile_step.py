@@ -3,7 +3,10 @@
     python benchmarks/profile_step.py --shape llama-3.2-1b --system fastlm [--rows 30]
 
 Prints the kernels sorted by total CUDA time (a diagnosis aid; the numbers that count come from
-train_bench.py).
+train_bench.py). ``--memory-snapshot FILE`` also records one more step's allocations
+(``torch.cuda.memory._record_memory_history``), dumps the allocator snapshot to FILE (for
+pytorch.org/memory_viz) and prints what is live at that step's peak, by the code that allocated
+it (``fastlm.benchmarking.memory_peak``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="fastlm", help="fastlm's checkpointing mode")
     parser.add_argument("--host", action="store_true", help="also list operators by host time")
     parser.add_argument("--no-graphs", action="store_true", help="fastlm: no layer CUDA graphs")
+    parser.add_argument("--memory-snapshot", help="dump one step's allocator snapshot here")
     args = parser.parse_args()
     from fastlm.offload.layer_graphs import LAYER_GRAPHS
 
@@ -73,6 +77,8 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t0) / 5 * 1000
+    if args.memory_snapshot:
+        _memory_snapshot(torch, step, args.memory_snapshot)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(2):
@@ -97,6 +103,25 @@ def main() -> None:
     print(table)
     if args.host:
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def _memory_snapshot(torch, step, path: str) -> None:
+    """One recorded step: its allocator snapshot to ``path`` and its peak's live memory by site."""
+    import pickle
+
+    from fastlm.benchmarking.memory_peak import format_breakdown, peak_breakdown
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.memory._dump_snapshot(path)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    with open(path, "rb") as file:
+        snapshot = pickle.load(file)
+    device = torch.cuda.current_device()
+    print(format_breakdown(peak_breakdown(snapshot, device=device, before=before)))
 
 
 if __name__ == "__main__":

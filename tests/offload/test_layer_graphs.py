@@ -324,5 +324,6 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
     why = dict(
         replayed=replayed, eager=eager, buffers=held, pool=graphs.pool_bytes(),
         peaks=graphs._peaks, since_last_capture=torch.cuda.max_memory_allocated(),
+        counts=dict(graphs.counts),
     )  # fmt: skip
     assert replayed <= eager + held + 64 * 2**20, why

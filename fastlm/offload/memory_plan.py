@@ -475,6 +475,18 @@ def automatic_streaming_decision(
             "offload_weights=True to stream it)", type(config).__name__,
         )  # fmt: skip
         return None
+    experts = experts_weights(config, dtype)
+    if experts is not None:  # the dense formula above knows no experts
+        weights, load_peak = experts
+        if weights + margin <= 0.9 * available and load_peak > 0.9 * available:
+            reason = (
+                f"the 4-bit model's experts are quantised after a 16-bit load, whose peak is "
+                f"about {load_peak / GIB:.1f} GiB, and {available / GIB:.1f} GiB of GPU memory "
+                "are free; the streamed loader quantises them layer by layer and keeps on the "
+                "GPU as many layers as fit (pass offload_weights=False to load it whole anyway)"
+            )
+            logger.warning("fastlm: loading the decoder layers through CPU RAM: %s.", reason)
+            return reason
     if weights + margin <= 0.9 * available:
         return None
     reason = (
@@ -485,3 +497,43 @@ def automatic_streaming_decision(
     )
     logger.warning("fastlm: streaming the decoder layers from CPU RAM: %s.", reason)
     return reason
+
+
+def experts_weights(config, dtype: torch.dtype) -> tuple[int, int] | None:
+    """(GPU bytes of the 4-bit model's weights, GPU bytes at the peak of loading it whole) of a
+    mixture-of-experts config, or None for a dense family. Counted on the model built on the
+    meta device (every family's exact shapes, no formula per family): linear and expert weights
+    NF4 (half a byte and an absmax per 64), embeddings, norms and routers in ``dtype``; loaded
+    whole, transformers brings the experts in at ``dtype`` and fastlm quantises them after
+    (``FastModel.from_pretrained``), so the peak holds them 16-bit."""
+    from fastlm.models import spec_for  # lazy: fastlm.models loads transformers and peft
+
+    spec = spec_for(config)
+    if spec.moe is None:
+        return None
+    experts, linear, other = _weight_numels(config, spec)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nf4 = (experts + linear) // 2 + (experts + linear) // 64
+    weights = nf4 + other * itemsize
+    load_peak = linear // 2 + linear // 64 + (experts + other) * itemsize
+    return weights, load_peak
+
+
+def _weight_numels(config, spec) -> tuple[int, int, int]:
+    """(expert elements, other linear-weight elements of the decoder layers, everything else)."""
+    import transformers
+
+    causal_lm = getattr(transformers, spec.causal_lm_class or "AutoModelForCausalLM")
+    with torch.device("meta"):
+        model = causal_lm(config) if spec.causal_lm_class else causal_lm.from_config(config)
+    experts = linear = other = 0
+    for module_name, module in model.named_modules():
+        in_layers = ".layers." in f".{module_name}."
+        for name, param in module.named_parameters(recurse=False):
+            if type(module).__name__ == spec.moe.experts_class and param.dim() == 3:
+                experts += param.numel()
+            elif in_layers and isinstance(module, nn.Linear) and name == "weight":
+                linear += param.numel()
+            else:
+                other += param.numel()
+    return experts, linear, other

@@ -758,3 +758,35 @@ def test_benchmark_script_parses_refuses_without_cuda_and_tabulates(capsys):
     text = script.table(records)
     assert "PASS" in text and "bit-identical" in text and "adamw8bit: loss 12.0000" in text
     assert "adamw: CUDA out of memory" in text and len(text.splitlines()) == 5
+
+
+def test_a_mixture_of_experts_model_is_sized_with_its_experts(monkeypatch):
+    """Qwen3-30B-A3B's shape: the dense formula sees ~2.5 GiB of 4-bit weights; counted on the
+    meta-device model, the 4-bit weights are ~15.5 GiB and loading it whole peaks at ~56 GiB
+    (the experts arrive 16-bit and are quantised after). On 80 GiB it loads whole; on 40 GiB it
+    fits to train but not to load, so the streamed loader (layer by layer) is chosen; on 16 GiB
+    it does not fit and streams."""
+    from transformers import Qwen3MoeConfig
+
+    from fastlm.loading.streaming import streaming_request
+
+    config = Qwen3MoeConfig(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936,
+    )  # fmt: skip
+    weights, load_peak = plan_module.experts_weights(config, torch.bfloat16)
+    assert 15 * 2**30 < weights < 16 * 2**30 and 55 * 2**30 < load_peak < 57 * 2**30
+
+    def request(gib):
+        monkeypatch.setattr(plan_module, "gpu_memory_available", lambda device=None: gib * 2**30)
+        return streaming_request({}, config, load_in_4bit=True, device="cuda", device_map="auto",
+                                 dtype=torch.bfloat16, max_seq_length=2048)  # fmt: skip
+
+    assert request(80) is None
+    layer_by_layer = request(40)
+    assert layer_by_layer.resident_layers == "auto" and "16-bit load" in layer_by_layer.reason
+    assert "to train" in request(16).reason
+    from transformers import LlamaConfig
+
+    assert plan_module.experts_weights(LlamaConfig(), torch.bfloat16) is None  # dense

@@ -475,7 +475,11 @@ def automatic_streaming_decision(
             "offload_weights=True to stream it)", type(config).__name__,
         )  # fmt: skip
         return None
-    experts = experts_weights(config, dtype)
+    try:
+        experts = experts_weights(config, dtype)
+    except Exception as error:  # noqa: BLE001 -- an estimate never stops a load; it says so
+        logger.warning("fastlm: cannot size the experts of %s (%s)", type(config).__name__, error)
+        experts = None
     if experts is not None:  # the dense formula above knows no experts
         weights, load_peak = experts
         if weights + margin <= 0.9 * available and load_peak > 0.9 * available:

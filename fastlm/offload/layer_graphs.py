@@ -28,8 +28,9 @@ How a replay stays exact:
   (a replay would draw the same numbers), inputs besides the hidden states that need gradients,
   packed batches (their sequence boundaries are read on the host), gradient hooks on the
   trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
-  hooks, which a replay does not fire), mixture-of-experts blocks (their router logits are
-  recorded for the load-balancing loss), arguments other than tensors and plain values, more
+  hooks, which a replay does not fire), mixture-of-experts blocks while their router logits
+  are recorded (``output_router_logits``, the load-balancing loss: recorded by forward hooks,
+  which a replay does not fire), arguments other than tensors and plain values, more
   than ``max_signatures`` shapes (variable-length batches: pad to a multiple or pack), and any
   capture that failed -- e.g. an operation that waits for the GPU, such as reading a padding
   mask on the host. Full fine-tuning is graphed: its gradient buffers are one layer's.
@@ -96,6 +97,16 @@ def _forward_function(module: nn.Module):
     """The function behind a patched instance forward (a method over a partial), or None."""
     forward = getattr(module.__dict__.get("forward"), "__func__", None)
     return getattr(forward, "func", forward)
+
+
+def _active_collector() -> dict | None:
+    """The outputs transformers is collecting in this call (its output recorders' hooks fill
+    them), or None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector as collector
+    except ImportError:  # a transformers without output recorders: hooks return their outputs
+        return None
+    return collector.get()
 
 
 def _is_mask(name: str, value: Any) -> bool:
@@ -191,6 +202,28 @@ class _Layer:
         ]  # fmt: skip
         self.problem = self._problem(layer)
         self.graphs: dict[Any, _LayerGraphs] = {}
+        # Patched MoE forwards: their router logits may be recorded, and their backward may add
+        # the load-balancing loss's gradient (the aux state bound into them), per call.
+        self.routers = [m for m in self.modules if _forward_function(m) in _RECORDING_FORWARDS]
+        self.auxes = [
+            aux
+            for m in self.routers
+            if (aux := getattr(m.__dict__["forward"].__func__, "keywords", {}).get("aux"))
+            is not None
+        ]
+
+    def recording(self) -> str:
+        """Why this call must run eagerly because of what its MoE blocks record ("" if nothing):
+        a replay fires no forward hook (transformers records router logits with them, for
+        ``output_router_logits`` and the load-balancing loss) and bakes the aux-loss state in."""
+        if not self.routers:
+            return ""
+        if any(aux.active for aux in self.auxes):
+            return "a mixture-of-experts block with the load-balancing loss's gradient"
+        collector = _active_collector()
+        if collector is not None and "router_logits" in collector:
+            return "a mixture-of-experts block whose router logits are recorded"
+        return ""
 
     def _problem(self, layer: nn.Module) -> str:
         # Full fine-tuning is graphed too: the gradient buffers are one layer's, shared by the
@@ -200,8 +233,6 @@ class _Layer:
         if any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
                for p in self.params):  # fmt: skip
             return "gradient hooks on the trainable parameters"
-        if any(_forward_function(m) in _RECORDING_FORWARDS for m in self.modules):
-            return "a mixture-of-experts block (its router logits are recorded for the aux loss)"
         if any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
                for p in self.params):  # fmt: skip
             return "sharded parameters (FSDP)"
@@ -335,6 +366,9 @@ class LayerGraphs:
         info = self._layer_info(layer)
         if info.problem:
             raise NotGraphable(info.problem)
+        recording = info.recording()
+        if recording:
+            raise NotGraphable(recording)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise NotGraphable("distributed training (gradients are reduced by autograd hooks)")
         kwargs = run.keywords

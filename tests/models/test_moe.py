@@ -90,7 +90,10 @@ FAMILY_PARAMS = [
 ]
 
 
-def _pair(tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, target_modules=None):
+def _pair(
+    tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, target_modules=None,
+    device="cpu",
+):  # fmt: skip
     """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0)."""
     spec = FAMILIES[family]
     path = save_tiny_model(family, tmp_path / family)
@@ -100,10 +103,10 @@ def _pair(tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, t
     if target_parameters:
         lora["target_parameters"] = target_parameters
     reference = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, experts_implementation="eager"
+        path, dtype=torch.float32, experts_implementation="eager", device_map=device
     )
     reference = get_peft_model(reference, LoraConfig(**lora))
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map="cpu")
+    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map=device)
     fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=checkpointing, **lora)
     fast.load_state_dict(reference.state_dict())
     if checkpointing:

@@ -20,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
-from conftest import DEVICE  # noqa: E402
 from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  # noqa: E402
 from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
@@ -221,41 +220,40 @@ def test_full_fine_tuning_replays_exactly(tmp_path, device, graphs):
     assert len(graphs._grads) == 1
 
 
-def _moe_steps(tmp_path, record: bool) -> tuple:
+def _moe_steps(tmp_path, device, record: bool):
     """Three steps of transformers + PEFT (eager experts) and fastlm on tiny Qwen3-MoE, LoRA on
-    attention, MLP and experts, loss (aux loss included where recorded) and every gradient
-    within the MoE tests' tolerance; returns the fastlm model."""
+    attention, MLP and experts, on ``device``: loss (aux loss included where recorded) and every
+    gradient within the MoE tests' tolerance; returns the fastlm model."""
     from test_moe import _assert_match
     from test_moe import _pair as moe_pair
 
-    reference, fast = moe_pair(tmp_path, "unsloth")
+    reference, fast = moe_pair(tmp_path, "unsloth", device=device)
+    batch = {k: v.to(device) for k, v in tiny_batch().items()}
     for model in (reference, fast):
         model.config.output_router_logits = record
     for _ in range(3):  # eager, captured + replayed, replayed
         if record:
-            _assert_match(reference, fast, tiny_batch())
+            _assert_match(reference, fast, batch)
         else:
-            _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+            _assert_loss_and_lora_grads_match(reference, fast, batch)
     return fast
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the MoE pair loads on the CPU (CPU stand-in only)")
-def test_mixture_of_experts_layers_replay_when_nothing_is_recorded(tmp_path, graphs):
+def test_mixture_of_experts_layers_replay_when_nothing_is_recorded(tmp_path, device, graphs):
     """Without output_router_logits (no load-balancing loss) nothing reads a MoE block's router
     logits: its layers are captured and replayed, and the steps match transformers + PEFT."""
-    fast = _moe_steps(tmp_path, record=False)
+    fast = _moe_steps(tmp_path, device, record=False)
     assert graphs.counts["captured (backward)"] == _layers(fast)
     assert not [what for what in graphs.counts if "mixture-of-experts" in what]
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the MoE pair loads on the CPU (CPU stand-in only)")
-def test_recorded_router_logits_run_eagerly(tmp_path, graphs):
+def test_recorded_router_logits_run_eagerly(tmp_path, device, graphs):
     """With the load-balancing loss the router logits are recorded by forward hooks (which a
     replay does not fire) and the blocks' backward adds the loss's gradient: every MoE layer
     runs eagerly, says why, and the steps still match transformers + PEFT."""
     from test_moe import FAMILIES
 
-    fast = _moe_steps(tmp_path, record=True)
+    fast = _moe_steps(tmp_path, device, record=True)
     moe_layers = FAMILIES["qwen3_moe"].moe_layers
     reason = "eager: a mixture-of-experts block with the load-balancing loss's gradient"
     assert graphs.counts[reason] == 3 * moe_layers  # every step's forward plan of each

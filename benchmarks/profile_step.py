@@ -116,10 +116,10 @@ def _memory_snapshot(torch, step, path: str) -> None:
     torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     step()
     torch.cuda.synchronize()
-    torch.cuda.memory._dump_snapshot(path)
+    snapshot = torch.cuda.memory._snapshot()  # what _dump_snapshot pickles
     torch.cuda.memory._record_memory_history(enabled=None)
-    with open(path, "rb") as file:
-        snapshot = pickle.load(file)
+    with open(path, "wb") as file:
+        pickle.dump(snapshot, file)
     device = torch.cuda.current_device()
     print(format_breakdown(peak_breakdown(snapshot, device=device, before=before)))
 

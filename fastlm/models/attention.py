@@ -404,6 +404,8 @@ def _packed_keep(packing: Packing, batch, seq_len, causal, window, device) -> to
 
 def _theirs(kwargs: dict) -> dict:
     """The call's keywords without fastlm's own (transformers' functions get theirs only)."""
+    if CHUNK_KWARG not in kwargs:  # most calls: no copy
+        return kwargs
     return {k: v for k, v in kwargs.items() if k != CHUNK_KWARG}
 
 

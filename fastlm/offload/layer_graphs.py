@@ -93,9 +93,15 @@ def _rebuild(value: Any, buffers: list[torch.Tensor]) -> Any:
 _RECORDING_FORWARDS = (moe_block_forward, router_forward)
 
 
+def _bound_forward(module: nn.Module):
+    """What a patched instance forward (a method) calls: a partial of fastlm's function, or
+    None for an unpatched module."""
+    return getattr(module.__dict__.get("forward"), "__func__", None)
+
+
 def _forward_function(module: nn.Module):
     """The function behind a patched instance forward (a method over a partial), or None."""
-    forward = getattr(module.__dict__.get("forward"), "__func__", None)
+    forward = _bound_forward(module)
     return getattr(forward, "func", forward)
 
 
@@ -205,12 +211,8 @@ class _Layer:
         # Patched MoE forwards: their router logits may be recorded, and their backward may add
         # the load-balancing loss's gradient (the aux state bound into them), per call.
         self.routers = [m for m in self.modules if _forward_function(m) in _RECORDING_FORWARDS]
-        self.auxes = [
-            aux
-            for m in self.routers
-            if (aux := getattr(m.__dict__["forward"].__func__, "keywords", {}).get("aux"))
-            is not None
-        ]
+        bound = [getattr(_bound_forward(m), "keywords", {}) for m in self.routers]
+        self.auxes = [keywords["aux"] for keywords in bound if "aux" in keywords]
 
     def recording(self) -> str:
         """Why this call must run eagerly because of what its MoE blocks record ("" if nothing):
@@ -270,6 +272,7 @@ class LayerGraphs:
         # peak_bytes()' bookkeeping (benchmarks switch it on: it restarts the peak statistic)
         self.measure_peak = False
         self._peaks = {"before_pool": 0, "between_captures": 0, "held_at_capture": 0}
+        self._captures_ended = 0  # before the first, no pool holds memory yet
         self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
         self._signatures: dict[Any, _Signature] = {}
@@ -333,6 +336,8 @@ class LayerGraphs:
 
     def _note_capture(self, device: torch.device, starting: bool) -> None:
         """peak_bytes()' bookkeeping around one capture (``measure_peak`` only)."""
+        if not starting:
+            self._captures_ended += 1
         if not self.measure_peak:
             return
         peaks = self._peaks
@@ -340,8 +345,7 @@ class LayerGraphs:
             peaks["held_at_capture"], torch.cuda.memory_allocated(device)
         )
         if starting:
-            first = not self.pool_bytes()
-            which = "before_pool" if first else "between_captures"
+            which = "between_captures" if self._captures_ended else "before_pool"
             peaks[which] = max(peaks[which], torch.cuda.max_memory_allocated(device))
         else:  # the capture's scratch is counted through the pool from now on
             torch.cuda.reset_peak_memory_stats(device)
@@ -354,6 +358,7 @@ class LayerGraphs:
             self._grads.clear()
             self.counts.clear()
             self._peaks = dict.fromkeys(self._peaks, 0)
+            self._captures_ended = 0
 
     # ------------------------------------------------------------------ planning
 

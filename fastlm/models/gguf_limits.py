@@ -7,6 +7,9 @@ written that silently computes something else. Family-specific checks live in th
 
 from __future__ import annotations
 
+# The way out every refusal offers: a merged 16-bit folder runs in plain transformers.
+USE_MERGED = "use merged_16bit with transformers instead."
+
 
 def rope_parameters(config) -> dict:
     """The RoPE parameters as a dict (transformers 5 ``rope_parameters``, 4 ``rope_scaling``).

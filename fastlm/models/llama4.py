@@ -37,7 +37,7 @@ GGUF: llama.cpp's llama4, each 3-D experts parameter split into per-projection s
 normalised): the gguf_checks below refuse every config it would run otherwise.
 """
 
-from fastlm.models.gguf_limits import rope_parameters
+from fastlm.models.gguf_limits import USE_MERGED, rope_parameters
 from fastlm.models.spec import ArchitectureSpec, AttentionTemperature, MixtureOfExperts
 
 # What llama.cpp's llama4 hard-codes (src/models/llama4.cpp, load_arch_hparams): a NoPE layer
@@ -49,7 +49,6 @@ LLAMA_CPP_CHUNK = 8192
 LLAMA_CPP_TEMPERATURE = {"attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1}
 # llama.cpp normalises q and k after RoPE unless the model has this many experts (Maverick's).
 LLAMA_CPP_EXPERTS_WITHOUT_QK_NORM = 128
-_USE_MERGED = "use merged_16bit with transformers instead."
 
 
 def _layers_as_llama_cpp(config) -> None:
@@ -62,7 +61,7 @@ def _layers_as_llama_cpp(config) -> None:
         raise NotImplementedError(
             f"Llama 4 with no_rope_layers={list(config.no_rope_layers)} (layer_types "
             f"{list(config.layer_types)}) is not exported to GGUF: llama.cpp's llama4 runs NoPE, "
-            f"full-attention layers at every 4th layer only (no_rope_layers={rope}); " + _USE_MERGED
+            f"full-attention layers at every 4th layer only (no_rope_layers={rope}); " + USE_MERGED
         )
     step = config.interleave_moe_layer_step
     moe = [i for i in range(n) if (i + 1) % step == 0]
@@ -70,7 +69,7 @@ def _layers_as_llama_cpp(config) -> None:
         raise NotImplementedError(
             f"Llama 4 with moe_layers={list(config.moe_layers)} is not exported to GGUF: "
             f"llama.cpp's llama4 builds MoE blocks at every interleave_moe_layer_step={step}th "
-            f"layer only ({moe}); " + _USE_MERGED
+            f"layer only ({moe}); " + USE_MERGED
         )
 
 
@@ -81,25 +80,25 @@ def _attention_as_llama_cpp(config) -> None:
         raise NotImplementedError(
             f"Llama 4 with attention_chunk_size={config.attention_chunk_size} is not exported "
             f"to GGUF: llama.cpp's llama4 always attends in chunks of {LLAMA_CPP_CHUNK} tokens; "
-            + _USE_MERGED
+            + USE_MERGED
         )
     used = {key: getattr(config, key) for key in LLAMA_CPP_TEMPERATURE}
     if used != LLAMA_CPP_TEMPERATURE:
         raise NotImplementedError(
             f"Llama 4 with attention temperature {used} is not exported to GGUF: llama.cpp's "
-            f"llama4 hard-codes {LLAMA_CPP_TEMPERATURE}; " + _USE_MERGED
+            f"llama4 hard-codes {LLAMA_CPP_TEMPERATURE}; " + USE_MERGED
         )
     qk_norm = config.num_local_experts != LLAMA_CPP_EXPERTS_WITHOUT_QK_NORM
     if bool(config.use_qk_norm) != qk_norm:
         raise NotImplementedError(
             f"Llama 4 with use_qk_norm={config.use_qk_norm} and {config.num_local_experts} "
             f"experts is not exported to GGUF: llama.cpp's llama4 normalises q and k exactly "
-            f"when there are not {LLAMA_CPP_EXPERTS_WITHOUT_QK_NORM} experts; " + _USE_MERGED
+            f"when there are not {LLAMA_CPP_EXPERTS_WITHOUT_QK_NORM} experts; " + USE_MERGED
         )
     if config.attention_bias:
         raise NotImplementedError(
             "Llama 4 with attention_bias=True is not exported to GGUF: llama.cpp's llama4 loads "
-            "no attention output bias (the file would not load); " + _USE_MERGED
+            "no attention output bias (the file would not load); " + USE_MERGED
         )
 
 
@@ -109,7 +108,7 @@ def _rope_as_llama_cpp(config) -> None:
     if rope_type not in ("default", "llama3"):
         raise NotImplementedError(
             f"Llama 4 RoPE type {rope_type!r} is not exported to GGUF: fastlm writes llama4 "
-            "files with unscaled RoPE or Llama 3's scaling only; " + _USE_MERGED
+            "files with unscaled RoPE or Llama 3's scaling only; " + USE_MERGED
         )
 
 

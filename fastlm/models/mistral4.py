@@ -35,7 +35,7 @@ llama.cpp hard-codes what some configs set otherwise (YaRN's mscales, the latent
 attention biases, "lite" DeepSeek models by their layer count): the gguf_checks below refuse them.
 """
 
-from fastlm.models.gguf_limits import rope_parameters
+from fastlm.models.gguf_limits import USE_MERGED, rope_parameters
 from fastlm.models.spec import ArchitectureSpec, ExpertGroups, MixtureOfExperts
 
 # transformers' q_a_layernorm and kv_a_layernorm: Mistral4RMSNorm's default ε, whatever the
@@ -45,7 +45,6 @@ LATENT_NORM_EPS = 1e-6
 # latent) by their size alone: 26 or 27 layers, or 48 with a 128256-token vocabulary.
 LLAMA_CPP_LITE_LAYERS = (26, 27)
 LLAMA_CPP_LITE_48_VOCAB = 128256
-_USE_MERGED = "use merged_16bit with transformers instead."
 
 
 def _yarn_as_llama_cpp(config) -> None:
@@ -57,19 +56,19 @@ def _yarn_as_llama_cpp(config) -> None:
     if rope_type != "yarn":
         raise NotImplementedError(
             f"Mistral 4 RoPE type {rope_type!r} is not exported to GGUF: fastlm writes Mistral 4's "
-            "YaRN only; " + _USE_MERGED
+            "YaRN only; " + USE_MERGED
         )
     used = {k: rope.get(k) for k in ("mscale", "mscale_all_dim")}
     if used != {"mscale": 1.0, "mscale_all_dim": 1.0} or rope.get("attention_factor") is not None:
         raise NotImplementedError(
             f"Mistral 4 YaRN with {used}, attention_factor={rope.get('attention_factor')} is not "
             "exported to GGUF: llama.cpp's mistral4 takes mscale = mscale_all_dim = 1 and derives "
-            "its attention factor from the scaling factor alone; " + _USE_MERGED
+            "its attention factor from the scaling factor alone; " + USE_MERGED
         )
     if not rope.get("truncate", True):
         raise NotImplementedError(
             "Mistral 4 YaRN with truncate=False is not exported to GGUF: llama.cpp rounds the "
-            "correction range to whole dims (truncate=True); " + _USE_MERGED
+            "correction range to whole dims (truncate=True); " + USE_MERGED
         )
 
 
@@ -79,13 +78,13 @@ def _attention_as_llama_cpp(config) -> None:
     if config.attention_bias:
         raise NotImplementedError(
             "Mistral 4 with attention_bias=True is not exported to GGUF: llama.cpp's mistral4 "
-            "loads no attention biases (the file would not load); " + _USE_MERGED
+            "loads no attention biases (the file would not load); " + USE_MERGED
         )
     if config.rms_norm_eps != LATENT_NORM_EPS:
         raise NotImplementedError(
             f"Mistral 4 with rms_norm_eps={config.rms_norm_eps} is not exported to GGUF: "
             f"transformers normalises the q and kv latents with ε={LATENT_NORM_EPS}, llama.cpp "
-            "with rms_norm_eps; " + _USE_MERGED
+            "with rms_norm_eps; " + USE_MERGED
         )
     lite = config.num_hidden_layers in LLAMA_CPP_LITE_LAYERS or (
         config.num_hidden_layers == 48 and config.vocab_size == LLAMA_CPP_LITE_48_VOCAB
@@ -94,7 +93,7 @@ def _attention_as_llama_cpp(config) -> None:
         raise NotImplementedError(
             f"Mistral 4 with {config.num_hidden_layers} layers and q_lora_rank="
             f"{config.q_lora_rank} is not exported to GGUF: llama.cpp takes a model of that size "
-            "for a DeepSeek-V2-Lite without a q latent and would not load the file; " + _USE_MERGED
+            "for a DeepSeek-V2-Lite without a q latent and would not load the file; " + USE_MERGED
         )
 
 
@@ -109,7 +108,7 @@ def _routing_as_llama_cpp(config) -> None:
             f"Mistral 4 with num_experts_per_tok={config.num_experts_per_tok} > the {in_kept} "
             f"experts of its topk_group={kept} groups is not exported to GGUF: transformers and "
             "llama.cpp would fill the top k from the dropped groups by ties, in no defined "
-            "order; " + _USE_MERGED
+            "order; " + USE_MERGED
         )
 
 

@@ -35,16 +35,15 @@ pytest.importorskip("transformers.models.llama4", reason="transformers without L
 
 from test_gguf import spm_tokenizer  # noqa: E402
 from test_gguf_moe import (  # noqa: E402
-    GREEDY_STEPS,
     PROMPTS,
     TOL,
     VOCAB,
     _complete,
-    _errors,
-    _greedy,
     _next_logprobs,
     _peft_merged,
     _transformers_model,
+    assert_like_transformers,
+    q8_0_rows,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,9 +110,7 @@ def _as_stored(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
     if method == "f16":
         return tensor.to(torch.float16).float()
     rows = tensor.transpose(1, 2) if name.endswith(EXPERTS) else tensor
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    decoded = gguf.quants.dequantize(gguf.quants.quantize(rows.numpy(), q8), q8)
-    decoded = torch.from_numpy(np.array(decoded)).reshape(rows.shape)
+    decoded = q8_0_rows(rows)
     return decoded.transpose(1, 2) if name.endswith(EXPERTS) else decoded
 
 
@@ -147,22 +144,7 @@ def test_tiny_llama4_in_llama_cpp(tmp_path, method):
     out, stored_model, fp32_model = _exported(tmp_path, model, method)
     server = llama_cpp_server(out)
 
-    tight, loose = TOL[method]
-    errors, errors_fp32 = _errors(server, tokenizer, stored_model, fp32_model, tight)
-    print(f"llama4 {method}: max |Δ log-prob| {max(errors):.2e} (stored weights), "
-          f"{max(errors_fp32):.2e} (fp32)")  # fmt: skip
-    assert max(errors) < tight, errors
-    assert max(errors_fp32) < loose, errors_fp32
-
-    ids = tokenizer(PROMPTS[0]).input_ids
-    hf_ids, hf_logp = _greedy(stored_model, ids, 12)
-    content = _complete(server, ids, 12, n_probs=1)
-    cpp_ids = [step["id"] for step in content]
-    same = next((i for i, (a, b) in enumerate(zip(cpp_ids, hf_ids)) if a != b), len(hf_ids))
-    print(f"llama4 {method}: greedy steps equal to transformers': {same} of 12")
-    assert same >= GREEDY_STEPS[method], (cpp_ids, hf_ids)
-    for step, want in zip(content[:same], hf_logp):
-        assert abs(step["logprob"] - want) < tight, (step, want)
+    assert_like_transformers(server, tokenizer, stored_model, fp32_model, method, "llama4")
 
 
 def test_tensors_and_metadata(tmp_path):

@@ -46,6 +46,7 @@ from test_gguf_moe import (  # noqa: E402
     _errors,
     _next_logprobs,
     _peft_merged,
+    q8_0_rows,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,16 +142,6 @@ def _transformers_model(config, state: dict[str, torch.Tensor]):
     return reference.eval()
 
 
-def _q8_0(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` through q8_0 in 32-weight blocks along the last dim (f16 where it is not a
-    multiple of 32)."""
-    if rows.shape[-1] % 32:
-        return rows.to(torch.float16).float()
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    decoded = gguf.quants.dequantize(gguf.quants.quantize(rows.numpy(), q8), q8)
-    return torch.from_numpy(np.array(decoded)).reshape(rows.shape)
-
-
 def _as_stored(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
     """``tensor`` rounded as the file stores it: F32 (vectors, the routers), else f16 / bf16, or
     q8_0 along each row of llama.cpp's (out, in) matrix: kv_b_proj's key rows as attn_k_b holds
@@ -163,9 +154,11 @@ def _as_stored(name: str, tensor: torch.Tensor, method: str) -> torch.Tensor:
         return tensor.to(torch.float16).float()
     if name.endswith("kv_b_proj.weight"):
         per_head = tensor.reshape(HEADS, NOPE + V, LATENT)
-        k = _q8_0(per_head[:, :NOPE].transpose(1, 2).contiguous()).transpose(1, 2)
-        return torch.cat([k, _q8_0(per_head[:, NOPE:].contiguous())], dim=1).reshape(tensor.shape)
-    return _q8_0(tensor)
+        k = q8_0_rows(per_head[:, :NOPE].transpose(1, 2).contiguous()).transpose(1, 2)
+        return torch.cat([k, q8_0_rows(per_head[:, NOPE:].contiguous())], dim=1).reshape(
+            tensor.shape
+        )
+    return q8_0_rows(tensor)
 
 
 def _exported(tmp_path, model, method: str):

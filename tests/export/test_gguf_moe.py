@@ -169,14 +169,22 @@ def _as_stored(name: str, tensor: torch.Tensor, method: str, in_out_experts: boo
         return tensor
     if method == "bf16":
         return tensor.to(torch.bfloat16).float()
+    if method == "f16":
+        return tensor.to(torch.float16).float()
     transposed = in_out_experts and name.endswith(tuple(EXPERTS))  # (E, in, out) in transformers
     rows = tensor.transpose(1, 2) if transposed else tensor
-    if method == "f16" or rows.shape[-1] % 32:
-        return tensor.to(torch.float16).float()
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    decoded = gguf.quants.dequantize(gguf.quants.quantize(rows.numpy(), q8), q8)
-    decoded = torch.from_numpy(np.array(decoded)).reshape(rows.shape)
+    decoded = q8_0_rows(rows)
     return decoded.transpose(1, 2) if transposed else decoded
+
+
+def q8_0_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` through q8_0 in 32-weight blocks along the last dim, as gguf's writer packs a
+    row of llama.cpp's (out, in) matrix (f16 where it is not a multiple of 32)."""
+    if rows.shape[-1] % 32:
+        return rows.to(torch.float16).float()
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    decoded = gguf.quants.dequantize(gguf.quants.quantize(rows.contiguous().numpy(), q8), q8)
+    return torch.from_numpy(np.array(decoded)).reshape(rows.shape)
 
 
 def _complete(server, ids: list[int], steps: int, n_probs: int) -> list[dict]:
@@ -246,9 +254,16 @@ def test_tiny_moe_in_llama_cpp(tmp_path, model_type, method):
     fp32_model = _transformers_model(config, merged)
     server = llama_cpp_server(out)
 
+    assert_like_transformers(server, tokenizer, stored_model, fp32_model, method, model_type)
+
+
+def assert_like_transformers(server, tokenizer, stored_model, fp32_model, method, label) -> None:
+    """llama.cpp's next-token log-probs within TOL[method] of transformers' on the stored and on
+    the fp32 weights over PROMPTS, and its greedy run on PROMPTS[0] equal to transformers' for
+    at least GREEDY_STEPS[method] of 12 steps, each step's log-prob within the tight bound."""
     tight, loose = TOL[method]
     errors, errors_fp32 = _errors(server, tokenizer, stored_model, fp32_model, tight)
-    print(f"{model_type} {method}: max |Δ log-prob| {max(errors):.2e} (stored weights), "
+    print(f"{label} {method}: max |Δ log-prob| {max(errors):.2e} (stored weights), "
           f"{max(errors_fp32):.2e} (fp32)")  # fmt: skip
     assert max(errors) < tight, errors
     assert max(errors_fp32) < loose, errors_fp32
@@ -258,7 +273,7 @@ def test_tiny_moe_in_llama_cpp(tmp_path, model_type, method):
     content = _complete(server, ids, 12, n_probs=1)
     cpp_ids = [step["id"] for step in content]
     same = next((i for i, (a, b) in enumerate(zip(cpp_ids, hf_ids)) if a != b), len(hf_ids))
-    print(f"{model_type} {method}: greedy steps equal to transformers': {same} of 12")
+    print(f"{label} {method}: greedy steps equal to transformers': {same} of 12")
     assert same >= GREEDY_STEPS[method], (cpp_ids, hf_ids)
     for step, want in zip(content[:same], hf_logp):
         assert abs(step["logprob"] - want) < tight, (step, want)

@@ -560,6 +560,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def experts_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every experts module's two 3-D weights (the family spec's ``moe.gate_up`` and ``down``),
+    by name, PEFT wrappers looked through: ``experts_weights(model)``."""
+    from fastlm.models import spec_for
+
+    moe = spec_for(model.config).moe
+    return {
+        f"{name}.{param}": getattr(module, param)
+        for name, module in model.named_modules()
+        if type(module).__name__ == moe.experts_class
+        for param in (moe.gate_up, moe.down)
+    }
+
+
 def copy_lora(source: torch.nn.Module, target: torch.nn.Module) -> None:
     """Copy every LoRA parameter of ``source`` into the same-named one of ``target``."""
     values = {n: p for n, p in source.named_parameters() if "lora_" in n}

@@ -174,7 +174,7 @@ def test_qlora_matches_hf_on_the_same_4bit_weights(tmp_path, checkpointing, grou
     test_moe_qlora.py does for the other MoE families."""
     pytest.importorskip("bitsandbytes")
     from nf4_format import nf4_dequantize, run_4bit_layers_from_format
-    from tiny_models import copy_lora
+    from tiny_models import copy_lora, experts_weights
 
     from fastlm.models.nf4_experts import is_nf4_expert_weight
     from fastlm.quant import nf4_config
@@ -183,12 +183,7 @@ def test_qlora_matches_hf_on_the_same_4bit_weights(tmp_path, checkpointing, grou
     fast, _ = FastModel.from_pretrained(
         path, dtype=torch.float32, device_map="cpu", load_in_4bit=True
     )
-    experts = {
-        f"{name}.{param}": getattr(module, param)
-        for name, module in fast.named_modules()
-        if type(module).__name__ == "Llama4TextExperts"
-        for param in ("gate_up_proj", "down_proj")
-    }
+    experts = experts_weights(fast)
     assert len(experts) == 2 * len(MOE_LAYERS) and all(map(is_nf4_expert_weight, experts.values()))
     reference = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, device_map="cpu", quantization_config=nf4_config(torch.float32)

@@ -15,11 +15,17 @@ import torch
 from nf4_format import nf4_dequantize, run_4bit_layers_from_format
 from peft import LoraConfig, get_peft_model
 from test_moe import FAMILIES, FAMILY_PARAMS, RTOL
-from tiny_models import copy_lora, relative_error, save_tiny_model, tiny_batch, train_step
+from tiny_models import (
+    copy_lora,
+    experts_weights,
+    relative_error,
+    save_tiny_model,
+    tiny_batch,
+    train_step,
+)
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
-from fastlm.models import spec_for
 from fastlm.models.nf4_experts import NF4ExpertWeight, is_nf4_expert_weight
 from fastlm.quant import nf4_config
 
@@ -29,12 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _experts_weights(model, family: str) -> dict[str, torch.Tensor]:
     """Every experts module's two 3-D weights, by name (PEFT wrappers looked through)."""
-    moe = spec_for(model.config).moe
-    found = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == moe.experts_class:
-            for param in (moe.gate_up, moe.down):
-                found[f"{name}.{param}"] = getattr(module, param)
+    found = experts_weights(model)
     assert len(found) == 2 * FAMILIES[family].moe_layers
     return found
 

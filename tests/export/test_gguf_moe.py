@@ -148,6 +148,16 @@ def _peft_merged(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in merged.state_dict().items()}
 
 
+def merged_like_peft(model) -> dict[str, torch.Tensor]:
+    """PEFT's merged state dict, after checking that fastlm's merge (the GGUF writer's
+    ``merged_state``) equals it, experts included."""
+    merged = _peft_merged(model)
+    ours = dict(merged_state(model))
+    for name, tensor in merged.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6)
+    return merged
+
+
 def _transformers_model(config, state: dict[str, torch.Tensor]):
     """A plain transformers model (eager experts) holding ``state``: no fastlm patching."""
     from transformers import AutoModelForCausalLM
@@ -287,10 +297,7 @@ def test_expert_stacks_and_metadata(tmp_path, model_type):
     model = _tiny_moe(tmp_path, model_type)
     config = model.get_base_model().config
     (out,) = save_pretrained_gguf(model, tmp_path / "gguf", spm_tokenizer(), "q8_0", name="t")
-    merged = _peft_merged(model)
-    ours = dict(merged_state(model))
-    for name, tensor in merged.items():  # fastlm's merge equals PEFT's, experts included
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6)
+    merged = merged_like_peft(model)
     base = {n: p for n, p in model.get_base_model().named_parameters() if "lora_" not in n}
     layer0 = "model.layers.0.mlp.experts."
     assert not torch.allclose(  # the experts' LoRA is in the file's weights

@@ -304,49 +304,62 @@ class LayerGraphs:
     def pool_bytes(self) -> int:
         """GPU memory the graphs' private pool holds (scratch the allocator's statistics of
         allocated memory no longer count once a capture has ended): add it to their peak."""
+        return self._pool_usage()[0]
+
+    def _pool_usage(self) -> tuple[int, int]:
+        """Bytes the private pools reserve, and of those the bytes of blocks still allocated
+        (tensors a capture made and something still holds), which the allocator's statistics
+        of allocated memory count as well."""
         pools = set(self._pools.values())
         if not pools:
-            return 0
+            return 0, 0
         segments = torch.cuda.memory._snapshot()["segments"]
         ours = [s for s in segments if tuple(s.get("segment_pool_id", ())) in pools]
-        return sum(s["total_size"] for s in ours)
+        return sum(s["total_size"] for s in ours), sum(s["allocated_size"] for s in ours)
 
     def peak_bytes(self) -> int:
         """Peak GPU memory in use since the last ``torch.cuda.reset_peak_memory_stats()``, the
         graphs' private pool included.
 
         The allocator counts a capture's scratch as allocated while the capture runs and not
-        after it, though the pool keeps it for every replay. Adding the pool to the allocator's
-        peak therefore counts it twice when that peak was reached inside a capture (where the
-        eager step's scratch would have been). With ``measure_peak`` on, each capture instead
-        notes the peak before it (the first: before any pool existed) and the memory held
-        outside the pool, and restarts the peak statistic after it, so that the peak is
-        ``max(peak before the first capture, (peak since, or held at a capture) + pool)``.
+        after it, though the pool keeps it for every replay; and it counts a pool's blocks that
+        are still allocated, which the pool's size counts too. Adding the pool to the
+        allocator's peak therefore counts memory twice. With ``measure_peak`` on, each capture
+        instead notes the peak before it (the first: before any pool existed) and the memory
+        held outside the pool, and restarts the peak statistic after it, so that the peak is
+        ``max(peak before the first capture, (peak outside the pool since, or held at a
+        capture) + pool)``. Outside the pool = allocated minus the pool's allocated blocks as
+        they are at the interval's end: blocks enter a pool only in a capture and may leave it
+        between, so that is the fewest the interval had -- the estimate never runs low.
         Off, the bound is the allocator's peak plus the pool (counted twice at worst).
 
         Usage: ``LAYER_GRAPHS.measure_peak = True`` before training, then ``peak_bytes()``.
         """
         allocated_peak = torch.cuda.max_memory_allocated()
-        pool = self.pool_bytes()
+        pool, pool_in_use = self._pool_usage()
         if not pool or not self.measure_peak:
             return allocated_peak + pool
         peaks = self._peaks
-        after_pool = max(peaks["between_captures"], peaks["held_at_capture"], allocated_peak)
+        outside = allocated_peak - pool_in_use
+        after_pool = max(peaks["between_captures"], peaks["held_at_capture"], outside)
         return max(peaks["before_pool"], after_pool + pool)
 
     def _note_capture(self, device: torch.device, starting: bool) -> None:
-        """peak_bytes()' bookkeeping around one capture (``measure_peak`` only)."""
+        """peak_bytes()' bookkeeping around one capture (``measure_peak`` only): peaks and
+        holdings outside the pool."""
         if not starting:
             self._captures_ended += 1
         if not self.measure_peak:
             return
         peaks = self._peaks
+        pool_in_use = self._pool_usage()[1]
         peaks["held_at_capture"] = max(
-            peaks["held_at_capture"], torch.cuda.memory_allocated(device)
+            peaks["held_at_capture"], torch.cuda.memory_allocated(device) - pool_in_use
         )
         if starting:
             which = "between_captures" if self._captures_ended else "before_pool"
-            peaks[which] = max(peaks[which], torch.cuda.max_memory_allocated(device))
+            peak = torch.cuda.max_memory_allocated(device) - pool_in_use
+            peaks[which] = max(peaks[which], peak)
         else:  # the capture's scratch is counted through the pool from now on
             torch.cuda.reset_peak_memory_stats(device)
 

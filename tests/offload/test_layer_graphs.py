@@ -279,7 +279,8 @@ class _Allocator:
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: self.allocated)
         monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak)
         monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self._reset)
-        monkeypatch.setattr(graphs, "pool_bytes", lambda: self.pool)
+        self.pool_in_use = 0  # of the pool, bytes still allocated (in ``allocated`` too)
+        monkeypatch.setattr(graphs, "_pool_usage", lambda: (self.pool, self.pool_in_use))
 
     def _reset(self, device=None):
         self.peak = self.allocated
@@ -309,6 +310,37 @@ def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, expected):
     assert graphs.peak_bytes() == expected
     graphs.measure_peak = False  # no bookkeeping: the bound counts the pool on top
     assert graphs.peak_bytes() == allocator.peak + 3
+
+
+@pytest.mark.parametrize("steady, expected", [(7, 10), (10, 11)])
+def test_the_peak_counts_pool_blocks_a_capture_left_allocated_once(monkeypatch, steady, expected):
+    """A capture leaves 2 of the pool's 3 allocated (a tensor it made that something holds):
+    the allocator counts those 2 in every figure after it, the pool counts them too. Replays
+    peaking at ``steady`` allocated hold ``steady - 2`` outside the pool: the peak is
+    max(10, steady - 2 + 3)."""
+    graphs = LayerGraphs(enabled=True)
+    graphs.measure_peak = True
+    allocator = _Allocator(monkeypatch, graphs)
+    allocator.use(10)  # the eager first step
+    allocator.use(4)
+    graphs._note_capture("cuda", starting=True)
+    allocator.use(10)
+    allocator.pool, allocator.pool_in_use = 3, 2
+    allocator.use(6)  # 4 held before the capture + the 2 it left allocated
+    graphs._note_capture("cuda", starting=False)
+    allocator.use(steady)
+    allocator.use(6)
+    assert graphs.peak_bytes() == expected
+
+
+def _pool_blocks_in_use(graphs: LayerGraphs) -> list[int]:
+    """Sizes of the graphs' pool blocks still allocated (counted by the allocator's statistics
+    as well as by ``pool_bytes``), largest first."""
+    pools = set(graphs._pools.values())
+    segments = torch.cuda.memory._snapshot()["segments"]
+    blocks = [b["size"] for s in segments if tuple(s.get("segment_pool_id", ())) in pools
+              for b in s["blocks"] if b["state"] == "active_allocated"]  # fmt: skip
+    return sorted(blocks, reverse=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's statistics")
@@ -355,6 +387,6 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
     why = dict(
         replayed=replayed, eager=eager, buffers=held, pool=graphs.pool_bytes(),
         peaks=graphs._peaks, since_last_capture=torch.cuda.max_memory_allocated(),
-        counts=dict(graphs.counts),
+        counts=dict(graphs.counts), pool_blocks_in_use=_pool_blocks_in_use(graphs),
     )  # fmt: skip
     assert replayed <= eager + held + 64 * 2**20, why

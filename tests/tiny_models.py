@@ -555,6 +555,97 @@ def save_tiny_model(model_type: str, path, seed: int = 0, **overrides):
     return path
 
 
+# MXFP4, as the OCP Microscaling Formats (MX) v1.0 spec defines it: blocks of 32 FP4 E2M1
+# elements sharing one E8M0 scale, a power of two stored as its exponent + 127.
+MX_BLOCK = 32
+E8M0_BIAS = 127
+E2M1_EMAX = 2  # E2M1's largest exponent: its largest value is 6 = 1.5 · 2^2
+
+
+def e2m1_value(code: int) -> float:
+    """The value of a 4-bit E2M1 code: sign in bit 3, exponent in bits 2-1 (bias 1), mantissa in
+    bit 0; exponent 0 is subnormal (0 and 0.5). Codes 0-7: 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    sign = -1.0 if code & 0b1000 else 1.0
+    exponent, mantissa = (code >> 1) & 0b11, code & 1
+    if exponent == 0:
+        return sign * 0.5 * mantissa
+    return sign * 2.0 ** (exponent - 1) * (1 + 0.5 * mantissa)
+
+
+E2M1_VALUES = torch.tensor([e2m1_value(code) for code in range(16)])
+
+
+def mxfp4_representable(shape, exponents: tuple[int, int], generator) -> torch.Tensor:
+    """Random weights that MXFP4 holds exactly, in gpt-oss's (E, in, out) layout: random E2M1
+    values, each block of 32 inputs times 2^e, e drawn from ``exponents`` (inclusive)."""
+    experts, inputs, outputs = shape
+    codes = torch.randint(0, 16, (experts, outputs, inputs), generator=generator)
+    low, high = exponents
+    blocks = (experts, outputs, inputs // MX_BLOCK)
+    scales = torch.randint(low, high + 1, blocks, generator=generator).float()
+    values = E2M1_VALUES[codes] * torch.exp2(scales).repeat_interleave(MX_BLOCK, -1)
+    return values.transpose(1, 2).contiguous()
+
+
+def mxfp4_encode(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(blocks, scales)`` of an exactly representable (E, in, out) experts weight, as OpenAI's
+    checkpoints store it: per expert (out, in), blocks of 32 along ``in``. The block's scale is
+    the spec's 2^X, X = floor(log2(max |v|)) - E2M1_EMAX, stored as X + 127 (uint8 (E, out,
+    in/32)); its elements v / 2^X as E2M1 codes, two a byte, the first in the low nibble
+    (uint8 (E, out, in/32, 16); the MX spec defines the codes, OpenAI's layout the packing).
+    A value MXFP4 does not hold exactly raises ValueError."""
+    experts, inputs, outputs = weight.shape
+    rows = weight.transpose(1, 2).reshape(experts, outputs, inputs // MX_BLOCK, MX_BLOCK)
+    largest = rows.abs().amax(-1)
+    _, exponent = torch.frexp(largest)  # largest = m · 2^exponent, m in [0.5, 1)
+    shared = torch.where(largest > 0, exponent - 1 - E2M1_EMAX, 0)
+    elements = rows / torch.exp2(shared.float()).unsqueeze(-1)
+    matches = elements.unsqueeze(-1) == E2M1_VALUES  # 0 matches +0 first
+    if not matches.any(-1).all():
+        raise ValueError("a weight MXFP4 does not hold exactly")
+    codes = matches.to(torch.uint8).argmax(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (shared + E8M0_BIAS).to(torch.uint8)
+
+
+# What OpenAI's gpt-oss config.json says of its MXFP4 weights (only the experts are MXFP4).
+MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+def save_tiny_mxfp4_gpt_oss(path, seed: int = 0) -> tuple:
+    """The tiny gpt-oss (save_tiny_model's) with MX-sized experts (hidden 96, intermediate 64:
+    3 and 2 blocks of 32 inputs) saved as OpenAI ships gpt-oss: MXFP4 config, each experts
+    weight as ``<name>_blocks`` / ``<name>_scales`` (mxfp4_encode), no floating-point copy.
+    The weights are random MXFP4-exact ones about the tiny model's sizes (gate_up ~0.3, down
+    ~0.02). Returns (path, {parameter name: the (E, in, out) weight the bytes define})."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(save_tiny_model("gpt_oss", path, seed, hidden_size=96, intermediate_size=64))
+    tensors = load_file(path / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    expected = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        exponents = (-4, -2) if name.endswith("gate_up_proj") else (-8, -6)
+        expected[name] = mxfp4_representable(tensors.pop(name).shape, exponents, generator)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = mxfp4_encode(expected[name])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = MXFP4_CONFIG
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path, expected
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖a − e‖ / ‖e‖."""
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()

@@ -156,6 +156,9 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
             max_seq_length, positions, given_name, positions,
         )  # fmt: skip
     device, dtype, device_map = placement(options["device_map"], options["dtype"])
+    mxfp4 = _is_mxfp4(config)
+    if mxfp4:  # openai/gpt-oss-*: transformers reads the experts' MXFP4 bytes
+        _dequantise_mxfp4(kwargs, options["load_in_4bit"], given_name)
     add_quantization_config(kwargs, options["load_in_4bit"], options["full_finetuning"], dtype)
     # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
     # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
@@ -186,9 +189,62 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
         model.is_quantized = False
     if options["load_in_4bit"] and spec.moe is not None:  # bitsandbytes quantised the linears
         quantize_experts(model, spec.moe)
+    if mxfp4 and spec.moe is not None:  # transformers' MXFP4 is gpt-oss's experts
+        _log_mxfp4_experts(model, spec.moe)
     model.max_seq_length = max_seq_length
     models.patch_model(model, spec, max_seq_length, check_finite_loss=options["check_finite_loss"])
     return model
+
+
+# MXFP4 (OCP MX): 4-bit E2M1 values, one 8-bit power-of-two scale per block of 32.
+MXFP4_BITS_PER_WEIGHT = 4 + 8 / 32
+
+
+def _is_mxfp4(config) -> bool:
+    """Whether the checkpoint stores weights MXFP4 (gpt-oss's experts, as OpenAI ships them)."""
+    stored = getattr(config, "quantization_config", None)
+    if isinstance(stored, dict):
+        return stored.get("quant_method") == "mxfp4"
+    return getattr(stored, "quant_method", None) == "mxfp4"
+
+
+def _dequantise_mxfp4(kwargs: dict, load_in_4bit: bool, name: str) -> None:
+    """An MXFP4 checkpoint loads with its experts dequantised to the load dtype (transformers'
+    ``Mxfp4Config(dequantize=True)``, unless the caller passed a config): fastlm has no MXFP4
+    kernels, and transformers' quantised experts do not train. ``load_in_4bit`` is refused:
+    transformers loads one quantisation at a time, so the experts cannot become NF4 at load."""
+    if load_in_4bit:
+        raise UnsupportedKeywordError(
+            f"load_in_4bit=True on {name}, an MXFP4 checkpoint: transformers cannot re-quantise "
+            "its experts to NF4 at load. Load it without load_in_4bit, write a 16-bit copy with "
+            "model.save_pretrained_merged(folder, tokenizer, save_method='merged_16bit') and "
+            "load that folder with load_in_4bit=True."
+        )
+    if "quantization_config" not in kwargs:
+        from transformers import Mxfp4Config  # lazy: seconds to import
+
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+
+
+def _log_mxfp4_experts(model: nn.Module, moe: MixtureOfExperts) -> None:
+    """Say which way an MXFP4 checkpoint's experts were loaded: dequantised (the spec's experts
+    class, in the load dtype), or kept MXFP4 by a ``quantization_config`` the caller passed."""
+    experts = [
+        getattr(m, moe.gate_up) for m in model.modules() if type(m).__name__ == moe.experts_class
+    ]
+    if not experts:
+        logger.warning(
+            "fastlm: MXFP4 experts kept MXFP4 (transformers' kernels): they run transformers' "
+            "code unfused and do not train; pass quantization_config=Mxfp4Config(dequantize=True)"
+        )
+        return
+    dtype = experts[0].dtype
+    logger.warning(
+        "fastlm: MXFP4 experts dequantised to %s (fastlm has no MXFP4 kernels): %d bits a "
+        "weight, %.1fx the checkpoint's %.2f",
+        dtype, dtype.itemsize * 8, dtype.itemsize * 8 / MXFP4_BITS_PER_WEIGHT,
+        MXFP4_BITS_PER_WEIGHT,
+    )  # fmt: skip
 
 
 def load_adapter(

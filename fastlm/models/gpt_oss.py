@@ -24,14 +24,20 @@ spec:
 - Training adds ``router_aux_loss_coef`` × the load-balancing loss when ``output_router_logits``:
   transformers records the full router logits and softmaxes them over all experts for it, as
   for Qwen3-MoE, so the aux loss and its gradient are the shared ones.
-MXFP4 checkpoints (openai/gpt-oss-*): fastlm has no MXFP4 kernels and trains the experts
-dequantised. transformers dequantises them to bf16 at load by itself where its MXFP4 path cannot
-run (no ``kernels`` package, which fastlm does not install, or no Triton / device for it); where
-it can, pass ``quantization_config=Mxfp4Config(dequantize=True)``, since quantised experts
-(``Mxfp4GptOssExperts``) are not this spec's class: ``fused_report`` names them unfused and
-transformers does not train them. ``load_in_4bit`` quantises the linear layers (attention) to
-NF4 and stores the experts' 3-D weights NF4 too (``nf4_experts.py``); the router, not an
-``nn.Linear``, and the biases stay in the load dtype.
+MXFP4 checkpoints (openai/gpt-oss-*, the experts stored as ``*_blocks`` / ``*_scales``): fastlm
+has no MXFP4 kernels, so the loader asks transformers for ``Mxfp4Config(dequantize=True)`` (unless
+given a ``quantization_config``): the experts come in dequantised to the load dtype, as this
+spec's ``GptOssExperts``, and train; one warning says so ("MXFP4 experts dequantised to <dtype>").
+Quantised experts (``Mxfp4GptOssExperts``, from a caller's ``Mxfp4Config(dequantize=False)`` where
+transformers' kernels run) are not this spec's class and do not train; the warning says that
+instead. Tested on a tiny MXFP4 checkpoint from an encoder that follows the OCP MX spec
+(``tests/models/test_gpt_oss_mxfp4.py``): the experts equal the format's values exactly, run
+fused, and the loss and LoRA gradients match transformers + PEFT loading the same file.
+``load_in_4bit`` on an MXFP4 checkpoint is refused (transformers loads one quantisation at a
+time); a 16-bit copy from ``save_pretrained_merged(..., save_method="merged_16bit")`` loads 4-bit.
+On a 16-bit checkpoint ``load_in_4bit`` quantises the linear layers (attention) to NF4 and stores
+the experts' 3-D weights NF4 too (``nf4_experts.py``); the router, not an ``nn.Linear``, and the
+biases stay in the load dtype.
 GGUF: llama.cpp's gpt-oss, each 3-D experts parameter split into per-projection stacks
 (``fastlm/export/gguf_moe.py``), the sinks as ``attn_sinks``; the gguf_checks below refuse what
 it would run otherwise, and write OpenAI's published YaRN (``truncate=False``) with a warning.

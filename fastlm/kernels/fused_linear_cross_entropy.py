@@ -175,10 +175,18 @@ def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
         torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     )
     grad_b = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
+    # One buffer serves every chunk's logits: a fresh product per chunk would be allocated while
+    # the previous chunk's was still held, two chunks' worth at the step's loss (512 MiB at
+    # Qwen3's vocabulary).
+    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         h = hidden[start:end]
-        logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+        logits = buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
         rows_fn(logits, labels[start:end], loss_rows[start:end], denom, ignore_index, softcap, grad)
         if need_h:
             torch.mm(logits, weight, out=grad_h[start:end])

@@ -158,6 +158,25 @@ def test_never_materialises_full_logits(device, monkeypatch, use_kernel):
     torch.testing.assert_close(ref, loss, **TOL)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_chunks_share_one_logits_buffer(device, monkeypatch, use_kernel):
+    """The step's loss holds one chunk of logits, not two: every chunk is written into the
+    same buffer (a fresh product per chunk is allocated while the last one is still held)."""
+    storages = []
+    name = "_rows_triton" if use_kernel else "_rows_torch"
+    inner = getattr(flce_mod, name)
+
+    def record(logits, *args):
+        storages.append(logits.untyped_storage().data_ptr())
+        return inner(logits, *args)
+
+    monkeypatch.setattr(flce_mod, name, record)
+    hidden, weight, labels, bias = _inputs(device, n=11, v=37, bias=True)
+    loss = flce_mod._flce(hidden, weight, labels, bias, -100, None, None, 3, use_kernel=use_kernel)
+    loss.backward()
+    assert len(storages) >= 3 and len(set(storages)) == 1, storages
+
+
 def test_default_chunk_size():
     for v, dtype in [(128256, torch.bfloat16), (262144, torch.bfloat16), (151936, torch.float32)]:
         rows = flce_mod._default_chunk_size(v, dtype)

@@ -4,6 +4,9 @@ Forward: e = gate(x), g = up(x), h = act(e) * g, out = down(h), each projection
 Y = X W^T + b + s (X A^T) B^T. gate and up read the same x: one group in lora_weights.py (their
 two A products one GEMM, and in backward their dA's one GEMM and dx's LoRA part another); down
 is a group of one over h. All six adapters are cast in one cat and one cast.
+Memory: a 4-bit model's dense weights are made per group and dropped after it -- gate's and up's
+before down's (in forward and backward), one at a time in dx -- so the step holds one group's
+copies at its peak (the forward recompute of an MLP under checkpointing), not all three's.
 Saved: x, e, g, the small products c·X [A_g; A_u]^T (N, r_g + r_u) and s·H A_d^T, and the
 weights and adapters as cast once to the compute dtype in forward -- never h, which the fused
 activation backward recomputes.
@@ -33,6 +36,7 @@ from fastlm.autograd.lora_weights import (
     group_grad_input,
     group_grad_params,
     saved_group,
+    with_dense_weights,
 )
 from fastlm.kernels.geglu import geglu_backward, geglu_forward
 from fastlm.kernels.swiglu import swiglu_backward, swiglu_forward
@@ -53,11 +57,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        gate_up, down = cast_projections(flat, dtype, groups=(_GATE_UP, _DOWN))
+        # down's dense weight is made once gate's and up's are gone (see the module doc)
+        gate_up, down = cast_projections(flat, dtype, groups=(_GATE_UP, _DOWN), later=(1,))
         scalings = flat[4::5]
         (e, g), xa_gu, xa_scale_gu = group_forward(x2, gate_up, scalings[:2])
         h = act_fwd(e, g)
-        (out,), ha_down, xa_scale_d = group_forward(h, down, scalings[2:])
+        gate_up = gate_up._replace(weights=[])  # their dense copies go before down's is made
+        (out,), ha_down, xa_scale_d = group_forward(
+            h, with_dense_weights(down, dtype), scalings[2:]
+        )
         del h  # not saved: recomputed in backward
         ctx.save_for_backward(x2, e, g, xa_gu, ha_down, *saved_group(gate_up), *saved_group(down))
         ctx.groups = [

@@ -113,10 +113,14 @@ class Cast(NamedTuple):
     quant_states: list  # per projection: the 4-bit weight's quant_state, or None
 
 
-def cast_projections(flat: tuple, dtype: torch.dtype, groups: tuple[int, ...] = ()) -> list[Cast]:
+def cast_projections(
+    flat: tuple, dtype: torch.dtype, groups: tuple[int, ...] = (), later: tuple[int, ...] = ()
+) -> list[Cast]:
     """The flattened projections' tensors in ``dtype``, each cast once, in as few launches as the
     dtypes allow; one ``Cast`` per group (``groups``: how many projections each has, in order;
-    default one group of all).
+    default one group of all). The groups whose indices are in ``later`` get no dense weights
+    yet (``weights`` empty): ``with_dense_weights`` makes them when the group runs, so that a
+    function running its groups one after another holds one group's dense copies at a time.
 
     Base weights are cast (or dequantised) one by one. The adapters are laid out in one buffer,
     A's first (so that a group's ``a_cat``, its A's stacked by rows, is a view of it), then B's:
@@ -127,20 +131,26 @@ def cast_projections(flat: tuple, dtype: torch.dtype, groups: tuple[int, ...] = 
     """
     weights, biases, lora_a, lora_b = (list(flat[i::5]) for i in range(4))
     quant_states = [quant_state_of(w) for w in weights]
-    dense = _dense_weights(weights, quant_states, dtype)
+    groups = groups or (len(weights),)
+    # A 4-bit weight of a later group is dequantised when its group runs (with_dense_weights).
+    later_4bit = {i for i in _projections_of(groups, later) if quant_states[i] is not None}
+    now = [i for i in range(len(weights)) if i not in later_4bit]
+    dense: list = list(weights)
+    made = _dense_weights([weights[i] for i in now], [quant_states[i] for i in now], dtype)
+    for i, w in zip(now, made):
+        dense[i] = w
     saved = [w if qs is not None else d for w, qs, d in zip(weights, quant_states, dense)]
     dtypes = []
     for weight, bias, a, b in zip(weights, biases, lora_a, lora_b):
         dtypes += [t if t is None else t.dtype for t in (weight, bias, a, b)]
     biases = [b if b is None or b.dtype == dtype else b.to(dtype) for b in biases]
-    groups = groups or (len(weights),)
     lora_a, lora_b, a_cats = _cast_adapters(lora_a, lora_b, dtype, groups)
     casts, start = [], 0
     for size, a_cat in zip(groups, a_cats):
         part = slice(start, start + size)
         casts.append(
             Cast(
-                dense[part],
+                [] if len(casts) in later else dense[part],
                 biases[part],
                 lora_a[part],
                 lora_b[part],
@@ -152,6 +162,17 @@ def cast_projections(flat: tuple, dtype: torch.dtype, groups: tuple[int, ...] = 
         )
         start += size
     return casts
+
+
+def _projections_of(groups: tuple[int, ...], chosen: tuple[int, ...]) -> list[int]:
+    """Indices of the projections in the chosen groups (``groups``: sizes, in order)."""
+    starts = [sum(groups[:g]) for g in range(len(groups))]
+    return [i for g in chosen for i in range(starts[g], starts[g] + groups[g])]
+
+
+def with_dense_weights(cast: Cast, dtype: torch.dtype) -> Cast:
+    """``cast`` with its dense weights, for a group ``cast_projections`` left for ``later``."""
+    return cast._replace(weights=_dense_weights(cast.saved_weights, cast.quant_states, dtype))
 
 
 def _cast_adapters(lora_a: list, lora_b: list, dtype: torch.dtype, groups: tuple[int, ...]):
@@ -341,10 +362,12 @@ def group_grad_input(dys: list, group: Group) -> tuple[Tensor | None, LoRAS]:
     for i, dy in enumerate(dys):
         if dy is None:
             continue
-        weight = group.weights[i]
-        if group.quant_states[i] is not None:
-            weight = dense_weight(weight, group.quant_states[i], dy.dtype)
-        dx = torch.mm(dy, weight) if dx is None else dx.addmm_(dy, weight)
+        # The dense copy is a temporary: held by no name, it is freed before the next one is
+        # made (one projection's copy at a time, not two).
+        if dx is None:
+            dx = torch.mm(dy, dense_weight(group.weights[i], group.quant_states[i], dy.dtype))
+        else:
+            dx.addmm_(dy, dense_weight(group.weights[i], group.quant_states[i], dy.dtype))
     lora_s = _lora_s(dys, group)
     if lora_s.all is not None:
         dx.addmm_(lora_s.all, group.a_cat)

@@ -171,3 +171,49 @@ def test_triton_activation_path_in_place(activation, device, force_triton):
     out.backward(d_out, retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward(d_out)
+
+
+def test_a_4bit_mlp_holds_one_group_of_dense_weights_at_a_time(monkeypatch):
+    """Dequantised copies of 4-bit weights (the MLP's largest temporaries after e, g, h) are
+    made per group and dropped after it: gate's and up's are gone before down's is made in
+    forward, and in backward's dx each projection's copy is gone before the next one's. The
+    weights here are dense, marked 4-bit, with a dequantisation that copies them."""
+    import weakref
+
+    import fastlm.autograd.lora_weights as lw
+
+    live: list[tuple[str, weakref.ref]] = []
+    names: dict[int, str] = {}
+
+    def alive() -> list[str]:
+        return [name for name, ref in live if ref() is not None]
+
+    def copy(weight, dtype):
+        made = weight.detach().to(dtype).clone()
+        live.append((names[id(weight)], weakref.ref(made)))
+        return made
+
+    made_when: list[tuple[str, list[str]]] = []
+
+    def dequantize_nf4(weight, quant_state, dtype):
+        made_when.append((names[id(weight)], alive()))
+        return copy(weight, dtype)
+
+    def dequantize_nf4_many(weights, quant_states, dtype):
+        return [dequantize_nf4(weight, None, dtype) for weight in weights]
+
+    monkeypatch.setattr(lw, "dequantize_nf4", dequantize_nf4)
+    monkeypatch.setattr(lw, "dequantize_nf4_many", dequantize_nf4_many)
+    x, projs, d_out = _make("cpu", seed=9)
+    x.requires_grad_()
+    for name, proj in zip(("gate", "up", "down"), projs):
+        proj.weight.quant_state = "4-bit"  # read by quant_state_of
+        names[id(proj.weight)] = name
+    out = lora_mlp(x, *projs)
+    forward = list(made_when)
+    assert [name for name, _ in forward] == ["gate", "up", "down"]
+    assert forward[2][1] == [], forward  # down's copy: gate's and up's already freed
+    made_when.clear()
+    out.backward(d_out)
+    held = {name: before for name, before in made_when}
+    assert set(held) == {"gate", "up", "down"} and all(not b for b in held.values()), made_when

@@ -82,9 +82,10 @@ def test_qlora_saves_no_dense_copy_of_a_4bit_weight(tmp_path):
 
 
 def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch, device):
-    """The GPU's dequantisation (on the CPU in the Triton interpreter): each fused Function's
-    4-bit weights (q/k/v; gate/up/down) dequantised by one group launch in the forward and the
-    recompute, one by one in the backward; loss and LoRA gradients as HF's."""
+    """The GPU's dequantisation (on the CPU in the Triton interpreter): q/k/v's 4-bit weights
+    dequantised by one group launch, gate/up's by another (down's alone, once they are freed)
+    in the forward and the recompute, one by one in the backward; loss and LoRA gradients as
+    HF's."""
     from fastlm.kernels import nf4_dequant
 
     if device == "cpu":
@@ -99,7 +100,7 @@ def test_qlora_through_the_grouped_triton_dequantisation(tmp_path, monkeypatch, 
     reference, fast = _qlora_pair(tmp_path, "qwen3", checkpointing=True, device=device)
     _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
     layers = fast.config.num_hidden_layers
-    assert sizes == [3] * (2 * 2 * layers)  # two groups a layer, forward and recompute
+    assert sizes == [3, 2] * (2 * layers)  # q/k/v, gate/up: forward and recompute
 
 
 def test_unfused_4bit_layers_on_the_cpu_compute_the_format_values(tmp_path):

@@ -18,6 +18,8 @@ The denominator stays on the device (read by the kernel through a pointer): no h
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -200,11 +202,31 @@ def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
     return loss_rows.sum() / denom, grad_h, grad_w, grad_b
 
 
+def _call(compute, *args):
+    return compute(*args)
+
+
+# Who runs the chunked loss: ``runner(_loss_and_grads, hidden, weight, bias, labels, denom,
+# cfg)`` returns its result. fastlm.offload's layer graphs install one (with offloaded
+# checkpointing) that replays it as a CUDA graph in their memory pool; by default, a plain call.
+_RUNNER = [_call]
+
+
+def set_loss_runner(runner: Callable | None) -> Callable:
+    """Install who runs the loss's computation (None: a plain call); returns the previous one.
+
+    Usage: ``previous = set_loss_runner(my_runner)``, later ``set_loss_runner(previous)``.
+    """
+    previous, _RUNNER[0] = _RUNNER[0], runner or _call
+    return previous
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, denom, cfg):
         with torch.autocast(hidden.device.type, enabled=False):  # dtypes are already chosen
-            loss, gh, gw, gb = _loss_and_grads(hidden, weight, bias, labels, denom, cfg)
+            run = _RUNNER[0]
+            loss, gh, gw, gb = run(_loss_and_grads, hidden, weight, bias, labels, denom, cfg)
         ctx.save_for_backward(gh, gw, gb)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

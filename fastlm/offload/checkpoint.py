@@ -26,6 +26,7 @@ import weakref
 import torch
 from torch import nn
 
+from fastlm.kernels.fused_linear_cross_entropy import set_loss_runner
 from fastlm.offload.layer_graphs import LAYER_GRAPHS
 
 logger = logging.getLogger("fastlm")
@@ -319,3 +320,10 @@ def enable_offloaded_checkpointing(model: nn.Module) -> None:
     # The recompute runs its own backward from the layer input, so the first layer's input (the
     # frozen embedding output) must be part of the graph.
     model.enable_input_require_grads()
+    # With the layers graphed, the loss joins their memory pool (LayerGraphs.run_loss); while
+    # they are off this runs the loss as a plain call.
+    set_loss_runner(_run_loss)
+
+
+def _run_loss(compute, *args):
+    return LAYER_GRAPHS.run_loss(compute, *args)  # looked up per call: tests swap the instance

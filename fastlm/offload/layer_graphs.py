@@ -24,6 +24,11 @@ How a replay stays exact:
   fastlm's caches fill), is captured the second time and replays after that.
 - **Gradients** of the layer's trainable parameters are added to ``.grad`` after each replay as
   autograd adds them: set when None, summed otherwise.
+- **The loss joins the pool.** With the layers' scratch kept in the pool, the step's peak
+  outside it is the LM-head loss (a chunk of logits: 256 MiB), which would add to the pool.
+  ``run_loss`` graphs the fused cross-entropy (loss and input gradient, computed together) into
+  the same pool, eager first and captured second as a layer is; a head that trains or has a
+  bias, or the loss's torch path, runs eagerly.
 - **What is not graphed** runs eagerly as before; ``LAYER_GRAPHS.report()`` says why: dropout
   (a replay would draw the same numbers), inputs besides the hidden states that need gradients,
   packed batches (their sequence boundaries are read on the host), gradient hooks on the
@@ -277,6 +282,7 @@ class LayerGraphs:
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
         self._signatures: dict[Any, _Signature] = {}
         self._grads: dict[Any, list[torch.Tensor]] = {}  # _grad_buffers
+        self._losses: dict[Any, _LossGraph] = {}  # run_loss, by shape
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
@@ -300,6 +306,25 @@ class LayerGraphs:
             return "layer graphs: no checkpointed layer has run on a GPU yet"
         lines = [f"layer graphs: {n} x {what}" for what, n in sorted(self.counts.items())]
         return "\n".join(lines)
+
+    def run_loss(self, compute: Callable, hidden, weight, bias, labels, denom, cfg) -> tuple:
+        """The chunked LM-head loss, ``compute(hidden, weight, bias, labels, denom, cfg)`` of
+        ``fastlm.kernels.fused_linear_cross_entropy`` (the loss and its input gradients), as a
+        graph in the layers' pool: its scratch (a chunk of logits, 256 MiB) then shares memory
+        with theirs instead of adding to it -- with the layers graphed, the step's peak outside
+        the pool is the loss. Eager the first time a shape comes, captured the second, replayed
+        after; eager, counted with its reason, where it cannot be graphed.
+
+        Usage: installed by ``enable_offloaded_checkpointing`` (``set_loss_runner``).
+        """
+        if not self.enabled or not self._device_ok(hidden):
+            return compute(hidden, weight, bias, labels, denom, cfg)
+        try:
+            graph = self._loss_graph(hidden, weight, bias, labels, denom, cfg)
+        except NotGraphable as why:
+            self._count(f"loss eager: {why}")
+            return compute(hidden, weight, bias, labels, denom, cfg)
+        return graph.run(compute, hidden, weight, labels, denom, cfg)
 
     def pool_bytes(self) -> int:
         """GPU memory the graphs' private pool holds (scratch the allocator's statistics of
@@ -369,6 +394,7 @@ class LayerGraphs:
             self._layers = weakref.WeakKeyDictionary()
             self._signatures.clear()
             self._grads.clear()
+            self._losses.clear()
             self.counts.clear()
             self._peaks = dict.fromkeys(self._peaks, 0)
             self._captures_ended = 0
@@ -419,6 +445,30 @@ class LayerGraphs:
         graphs.check_masks(masks)
         signature = self._signature(key[:3], hidden, tensors, kwargs, args)
         return _Plan(self, graphs, signature, bound, tensors, autocast)
+
+    def _loss_graph(self, hidden, weight, bias, labels, denom, cfg) -> _LossGraph:
+        _, _, _, needs, use_kernel = cfg
+        if not use_kernel:
+            raise NotGraphable("the loss's torch path (it picks the labelled rows on the host)")
+        if needs[1] or needs[2] or bias is not None:
+            raise NotGraphable("an LM head that trains or has a bias (static gradient buffers)")
+        # The graph reads the head's weight where it lies: a replay needs that same tensor.
+        key = (
+            tuple((tuple(t.shape), t.dtype, t.device) for t in (hidden, labels, denom)),
+            (weight.data_ptr(), tuple(weight.shape), weight.stride(), weight.dtype),
+            cfg,
+        )
+        graph = self._losses.get(key)
+        if graph is None:
+            if len(self._losses) >= self.max_signatures:
+                raise NotGraphable(
+                    f"more than {self.max_signatures} loss shapes (or a head weight made anew "
+                    "each step)"
+                )
+            graph = self._losses[key] = _LossGraph(self)
+        if graph.failed:
+            raise NotGraphable(graph.failed)
+        return graph
 
     def _layer_info(self, layer: nn.Module) -> _Layer:
         info = self._layers.get(layer)
@@ -588,6 +638,62 @@ class _Plan:
             return False
         setattr(self.graphs, piece, graph)
         self.owner._count(f"captured ({piece})")
+        return True
+
+
+class _LossGraph:
+    """One loss shape: its graph and static buffers. The hidden states' buffer takes their
+    gradient at the graph's end (they are read by then), so the graph adds one (N, hidden)
+    buffer, not two."""
+
+    def __init__(self, owner: LayerGraphs):
+        self.owner = owner
+        self.graph = None
+        self.runs = 0
+        self.failed = ""
+        self.hidden = self.labels = self.denom = self.loss = None
+
+    def run(self, compute: Callable, hidden, weight, labels, denom, cfg) -> tuple:
+        if self.graph is None and self.runs == 0:
+            self.runs += 1
+            self.owner._count("loss eager: first call of a shape (capture follows)")
+            return compute(hidden, weight, None, labels, denom, cfg)
+        if self.hidden is None:
+            self.hidden, self.labels, self.denom = (
+                torch.empty_like(t) for t in (hidden, labels, denom)
+            )
+            self.loss = torch.empty((), dtype=torch.float32, device=hidden.device)
+        self._load(hidden, labels, denom)
+        if self.graph is None:
+            if not self._capture(compute, weight, cfg, hidden.device):
+                return compute(hidden, weight, None, labels, denom, cfg)
+            self._load(hidden, labels, denom)  # a capture that ran its body (CPU tests) wrote it
+        self.graph.replay()
+        self.runs += 1
+        self.owner._count("loss replayed")
+        grad = self.hidden.clone() if cfg[3][0] else None
+        return self.loss.clone(), grad, None, None
+
+    def _load(self, hidden, labels, denom) -> None:
+        self.hidden.copy_(hidden)
+        self.labels.copy_(labels)
+        self.denom.copy_(denom)
+
+    def _body(self, compute: Callable, weight, cfg) -> None:
+        loss, grad_hidden, _, _ = compute(self.hidden, weight, None, self.labels, self.denom, cfg)
+        self.loss.copy_(loss)
+        if grad_hidden is not None:
+            self.hidden.copy_(grad_hidden)
+
+    def _capture(self, compute: Callable, weight, cfg, device) -> bool:
+        try:
+            self.graph = self.owner.capture(device, partial(self._body, compute, weight, cfg))
+        except Exception as error:  # noqa: BLE001 -- any failure means: run the loss eagerly
+            self.failed = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+            self.owner._count(f"loss eager: {self.failed}")
+            logger.warning("layer graphs: the loss's %s; it runs eagerly.", self.failed)
+            return False
+        self.owner._count("loss captured")
         return True
 
 

@@ -92,6 +92,52 @@ def test_replayed_steps_match_hf(tmp_path, model_type, device, graphs):
     assert graphs.counts["eager: first call of a shape (capture follows)"] == 2 * n
 
 
+def test_the_loss_replays_in_the_layers_pool(tmp_path, device, graphs, monkeypatch):
+    """The LM-head loss (the fused cross-entropy's Triton path; on the CPU the interpreter) is
+    captured into the graphs' pool on the second step and replayed after: the loss and every
+    LoRA gradient as HF's through eager, captured and replayed steps, for each batch shape."""
+    import fastlm.kernels.fused_linear_cross_entropy as flce
+
+    if device == "cpu":
+        monkeypatch.setattr(flce, "use_triton", lambda tensor: True)
+    reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
+    for batch in (_unpadded(), _unpadded(), _unpadded(), _unpadded(seq=7), _unpadded(seq=7)):
+        _assert_loss_and_lora_grads_match(reference, fast, batch)
+    assert graphs.counts["loss eager: first call of a shape (capture follows)"] == 2
+    assert graphs.counts["loss captured"] == 2
+    assert graphs.counts["loss replayed"] == 3  # two of the first shape, one of the second
+
+
+@pytest.mark.parametrize(
+    "needs, bias, use_kernel, reason",
+    [
+        ((True, True, False), False, True, "an LM head that trains or has a bias"),
+        ((True, False, False), True, True, "an LM head that trains or has a bias"),
+        ((True, False, False), False, False, "the loss's torch path"),
+    ],
+)
+def test_a_loss_that_cannot_be_graphed_runs_eagerly(graphs, needs, bias, use_kernel, reason):
+    """A trained head (its gradient would be a static output of the vocabulary's size), a head
+    bias and the torch path (it picks the labelled rows on the host) run as plain calls."""
+    hidden, weight, labels = torch.randn(6, 4), torch.randn(9, 4), torch.arange(6)
+    head_bias = torch.randn(9) if bias else None
+    calls = []
+
+    def compute(*args):
+        calls.append(args)
+        return "computed"
+
+    cfg = (-100, None, None, needs, use_kernel)
+    for _ in range(3):
+        assert (
+            graphs.run_loss(compute, hidden, weight, head_bias, labels, torch.ones(()), cfg)
+            == "computed"
+        )
+    assert len(calls) == 3
+    [(what, count)] = graphs.counts.items()
+    assert what.startswith(f"loss eager: {reason}") and count == 3
+
+
 def test_gradients_accumulate_over_micro_batches(tmp_path, device, graphs):
     reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
     batches = [_unpadded(), {k: v.flip(0) for k, v in _unpadded().items()}]

@@ -172,10 +172,19 @@ class _Signature:
             self._last[i] = (weakref.ref(tensor), tensor._version)
 
     def outputs_like(self, output: torch.Tensor) -> None:
+        """The output buffers. Where the output is laid out as the input (a decoder layer's
+        is), a graph writes its result over the input it has read by then -- the forward's
+        output into ``hidden``, the backward's input gradient into ``grad_out`` -- so the
+        signature holds two (batch, seq, hidden) buffers, not four."""
         if self.out is None:
-            self.out = torch.empty_like(output)
+            same = _same_layout(output, self.hidden)
+            self.out = self.hidden if same else torch.empty_like(output)
             self.grad_out = torch.empty_like(output)
-            self.grad_in = torch.empty_like(self.hidden)
+            self.grad_in = self.grad_out if same else torch.empty_like(self.hidden)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
 
 
 class _LayerGraphs:
@@ -560,11 +569,11 @@ class _Plan:
             signature.outputs_like(output)
             return output
         signature.load(hidden, self.tensors)
-        if graphs.forward is None and not self._try_capture(
-            "forward", hidden.device, self._forward_body
-        ):
-            with torch.no_grad():
-                return _first(run(hidden, *args))
+        if graphs.forward is None:
+            if not self._try_capture("forward", hidden.device, self._forward_body):
+                with torch.no_grad():
+                    return _first(run(hidden, *args))
+            signature.load(hidden, self.tensors)  # a capture that ran its body (CPU tests) wrote it
         graphs.forward.replay()
         graphs.forward_runs += 1
         self.owner._count("replayed")
@@ -584,6 +593,8 @@ class _Plan:
             graphs.grads = self.owner._grad_buffers(signature, graphs.params)
             if not self._try_capture("backward", hidden.device, self._backward_body):
                 return None
+            signature.load(hidden, self.tensors)  # as in forward
+            signature.grad_out.copy_(grad_output)
         graphs.backward.replay()
         graphs.backward_runs += 1
         self.owner._count("replayed")

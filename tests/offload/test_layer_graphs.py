@@ -429,7 +429,7 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
     buffers = [t for s in graphs._signatures.values()
                for t in (s.hidden, *s.inputs, s.out, s.grad_out, s.grad_in)]  # fmt: skip
     buffers += [t for grads in graphs._grads.values() for t in grads]
-    held = sum(t.numel() * t.element_size() for t in buffers)
+    held = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in buffers}.values())
     why = dict(
         replayed=replayed, eager=eager, buffers=held, pool=graphs.pool_bytes(),
         peaks=graphs._peaks, since_last_capture=torch.cuda.max_memory_allocated(),

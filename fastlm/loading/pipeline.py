@@ -10,9 +10,11 @@ a model (``save_pretrained_merged``...) are attached by ``fastlm.api``, which si
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from fastlm.errors import (
     UnsupportedKeywordError,
 )
 from fastlm.loading.checkpointing import enable_checkpointing
+from fastlm.loading import mxfp4 as mxfp4_loading
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
-from fastlm.models.nf4_experts import quantize_experts
+from fastlm.models.nf4_experts import is_nf4_expert_weight, quantize_experts
 from fastlm.models.spec import PROJECTIONS, MixtureOfExperts
 from fastlm.offload import place_trainable
 from fastlm.versions import check_versions
@@ -157,8 +160,9 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
         )  # fmt: skip
     device, dtype, device_map = placement(options["device_map"], options["dtype"])
     mxfp4 = _is_mxfp4(config)
-    if mxfp4:  # openai/gpt-oss-*: transformers reads the experts' MXFP4 bytes
-        _dequantise_mxfp4(kwargs, options["load_in_4bit"], given_name)
+    mxfp4_to_nf4 = mxfp4 and options["load_in_4bit"]
+    if mxfp4:  # openai/gpt-oss-*: transformers, or fastlm for QLoRA, reads the experts' bytes
+        _mxfp4_loading(kwargs, config, spec.moe, options["load_in_4bit"], given_name)
     add_quantization_config(kwargs, options["load_in_4bit"], options["full_finetuning"], dtype)
     # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
     # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
@@ -172,6 +176,15 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
 
         causal_lm = getattr(transformers, spec.causal_lm_class)
     load = causal_lm.from_pretrained if streaming is None else streaming.load
+    if mxfp4_to_nf4 and streaming is not None:
+        raise NotImplementedError(
+            f"weight streaming of {given_name}, an MXFP4 checkpoint: streaming reads 16-bit "
+            "weights. Write a 16-bit copy (load without load_in_4bit, then "
+            "model.save_pretrained_merged(folder, tokenizer, save_method='merged_16bit')) and "
+            "stream that folder."
+        )
+    if mxfp4_to_nf4:  # the experts' MXFP4 bytes decoded by fastlm, then quantised as below
+        load = partial(mxfp4_loading.load_nf4_from_mxfp4, load, moe=spec.moe)
     model = load(
         model_name,
         dtype=dtype,
@@ -198,6 +211,8 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
 
 # MXFP4 (OCP MX): 4-bit E2M1 values, one 8-bit power-of-two scale per block of 32.
 MXFP4_BITS_PER_WEIGHT = 4 + 8 / 32
+# NF4 (QLoRA): 4 bits, an 8-bit absmax per block of 64, fp32 absmax of those per 256 blocks.
+NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 def _is_mxfp4(config) -> bool:
@@ -208,27 +223,37 @@ def _is_mxfp4(config) -> bool:
     return getattr(stored, "quant_method", None) == "mxfp4"
 
 
-def _dequantise_mxfp4(kwargs: dict, load_in_4bit: bool, name: str) -> None:
-    """An MXFP4 checkpoint loads with its experts dequantised to the load dtype (transformers'
-    ``Mxfp4Config(dequantize=True)``, unless the caller passed a config): fastlm has no MXFP4
-    kernels, and transformers' quantised experts do not train. ``load_in_4bit`` is refused:
-    transformers loads one quantisation at a time, so the experts cannot become NF4 at load."""
-    if load_in_4bit:
-        raise UnsupportedKeywordError(
-            f"load_in_4bit=True on {name}, an MXFP4 checkpoint: transformers cannot re-quantise "
-            "its experts to NF4 at load. Load it without load_in_4bit, write a 16-bit copy with "
-            "model.save_pretrained_merged(folder, tokenizer, save_method='merged_16bit') and "
-            "load that folder with load_in_4bit=True."
-        )
-    if "quantization_config" not in kwargs:
-        from transformers import Mxfp4Config  # lazy: seconds to import
+def _mxfp4_loading(
+    kwargs: dict, config, moe: MixtureOfExperts | None, load_in_4bit: bool, name: str
+) -> None:
+    """How an MXFP4 checkpoint loads. Without ``load_in_4bit``: its experts dequantised to the
+    load dtype by transformers (``Mxfp4Config(dequantize=True)``, unless the caller passed a
+    config): fastlm has no MXFP4 kernels, and transformers' quantised experts do not train.
+    With it: transformers loads one quantisation at a time, so it gets the NF4 config alone
+    (``kwargs["config"]``: the checkpoint's, without its MXFP4 one) and fastlm decodes the
+    experts itself (``fastlm.loading.mxfp4``); only a mixture-of-experts spec says where."""
+    if not load_in_4bit:
+        if "quantization_config" not in kwargs:
+            from transformers import Mxfp4Config  # lazy: seconds to import
 
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        return
+    if moe is None:
+        raise UnsupportedKeywordError(
+            f"load_in_4bit=True on {name}, an MXFP4 checkpoint of a family whose MXFP4 weights "
+            "fastlm cannot place (it decodes gpt-oss's experts). Load it without load_in_4bit, "
+            "write a 16-bit copy with model.save_pretrained_merged(folder, tokenizer, "
+            "save_method='merged_16bit') and load that folder with load_in_4bit=True."
+        )
+    plain = copy.deepcopy(kwargs.get("config", config))
+    del plain.quantization_config
+    kwargs["config"] = plain
 
 
 def _log_mxfp4_experts(model: nn.Module, moe: MixtureOfExperts) -> None:
-    """Say which way an MXFP4 checkpoint's experts were loaded: dequantised (the spec's experts
-    class, in the load dtype), or kept MXFP4 by a ``quantization_config`` the caller passed."""
+    """Say which way an MXFP4 checkpoint's experts were loaded: decoded by fastlm and stored NF4
+    (``load_in_4bit``), dequantised (the spec's experts class, in the load dtype), or kept
+    MXFP4 by a ``quantization_config`` the caller passed."""
     experts = [
         getattr(m, moe.gate_up) for m in model.modules() if type(m).__name__ == moe.experts_class
     ]
@@ -237,6 +262,14 @@ def _log_mxfp4_experts(model: nn.Module, moe: MixtureOfExperts) -> None:
             "fastlm: MXFP4 experts kept MXFP4 (transformers' kernels): they run transformers' "
             "code unfused and do not train; pass quantization_config=Mxfp4Config(dequantize=True)"
         )
+        return
+    if is_nf4_expert_weight(experts[0]):
+        logger.warning(
+            "fastlm: MXFP4 experts decoded and stored NF4 (QLoRA), as a 16-bit copy would load: "
+            "%.2f bits a weight for the checkpoint's %.2f (transformers' load report of their "
+            "_blocks/_scales tensors and missing parameters is expected, and held back)",
+            NF4_BITS_PER_WEIGHT, MXFP4_BITS_PER_WEIGHT,
+        )  # fmt: skip
         return
     dtype = experts[0].dtype
     logger.warning(

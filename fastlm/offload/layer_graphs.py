@@ -510,6 +510,18 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------ capture
 
+    def _capture_or_reason(self, device: torch.device, body: Callable[[], None], prefix: str,
+                           who: str) -> tuple[Any, str]:  # fmt: skip
+        """(a graph of ``body``, "") or, when the capture fails, (None, why): any failure means
+        that piece runs eagerly, counted (under ``prefix``) and logged."""
+        try:
+            return self.capture(device, body), ""
+        except Exception as error:  # noqa: BLE001 -- any failure means: run it eagerly
+            reason = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
+            self._count(f"{prefix}eager: {reason}")
+            logger.warning("layer graphs: %s: %s; it runs eagerly (for this shape).", who, reason)
+            return None, reason
+
     def capture(self, device: torch.device, body: Callable[[], None]):
         """Record ``body``'s kernels into a new graph (nothing runs until ``replay()``)."""
         if device not in self._pools:
@@ -639,13 +651,8 @@ class _Plan:
                 buffer.copy_(grad)
 
     def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None]) -> bool:
-        try:
-            graph = self.owner.capture(device, body)
-        except Exception as error:  # noqa: BLE001 -- any failure means: run this layer eagerly
-            reason = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
-            self.graphs.failed = reason
-            self.owner._count(f"eager: {reason}")
-            logger.warning("layer graphs: %s; this layer and shape run eagerly.", reason)
+        graph, self.graphs.failed = self.owner._capture_or_reason(device, body, "", "this layer")
+        if graph is None:
             return False
         setattr(self.graphs, piece, graph)
         self.owner._count(f"captured ({piece})")
@@ -697,12 +704,9 @@ class _LossGraph:
             self.hidden.copy_(grad_hidden)
 
     def _capture(self, compute: Callable, weight, cfg, device) -> bool:
-        try:
-            self.graph = self.owner.capture(device, partial(self._body, compute, weight, cfg))
-        except Exception as error:  # noqa: BLE001 -- any failure means: run the loss eagerly
-            self.failed = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
-            self.owner._count(f"loss eager: {self.failed}")
-            logger.warning("layer graphs: the loss's %s; it runs eagerly.", self.failed)
+        body = partial(self._body, compute, weight, cfg)
+        self.graph, self.failed = self.owner._capture_or_reason(device, body, "loss ", "the loss")
+        if self.graph is None:
             return False
         self.owner._count("loss captured")
         return True

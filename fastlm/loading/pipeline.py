@@ -27,8 +27,8 @@ from fastlm.errors import (
     UnsupportedArchitectureError,
     UnsupportedKeywordError,
 )
-from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading import mxfp4 as mxfp4_loading
+from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
 from fastlm.models.nf4_experts import is_nf4_expert_weight, quantize_experts

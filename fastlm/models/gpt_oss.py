@@ -33,8 +33,11 @@ transformers' kernels run) are not this spec's class and do not train; the warni
 instead. Tested on a tiny MXFP4 checkpoint from an encoder that follows the OCP MX spec
 (``tests/models/test_gpt_oss_mxfp4.py``): the experts equal the format's values exactly, run
 fused, and the loss and LoRA gradients match transformers + PEFT loading the same file.
-``load_in_4bit`` on an MXFP4 checkpoint is refused (transformers loads one quantisation at a
-time); a 16-bit copy from ``save_pretrained_merged(..., save_method="merged_16bit")`` loads 4-bit.
+``load_in_4bit`` on an MXFP4 checkpoint: transformers loads one quantisation at a time, so it
+gets the NF4 config alone (the linears become NF4) and fastlm decodes the experts' bytes itself
+(``fastlm/loading/mxfp4.py``, one expert at a time) and stores them NF4; one warning says so
+("MXFP4 experts decoded and stored NF4 (QLoRA)"). The NF4 bytes and quant states equal, bit for
+bit, those of ``load_in_4bit`` on a 16-bit copy (``save_pretrained_merged(..., "merged_16bit")``).
 On a 16-bit checkpoint ``load_in_4bit`` quantises the linear layers (attention) to NF4 and stores
 the experts' 3-D weights NF4 too (``nf4_experts.py``); the router, not an ``nn.Linear``, and the
 biases stay in the load dtype.

@@ -132,8 +132,9 @@ def _tensor_files(model_name: str, token: str | None, revision: str | None) -> d
 
         folder = Path(
             snapshot_download(
-                model_name, revision=revision, token=token, allow_patterns=["*.safetensors*"]
-            )
+                model_name, revision=revision, token=token, allow_patterns=["*.safetensors*"],
+                local_files_only=True,  # transformers has just fetched them: no second request
+            )  # fmt: skip
         )
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -177,7 +177,7 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
         causal_lm = getattr(transformers, spec.causal_lm_class)
     load = causal_lm.from_pretrained if streaming is None else streaming.load
     if mxfp4_to_nf4 and streaming is not None:
-        raise NotImplementedError(
+        raise UnsupportedKeywordError(
             f"weight streaming of {given_name}, an MXFP4 checkpoint: streaming reads 16-bit "
             "weights. Write a 16-bit copy (load without load_in_4bit, then "
             "model.save_pretrained_merged(folder, tokenizer, save_method='merged_16bit')) and "

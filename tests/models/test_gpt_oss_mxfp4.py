@@ -33,6 +33,7 @@ from tiny_models import (
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
+from fastlm.errors import UnsupportedKeywordError
 from fastlm.loading.mxfp4 import E2M1_VALUES, dequantize_mxfp4
 from fastlm.models import fused_report
 
@@ -209,7 +210,7 @@ def test_streaming_an_mxfp4_checkpoint_in_4bit_is_refused_saying_what_to_do(tmp_
     """Weight streaming reads 16-bit safetensors, so it cannot take the MXFP4 experts."""
     pytest.importorskip("bitsandbytes")
     path, _ = save_tiny_mxfp4_gpt_oss(tmp_path / "gpt_oss_mxfp4")
-    with pytest.raises(NotImplementedError, match="MXFP4 checkpoint") as refused:
+    with pytest.raises(UnsupportedKeywordError, match="MXFP4 checkpoint") as refused:
         FastModel.from_pretrained(
             path, dtype=torch.float32, device_map="cpu", load_in_4bit=True, offload_weights=True
         )

@@ -435,4 +435,4 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
         peaks=graphs._peaks, since_last_capture=torch.cuda.max_memory_allocated(),
         counts=dict(graphs.counts), pool_blocks_in_use=_pool_blocks_in_use(graphs),
     )  # fmt: skip
-    assert replayed <= eager + held + 64 * 2**20, why
+    assert replayed <= eager + held + 64 * 2**20, str(why)  # a str: shown whole

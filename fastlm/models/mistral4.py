@@ -9,8 +9,10 @@ What differs from Mistral, and where fastlm's shared path takes it from the spec
   pairs where ``rope_interleave``), the KV cache holding the latents, q scaled per position
   (``llama_4_scaling_beta``), and q·k head dims unlike v's. fastlm's patched attention computes
   q, k, v from q/k/v_proj and has none of this, so these modules run transformers' forward
-  (``transformers_attention``): LoRA on their linears is PEFT's, the two RMSNorms inside them
-  fastlm's kernel, and ``fused_report`` lists each linear unfused with the reason. The default
+  (``transformers_attention``), each of their linear layers run by fastlm as one fused LoRA
+  Function while it runs (a 4-bit weight dequantised inside it), the two RMSNorms inside them
+  fastlm's kernel; ``fused_report`` lists the linears fused and the attention as
+  transformers' forward. The default
   LoRA targets name the MLA linears (``lora_targets``). A fused MLA path would need: one fused
   LoRA group for q_a_proj and kv_a_proj_with_mqa (one input), the latent norms, kv_b_proj's
   expansion per head (or its absorption into q and o for decoding), RoPE on the rope slice, and

@@ -22,7 +22,8 @@ What runs where:
                      function; the sinks, where the spec names them, go along as ``s_aux``; ×
                      sigmoid of the gate, if any; then fused LoRA O. The latest call's choice is
                      recorded. A spec with ``transformers_attention`` (Mistral 4's MLA) leaves
-                     its attention modules to transformers' forward (PEFT's LoRA, reported).
+                     its attention modules to transformers' forward, their linear layers
+                     run as fused LoRA Functions during it (reported).
 - linear attention → (``spec.linear_attention``, Gated DeltaNet) ``linear_attention.py``: the input
                      projections as one fused LoRA group, conv + gated delta rule + gated norm
                      through fla's kernels on CUDA or transformers' functions, fused LoRA out_proj.
@@ -127,7 +128,9 @@ def patch_model(
         if name == spec.norm_class:
             _set_forward(state, module, _norm_forward, offset=spec.norm_offset)
         elif name == spec.attention_class:
-            if spec.transformers_attention:  # e.g. Mistral 4's MLA: its own forward, PEFT's LoRA
+            if spec.transformers_attention:  # e.g. Mistral 4's MLA: its own forward...
+                original = type(module).forward  # ... with its linear layers run fused
+                _set_forward(state, module, _own_attention_forward, original=original)
                 continue
             _set_forward(state, module, _attention_forward, spec=spec, paths=state.attention_paths)
         elif name == spec.mlp_class:
@@ -282,18 +285,20 @@ def fused_report(model: nn.Module) -> FusedReport:
 
 
 def _transformers_attention_rows(name: str, module: nn.Module, spec: ArchitectureSpec) -> list:
-    """Unfused rows for the linears of an attention module that runs transformers' forward
-    (``spec.transformers_attention``): PEFT's forward where LoRA targets them."""
-    return [
-        {
-            "module": f"{name}.{child_name}",
-            "fused": False,
-            "lora": _has_lora(child),
-            "reason": spec.transformers_attention,
-        }
-        for child_name, child in module.named_children()
-        if getattr(getattr(child, "weight", None), "ndim", 0) == 2
-    ]
+    """Rows for the linears of an attention module that runs transformers' forward
+    (``spec.transformers_attention``): fused where ``linear_weights`` allows, as elsewhere."""
+    rows = []
+    for child_name, child in _linear_children(module):
+        weights, reason = linear_weights(child)
+        rows.append(
+            {
+                "module": f"{name}.{child_name}",
+                "fused": weights is not None,
+                "lora": weights is not None and weights.lora_A is not None,
+                "reason": reason,
+            }
+        )
+    return rows
 
 
 def _transformers_attention_row(name: str, module: nn.Module, spec: ArchitectureSpec) -> dict:
@@ -390,6 +395,36 @@ def _project_qkv(self, x: torch.Tensor):
 def _project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     weights = _fused_weights(linear)
     return lora_linear(x, weights) if weights is not None else linear(x)
+
+
+def _linear_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """A module's linear layers (plain, 4-bit or PEFT LoRA): its children with a 2-D weight."""
+    return [
+        (name, child)
+        for name, child in module.named_children()
+        if getattr(getattr(child, "weight", None), "ndim", 0) == 2
+    ]
+
+
+def _own_attention_forward(self, *args, original, **kwargs):
+    """An attention module's own (transformers') forward -- ``spec.transformers_attention``, e.g.
+    Mistral 4's latent attention -- with each of its linear layers that fastlm can fuse run as
+    one LoRA Function (``lora_linear``: a 4-bit weight dequantised inside it) for this call: the
+    layer's forward is set on the instance while the call runs, then taken off again."""
+    swapped = []
+    try:
+        for _, child in _linear_children(self):
+            weights = _fused_weights(child)
+            if weights is not None:
+                swapped.append((child, child.__dict__.get("forward")))
+                child.forward = functools.partial(lora_linear, w=weights)
+        return original(self, *args, **kwargs)
+    finally:
+        for child, before in swapped:
+            if before is None:
+                del child.forward
+            else:
+                child.forward = before
 
 
 def _project_attention(self, x: torch.Tensor, spec: ArchitectureSpec, reuses_kv: bool):

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
+sys.path.insert(0, str(Path(__file__).parents[1] / "embeddings"))  # and the embedding bodies
 from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  # noqa: E402
 from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
@@ -136,6 +137,34 @@ def test_a_loss_that_cannot_be_graphed_runs_eagerly(graphs, needs, bias, use_ker
     assert len(calls) == 3
     [(what, count)] = graphs.counts.items()
     assert what.startswith(f"loss eager: {reason}") and count == 3
+
+
+def test_an_embedding_body_replays_on_batches_without_padding(tmp_path, device, graphs):
+    """An embedding model (Qwen3 body, offloaded checkpointing) on pairs whose texts fill their
+    rows (no padding: no packing either): InfoNCE loss and every LoRA gradient as the unpatched
+    model's through eager, captured and replayed steps; queries and documents are two shapes."""
+    from test_patched_body import _assert_same_embeddings_loss_and_grads
+    from test_patched_body import _pair as embedding_pair
+
+    from fastlm.embeddings import EmbeddingCollator
+
+    # The reference checkpoints as transformers does (so it never meets the graphs)
+    reference, fast = embedding_pair(tmp_path, "qwen3", True, device)
+    checkpoint.enable_offloaded_checkpointing(fast.backbone)
+    rows = [{"query": "find a cat", "response": "the cat sat on the mat"},
+            {"query": "dog, run!!", "response": "a fox jumps over a log"}]  # fmt: skip
+    batch = EmbeddingCollator(fast, prompts={})(rows)
+    texts = [side for side in batch.values() if isinstance(side, dict)]
+    assert len(texts) == 2 and all(bool(t["attention_mask"].all()) for t in texts)  # no padding
+    batch = {
+        key: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value
+        for key, value in batch.items()
+    }
+    for _ in range(3):
+        _assert_same_embeddings_loss_and_grads(reference, fast, batch)
+    layers = reference.backbone.config.num_hidden_layers
+    assert graphs.counts["captured (backward)"] == 2 * layers, dict(graphs.counts)  # 2 shapes
+    assert graphs.counts["replayed"] == 2 * 2 * 2 * layers  # 2 pieces, 2 shapes, steps 2 and 3
 
 
 def test_gradients_accumulate_over_micro_batches(tmp_path, device, graphs):

@@ -365,11 +365,15 @@ class _Allocator:
         self.peak = max(self.peak, allocated)
 
 
-@pytest.mark.parametrize("steady, expected", [(5, 10), (8, 11)])
-def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, expected):
+@pytest.mark.parametrize(
+    "steady, in_use, expected", [(5, 0, 10), (8, 0, 11), (7, 2, 10), (10, 2, 11)]
+)
+def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, in_use, expected):
     """An eager step peaks at 10 (4 held + 6 of one layer's scratch); the capture puts the same
-    scratch into the pool (3 of it kept), the replayed steps peak at ``steady`` outside the
-    pool: the peak is max(10, steady + 3), not the allocator's 10 plus the pool."""
+    scratch into the pool (3 of it kept), of which it may leave ``in_use`` allocated (a tensor
+    it made that something holds: the allocator counts those in every figure after it, the
+    pool too). Replays peaking at ``steady`` allocated hold ``steady - in_use`` outside the
+    pool: the peak is max(10, steady - in_use + 3), not the allocator's peak plus the pool."""
     graphs = LayerGraphs(enabled=True)
     graphs.measure_peak = True
     allocator = _Allocator(monkeypatch, graphs)
@@ -377,35 +381,14 @@ def test_the_peak_counts_a_captures_scratch_once(monkeypatch, steady, expected):
     allocator.use(4)
     graphs._note_capture("cuda", starting=True)
     allocator.use(10)  # the capture's scratch, counted as allocated while it runs
-    allocator.pool = 3
-    allocator.use(4)
+    allocator.pool, allocator.pool_in_use = 3, in_use
+    allocator.use(4 + in_use)
     graphs._note_capture("cuda", starting=False)
     allocator.use(steady)  # replays
-    allocator.use(4)
+    allocator.use(4 + in_use)
     assert graphs.peak_bytes() == expected
     graphs.measure_peak = False  # no bookkeeping: the bound counts the pool on top
     assert graphs.peak_bytes() == allocator.peak + 3
-
-
-@pytest.mark.parametrize("steady, expected", [(7, 10), (10, 11)])
-def test_the_peak_counts_pool_blocks_a_capture_left_allocated_once(monkeypatch, steady, expected):
-    """A capture leaves 2 of the pool's 3 allocated (a tensor it made that something holds):
-    the allocator counts those 2 in every figure after it, the pool counts them too. Replays
-    peaking at ``steady`` allocated hold ``steady - 2`` outside the pool: the peak is
-    max(10, steady - 2 + 3)."""
-    graphs = LayerGraphs(enabled=True)
-    graphs.measure_peak = True
-    allocator = _Allocator(monkeypatch, graphs)
-    allocator.use(10)  # the eager first step
-    allocator.use(4)
-    graphs._note_capture("cuda", starting=True)
-    allocator.use(10)
-    allocator.pool, allocator.pool_in_use = 3, 2
-    allocator.use(6)  # 4 held before the capture + the 2 it left allocated
-    graphs._note_capture("cuda", starting=False)
-    allocator.use(steady)
-    allocator.use(6)
-    assert graphs.peak_bytes() == expected
 
 
 def _pool_blocks_in_use(graphs: LayerGraphs) -> list[int]:

@@ -121,7 +121,7 @@ def check_weights(folder: Path) -> None:
     """Every safetensors file of ``folder`` (the shards its index lists, else ``*.safetensors``)
     is there and complete: the 8-byte header length, the JSON header and the tensor data it
     describes all fit in the file. Reads the headers only (kilobytes per file)."""
-    index = folder / "model.safetensors.index.json"
+    index = folder / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -167,3 +167,29 @@ def _safetensors_problem(file: Path) -> str | None:
     if 8 + header_size + end > size:
         return f"truncated: {size:,} bytes, its header describes {8 + header_size + end:,}"
     return None
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def tensor_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """{tensor name: the safetensors file of ``folder`` that holds it}: from the shard index when
+    there is one, else from the headers of its ``*.safetensors`` files (read, not loaded).
+
+    Usage: ``files = tensor_files(path); files["lm_head.weight"]``.
+    """
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    return {
+        name: file for file in sorted(folder.glob("*.safetensors")) for name in _tensor_names(file)
+    }
+
+
+def _tensor_names(file: Path) -> list[str]:
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    return [name for name in header if name != "__metadata__"]

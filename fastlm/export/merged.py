@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fastlm import quant
 from fastlm.export._atomic import ExportPathError, check_free_disk, check_target, export_into
+from fastlm.model_folder import INDEX_NAME, tensor_files
 
 logger = logging.getLogger("fastlm")
 
@@ -36,7 +37,6 @@ _ADAPTER_PARTS = {
 }
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
 
@@ -207,7 +207,7 @@ def _superseded_weights(folder: Path, names: list[str]) -> list[str]:
             "index) would not replace, and transformers would load it instead of the new "
             "shards. Remove it, choose another folder, or raise max_shard_size to write one file."
         )
-    index = folder / _INDEX_NAME
+    index = folder / INDEX_NAME
     if not index.is_file():
         return []
     try:
@@ -217,7 +217,7 @@ def _superseded_weights(folder: Path, names: list[str]) -> list[str]:
         return []
     stale = sorted(n for n in listed if _SHARD_NAME.fullmatch(str(n)) and n not in names)
     if not sharded and all(_SHARD_NAME.fullmatch(str(n)) for n in listed):
-        stale.append(_INDEX_NAME)  # else it would name shards that are gone
+        stale.append(INDEX_NAME)  # else it would name shards that are gone
     return stale
 
 
@@ -522,7 +522,7 @@ def _write_shards(
     if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (folder / _INDEX_NAME).write_text(text)
+        (folder / INDEX_NAME).write_text(text)
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -560,14 +560,8 @@ class _CheckpointReader:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / _INDEX_NAME
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
-        elif (self.folder / "model.safetensors").exists():
-            with safetensors.safe_open(self.folder / "model.safetensors", "pt") as handle:
-                self.files = {name: self.folder / "model.safetensors" for name in handle.keys()}  # noqa: SIM118
-        else:
+        self.files = tensor_files(self.folder)
+        if not self.files:
             raise FileNotFoundError(
                 f"base_checkpoint={str(folder)!r} has no model.safetensors or "
                 "model.safetensors.index.json; pass the original 16-bit checkpoint folder."

@@ -25,7 +25,6 @@ parameters; the loader's ``quantize_experts`` then stores them NF4.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastlm.model_folder import tensor_files
 from fastlm.models.spec import MixtureOfExperts
 
 __all__ = ["E2M1_VALUES", "dequantize_mxfp4", "load_nf4_from_mxfp4"]
@@ -121,30 +121,17 @@ def _held_load_report() -> Iterator[list[logging.LogRecord]]:
 
 
 def _tensor_files(model_name: str, token: str | None, revision: str | None) -> dict[str, Path]:
-    """{tensor name: the safetensors file holding it} of a local folder or a Hub checkpoint
-    (already in the cache: transformers has just loaded it)."""
-    from safetensors import safe_open
-
+    """``model_folder.tensor_files`` of a local folder or of a Hub checkpoint (already in the
+    cache: transformers has just loaded it)."""
     if os.path.isdir(model_name):
-        folder = Path(model_name)
-    else:
-        from huggingface_hub import snapshot_download
+        return tensor_files(model_name)
+    from huggingface_hub import snapshot_download
 
-        folder = Path(
-            snapshot_download(
-                model_name, revision=revision, token=token, allow_patterns=["*.safetensors*"],
-                local_files_only=True,  # transformers has just fetched them: no second request
-            )  # fmt: skip
-        )
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    files = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as stored:
-            files.update(dict.fromkeys(stored.keys(), file))
-    return files
+    folder = snapshot_download(
+        model_name, revision=revision, token=token, allow_patterns=["*.safetensors*"],
+        local_files_only=True,  # transformers has just fetched them: no second request
+    )  # fmt: skip
+    return tensor_files(folder)
 
 
 def _write_decoded(parameter: torch.Tensor, name: str, files: dict[str, Path]) -> None:

@@ -1,5 +1,6 @@
-"""MXFP4 checkpoints (gpt-oss as OpenAI ships it) loaded for QLoRA: the experts' MXFP4 bytes
-decoded by fastlm and stored NF4, bit for bit what loading a 16-bit copy with NF4 gives.
+"""MXFP4 checkpoints (gpt-oss as OpenAI ships it): how they load (``prepare``: dequantised by
+transformers; with ``load_in_4bit`` the experts' MXFP4 bytes decoded by fastlm and stored NF4,
+bit for bit what loading a 16-bit copy with NF4 gives) and which way they did (``log_experts``).
 
 MXFP4 (OCP Microscaling Formats v1.0): blocks of 32 FP4 E2M1 elements sharing one E8M0 scale.
 
@@ -25,6 +26,7 @@ parameters; the loader's ``quantize_experts`` then stores them NF4.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -33,16 +35,99 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastlm.errors import UnsupportedKeywordError
 from fastlm.model_folder import tensor_files
+from fastlm.models.nf4_experts import BLOCKSIZE as NF4_BLOCK
+from fastlm.models.nf4_experts import is_nf4_expert_weight
 from fastlm.models.spec import MixtureOfExperts
 
-__all__ = ["E2M1_VALUES", "dequantize_mxfp4", "load_nf4_from_mxfp4"]
+__all__ = [
+    "E2M1_VALUES",
+    "dequantize_mxfp4",
+    "is_mxfp4",
+    "load_nf4_from_mxfp4",
+    "log_experts",
+    "prepare",
+]
+
+logger = logging.getLogger("fastlm")
 
 MX_BLOCK = 32  # elements sharing one scale
 E8M0_BIAS = 127
 E8M0_NAN = 255
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES += tuple(-v for v in E2M1_VALUES)  # codes 8-15: the sign bit set
+
+
+# Storage per weight: the format's 4 bits and its 8-bit scale per block; NF4 (QLoRA): 4 bits,
+# an 8-bit absmax per block and, double-quantised, an fp32 absmax per 256 of those.
+MXFP4_BITS_PER_WEIGHT = 4 + 8 / MX_BLOCK
+NF4_BITS_PER_WEIGHT = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * 256)
+
+
+def is_mxfp4(config) -> bool:
+    """Whether the checkpoint stores weights MXFP4 (gpt-oss's experts, as OpenAI ships them)."""
+    stored = getattr(config, "quantization_config", None)
+    if isinstance(stored, dict):
+        return stored.get("quant_method") == "mxfp4"
+    return getattr(stored, "quant_method", None) == "mxfp4"
+
+
+def prepare(
+    kwargs: dict, config, moe: MixtureOfExperts | None, load_in_4bit: bool, name: str
+) -> None:
+    """``from_pretrained``'s keywords for an MXFP4 checkpoint. Without ``load_in_4bit``: its
+    experts dequantised to the load dtype by transformers (``Mxfp4Config(dequantize=True)``,
+    unless the caller passed a config): fastlm has no MXFP4 kernels, and transformers' quantised
+    experts do not train. With it: transformers loads one quantisation at a time, so it gets the
+    NF4 config alone (``kwargs["config"]``: the checkpoint's, without its MXFP4 one) and
+    ``load_nf4_from_mxfp4`` decodes the experts; only a mixture-of-experts spec says where."""
+    if not load_in_4bit:
+        if "quantization_config" not in kwargs:
+            from transformers import Mxfp4Config  # lazy: seconds to import
+
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+        return
+    if moe is None:
+        raise UnsupportedKeywordError(
+            f"load_in_4bit=True on {name}, an MXFP4 checkpoint of a family whose MXFP4 weights "
+            "fastlm cannot place (it decodes gpt-oss's experts). Load it without load_in_4bit, "
+            "write a 16-bit copy with model.save_pretrained_merged(folder, tokenizer, "
+            "save_method='merged_16bit') and load that folder with load_in_4bit=True."
+        )
+    plain = copy.deepcopy(kwargs.get("config", config))
+    del plain.quantization_config
+    kwargs["config"] = plain
+
+
+def log_experts(model: nn.Module, moe: MixtureOfExperts) -> None:
+    """Say which way an MXFP4 checkpoint's experts were loaded: decoded by fastlm and stored NF4
+    (``load_in_4bit``), dequantised (the spec's experts class, in the load dtype), or kept
+    MXFP4 by a ``quantization_config`` the caller passed."""
+    experts = [
+        getattr(m, moe.gate_up) for m in model.modules() if type(m).__name__ == moe.experts_class
+    ]
+    if not experts:
+        logger.warning(
+            "fastlm: MXFP4 experts kept MXFP4 (transformers' kernels): they run transformers' "
+            "code unfused and do not train; pass quantization_config=Mxfp4Config(dequantize=True)"
+        )
+        return
+    if is_nf4_expert_weight(experts[0]):
+        logger.warning(
+            "fastlm: MXFP4 experts decoded and stored NF4 (QLoRA), as a 16-bit copy would load: "
+            "%.2f bits a weight for the checkpoint's %.2f (transformers' load report of their "
+            "_blocks/_scales tensors and missing parameters is expected, and held back)",
+            NF4_BITS_PER_WEIGHT, MXFP4_BITS_PER_WEIGHT,
+        )  # fmt: skip
+        return
+    dtype = experts[0].dtype
+    logger.warning(
+        "fastlm: MXFP4 experts dequantised to %s (fastlm has no MXFP4 kernels): %d bits a "
+        "weight, %.1fx the checkpoint's %.2f",
+        dtype, dtype.itemsize * 8, dtype.itemsize * 8 / MXFP4_BITS_PER_WEIGHT,
+        MXFP4_BITS_PER_WEIGHT,
+    )  # fmt: skip
 
 
 def dequantize_mxfp4(

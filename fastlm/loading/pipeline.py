@@ -31,7 +31,7 @@ from fastlm.loading import mxfp4 as mxfp4_loading
 from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.streaming import streaming_request
-from fastlm.models.nf4_experts import is_nf4_expert_weight, quantize_experts
+from fastlm.models.nf4_experts import quantize_experts
 from fastlm.models.spec import PROJECTIONS, MixtureOfExperts
 from fastlm.offload import place_trainable
 from fastlm.versions import check_versions
@@ -159,10 +159,10 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
             max_seq_length, positions, given_name, positions,
         )  # fmt: skip
     device, dtype, device_map = placement(options["device_map"], options["dtype"])
-    mxfp4 = _is_mxfp4(config)
+    mxfp4 = mxfp4_loading.is_mxfp4(config)
     mxfp4_to_nf4 = mxfp4 and options["load_in_4bit"]
     if mxfp4:  # openai/gpt-oss-*: transformers, or fastlm for QLoRA, reads the experts' bytes
-        _mxfp4_loading(kwargs, config, spec.moe, options["load_in_4bit"], given_name)
+        mxfp4_loading.prepare(kwargs, config, spec.moe, options["load_in_4bit"], given_name)
     add_quantization_config(kwargs, options["load_in_4bit"], options["full_finetuning"], dtype)
     # offload_weights / offload_enabled / offload_folder: NF4 layers streamed from CPU RAM
     # (also chosen automatically, and logged, when a 4-bit model does not fit the GPU).
@@ -203,81 +203,10 @@ def _load_patched(model_name: str, given_name: str, options: dict, kwargs: dict)
     if options["load_in_4bit"] and spec.moe is not None:  # bitsandbytes quantised the linears
         quantize_experts(model, spec.moe)
     if mxfp4 and spec.moe is not None:  # transformers' MXFP4 is gpt-oss's experts
-        _log_mxfp4_experts(model, spec.moe)
+        mxfp4_loading.log_experts(model, spec.moe)
     model.max_seq_length = max_seq_length
     models.patch_model(model, spec, max_seq_length, check_finite_loss=options["check_finite_loss"])
     return model
-
-
-# MXFP4 (OCP MX): 4-bit E2M1 values, one 8-bit power-of-two scale per block of 32.
-MXFP4_BITS_PER_WEIGHT = 4 + 8 / 32
-# NF4 (QLoRA): 4 bits, an 8-bit absmax per block of 64, fp32 absmax of those per 256 blocks.
-NF4_BITS_PER_WEIGHT = 4 + 8 / 64 + 32 / (64 * 256)
-
-
-def _is_mxfp4(config) -> bool:
-    """Whether the checkpoint stores weights MXFP4 (gpt-oss's experts, as OpenAI ships them)."""
-    stored = getattr(config, "quantization_config", None)
-    if isinstance(stored, dict):
-        return stored.get("quant_method") == "mxfp4"
-    return getattr(stored, "quant_method", None) == "mxfp4"
-
-
-def _mxfp4_loading(
-    kwargs: dict, config, moe: MixtureOfExperts | None, load_in_4bit: bool, name: str
-) -> None:
-    """How an MXFP4 checkpoint loads. Without ``load_in_4bit``: its experts dequantised to the
-    load dtype by transformers (``Mxfp4Config(dequantize=True)``, unless the caller passed a
-    config): fastlm has no MXFP4 kernels, and transformers' quantised experts do not train.
-    With it: transformers loads one quantisation at a time, so it gets the NF4 config alone
-    (``kwargs["config"]``: the checkpoint's, without its MXFP4 one) and fastlm decodes the
-    experts itself (``fastlm.loading.mxfp4``); only a mixture-of-experts spec says where."""
-    if not load_in_4bit:
-        if "quantization_config" not in kwargs:
-            from transformers import Mxfp4Config  # lazy: seconds to import
-
-            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-        return
-    if moe is None:
-        raise UnsupportedKeywordError(
-            f"load_in_4bit=True on {name}, an MXFP4 checkpoint of a family whose MXFP4 weights "
-            "fastlm cannot place (it decodes gpt-oss's experts). Load it without load_in_4bit, "
-            "write a 16-bit copy with model.save_pretrained_merged(folder, tokenizer, "
-            "save_method='merged_16bit') and load that folder with load_in_4bit=True."
-        )
-    plain = copy.deepcopy(kwargs.get("config", config))
-    del plain.quantization_config
-    kwargs["config"] = plain
-
-
-def _log_mxfp4_experts(model: nn.Module, moe: MixtureOfExperts) -> None:
-    """Say which way an MXFP4 checkpoint's experts were loaded: decoded by fastlm and stored NF4
-    (``load_in_4bit``), dequantised (the spec's experts class, in the load dtype), or kept
-    MXFP4 by a ``quantization_config`` the caller passed."""
-    experts = [
-        getattr(m, moe.gate_up) for m in model.modules() if type(m).__name__ == moe.experts_class
-    ]
-    if not experts:
-        logger.warning(
-            "fastlm: MXFP4 experts kept MXFP4 (transformers' kernels): they run transformers' "
-            "code unfused and do not train; pass quantization_config=Mxfp4Config(dequantize=True)"
-        )
-        return
-    if is_nf4_expert_weight(experts[0]):
-        logger.warning(
-            "fastlm: MXFP4 experts decoded and stored NF4 (QLoRA), as a 16-bit copy would load: "
-            "%.2f bits a weight for the checkpoint's %.2f (transformers' load report of their "
-            "_blocks/_scales tensors and missing parameters is expected, and held back)",
-            NF4_BITS_PER_WEIGHT, MXFP4_BITS_PER_WEIGHT,
-        )  # fmt: skip
-        return
-    dtype = experts[0].dtype
-    logger.warning(
-        "fastlm: MXFP4 experts dequantised to %s (fastlm has no MXFP4 kernels): %d bits a "
-        "weight, %.1fx the checkpoint's %.2f",
-        dtype, dtype.itemsize * 8, dtype.itemsize * 8 / MXFP4_BITS_PER_WEIGHT,
-        MXFP4_BITS_PER_WEIGHT,
-    )  # fmt: skip
 
 
 def load_adapter(
@@ -383,7 +312,6 @@ def _peft_maps_experts(model: nn.Module, target_modules: list[str] | str | None)
     """PEFT itself turns these module names into expert parameters for this model type (0.21
     does for Qwen2/3-MoE and Mixtral, fusing gate + up at twice the rank), so fastlm adds
     nothing and the adapter is the one PEFT makes from the same config."""
-    import copy
 
     from peft import LoraConfig
 

@@ -130,7 +130,10 @@ def patch_model(
         elif name == spec.attention_class:
             if spec.transformers_attention:  # e.g. Mistral 4's MLA: its own forward...
                 original = type(module).forward  # ... with its linear layers run fused
-                _set_forward(state, module, _own_attention_forward, original=original)
+                linears = tuple(child for child, _ in _linear_children(module))
+                _set_forward(
+                    state, module, _own_attention_forward, original=original, linears=linears
+                )
                 continue
             _set_forward(state, module, _attention_forward, spec=spec, paths=state.attention_paths)
         elif name == spec.mlp_class:
@@ -233,11 +236,11 @@ def fused_report(model: nn.Module) -> FusedReport:
             projections = ATTENTION_PROJECTIONS
             sinks = state.spec.attention_sinks_attr is not None
             expected = expected_path(module, sinks=sinks)
-            if _chunked(module, state.spec):
-                attr = state.spec.attention_chunk_attr
+            chunk = _chunk_size(module, state.spec)
+            if chunk is not None:
                 note = (
-                    f"chunked attention ({attr}={getattr(module.config, attr)}): past one chunk,"
-                    " the flash kernel's packed launch over the chunks where the kernel runs"
+                    f"{_chunk_label(state.spec, chunk)}: past one chunk, the flash kernel's "
+                    "packed launch over the chunks where the kernel runs"
                 )
                 expected = expected._replace(
                     reason="; ".join(filter(None, [expected.reason, note]))
@@ -406,14 +409,16 @@ def _linear_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _own_attention_forward(self, *args, original, **kwargs):
+def _own_attention_forward(self, *args, original, linears: tuple[str, ...], **kwargs):
     """An attention module's own (transformers') forward -- ``spec.transformers_attention``, e.g.
-    Mistral 4's latent attention -- with each of its linear layers that fastlm can fuse run as
-    one LoRA Function (``lora_linear``: a 4-bit weight dequantised inside it) for this call: the
-    layer's forward is set on the instance while the call runs, then taken off again."""
+    Mistral 4's latent attention -- with each of its linear layers (``linears``: their names,
+    which PEFT keeps when it wraps them) that fastlm can fuse run as one LoRA Function
+    (``lora_linear``: a 4-bit weight dequantised inside it) for this call: the layer's forward
+    is set on the instance while the call runs, then taken off again."""
     swapped = []
     try:
-        for _, child in _linear_children(self):
+        for name in linears:
+            child = getattr(self, name)
             weights = _fused_weights(child)
             if weights is not None:
                 swapped.append((child, child.__dict__.get("forward")))
@@ -560,8 +565,9 @@ def _attention_forward(
         extra["softcap"] = softcap
     if spec.attention_sinks_attr:  # transformers' keyword for them: its functions read it
         extra["s_aux"] = getattr(self, spec.attention_sinks_attr)
-    if _chunked(self, spec):  # the kernel cuts the rows at the chunk bounds the mask keeps
-        extra[CHUNK_KWARG] = getattr(self.config, spec.attention_chunk_attr)
+    chunk = _chunk_size(self, spec)
+    if chunk is not None:  # the kernel cuts the rows at the chunk bounds the mask keeps
+        extra[CHUNK_KWARG] = chunk
     output, weights, path = attend(
         self,
         query,
@@ -573,8 +579,10 @@ def _attention_forward(
         **extra,
         **kwargs,
     )
-    if path.reason == CUSTOM_MASK and _chunked(self, spec):
-        path = path._replace(reason=_chunked_reason(self, spec))
+    if path.reason == CUSTOM_MASK and chunk is not None:
+        path = path._replace(
+            reason=f"{_chunk_label(spec, chunk)} with a mask that is not padding on that pattern"
+        )
     paths[self] = path
     output = output.reshape(batch, seq, -1)
     if gate is not None:
@@ -582,20 +590,22 @@ def _attention_forward(
     return _project(self.o_proj, output), weights
 
 
-def _chunked(module: nn.Module, spec: ArchitectureSpec) -> bool:
-    """A "chunked_attention" layer (``spec.attention_chunk_attr``): queries see their chunk only."""
+def _chunk_size(module: nn.Module, spec: ArchitectureSpec) -> int | None:
+    """The chunk size of a "chunked_attention" layer (``spec.attention_chunk_attr``: queries see
+    their chunk only), None for any other layer."""
     if spec.attention_chunk_attr is None:
-        return False
+        return None
     types = getattr(module.config, "layer_types", None) or ()
     index = getattr(module, "layer_idx", None)
-    return index is not None and index < len(types) and types[index] == "chunked_attention"
+    if index is None or index >= len(types) or types[index] != "chunked_attention":
+        return None
+    return getattr(module.config, spec.attention_chunk_attr)
 
 
-def _chunked_reason(module: nn.Module, spec: ArchitectureSpec) -> str:
-    size = getattr(module.config, spec.attention_chunk_attr)
+def _chunk_label(spec: ArchitectureSpec, chunk: int) -> str:
     return (
-        f"chunked attention ({spec.attention_chunk_attr}={size}: each query sees its own chunk "
-        "of the sequence) with a mask that is not padding on that pattern"
+        f"chunked attention ({spec.attention_chunk_attr}={chunk}: each query sees its own chunk "
+        "of the sequence)"
     )
 
 

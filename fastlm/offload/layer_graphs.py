@@ -510,17 +510,25 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------ capture
 
-    def _capture_or_reason(self, device: torch.device, body: Callable[[], None], prefix: str,
-                           who: str) -> tuple[Any, str]:  # fmt: skip
+    def _capture_or_reason(
+        self, device: torch.device, body: Callable[[], None], load: Callable[[], None],
+        prefix: str, who: str,
+    ) -> tuple[Any, str]:  # fmt: skip
         """(a graph of ``body``, "") or, when the capture fails, (None, why): any failure means
-        that piece runs eagerly, counted (under ``prefix``) and logged."""
+        that piece runs eagerly, counted (under ``prefix``) and logged. ``load`` copies the
+        call's inputs into the static buffers, before the capture and again after it: a CUDA
+        capture runs nothing, but a capture that runs its body (the CPU tests' stand-in) may
+        have written its outputs over them."""
+        load()
         try:
-            return self.capture(device, body), ""
+            graph = self.capture(device, body)
         except Exception as error:  # noqa: BLE001 -- any failure means: run it eagerly
             reason = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"
             self._count(f"{prefix}eager: {reason}")
             logger.warning("layer graphs: %s: %s; it runs eagerly (for this shape).", who, reason)
             return None, reason
+        load()
+        return graph, ""
 
     def capture(self, device: torch.device, body: Callable[[], None]):
         """Record ``body``'s kernels into a new graph (nothing runs until ``replay()``)."""
@@ -580,12 +588,13 @@ class _Plan:
                 output = _first(run(hidden, *args))
             signature.outputs_like(output)
             return output
-        signature.load(hidden, self.tensors)
+        load = partial(signature.load, hidden, self.tensors)
         if graphs.forward is None:
-            if not self._try_capture("forward", hidden.device, self._forward_body):
+            if not self._try_capture("forward", hidden.device, self._forward_body, load):
                 with torch.no_grad():
                     return _first(run(hidden, *args))
-            signature.load(hidden, self.tensors)  # a capture that ran its body (CPU tests) wrote it
+        else:
+            load()
         graphs.forward.replay()
         graphs.forward_runs += 1
         self.owner._count("replayed")
@@ -599,14 +608,17 @@ class _Plan:
             graphs.backward_runs += 1
             self.owner._count("eager: first call of a shape (capture follows)")
             return None
-        signature.load(hidden, self.tensors)
-        signature.grad_out.copy_(grad_output)
+
+        def load() -> None:
+            signature.load(hidden, self.tensors)
+            signature.grad_out.copy_(grad_output)
+
         if graphs.backward is None:
             graphs.grads = self.owner._grad_buffers(signature, graphs.params)
-            if not self._try_capture("backward", hidden.device, self._backward_body):
+            if not self._try_capture("backward", hidden.device, self._backward_body, load):
                 return None
-            signature.load(hidden, self.tensors)  # as in forward
-            signature.grad_out.copy_(grad_output)
+        else:
+            load()
         graphs.backward.replay()
         graphs.backward_runs += 1
         self.owner._count("replayed")
@@ -650,8 +662,10 @@ class _Plan:
             if grad is not None:
                 buffer.copy_(grad)
 
-    def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None]) -> bool:
-        graph, self.graphs.failed = self.owner._capture_or_reason(device, body, "", "this layer")
+    def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None],
+                     load: Callable[[], None]) -> bool:  # fmt: skip
+        owner = self.owner
+        graph, self.graphs.failed = owner._capture_or_reason(device, body, load, "", "this layer")
         if graph is None:
             return False
         setattr(self.graphs, piece, graph)
@@ -681,11 +695,12 @@ class _LossGraph:
                 torch.empty_like(t) for t in (hidden, labels, denom)
             )
             self.loss = torch.empty((), dtype=torch.float32, device=hidden.device)
-        self._load(hidden, labels, denom)
+        load = partial(self._load, hidden, labels, denom)
         if self.graph is None:
-            if not self._capture(compute, weight, cfg, hidden.device):
+            if not self._capture(compute, weight, cfg, hidden.device, load):
                 return compute(hidden, weight, None, labels, denom, cfg)
-            self._load(hidden, labels, denom)  # a capture that ran its body (CPU tests) wrote it
+        else:
+            load()
         self.graph.replay()
         self.runs += 1
         self.owner._count("loss replayed")
@@ -703,9 +718,11 @@ class _LossGraph:
         if grad_hidden is not None:
             self.hidden.copy_(grad_hidden)
 
-    def _capture(self, compute: Callable, weight, cfg, device) -> bool:
+    def _capture(self, compute: Callable, weight, cfg, device, load: Callable[[], None]) -> bool:
         body = partial(self._body, compute, weight, cfg)
-        self.graph, self.failed = self.owner._capture_or_reason(device, body, "loss ", "the loss")
+        self.graph, self.failed = self.owner._capture_or_reason(
+            device, body, load, "loss ", "the loss"
+        )
         if self.graph is None:
             return False
         self.owner._count("loss captured")

@@ -15,9 +15,13 @@ Which ops mix the tokens (conv, delta rule, gated norm), decided per call (``Lin
 - CUDA, flash-linear-attention installed, no earlier state in the cache (training, a prefill), no
   packed sequences: fla's Triton kernels (``causal_conv1d``, ``chunk_gated_delta_rule``,
   ``rms_norm_gated``), forward and backward; the cache, if any, still gets its states;
-- fla installed but refusing this GPU (``fla_refusal``: it knows some GPU and Triton pairs
-  to be wrong): transformers' PyTorch functions, as on the CPU, and the reason in
-  ``fused_report``;
+- fla refusing only its gated dqkwg backward (0.5.2 on Hopper with Triton 3.4 to 3.7.0, where
+  that one kernel is miscompiled): the same fla kernels, the delta rule through
+  ``chunk_gated_delta_rule_hopper`` (fastlm's dqkwg backward in place of fla's), said in
+  ``fused_report``; packed sequences and decoding then take transformers' PyTorch functions;
+- fla installed but refusing this GPU otherwise (``fla_refusal``: it knows some GPU and Triton
+  pairs to be wrong), or fastlm's Hopper delta rule failing its probe too: transformers' PyTorch
+  functions, as on the CPU, and the reason in ``fused_report``;
 - otherwise (no fla, decoding, packed sequences): the functions transformers picked for the
   model (its torch fallback, or fla / causal_conv1d where it found them).
 """
@@ -37,6 +41,7 @@ from torch import nn
 
 from fastlm.autograd import lora_group, lora_linear
 from fastlm.kernels._dispatch import use_triton
+from fastlm.kernels.gated_delta_rule import chunk_gated_delta_rule_hopper
 from fastlm.models.fsdp import gather_linear
 from fastlm.models.lora_layers import linear_weights
 from fastlm.models.spec import LinearAttention
@@ -45,10 +50,14 @@ FLA = "fla"  # LinearPath.implementation of flash-linear-attention's Triton kern
 REFERENCE = "torch-reference"  # transformers' PyTorch functions, unwrapped
 TRANSFORMERS = "transformers"  # the functions transformers picked
 NO_FLA = "flash-linear-attention is not installed (pip install 'fastlm[linear-attention]')"
+HOPPER_NOTE = "fastlm's dqkwg backward (fla's is wrong on Hopper with Triton < 3.7.1)"
+# The one fla kernel that chunk_gated_delta_rule_hopper replaces: a refusal naming it is curable.
+_REPLACED_KERNEL = "chunk_bwd_dqkwg"
 
 
 class LinearPath(NamedTuple):
-    """What a linear-attention call ran: ``implementation`` and ``reason`` (why not fla)."""
+    """What a linear-attention call ran: ``implementation`` and ``reason`` (why not fla, or how
+    fla runs: ``HOPPER_NOTE``)."""
 
     implementation: str
     reason: str = ""
@@ -60,6 +69,7 @@ def has_fla() -> bool:
 
 
 _REFUSALS: dict[torch.device, str] = {}
+_HOPPER_REFUSALS: dict[torch.device, str] = {}
 
 
 def fla_refusal(device: torch.device) -> str:
@@ -69,19 +79,42 @@ def fla_refusal(device: torch.device) -> str:
     thread of its own: autograd's saved-tensor hooks (checkpointing's) and autocast are per
     thread, so the model's step never sees it.
     """
-    if device not in _REFUSALS:
+    return _probe_once(_REFUSALS, _probe_fla, device, "fla")
+
+
+def hopper_rule_refusal(device: torch.device) -> str:
+    """Why fastlm's ``chunk_gated_delta_rule_hopper`` cannot train on ``device`` ("" when it
+    can), found once per device by the same probe as ``fla_refusal``'s."""
+    return _probe_once(_HOPPER_REFUSALS, _probe_hopper_rule, device, "Hopper delta rule")
+
+
+def _probe_once(results: dict, probe, device: torch.device, name: str) -> str:
+    if device not in results:
         outcome: list[str] = []
-        probe = threading.Thread(target=_probe_fla, args=(device, outcome))
-        probe.start()
-        probe.join()
-        _REFUSALS[device] = outcome[0] if outcome else "the fla probe did not finish"
-    return _REFUSALS[device]
+        thread = threading.Thread(target=probe, args=(device, outcome))
+        thread.start()
+        thread.join()
+        results[device] = outcome[0] if outcome else f"the {name} probe did not finish"
+    return results[device]
 
 
 def _probe_fla(device: torch.device, outcome: list) -> None:
-    try:
+    def rule():
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # lazy: optional (CUDA)
 
+        return chunk_gated_delta_rule
+
+    _probe(rule, device, outcome, "fla's delta rule")
+
+
+def _probe_hopper_rule(device: torch.device, outcome: list) -> None:
+    _probe(lambda: chunk_gated_delta_rule_hopper, device, outcome, "fastlm's Hopper delta rule")
+
+
+def _probe(rule, device: torch.device, outcome: list, name: str) -> None:
+    """A forward and backward of ``rule()`` on one tiny chunk: "" in ``outcome``, or the error."""
+    try:
+        chunk_gated_delta_rule = rule()
         torch.cuda.set_device(device)
         generator = torch.Generator(device).manual_seed(0)
         q, k, v = (
@@ -96,7 +129,17 @@ def _probe_fla(device: torch.device, outcome: list) -> None:
         outcome.append("")
     except Exception as error:  # whatever fla raises: the reason, in its own words
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        outcome.append(f"fla's delta rule cannot train here: {message}")
+        outcome.append(f"{name} cannot train here: {message}")
+
+
+def _uncured_refusal(device: torch.device) -> str:
+    """fla's refusal of ``device``, "" where there is none or where it names only the kernel
+    that fastlm's Hopper delta rule replaces and that rule trains here."""
+    refusal = fla_refusal(device)
+    if _REPLACED_KERNEL not in refusal:
+        return refusal
+    failure = hopper_rule_refusal(device)
+    return f"{refusal}; {failure}" if failure else ""
 
 
 def expected_linear_path(module: nn.Module) -> LinearPath:
@@ -140,16 +183,28 @@ def _choose(tensor: torch.Tensor, cache, layer_idx: int, kwargs: dict) -> Linear
         return LinearPath(REFERENCE, f"{tensor.device.type} tensors (fla's kernels run on CUDA)")
     if not has_fla():
         return LinearPath(TRANSFORMERS, NO_FLA)
-    refusal = fla_refusal(tensor.device)
+    refusal = _uncured_refusal(tensor.device)
     if refusal:  # transformers would pick the same fla functions: its PyTorch ones instead
         return LinearPath(REFERENCE, refusal)
+    cured = fla_refusal(tensor.device)  # "", or the one fastlm's Hopper delta rule cures
+    other = _not_for_fla(cache, layer_idx, kwargs)
+    if other and cured:  # transformers would pick fla's refusing functions, as above
+        return LinearPath(REFERENCE, f"{other}; {cured}")
+    if other:
+        return LinearPath(TRANSFORMERS, other)
+    return LinearPath(FLA, HOPPER_NOTE if cured else "")
+
+
+def _not_for_fla(cache, layer_idx: int, kwargs: dict) -> str:
+    """Why a call cannot take fastlm's fla path ("" when it can): fla's chunked rule here takes
+    neither packed sequences nor an earlier state."""
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("seq_idx") is not None:
-        return LinearPath(TRANSFORMERS, "packed sequences")
+        return "packed sequences"
     if cache is not None and (
         cache.get_recurrent_state(layer_idx) is not None or cache.is_recording_past(layer_idx)
     ):
-        return LinearPath(TRANSFORMERS, "decoding with a cached state")
-    return LinearPath(FLA)
+        return "decoding with a cached state"
+    return ""
 
 
 def _project_inputs(self, x: torch.Tensor, names: tuple[str, ...]):
@@ -243,7 +298,6 @@ def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
     (no earlier state: training or a prefill); the cache, if any, gets its states."""
     from fla.modules.conv import causal_conv1d  # lazy: optional dependency (CUDA only)
     from fla.modules.fused_norm_gate import rms_norm_gated  # lazy: as above
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # lazy: as above
 
     batch, seq, _ = mixed.shape
     if cache is not None:  # the conv's left context for the next call
@@ -253,7 +307,7 @@ def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
     weight = self.conv1d.weight.squeeze(1)  # (D, W); fla takes x as (B, S, D)
     mixed, _ = causal_conv1d(mixed, weight, self.conv1d.bias, activation=self.activation)
     query, key, value = _split_heads(self, mixed, batch, seq)
-    core, state = chunk_gated_delta_rule(
+    core, state = _fla_delta_rule(mixed.device)(
         query,
         key,
         value,
@@ -270,3 +324,13 @@ def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
         eps=norm.variance_epsilon,
     )  # fmt: skip
     return core.reshape(batch, seq, -1)
+
+
+def _fla_delta_rule(device: torch.device):
+    """fla's chunked delta rule, or fastlm's Hopper one where fla refuses to train (``_choose``
+    runs fla only where that refusal names just the kernel the Hopper one replaces)."""
+    if fla_refusal(device):
+        return chunk_gated_delta_rule_hopper
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # lazy: optional (CUDA only)
+
+    return chunk_gated_delta_rule

@@ -291,3 +291,69 @@ def test_the_fla_probe_reports_what_stops_it():
     outcome = []
     linear_attention._probe_fla(torch.device("cpu"), outcome)  # no fla, or no GPU: either way
     assert len(outcome) == 1 and outcome[0].startswith("fla's delta rule cannot train here: ")
+
+
+HOPPER_REFUSAL = (
+    "fla's delta rule cannot train here: Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces "
+    "incorrect results for gated chunk_bwd_dqkwg (see #640). Please upgrade Triton to >= 3.7.1 "
+    "or install tilelang: `pip install tilelang`"
+)  # fla 0.5.2's refusal, as fla_refusal words it
+
+
+def _refusing(monkeypatch, refusal: str, hopper_failure: str) -> list:
+    """linear_attention as on a CUDA machine whose fla refuses with ``refusal`` and whose Hopper
+    delta rule probe ends with ``hopper_failure``; returns the list of Hopper probes run."""
+    from fastlm.models import linear_attention
+
+    hopper_probes = []
+
+    def hopper_probe(device, outcome):
+        hopper_probes.append(device)
+        outcome.append(hopper_failure)
+
+    monkeypatch.setattr(linear_attention, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(linear_attention, "has_fla", lambda: True)
+    monkeypatch.setattr(linear_attention, "_probe_fla", lambda d, outcome: outcome.append(refusal))
+    monkeypatch.setattr(linear_attention, "_probe_hopper_rule", hopper_probe)
+    monkeypatch.setattr(linear_attention, "_REFUSALS", {})
+    monkeypatch.setattr(linear_attention, "_HOPPER_REFUSALS", {})
+    return hopper_probes
+
+
+def test_fla_refusing_its_dqkwg_runs_fla_with_fastlms_backward(monkeypatch):
+    """fla 0.5.2's Hopper refusal names the one kernel fastlm replaces: where the Hopper delta
+    rule's probe trains, the fla path runs with it, and says so; packed sequences still go to
+    transformers' PyTorch functions (transformers would pick fla's refusing rule)."""
+    from fastlm.kernels.gated_delta_rule import chunk_gated_delta_rule_hopper
+    from fastlm.models import linear_attention as la
+
+    probes = _refusing(monkeypatch, HOPPER_REFUSAL, "")
+    x = torch.zeros(1)
+    assert la._choose(x, None, 0, {}) == la.LinearPath(la.FLA, la.HOPPER_NOTE)
+    assert la._fla_delta_rule(x.device) is chunk_gated_delta_rule_hopper
+    packed = la._choose(x, None, 0, {"cu_seq_lens_q": torch.tensor([0, 1])})
+    assert packed == la.LinearPath(la.REFERENCE, f"packed sequences; {HOPPER_REFUSAL}")
+    assert len(probes) == 1  # once per device
+
+
+def test_a_failing_hopper_rule_or_another_refusal_keeps_the_pytorch_functions(monkeypatch):
+    from fastlm.models import linear_attention as la
+
+    failure = "fastlm's Hopper delta rule cannot train here: made up for the test"
+    _refusing(monkeypatch, HOPPER_REFUSAL, failure)
+    path = la._choose(torch.zeros(1), None, 0, {})
+    assert path == la.LinearPath(la.REFERENCE, f"{HOPPER_REFUSAL}; {failure}")
+
+    probes = _refusing(monkeypatch, "fla's delta rule cannot train here: another bug", "")
+    path = la._choose(torch.zeros(1), None, 0, {})
+    assert path == la.LinearPath(la.REFERENCE, "fla's delta rule cannot train here: another bug")
+    assert probes == []  # a refusal of something else is not the Hopper rule's to cure
+
+
+def test_the_hopper_rule_probe_reports_what_stops_it():
+    from fastlm.models import linear_attention
+
+    outcome = []
+    linear_attention._probe_hopper_rule(torch.device("cpu"), outcome)  # no fla, or no GPU
+    assert len(outcome) == 1
+    assert outcome[0].startswith("fastlm's Hopper delta rule cannot train here: ")

@@ -123,6 +123,10 @@ class HostSizes(Sequence):
     kernels ahead, once per MoE layer call, which a launch-bound step cannot afford.
     """
 
+    # Reads made so far, process-wide: a CUDA graph cannot capture one, so the layer graphs
+    # count them across a layer's first (eager) call and leave a layer that reads eager.
+    reads = 0
+
     def __init__(self, sizes: Tensor):
         self._sizes = sizes
         self._values: list[int] | None = None
@@ -137,6 +141,7 @@ class HostSizes(Sequence):
         """The sizes as a list (the one host read)."""
         if self._values is None:
             self._values = self._sizes.tolist()
+            HostSizes.reads += 1
         return self._values
 
     @property

@@ -410,12 +410,24 @@ def _grouped_projection(
     expert through the gather)."""
     y = grouped_mm(x, p.weight, ends, sizes)
     if p.lora_A is not None:
-        xa = grouped_mm(x, p.lora_A.to(x.dtype).transpose(1, 2), ends, sizes)  # (rows, r)
-        lora = grouped_mm(xa, p.lora_B.to(x.dtype).transpose(1, 2), ends, sizes)
+        xa = grouped_mm(x, _lora_operand(p.lora_A, x.dtype), ends, sizes)  # (rows, r)
+        lora = grouped_mm(xa, _lora_operand(p.lora_B, x.dtype), ends, sizes)
         y = y.add(lora, alpha=p.scaling)
     if p.bias is not None:
         y = y + p.bias.to(y.dtype)[rows]  # (rows, out)
     return y
+
+
+def _lora_operand(factor: Tensor, dtype: torch.dtype) -> Tensor:
+    """A LoRA factor, A (E, r, in) or B (E, out, r), as the grouped GEMM's operand (E, in, r) or
+    (E, r, out), dense, in the rows' dtype. PEFT's expert adapters are strided views (B's
+    experts are its innermost dimension), which torch._grouped_mm refuses: a copy of a few MB
+    (made anyway where the dtype changes) beats one GEMM per expert and its host read."""
+    operand = factor.transpose(1, 2)
+    if operand.dtype == dtype and operand.is_contiguous():
+        return operand
+    dense = torch.empty_like(operand, dtype=dtype, memory_format=torch.contiguous_format)
+    return dense.copy_(operand)  # one copy, the cast included; autograd passes through it
 
 
 # --------------------------------------------------------------------------- aux loss

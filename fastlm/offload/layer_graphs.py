@@ -35,10 +35,13 @@ How a replay stays exact:
   trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
   hooks, which a replay does not fire), mixture-of-experts blocks while their router logits
   are recorded (``output_router_logits``, the load-balancing loss: recorded by forward hooks,
-  which a replay does not fire), arguments other than tensors and plain values, more
+  which a replay does not fire), experts whose grouped GEMM reads its group sizes on the host
+  (operands ``torch._grouped_mm`` does not take; noticed in a layer's first, eager call),
+  arguments other than tensors and plain values, more
   than ``max_signatures`` shapes (variable-length batches: pad to a multiple or pack), and any
   capture that failed -- e.g. an operation that waits for the GPU, such as reading a padding
-  mask on the host. Full fine-tuning is graphed: its gradient buffers are one layer's.
+  mask on the host. A failed capture leaves the pool usable: an anchor graph keeps it alive.
+  Full fine-tuning is graphed: its gradient buffers are one layer's.
 
     LAYER_GRAPHS.enabled = True   # opt in (off by default until measured on a GPU)
 """
@@ -58,6 +61,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastlm.kernels.grouped_gemm import HostSizes
 from fastlm.models.moe import moe_block_forward, router_forward
 from fastlm.models.packing import caller_signals, packed_sequences
 
@@ -65,6 +69,10 @@ logger = logging.getLogger("fastlm")
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype)
 _PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+EXPERTS_READ_SIZES = (
+    "mixture-of-experts experts that read their group sizes on the host (operands "
+    "torch._grouped_mm does not take: it wants bf16 on CUDA)"
+)
 
 
 class NotGraphable(Exception):
@@ -294,6 +302,7 @@ class LayerGraphs:
         self._losses: dict[Any, _LossGraph] = {}  # run_loss, by shape
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._anchors: dict[torch.device, Any] = {}  # _new_pool
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
@@ -404,6 +413,8 @@ class LayerGraphs:
             self._signatures.clear()
             self._grads.clear()
             self._losses.clear()
+            self._pools.clear()  # the next capture starts a new pool (and anchor)
+            self._anchors.clear()
             self.counts.clear()
             self._peaks = dict.fromkeys(self._peaks, 0)
             self._captures_ended = 0
@@ -533,8 +544,7 @@ class LayerGraphs:
     def capture(self, device: torch.device, body: Callable[[], None]):
         """Record ``body``'s kernels into a new graph (nothing runs until ``replay()``)."""
         if device not in self._pools:
-            self._pools[device] = torch.cuda.graph_pool_handle()
-            self._streams[device] = torch.cuda.Stream(device)
+            self._new_pool(device)
         graph = torch.cuda.CUDAGraph()
         self._note_capture(device, starting=True)
         current, stream = torch.cuda.current_stream(device), self._streams[device]
@@ -552,6 +562,22 @@ class LayerGraphs:
         current.wait_stream(stream)
         self._note_capture(device, starting=False)
         return graph
+
+
+    def _new_pool(self, device: torch.device) -> None:
+        """The device's private pool, its capture stream, and the pool's anchor: a one-kernel
+        graph held as long as the pool is. The allocator forgets a pool once every graph
+        captured into it is gone (a first capture that failed, ``reset``, a freed model) and
+        then refuses the next capture that names it; the anchor keeps it alive."""
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+        anchor, current = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            anchor.capture_begin(pool=pool, capture_error_mode="thread_local")
+            torch.zeros(1, device=device)
+            anchor.capture_end()
+        current.wait_stream(stream)
+        self._pools[device], self._streams[device], self._anchors[device] = pool, stream, anchor
 
 
 def _layer_of(run: Callable) -> tuple[nn.Module, Callable]:
@@ -584,8 +610,11 @@ class _Plan:
         if graphs.forward is None and graphs.forward_runs == 0:
             graphs.forward_runs += 1
             self.owner._count("eager: first call of a shape (capture follows)")
+            reads = HostSizes.reads
             with torch.no_grad():
                 output = _first(run(hidden, *args))
+            if HostSizes.reads != reads:  # it would read again inside the capture, and fail
+                graphs.failed = EXPERTS_READ_SIZES
             signature.outputs_like(output)
             return output
         load = partial(signature.load, hidden, self.tensors)

@@ -92,11 +92,12 @@ FAMILY_PARAMS = [
 
 def _pair(
     tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, target_modules=None,
-    device="cpu",
+    device="cpu", **config,
 ):  # fmt: skip
-    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0)."""
+    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0);
+    ``config``: sizes that replace the tiny model's."""
     spec = FAMILIES[family]
-    path = save_tiny_model(family, tmp_path / family)
+    path = save_tiny_model(family, tmp_path / family, **config)
     target_parameters = target_parameters or spec.target_parameters
     targets = target_modules or spec.target_modules
     lora = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)

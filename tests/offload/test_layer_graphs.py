@@ -26,7 +26,7 @@ from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
 from fastlm import FastModel
 from fastlm.offload import checkpoint
-from fastlm.offload.layer_graphs import LayerGraphs
+from fastlm.offload.layer_graphs import EXPERTS_READ_SIZES, LayerGraphs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,11 +117,15 @@ def test_the_loss_replays_in_the_layers_pool(tmp_path, device, graphs, monkeypat
         ((True, False, False), False, False, "the loss's torch path"),
     ],
 )
-def test_a_loss_that_cannot_be_graphed_runs_eagerly(graphs, needs, bias, use_kernel, reason):
+def test_a_loss_that_cannot_be_graphed_runs_eagerly(
+    graphs, device, needs, bias, use_kernel, reason
+):
     """A trained head (its gradient would be a static output of the vocabulary's size), a head
     bias and the torch path (it picks the labelled rows on the host) run as plain calls."""
-    hidden, weight, labels = torch.randn(6, 4), torch.randn(9, 4), torch.arange(6)
-    head_bias = torch.randn(9) if bias else None
+    # On the graphs' device: tensors elsewhere are never graphed, so nothing would be counted.
+    hidden, weight = torch.randn(6, 4, device=device), torch.randn(9, 4, device=device)
+    labels = torch.arange(6, device=device)
+    head_bias = torch.randn(9, device=device) if bias else None
     calls = []
 
     def compute(*args):
@@ -131,7 +135,7 @@ def test_a_loss_that_cannot_be_graphed_runs_eagerly(graphs, needs, bias, use_ker
     cfg = (-100, None, None, needs, use_kernel)
     for _ in range(3):
         assert (
-            graphs.run_loss(compute, hidden, weight, head_bias, labels, torch.ones(()), cfg)
+            graphs.run_loss(compute, hidden, weight, head_bias, labels, hidden.new_ones(()), cfg)
             == "computed"
         )
     assert len(calls) == 3
@@ -295,14 +299,14 @@ def test_full_fine_tuning_replays_exactly(tmp_path, device, graphs):
     assert len(graphs._grads) == 1
 
 
-def _moe_steps(tmp_path, device, record: bool):
+def _moe_steps(tmp_path, device, record: bool, **config):
     """Three steps of transformers + PEFT (eager experts) and fastlm on tiny Qwen3-MoE, LoRA on
     attention, MLP and experts, on ``device``: loss (aux loss included where recorded) and every
-    gradient within the MoE tests' tolerance; returns the fastlm model."""
+    gradient within the MoE tests' tolerance; returns the fastlm model. ``config``: sizes."""
     from test_moe import _assert_match
     from test_moe import _pair as moe_pair
 
-    reference, fast = moe_pair(tmp_path, "unsloth", device=device)
+    reference, fast = moe_pair(tmp_path, "unsloth", device=device, **config)
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     for model in (reference, fast):
         model.config.output_router_logits = record
@@ -314,12 +318,73 @@ def _moe_steps(tmp_path, device, record: bool):
     return fast
 
 
+# Expert sizes torch._grouped_mm takes in fp32 (rows of 16-byte multiples); the tiny model's odd
+# ones take one product per expert, which reads the group sizes on the host.
+ALIGNED_EXPERTS = {"moe_intermediate_size": 32}
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="fp32 experts take one product per expert on CUDA (torch._grouped_mm: bf16 only); "
+    "the bf16 test replays them there",
+)
 def test_mixture_of_experts_layers_replay_when_nothing_is_recorded(tmp_path, device, graphs):
     """Without output_router_logits (no load-balancing loss) nothing reads a MoE block's router
-    logits: its layers are captured and replayed, and the steps match transformers + PEFT."""
-    fast = _moe_steps(tmp_path, device, record=False)
+    logits: with experts the grouped GEMM takes, LoRA on them included, every layer is captured
+    and replayed, and the steps match transformers + PEFT."""
+    fast = _moe_steps(tmp_path, device, record=False, **ALIGNED_EXPERTS)
     assert graphs.counts["captured (backward)"] == _layers(fast)
     assert not [what for what in graphs.counts if "mixture-of-experts" in what]
+
+
+def test_experts_that_read_their_sizes_on_the_host_run_eagerly(tmp_path, device, graphs):
+    """Experts of odd sizes take one product per expert, which reads the group sizes on the
+    host -- something a capture refuses (and a failed first capture used to leave the pool
+    unusable for every later one). The layer's first, eager call notices the read: those layers
+    run eagerly from then on, say why, and the steps stay exact."""
+    from test_moe import FAMILIES
+
+    fast = _moe_steps(tmp_path, device, record=False)
+    moe_layers = FAMILIES["qwen3_moe"].moe_layers
+    assert graphs.counts[f"eager: {EXPERTS_READ_SIZES}"] == 2 * moe_layers  # steps 2 and 3
+    assert graphs.counts["captured (backward)"] == _layers(fast) - moe_layers
+    assert not [what for what in graphs.counts if "capture failed" in what]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm's bf16 CUDA path")
+def test_bf16_experts_replay_as_they_run_eagerly(tmp_path, graphs):
+    """On a GPU in bf16 the experts' grouped GEMMs read nothing on the host: every layer of a
+    tiny Qwen3-MoE (LoRA r=16 on the experts too) is captured and replayed, and each step's loss
+    and LoRA gradients equal the same model's without graphs (the same kernels)."""
+    from test_moe import FAMILIES
+
+    spec = FAMILIES["qwen3_moe"]
+    path = save_tiny_model("qwen3_moe", tmp_path / "moe", moe_intermediate_size=64)
+    batch = {k: v.cuda() for k, v in tiny_batch().items()}
+    lora = dict(r=16, lora_alpha=16, target_modules=spec.target_modules,
+                target_parameters=spec.target_parameters, random_state=0)  # fmt: skip
+
+    def steps(graphed: bool) -> tuple[list, torch.nn.Module]:
+        graphs.enabled = graphed
+        model, _ = FastModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+        model = FastModel.get_peft_model(model, use_gradient_checkpointing="unsloth", **lora)
+        model.train()
+        out = []
+        for _ in range(3):  # eager, captured + replayed, replayed
+            loss = model(**batch).loss
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            out.append((loss.detach(), grads))
+            model.zero_grad(set_to_none=True)
+        return out, model
+
+    eager, _ = steps(False)
+    replayed, fast = steps(True)
+    assert graphs.counts["captured (backward)"] == _layers(fast)
+    for (loss, grads), (expected, expected_grads) in zip(replayed, eager):
+        torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-3)
+        for grad, want in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, want, rtol=2e-2, atol=1e-3)
 
 
 def test_recorded_router_logits_run_eagerly(tmp_path, device, graphs):

@@ -563,7 +563,6 @@ class LayerGraphs:
         self._note_capture(device, starting=False)
         return graph
 
-
     def _new_pool(self, device: torch.device) -> None:
         """The device's private pool, its capture stream, and the pool's anchor: a one-kernel
         graph held as long as the pool is. The allocator forgets a pool once every graph

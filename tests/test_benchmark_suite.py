@@ -156,3 +156,40 @@ def test_issue17_dry_run_trains_both_new_families(tmp_path):
         assert by[(row, "fastlm")]["step0_loss"] == pytest.approx(
             by[(row, "hf")]["step0_loss"], rel=1e-3
         )
+
+
+def test_hf_runs_the_pytorch_delta_rule_where_fla_refuses_the_gpu(monkeypatch):
+    """On a GPU fla refuses (Hopper with Triton < 3.7.1), transformers would call fla's delta
+    rule and stop: the HF system hides fla from transformers, so its PyTorch functions run, and
+    the record and the report say so. Elsewhere nothing changes."""
+    import sys
+
+    from fastlm.benchmarking import systems
+    from fastlm.benchmarking.shapes import get_shape
+    from fastlm.models import linear_attention
+
+    refusal = "fla's delta rule cannot train here: Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs"
+    monkeypatch.setattr(linear_attention, "has_fla", lambda: True)
+    monkeypatch.setattr(linear_attention, "fla_refusal", lambda device: refusal)
+    monkeypatch.delitem(sys.modules, "fla", raising=False)  # restored afterwards
+
+    def ctx(shape: str, cuda: bool) -> systems.Ctx:
+        return systems.Ctx(get_shape(shape), "unused", "lora", 64, cuda, None)
+
+    plain = ctx("tiny-qwen3.5", cuda=False)
+    systems._hf_linear_attention(plain)
+    dense = ctx("tiny-llama", cuda=True)
+    systems._hf_linear_attention(dense)
+    assert plain.notes == dense.notes == []
+    hybrid = ctx("tiny-qwen3.5", cuda=True)
+    systems._hf_linear_attention(hybrid)
+    assert hybrid.notes == [f"transformers' PyTorch delta rule ({refusal})"]
+    assert sys.modules["fla"] is None  # transformers' kernel decorator's import now fails
+    with pytest.raises(ImportError):
+        importlib.import_module("fla")
+
+    suite = _suite()
+    record = {"row": 1, "shape": "qwen3.5-9b", "system": "hf", "status": "ok", "loop": "train",
+              "tokens_per_s": 1.0, "peak_gib": 1.0, "notes": hybrid.notes}  # fmt: skip
+    payload = {"suite": "issue17", "records": [record], "rows": [], "runs": []}
+    assert f"- row 1 (qwen3.5-9b) / hf: {hybrid.notes[0]}" in suite.markdown(payload)

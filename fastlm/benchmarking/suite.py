@@ -267,6 +267,13 @@ def markdown(payload: dict) -> str:
     subs = sorted({f"{k}: {v}" for r in records for k, v in (r.get("substitutions") or {}).items()})
     if subs:
         out += ["Substituted on this machine:", *[f"- {s}" for s in subs], ""]
+    ran_as = [
+        f"- row {r.get('row')} ({r.get('shape')}) / {r.get('system')}: {note}"
+        for r in records
+        for note in r.get("notes") or []
+    ]
+    if ran_as:
+        out += ["How systems ran:", *ran_as, ""]
     notes = [
         f"- row {r.get('row')} ({r.get('shape')}) / {r.get('system')} ({r.get('status')}): "
         + " ".join(str(r.get("reason") or r.get("error") or "").split())[:400]

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import importlib
 import subprocess
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastlm.benchmarking.processes import dist_version, source_checkout
@@ -36,6 +37,7 @@ class Ctx:
     cuda: bool
     dtype: object  # torch.dtype the weights are loaded in (bf16 on GPU, fp32 on CPU)
     checkpointing: str = "fastlm"  # fastlm's use_gradient_checkpointing (diagnosis scripts vary it)
+    notes: list[str] = field(default_factory=list)  # how a loader ran the system, for the record
 
     @property
     def qlora(self) -> bool:
@@ -102,8 +104,33 @@ def _peft_kwargs(checkpointing: str, shape: Shape | None = None) -> dict:
     }
 
 
+# Gated DeltaNet models: transformers takes fla's delta rule at import when fla is installed.
+LINEAR_ATTENTION_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+def _hf_linear_attention(ctx: Ctx) -> None:
+    """Where fla refuses this GPU (it knows its gated backward to be wrong on Hopper with
+    Triton 3.4 to 3.7.0), transformers would call it anyway and stop; an HF user's way out is
+    transformers' PyTorch delta rule, so the HF system runs that (fla hidden before
+    transformers' modeling module imports it), and the record says so."""
+    if not ctx.cuda or ctx.shape.model_type not in LINEAR_ATTENTION_TYPES:
+        return
+    import torch
+
+    from fastlm.models.linear_attention import fla_refusal, has_fla
+
+    if not has_fla():
+        return
+    refusal = fla_refusal(torch.device("cuda", 0))  # where load_hf puts the model
+    if refusal:
+        sys.modules["fla"] = None  # transformers' import of fla now fails: its torch functions
+        ctx.notes.append(f"transformers' PyTorch delta rule ({refusal})")
+
+
 def load_hf(ctx: Ctx):
-    """transformers + PEFT, SDPA attention, non-reentrant checkpointing."""
+    """transformers + PEFT, SDPA attention, non-reentrant checkpointing (and transformers'
+    PyTorch delta rule where fla refuses the GPU: ``_hf_linear_attention``)."""
+    _hf_linear_attention(ctx)
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM

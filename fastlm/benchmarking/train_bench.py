@@ -174,6 +174,8 @@ def child_main(spec: dict) -> dict:
             checkpointing=checkpointing,
         )  # fmt: skip
         model = LOADERS[system](ctx)
+        if ctx.notes:
+            rec["notes"] = ctx.notes
         loop = {k: spec[k] for k in ("batch", "seq", "warmup", "steps")}
         return model, lambda: train_loop(model, vocab=shape.vocab_size, **loop)
 

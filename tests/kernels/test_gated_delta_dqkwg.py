@@ -224,3 +224,18 @@ def test_hopper_function_matches_transformers_on_the_gpu(dtype):
     for name, a, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta"], actual, expected):
         assert torch.isfinite(a).all(), name
         assert _max_relative(a, e) < tolerance, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla's Triton kernels)")
+def test_on_this_gpu_fla_trains_or_the_hopper_rule_does():
+    """fla trains here, or refuses only the kernel fastlm replaces and the Hopper rule trains."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fastlm.models.linear_attention import fla_refusal, hopper_rule_refusal
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    refusal = fla_refusal(device)
+    if "chunk_bwd_dqkwg" in refusal:
+        assert hopper_rule_refusal(device) == ""
+    else:
+        assert refusal == ""

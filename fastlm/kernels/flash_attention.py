@@ -118,7 +118,10 @@ def _key_range(start_m, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     return lo, hi
 
 
-@triton.jit
+# Sizes that follow the data (a batch's lengths) are not specialised on: Triton compiles a
+# variant per int argument divisible by 16 or equal to 1, and real batches would hit a
+# new compile at an unpredictable step.
+@triton.jit(do_not_specialize=["row_len"])
 def _fwd_kernel(
     Q, K, V, OUT, LSE, CU_SEQLENS, SINK_LOGITS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sob, soh, som, n_heads, group, row_len, window, qk_mul, cap_log2e,
@@ -194,7 +197,7 @@ def _fwd_kernel(
 # which needs only lse2 and delta (the dq kernel writes it): one pass over (B, Hq, S) floats in
 # PyTorch (_sink_gradient), against the kernels' S x S work. Every row is a real token (padding
 # is unpadded into a packed launch before it gets here), so the sum is over real queries only.
-@triton.jit
+@triton.jit(do_not_specialize=["row_len"])
 def _bwd_dq_kernel(
     Q, K, V, OUT, DO, DQ, LSE, DELTA, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sob, soh, som, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
@@ -246,7 +249,7 @@ def _bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row_len"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU_SEQLENS, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
     sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,

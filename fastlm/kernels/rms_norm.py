@@ -53,7 +53,8 @@ def _rms_norm_fwd_kernel(
 #   dw = sum over rows of dy * x_hat
 # Each program takes a contiguous run of rows and writes its own fp32 partial dw row into
 # DW_PARTIAL[pid]; the host sums those, so no atomics are needed.
-@triton.jit
+# n_rows and rows_per_prog follow the batch's tokens: not specialised on (see flash_attention.py).
+@triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, offset,
     rows_per_prog, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, COMPUTE_DW: tl.constexpr,

@@ -45,7 +45,8 @@ def _rotate_heads(
 # head of that row. The backward is the rotation by -theta, i.e. the same kernel with s -> -s:
 #   dx1 = d1 * c + d2 * s
 #   dx2 = d2 * c - d1 * s
-@triton.jit
+# seq_len is a batch's length: not specialised on (see flash_attention.py).
+@triton.jit(do_not_specialize=["seq_len"])
 def _rope_kernel(
     Q, K, COS, SIN, QO, KO, seq_len, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
     stride_kh, stride_cb, stride_cs, n_q_heads, n_k_heads, half,

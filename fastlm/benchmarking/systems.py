@@ -117,6 +117,7 @@ def _hf_linear_attention(ctx: Ctx) -> None:
         return
     import torch
 
+    # lazy: a child imports only what its system needs (this module's rule, above)
     from fastlm.models.linear_attention import fla_refusal, has_fla
 
     if not has_fla():

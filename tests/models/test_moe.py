@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_architectures import _assert_same_loss_curve
+from test_architectures import _assert_same_loss_curve, assert_bf16_as_close_to_fp32_as_hf
 from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step
 from transformers import AutoModelForCausalLM
 
@@ -92,10 +92,10 @@ FAMILY_PARAMS = [
 
 def _pair(
     tmp_path, checkpointing, family="qwen3_moe", target_parameters=None, target_modules=None,
-    device="cpu", **config,
+    device="cpu", dtype=torch.float32, **config,
 ):  # fmt: skip
-    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0);
-    ``config``: sizes that replace the tiny model's."""
+    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0), loaded
+    in ``dtype``; ``config``: sizes that replace the tiny model's."""
     spec = FAMILIES[family]
     path = save_tiny_model(family, tmp_path / family, **config)
     target_parameters = target_parameters or spec.target_parameters
@@ -104,10 +104,10 @@ def _pair(
     if target_parameters:
         lora["target_parameters"] = target_parameters
     reference = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, experts_implementation="eager", device_map=device
+        path, dtype=dtype, experts_implementation="eager", device_map=device
     )
     reference = get_peft_model(reference, LoraConfig(**lora))
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map=device)
+    fast, _ = FastModel.from_pretrained(path, dtype=dtype, device_map=device)
     fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=checkpointing, **lora)
     fast.load_state_dict(reference.state_dict())
     if checkpointing:
@@ -187,6 +187,17 @@ def test_target_parameters_and_a_trainable_router_match_hf(tmp_path, family):
     assert biases == (3 * spec.moe_layers if family == GPT_OSS else 0)  # router, gate_up, down
     gates = sum(name.endswith("shared_expert_gate.weight") for name in grads)
     assert gates == (spec.moe_layers if spec.shared_expert else 0)
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device, family):
+    """bf16 under autocast against the fp32 truth over 16 batches: fastlm's mean error (grouped
+    experts, LoRA on them) at most 1.25× that of transformers' eager experts + PEFT."""
+
+    def pair(folder, dtype):
+        return _pair(folder, True, family, device=device, dtype=dtype)
+
+    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, family)
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)

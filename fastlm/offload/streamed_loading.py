@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
 from transformers.quantizers import AutoHfQuantizer
 
+from fastlm.model_folder import tensor_files
 from fastlm.models import spec_for
 from fastlm.models.nf4_experts import quantize_experts
 from fastlm.models.spec import MixtureOfExperts
@@ -70,18 +70,13 @@ class _CheckpointSource:
     """Tensors of a safetensors checkpoint (one file or sharded), read one at a time."""
 
     def __init__(self, folder: Path):
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in folder.glob("*.safetensors"))
+        files = sorted(set(tensor_files(folder).values()))
         if not files:
             raise WeightStreamingError(
                 f"{folder} has no safetensors checkpoint: weight streaming reads *.safetensors "
                 "files (convert .bin checkpoints with save_pretrained(safe_serialization=True))."
             )
-        self._handles = [safetensors.safe_open(str(folder / f), "pt", device="cpu") for f in files]
+        self._handles = [safetensors.safe_open(str(f), "pt", device="cpu") for f in files]
         self._where = {key: h for h in self._handles for key in h.keys()}  # noqa: SIM118
 
     def keys(self):

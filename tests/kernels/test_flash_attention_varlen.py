@@ -407,3 +407,23 @@ def test_cuda_sinks_fp32_real_blocks(window, device):
     torch.testing.assert_close(out.double(), want.detach(), atol=1e-4, rtol=1e-4)
     for got, expected in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got.double(), expected, atol=2e-4, rtol=1e-3)
+
+
+def _compiled_variants(kernel) -> int:
+    # Triton's per-device caches: (compiled kernels, keys, target, backend, binder) each.
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@cuda_only
+def test_token_counts_compile_no_new_variants(device):
+    """A packed row's length follows the batch: a count that turns a multiple of 16 (or 1) must
+    reuse the compiled kernels, not compile a variant mid-training (do_not_specialize)."""
+    kernels = (fa._fwd_kernel, fa._bwd_dq_kernel, fa._bwd_dkdv_kernel)
+    case = (4, 2, (37, 20), 64, None, None, True)
+    (q, k, v, g), cu, max_len = _inputs(case, device, dtype=torch.bfloat16)
+    _run(q, k, v, g, cu, max_len, **_kw(case))  # total 57: compiles once
+    before = [_compiled_variants(kernel) for kernel in kernels]
+    for lengths in ((40, 24), (1,), (47, 33, 16)):  # totals 64, 1, 96
+        (q, k, v, g), cu, max_len = _inputs((*case[:2], lengths, *case[3:]), device, torch.bfloat16)
+        _run(q, k, v, g, cu, max_len, **_kw(case))
+    assert [_compiled_variants(kernel) for kernel in kernels] == before

@@ -296,6 +296,7 @@ class LayerGraphs:
         self._peaks = {"before_pool": 0, "between_captures": 0, "held_at_capture": 0}
         self._captures_ended = 0  # before the first, no pool holds memory yet
         self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
+        self.pool_growth: Counter[str] = Counter()  # bytes the pool grew by, per capture kind
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
         self._signatures: dict[Any, _Signature] = {}
         self._grads: dict[Any, list[torch.Tensor]] = {}  # _grad_buffers
@@ -323,6 +324,10 @@ class LayerGraphs:
         if not self.counts:
             return "layer graphs: no checkpointed layer has run on a GPU yet"
         lines = [f"layer graphs: {n} x {what}" for what, n in sorted(self.counts.items())]
+        lines += [
+            f"layer graphs: the pool grew {grown / 2**20:,.0f} MiB in captures of {who}"
+            for who, grown in sorted(self.pool_growth.items())
+        ]
         return "\n".join(lines)
 
     def run_loss(self, compute: Callable, hidden, weight, bias, labels, denom, cfg) -> tuple:
@@ -416,6 +421,7 @@ class LayerGraphs:
             self._pools.clear()  # the next capture starts a new pool (and anchor)
             self._anchors.clear()
             self.counts.clear()
+            self.pool_growth.clear()
             self._peaks = dict.fromkeys(self._peaks, 0)
             self._captures_ended = 0
 
@@ -531,6 +537,7 @@ class LayerGraphs:
         capture runs nothing, but a capture that runs its body (the CPU tests' stand-in) may
         have written its outputs over them."""
         load()
+        pool_before = self._pool_usage()[0] if self.measure_peak else 0
         try:
             graph = self.capture(device, body)
         except Exception as error:  # noqa: BLE001 -- any failure means: run it eagerly
@@ -538,6 +545,8 @@ class LayerGraphs:
             self._count(f"{prefix}eager: {reason}")
             logger.warning("layer graphs: %s: %s; it runs eagerly (for this shape).", who, reason)
             return None, reason
+        if self.measure_peak:  # which captures made the pool as large as it is
+            self.pool_growth[who] += self._pool_usage()[0] - pool_before
         load()
         return graph, ""
 
@@ -693,7 +702,9 @@ class _Plan:
     def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None],
                      load: Callable[[], None]) -> bool:  # fmt: skip
         owner = self.owner
-        graph, self.graphs.failed = owner._capture_or_reason(device, body, load, "", "this layer")
+        graph, self.graphs.failed = owner._capture_or_reason(
+            device, body, load, "", f"a layer's {piece}"
+        )
         if graph is None:
             return False
         setattr(self.graphs, piece, graph)

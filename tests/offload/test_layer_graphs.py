@@ -101,12 +101,16 @@ def test_the_loss_replays_in_the_layers_pool(tmp_path, device, graphs, monkeypat
 
     if device == "cpu":
         monkeypatch.setattr(flce, "use_triton", lambda tensor: True)
+    graphs.measure_peak = True  # and so the pool's growth per capture kind, in the report
     reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
     for batch in (_unpadded(), _unpadded(), _unpadded(), _unpadded(seq=7), _unpadded(seq=7)):
         _assert_loss_and_lora_grads_match(reference, fast, batch)
     assert graphs.counts["loss eager: first call of a shape (capture follows)"] == 2
     assert graphs.counts["loss captured"] == 2
     assert graphs.counts["loss replayed"] == 3  # two of the first shape, one of the second
+    kinds = ("a layer's backward", "a layer's forward", "the loss")
+    assert sorted(graphs.pool_growth) == list(kinds)
+    assert all("the pool grew" in line for line in graphs.report().splitlines()[-3:])
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,7 @@ def test_the_site_is_the_innermost_frame_of_the_step_s_libraries():
     assert site(_LOSS) == "fastlm/autograd/cross_entropy.py:5 g"
     assert site(_LOSS[:1]) == "torch/nn/functional.py:1 linear"
     assert site([]) == "?"
+    unwound = [{"filename": "??", "line": 0, "name": "torch::unwind::unwind()"}]
+    optimizer = {"filename": "/x/site-packages/torch/optim/adamw.py", "line": 7, "name": "step"}
+    assert site([*unwound, optimizer]) == "torch/optim/adamw.py:7 step"  # not the unwinder
+    assert site(unwound) == "??:0 torch::unwind::unwind()"

@@ -25,10 +25,13 @@ _FREE = ("free_requested",)  # when the allocator's allocated-bytes statistic dr
 
 def site(frames: list[dict]) -> str:
     """``file:line function`` of the frame that asked for the memory: the innermost frame in a
-    library of the step (``_OWN_CODE``), else the innermost frame; "?" without frames."""
+    library of the step (``_OWN_CODE``), else the innermost Python frame (a torch optimizer's,
+    say: the C++ frames before it name only the unwinder), else the innermost frame; "?"
+    without frames."""
     if not frames:
         return "?"
-    chosen = next((f for f in frames if any(k in f["filename"] for k in _OWN_CODE)), frames[0])
+    python = next((f for f in frames if f["filename"].endswith(".py")), frames[0])
+    chosen = next((f for f in frames if any(k in f["filename"] for k in _OWN_CODE)), python)
     name = chosen["filename"].rsplit("/site-packages/", 1)[-1]
     return f"{name}:{chosen['line']} {chosen['name']}"
 

@@ -531,3 +531,25 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
         counts=dict(graphs.counts), pool_blocks_in_use=in_use,
     )  # fmt: skip
     assert replayed <= eager + held + 64 * 2**20, str(why)  # a str: shown whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph pools")
+def test_a_failed_first_capture_and_a_reset_leave_later_captures_working():
+    """A first capture that fails (here: a host read) drops its graph, and ``reset`` drops them
+    all; without the pool's anchor graph the allocator then forgets the pool and refuses every
+    later capture into it (seen on an H100: ``use_count > 0``). Later captures must work."""
+    graphs = LayerGraphs(enabled=True)
+    x = torch.ones(4, device="cuda")
+
+    def capture(body):
+        return graphs._capture_or_reason(x.device, body, lambda: None, "", "a test body")
+
+    graph, why = capture(lambda: x.sum().item())
+    assert graph is None and why.startswith("capture failed")
+    for _ in range(2):
+        graph, why = capture(lambda: x.mul_(2))
+        assert why == ""
+        graph.replay()
+        torch.cuda.synchronize()
+        graphs.reset()
+    assert x.tolist() == [4.0] * 4  # two replays; a capture itself runs nothing

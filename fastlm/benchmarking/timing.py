@@ -66,6 +66,15 @@ def layer_graph_counts() -> dict | None:
     return dict(graphs.LAYER_GRAPHS.counts) if graphs is not None else None
 
 
+def layer_graph_pool_growth() -> dict | None:
+    """MiB the layer graphs' private pool grew by, per kind of capture (a layer's forward, its
+    backward, the loss; ``measure_peak`` on), or None outside fastlm's processes."""
+    graphs = sys.modules.get("fastlm.offload.layer_graphs")
+    if graphs is None:
+        return None
+    return {who: grown / 2**20 for who, grown in graphs.LAYER_GRAPHS.pool_growth.items()}
+
+
 def autocast(torch, cuda: bool):
     """bf16 autocast on the GPU; CPU (smoke tests only) runs fp32 without autocast."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -125,5 +134,6 @@ def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bo
         rec["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in trainable})
     rec["peak_gib"] = peak_gib(torch) if cuda else None
     rec["layer_graphs"] = layer_graph_counts()
+    rec["layer_graph_pool_growth_mib"] = layer_graph_pool_growth()
     rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     return rec

@@ -22,6 +22,7 @@ from fastlm.errors import DamagedCheckpointError, ModelNotFoundError
 
 # "name" or "org/name", as huggingface_hub validates repository ids; "./x", "/x", "a/b/c" are paths
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+INDEX_NAME = "model.safetensors.index.json"  # a sharded checkpoint's map of tensors to files
 
 
 def resolve(
@@ -167,9 +168,6 @@ def _safetensors_problem(file: Path) -> str | None:
     if 8 + header_size + end > size:
         return f"truncated: {size:,} bytes, its header describes {8 + header_size + end:,}"
     return None
-
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def tensor_files(folder: str | os.PathLike) -> dict[str, Path]:

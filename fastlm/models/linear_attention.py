@@ -132,10 +132,9 @@ def _probe(rule, device: torch.device, outcome: list, name: str) -> None:
         outcome.append(f"{name} cannot train here: {message}")
 
 
-def _uncured_refusal(device: torch.device) -> str:
-    """fla's refusal of ``device``, "" where there is none or where it names only the kernel
+def _uncured(refusal: str, device: torch.device) -> str:
+    """fla's ``refusal`` of ``device``, "" where there is none or where it names only the kernel
     that fastlm's Hopper delta rule replaces and that rule trains here."""
-    refusal = fla_refusal(device)
     if _REPLACED_KERNEL not in refusal:
         return refusal
     failure = hopper_rule_refusal(device)
@@ -183,10 +182,10 @@ def _choose(tensor: torch.Tensor, cache, layer_idx: int, kwargs: dict) -> Linear
         return LinearPath(REFERENCE, f"{tensor.device.type} tensors (fla's kernels run on CUDA)")
     if not has_fla():
         return LinearPath(TRANSFORMERS, NO_FLA)
-    refusal = _uncured_refusal(tensor.device)
-    if refusal:  # transformers would pick the same fla functions: its PyTorch ones instead
-        return LinearPath(REFERENCE, refusal)
-    cured = fla_refusal(tensor.device)  # "", or the one fastlm's Hopper delta rule cures
+    cured = fla_refusal(tensor.device)  # "", or below, the one fastlm's Hopper delta rule cures
+    uncured = _uncured(cured, tensor.device)
+    if uncured:  # transformers would pick the same fla functions: its PyTorch ones instead
+        return LinearPath(REFERENCE, uncured)
     other = _not_for_fla(cache, layer_idx, kwargs)
     if other and cured:  # transformers would pick fla's refusing functions, as above
         return LinearPath(REFERENCE, f"{other}; {cured}")

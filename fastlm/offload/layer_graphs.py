@@ -295,6 +295,7 @@ class LayerGraphs:
         self.measure_peak = False
         self._peaks = {"before_pool": 0, "between_captures": 0, "held_at_capture": 0}
         self._captures_ended = 0  # before the first, no pool holds memory yet
+        self._reserved_at_start = self._last_growth = 0  # the pool around the latest capture
         self.counts: Counter[str] = Counter()  # "replayed" / "captured" / "eager: <why>"
         self.pool_growth: Counter[str] = Counter()  # bytes the pool grew by, per capture kind
         self._layers: weakref.WeakKeyDictionary[nn.Module, _Layer] = weakref.WeakKeyDictionary()
@@ -394,13 +395,17 @@ class LayerGraphs:
 
     def _note_capture(self, device: torch.device, starting: bool) -> None:
         """peak_bytes()' bookkeeping around one capture (``measure_peak`` only): peaks and
-        holdings outside the pool."""
+        holdings outside the pool, and how much the capture grew the pool (``_last_growth``)."""
         if not starting:
             self._captures_ended += 1
         if not self.measure_peak:
             return
         peaks = self._peaks
-        pool_in_use = self._pool_usage()[1]
+        reserved, pool_in_use = self._pool_usage()
+        if starting:
+            self._reserved_at_start = reserved
+        else:
+            self._last_growth = reserved - self._reserved_at_start
         peaks["held_at_capture"] = max(
             peaks["held_at_capture"], torch.cuda.memory_allocated(device) - pool_in_use
         )
@@ -537,7 +542,6 @@ class LayerGraphs:
         capture runs nothing, but a capture that runs its body (the CPU tests' stand-in) may
         have written its outputs over them."""
         load()
-        pool_before = self._pool_usage()[0] if self.measure_peak else 0
         try:
             graph = self.capture(device, body)
         except Exception as error:  # noqa: BLE001 -- any failure means: run it eagerly
@@ -546,7 +550,7 @@ class LayerGraphs:
             logger.warning("layer graphs: %s: %s; it runs eagerly (for this shape).", who, reason)
             return None, reason
         if self.measure_peak:  # which captures made the pool as large as it is
-            self.pool_growth[who] += self._pool_usage()[0] - pool_before
+            self.pool_growth[who] += self._last_growth
         load()
         return graph, ""
 
@@ -701,8 +705,7 @@ class _Plan:
 
     def _try_capture(self, piece: str, device: torch.device, body: Callable[[], None],
                      load: Callable[[], None]) -> bool:  # fmt: skip
-        owner = self.owner
-        graph, self.graphs.failed = owner._capture_or_reason(
+        graph, self.graphs.failed = self.owner._capture_or_reason(
             device, body, load, "", f"a layer's {piece}"
         )
         if graph is None:

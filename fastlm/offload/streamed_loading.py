@@ -70,14 +70,14 @@ class _CheckpointSource:
     """Tensors of a safetensors checkpoint (one file or sharded), read one at a time."""
 
     def __init__(self, folder: Path):
-        files = sorted(set(tensor_files(folder).values()))
+        files = tensor_files(folder)  # tensor -> file (the index, else the files' headers)
         if not files:
             raise WeightStreamingError(
                 f"{folder} has no safetensors checkpoint: weight streaming reads *.safetensors "
                 "files (convert .bin checkpoints with save_pretrained(safe_serialization=True))."
             )
-        self._handles = [safetensors.safe_open(str(f), "pt", device="cpu") for f in files]
-        self._where = {key: h for h in self._handles for key in h.keys()}  # noqa: SIM118
+        opened = {f: safetensors.safe_open(str(f), "pt", device="cpu") for f in set(files.values())}
+        self._where = {key: opened[file] for key, file in files.items()}
 
     def keys(self):
         return self._where.keys()

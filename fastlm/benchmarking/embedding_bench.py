@@ -43,9 +43,10 @@ on the same pairs in the same steps (`data_sha256`), a new batch each step:
 - fastlm-padded:       the fastlm system with ``padding_free=False`` (what ``EmbeddingTrainer(...,
                        padding_free=False)`` sets), the batch padded by its tokenizer, as
                        EmbeddingCollator pads; the loss is ``InfoNCELoss.batch_loss``;
-- fastlm-padding-free: the same with the loader's default ``padding_free=True``: the model's
-                       forward packs each padded batch into one row (padding_free.pack_texts) and
-                       runs its varlen attention, the path EmbeddingTrainer takes.
+- fastlm-padding-free: the same with the loader's default ``padding_free=True``: the loss
+                       packs the step's queries and positives into one row
+                       (``FastSentenceTransformer.embed_sides``: one body call a step) and the
+                       body runs its varlen attention, the path EmbeddingTrainer takes.
 
 Recorded besides the loop's figures: useful (non-pad) tokens/s (``tokens_per_s``), pairs/s, the
 tokens the body computed (counted at its input embedding: padding included) and the padding
@@ -474,7 +475,8 @@ def count_embedded_tokens(model) -> tuple[list[int], object]:
 def varlen_loop(model, loss_fn, batches: list, *, warmup: int, steps: int, profile: bool = False):
     """train_bench's step over prepared (query, positive) batches, one a step (warm-up first);
     useful (non-pad) tokens/s and pairs/s over the timed steps, and the tokens the body
-    computed (``count_embedded_tokens``: two embedding calls a step, or the count is unknown)."""
+    computed (``count_embedded_tokens``: the same number of embedding calls every step -- two,
+    one per side, or one for sides joined in a packed row -- or the count is unknown)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -492,7 +494,8 @@ def varlen_loop(model, loss_fn, batches: list, *, warmup: int, steps: int, profi
         handle.remove()
     timed = batches[warmup:]
     useful = sum(int(side["attention_mask"].sum()) for b in timed for side in b)
-    computed = sum(counts[2 * warmup :]) if len(counts) == 2 * (warmup + steps) else None
+    per_step, odd = divmod(len(counts), warmup + steps)  # 2 (a call per side) or 1 (joined)
+    computed = sum(counts[per_step * warmup :]) if per_step and not odd else None
     elapsed = loop["timed_s"]
     if profile and device == "cuda":
         loop["gpu_busy_ms_per_step"] = _profile(torch, lambda: loss(on_device[-1]))

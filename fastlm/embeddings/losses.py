@@ -140,12 +140,22 @@ def online_contrastive_loss(
 # --------------------------------------------------------------------------- modules
 
 
+def embed_sides(model: nn.Module, *sides: dict) -> list[torch.Tensor]:
+    """Each collated side's vectors: through ``model.embed_sides`` where the model has it (a
+    ``FastSentenceTransformer``: one body call for all sides when padding-free), else one
+    ``model(**side)`` call per side.
+
+    Usage: ``query, positive = embed_sides(model, batch["query"], batch["response"])``.
+    """
+    joint = getattr(model, "embed_sides", None)
+    return joint(*sides) if joint is not None else [model(**side) for side in sides]
+
+
 class EmbeddingLoss(nn.Module):
     """Base: ``batch_loss(model, batch)`` embeds the collated columns and calls ``forward``."""
 
     def batch_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        query = model(**batch["query"])
-        response = model(**batch["response"])
+        query, response = embed_sides(model, batch["query"], batch["response"])
         return self(query, response, batch["label"])
 
 
@@ -194,12 +204,11 @@ class InfoNCELoss(EmbeddingLoss):
         )
 
     def batch_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        query = model(**batch["query"])
-        positive = model(**batch["response"])
+        sides = [batch[key] for key in ("query", "response", "rejected") if key in batch]
+        query, positive, *rest = embed_sides(model, *sides)
         negatives = None
-        if "rejected" in batch:
-            flat = model(**batch["rejected"])  # (B·K_valid, D)
-            negatives = _scatter_negatives(flat, batch["rejected_mask"])
+        if rest:  # the rejected texts, flat: (B·K_valid, D)
+            negatives = _scatter_negatives(rest[0], batch["rejected_mask"])
         return self(query, positive, negatives, **_mask_and_ids(batch))
 
 

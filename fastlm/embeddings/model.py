@@ -25,9 +25,11 @@ from fastlm.embeddings import st_format
 from fastlm.embeddings.padding_free import (
     PADDED,
     PADDING_FREE,
+    NO_PADDING,
     BatchPath,
     PackedTexts,
     body_problem,
+    join_packed,
     pack_texts,
 )
 from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool, pool_packed
@@ -167,6 +169,27 @@ class FastSentenceTransformer(nn.Module):
             inputs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**inputs).last_hidden_state  # (B, S, H)
         return self._head(pool(hidden, attention_mask, self.pooling))
+
+    def embed_sides(self, *sides: dict) -> list[torch.Tensor]:
+        """The vectors of several collated sides (each ``input_ids``, ``attention_mask`` [,
+        ``token_type_ids``]), as ``[self(**side) for side in sides]`` gives them.
+
+        Padding-free, all their texts go through the body in one packed row (``join_packed``):
+        one call instead of one per side. Where any side does not pack, each side runs as
+        ``forward`` runs it. Usage: ``q, d = model.embed_sides(batch["query"], batch["response"])``.
+        """
+        if len(sides) > 1 and self.batch_path().layout == PADDING_FREE:
+            packs = [_pack_side(side) for side in sides]
+            if any(isinstance(packed, PackedTexts) for packed in packs):  # some side is padded
+                packs = [
+                    _pack_side(side, unpadded=True) if packed == NO_PADDING else packed
+                    for side, packed in zip(sides, packs)
+                ]  # a side without padding joins the padded ones
+            if all(isinstance(packed, PackedTexts) for packed in packs):
+                self.latest_batch_path = BatchPath(PADDING_FREE)
+                vectors = self._head(self._pool_packed(join_packed(packs)))
+                return list(vectors.split([len(side["input_ids"]) for side in sides]))
+        return [self(**side) for side in sides]
 
     def batch_path(self) -> BatchPath:
         """How the next forward will lay out its texts, as far as is known before a call (a
@@ -528,6 +551,12 @@ def load_embedding_model(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _pack_side(side: dict, unpadded: bool = False) -> PackedTexts | str:
+    """``pack_texts`` over one collated side (its ids, mask and token types if any)."""
+    ids, mask = side["input_ids"], side["attention_mask"]
+    return pack_texts(ids, mask, side.get("token_type_ids"), unpadded=unpadded)
 
 
 def _device_of(module: nn.Module) -> torch.device:

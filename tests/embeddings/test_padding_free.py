@@ -25,7 +25,7 @@ from fastlm.embeddings import (
     load_embedding_model,
     pool,
 )
-from fastlm.embeddings.padding_free import PADDED, PADDING_FREE, pack_texts
+from fastlm.embeddings.padding_free import PADDED, PADDING_FREE, join_packed, pack_texts
 from fastlm.embeddings.pooling import POOLING_MODES, pool_packed
 from fastlm.kernels import flash_attention as fa
 from fastlm.models import attention, fused_report
@@ -172,6 +172,61 @@ def test_changing_one_text_leaves_the_others_bit_identical(tmp_path, kind, kerne
     assert torch.equal(before[keep], after[keep])
     assert (before[2] - after[2]).abs().max() > 1e-3  # the changed text did change
     assert torch.allclose(before[1:], shifted[1:], atol=1e-6, rtol=0)
+
+
+def test_join_packed_keeps_every_boundary():
+    first = pack_texts(torch.tensor([[5, 6, 0], [7, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    full = torch.tensor([[8, 9, 1, 2]])
+    second = pack_texts(full, torch.ones_like(full), unpadded=True)
+    assert pack_texts(full, torch.ones_like(full)) == "no padding in the batch (every text fills the row)"
+    joined = join_packed([first, second])
+    assert joined.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2]]
+    assert joined.inputs["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2, 3]]
+    assert joined.cu_seqlens.tolist() == [0, 2, 3, 7] and joined.max_length == 4
+    assert joined.inputs["cu_seq_lens_k"] is joined.cu_seqlens
+
+
+def _body_calls(model) -> list:
+    calls = []
+    model.backbone.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "varlen-kernel"])
+def test_a_loss_embeds_all_its_sides_in_one_body_call(tmp_path, kernel, request):
+    """Queries, positives and negatives (one side without padding) in one packed row: each
+    side's vectors as its own forward gives them, with one body call instead of three."""
+    if kernel:
+        request.getfixturevalue("kernel_on_cpu")
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    model.eval()
+    batch = EmbeddingCollator(model, prompts={})(ROWS)
+    unpadded = model.tokenize([LONG, LONG])  # no padding: it packs only to join the others
+    sides = [batch["query"], batch["response"], unpadded]
+    calls = _body_calls(model)
+    with torch.no_grad():
+        joined = model.embed_sides(*sides)
+        assert len(calls) == 1 and model.latest_batch_path == (PADDING_FREE, "")
+        apart = [model(**side) for side in sides]
+    assert len(calls) == 4
+    for got, want in zip(joined, apart, strict=True):
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_sides_run_one_by_one_where_they_do_not_pack(tmp_path):
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=120, padding_free=False, **CPU)
+    batch = EmbeddingCollator(model, prompts={})(ROWS)
+    calls = _body_calls(model.eval())
+    with torch.no_grad():
+        model.embed_sides(batch["query"], batch["response"])
+    assert len(calls) == 2 and model.latest_batch_path == (PADDED, "padding_free=False")
+    model.padding_free = True
+    with torch.no_grad():  # no side has padding: each runs padded (and keeps its layer graphs)
+        model.embed_sides(model.tokenize([LONG]), model.tokenize(["x"]))
+    assert len(calls) == 4 and "no padding" in model.latest_batch_path.reason
 
 
 # --------------------------------------------------------------------------- fallbacks

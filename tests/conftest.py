@@ -23,6 +23,63 @@ def device() -> str:
     return DEVICE
 
 
+# transformers' Gated DeltaNet functions, which it binds to fla's kernels when fla imports.
+_DELTANET_MODELING = ("qwen3_5", "qwen3_5_moe")
+_DELTANET_FUNCTIONS = (
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deltanet_references_run_where_fla_cannot():
+    """With flash-linear-attention installed, transformers calls fla's Triton kernels for every
+    Qwen3.5 tensor (it chooses once, at import): CPU tensors, and a GPU whose fla refuses to
+    train, would fail in the references. There they get transformers' own PyTorch bodies, as on
+    a host without fla; elsewhere fla's kernels, as transformers would run them. Nothing changes
+    on a host without fla."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("fla") is None:
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    for family in _DELTANET_MODELING:
+        try:
+            modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:  # a transformers without this family
+            continue
+        for name in _DELTANET_FUNCTIONS:
+            patch.setattr(modeling, name, _where_fla_runs(getattr(modeling, name)))
+    yield
+    patch.undo()
+
+
+def _where_fla_runs(chosen):
+    """``chosen`` (transformers' pick) for CUDA tensors fla trains on, else its PyTorch body."""
+    import functools
+    import inspect
+
+    from fastlm.models.linear_attention import fla_refusal
+
+    body = inspect.unwrap(chosen)
+    parameters = inspect.signature(body).parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    names = {p.name for p in parameters}
+
+    @functools.wraps(chosen)  # inspect.unwrap still reaches the body (fastlm's reference)
+    def run(first, *args, **kwargs):
+        if first.is_cuda and not fla_refusal(first.device):
+            return chosen(first, *args, **kwargs)
+        kwargs = kwargs if takes_any else {k: v for k, v in kwargs.items() if k in names}
+        return body(first, *args, **kwargs)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: one torch thread is faster, and leaves the other core to other jobs (worker

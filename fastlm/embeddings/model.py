@@ -23,9 +23,9 @@ from torch import nn
 from fastlm import model_folder, models
 from fastlm.embeddings import st_format
 from fastlm.embeddings.padding_free import (
+    NO_PADDING,
     PADDED,
     PADDING_FREE,
-    NO_PADDING,
     BatchPath,
     PackedTexts,
     body_problem,

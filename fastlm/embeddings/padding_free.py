@@ -152,9 +152,8 @@ def join_packed(parts: list[PackedTexts]) -> PackedTexts:
         raise ValueError("join_packed: token_type_ids in some parts only")
     ends = torch.stack([part.cu_seqlens[-1] for part in parts])
     shifts = F.pad(ends.cumsum(0), (1, 0))[:-1].to(torch.int32)  # where each part starts
-    cu_seqlens = torch.cat(
-        [parts[0].cu_seqlens[:1]] + [part.cu_seqlens[1:] + shift for part, shift in zip(parts, shifts)]
-    )
+    later = [part.cu_seqlens[1:] + shift for part, shift in zip(parts, shifts)]
+    cu_seqlens = torch.cat([parts[0].cu_seqlens[:1], *later])
     longest = max(part.max_length for part in parts)
     inputs = {
         key: torch.cat([part.inputs[key] for part in parts], dim=1)

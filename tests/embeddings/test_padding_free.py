@@ -178,7 +178,10 @@ def test_join_packed_keeps_every_boundary():
     first = pack_texts(torch.tensor([[5, 6, 0], [7, 0, 0]]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     full = torch.tensor([[8, 9, 1, 2]])
     second = pack_texts(full, torch.ones_like(full), unpadded=True)
-    assert pack_texts(full, torch.ones_like(full)) == "no padding in the batch (every text fills the row)"
+    assert (
+        pack_texts(full, torch.ones_like(full))
+        == "no padding in the batch (every text fills the row)"
+    )
     joined = join_packed([first, second])
     assert joined.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2]]
     assert joined.inputs["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2, 3]]
@@ -188,7 +191,9 @@ def test_join_packed_keeps_every_boundary():
 
 def _body_calls(model) -> list:
     calls = []
-    model.backbone.register_forward_pre_hook(lambda m, args, kwargs: calls.append(1), with_kwargs=True)
+    model.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(1), with_kwargs=True
+    )
     return calls
 
 

@@ -36,6 +36,12 @@ def _max_relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected.double()).abs().max() / expected.abs().max()).item()
 
 
+def _rms_ratio(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """RMS(a − e) / RMS(e): the error's size against the tensor's, over all its elements."""
+    difference = (actual.double() - expected.double()).pow(2).mean().sqrt()
+    return (difference / expected.double().pow(2).mean().sqrt()).item()
+
+
 def _dqkwg_inputs(batch, seq, heads, value_heads, dim_k, dim_v, chunks, seed=0):
     """Random inputs of dqkwg's layout; g a chunk-local cumulative log2-gate (≤ 0, decreasing)."""
     gen = torch.Generator().manual_seed(seed)
@@ -220,10 +226,19 @@ def test_hopper_function_matches_transformers_on_the_gpu(dtype):
 
     expected = grads(rule, torch.float32)
     actual = grads(chunk_gated_delta_rule_hopper, dtype)
-    tolerance = 1e-2 if dtype == torch.float32 else 5e-2  # fla's dots: tf32 / bf16 inputs
-    for name, a, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta"], actual, expected):
+    names = ["o", "state", "dq", "dk", "dv", "dg", "dbeta"]
+    for name, a in zip(names, actual):
         assert torch.isfinite(a).all(), name
-        assert _max_relative(a, e) < tolerance, name
+    if dtype == torch.float32:  # fla's dots in tf32: every element on the scale of the largest
+        errors = {name: _max_relative(a, e) for name, a, e in zip(names, actual, expected)}
+        assert max(errors.values()) < 1e-2, errors
+    else:  # bf16 inputs and dots: the error's RMS over the reference's, as fla's own tests
+        # measure it (their bounds: 0.005-0.008, and 0.02 for the gate and β gradients, which
+        # sum over the head dimension), with room for the inputs' rounding to bf16 here
+        errors = {name: _rms_ratio(a, e) for name, a, e in zip(names, actual, expected)}
+        print(f"bf16 errors vs transformers' fp32 rule: {errors}")
+        for name, error in errors.items():
+            assert error < (3e-2 if name in ("dg", "dbeta") else 1.5e-2), errors
 
 
 @pytest.mark.gpu

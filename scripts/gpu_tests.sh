@@ -21,4 +21,7 @@ try:
     import trl; print("trl", trl.__version__)
 except ImportError as e: print("trl missing", e)
 PY
+# Each failure's report is written as it happens (tests/conftest.py), so a run cut short by a
+# time limit still says what failed and why.
+export FASTLM_FAILURE_LOG="$OUTDIR/gpu-failures.txt"
 python3 -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$OUTDIR/gpu-tests.log"

@@ -18,6 +18,15 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_runtest_logreport(report):
+    """With FASTLM_FAILURE_LOG set, each failing test's report is appended to that file as it
+    happens: a run stopped by a time limit still says what failed and why."""
+    path = os.environ.get("FASTLM_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE

@@ -208,7 +208,14 @@ class FastSentenceTransformer(nn.Module):
         return BatchPath(PADDED, reason) if reason else BatchPath(PADDING_FREE)
 
     def _pool_packed(self, packed: PackedTexts) -> torch.Tensor:
-        hidden = self.backbone(**packed.inputs).last_hidden_state  # (1, T, H)
+        inputs = packed.inputs
+        if getattr(self.backbone.config, "_attn_implementation", None) == "sdpa":
+            # A (1, T) mask of ones: transformers then reads no packing from the restarting
+            # position_ids and builds no (T, T) block mask (117 MB at T = 10,800, a host read
+            # each forward); fastlm's SDPA attention keeps the texts apart from cu_seq_lens.
+            ones = torch.ones_like(inputs["input_ids"])
+            inputs = {**inputs, "attention_mask": ones}
+        hidden = self.backbone(**inputs).last_hidden_state  # (1, T, H)
         return pool_packed(hidden[0], packed.cu_seqlens, packed.max_length, self.pooling)
 
     def _head(self, vectors: torch.Tensor) -> torch.Tensor:

@@ -220,6 +220,24 @@ def test_a_loss_embeds_all_its_sides_in_one_body_call(tmp_path, kernel, request)
         assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
 
+def test_a_packed_row_builds_no_row_wide_mask(tmp_path):
+    """An SDPA body gets a (1, T) mask of ones with the packed row: transformers then builds no
+    (T, T) block mask from the restarting positions (the attention keeps the texts apart from
+    cu_seq_lens), and the layers see none."""
+    path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    masks = []
+    layer = model.backbone.layers[0]
+    layer.register_forward_pre_hook(
+        lambda m, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
+    batch = EmbeddingCollator(model, prompts={})(ROWS)
+    with torch.no_grad():
+        model.eval().embed_sides(batch["query"], batch["response"])
+    assert model.latest_batch_path.layout == PADDING_FREE
+    assert masks == [None]
+
+
 def test_sides_run_one_by_one_where_they_do_not_pack(tmp_path):
     path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
     model, _ = load_embedding_model(str(path), max_seq_length=120, padding_free=False, **CPU)

@@ -27,7 +27,14 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["MAX_SEQUENCES", "Packing", "caller_signals", "packed_sequences", "sequence_ids"]
+__all__ = [
+    "MAX_SEQUENCES",
+    "Packing",
+    "assume_packing",
+    "caller_signals",
+    "packed_sequences",
+    "sequence_ids",
+]
 
 MAX_SEQUENCES = 65535  # the packed kernel's grid has one program column per sequence (CUDA's limit)
 
@@ -82,6 +89,21 @@ def packed_sequences(kwargs: dict, batch: int, seq_len: int) -> Packing | None:
         # context is unknown) finds the forward's answer.
         return _cached(position_ids, (batch, seq_len, None), read)
     return None
+
+
+def assume_packing(kwargs: dict, batch: int, seq_len: int, packed: bool) -> None:
+    """Record, without reading them, what ``kwargs``' int32 ``cu_seq_lens_q/k`` hold: sequences
+    of at most ``max_length_q`` tokens (``packed``), or one sequence (not packed). The next
+    ``packed_sequences`` over these tensors answers from it.
+
+    For static copies of offsets already read and checked elsewhere: a CUDA graph's input
+    buffers, which a capturing stream must not read back (``offload.layer_graphs``). The kernel
+    needs only max_length_q >= the longest sequence, so a replay whose offsets differ from the
+    capture's stays exact. Usage: ``assume_packing(buffers, 1, total, packed=True)``.
+    """
+    cu_q = kwargs["cu_seq_lens_q"]
+    packing = Packing(cu_q, int(kwargs["max_length_q"]), "cu_seq_lens") if packed else None
+    _SEEN[cu_q] = (_version(cu_q), (batch, seq_len, kwargs["cu_seq_lens_k"]), packing)
 
 
 def _one_per_row(position_ids: torch.Tensor, batch: int, seq_len: int, _) -> None:

@@ -31,7 +31,9 @@ How a replay stays exact:
   bias, or the loss's torch path, runs eagerly.
 - **What is not graphed** runs eagerly as before; ``LAYER_GRAPHS.report()`` says why: dropout
   (a replay would draw the same numbers), inputs besides the hidden states that need gradients,
-  packed batches (their sequence boundaries are read on the host), gradient hooks on the
+  packed batches without int32 ``cu_seq_lens_q/k`` and ``max_length_q/k`` (the boundaries
+  would be read on the host; with them a replay reads its offsets on the device, and
+  ``max_length_q`` is part of the signature), gradient hooks on the
   trainable parameters and distributed training (DDP and FSDP reduce gradients from autograd
   hooks, which a replay does not fire), mixture-of-experts blocks while their router logits
   are recorded (``output_router_logits``, the load-balancing loss: recorded by forward hooks,
@@ -63,7 +65,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.kernels.grouped_gemm import HostSizes
 from fastlm.models.moe import moe_block_forward, router_forward
-from fastlm.models.packing import caller_signals, packed_sequences
+from fastlm.models.packing import assume_packing, caller_signals, packed_sequences
 
 logger = logging.getLogger("fastlm")
 
@@ -100,6 +102,30 @@ def _rebuild(value: Any, buffers: list[torch.Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_rebuild(item, buffers) for item in value)
     return value
+
+
+def _packed(kwargs: dict, hidden: torch.Tensor) -> bool | None:
+    """Whether a call's batch packs sequences that a graph can keep apart: None for no packing
+    signals, True / False for int32 cu_seq_lens (several sequences / one) with max_length_q at
+    least the longest; NotGraphable otherwise. The graph's copies of the offsets are then never
+    read on the host (``assume_packing``): a replay reads them on the device, and max_length_q,
+    a plain value of the signature, fixes the kernel's grid."""
+    batch, seq_len = hidden.shape[0], hidden.shape[1]
+    if all(kwargs.get(key) is None for key in _PACKING_KEYS):
+        if packed_sequences(kwargs, batch, seq_len) is not None:
+            raise NotGraphable("a batch packed by position_ids alone (pass cu_seq_lens_q/k)")
+        return None
+    if any(kwargs.get(key) is None for key in _PACKING_KEYS):
+        raise NotGraphable("a packed batch without all of cu_seq_lens_q/k and max_length_q/k")
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"]
+    if not all(isinstance(cu, torch.Tensor) and cu.dtype == torch.int32 for cu in (cu_q, cu_k)):
+        raise NotGraphable("cu_seq_lens that are not int32 tensors")
+    packing = packed_sequences(kwargs, batch, seq_len)  # the step's own offsets, read once
+    if packing is not None and packing.problem:
+        raise NotGraphable(f"a packed batch the kernel does not take ({packing.problem})")
+    if packing is not None and packing.max_seqlen > kwargs["max_length_q"]:
+        raise NotGraphable("max_length_q below the longest packed sequence")
+    return packing is not None
 
 
 # Patched forwards that record state beside their outputs, which a replay would not record.
@@ -447,10 +473,7 @@ class LayerGraphs:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise NotGraphable("distributed training (gradients are reduced by autograd hooks)")
         kwargs = run.keywords
-        if any(kwargs.get(key) is not None for key in _PACKING_KEYS) or (
-            packed_sequences(kwargs, hidden.shape[0], hidden.shape[1]) is not None
-        ):
-            raise NotGraphable("a packed batch (sequence boundaries are read on the host)")
+        packed = _packed(kwargs, hidden)
         masks = {k: v for k, v in kwargs.items() if _is_mask(k, v)}
         kwargs = {k: v for k, v in kwargs.items() if k not in masks}
         tensors: list[torch.Tensor] = []
@@ -475,7 +498,7 @@ class LayerGraphs:
             raise NotGraphable(graphs.failed)
         graphs.check_masks(masks)
         signature = self._signature(key[:3], hidden, tensors, kwargs, args)
-        return _Plan(self, graphs, signature, bound, tensors, autocast)
+        return _Plan(self, graphs, signature, bound, tensors, autocast, packed)
 
     def _loss_graph(self, hidden, weight, bias, labels, denom, cfg) -> _LossGraph:
         _, _, _, needs, use_kernel = cfg
@@ -612,9 +635,11 @@ class _Plan:
     """One checkpointed call: its forward and backward, replayed, captured or eager."""
 
     def __init__(self, owner: LayerGraphs, graphs: _LayerGraphs, signature: _Signature,
-                 bound: Callable, tensors: list[torch.Tensor], autocast: tuple):  # fmt: skip
+                 bound: Callable, tensors: list[torch.Tensor], autocast: tuple,
+                 packed: bool | None = None):  # fmt: skip
         self.owner, self.graphs, self.signature = owner, graphs, signature
         self.bound, self.tensors, self.autocast = bound, tensors, autocast
+        self.packed = packed  # _packed: None, or whether cu_seq_lens hold several sequences
 
     def forward(self, run: Callable, hidden: torch.Tensor, args: tuple) -> torch.Tensor:
         """The layer's output (no grad): eager on first sight, then captured and replayed."""
@@ -675,13 +700,15 @@ class _Plan:
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         device = self.signature.hidden.device.type
         stack.enter_context(torch.autocast(device, dtype, enabled=enabled))
-        # The plan checked that the batch is not packed: the attention reads no positions.
+        # The model's own positions are not read; packed offsets come from assume_packing.
         stack.enter_context(caller_signals(False))
         return stack
 
     def _call(self, hidden: torch.Tensor) -> torch.Tensor:
         signature = self.signature
         kwargs = {**signature.kwargs, **self.graphs.masks}
+        if self.packed is not None:  # the buffers' offsets were checked on the call's own
+            assume_packing(kwargs, hidden.shape[0], hidden.shape[1], self.packed)
         return _first(self.bound(hidden, *signature.args, **kwargs))
 
     def _forward_body(self) -> None:

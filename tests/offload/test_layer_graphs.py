@@ -175,6 +175,39 @@ def test_an_embedding_body_replays_on_batches_without_padding(tmp_path, device, 
     assert graphs.counts["replayed"] == 2 * 2 * 2 * layers  # 2 pieces, 2 shapes, steps 2 and 3
 
 
+def test_an_embedding_body_replays_packed_rows(tmp_path, device, graphs, request):
+    """Pairs of different lengths, padding-free: a step's queries and documents run as one
+    packed row (int32 cu_seq_lens, max_length_q), which is captured -- no offset read on the
+    host inside it -- and replayed; the vectors, the InfoNCE loss and every LoRA gradient equal
+    the unpatched model's padded ones step after step."""
+    from test_patched_body import _assert_same_embeddings_loss_and_grads
+    from test_patched_body import _pair as embedding_pair
+
+    from fastlm.embeddings import EmbeddingCollator
+    from fastlm.embeddings.padding_free import PADDING_FREE
+
+    if device == "cpu":
+        request.getfixturevalue("kernel_on_cpu")  # the packed kernel, as on a GPU
+    reference, fast = embedding_pair(tmp_path, "qwen3", True, device)
+    checkpoint.enable_offloaded_checkpointing(fast.backbone)
+    rows = [{"query": "find the cat", "response": "a much longer text about cats and mats"},
+            {"query": "fox?", "response": "x"}]  # fmt: skip
+    batch = EmbeddingCollator(fast, prompts={})(rows)
+    assert not batch["response"]["attention_mask"].all()  # padded: the rows pack
+    batch = {
+        key: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value
+        for key, value in batch.items()
+    }
+    for _ in range(3):
+        _assert_same_embeddings_loss_and_grads(reference, fast, batch)
+    assert fast.latest_batch_path.layout == PADDING_FREE
+    layers = reference.backbone.config.num_hidden_layers
+    counts = dict(graphs.counts)
+    assert not [what for what in counts if "packed" in what or "failed" in what], counts
+    assert counts["captured (backward)"] == layers, counts  # the joined row: one shape
+    assert counts["replayed"] >= 2 * 2 * layers, counts  # both pieces, steps 2 and 3
+
+
 def test_gradients_accumulate_over_micro_batches(tmp_path, device, graphs):
     reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
     batches = [_unpadded(), {k: v.flip(0) for k, v in _unpadded().items()}]
@@ -252,12 +285,13 @@ def test_dropout_runs_eagerly(tmp_path, device, graphs):
     assert reasons and graphs.counts[reasons[0]] == _layers(fast)
 
 
-def test_packed_rows_run_eagerly(tmp_path, device, graphs):
+def test_rows_packed_by_position_ids_alone_run_eagerly(tmp_path, device, graphs):
     _, fast = _pair(tmp_path, "llama", "unsloth", device=device)
     batch = _unpadded()
     batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]] * 3)
     fast(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-    assert graphs.counts["eager: a packed batch (sequence boundaries are read on the host)"] > 0
+    reason = "eager: a batch packed by position_ids alone (pass cu_seq_lens_q/k)"
+    assert graphs.counts[reason] > 0, dict(graphs.counts)
 
 
 def test_switching_the_adapter_off_is_a_new_signature(tmp_path, device, graphs):

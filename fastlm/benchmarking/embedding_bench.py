@@ -522,7 +522,7 @@ def varlen_child(spec: dict, t_start: float) -> dict:
         spec, mode, layout=VARLEN_SYSTEMS[system], lengths=spec["lengths"],
         lengths_source={"query": query.source, "positive": positive.source},
         seed=spec["seed"], length_scale=spec.get("length_scale", 1.0),
-        checkpointing=spec["checkpointing"],
+        checkpointing=spec["checkpointing"], fastlm_graphs=spec.get("fastlm_graphs", False),
     )  # fmt: skip
 
     def load(cuda: bool, dtype):
@@ -815,6 +815,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '"unsloth" mode); false: none does; fastlm: fastlm offloads layer inputs to CPU '
         "(as Unsloth does), hf and st recompute",
     )
+    p.add_argument(
+        "--fastlm-graphs",
+        action="store_true",
+        help="fastlm's checkpointed layers replayed as CUDA graphs (with --checkpointing fastlm; "
+        "padding-free rows are then padded to steady shapes)",
+    )
     train_bench.add_parent_args(p, child_timeout=600.0, list_help="print the shapes and exit")
     args = p.parse_args(argv)
     systems = tuple(VARLEN_SYSTEMS) if args.lengths else SYSTEMS
@@ -858,6 +864,7 @@ def main(argv: list[str] | None = None, *, program: str = PROGRAM) -> int:
             "mode": args.mode,
             "profile": args.profile,
             "checkpointing": args.checkpointing,
+            "fastlm_graphs": args.fastlm_graphs,
         }
         if not args.lengths:
             return common | {"query_seq": min(args.query_seq, args.seq or shape.seq)}

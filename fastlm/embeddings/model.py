@@ -29,6 +29,7 @@ from fastlm.embeddings.padding_free import (
     BatchPath,
     PackedTexts,
     body_problem,
+    bucketed,
     join_packed,
     pack_texts,
 )
@@ -40,6 +41,7 @@ from fastlm.loading.checkpointing import enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.pipeline import add_lora, add_quantization_config
 from fastlm.models import PROJECTIONS, SPECS, PromptStyle, embedding_pooling, encoder_spec
+from fastlm.offload import checkpoint
 from fastlm.versions import check_versions
 
 logger = logging.getLogger("fastlm")
@@ -208,6 +210,9 @@ class FastSentenceTransformer(nn.Module):
         return BatchPath(PADDED, reason) if reason else BatchPath(PADDING_FREE)
 
     def _pool_packed(self, packed: PackedTexts) -> torch.Tensor:
+        total = packed.inputs["input_ids"].shape[1]  # the texts' tokens
+        if checkpoint.LAYER_GRAPHS.enabled:  # steady row shapes, so that the layers replay
+            packed = bucketed(packed)  # the texts, then a padding text
         inputs = packed.inputs
         if getattr(self.backbone.config, "_attn_implementation", None) == "sdpa":
             # A (1, T) mask of ones: transformers then reads no packing from the restarting
@@ -216,7 +221,7 @@ class FastSentenceTransformer(nn.Module):
             ones = torch.ones_like(inputs["input_ids"])
             inputs = {**inputs, "attention_mask": ones}
         hidden = self.backbone(**inputs).last_hidden_state  # (1, T, H)
-        return pool_packed(hidden[0], packed.cu_seqlens, packed.max_length, self.pooling)
+        return pool_packed(hidden[0, :total], packed.cu_seqlens, packed.max_length, self.pooling)
 
     def _head(self, vectors: torch.Tensor) -> torch.Tensor:
         for layer in self.dense:

@@ -37,6 +37,7 @@ __all__ = [
     "BatchPath",
     "PackedTexts",
     "body_problem",
+    "bucketed",
     "join_packed",
     "pack_texts",
 ]
@@ -168,3 +169,34 @@ def join_packed(parts: list[PackedTexts]) -> PackedTexts:
         "use_cache": False,
     }
     return PackedTexts(inputs, cu_seqlens, longest)
+
+
+def bucketed(packed: PackedTexts) -> PackedTexts:
+    """The same texts in a row of a steadier shape, for layer graphs (which replay a layer only
+    for a shape they captured): the row's T tokens padded with one extra text of token 0 up to
+    a multiple of a quarter of T's power of two (at least 64; T = 10,800 -> 12,288), and the
+    attention's max_length_q/k raised to a power of two at least that multiple (the kernel
+    needs only an upper bound).
+
+    The extra text is a sequence of its own: no real text attends to it, and ``cu_seqlens`` /
+    ``max_length`` (what pooling reads) still list the real texts only.
+    Usage: ``packed = bucketed(join_packed(parts))``.
+    """
+    total = int(packed.inputs["input_ids"].shape[1])
+    step = max(64, (1 << (total + 1).bit_length() - 1) // 4)
+    padded = -(-(total + 1) // step) * step  # at least one token of padding: never empty
+    ids = packed.inputs["input_ids"]
+    tail = torch.arange(padded - total, device=ids.device)
+    inputs = dict(packed.inputs)
+    inputs["input_ids"] = torch.cat([ids, ids.new_zeros(1, padded - total)], dim=1)
+    inputs["position_ids"] = torch.cat([packed.inputs["position_ids"], tail[None]], dim=1)
+    if "token_type_ids" in inputs:
+        types = inputs["token_type_ids"]
+        inputs["token_type_ids"] = torch.cat([types, types.new_zeros(1, padded - total)], dim=1)
+    cu = torch.cat([packed.cu_seqlens, packed.cu_seqlens.new_tensor([padded])])
+    # The padding text is at most `step` long: bounding by `step`, not by its own length, keeps
+    # max_length the same for every row of the bucket.
+    longest = 1 << max(4, (max(packed.max_length, step) - 1).bit_length())
+    inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+               "max_length_k": longest}  # fmt: skip
+    return PackedTexts(inputs, packed.cu_seqlens, packed.max_length)

@@ -25,7 +25,13 @@ from fastlm.embeddings import (
     load_embedding_model,
     pool,
 )
-from fastlm.embeddings.padding_free import PADDED, PADDING_FREE, join_packed, pack_texts
+from fastlm.embeddings.padding_free import (
+    PADDED,
+    PADDING_FREE,
+    bucketed,
+    join_packed,
+    pack_texts,
+)
 from fastlm.embeddings.pooling import POOLING_MODES, pool_packed
 from fastlm.kernels import flash_attention as fa
 from fastlm.models import attention, fused_report
@@ -187,6 +193,45 @@ def test_join_packed_keeps_every_boundary():
     assert joined.inputs["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2, 3]]
     assert joined.cu_seqlens.tolist() == [0, 2, 3, 7] and joined.max_length == 4
     assert joined.inputs["cu_seq_lens_k"] is joined.cu_seqlens
+
+
+def test_bucketed_rows_pad_with_a_text_of_their_own():
+    ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    packed = pack_texts(ids, (ids != 0).long())  # T = 5
+    steady = bucketed(packed)
+    assert steady.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9] + [0] * 59]  # T -> 64
+    assert steady.inputs["position_ids"][0, 5:].tolist() == list(range(59))
+    assert steady.inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 64]  # the padding: a text
+    assert steady.inputs["max_length_q"] == 64  # a power of two >= every text, padding's too
+    assert steady.cu_seqlens.tolist() == [0, 3, 5] and steady.max_length == 3  # for pooling
+    long = pack_texts(torch.ones(3, 3600, dtype=torch.long), torch.ones(3, 3600), unpadded=True)
+    assert bucketed(long).inputs["input_ids"].shape[1] == 12288  # 10,800: multiples of 2,048
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3_full"])  # causal; bidirectional
+def test_steady_row_shapes_embed_the_same(tmp_path, monkeypatch, kind):
+    """With layer graphs on, packed rows are padded to steady shapes (``bucketed``): the same
+    vectors, loss and LoRA gradients as the rows as they are (a bidirectional body would see
+    padding that joined the last text)."""
+    from fastlm.offload import checkpoint
+
+    _, _, packed = _models(tmp_path, kind)
+    batch = EmbeddingCollator(packed, prompts={})(ROWS)
+    want_loss, want_grads = _loss_and_grads(packed, batch)
+    with torch.no_grad():
+        want = packed(**batch["response"])
+    monkeypatch.setattr(checkpoint.LAYER_GRAPHS, "enabled", True)
+    lengths = []
+    packed.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        assert torch.allclose(packed(**batch["response"]), want, atol=1e-5, rtol=0)
+    loss, grads = _loss_and_grads(packed, batch)
+    assert lengths[0] % 64 == 0 and lengths[1] % 64 == 0  # the steady shapes ran
+    assert abs(loss - want_loss) <= RTOL * abs(want_loss)
+    for name, grad in want_grads.items():
+        assert relative_error(grads[name], grad) <= RTOL, name
 
 
 def _body_calls(model) -> list:

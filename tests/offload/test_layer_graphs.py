@@ -177,8 +177,9 @@ def test_an_embedding_body_replays_on_batches_without_padding(tmp_path, device, 
 
 def test_an_embedding_body_replays_packed_rows(tmp_path, device, graphs, request):
     """Pairs of different lengths, padding-free: a step's queries and documents run as one
-    packed row (int32 cu_seq_lens, max_length_q), which is captured -- no offset read on the
-    host inside it -- and replayed; the vectors, the InfoNCE loss and every LoRA gradient equal
+    packed row (int32 cu_seq_lens, max_length_q), padded to a steady shape (``bucketed``), so
+    that steps whose texts differ in length share one capture -- with no offset read on the
+    host inside it -- and replay it; the vectors, the InfoNCE loss and every LoRA gradient equal
     the unpatched model's padded ones step after step."""
     from test_patched_body import _assert_same_embeddings_loss_and_grads
     from test_patched_body import _pair as embedding_pair
@@ -190,21 +191,30 @@ def test_an_embedding_body_replays_packed_rows(tmp_path, device, graphs, request
         request.getfixturevalue("kernel_on_cpu")  # the packed kernel, as on a GPU
     reference, fast = embedding_pair(tmp_path, "qwen3", True, device)
     checkpoint.enable_offloaded_checkpointing(fast.backbone)
-    rows = [{"query": "find the cat", "response": "a much longer text about cats and mats"},
-            {"query": "fox?", "response": "x"}]  # fmt: skip
-    batch = EmbeddingCollator(fast, prompts={})(rows)
-    assert not batch["response"]["attention_mask"].all()  # padded: the rows pack
-    batch = {
-        key: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value
-        for key, value in batch.items()
-    }
-    for _ in range(3):
+    steps = [
+        [{"query": "find the cat", "response": "a much longer text about cats and mats"},
+         {"query": "fox?", "response": "x"}],
+        [{"query": "a dog", "response": "dogs run in the park by the sea"},
+         {"query": "where is the fox?", "response": "in a den"}],
+    ]  # fmt: skip
+    batches = []
+    for rows in steps:
+        batch = EmbeddingCollator(fast, prompts={})(rows)
+        assert not batch["response"]["attention_mask"].all()  # padded: the rows pack
+        batches.append({
+            key: {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value
+            for key, value in batch.items()
+        })  # fmt: skip
+    lengths = [sum(int(b[side]["attention_mask"].sum()) for side in ("query", "response"))
+               for b in batches]  # fmt: skip
+    assert lengths[0] != lengths[1] and max(lengths) < 64  # different rows, one steady shape
+    for batch in (batches[0], batches[0], batches[1]):  # eager, captured + replayed, replayed
         _assert_same_embeddings_loss_and_grads(reference, fast, batch)
     assert fast.latest_batch_path.layout == PADDING_FREE
     layers = reference.backbone.config.num_hidden_layers
     counts = dict(graphs.counts)
     assert not [what for what in counts if "packed" in what or "failed" in what], counts
-    assert counts["captured (backward)"] == layers, counts  # the joined row: one shape
+    assert counts["captured (backward)"] == layers, counts  # the joined rows: one shape
     assert counts["replayed"] >= 2 * 2 * layers, counts  # both pieces, steps 2 and 3
 
 

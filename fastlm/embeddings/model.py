@@ -23,7 +23,6 @@ from torch import nn
 from fastlm import model_folder, models
 from fastlm.embeddings import st_format
 from fastlm.embeddings.padding_free import (
-    NO_PADDING,
     PADDED,
     PADDING_FREE,
     BatchPath,
@@ -181,13 +180,11 @@ class FastSentenceTransformer(nn.Module):
         ``forward`` runs it. Usage: ``q, d = model.embed_sides(batch["query"], batch["response"])``.
         """
         if len(sides) > 1 and self.batch_path().layout == PADDING_FREE:
+            # Each side packed once, with padding or not (one host read each); a side without
+            # padding joins the padded ones, and when no side has any each runs as it is.
             packs = [_pack_side(side) for side in sides]
-            if any(isinstance(packed, PackedTexts) for packed in packs):  # some side is padded
-                packs = [
-                    _pack_side(side, unpadded=True) if packed == NO_PADDING else packed
-                    for side, packed in zip(sides, packs)
-                ]  # a side without padding joins the padded ones
-            if all(isinstance(packed, PackedTexts) for packed in packs):
+            packed_all = all(isinstance(packed, PackedTexts) for packed in packs)
+            if packed_all and any(_stripped(p, s) for p, s in zip(packs, sides, strict=True)):
                 self.latest_batch_path = BatchPath(PADDING_FREE)
                 vectors = self._head(self._pool_packed(join_packed(packs)))
                 return list(vectors.split([len(side["input_ids"]) for side in sides]))
@@ -565,10 +562,16 @@ def load_embedding_model(
 # --------------------------------------------------------------------------- helpers
 
 
-def _pack_side(side: dict, unpadded: bool = False) -> PackedTexts | str:
-    """``pack_texts`` over one collated side (its ids, mask and token types if any)."""
+def _pack_side(side: dict) -> PackedTexts | str:
+    """``pack_texts`` over one collated side (its ids, mask and token types if any), packed
+    whether it has padding or not."""
     ids, mask = side["input_ids"], side["attention_mask"]
-    return pack_texts(ids, mask, side.get("token_type_ids"), unpadded=unpadded)
+    return pack_texts(ids, mask, side.get("token_type_ids"), unpadded=True)
+
+
+def _stripped(packed: PackedTexts, side: dict) -> bool:
+    """Whether packing ``side`` left padding out (its row is shorter than the padded batch)."""
+    return packed.inputs["input_ids"].shape[1] < side["input_ids"].numel()
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -115,8 +115,8 @@ def pack_texts(
     if shortest == 0:
         return "a text with no tokens"
     if shortest == input_ids.shape[1] and not unpadded:
-        # Nothing to strip: the padded batch is the same work, and keeps the layers' CUDA graphs
-        # (a packed row's sequence boundaries are read on the host, so it runs eagerly).
+        # Nothing to strip: the padded batch is the same work, and its fixed shape replays the
+        # layers' CUDA graphs without the padding text a packed row needs (``bucketed``).
         return NO_PADDING
     if spans > 1:
         return "padding between a text's tokens (a custom attention_mask)"

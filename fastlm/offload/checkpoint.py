@@ -308,6 +308,24 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
     return _OffloadedCheckpoint.apply(run, hidden, *args)
 
 
+def layers_will_replay(body: nn.Module, like: torch.Tensor) -> bool:
+    """Whether ``body``'s next forward on tensors like ``like`` can replay its layers as CUDA
+    graphs: graphs are on, the tensor is on their device, gradients are on and the body is
+    training with fastlm's offloaded checkpointing (the only path that graphs layers). Callers
+    that pad inputs to steady shapes for the graphs' sake ask this first, so that no other run
+    pays for padding it does not need.
+
+    Usage: ``if layers_will_replay(backbone, input_ids): packed = bucketed(packed)``.
+    """
+    if not (LAYER_GRAPHS.enabled and LAYER_GRAPHS.would_graph(like) and torch.is_grad_enabled()):
+        return False
+    # transformers sets the flag and the function on each layer; the first speaks for them all.
+    for module in body.modules():
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            return getattr(module, "_gradient_checkpointing_func", None) is offloaded_checkpoint
+    return False
+
+
 def enable_offloaded_checkpointing(model: nn.Module) -> None:
     """Turn on checkpointing for every decoder layer, with their inputs offloaded to the host.
 

@@ -346,6 +346,14 @@ class LayerGraphs:
             self._count(f"eager: {why}")
             return None
 
+    def would_graph(self, tensor: torch.Tensor) -> bool:
+        """Whether layers whose inputs are like ``tensor`` are candidates for graphs at all (on,
+        and on a device graphs exist on); each layer may still run eagerly for its own reason.
+
+        Usage: ``LAYER_GRAPHS.would_graph(hidden)``.
+        """
+        return self.enabled and self._device_ok(tensor)
+
     def report(self) -> str:
         """One line per outcome, with how many layer pieces (forward or backward) it covered."""
         if not self.counts:

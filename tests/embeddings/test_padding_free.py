@@ -220,7 +220,7 @@ def test_steady_row_shapes_embed_the_same(tmp_path, monkeypatch, kind):
     want_loss, want_grads = _loss_and_grads(packed, batch)
     with torch.no_grad():
         want = packed(**batch["response"])
-    monkeypatch.setattr(checkpoint.LAYER_GRAPHS, "enabled", True)
+    monkeypatch.setattr(checkpoint, "layers_will_replay", lambda body, like: True)
     lengths = []
     packed.backbone.register_forward_pre_hook(
         lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
@@ -232,6 +232,34 @@ def test_steady_row_shapes_embed_the_same(tmp_path, monkeypatch, kind):
     assert abs(loss - want_loss) <= RTOL * abs(want_loss)
     for name, grad in want_grads.items():
         assert relative_error(grads[name], grad) <= RTOL, name
+
+
+def test_rows_are_bucketed_only_where_the_layers_will_replay(tmp_path, monkeypatch):
+    """Padding to steady shapes costs tokens; only a run whose layers replay as graphs (graphs
+    on, their device, training with fastlm's offloaded checkpointing, gradients on) pays it."""
+    from fastlm.offload import checkpoint
+
+    graphs = checkpoint.LAYER_GRAPHS
+    _, _, packed = _models(tmp_path, "qwen3")
+    body, ids = packed.backbone, torch.ones(1, 5, dtype=torch.long)
+    monkeypatch.setattr(graphs, "enabled", True)
+    monkeypatch.setattr(graphs, "_device_ok", lambda tensor: True)  # as if on the GPU
+    packed.train()
+    assert not checkpoint.layers_will_replay(body, ids)  # no checkpointing
+    body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not checkpoint.layers_will_replay(body, ids)  # torch's checkpoint: never graphed
+    checkpoint.enable_offloaded_checkpointing(body)
+    assert checkpoint.layers_will_replay(body, ids)
+    with torch.no_grad():
+        assert not checkpoint.layers_will_replay(body, ids)
+    packed.eval()
+    assert not checkpoint.layers_will_replay(body, ids)
+    packed.train()
+    monkeypatch.setattr(graphs, "_device_ok", lambda tensor: tensor.is_cuda)
+    assert not checkpoint.layers_will_replay(body, ids)  # a CPU tensor
+    monkeypatch.setattr(graphs, "_device_ok", lambda tensor: True)
+    monkeypatch.setattr(graphs, "enabled", False)
+    assert not checkpoint.layers_will_replay(body, ids)
 
 
 def _body_calls(model) -> list:

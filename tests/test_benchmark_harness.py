@@ -113,6 +113,8 @@ def test_harness_end_to_end_on_cpu(tmp_path, capsys):
         assert abs(rec["step0_loss"] - math.log(128)) < 0.5  # random init: about ln(vocab)
         assert rec["tokens_per_s"] > 0 and rec["ms_per_step"] > 0
         assert len(rec["losses"]) == 3
+        assert rec["optimizer"] == ("AdamW (foreach)" if torch.cuda.is_available()
+                                    else "AdamW (for-loop)")  # fmt: skip
         # LoRA r=16 on 2 layers: q,o 64->64; k,v 64->32; gate,up 64->128; down 128->64.
         assert rec["trainable_params"] == 2 * 16 * (2 * 128 + 2 * 96 + 3 * 192)
         expected_device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -127,3 +129,25 @@ def test_harness_end_to_end_on_cpu(tmp_path, capsys):
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "cache" / "tiny-llama"))
     assert len(tok) == 128 and tok.pad_token_id not in (None, tok.eos_token_id)
+
+
+def test_the_loop_runs_and_records_the_fused_adamw_when_asked(monkeypatch):
+    """``FASTLM_BENCH_OPTIMIZER=fused`` gives every system the fused AdamW (the HF Trainer's
+    default); an unknown value stops with one line naming the choices."""
+    from fastlm.benchmarking import timing
+
+    model = torch.nn.Linear(4, 2)
+    seen = []
+    original = torch.optim.AdamW
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("fused", False))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    monkeypatch.setenv(timing.OPTIMIZER_ENV, "fused")
+    rec = timing.timed_training(model, lambda: model(torch.ones(3, 4)).sum(), warmup=0, steps=1)
+    assert rec["optimizer"] == "AdamW (fused)" and seen == [True]
+    monkeypatch.setenv(timing.OPTIMIZER_ENV, "adam8")
+    with pytest.raises(SystemExit, match="use one of foreach, fused"):
+        timing.timed_training(model, lambda: model(torch.ones(3, 4)).sum(), warmup=0, steps=1)

@@ -6,9 +6,25 @@ Stdlib only at import time (torch is imported by the functions), like the other 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import time
+
+# The reference loop's AdamW: torch's default ("foreach", multi-tensor, whose update allocates
+# temporaries as large as the trainable parameters), or "fused" (one kernel, no temporaries:
+# what the HF Trainer runs by default with torch >= 2.8). Every system of a run gets the same;
+# set it for the parent and its children inherit it. Each record says which ran.
+OPTIMIZER_ENV = "FASTLM_BENCH_OPTIMIZER"
+OPTIMIZERS = ("foreach", "fused")
+
+
+def optimizer_kind() -> str:
+    """The AdamW implementation the loop runs (``FASTLM_BENCH_OPTIMIZER``, default foreach)."""
+    kind = os.environ.get(OPTIMIZER_ENV, "foreach")
+    if kind not in OPTIMIZERS:
+        raise SystemExit(f"{OPTIMIZER_ENV}={kind!r}: use one of {', '.join(OPTIMIZERS)}")
+    return kind
 
 
 def cuda_median_ms(fn, torch, iters: int, warmup: int, repeat: int = 1) -> float:
@@ -82,7 +98,7 @@ def autocast(torch, cuda: bool):
 
 def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bool = False) -> dict:
     """The reference loop around `loss_fn()`: bf16 autocast forward, backward, AdamW (lr 2e-4)
-    on the trainable parameters.
+    on the trainable parameters (foreach, or fused with ``FASTLM_BENCH_OPTIMIZER=fused``).
 
     Peak memory counts from just before the first warm-up step; `steps` steps are timed between
     two synchronisations. Losses are read (`.item()`) only after the timed region. Returns the
@@ -92,7 +108,8 @@ def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bo
 
     cuda = torch.cuda.is_available()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4)
+    fused = optimizer_kind() == "fused"
+    optimizer = torch.optim.AdamW(trainable, lr=2e-4, **({"fused": True} if fused else {}))
     model.train()
 
     def step():
@@ -129,6 +146,7 @@ def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bo
         "last_loss": values[-1] if values else None,
         "losses": values,
         "trainable_params": sum(p.numel() for p in trainable),
+        "optimizer": f"AdamW ({'fused' if fused else 'foreach' if cuda else 'for-loop'})",
     }
     if record_dtypes:
         rec["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in trainable})

@@ -19,6 +19,7 @@ from test_architectures import (  # noqa: E402 (after the skip)
     RTOL,
     _assert_loss_and_lora_grads_match,
     _assert_same_loss_curve,
+    _loss_and_lora_grads,
     assert_bf16_as_close_to_fp32_as_hf,  # noqa: E402
 )
 from test_architectures import _pair as _architectures_pair  # noqa: E402
@@ -33,6 +34,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from fastlm import FastModel  # noqa: E402
 from fastlm.errors import UnsupportedArchitectureError  # noqa: E402
 from fastlm.models import fused_report, spec_for  # noqa: E402
+from fastlm.models.linear_attention import FLA  # noqa: E402
 from fastlm.offload import offloaded_checkpoint  # noqa: E402
 
 QWEN3_5 = "qwen3_5_text"
@@ -40,6 +42,7 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 TARGETS = ATTENTION + LINEAR + MLP
+TF32_RTOL = 1e-2  # fla's fp32 matmuls run in TF32 (test_gpu_fp32_matches_hf)
 KINDS = {0: ("linear_attn", LINEAR), 1: ("self_attn", ATTENTION), 2: ("linear_attn", LINEAR)}
 
 
@@ -162,18 +165,19 @@ def test_unpatch_and_adapter_round_trip(tmp_path):
     assert not [m for m in fast.modules() if "forward" in m.__dict__]
 
 
-def test_partial_rope_through_the_triton_kernel():
-    """Partial rotary: the kernel (interpreted here) on the first 6 of 24 dims, the rest passed
-    through, gives transformers' apply_rotary_pos_emb and its gradients."""
+def test_partial_rope_through_the_triton_kernel(device):
+    """Partial rotary: the kernel (interpreted on a CPU host, compiled on a GPU) on the first 6
+    of 24 dims, the rest passed through, gives transformers' apply_rotary_pos_emb and its
+    gradients."""
     from transformers.models.qwen3_5.modeling_qwen3_5 import apply_rotary_pos_emb
 
     from fastlm.kernels import rope
     from fastlm.models import patch
 
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(2, 5, 4, 24, generator=generator, requires_grad=True)
-    key = torch.randn(2, 5, 2, 24, generator=generator, requires_grad=True)
-    angles = torch.randn(1, 5, 3, generator=generator)
+    query = torch.randn(2, 5, 4, 24, generator=generator).to(device).requires_grad_()
+    key = torch.randn(2, 5, 2, 24, generator=generator).to(device).requires_grad_()
+    angles = torch.randn(1, 5, 3, generator=generator).to(device)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     expected = [t.transpose(1, 2) for t in apply_rotary_pos_emb(
         query.transpose(1, 2), key.transpose(1, 2), cos, sin
@@ -184,7 +188,7 @@ def test_partial_rope_through_the_triton_kernel():
         actual = patch._rope(query, key, cos, sin)
     finally:
         patch.apply_rope = original
-    weights = [torch.randn(t.shape, generator=generator) for t in expected]
+    weights = [torch.randn(t.shape, generator=generator).to(device) for t in expected]
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e)
     grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(actual, weights)), (query, key))
@@ -243,9 +247,19 @@ def test_merged_16bit_reloads_with_the_same_logits(tmp_path):
 @pytest.mark.parametrize("checkpointing", [True, "unsloth"], ids=["checkpointed", "offloaded"])
 def test_gpu_fp32_matches_hf(tmp_path, checkpointing):
     """On the GPU in fp32: fastlm's kernels (and the linear-attention library where installed)
-    against transformers' own path, loss and LoRA gradients within 1e-4 as on the CPU."""
+    against transformers' own path, loss and LoRA gradients within 1e-4 as on the CPU -- except
+    where fla's kernels run the linear-attention layers: their fp32 products are TF32 on the
+    tensor cores (Triton's default precision for fp32 ``tl.dot``, 10-bit mantissas), which put
+    out_proj's LoRA gradient 2.5e-3 from the fp32 truth on an H100; there the bound is 1e-2,
+    and the bf16 check below holds them to 1.25x transformers' own error."""
     reference, fast = _pair(tmp_path, checkpointing, device="cuda")
-    _assert_loss_and_lora_grads_match(reference, fast, tiny_batch())
+    expected, expected_grads = _loss_and_lora_grads(reference, tiny_batch())
+    actual, actual_grads = _loss_and_lora_grads(fast, tiny_batch())
+    paths = {row["attention"] for row in fused_report(fast).attention if row["called"]}
+    rtol = TF32_RTOL if FLA in paths else RTOL
+    assert abs(actual.loss.item() - expected.loss.item()) <= rtol * abs(expected.loss.item())
+    for name, grad in expected_grads.items():
+        assert relative_error(actual_grads[name], grad) <= rtol, (name, sorted(paths))
 
 
 def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):

@@ -209,7 +209,7 @@ class FastSentenceTransformer(nn.Module):
     def _pool_packed(self, packed: PackedTexts) -> torch.Tensor:
         total = packed.inputs["input_ids"].shape[1]  # the texts' tokens
         if checkpoint.layers_will_replay(self.backbone, packed.inputs["input_ids"]):
-            packed = bucketed(packed)  # steady row shapes, so that the layers replay
+            packed = bucketed(packed, self.max_seq_length)  # steady shapes: layers replay
         inputs = packed.inputs
         if getattr(self.backbone.config, "_attn_implementation", None) == "sdpa":
             # A (1, T) mask of ones: transformers then reads no packing from the restarting

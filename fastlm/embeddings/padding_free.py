@@ -23,6 +23,7 @@ Anything else runs padded, and ``BatchPath.reason`` says why.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -171,32 +172,46 @@ def join_packed(parts: list[PackedTexts]) -> PackedTexts:
     return PackedTexts(inputs, cu_seqlens, longest)
 
 
-def bucketed(packed: PackedTexts) -> PackedTexts:
+def bucketed(packed: PackedTexts, max_text: int) -> PackedTexts:
     """The same texts in a row of a steadier shape, for layer graphs (which replay a layer only
-    for a shape they captured): the row's T tokens padded with one extra text of token 0 up to
-    a multiple of a quarter of T's power of two (at least 64; T = 10,800 -> 12,288), and the
-    attention's max_length_q/k raised to a power of two at least that multiple (the kernel
-    needs only an upper bound).
+    for a shape they captured): the row's T tokens padded with token 0 up to a multiple of a
+    quarter of T's power of two (at least 64; T = 10,800 -> 12,288), and the attention's
+    max_length_q/k raised to a power of two at least the longest text (the kernel needs only an
+    upper bound).
 
-    The extra text is a sequence of its own: no real text attends to it, and ``cu_seqlens`` /
-    ``max_length`` (what pooling reads) still list the real texts only.
-    Usage: ``packed = bucketed(join_packed(parts))``.
+    The padding is a fixed number of extra texts for the bucket, each at most ``max_text``
+    tokens (the model's max_seq_length, rounded down to a power of two, and at most the
+    bucket's quarter), so that no padding text is longer than a text the model takes, and a
+    bucket's rows keep one ``cu_seq_lens`` length and one max_length. They are sequences of their
+    own: no real text attends to them, and ``cu_seqlens`` / ``max_length`` (what pooling reads)
+    still list the real texts only.
+    Usage: ``packed = bucketed(join_packed(parts), model.max_seq_length)``.
     """
     total = int(packed.inputs["input_ids"].shape[1])
     step = max(64, (1 << (total + 1).bit_length() - 1) // 4)
-    padded = -(-(total + 1) // step) * step  # at least one token of padding: never empty
+    piece = min(step, 1 << (max(max_text, 1).bit_length() - 1))  # a power of two <= max_text
+    count = -(-step // piece)  # padding texts: enough for up to `step` tokens
+    padded = -(-(total + count) // step) * step  # at least one token per padding text
+    lengths = _split(padded - total, count)
     ids = packed.inputs["input_ids"]
-    tail = torch.arange(padded - total, device=ids.device)
+    tail = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
     inputs = dict(packed.inputs)
     inputs["input_ids"] = torch.cat([ids, ids.new_zeros(1, padded - total)], dim=1)
     inputs["position_ids"] = torch.cat([packed.inputs["position_ids"], tail[None]], dim=1)
     if "token_type_ids" in inputs:
         types = inputs["token_type_ids"]
         inputs["token_type_ids"] = torch.cat([types, types.new_zeros(1, padded - total)], dim=1)
-    cu = torch.cat([packed.cu_seqlens, packed.cu_seqlens.new_tensor([padded])])
-    # The padding text is at most `step` long: bounding by `step`, not by its own length, keeps
-    # max_length the same for every row of the bucket.
-    longest = 1 << max(4, (max(packed.max_length, step) - 1).bit_length())
+    ends = packed.cu_seqlens.new_tensor(list(itertools.accumulate(lengths, initial=total))[1:])
+    cu = torch.cat([packed.cu_seqlens, ends])  # int32, as the kernel and the graphs take it
+    # Bounded by `piece`, not by the padding texts' own lengths: every row of the bucket then
+    # has the same max_length (a step's longest real text still raises it past a power of two).
+    longest = 1 << max(4, (max(packed.max_length, piece) - 1).bit_length())
     inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
                "max_length_k": longest}  # fmt: skip
     return PackedTexts(inputs, packed.cu_seqlens, packed.max_length)
+
+
+def _split(tokens: int, count: int) -> list[int]:
+    """``tokens`` as ``count`` lengths that differ by at most one, each at least 1."""
+    base, extra = divmod(tokens, count)
+    return [base + 1] * extra + [base] * (count - extra)

@@ -195,17 +195,38 @@ def test_join_packed_keeps_every_boundary():
     assert joined.inputs["cu_seq_lens_k"] is joined.cu_seqlens
 
 
-def test_bucketed_rows_pad_with_a_text_of_their_own():
+def test_bucketed_rows_pad_with_texts_of_their_own():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     packed = pack_texts(ids, (ids != 0).long())  # T = 5
-    steady = bucketed(packed)
+    steady = bucketed(packed, max_text=512)
     assert steady.inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9] + [0] * 59]  # T -> 64
     assert steady.inputs["position_ids"][0, 5:].tolist() == list(range(59))
     assert steady.inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 64]  # the padding: a text
     assert steady.inputs["max_length_q"] == 64  # a power of two >= every text, padding's too
     assert steady.cu_seqlens.tolist() == [0, 3, 5] and steady.max_length == 3  # for pooling
     long = pack_texts(torch.ones(3, 3600, dtype=torch.long), torch.ones(3, 3600), unpadded=True)
-    assert bucketed(long).inputs["input_ids"].shape[1] == 12288  # 10,800: multiples of 2,048
+    assert bucketed(long, 8192).inputs["input_ids"].shape[1] == 12288  # multiples of 2,048
+
+
+def test_bucketed_padding_texts_are_never_longer_than_the_model_takes():
+    """A bucket's padding (up to a quarter of the row) is split into a fixed number of texts no
+    longer than the model's max_seq_length (rounded down to a power of two): one padding text
+    of 1,780 tokens stopped a model loaded with max_seq_length=1024. Rows of one bucket keep one
+    cu_seq_lens length and one max_length, whatever their padding."""
+    rows = []
+    for total in (9000, 9500):  # one bucket: multiples of 2,048, padded to 10,240
+        ids = torch.ones(1, total, dtype=torch.long)
+        steady = bucketed(pack_texts(ids, torch.ones(1, total), unpadded=True), max_text=1000)
+        cu = steady.inputs["cu_seq_lens_q"]
+        lengths = cu.diff().tolist()
+        assert cu.dtype == torch.int32  # what the kernel and the layer graphs take
+        assert steady.inputs["input_ids"].shape[1] == cu[-1] == 10240
+        assert lengths[0] == total and max(lengths[1:]) <= 512 and min(lengths[1:]) >= 1
+        assert steady.inputs["position_ids"][0, total : total + lengths[1]].tolist() == list(
+            range(lengths[1])
+        )
+        rows.append((len(cu), steady.inputs["max_length_q"]))
+    assert rows[0] == rows[1] == (1 + 1 + 4, 16384)  # 4 padding texts; max_length >= 9,500
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3_full"])  # causal; bidirectional

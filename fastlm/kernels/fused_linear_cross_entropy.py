@@ -151,6 +151,16 @@ def _default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
     return max(1, _CHUNK_BYTES // (vocab * itemsize))
 
 
+def logits_buffer_bytes(hidden: Tensor, weight: Tensor, cfg: tuple) -> int:
+    """Bytes of the one logits buffer ``_loss_and_grads`` allocates for these inputs: the
+    loss's largest block (a chunk of rows x the vocabulary, in the compute dtype).
+
+    Usage: ``logits_buffer_bytes(hidden, weight, cfg)`` with the runner's arguments.
+    """
+    chunk = cfg[2] or _default_chunk_size(weight.shape[0], hidden.dtype)
+    return min(chunk, hidden.shape[0]) * weight.shape[0] * hidden.element_size()
+
+
 def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
     """Chunked forward: returns the loss and the (unscaled by grad_output) input gradients."""
     ignore_index, softcap, chunk_size, needs, use_kernel = cfg
@@ -181,6 +191,7 @@ def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
     # the previous chunk's was still held, two chunks' worth at the step's loss (512 MiB at
     # Qwen3's vocabulary).
     buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
+    # (logits_buffer_bytes says how large this is before the loss runs.)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         h = hidden[start:end]

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastlm.kernels.fused_linear_cross_entropy import logits_buffer_bytes
 from fastlm.kernels.grouped_gemm import HostSizes
 from fastlm.models.moe import moe_block_forward, router_forward
 from fastlm.models.packing import assume_packing, caller_signals, packed_sequences
@@ -331,6 +332,7 @@ class LayerGraphs:
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._anchors: dict[torch.device, Any] = {}  # _new_pool
+        self._reserves: dict[torch.device, int] = {}  # _new_pool: the loss's logits buffer
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
@@ -459,6 +461,7 @@ class LayerGraphs:
             self._losses.clear()
             self._pools.clear()  # the next capture starts a new pool (and anchor)
             self._anchors.clear()
+            self._reserves.clear()
             self.counts.clear()
             self.pool_growth.clear()
             self._peaks = dict.fromkeys(self._peaks, 0)
@@ -538,6 +541,11 @@ class LayerGraphs:
             info = self._layers[layer] = _Layer(layer)
         return info
 
+    def _reserve(self, device: torch.device, size: int) -> None:
+        """Ask the device's pool, when it is made, to start with a free block of ``size`` bytes
+        (``_new_pool``); a pool made already keeps what it has."""
+        self._reserves[device] = max(self._reserves.get(device, 0), size)
+
     def _signature(self, key, hidden, tensors, kwargs, args) -> _Signature:
         signature = self._signatures.get(key)
         if signature is None:
@@ -614,13 +622,27 @@ class LayerGraphs:
         then refuses the next capture that names it; the anchor keeps it alive."""
         pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
         anchor, current = torch.cuda.CUDAGraph(), torch.cuda.current_stream(device)
+        before = self._pool_usage()[0] if self.measure_peak else 0
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
             anchor.capture_begin(pool=pool, capture_error_mode="thread_local")
             torch.zeros(1, device=device)
+            # The loss's logits buffer (one block, 256 MiB at Qwen3's vocabulary) is the pool's
+            # largest request, and its capture comes after the layers': their scratch, freed in
+            # blocks sized to their own tensors, cannot hold it, and the pool grew by all of it
+            # (510 + 256 MiB on Qwen3-4B). A free block of that size made first is split by the
+            # layers' captures and whole again when they end, for the loss to take.
+            reserve = self._reserves.get(device, 0)
+            if reserve:
+                block = torch.empty(reserve, dtype=torch.uint8, device=device)
+                del block  # freed inside the capture: a free block of the pool
             anchor.capture_end()
         current.wait_stream(stream)
         self._pools[device], self._streams[device], self._anchors[device] = pool, stream, anchor
+        if self.measure_peak:
+            self.pool_growth["the pool's reserve (the loss's logits buffer)"] += (
+                self._pool_usage()[0] - before
+            )
 
 
 def _layer_of(run: Callable) -> tuple[nn.Module, Callable]:
@@ -766,6 +788,7 @@ class _LossGraph:
         if self.graph is None and self.runs == 0:
             self.runs += 1
             self.owner._count("loss eager: first call of a shape (capture follows)")
+            self.owner._reserve(hidden.device, logits_buffer_bytes(hidden, weight, cfg))
             return compute(hidden, weight, None, labels, denom, cfg)
         if self.hidden is None:
             self.hidden, self.labels, self.denom = (

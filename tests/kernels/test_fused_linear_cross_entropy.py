@@ -177,6 +177,26 @@ def test_chunks_share_one_logits_buffer(device, monkeypatch, use_kernel):
     assert len(storages) >= 3 and len(set(storages)) == 1, storages
 
 
+@pytest.mark.parametrize("chunk, n", [(3, 11), (None, 11), (64, 11)])
+def test_logits_buffer_bytes_is_the_buffer_the_loss_allocates(device, monkeypatch, chunk, n):
+    """What layer graphs reserve for the loss (``logits_buffer_bytes``) is the size of the one
+    logits buffer the loss allocates: the chunk's rows (or every row, if fewer) x V."""
+    sizes = []
+    name = "_rows_triton"
+    inner = getattr(flce_mod, name)
+
+    def record(logits, *args):
+        sizes.append(logits.untyped_storage().nbytes())
+        return inner(logits, *args)
+
+    monkeypatch.setattr(flce_mod, name, record)
+    hidden, weight, labels, _ = _inputs(device, n=n, v=37)
+    cfg = (-100, None, chunk, (True, True, False), True)
+    denom = torch.tensor(float(n), device=device)
+    flce_mod._loss_and_grads(hidden.detach(), weight.detach(), None, labels, denom, cfg)
+    assert set(sizes) == {flce_mod.logits_buffer_bytes(hidden, weight, cfg)}, sizes
+
+
 def test_default_chunk_size():
     for v, dtype in [(128256, torch.bfloat16), (262144, torch.bfloat16), (151936, torch.float32)]:
         rows = flce_mod._default_chunk_size(v, dtype)

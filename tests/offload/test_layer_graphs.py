@@ -25,7 +25,7 @@ from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  #
 from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
 from fastlm import FastModel
-from fastlm.offload import checkpoint
+from fastlm.offload import checkpoint, layer_graphs
 from fastlm.offload.layer_graphs import EXPERTS_READ_SIZES, LayerGraphs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,10 +101,19 @@ def test_the_loss_replays_in_the_layers_pool(tmp_path, device, graphs, monkeypat
 
     if device == "cpu":
         monkeypatch.setattr(flce, "use_triton", lambda tensor: True)
+    buffers = []  # the loss's first calls ask the pool to start with a block for its buffer
+
+    def buffer_bytes(*args):
+        buffers.append(flce.logits_buffer_bytes(*args))
+        return buffers[-1]
+
+    monkeypatch.setattr(layer_graphs, "logits_buffer_bytes", buffer_bytes)
     graphs.measure_peak = True  # and so the pool's growth per capture kind, in the report
     reference, fast = _pair(tmp_path, "llama", "unsloth", device=device)
     for batch in (_unpadded(), _unpadded(), _unpadded(), _unpadded(seq=7), _unpadded(seq=7)):
         _assert_loss_and_lora_grads_match(reference, fast, batch)
+    assert len(buffers) == 2 and buffers[0] > buffers[1] > 0  # one per shape, the first larger
+    assert graphs._reserves == {torch.device(device): buffers[0]}
     assert graphs.counts["loss eager: first call of a shape (capture follows)"] == 2
     assert graphs.counts["loss captured"] == 2
     assert graphs.counts["loss replayed"] == 3  # two of the first shape, one of the second
@@ -575,6 +584,34 @@ def test_replayed_steps_hold_no_more_than_eager_steps_and_their_buffers(tmp_path
         counts=dict(graphs.counts), pool_blocks_in_use=in_use,
     )  # fmt: skip
     assert replayed <= eager + held + 64 * 2**20, str(why)  # a str: shown whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph pools")
+def test_the_loss_capture_takes_the_pools_reserve(tmp_path, graphs):
+    """The loss's logits buffer (4,096 rows x 32,000 x bf16 = 250 MiB here) is captured after
+    the layers, whose scratch is freed in blocks sized to their own tensors: without a reserve
+    the pool grew by the whole buffer (256 MiB of Qwen3-4B's 772 MiB pool). The pool starts
+    with a free block of that size, the layers' captures split it and leave it whole, and the
+    loss's capture grows the pool by (almost) nothing."""
+    size = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+                vocab_size=32000)  # fmt: skip
+    path = save_tiny_model("llama", tmp_path / "llama", **size)
+    model, _ = FastModel.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+    model = FastModel.get_peft_model(model, r=16, use_gradient_checkpointing="unsloth")
+    model.train()
+    batch = {"input_ids": torch.randint(3, 32000, (2, 2048), device="cuda")}
+    batch["labels"] = batch["input_ids"]
+    graphs.measure_peak = True
+    for _ in range(3):  # eager, captured + replayed, replayed
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    growth = dict(graphs.pool_growth)
+    assert graphs.counts["loss captured"] == 1 and graphs.counts["replayed"] > 0, growth
+    assert growth["the pool's reserve (the loss's logits buffer)"] >= 4096 * 32000 * 2, growth
+    assert growth.get("the loss", 0) < 8 * 2**20, growth
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph pools")

@@ -250,7 +250,7 @@ def test_gpu_fp32_matches_hf(tmp_path, checkpointing):
     against transformers' own path, loss and LoRA gradients within 1e-4 as on the CPU -- except
     where fla's kernels run the linear-attention layers: their fp32 products are TF32 on the
     tensor cores (Triton's default precision for fp32 ``tl.dot``, 10-bit mantissas), which put
-    out_proj's LoRA gradient 2.5e-3 from the fp32 truth on an H100; there the bound is 1e-2,
+    out_proj's LoRA gradient 2.55e-3 from the fp32 truth on an H100; there the bound is 1e-2,
     and the bf16 check below holds them to 1.25x transformers' own error."""
     reference, fast = _pair(tmp_path, checkpointing, device="cuda")
     expected, expected_grads = _loss_and_lora_grads(reference, tiny_batch())

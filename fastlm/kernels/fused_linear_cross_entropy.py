@@ -151,14 +151,16 @@ def _default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
     return max(1, _CHUNK_BYTES // (vocab * itemsize))
 
 
-def logits_buffer_bytes(hidden: Tensor, weight: Tensor, cfg: tuple) -> int:
-    """Bytes of the one logits buffer ``_loss_and_grads`` allocates for these inputs: the
-    loss's largest block (a chunk of rows x the vocabulary, in the compute dtype).
+def scratch_bytes(hidden: Tensor, weight: Tensor, cfg: tuple) -> int:
+    """Bytes of the loss's two large blocks for these inputs, ``_loss_and_grads``'s logits
+    buffer (a chunk of rows x the vocabulary) and grad_hidden (when it is needed), in the
+    compute dtype; what a CUDA-graph pool must hold free for the loss to be captured in it.
 
-    Usage: ``logits_buffer_bytes(hidden, weight, cfg)`` with the runner's arguments.
+    Usage: ``scratch_bytes(hidden, weight, cfg)`` with the runner's arguments.
     """
     chunk = cfg[2] or _default_chunk_size(weight.shape[0], hidden.dtype)
-    return min(chunk, hidden.shape[0]) * weight.shape[0] * hidden.element_size()
+    logits = min(chunk, hidden.shape[0]) * weight.shape[0] * hidden.element_size()
+    return logits + (hidden.numel() * hidden.element_size() if cfg[3][0] else 0)
 
 
 def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
@@ -181,17 +183,17 @@ def _loss_and_grads(hidden, weight, bias, labels, denom, cfg):
     grad = need_h or need_w or need_b
     rows_fn = _rows_triton if use_kernel else _rows_torch
     chunk = chunk_size or _default_chunk_size(V, hidden.dtype)
+    # One buffer serves every chunk's logits: a fresh product per chunk would be allocated while
+    # the previous chunk's was still held, two chunks' worth at the step's loss (512 MiB at
+    # Qwen3's vocabulary). Allocated first: in a CUDA-graph pool the largest block then takes the
+    # free block reserved for it (scratch_bytes) before a smaller one splits it.
+    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
     loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = (
         torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     )
     grad_b = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_b else None
-    # One buffer serves every chunk's logits: a fresh product per chunk would be allocated while
-    # the previous chunk's was still held, two chunks' worth at the step's loss (512 MiB at
-    # Qwen3's vocabulary).
-    buffer = torch.empty((min(chunk, N), V), dtype=hidden.dtype, device=hidden.device)
-    # (logits_buffer_bytes says how large this is before the loss runs.)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         h = hidden[start:end]

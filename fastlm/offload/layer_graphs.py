@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fastlm.kernels.fused_linear_cross_entropy import logits_buffer_bytes
+from fastlm.kernels.fused_linear_cross_entropy import scratch_bytes
 from fastlm.kernels.grouped_gemm import HostSizes
 from fastlm.models.moe import moe_block_forward, router_forward
 from fastlm.models.packing import assume_packing, caller_signals, packed_sequences
@@ -630,8 +630,8 @@ class LayerGraphs:
             # The loss's logits buffer (one block, 256 MiB at Qwen3's vocabulary) is the pool's
             # largest request, and its capture comes after the layers': their scratch, freed in
             # blocks sized to their own tensors, cannot hold it, and the pool grew by all of it
-            # (510 + 256 MiB on Qwen3-4B). A free block of that size made first is split by the
-            # layers' captures and whole again when they end, for the loss to take.
+            # (510 + 256 MiB on Qwen3-4B). A free block for the loss's scratch made first is
+            # split by the layers' captures and whole again when they end, for the loss to take.
             reserve = self._reserves.get(device, 0)
             if reserve:
                 block = torch.empty(reserve, dtype=torch.uint8, device=device)
@@ -640,7 +640,7 @@ class LayerGraphs:
         current.wait_stream(stream)
         self._pools[device], self._streams[device], self._anchors[device] = pool, stream, anchor
         if self.measure_peak:
-            self.pool_growth["the pool's reserve (the loss's logits buffer)"] += (
+            self.pool_growth["the pool's reserve (the loss's scratch)"] += (
                 self._pool_usage()[0] - before
             )
 
@@ -788,7 +788,7 @@ class _LossGraph:
         if self.graph is None and self.runs == 0:
             self.runs += 1
             self.owner._count("loss eager: first call of a shape (capture follows)")
-            self.owner._reserve(hidden.device, logits_buffer_bytes(hidden, weight, cfg))
+            self.owner._reserve(hidden.device, scratch_bytes(hidden, weight, cfg))
             return compute(hidden, weight, None, labels, denom, cfg)
         if self.hidden is None:
             self.hidden, self.labels, self.denom = (

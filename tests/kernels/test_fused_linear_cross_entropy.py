@@ -178,9 +178,11 @@ def test_chunks_share_one_logits_buffer(device, monkeypatch, use_kernel):
 
 
 @pytest.mark.parametrize("chunk, n", [(3, 11), (None, 11), (64, 11)])
-def test_logits_buffer_bytes_is_the_buffer_the_loss_allocates(device, monkeypatch, chunk, n):
-    """What layer graphs reserve for the loss (``logits_buffer_bytes``) is the size of the one
-    logits buffer the loss allocates: the chunk's rows (or every row, if fewer) x V."""
+@pytest.mark.parametrize("need_h", [True, False])
+def test_scratch_bytes_are_the_blocks_the_loss_allocates(device, monkeypatch, chunk, n, need_h):
+    """What layer graphs reserve for the loss (``scratch_bytes``) is the size of its two large
+    blocks: the one logits buffer (the chunk's rows, or every row if fewer, x V) and grad_hidden
+    when it is needed."""
     sizes = []
     name = "_rows_triton"
     inner = getattr(flce_mod, name)
@@ -191,10 +193,14 @@ def test_logits_buffer_bytes_is_the_buffer_the_loss_allocates(device, monkeypatc
 
     monkeypatch.setattr(flce_mod, name, record)
     hidden, weight, labels, _ = _inputs(device, n=n, v=37)
-    cfg = (-100, None, chunk, (True, True, False), True)
+    cfg = (-100, None, chunk, (need_h, True, False), True)
     denom = torch.tensor(float(n), device=device)
-    flce_mod._loss_and_grads(hidden.detach(), weight.detach(), None, labels, denom, cfg)
-    assert set(sizes) == {flce_mod.logits_buffer_bytes(hidden, weight, cfg)}, sizes
+    _, grad_h, _, _ = flce_mod._loss_and_grads(
+        hidden.detach(), weight.detach(), None, labels, denom, cfg
+    )
+    assert len(set(sizes)) == 1 and (grad_h is not None) == need_h, sizes
+    grad_bytes = grad_h.numel() * grad_h.element_size() if need_h else 0
+    assert flce_mod.scratch_bytes(hidden, weight, cfg) == sizes[0] + grad_bytes
 
 
 def test_default_chunk_size():

@@ -21,6 +21,15 @@ exact-at-scale fastlm bf16 and HF bf16 LoRA gradients vs HF fp32, four families 
 flash-tiles    flash-attention launch shapes, one kernel at a time (Gemma-2 head_dim 256)
 offload        weight streaming: 8B exactness and cost, 32B shape under an 8 GiB cap
 multi-gpu      DDP and FSDP2 on 2 GPUs, 8B shape, LoRA and QLoRA (needs 2 GPUs)
+packing-4b     real example lengths, padded vs padding-free: qwen3-4b LoRA and QLoRA (hf padded,
+               hf padding-free, unsloth, fastlm padded, fastlm padding-free)
+packing-8b     the same, llama-3.1-8b
+embeddings-varlen  InfoNCE on variable-length pairs, Qwen3-Embedding-0.6B LoRA: hf, fastlm padded
+               and padding-free, unsloth, in one run
+graphs-memory  layer CUDA graphs: the pool's reserve for the loss (GPU test), then suite rows 3
+               and 5 (Qwen3-4B, Llama-3.2-1B QLoRA) beside Unsloth
+new-families   Qwen3.5 / Gemma 4 (needs .gpu/site-newer.tgz, scripts/gpu_site_newer.sh): their
+               GPU tests, then issue 17's suite rows 1 and 3 (hf, fastlm, unsloth)
 "
 
 if [ $# -ne 1 ] || [ "$1" = "--list" ] || [ "$1" = "-h" ]; then
@@ -40,6 +49,10 @@ if [ -f .gpu/site.tgz ]; then
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
+fi
+if [ "$group" = new-families ] && [ -f .gpu/site-newer.tgz ]; then  # transformers 5.23, fla
+  mkdir -p /tmp/site-newer && tar xzf .gpu/site-newer.tgz -C /tmp/site-newer
+  export PYTHONPATH=/tmp/site-newer:$PYTHONPATH
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0
@@ -70,6 +83,23 @@ case $group in
     done ;;
   flash-tiles) python benchmarks/flash_tile_sweep.py --out "$out/flash_tile_sweep.json" ;;
   offload) python benchmarks/offload_capacity.py --out "$out" ;;
+  packing-4b | packing-8b)
+    shape=$([ $group = packing-4b ] && echo qwen3-4b || echo llama-3.1-8b)
+    python benchmarks/packing_bench.py --shapes $shape --modes lora,qlora --out "$out" \
+      --child-timeout 120 ;;
+  embeddings-varlen)
+    python benchmarks/embedding_bench.py --shapes qwen3-embedding-0.6b --lengths alpaca_en_demo \
+      --mode lora --systems hf,fastlm-padded,fastlm-padding-free,unsloth --profile \
+      --child-timeout 200 --out "$out" ;;
+  graphs-memory)
+    OUT=$out bash scripts/gpu_tests.sh tests/offload/test_layer_graphs.py -k reserve
+    python benchmarks/suite.py --rows 3,5 --systems fastlm,unsloth --fastlm-graphs \
+      --child-timeout 150 --out "$out/suite" ;;
+  new-families)
+    OUT=$out bash scripts/gpu_tests.sh tests/models/test_qwen3_5.py \
+      tests/kernels/test_gated_delta_dqkwg.py tests/models/test_gemma4.py
+    python benchmarks/suite.py --suite issue17 --rows 1,3 --systems hf,fastlm,unsloth \
+      --child-timeout 240 --out "$out/suite" ;;
   multi-gpu)
     for mode in lora qlora; do
       for parallel in ddp fsdp2; do

@@ -315,7 +315,7 @@ def layers_will_replay(body: nn.Module, like: torch.Tensor) -> bool:
     that pad inputs to steady shapes for the graphs' sake ask this first, so that no other run
     pays for padding it does not need.
 
-    Usage: ``if layers_will_replay(backbone, input_ids): packed = bucketed(packed)``.
+    Usage: ``if layers_will_replay(backbone, ids): packed = bucketed(packed, max_seq_length)``.
     """
     if not (LAYER_GRAPHS.enabled and LAYER_GRAPHS.would_graph(like) and torch.is_grad_enabled()):
         return False

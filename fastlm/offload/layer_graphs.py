@@ -332,7 +332,7 @@ class LayerGraphs:
         self._pools: dict[torch.device, Any] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._anchors: dict[torch.device, Any] = {}  # _new_pool
-        self._reserves: dict[torch.device, int] = {}  # _new_pool: the loss's logits buffer
+        self._reserves: dict[torch.device, int] = {}  # _new_pool: the loss's scratch
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public

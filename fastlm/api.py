@@ -21,7 +21,11 @@ from fastlm import models
 from fastlm.embeddings import FastSentenceTransformer, load_embedding_model
 from fastlm.export import save_pretrained_gguf, save_pretrained_merged
 from fastlm.loading import pipeline
-from fastlm.loading.checkpointing import enable_checkpointing, set_use_cache
+from fastlm.loading.checkpointing import (
+    enable_checkpointing,
+    release_checkpoint_function,
+    set_use_cache,
+)
 
 
 class FastModel:
@@ -140,7 +144,9 @@ class FastModel:
 
     @staticmethod
     def unpatch(model: nn.Module) -> nn.Module:
-        """Remove fastlm's patches: the model runs transformers' own code again."""
+        """Remove fastlm's patches: the model runs transformers' own code again (and its own
+        checkpointing enable methods)."""
+        release_checkpoint_function(model)
         return models.unpatch_model(model)
 
 

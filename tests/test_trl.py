@@ -79,3 +79,46 @@ def test_hf_trainer_uses_the_fused_loss_with_gradient_accumulation(tmp_path):
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < losses[0]
+
+
+def _checkpoint_functions(model) -> set:
+    return {
+        layer._gradient_checkpointing_func
+        for layer in model.modules()
+        if hasattr(layer, "_gradient_checkpointing_func")
+    }
+
+
+def test_trainers_keep_fastlms_offloaded_checkpointing(tmp_path, caplog):
+    """TRL's SFTConfig turns checkpointing on by default, and the Trainer then re-enables it at
+    ``train()``: transformers put torch's checkpoint back on every layer, and fastlm's offloaded
+    mode was gone without a word. Both trainers now leave fastlm's function on the layers (and
+    say so once); ``FastModel.unpatch`` removes the wrappers."""
+    import logging
+
+    from transformers import Trainer, TrainingArguments
+    from trl import SFTConfig, SFTTrainer
+
+    from fastlm.offload import offloaded_checkpoint
+
+    model, tokenizer = _tiny_peft_model(tmp_path, "llama", use_gradient_checkpointing="unsloth")
+    assert _checkpoint_functions(model) == {offloaded_checkpoint}
+    args = SFTConfig(**_training_args(tmp_path, max_steps=1, max_length=64))
+    assert args.gradient_checkpointing  # TRL's default
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_data(8), processing_class=tokenizer)
+    with caplog.at_level(logging.INFO, logger="fastlm"):
+        trainer.train()
+    assert _checkpoint_functions(model) == {offloaded_checkpoint}
+    assert sum("the layers keep fastlm's offloaded_checkpoint" in m for m in caplog.messages) == 1
+
+    hf_args = TrainingArguments(
+        **_training_args(tmp_path, max_steps=1, gradient_checkpointing=True)
+    )
+    batch = tokenizer(["add 1 2 3"] * 8, return_tensors="pt")
+    rows = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"]]
+    Trainer(model=model, args=hf_args, train_dataset=rows).train()
+    assert _checkpoint_functions(model) == {offloaded_checkpoint}
+
+    FastModel.unpatch(model)
+    model.base_model.model.gradient_checkpointing_enable()
+    assert offloaded_checkpoint not in _checkpoint_functions(model)  # transformers' own again

@@ -6,10 +6,18 @@ enable_checkpointing(peft_model, "activations")  # no recompute: saved activatio
 
 from __future__ import annotations
 
-from torch import nn
+import logging
+from collections.abc import Callable
 
-from fastlm.offload.activations import enable_offloaded_activations
-from fastlm.offload.checkpoint import enable_offloaded_checkpointing
+from torch import nn
+from transformers import PreTrainedModel
+
+from fastlm.offload.activations import enable_offloaded_activations, offloaded_activations
+from fastlm.offload.checkpoint import enable_offloaded_checkpointing, offloaded_checkpoint
+
+logger = logging.getLogger("fastlm")
+# The methods a trainer calls to turn checkpointing on (transformers 5.x names both).
+_ENABLERS = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
 
 CHECKPOINTING_MODES = (True, False, "fastlm", "unsloth", "activations")
 
@@ -27,8 +35,10 @@ def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
         return
     if mode in ("fastlm", "unsloth"):
         enable_offloaded_checkpointing(model)
+        keep_checkpoint_function(model, offloaded_checkpoint)
     elif mode == "activations":
         enable_offloaded_activations(model)
+        keep_checkpoint_function(model, offloaded_activations)
     elif mode is True:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -37,6 +47,59 @@ def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
             "'unsloth' (the same as 'fastlm') or 'activations' (offloaded, no recompute)."
         )
     set_use_cache(model, False)
+
+
+def keep_checkpoint_function(model: nn.Module, function: Callable) -> None:
+    """Keep ``function`` as every layer's checkpoint function when something turns
+    checkpointing on again.
+
+    The HF Trainer does that at ``train()`` when its arguments ask for checkpointing (TRL's
+    SFTConfig does by default), and PEFT's k-bit preparation does too: transformers then puts
+    torch's checkpoint back on every layer, and fastlm's offloaded mode would be gone without a
+    word (more GPU memory, and no layer graphs). Each transformers model inside ``model`` gets
+    instance wrappers of both enable methods: the call runs as transformers wrote it (its
+    flags, ``every_n_layers``), then the layers get ``function`` back, which is logged once.
+    ``release_checkpoint_function`` removes the wrappers.
+
+    Usage: ``keep_checkpoint_function(peft_model, offloaded_checkpoint)``.
+    """
+    said = []
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        for name in _ENABLERS:
+            original = getattr(type(module), name, None)
+            if original is not None:
+                setattr(module, name, _keeping(module, original, function, said))
+
+
+def release_checkpoint_function(model: nn.Module) -> None:
+    """Undo ``keep_checkpoint_function``: the models' own enable methods again.
+
+    Usage: ``release_checkpoint_function(peft_model)``.
+    """
+    for module in model.modules():
+        for name in _ENABLERS:
+            if name in vars(module):
+                delattr(module, name)
+
+
+def _keeping(module: nn.Module, original: Callable, function: Callable, said: list) -> Callable:
+    def enable(*args, **kwargs):
+        result = original(module, *args, **kwargs)
+        for layer in module.modules():
+            if hasattr(layer, "_gradient_checkpointing_func"):
+                layer._gradient_checkpointing_func = function
+        if not said:
+            said.append(True)
+            logger.info(
+                "checkpointing was turned on again (e.g. by the Trainer); the layers keep "
+                "fastlm's %s",
+                function.__name__,
+            )
+        return result
+
+    return enable
 
 
 def set_use_cache(model: nn.Module, value: bool) -> None:

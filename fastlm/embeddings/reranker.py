@@ -39,6 +39,7 @@ from fastlm.embeddings.trainer import EmbeddingTrainer
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
 from fastlm.export.merged import input_folders
+from fastlm.loading.checkpointing import turn_on_checkpointing
 from fastlm.loading.pipeline import DEFAULT_MAX_SEQ_LENGTH, add_causal_lm_lora, load_causal_lm
 from fastlm.models import decoder_body
 
@@ -483,10 +484,24 @@ class FastReranker(nn.Module):
         )
         return self
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
-        """Non-reentrant checkpointing of the decoder layers (``Trainer`` calls this)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Non-reentrant checkpointing of the decoder layers (a ``Trainer`` calls
+        this at ``train()``); a fastlm offloaded mode stays on."""
+        turn_on_checkpointing(self.model, activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """The older name of ``activation_checkpointing_enable`` (Trainers before 5.x call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     # ------------------------------------------------------------------ saving
 

@@ -49,6 +49,27 @@ def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
     set_use_cache(model, False)
 
 
+def turn_on_checkpointing(
+    body: nn.Module, kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+) -> None:
+    """What a wrapper model's ``activation_checkpointing_enable`` does when a Trainer calls it:
+    non-reentrant checkpointing of ``body``'s layers, with transformers' arguments passed on
+    where they are not the defaults (older transformers take neither). A fastlm offloaded mode
+    on ``body`` stays on (``keep_checkpoint_function``).
+
+    Usage: ``turn_on_checkpointing(self.backbone, activation_checkpointing_kwargs)``.
+    """
+    options = {"use_reentrant": False, **(kwargs or {})}
+    extra = {"every_n_layers": every_n_layers} if every_n_layers != 1 else {}
+    if offload:
+        extra["offload"] = True
+    enable = getattr(body, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=options, **extra)
+    else:
+        body.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
+
+
 def keep_checkpoint_function(model: nn.Module, function: Callable) -> None:
     """Keep ``function`` as every layer's checkpoint function when something turns
     checkpointing on again.

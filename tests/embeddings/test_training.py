@@ -184,3 +184,20 @@ def test_non_finite_loss_stops_training(tmp_path):
     trainer = EmbeddingTrainer(model, _args(tmp_path), train_dataset=ST_ROWS, loss=_Broken())
     with pytest.raises(NonFiniteLossError, match="step 1"):
         trainer.train()
+
+
+def test_a_trainer_that_turns_checkpointing_on_keeps_fastlms(tmp_path):
+    """``gradient_checkpointing=True`` makes the Trainer call the model's enable method with
+    transformers 5.x's arguments (``every_n_layers``, ``offload``): the embedding model took
+    neither (a TypeError at ``train()``), and the body's offloaded checkpointing must stay."""
+    from fastlm.offload import offloaded_checkpoint
+
+    model = _tiny(tmp_path, lora_r=4, use_gradient_checkpointing="unsloth")
+    args = _args(tmp_path, max_steps=2, gradient_checkpointing=True)
+    EmbeddingTrainer(model, args, train_dataset=ST_ROWS, prompts={}).train()
+    functions = {
+        layer._gradient_checkpointing_func
+        for layer in model.modules()
+        if hasattr(layer, "_gradient_checkpointing_func")
+    }
+    assert functions == {offloaded_checkpoint}

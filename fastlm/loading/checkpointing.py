@@ -31,6 +31,7 @@ def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
 
     Usage: ``enable_checkpointing(model, "unsloth")``.
     """
+    release_checkpoint_function(model)  # an earlier offloaded mode no longer comes back
     if not mode:
         return
     if mode in ("fastlm", "unsloth"):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from fastlm.benchmarking.checkpoint import CACHE, ensure_checkpoint  # noqa: E402
 from fastlm.benchmarking.shapes import get_shape  # noqa: E402
 from fastlm.benchmarking.systems import LOADERS, Ctx, preimport  # noqa: E402
-from fastlm.benchmarking.timing import kernel_time, optimizer_kind  # noqa: E402
+from fastlm.benchmarking.timing import kernel_time, reference_adamw  # noqa: E402
 
 
 def main() -> None:
@@ -56,9 +56,8 @@ def main() -> None:
     model = LOADERS[args.system](ctx)
     model.train()
     ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq), device="cuda")
-    fused = {"fused": True} if optimizer_kind() == "fused" else {}  # as the benchmarks' loop
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4, **fused)
+    optimizer = reference_adamw(torch, trainable)  # as the benchmarks' loop
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

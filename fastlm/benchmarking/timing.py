@@ -27,6 +27,16 @@ def optimizer_kind() -> str:
     return kind
 
 
+def reference_adamw(torch, trainable: list):
+    """The reference loop's AdamW (lr 2e-4) over ``trainable``, fused where
+    ``FASTLM_BENCH_OPTIMIZER=fused``; ``optimizer.defaults["fused"]`` says which.
+
+    Usage: ``optimizer = reference_adamw(torch, trainable_parameters)``.
+    """
+    fused = {"fused": True} if optimizer_kind() == "fused" else {}
+    return torch.optim.AdamW(trainable, lr=2e-4, **fused)
+
+
 def cuda_median_ms(fn, torch, iters: int, warmup: int, repeat: int = 1) -> float:
     """Median over `iters` samples of `repeat` back-to-back calls of `fn` between two CUDA
     events, divided by `repeat`, after `warmup` untimed calls (milliseconds)."""
@@ -108,8 +118,8 @@ def timed_training(model, loss_fn, *, warmup: int, steps: int, record_dtypes: bo
 
     cuda = torch.cuda.is_available()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fused = optimizer_kind() == "fused"
-    optimizer = torch.optim.AdamW(trainable, lr=2e-4, **({"fused": True} if fused else {}))
+    optimizer = reference_adamw(torch, trainable)
+    fused = bool(optimizer.defaults["fused"])
     model.train()
 
     def step():

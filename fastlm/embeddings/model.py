@@ -36,7 +36,7 @@ from fastlm.embeddings.pooling import POOLING_MODES, Dense, l2_normalize, pool, 
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
 from fastlm.export.merged import input_folders
-from fastlm.loading.checkpointing import enable_checkpointing, turn_on_checkpointing
+from fastlm.loading.checkpointing import TrainerCheckpointing, enable_checkpointing
 from fastlm.loading.device import placement
 from fastlm.loading.pipeline import add_lora, add_quantization_config
 from fastlm.models import PROJECTIONS, SPECS, PromptStyle, embedding_pooling, encoder_spec
@@ -49,7 +49,7 @@ logger = logging.getLogger("fastlm")
 PROMPT_STYLES = {t: spec.prompt_style for t, spec in SPECS.items() if spec.prompt_style}
 
 
-class FastSentenceTransformer(nn.Module):
+class FastSentenceTransformer(TrainerCheckpointing, nn.Module):
     """Texts → one L2-normalised vector each. ``forward`` takes token ids, ``encode`` texts.
 
     Usage: ``model = FastSentenceTransformer.from_pretrained("./minilm"); model.encode(["hi"])``.
@@ -57,6 +57,8 @@ class FastSentenceTransformer(nn.Module):
     body runs that exactly (``fastlm.embeddings.padding_free``); ``batch_path()`` says whether
     it will, ``latest_batch_path`` what the latest forward ran, each with the reason if padded.
     """
+
+    CHECKPOINTED_BODY = "backbone"  # TrainerCheckpointing: the Trainer's enable calls
 
     def __init__(
         self,
@@ -355,26 +357,6 @@ class FastSentenceTransformer(nn.Module):
         )
         self.dense.requires_grad_(False)
         return self
-
-    def activation_checkpointing_enable(
-        self,
-        activation_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """Non-reentrant checkpointing of the body's layers (a ``Trainer`` calls
-        this at ``train()``); a fastlm offloaded mode stays on."""
-        kwargs = activation_checkpointing_kwargs
-        turn_on_checkpointing(self.backbone, kwargs, every_n_layers, offload)
-
-    def gradient_checkpointing_enable(
-        self,
-        gradient_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """The older name of ``activation_checkpointing_enable`` (Trainers before 5.x call it)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     # ------------------------------------------------------------------ saving
 

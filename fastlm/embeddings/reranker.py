@@ -39,7 +39,7 @@ from fastlm.embeddings.trainer import EmbeddingTrainer
 from fastlm.export import save_pretrained_merged
 from fastlm.export._atomic import atomic_directory
 from fastlm.export.merged import input_folders
-from fastlm.loading.checkpointing import turn_on_checkpointing
+from fastlm.loading.checkpointing import TrainerCheckpointing
 from fastlm.loading.pipeline import DEFAULT_MAX_SEQ_LENGTH, add_causal_lm_lora, load_causal_lm
 from fastlm.models import decoder_body
 
@@ -211,7 +211,7 @@ class ListwiseRerankLoss(RerankLoss):
 # --------------------------------------------------------------------------- model
 
 
-class FastReranker(nn.Module):
+class FastReranker(TrainerCheckpointing, nn.Module):
     """A fastlm-patched causal LM scored by its "yes" vs "no" logit (see module doc).
 
     Usage: ``FastReranker(model, tokenizer)`` for a model from ``FastModel.from_pretrained``, or
@@ -483,25 +483,6 @@ class FastReranker(nn.Module):
             **kwargs,
         )
         return self
-
-    def activation_checkpointing_enable(
-        self,
-        activation_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """Non-reentrant checkpointing of the decoder layers (a ``Trainer`` calls
-        this at ``train()``); a fastlm offloaded mode stays on."""
-        turn_on_checkpointing(self.model, activation_checkpointing_kwargs, every_n_layers, offload)
-
-    def gradient_checkpointing_enable(
-        self,
-        gradient_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """The older name of ``activation_checkpointing_enable`` (Trainers before 5.x call it)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
     # ------------------------------------------------------------------ saving
 

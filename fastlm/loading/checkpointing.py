@@ -13,7 +13,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fastlm.offload.activations import enable_offloaded_activations, offloaded_activations
-from fastlm.offload.checkpoint import enable_offloaded_checkpointing, offloaded_checkpoint
+from fastlm.offload.checkpoint import (
+    enable_offloaded_checkpointing,
+    offloaded_checkpoint,
+    set_checkpoint_function,
+)
 
 logger = logging.getLogger("fastlm")
 # The methods a trainer calls to turn checkpointing on (transformers 5.x names both).
@@ -50,11 +54,41 @@ def enable_checkpointing(model: nn.Module, mode: bool | str = True) -> None:
     set_use_cache(model, False)
 
 
+class TrainerCheckpointing:
+    """The checkpointing methods a Trainer calls at ``train()``, for a model that wraps a
+    transformers body (``CHECKPOINTED_BODY`` names the attribute): non-reentrant checkpointing of
+    the body's layers, a fastlm offloaded mode kept on. Mixed into ``FastSentenceTransformer``
+    and ``FastReranker``.
+
+    Usage: ``class Wrapper(TrainerCheckpointing, nn.Module): CHECKPOINTED_BODY = "backbone"``.
+    """
+
+    CHECKPOINTED_BODY = "model"
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Checkpointing of the body's layers (transformers 5.x Trainers call this)."""
+        body = getattr(self, self.CHECKPOINTED_BODY)
+        turn_on_checkpointing(body, activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: dict | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """The older name of ``activation_checkpointing_enable`` (older Trainers call it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+
+
 def turn_on_checkpointing(
     body: nn.Module, kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
 ) -> None:
-    """What a wrapper model's ``activation_checkpointing_enable`` does when a Trainer calls it:
-    non-reentrant checkpointing of ``body``'s layers, with transformers' arguments passed on
+    """Non-reentrant checkpointing of ``body``'s layers, with transformers' arguments passed on
     where they are not the defaults (older transformers take neither). A fastlm offloaded mode
     on ``body`` stays on (``keep_checkpoint_function``).
 
@@ -109,9 +143,7 @@ def release_checkpoint_function(model: nn.Module) -> None:
 def _keeping(module: nn.Module, original: Callable, function: Callable, said: list) -> Callable:
     def enable(*args, **kwargs):
         result = original(module, *args, **kwargs)
-        for layer in module.modules():
-            if hasattr(layer, "_gradient_checkpointing_func"):
-                layer._gradient_checkpointing_func = function
+        set_checkpoint_function(module, function)
         if not said:
             said.append(True)
             logger.info(

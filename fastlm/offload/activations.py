@@ -198,8 +198,6 @@ def enable_offloaded_activations(model: nn.Module) -> None:
     Usage: ``enable_offloaded_activations(peft_model)``.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for module in model.modules():
-        if hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloaded_activations
+    checkpoint.set_checkpoint_function(model, offloaded_activations)
     # The fallback (offloaded_checkpoint) recomputes from the layer input: it must be in the graph.
     model.enable_input_require_grads()

@@ -317,7 +317,7 @@ def layers_will_replay(body: nn.Module, like: torch.Tensor) -> bool:
 
     Usage: ``if layers_will_replay(backbone, ids): packed = bucketed(packed, max_seq_length)``.
     """
-    if not (LAYER_GRAPHS.enabled and LAYER_GRAPHS.would_graph(like) and torch.is_grad_enabled()):
+    if not (LAYER_GRAPHS.would_graph(like) and torch.is_grad_enabled()):
         return False
     # transformers sets the flag and the function on each layer; the first speaks for them all.
     for module in body.modules():
@@ -326,15 +326,23 @@ def layers_will_replay(body: nn.Module, like: torch.Tensor) -> bool:
     return False
 
 
+def set_checkpoint_function(model: nn.Module, function) -> None:
+    """``function`` as the checkpoint function of every layer transformers checkpoints.
+
+    Usage: ``set_checkpoint_function(peft_model, offloaded_checkpoint)``.
+    """
+    for module in model.modules():
+        if hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = function
+
+
 def enable_offloaded_checkpointing(model: nn.Module) -> None:
     """Turn on checkpointing for every decoder layer, with their inputs offloaded to the host.
 
     Usage: ``enable_offloaded_checkpointing(peft_model)``.
     """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
-    for layer in layers:
-        layer._gradient_checkpointing_func = offloaded_checkpoint
+    set_checkpoint_function(model, offloaded_checkpoint)
     # The recompute runs its own backward from the layer input, so the first layer's input (the
     # frozen embedding output) must be part of the graph.
     model.enable_input_require_grads()

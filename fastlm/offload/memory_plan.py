@@ -178,15 +178,47 @@ def _config_dims(config) -> dict[str, int]:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(text.hidden_size)
     heads = int(text.num_attention_heads)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    head_dim = int(_largest_over_layers(text, "head_dim") or hidden // heads)
     return {
         "hidden": hidden,
-        "inter": int(text.intermediate_size),
+        "inter": _mlp_width(text),
         "layers": int(text.num_hidden_layers),
         "q": heads * head_dim,
-        "kv": int(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
+        "kv": int(_largest_over_layers(text, "num_key_value_heads") or heads) * head_dim,
         "vocab": int(text.vocab_size),
     }
+
+
+def _mlp_width(config) -> int:
+    """The widest MLP intermediate one token passes through: the dense MLP's or shared
+    expert's, or k routed experts' side by side (k x the expert width) in a mixture of experts
+    (Qwen3.5-MoE has no dense ``intermediate_size`` at all)."""
+    from fastlm.models import SPECS  # lazy: fastlm.models loads transformers and peft
+
+    keys = ("intermediate_size", "intermediate_size_mlp", "shared_expert_intermediate_size")
+    widths = [_largest_over_layers(config, key) for key in keys]
+    spec = SPECS.get(getattr(config, "model_type", None))
+    if spec is not None and spec.moe is not None:
+        per_token = getattr(config, spec.moe.experts_per_token_attr, None)
+        expert = getattr(config, "moe_intermediate_size", None) or widths[0]
+        if per_token and expert:
+            widths.append(per_token * expert)
+    known = [int(w) for w in widths if w]
+    if not known:
+        raise AttributeError(f"{type(config).__name__} names no MLP width")
+    return max(known)
+
+
+def _largest_over_layers(config, key: str):
+    """``config.key``, or its largest value over the layers where a config sets it per layer
+    (Gemma 4's head_dim and KV heads in transformers >= 5.23, whose global attribute then
+    raises): the estimate takes the widest layer."""
+    layers = getattr(config, "per_layer_config", None)
+    if layers:
+        values = [getattr(layer, key, None) for layer in layers]
+        if all(v is not None for v in values):
+            return max(values)
+    return getattr(config, key, None)
 
 
 def lora_parameter_count(config, rank: int) -> int:

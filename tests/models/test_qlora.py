@@ -116,7 +116,10 @@ def test_unfused_4bit_layers_on_the_cpu_compute_the_format_values(tmp_path):
     reference = get_peft_model(reference, LoraConfig(target_modules=PROJECTIONS, **lora))
     run_4bit_layers_from_format(reference)
     fast, _ = FastModel.from_pretrained(
-        path, dtype=torch.float32, load_in_4bit=True, device_map="cpu"  # on a GPU host too
+        path,
+        dtype=torch.float32,
+        load_in_4bit=True,
+        device_map="cpu",  # on a GPU host too
     )
     fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=False, **lora)
     copy_lora(reference, fast)

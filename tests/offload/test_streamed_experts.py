@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from nf4_format import run_4bit_layers_from_format
-from tiny_models import copy_lora, save_tiny_model, tiny_batch, tiny_config
+from tiny_models import GEMMA4_TEXT_MOE, copy_lora, save_tiny_model, tiny_batch, tiny_config
 
 from fastlm import FastModel
 from fastlm.loading.checkpointing import enable_checkpointing
@@ -172,3 +172,92 @@ def test_offload_weights_stacks_a_checkpoint_s_experts_stored_apart(moe_path, ch
     assert torch.equal(loss_r, loss_s)
     for name, grad in grads_r.items():
         assert torch.equal(grad, grads_s[name]), name
+
+
+# Every mixture-of-experts family: its tiny model (tests/tiny_models.py), a LoRA on one
+# attention projection and PEFT's target_parameters on its experts (as their own tests name them).
+STREAMED_FAMILIES = {
+    "qwen3_5_moe_text": (["out_proj", "q_proj"], EXPERTS),
+    "gpt_oss": (["q_proj", "v_proj"], EXPERTS),
+    GEMMA4_TEXT_MOE: (["q_proj", "v_proj"], ["experts.gate_up_proj", "experts.down_proj"]),
+    "llama4_text": (
+        ["q_proj", "v_proj"],
+        ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
+    ),
+    "mistral4": (["q_b_proj", "o_proj"], EXPERTS),
+}
+
+
+def _family_qlora(path, targets, parameters, checkpointing):
+    model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, device_map="cpu")
+    model = FastModel.get_peft_model(
+        model,
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        target_parameters=parameters,
+        init_lora_weights=False,
+        use_gradient_checkpointing=checkpointing,
+    )
+    return model.train()
+
+
+@pytest.mark.parametrize("checkpointing", [False, "unsloth"], ids=["plain", "offloaded"])
+@pytest.mark.parametrize("family", sorted(STREAMED_FAMILIES))
+def test_every_moe_family_streams_its_experts_bit_identically(
+    tmp_path, family, checkpointing, slot_reads
+):
+    """The experts of each MoE family travel with their layer (two NF4 stacks in every streamed
+    MoE layer's buffer, none elsewhere) and a streamed QLoRA step equals the resident one bit
+    for bit: loss and every LoRA gradient, the experts' included."""
+    try:
+        tiny_config(family)
+    except ValueError:
+        pytest.skip(f"transformers without {family}")
+    path = save_tiny_model(family, tmp_path / family)
+    targets, parameters = STREAMED_FAMILIES[family]
+    resident = _family_qlora(path, targets, parameters, checkpointing)
+    streamed = _family_qlora(path, targets, parameters, checkpointing)
+    copy_lora(resident, streamed)
+    layers = streamed.get_base_model().model.layers
+    moe_layers = {
+        i for i, layer in enumerate(layers) if any(map(is_nf4_expert_weight, layer.parameters()))
+    }
+    assert moe_layers, "the tiny model has no NF4 experts"
+    streamer = stream_weights(streamed, slots=2, device="cpu")
+    streamers, reads = slot_reads
+    streamers.append(streamer)
+    assert len(streamer.streamed) > 2  # more layers than slots: slots are reused
+    for index in streamer.streamed:
+        kinds = [item.kind for item in four_bit_weights(streamer.layers[index])]
+        assert kinds.count("packed") == (2 if index in moe_layers else 0), (index, kinds)
+    for seed in (0, 1):
+        batch = tiny_batch(seed=seed)
+        (loss_r, grads_r), (loss_s, grads_s) = _step(resident, batch), _step(streamed, batch)
+        assert torch.equal(loss_r, loss_s)
+        assert grads_r.keys() == grads_s.keys()
+        expert_grads = [n for n in grads_r if "experts" in n]
+        assert len(expert_grads) == 4 * len(moe_layers), expert_grads
+        for name, grad in grads_r.items():
+            assert torch.equal(grad, grads_s[name]), name
+            assert grad.abs().sum() > 0, name  # every LoRA factor takes part in the step
+    assert reads and streamer.stats.copies > 0
+
+
+def test_the_memory_plan_sizes_the_routed_experts_width():
+    """A token passes k experts side by side: the plan's MLP width is k x the expert width
+    where that is wider than any dense MLP (Qwen3.5-MoE has none at all), and the widest
+    per-layer head size where a config sets them per layer (Gemma 4)."""
+    from fastlm.offload.memory_plan import _config_dims
+
+    pytest.importorskip("transformers.models.qwen3_5_moe")
+    pytest.importorskip("transformers.models.gemma4")
+    qwen = tiny_config("qwen3_5_moe_text")
+    assert not hasattr(qwen, "intermediate_size")
+    wanted = max(qwen.num_experts_per_tok * qwen.moe_intermediate_size,
+                 qwen.shared_expert_intermediate_size)  # fmt: skip
+    assert _config_dims(qwen)["inter"] == wanted
+    gemma = tiny_config(GEMMA4_TEXT_MOE)
+    widest = max(layer.head_dim for layer in gemma.per_layer_config)
+    assert widest > min(layer.head_dim for layer in gemma.per_layer_config)
+    assert _config_dims(gemma)["q"] == gemma.num_attention_heads * widest

@@ -19,7 +19,7 @@ import random
 import pytest
 import torch
 from nf4_format import run_4bit_layers_from_format
-from tiny_models import copy_lora, save_tiny_model, tiny_batch
+from tiny_models import copy_lora, save_tiny_model, tiny_batch, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
@@ -235,6 +235,53 @@ def test_streamed_qlora_step_is_bit_identical_to_resident(fused_pair, checkpoint
         batch = tiny_batch(seed=seed)
         _assert_identical(_step(reference, batch), _step(streamed, batch))
     assert reads_checked.reads and streamer.stats.copies > 0
+
+
+# Families whose layers differ from Llama's where streaming sizes or walks them: Gemma 4 (head
+# sizes per layer type, KV-shared layers), Qwen3.5 (Gated DeltaNet's four input projections and
+# conv), Gemma 3 (sandwich norms).
+OTHER_DENSE = ["gemma4_text", "qwen3_5_text", "gemma3_text"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, "fastlm"], ids=["plain", "offloaded"])
+@pytest.mark.parametrize("family", OTHER_DENSE)
+def test_other_dense_families_stream_bit_identically(
+    tmp_path, family, checkpointing, reads_checked
+):
+    """offload_weights=True loads the family and a streamed QLoRA step equals the resident one
+    bit for bit: loss and every LoRA gradient that the step reaches."""
+    try:
+        tiny_config(family)
+    except ValueError:
+        pytest.skip(f"transformers without {family}")
+    path = save_tiny_model(family, tmp_path / family)
+    reference = _peft(_resident(path), checkpointing)
+    streamed, _ = FastModel.from_pretrained(
+        str(path), load_in_4bit=True, device_map="cpu", offload_weights=True
+    )
+    streamed = _peft(streamed, checkpointing)
+    copy_lora(reference, streamed)
+    streamer = reads_checked(get_weight_streamer(streamed))
+    assert len(streamer.streamed) > 2  # more streamed layers than slots
+    for seed in (0, 1):
+        batch = tiny_batch(seed=seed)
+        (loss_r, grads_r), (loss_s, grads_s) = _reached(reference, batch), _reached(streamed, batch)
+        assert torch.equal(loss_r, loss_s), (loss_r, loss_s)
+        assert grads_r.keys() == grads_s.keys() and len(grads_r) >= 2 * 4 * len(streamer.streamed)
+        for name, grad in grads_r.items():
+            assert torch.equal(grad, grads_s[name]), name
+    assert reads_checked.reads and streamer.stats.copies > 0
+
+
+def _reached(model, batch):
+    """(loss, the LoRA gradients a step reaches): Gemma 4's KV-shared layers leave their own
+    k/v adapters without a gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    return loss.detach(), grads
 
 
 def test_accelerate_and_the_trainer_leave_a_streamed_model_in_place(fused_pair, monkeypatch):

@@ -52,7 +52,7 @@ def _lora_grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _per_sequence_reference(model, sequences):
+def _per_sequence_reference(model, sequences, **options):
     """Each sequence alone; losses summed over the whole batch's predicted tokens, which is how
     the packed batch's mean is taken (its first label per sequence is -100)."""
     model.zero_grad(set_to_none=True)
@@ -60,15 +60,15 @@ def _per_sequence_reference(model, sequences):
     total = 0.0
     for ids in sequences:
         ids = torch.tensor([ids])
-        loss = model(input_ids=ids, labels=ids, num_items_in_batch=n_items).loss
+        loss = model(input_ids=ids, labels=ids, num_items_in_batch=n_items, **options).loss
         loss.backward()
         total += loss.item()
     return total, _lora_grads(model)
 
 
-def _packed_run(model, batch):
+def _packed_run(model, batch, **options):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = model(**batch, **options).loss
     loss.backward()
     return loss.item(), _lora_grads(model)
 
@@ -84,6 +84,34 @@ def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_ty
     got_loss, got = _packed_run(fast, _packed_batch(sequences, signal))
     assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
     assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert relative_error(got[name], grad) <= RTOL, name
+    source = "position_ids" if signal == "position_ids" else "cu_seq_lens"
+    ran = {(row["attention"], row["reason"]) for row in fused_report(fast).attention}
+    assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {source}")}
+
+
+# Mixture-of-experts families whose attention fastlm runs (not qwen3_5_moe_text: linear
+# attention, as above). Routing is per token, so packing changes only attention; the
+# load-balancing loss is over the batch's tokens, not a sum over sequences, so it is left out
+# (output_router_logits=False, the configs' default) and compared in test_moe.py.
+MOE_FAMILIES = ["qwen3_moe", "gpt_oss"]
+
+
+@pytest.mark.usefixtures("kernel_on_cpu")
+@pytest.mark.parametrize("signal", list(SIGNALS))
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal):
+    from test_moe import _pair as moe_pair  # lazy: test_moe skips without Qwen3-MoE
+
+    reference, fast = moe_pair(tmp_path, False, family)
+    fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
+    sequences = _sequences()
+    without_aux = {"output_router_logits": False}
+    want_loss, want = _per_sequence_reference(reference, sequences, **without_aux)
+    got_loss, got = _packed_run(fast, _packed_batch(sequences, signal), **without_aux)
+    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    assert got.keys() == want.keys() and any(".experts." in name for name in want)
     for name, grad in want.items():
         assert relative_error(got[name], grad) <= RTOL, name
     source = "position_ids" if signal == "position_ids" else "cu_seq_lens"

@@ -57,7 +57,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.kernels._dispatch import use_triton
 from fastlm.kernels.flash_attention import flash_attention, flash_attention_varlen, keep_pattern
-from fastlm.models.packing import Packing, _version, packed_sequences, sequence_ids
+from fastlm.models.packing import Packing, _version, chunks_of, packed_sequences, sequence_ids
 from fastlm.models.padding import Padding, keeps_exactly, pad, padded_rows, unpad
 
 __all__ = [
@@ -185,9 +185,22 @@ class _Plan(NamedTuple):
 
 
 def _packing(query, key, kwargs) -> Packing | None:
-    """The sequences packed in the call's rows; none while decoding (more keys than queries)."""
+    """The sequences packed in the call's rows; none while decoding (more keys than queries).
+    In a chunked layer, each sequence cut at its own chunk bounds (``chunks_of``): the keys
+    each query sees when its sequence runs alone."""
     batch, q_len = query.shape[0], query.shape[2]
-    return packed_sequences(kwargs, batch, q_len) if key.shape[2] == q_len else None
+    packing = packed_sequences(kwargs, batch, q_len) if key.shape[2] == q_len else None
+    chunk = _chunk(query, kwargs)
+    if packing is None or packing.problem or chunk is None or packing.max_seqlen <= chunk:
+        return packing
+    return chunks_of(packing, chunk)
+
+
+def _chunk(query, kwargs) -> int | None:
+    """A chunked layer's chunk size where the call spans more than one chunk (within one chunk
+    the pattern is the causal one), else None."""
+    chunk = kwargs.get(CHUNK_KWARG)
+    return chunk if chunk is not None and query.shape[2] > chunk else None
 
 
 def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
@@ -201,8 +214,7 @@ def _plan(module, query, key, value, attention_mask, packing, kwargs) -> _Plan:
         dtype = torch.get_autocast_dtype(query.device.type)
     reason = _why_not_flash(module, query, key, value, causal, window, dtype, kwargs)
     padding = None
-    chunk = kwargs.get(CHUNK_KWARG)
-    chunk = chunk if chunk is not None and query.shape[2] > chunk else None  # within one: causal
+    chunk = _chunk(query, kwargs)
     if not reason:  # the mask last: the one check that costs a pass over S x S
         batch, q_len = query.shape[0], query.shape[2]
         reason, padding = _mask_problem(
@@ -229,12 +241,16 @@ def _run_kernel(query, key, value, packing: Packing | None, plan: _Plan):
     return out.transpose(1, 2), None, AttentionPath(FLASH)
 
 
-def _kept_apart(mask, packing: Packing | None, query, options: dict):
+def _kept_apart(mask, packing: Packing | None, query, options: dict, chunked: bool = False):
     """The per-sequence (B, 1, S, S) bool mask where the call's mask spans the whole row of a
-    packed batch (the fallback would mix its sequences), else the call's own mask."""
+    packed batch (the fallback would mix its sequences) or where ``chunked`` (a chunked layer:
+    ``packing`` holds each sequence's own chunks, the mask counts them from the row's start),
+    else the call's own mask."""
     batch, q_len = query.shape[0], query.shape[2]
     causal, window = options["causal"], options["sliding_window"]
-    if packing is None or packing.problem or not _row_wide(mask, q_len, causal, window):
+    if packing is None or packing.problem:
+        return mask
+    if not chunked and not _row_wide(mask, q_len, causal, window):
         return mask
     return _packed_keep(packing, batch, q_len, causal, window, query.device)
 
@@ -244,7 +260,8 @@ def _flash_or_eager(module, query, key, value, attention_mask, **kwargs):
     plan = _plan(module, query, key, value, attention_mask, packing, kwargs)
     if not plan.reason:
         return _run_kernel(query, key, value, packing, plan)
-    mask = _kept_apart(attention_mask, packing, query, plan.options)
+    chunked = _packed_chunks(query, attention_mask, packing, kwargs)
+    mask = _kept_apart(attention_mask, packing, query, plan.options, chunked)
     if mask is not attention_mask:  # eager adds its mask: 0 kept, dtype-min dropped
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min
@@ -265,7 +282,8 @@ def _packed_sdpa(module, function, query, key, value, attention_mask, packing: P
     if not plan.reason:
         output, weights, path = _run_kernel(query, key, value, packing, plan)
         return output, weights, path._replace(reason=f"{path.reason}, in place of sdpa")
-    mask = _kept_apart(attention_mask, packing, query, plan.options)  # bool: SDPA's keep mask
+    chunked = _packed_chunks(query, attention_mask, packing, kwargs)
+    mask = _kept_apart(attention_mask, packing, query, plan.options, chunked)  # bool: SDPA's
     output, weights = function(module, query, key, value, mask, **_theirs(kwargs))
     reason = f"packed sequences from {packing.source}, but {plan.reason}"
     return output, weights, AttentionPath("sdpa", reason)
@@ -325,10 +343,17 @@ def _mask_problem(
     (kept apart, see the module docstring). Else the plain pattern. Else padding on it, which the
     padded launch computes whether or not the rows also pack sequences (eager would mix them).
     ``chunk`` (a chunked layer past one chunk): the pattern within chunks, padded or not, through
-    the padded launch with the rows cut at the chunk bounds; never with packed sequences."""
+    the padded launch with the rows cut at the chunk bounds. Packed sequences in a chunked layer
+    (already cut at their own chunk bounds, ``_packing``): each as if alone, whatever chunks the
+    mask counts from the row's start, as long as it pads no key."""
     if chunk is not None:
         if packing is not None:
-            return f"packed sequences in chunked attention ({packing.source})", None
+            if packing.problem:
+                return packing.problem, None
+            if mask is not None and not _keeps_every_diagonal(mask):
+                problem = f"padding with packed sequences in chunked attention ({packing.source})"
+                return problem, None
+            return "", None
         padding = padded_rows(mask, batch, seq_len, causal, window, chunk)
         return (padding.problem, padding) if padding is not None else (CUSTOM_MASK, None)
     if packing is not None:
@@ -346,6 +371,21 @@ def _mask_problem(
     if packing is not None:
         return f"a mask that is neither padding nor the packed sequences' ({packing.source})", None
     return CUSTOM_MASK, None
+
+
+def _packed_chunks(query, mask, packing: Packing | None, kwargs) -> bool:
+    """Whether a fallback must keep packed sequences to their own chunks: a chunked layer past
+    one chunk, sequences packed, no key padded."""
+    if packing is None or _chunk(query, kwargs) is None:
+        return False
+    return mask is None or _keeps_every_diagonal(mask)
+
+
+def _keeps_every_diagonal(mask: torch.Tensor) -> bool:
+    """Every token sees itself: no key is padding (which transformers' masks drop for every
+    query, its own included)."""
+    diagonal = mask.diagonal(dim1=-2, dim2=-1)
+    return bool((diagonal if diagonal.dtype == torch.bool else diagonal == 0).all())
 
 
 def _row_wide(mask, seq_len: int, causal: bool, window: int | None) -> bool:

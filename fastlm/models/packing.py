@@ -32,7 +32,9 @@ __all__ = [
     "Packing",
     "assume_packing",
     "caller_signals",
+    "chunks_of",
     "packed_sequences",
+    "positions_in_sequences",
     "sequence_ids",
 ]
 
@@ -118,7 +120,41 @@ def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return starts[:n_tokens].cumsum(0)
 
 
+def chunks_of(packing: Packing, chunk: int) -> Packing:
+    """The packed sequences cut every ``chunk`` tokens from each one's own first token: what a
+    chunked-attention layer (Llama 4) lets each sequence see when it runs alone. Each sequence
+    gives ceil(max_seqlen / chunk) pieces, empty ones kept, so the count needs no host read.
+
+    Usage: ``pieces = chunks_of(packing, 8192)``."""
+    hit = _CHUNKED.get(packing.cu_seqlens)
+    if hit is not None and hit[0] == (chunk, packing.max_seqlen):
+        return hit[1]
+    cu = packing.cu_seqlens
+    pieces = -(-packing.max_seqlen // chunk)
+    starts = torch.arange(0, pieces * chunk, chunk, device=cu.device)
+    lengths = (cu[1:] - cu[:-1]).long()
+    sizes = (lengths[:, None] - starts).clamp(0, chunk).flatten()  # (n * pieces,)
+    bounds = torch.cat([cu[:1].long(), cu[:1].long() + sizes.cumsum(0)]).to(torch.int32)
+    cut = packing._replace(cu_seqlens=bounds, max_seqlen=min(chunk, packing.max_seqlen))
+    _CHUNKED[packing.cu_seqlens] = ((chunk, packing.max_seqlen), cut)
+    return cut
+
+
+def positions_in_sequences(packing: Packing, n_tokens: int) -> torch.Tensor:
+    """(T,) each token's position within its own packed sequence (0 at every sequence's first
+    token): the positions a sequence has when it runs alone.
+
+    Usage: ``t = positions_in_sequences(packing, batch * seq_len)``."""
+    cu = packing.cu_seqlens.to(torch.long)
+    index = torch.arange(n_tokens, device=cu.device)
+    return index - cu[sequence_ids(cu, n_tokens)]
+
+
 # --------------------------------------------------------------------------- helpers
+
+# cu_seqlens -> ((chunk, max_seqlen), the sequences cut into chunks): the chunked layers of one
+# forward share one cut.
+_CHUNKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _cached(signal: torch.Tensor, key: tuple, read) -> Packing | None:

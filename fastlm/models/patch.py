@@ -82,7 +82,7 @@ from fastlm.models.moe import (
     router_forward,
 )
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
-from fastlm.models.packing import caller_signals, packed_sequences
+from fastlm.models.packing import caller_signals, packed_sequences, positions_in_sequences
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
@@ -473,7 +473,7 @@ def _even_then_odd(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
 
 
-def _positional(self, query, key, cos, sin, spec: ArchitectureSpec, past_key_values):
+def _positional(self, query, key, cos, sin, spec: ArchitectureSpec, past_key_values, kwargs):
     """q, k (B, S, H, D) after what encodes positions on this layer: RoPE (the interleaved pairs
     through ``_even_then_odd``, which q·k does not see) and a weightless norm after it, or, on a
     layer without RoPE, the attention temperature (``spec.attention_temperature``)."""
@@ -487,21 +487,27 @@ def _positional(self, query, key, cos, sin, spec: ArchitectureSpec, past_key_val
             ones = query.new_ones(query.shape[-1])
             query, key = rms_norm(query, ones, _eps(norm)), rms_norm(key, ones, _eps(norm))
     elif spec.attention_temperature is not None:
-        query = _temperature(self, query, spec.attention_temperature, past_key_values)
+        query = _temperature(self, query, spec.attention_temperature, past_key_values, kwargs)
     return query, key
 
 
-def _temperature(self, query: torch.Tensor, temperature, past_key_values) -> torch.Tensor:
+def _temperature(self, query: torch.Tensor, temperature, past_key_values, kwargs) -> torch.Tensor:
     """q (B, S, H, D) × 1 + attn_scale · log1p(floor((t + 1) / floor_scale)) per position t
-    (``AttentionTemperature``), in transformers' order of operations, so fp32 is bit-equal."""
+    (``AttentionTemperature``), in transformers' order of operations, so fp32 is bit-equal.
+    In a packed batch t counts from each sequence's first token, as when it runs alone
+    (transformers counts along the row)."""
     if not getattr(self, temperature.enabled_attr):
         return query
+    batch, seq = query.shape[:2]
     seen = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-    positions = torch.arange(query.shape[1], device=query.device) + seen  # (S,)
+    positions = (torch.arange(seq, device=query.device) + seen).expand(batch, seq)  # (B, S)
+    packing = packed_sequences(kwargs, batch, seq) if seen == 0 else None
+    if packing is not None and not packing.problem:
+        positions = positions_in_sequences(packing, batch * seq).view(batch, seq)
     floor_scale = getattr(self, temperature.floor_scale_attr)
     scales = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
     scales = scales * getattr(self, temperature.scale_attr) + 1.0
-    return (query * scales.view(1, -1, 1, 1)).to(query.dtype)
+    return (query * scales.view(batch, seq, 1, 1)).to(query.dtype)
 
 
 def _rope_query(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -545,7 +551,7 @@ def _attention_forward(
             key = self.k_norm(key)
         if spec.v_norm:
             value = self.v_norm(value)
-        query, key = _positional(self, query, key, cos, sin, spec, past_key_values)
+        query, key = _positional(self, query, key, cos, sin, spec, past_key_values, kwargs)
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, S, D)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)

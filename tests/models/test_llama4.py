@@ -29,13 +29,14 @@ from test_architectures import (  # noqa: E402
     _assert_same_loss_curve,
     assert_bf16_as_close_to_fp32_as_hf,
 )
+from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama4 import modeling_llama4  # noqa: E402
 
 from fastlm import FastModel  # noqa: E402
 from fastlm.errors import UnsupportedArchitectureError  # noqa: E402
-from fastlm.models import fused_report, moe, patch, spec_for  # noqa: E402
+from fastlm.models import attention, fused_report, moe, patch, spec_for  # noqa: E402
 from fastlm.models.llama4 import LLAMA4_TEXT  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -527,3 +528,56 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
         return _pair(folder, True, device=device, dtype=dtype)
 
     assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, FAMILY)
+
+
+# --- packed (padding-free) batches ------------------------------------------------------------
+# The tiny model's chunks are 4 tokens and its temperature floor 2 or so: sequences of 6 and 9
+# tokens cross their chunk bounds and the floor, so where the chunks or the positions were
+# counted along the row instead of within each sequence, the results would differ.
+PACKED_LENGTHS = (6, 1, 9)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
+@pytest.mark.parametrize("signal", ["cu_seq_lens", "cu_seq_lens_only"])
+def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, kernel):
+    """With cu_seq_lens, each packed sequence attends within its own chunks and its NoPE layer
+    scales its queries by its own positions: the loss and every LoRA gradient equal each
+    sequence run alone through transformers + PEFT (transformers' own packed run differs: it
+    counts both along the row). Seen failing with the chunks counted along the row (a sequence
+    then saw the one before it) and with the row's positions in the temperature."""
+    from test_packing import _packed_batch, _packed_run, _per_sequence_reference, _sequences
+
+    if kernel:
+        request.getfixturevalue("kernel_on_cpu")
+    reference, fast = _pair(tmp_path, False)
+    fast.set_attn_implementation("eager")
+    sequences = _sequences(PACKED_LENGTHS)
+    no_aux = {"output_router_logits": False}  # over the batch, not a sum over the sequences
+    want_loss, want = _per_sequence_reference(reference, sequences, **no_aux)
+    got_loss, got = _packed_run(fast, _packed_batch(sequences, signal), **no_aux)
+    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert relative_error(got[name], grad) <= RTOL, name
+    paths = {row["attention"] for row in fused_report(fast).attention}
+    assert paths == ({attention.FLASH_VARLEN} if kernel else {"eager"}), paths
+
+
+@pytest.mark.usefixtures("kernel_on_cpu")
+@pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens", "cu_seq_lens_only"])
+def test_a_packed_sequence_never_sees_another(tmp_path, signal):
+    """Redraw the middle sequence: no other token's logits change, whichever signal says where
+    the sequences are (transformers' eager run fails this with cu_seq_lens: its chunked mask
+    spans the row)."""
+    from test_packing import _packed_batch, _per_token, _sequences
+
+    _, fast = _pair(tmp_path, False)
+    fast.set_attn_implementation("eager")
+    sequences = _sequences(PACKED_LENGTHS)
+    changed = [sequences[0], _sequences(PACKED_LENGTHS, seed=1)[1], sequences[2]]
+    before = _per_token(fast, _packed_batch(sequences, signal))[0]
+    after = _per_token(fast, _packed_batch(changed, signal))[0]
+    others = torch.ones(sum(PACKED_LENGTHS), dtype=torch.bool)
+    others[PACKED_LENGTHS[0] - 1 : PACKED_LENGTHS[0] + PACKED_LENGTHS[1]] = False
+    assert torch.equal(before[0, others], after[0, others])
+    assert not torch.equal(before[0, ~others], after[0, ~others])

@@ -126,8 +126,9 @@ def chunks_of(packing: Packing, chunk: int) -> Packing:
     gives ceil(max_seqlen / chunk) pieces, empty ones kept, so the count needs no host read.
 
     Usage: ``pieces = chunks_of(packing, 8192)``."""
+    key = (chunk, packing.max_seqlen, _version(packing.cu_seqlens))
     hit = _CHUNKED.get(packing.cu_seqlens)
-    if hit is not None and hit[0] == (chunk, packing.max_seqlen):
+    if hit is not None and hit[0] == key:
         return hit[1]
     cu = packing.cu_seqlens
     pieces = -(-packing.max_seqlen // chunk)
@@ -136,7 +137,7 @@ def chunks_of(packing: Packing, chunk: int) -> Packing:
     sizes = (lengths[:, None] - starts).clamp(0, chunk).flatten()  # (n * pieces,)
     bounds = torch.cat([cu[:1].long(), cu[:1].long() + sizes.cumsum(0)]).to(torch.int32)
     cut = packing._replace(cu_seqlens=bounds, max_seqlen=min(chunk, packing.max_seqlen))
-    _CHUNKED[packing.cu_seqlens] = ((chunk, packing.max_seqlen), cut)
+    _CHUNKED[packing.cu_seqlens] = (key, cut)
     return cut
 
 
@@ -152,8 +153,8 @@ def positions_in_sequences(packing: Packing, n_tokens: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- helpers
 
-# cu_seqlens -> ((chunk, max_seqlen), the sequences cut into chunks): the chunked layers of one
-# forward share one cut.
+# cu_seqlens -> ((chunk, max_seqlen, its _version), the sequences cut into chunks): the chunked
+# layers of one forward share one cut; offsets rewritten in place (a graph's static copy) cut anew.
 _CHUNKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 

@@ -18,7 +18,7 @@ from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
 
 from fastlm.models import attention, fused_report
-from fastlm.models.packing import packed_sequences
+from fastlm.models.packing import Packing, chunks_of, packed_sequences, positions_in_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,3 +270,17 @@ def test_inference_mode_generation_reads_positions(tmp_path):
         fast(input_ids=prompt.new_ones(1, 8), position_ids=packed)
     assert out.shape == (1, 8)
     assert "packed sequences from position_ids" in fused_report(fast).attention[0]["reason"]
+
+
+def test_chunks_are_cut_from_each_sequence_s_own_start():
+    """Sequences of 6, 1 and 9 tokens in chunks of 4: three pieces each (empty ones kept, so
+    the count needs no host read), cut 4 tokens after each sequence's first; offsets rewritten
+    in place (a CUDA graph's static copy) are cut anew."""
+    cu = torch.tensor([0, 6, 7, 16], dtype=torch.int32)
+    packing = Packing(cu, 9, "cu_seq_lens")
+    cut = chunks_of(packing, 4)
+    assert cut.cu_seqlens.tolist() == [0, 4, 6, 6, 7, 7, 7, 11, 15, 16]
+    assert cut.max_seqlen == 4 and cut.cu_seqlens.dtype == torch.int32
+    assert positions_in_sequences(packing, 16).tolist() == [*range(6), 0, *range(9)]
+    cu.copy_(torch.tensor([0, 2, 9, 16]))
+    assert chunks_of(packing, 4).cu_seqlens.tolist() == [0, 2, 2, 2, 6, 9, 9, 13, 16, 16]

@@ -151,3 +151,27 @@ def test_the_loop_runs_and_records_the_fused_adamw_when_asked(monkeypatch):
     monkeypatch.setenv(timing.OPTIMIZER_ENV, "adam8")
     with pytest.raises(SystemExit, match="use one of foreach, fused"):
         timing.timed_training(model, lambda: model(torch.ones(3, 4)).sum(), warmup=0, steps=1)
+
+
+def test_step_flops_counts_the_shape_s_weights(tmp_path):
+    """Llama-3.1-8B: the decoder Linears a token passes are 32 x (H(H + 2 KV) + H·H + 3 H·I)
+    weights; a LoRA step with recompute is three decoder passes plus head, attention and LoRA;
+    rates implied by a results.json follow tok/s."""
+    step_flops = _load("step_flops")
+    H, inter, KV, L, V = 4096, 14336, 1024, 32, 128256
+    decoder = L * (H * (H + 2 * KV) + H * H + 3 * H * inter)
+    shape = step_flops.get_shape("llama-3.1-8b")
+    tokens = shape.batch * shape.seq
+    flops = step_flops.step_flops(shape, "lora", rank=16, recompute=True)
+    parts = flops["parts"]
+    assert parts["decoder forward"] == parts["decoder recompute"] == 2 * tokens * decoder
+    assert parts["decoder backward"] == parts["decoder forward"]  # frozen: dX only
+    assert parts["head forward + backward"] == 4 * tokens * H * V
+    full = step_flops.step_flops(shape, "full", rank=16, recompute=False)
+    assert full["parts"]["decoder backward"] == 2 * full["parts"]["decoder forward"]
+    assert full["parts"]["decoder recompute"] == 0 == full["parts"]["LoRA products"]
+    results = tmp_path / "results.json"
+    record = {"shape": "llama-3.1-8b", "mode": "lora", "status": "ok", "tokens_per_s": 1000.0}
+    results.write_text(json.dumps({"records": [{**record, "system": "unsloth"}]}))
+    assert step_flops.measured_rates(results, "llama-3.1-8b", "lora") == {"unsloth": 1000.0}
+    assert step_flops.main(["--shape", "llama-3.1-8b", "--results", str(results)]) == 0

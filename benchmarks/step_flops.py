@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""What a training step of a benchmark shape costs in matmul FLOPs, and what that allows.
+
+    python benchmarks/step_flops.py --shape llama-3.1-8b --results <run folder>/results.json
+    python benchmarks/step_flops.py --shape llama-3.1-8b --measure-ceiling   # on a GPU
+
+Counted on the shape's model built on the meta device (no weights, no formula per family), for
+T = batch x seq tokens:
+
+- every Linear of the decoder layers: 2·T·in·out forward; experts (3-D weights): k of E per token;
+- the LM head (the loss's GEMM): 2·T·hidden·vocab forward;
+- attention scores and values: 4·B·S²·Hq·D / 2 forward (causal: half the square);
+- LoRA (``--mode lora``, rank ``--rank`` on the shape's targets): 2·T·r·(in + out) forward.
+
+Backward: frozen weights (LoRA, QLoRA) need dX only, as much as the forward; trained weights
+(``--mode full``) need dW too, twice the forward; LoRA's products 2x their forward; attention
+2.5x its forward (flash backward). Checkpointing (``--no-recompute`` to leave it out) runs every
+decoder layer's forward once more in the backward. Elementwise work, norms and copies are not
+counted: the FLOPs here bound a step from below, they do not predict it.
+
+``--results`` reads a benchmark's results.json and prints, per system that ran this shape, the
+matmul TFLOP/s its measured tok/s implies, and the TFLOP/s a 1.3x-Unsloth step would need.
+``--measure-ceiling`` times bf16 GEMMs of the shape's own sizes on the GPU (the rate the step's
+big matmuls could run at, if nothing else took time). Prints a table; ``--out`` saves JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastlm
+
+from fastlm.benchmarking.shapes import get_shape  # noqa: E402
+
+ATTENTION_BACKWARD = 2.5  # flash attention's backward: about 2.5 forwards of matmul work
+
+
+def _meta_model(shape):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(shape.model_type, **shape.config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config), config
+
+
+def _per_token_products(model, config) -> tuple[int, int, list[tuple[str, int, int]]]:
+    """(decoder matmul weights a token passes through, head in·out, the decoder Linears as
+    (name, in, out)): experts' 3-D weights count k of E."""
+    import torch
+
+    text = config.get_text_config()
+    experts_per_token = getattr(text, "num_experts_per_tok", None) or 1
+    decoder, linears = 0, []
+    for name, module in model.named_modules():
+        if ".layers." not in f".{name}.":
+            continue
+        if isinstance(module, torch.nn.Linear):
+            decoder += module.in_features * module.out_features
+            linears.append((name, module.in_features, module.out_features))
+        for param in module.parameters(recurse=False):
+            if param.dim() == 3:  # (E, a, b) experts: each token meets k of them
+                decoder += experts_per_token * param.shape[1] * param.shape[2]
+    head = model.get_output_embeddings()
+    return decoder, head.in_features * head.out_features, linears
+
+
+def step_flops(shape, mode: str, rank: int, recompute: bool) -> dict:
+    """The step's matmul FLOPs by part (see the module docstring)."""
+    model, config = _meta_model(shape)
+    text = config.get_text_config()
+    tokens = shape.batch * shape.seq
+    decoder, head, linears = _per_token_products(model, config)
+    targets = set(shape.lora_modules)
+    lora = sum(rank * (i + o) for name, i, o in linears if name.rsplit(".", 1)[-1] in targets)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    attention = 4 * shape.batch * shape.seq**2 * text.num_attention_heads * head_dim / 2
+    attention *= text.num_hidden_layers
+    forward = 2 * tokens * decoder
+    weight_backward = 2 if mode == "full" else 1  # dX, and dW where the weights train
+    parts = {
+        "decoder forward": forward,
+        "decoder backward": weight_backward * forward,
+        "decoder recompute": forward if recompute else 0,
+        "head forward + backward": (1 + weight_backward) * 2 * tokens * head,
+        "attention (fwd, bwd, recompute)": attention
+        * (1 + ATTENTION_BACKWARD + (1 if recompute else 0)),
+        "LoRA products": 0 if mode == "full" else 2 * tokens * lora * (3 + (1 if recompute else 0)),
+    }
+    return {"shape": shape.name, "mode": mode, "tokens": tokens, "recompute": recompute,
+            "parts": parts, "total": sum(parts.values())}  # fmt: skip
+
+
+def measure_ceiling(shape) -> float:
+    """bf16 TFLOP/s of the shape's decoder GEMMs (T x in x out, each size once), timed on the
+    GPU: the best the step's big matmuls can do."""
+    import torch
+
+    model, config = _meta_model(shape)
+    _, _, linears = _per_token_products(model, config)
+    tokens = shape.batch * shape.seq
+    sizes = sorted({(i, o) for _, i, o in linears})
+    flops, seconds = 0.0, 0.0
+    for i, o in sizes:
+        x = torch.randn(tokens, i, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(o, i, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            x @ w.T
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            x @ w.T
+        end.record()
+        torch.cuda.synchronize()
+        flops += 20 * 2 * tokens * i * o
+        seconds += start.elapsed_time(end) / 1e3
+    return flops / seconds / 1e12
+
+
+def measured_rates(path: Path, shape_name: str, mode: str) -> dict[str, float]:
+    """tok/s per system of the records of ``shape_name`` / ``mode`` in a results.json."""
+    records = json.loads(path.read_text()).get("records", [])
+    return {
+        r["system"]: float(r["tokens_per_s"])
+        for r in records
+        if r.get("shape") == shape_name and r.get("mode") == mode and r.get("status") == "ok"
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", required=True)
+    p.add_argument("--mode", choices=("lora", "qlora", "full"), default="lora")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--no-recompute", action="store_true", help="no checkpointing's recompute")
+    p.add_argument("--results", type=Path, help="a benchmark results.json: rates implied")
+    p.add_argument("--measure-ceiling", action="store_true", help="time the shape's GEMMs (GPU)")
+    p.add_argument("--out", type=Path, help="save the figures as JSON here")
+    args = p.parse_args(argv)
+    shape = get_shape(args.shape)
+    flops = step_flops(shape, args.mode, args.rank, not args.no_recompute)
+    print(f"{shape.name} {args.mode}, {flops['tokens']} tokens a step, recompute "
+          f"{flops['recompute']}:")  # fmt: skip
+    for part, value in flops["parts"].items():
+        print(f"  {part:34s} {value / 1e12:8.1f} TFLOP")
+    print(f"  {'total':34s} {flops['total'] / 1e12:8.1f} TFLOP")
+    record = {"flops": flops}
+    if args.measure_ceiling:
+        record["ceiling_tflops"] = ceiling = measure_ceiling(shape)
+        bound = flops["tokens"] / (flops["total"] / (ceiling * 1e12))
+        print(f"bf16 GEMM rate of its sizes: {ceiling:.0f} TFLOP/s -> at most {bound:,.0f} tok/s")
+    if args.results:
+        rates = measured_rates(args.results, shape.name, args.mode)
+        record["implied_tflops"] = {}
+        for system, rate in sorted(rates.items()):
+            implied = flops["total"] * rate / flops["tokens"] / 1e12
+            record["implied_tflops"][system] = implied
+            print(f"  {system:8s} {rate:10,.0f} tok/s -> {implied:5.0f} TFLOP/s of matmul")
+        if "unsloth" in rates:
+            needed = flops["total"] * 1.3 * rates["unsloth"] / flops["tokens"] / 1e12
+            record["needed_for_1.3x_unsloth"] = needed
+            target = 1.3 * rates["unsloth"]
+            print(f"  1.3x Unsloth ({target:,.0f} tok/s) needs {needed:.0f} TFLOP/s")
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,17 +13,24 @@ Which ops mix the tokens (conv, delta rule, gated norm), decided per call (``Lin
 - CPU tensors: transformers' own PyTorch functions, unwrapped from its kernel-hub decorators
   (the exact reference, whatever is installed);
 - CUDA, flash-linear-attention installed, no earlier state in the cache (training, a prefill), no
-  packed sequences: fla's Triton kernels (``causal_conv1d``, ``chunk_gated_delta_rule``,
-  ``rms_norm_gated``), forward and backward; the cache, if any, still gets its states;
+  packing keywords left (see below): fla's Triton kernels (``causal_conv1d``,
+  ``chunk_gated_delta_rule``, ``rms_norm_gated``), forward and backward; the cache, if any, still
+  gets its states;
 - fla refusing only its gated dqkwg backward (0.5.2 on Hopper with Triton 3.4 to 3.7.0, where
   that one kernel is miscompiled): the same fla kernels, the delta rule through
   ``chunk_gated_delta_rule_hopper`` (fastlm's dqkwg backward in place of fla's), said in
-  ``fused_report``; packed sequences and decoding then take transformers' PyTorch functions;
+  ``fused_report``; decoding then takes transformers' PyTorch functions;
 - fla installed but refusing this GPU otherwise (``fla_refusal``: it knows some GPU and Triton
   pairs to be wrong), or fastlm's Hopper delta rule failing its probe too: transformers' PyTorch
   functions, as on the CPU, and the reason in ``fused_report``;
-- otherwise (no fla, decoding, packed sequences): the functions transformers picked for the
-  model (its torch fallback, or fla / causal_conv1d where it found them).
+- otherwise (no fla, decoding): the functions transformers picked for the model (its torch
+  fallback, or fla / causal_conv1d where it found them).
+
+Packed sequences in one row (training: no earlier state) run through the chosen functions one
+sequence at a time, so that the conv's left context and the delta rule's state restart with
+each, as when it runs alone; ``fused_report`` says so (``ONE_AT_A_TIME``). The bounds come from
+the caller's cu_seq_lens keywords (position_ids become those: transformers' decoder layer hands
+these layers no position_ids).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from fastlm.kernels._dispatch import use_triton
 from fastlm.kernels.gated_delta_rule import chunk_gated_delta_rule_hopper
 from fastlm.models.fsdp import gather_linear
 from fastlm.models.lora_layers import linear_weights
+from fastlm.models.packing import packed_sequences
 from fastlm.models.spec import LinearAttention
 
 FLA = "fla"  # LinearPath.implementation of flash-linear-attention's Triton kernels
@@ -166,12 +174,43 @@ def gated_deltanet_forward(
     mixed, z, b, a = _project_inputs(self, x, linear.input_projections)
     beta = b.sigmoid()  # (B, S, Hv)
     g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: A can overflow
-    path = _choose(x, cache_params, self.layer_idx, kwargs)
+    bounds = _packed_bounds(kwargs, batch, seq, cache_params, self.layer_idx)
+    if bounds is not None:  # the mixing ops take one sequence at a time, below
+        kwargs = {k: v for k, v in kwargs.items() if k not in _BOUND_KEYWORDS}
+    path = _choose(x, None if bounds else cache_params, self.layer_idx, kwargs)
+    if bounds is not None:
+        path = path._replace(reason="; ".join(filter(None, (path.reason, ONE_AT_A_TIME))))
     paths[self] = path
     mix = _fla_mix if path.implementation == FLA else _transformers_mix
     functions = _reference_functions(modeling) if path.implementation == REFERENCE else modeling
-    core = mix(self, functions, mixed, z, g, beta, cache_params, kwargs)  # (B, S, Hv·Dv)
+    if bounds is None:
+        core = mix(self, functions, mixed, z, g, beta, cache_params, kwargs)  # (B, S, Hv·Dv)
+    else:  # the conv's left context and the delta rule's state restart with each sequence
+        pieces = (slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
+        core = torch.cat(
+            [mix(self, functions, mixed[:, p], z[:, p], g[:, p], beta[:, p], None, dict(kwargs))
+             for p in pieces], dim=1,
+        )  # fmt: skip
     return _project(getattr(self, linear.output_projection), core.reshape(batch, seq, -1))
+
+
+# Packed sequences: their bounds, as the caller's keywords give them (position_ids reach these
+# layers as cu_seq_lens: patch._bounds_as_keywords).
+_BOUND_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+ONE_AT_A_TIME = "packed sequences, one at a time (the cache, if any, gets no state)"
+
+
+def _packed_bounds(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) -> list[int] | None:
+    """The token offsets of the sequences packed in a one-row batch with no earlier state (a
+    training step, even one that made a cache: the cache then gets no state from this layer,
+    as several sequences leave no one state to continue), else None (then a packed batch keeps
+    transformers' functions, which take its keywords)."""
+    if batch != 1 or (cache is not None and _not_for_fla(cache, layer_idx, {})):
+        return None
+    packing = packed_sequences(kwargs, batch, seq)
+    if packing is None or packing.problem:
+        return None
+    return packing.cu_seqlens.tolist()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -657,6 +657,8 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
         head = self.get_output_embeddings()
         signals = any(kwargs.get(k) is not None for k in ("position_ids", "cu_seq_lens_q"))
         with caller_signals(signals):  # no packing signals: attention reads no position_ids
+            if signals and state.spec.layers_need_bounds:
+                _bounds_as_keywords(kwargs)
             if labels is None or not self.training or not is_plain_linear(head):
                 state.moe_aux.stop()  # transformers' forward takes the aux loss's gradient
                 return original(self, **kwargs)
@@ -664,6 +666,22 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
 
     model.forward = types.MethodType(forward, model)
     state.patched.append(model)
+
+
+def _bounds_as_keywords(kwargs: dict) -> None:
+    """Sequences packed in one row by restarting position_ids, also as the cu_seq_lens keywords
+    (what ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` adds): the keywords
+    reach every layer, position_ids only some (``ArchitectureSpec.layers_need_bounds``)."""
+    position_ids = kwargs.get("position_ids")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("past_key_values") is not None:
+        return
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[0] != 1:
+        return  # packing is one row
+    packing = packed_sequences({"position_ids": position_ids}, 1, position_ids.shape[-1])
+    if packing is None or packing.problem:
+        return
+    kwargs.update(cu_seq_lens_q=packing.cu_seqlens, cu_seq_lens_k=packing.cu_seqlens,
+                  max_length_q=packing.max_seqlen, max_length_k=packing.max_seqlen)  # fmt: skip
 
 
 def _check_length(kwargs: dict, max_seq_length: int) -> None:

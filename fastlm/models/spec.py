@@ -317,6 +317,14 @@ class ArchitectureSpec:
     # plain nn.Linear (EmbeddingGemma 2's per-layer-input block and embedding projection).
     transformers_linears: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def layers_need_bounds(self) -> bool:
+        """Whether packed sequences must reach the layers as cu_seq_lens keywords: layers that
+        place or mix tokens by position but to which transformers' decoder layer does not hand
+        position_ids (Llama 4's chunked and NoPE attention, Qwen3.5's linear attention)."""
+        chunked = self.attention_chunk_attr is not None or self.attention_temperature is not None
+        return chunked or self.linear_attention is not None
+
 
 # The projections fastlm's patched attention and MLP forwards compute (and read directly), in the
 # order LoRA targets them by default. Every family so far names them alike. A MoE block's experts

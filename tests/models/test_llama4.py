@@ -538,13 +538,15 @@ PACKED_LENGTHS = (6, 1, 9)
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
-@pytest.mark.parametrize("signal", ["cu_seq_lens", "cu_seq_lens_only"])
+@pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens", "cu_seq_lens_only"])
 def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, kernel):
-    """With cu_seq_lens, each packed sequence attends within its own chunks and its NoPE layer
-    scales its queries by its own positions: the loss and every LoRA gradient equal each
-    sequence run alone through transformers + PEFT (transformers' own packed run differs: it
-    counts both along the row). Seen failing with the chunks counted along the row (a sequence
-    then saw the one before it) and with the row's positions in the temperature."""
+    """Each packed sequence attends within its own chunks and its NoPE layer scales its queries
+    by its own positions: the loss and every LoRA gradient equal each sequence run alone through
+    transformers + PEFT (transformers' own packed run differs: it counts both along the row).
+    position_ids, which Llama 4's decoder layer does not hand to attention, reach it as
+    cu_seq_lens. Seen failing with the chunks counted along the row (a sequence then saw the one
+    before it), with the row's positions in the temperature, and without position_ids' bounds
+    as keywords."""
     from test_packing import _packed_batch, _packed_run, _per_sequence_reference, _sequences
 
     if kernel:

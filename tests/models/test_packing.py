@@ -17,15 +17,18 @@ from tiny_models import VOCAB, relative_error, tiny_batch
 from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
 
-from fastlm.models import attention, fused_report
+from fastlm.models import attention, fused_report, spec_for
+from fastlm.models.linear_attention import ONE_AT_A_TIME
 from fastlm.models.packing import Packing, chunks_of, packed_sequences, positions_in_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # gemma2: soft-cap and window 4; gemma3_text: local and global layers; gemma4_text: KV sharing and
-# k = v layers. Not qwen3_5_text: its linear-attention layers (transformers' PyTorch functions on
-# the CPU) carry their convolution and state across the sequences of a row.
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma4_text"]
+# k = v layers; qwen3_5_text: linear-attention layers, whose conv and state restart with each
+# sequence (one sequence at a time; the bounds reach them as cu_seq_lens even where the caller
+# gave position_ids).
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma4_text",
+            "qwen3_5_text"]  # fmt: skip
 LENGTHS = (6, 1, 9)  # one token alone; two longer than the windows
 # How the collator says where sequences start, and whether a KV cache exists in training (then
 # transformers' mask spans the whole row and only the packing signals keep sequences apart).
@@ -66,6 +69,19 @@ def _per_sequence_reference(model, sequences, **options):
     return total, _lora_grads(model)
 
 
+def _attention_rows(model) -> list[dict]:
+    """fused_report's attention rows of the attention layers (not linear-attention layers, which
+    take packed sequences one at a time)."""
+    return [row for row in fused_report(model).attention if ONE_AT_A_TIME not in row["reason"]]
+
+
+def _source(model, signal: str) -> str:
+    """Where the attention reads the sequences from: position_ids reach the layers of some
+    families as cu_seq_lens (ArchitectureSpec.layers_need_bounds)."""
+    bounds = spec_for(model.config).layers_need_bounds
+    return "position_ids" if signal == "position_ids" and not bounds else "cu_seq_lens"
+
+
 def _packed_run(model, batch, **options):
     model.zero_grad(set_to_none=True)
     loss = model(**batch, **options).loss
@@ -86,9 +102,8 @@ def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_ty
     assert got.keys() == want.keys()
     for name, grad in want.items():
         assert relative_error(got[name], grad) <= RTOL, name
-    source = "position_ids" if signal == "position_ids" else "cu_seq_lens"
-    ran = {(row["attention"], row["reason"]) for row in fused_report(fast).attention}
-    assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {source}")}
+    ran = {(row["attention"], row["reason"]) for row in _attention_rows(fast)}
+    assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {_source(fast, signal)}")}
 
 
 # Mixture-of-experts families whose attention fastlm runs (not qwen3_5_moe_text: linear
@@ -121,14 +136,16 @@ def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal):
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 def test_qwen3_5_full_attention_runs_packed(tmp_path):
-    """Its full-attention layer takes the packed kernel; its linear-attention layers stay as they
-    were (see FAMILIES), which is why its packed loss is not compared here."""
+    """Its full-attention layer takes the packed kernel; its linear-attention layers take one
+    sequence at a time, and fused_report says so."""
     _, fast = _pair(tmp_path, "qwen3_5_text", checkpointing=False)
     fast.set_attn_implementation("eager")
     fast(**_packed_batch(_sequences(), "position_ids"))
     rows = fused_report(fast).attention
     full = [row["attention"] for row in rows if row["kv"] == "k_proj, v_proj"]
     assert full == [attention.FLASH_VARLEN]
+    linear = [row for row in rows if row["kv"] != "k_proj, v_proj"]
+    assert linear and all(ONE_AT_A_TIME in row["reason"] for row in linear), linear
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
@@ -186,7 +203,7 @@ def _per_token(model, batch):
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_5_text"])
 def test_a_sequence_never_sees_another(tmp_path, model_type, signal):
     """Redraw the middle sequence: every token of the others keeps every bit of its logits and
     its loss. Seen failing with the kernel given one sequence over the whole row."""
@@ -197,7 +214,7 @@ def test_a_sequence_never_sees_another(tmp_path, model_type, signal):
     changed = [sequences[0], _sequences(lengths, seed=1)[1], sequences[2]]
     before = _per_token(fast, _packed_batch(sequences, signal))
     after = _per_token(fast, _packed_batch(changed, signal))
-    ran = {row["attention"] for row in fused_report(fast).attention}
+    ran = {row["attention"] for row in _attention_rows(fast)}
     assert ran == {attention.FLASH_VARLEN}
     others = torch.ones(sum(lengths), dtype=torch.bool)
     others[lengths[0] - 1 : lengths[0] + lengths[1]] = False  # the middle (and who predicts it)

@@ -235,8 +235,11 @@ class FiniteGuard:
             if grad is not None and param.requires_grad:
                 grad = grad.to_local() if hasattr(grad, "to_local") else grad  # FSDP2 shard
                 groups.setdefault((grad.device, grad.dtype), []).append(grad)
-        for (device, _), grads in groups.items():
-            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+        for (device, dtype), grads in groups.items():
+            # Half gradients' norms in fp32 (no overflow); fp64 ones as they are (torch refuses
+            # to narrow them).
+            wide = torch.promote_types(dtype, torch.float32)
+            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=wide))
             if device.type == "cuda":
                 self._pending.push(self.backward_passes, torch.isfinite(norms).all())
             elif not torch.isfinite(norms).all():

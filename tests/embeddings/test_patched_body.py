@@ -1,11 +1,15 @@
 """fastlm-patched embedding bodies vs unpatched transformers + PEFT (Qwen3, bidirectional Gemma 3).
 
 Same weights and LoRA initialisation (B ≠ 0), a padded batch, fp32. Pooled embeddings within
-atol 1e-5; InfoNCE loss and every LoRA gradient within relative error 1e-4 (as
-tests/models/test_architectures.py), with and without gradient checkpointing.
+atol 1e-5 and the InfoNCE loss within relative error 1e-4 of transformers + PEFT; every LoRA
+gradient within 1e-4 of the fp64 truth (the reference model in float64), or no further from it
+than transformers' own fp32 run (on Gemma 3 that is 1.5e-4 off on some hosts: comparing two
+fp32 runs at 1e-4 failed there, fastlm being the closer one), with and without checkpointing.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -60,8 +64,9 @@ def _loss_and_grads(model, batch):
 
 
 def _assert_same_embeddings_loss_and_grads(reference, fast, batch) -> None:
-    """Pooled embeddings within atol 1e-5; InfoNCE loss and every (non-zero) LoRA gradient
-    within RTOL."""
+    """Pooled embeddings within atol 1e-5 and the InfoNCE loss within RTOL of the reference;
+    every (non-zero) LoRA gradient within RTOL of the fp64 truth, or as close as the
+    reference's own."""
     with torch.no_grad():
         expected = reference(**batch["response"])
         actual = fast(**batch["response"])
@@ -70,9 +75,12 @@ def _assert_same_embeddings_loss_and_grads(reference, fast, batch) -> None:
     actual_loss, actual_grads = _loss_and_grads(fast, batch)
     assert abs(actual_loss - expected_loss) <= RTOL * abs(expected_loss)
     assert expected_grads.keys() == actual_grads.keys() and len(expected_grads) > 0
-    for name, grad in expected_grads.items():
+    _, truth = _loss_and_grads(copy.deepcopy(reference).double(), batch)
+    for name, grad in truth.items():
         assert grad.abs().sum() > 0, name
-        assert relative_error(actual_grads[name], grad) <= RTOL, name
+        ours = relative_error(actual_grads[name].double(), grad)
+        theirs = relative_error(expected_grads[name].double(), grad)
+        assert ours <= max(RTOL, theirs), (name, ours, theirs)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])

@@ -76,6 +76,19 @@ def test_full_finetune_plain_loop_stops_before_the_optimizer_step(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_float64_gradients_are_checked_in_float64(tmp_path):
+    """A model cast to float64 (a reference run) keeps its guard: the norms are taken in fp64
+    (torch refuses to narrow them to the fp32 the guard takes for half gradients)."""
+    path = save_tiny_model("llama", tmp_path / "llama")
+    model, _ = FastModel.from_pretrained(str(path), device_map="cpu")
+    model = FastModel.get_peft_model(model, r=4).double()
+    model.train()
+    model(**tiny_batch()).loss.backward()
+    loss = model(**tiny_batch()).loss + inf_gradient(model)
+    with pytest.raises(NonFiniteGradientError, match=r"gradient norm is inf"):
+        loss.backward()
+
+
 def test_a_parameter_added_after_the_first_step_is_checked_too(tmp_path):
     """The guard lists the parameters once, again only after a module registers a new one."""
     path = save_tiny_model("llama", tmp_path / "llama")

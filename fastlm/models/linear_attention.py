@@ -210,7 +210,7 @@ def _packed_bounds(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) ->
     packing = packed_sequences(kwargs, batch, seq)
     if packing is None or packing.problem:
         return None
-    return packing.cu_seqlens.tolist()
+    return list(packing.offsets) or packing.cu_seqlens.tolist()  # read once per batch
 
 
 # --------------------------------------------------------------------------- helpers

@@ -50,6 +50,7 @@ class Packing(NamedTuple):
     max_seqlen: int
     source: str
     problem: str = ""
+    offsets: tuple[int, ...] = ()  # cu_seqlens as read on the host, where they were read
 
 
 # signal tensor -> (its _version, (batch, seq_len, the other tensor), Packing or None)
@@ -136,7 +137,7 @@ def chunks_of(packing: Packing, chunk: int) -> Packing:
     lengths = (cu[1:] - cu[:-1]).long()
     sizes = (lengths[:, None] - starts).clamp(0, chunk).flatten()  # (n * pieces,)
     bounds = torch.cat([cu[:1].long(), cu[:1].long() + sizes.cumsum(0)]).to(torch.int32)
-    cut = packing._replace(cu_seqlens=bounds, max_seqlen=min(chunk, packing.max_seqlen))
+    cut = packing._replace(cu_seqlens=bounds, max_seqlen=min(chunk, packing.max_seqlen), offsets=())
     _CHUNKED[packing.cu_seqlens] = (key, cut)
     return cut
 
@@ -213,4 +214,4 @@ def _packing(cu: torch.Tensor, source: str, offsets: list | None = None) -> Pack
     if n > MAX_SEQUENCES:
         problem = f"{n} packed sequences (the kernel takes {MAX_SEQUENCES}; split the batch)"
         return Packing(cu, max_seqlen, source, problem)
-    return Packing(cu, max_seqlen, source)
+    return Packing(cu, max_seqlen, source, offsets=tuple(offsets))

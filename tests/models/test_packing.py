@@ -232,6 +232,7 @@ def test_position_ids_split_as_transformers_splits_them():
     ids = find_packed_sequence_indices(position_ids)[0]
     starts = [0] + [i for i in range(1, 9) if ids[i] != ids[i - 1]] + [9]
     assert packing.cu_seqlens.tolist() == starts and packing.max_seqlen == 3
+    assert packing.offsets == tuple(starts)  # read once: the linear-attention split reuses them
     assert packing.source == "position_ids" and not packing.problem
     assert packed_sequences({"position_ids": torch.arange(9)[None]}, 1, 9) is None
     rows = torch.tensor([[0, 1, 2, 0], [0, 1, 2, 3]])  # two rows: one packs two sequences

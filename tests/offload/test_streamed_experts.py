@@ -40,14 +40,14 @@ def moe_path(tmp_path_factory):
     return save_tiny_model("qwen3_moe", folder, num_hidden_layers=LAYERS, mlp_only_layers=[])
 
 
-def _qlora(path, checkpointing):
+def _qlora(path, checkpointing, targets=("q_proj", "v_proj"), parameters=EXPERTS):
     model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, device_map="cpu")
     model = FastModel.get_peft_model(
         model,
         r=4,
         lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-        target_parameters=EXPERTS,
+        target_modules=list(targets),
+        target_parameters=parameters,
         init_lora_weights=False,
         use_gradient_checkpointing=False,
     )
@@ -188,20 +188,6 @@ STREAMED_FAMILIES = {
 }
 
 
-def _family_qlora(path, targets, parameters, checkpointing):
-    model, _ = FastModel.from_pretrained(str(path), load_in_4bit=True, device_map="cpu")
-    model = FastModel.get_peft_model(
-        model,
-        r=4,
-        lora_alpha=8,
-        target_modules=targets,
-        target_parameters=parameters,
-        init_lora_weights=False,
-        use_gradient_checkpointing=checkpointing,
-    )
-    return model.train()
-
-
 @pytest.mark.parametrize("checkpointing", [False, "unsloth"], ids=["plain", "offloaded"])
 @pytest.mark.parametrize("family", sorted(STREAMED_FAMILIES))
 def test_every_moe_family_streams_its_experts_bit_identically(
@@ -216,8 +202,8 @@ def test_every_moe_family_streams_its_experts_bit_identically(
         pytest.skip(f"transformers without {family}")
     path = save_tiny_model(family, tmp_path / family)
     targets, parameters = STREAMED_FAMILIES[family]
-    resident = _family_qlora(path, targets, parameters, checkpointing)
-    streamed = _family_qlora(path, targets, parameters, checkpointing)
+    resident = _qlora(path, checkpointing, targets, parameters)
+    streamed = _qlora(path, checkpointing, targets, parameters)
     copy_lora(resident, streamed)
     layers = streamed.get_base_model().model.layers
     moe_layers = {

@@ -383,9 +383,17 @@ def _packed_chunks(query, mask, packing: Packing | None, kwargs) -> bool:
 
 def _keeps_every_diagonal(mask: torch.Tensor) -> bool:
     """Every token sees itself: no key is padding (which transformers' masks drop for every
-    query, its own included)."""
+    query, its own included). Read once per mask tensor and content: the layers share it."""
+    seen = _DIAGONALS.get(mask)
+    if seen is not None and seen[0] == _version(mask):
+        return seen[1]
     diagonal = mask.diagonal(dim1=-2, dim2=-1)
-    return bool((diagonal if diagonal.dtype == torch.bool else diagonal == 0).all())
+    verdict = bool((diagonal if diagonal.dtype == torch.bool else diagonal == 0).all())
+    _DIAGONALS[mask] = (_version(mask), verdict)
+    return verdict
+
+
+_DIAGONALS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (its _version, verdict)
 
 
 def _row_wide(mask, seq_len: int, causal: bool, window: int | None) -> bool:

@@ -39,12 +39,12 @@ ATTENTION_BACKWARD = 2.5  # flash attention's backward: about 2.5 forwards of ma
 
 
 def _meta_model(shape):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from fastlm.offload.memory_plan import meta_causal_lm
 
     config = AutoConfig.for_model(shape.model_type, **shape.config)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config), config
+    return meta_causal_lm(config), config
 
 
 def _per_token_products(model, config) -> tuple[int, int, list[tuple[str, int, int]]]:

@@ -75,14 +75,7 @@ class TrainerCheckpointing:
         body = getattr(self, self.CHECKPOINTED_BODY)
         turn_on_checkpointing(body, activation_checkpointing_kwargs, every_n_layers, offload)
 
-    def gradient_checkpointing_enable(
-        self,
-        gradient_checkpointing_kwargs: dict | None = None,
-        every_n_layers: int = 1,
-        offload: bool = False,
-    ) -> None:
-        """The older name of ``activation_checkpointing_enable`` (older Trainers call it)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the older name (Trainers)
 
 
 def turn_on_checkpointing(

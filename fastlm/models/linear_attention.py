@@ -205,7 +205,7 @@ def _packed_bounds(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) ->
     training step, even one that made a cache: the cache then gets no state from this layer,
     as several sequences leave no one state to continue), else None (then a packed batch keeps
     transformers' functions, which take its keywords)."""
-    if batch != 1 or (cache is not None and _not_for_fla(cache, layer_idx, {})):
+    if batch != 1 or _earlier_state(cache, layer_idx):
         return None
     packing = packed_sequences(kwargs, batch, seq)
     if packing is None or packing.problem:
@@ -238,11 +238,16 @@ def _not_for_fla(cache, layer_idx: int, kwargs: dict) -> str:
     neither packed sequences nor an earlier state."""
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("seq_idx") is not None:
         return "packed sequences"
-    if cache is not None and (
-        cache.get_recurrent_state(layer_idx) is not None or cache.is_recording_past(layer_idx)
-    ):
+    if _earlier_state(cache, layer_idx):
         return "decoding with a cached state"
     return ""
+
+
+def _earlier_state(cache, layer_idx: int) -> bool:
+    """Whether the cache holds a state this call continues (decoding), not a fresh one."""
+    return cache is not None and (
+        cache.get_recurrent_state(layer_idx) is not None or cache.is_recording_past(layer_idx)
+    )
 
 
 def _project_inputs(self, x: torch.Tensor, names: tuple[str, ...]):

@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = [
     "MAX_SEQUENCES",
     "Packing",
+    "as_keywords",
     "assume_packing",
     "caller_signals",
     "chunks_of",
@@ -119,6 +120,18 @@ def sequence_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
     inner = cu_seqlens[1:-1].long()  # equal offsets (empty sequences) add up
     starts.index_add_(0, inner, torch.ones_like(inner))
     return starts[:n_tokens].cumsum(0)
+
+
+def as_keywords(packing: Packing, seq_len: int) -> dict:
+    """One row's packed sequences as the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keywords
+    (what ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` adds), remembered as
+    read, so that the layers that find them read nothing back.
+
+    Usage: ``kwargs.update(as_keywords(packed_sequences(kwargs, 1, seq_len), seq_len))``."""
+    cu = packing.cu_seqlens
+    _SEEN[cu] = (_version(cu), (1, seq_len, cu), packing._replace(source="cu_seq_lens"))
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packing.max_seqlen,
+                max_length_k=packing.max_seqlen)  # fmt: skip
 
 
 def chunks_of(packing: Packing, chunk: int) -> Packing:

@@ -82,7 +82,12 @@ from fastlm.models.moe import (
     router_forward,
 )
 from fastlm.models.nf4_linear import is_bnb_linear4bit, nf4_linear_forward
-from fastlm.models.packing import caller_signals, packed_sequences, positions_in_sequences
+from fastlm.models.packing import (
+    as_keywords,
+    caller_signals,
+    packed_sequences,
+    positions_in_sequences,
+)
 from fastlm.models.spec import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, ArchitectureSpec
 
 _GATED_ACTIVATIONS = {"swiglu": swiglu, "geglu": geglu}
@@ -670,18 +675,17 @@ def _set_causal_lm_forward(state: PatchState, model: nn.Module) -> None:
 
 def _bounds_as_keywords(kwargs: dict) -> None:
     """Sequences packed in one row by restarting position_ids, also as the cu_seq_lens keywords
-    (what ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` adds): the keywords
-    reach every layer, position_ids only some (``ArchitectureSpec.layers_need_bounds``)."""
+    (``packing.as_keywords``): the keywords reach every layer, position_ids only some
+    (``ArchitectureSpec.layers_need_bounds``)."""
     position_ids = kwargs.get("position_ids")
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("past_key_values") is not None:
         return
     if not isinstance(position_ids, torch.Tensor) or position_ids.shape[0] != 1:
         return  # packing is one row
-    packing = packed_sequences({"position_ids": position_ids}, 1, position_ids.shape[-1])
-    if packing is None or packing.problem:
-        return
-    kwargs.update(cu_seq_lens_q=packing.cu_seqlens, cu_seq_lens_k=packing.cu_seqlens,
-                  max_length_q=packing.max_seqlen, max_length_k=packing.max_seqlen)  # fmt: skip
+    seq_len = position_ids.shape[-1]
+    packing = packed_sequences({"position_ids": position_ids}, 1, seq_len)
+    if packing is not None and not packing.problem:
+        kwargs.update(as_keywords(packing, seq_len))
 
 
 def _check_length(kwargs: dict, max_seq_length: int) -> None:

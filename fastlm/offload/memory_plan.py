@@ -555,13 +555,26 @@ def experts_weights(config, dtype: torch.dtype) -> tuple[int, int] | None:
     return weights, load_peak
 
 
-def _weight_numels(config, spec) -> tuple[int, int, int]:
-    """(expert elements, other linear-weight elements of the decoder layers, everything else)."""
+def meta_causal_lm(config) -> nn.Module:
+    """The causal LM of ``config`` on the meta device (every shape, no memory), of the class its
+    spec names where AutoModelForCausalLM has no entry (Mistral 4).
+
+    Usage: ``sizes = {n: p.shape for n, p in meta_causal_lm(config).named_parameters()}``."""
     import transformers
 
-    causal_lm = getattr(transformers, spec.causal_lm_class or "AutoModelForCausalLM")
+    from fastlm.models import SPECS  # lazy: fastlm.models loads transformers and peft
+
+    spec = SPECS.get(getattr(config, "model_type", None))
+    name = spec.causal_lm_class if spec is not None else None
     with torch.device("meta"):
-        model = causal_lm(config) if spec.causal_lm_class else causal_lm.from_config(config)
+        if name:
+            return getattr(transformers, name)(config)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _weight_numels(config, spec) -> tuple[int, int, int]:
+    """(expert elements, other linear-weight elements of the decoder layers, everything else)."""
+    model = meta_causal_lm(config)
     experts = linear = other = 0
     for module_name, module in model.named_modules():
         in_layers = ".layers." in f".{module_name}."

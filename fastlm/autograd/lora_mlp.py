@@ -61,8 +61,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate_up, down = cast_projections(flat, dtype, groups=(_GATE_UP, _DOWN), later=(1,))
         scalings = flat[4::5]
         (e, g), xa_gu, xa_scale_gu = group_forward(x2, gate_up, scalings[:2])
+        # their dense copies go before h and down's copy are made: the peak is e, g, h, W_down
+        gate_up = gate_up._replace(weights=[])
         h = act_fwd(e, g)
-        gate_up = gate_up._replace(weights=[])  # their dense copies go before down's is made
         (out,), ha_down, xa_scale_d = group_forward(
             h, with_dense_weights(down, dtype), scalings[2:]
         )

@@ -240,7 +240,8 @@ def activation_bytes(
 
     ``checkpointing``: False (every layer's activations kept), True (one input per layer kept),
     "fastlm" (inputs offloaded to pinned RAM). The working set of the layer being recomputed is
-    dominated by the fused MLP, which holds two dequantised weights (gate's and up's) at once.
+    dominated by the fused MLP: two dequantised weights (gate's and up's) beside e and g, then
+    down's beside e, g and h.
     """
     d = _config_dims(config)
     tokens = batch_size * seq_len
@@ -254,8 +255,10 @@ def activation_bytes(
         kept = 0  # offloaded to pinned host memory (fastlm.offload.checkpoint)
     else:
         kept = n * layer_input
-    dense_mlp = 2 * h * i * compute_bytes  # gate and up dequantised together; down's after
-    working = dense_mlp + tokens * (4 * h + 3 * i) * compute_bytes
+    # gate's and up's dequantised weights beside e and g, then down's beside e, g and h
+    weight, width = h * i * compute_bytes, tokens * i * compute_bytes
+    mlp = max(2 * weight + 2 * width, weight + 3 * width)
+    working = mlp + tokens * 4 * h * compute_bytes
     loss = min(256 * MIB, tokens * d["vocab"] * compute_bytes) + 2 * tokens * h * 4
     return {"saved layer activations": kept, "layer working set": working, "loss": loss}
 

@@ -175,8 +175,8 @@ def test_triton_activation_path_in_place(activation, device, force_triton):
 
 def test_a_4bit_mlp_holds_one_group_of_dense_weights_at_a_time(monkeypatch):
     """Dequantised copies of 4-bit weights (the MLP's largest temporaries after e, g, h) are
-    made per group and dropped after it: gate's and up's are gone before down's is made in
-    forward, and in backward's dx each projection's copy is gone before the next one's. The
+    made per group and dropped after it: gate's and up's are gone before h and down's copy are
+    made in forward, and in backward's dx each projection's copy is gone before the next one's. The
     weights here are dense, marked 4-bit, with a dequantisation that copies them."""
     import weakref
 
@@ -202,6 +202,18 @@ def test_a_4bit_mlp_holds_one_group_of_dense_weights_at_a_time(monkeypatch):
     def dequantize_nf4_many(weights, quant_states, dtype):
         return [dequantize_nf4(weight, None, dtype) for weight in weights]
 
+    import importlib
+
+    lm = importlib.import_module("fastlm.autograd.lora_mlp")  # the package exports a lora_mlp
+
+    act_fwd, act_bwd = lm._ACTIVATIONS["swiglu"]
+    alive_at_h: list[list[str]] = []
+
+    def recording_act(e, g):
+        alive_at_h.append(alive())
+        return act_fwd(e, g)
+
+    monkeypatch.setitem(lm._ACTIVATIONS, "swiglu", (recording_act, act_bwd))
     monkeypatch.setattr(lw, "dequantize_nf4", dequantize_nf4)
     monkeypatch.setattr(lw, "dequantize_nf4_many", dequantize_nf4_many)
     x, projs, d_out = _make("cpu", seed=9)
@@ -213,6 +225,7 @@ def test_a_4bit_mlp_holds_one_group_of_dense_weights_at_a_time(monkeypatch):
     forward = list(made_when)
     assert [name for name, _ in forward] == ["gate", "up", "down"]
     assert forward[2][1] == [], forward  # down's copy: gate's and up's already freed
+    assert alive_at_h == [[]], alive_at_h  # and h is made without them (e, g, h, W_down at most)
     made_when.clear()
     out.backward(d_out)
     held = {name: before for name, before in made_when}

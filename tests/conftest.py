@@ -32,6 +32,36 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def kernel_on_cpu(monkeypatch) -> list:
+    """fastlm's flash kernel on CPU tensors too (Triton's interpreter, on a host without a GPU)
+    and on CUDA tensors; returns the list its launches append to: 1 for a fixed-length launch,
+    "varlen" for a packed one. Where there is a GPU, Triton compiles for it and cannot take CPU
+    tensors: a test with this fixture puts the patched model's tensors on ``device``."""
+    from fastlm.kernels import flash_attention as fa  # lazy: only the tests that ask
+    from fastlm.models import attention
+
+    monkeypatch.setattr(attention, "use_triton", lambda t: True)
+    monkeypatch.setattr(fa, "use_triton", lambda t: True)
+    return kernel_launches(monkeypatch)
+
+
+def kernel_launches(monkeypatch) -> list:
+    """A list that each flash launch appends to (1 fixed-length, "varlen" packed)."""
+    from fastlm.kernels import flash_attention as fa  # lazy: only the tests that ask
+
+    calls = []
+    for name, mark in (("flash_attention_triton", 1), ("flash_attention_varlen_triton", "varlen")):
+        launch = getattr(fa, name)
+
+        def recorded(*args, _launch=launch, _mark=mark, **kwargs):
+            calls.append(_mark)
+            return _launch(*args, **kwargs)
+
+        monkeypatch.setattr(fa, name, recorded)
+    return calls
+
+
 # transformers' Gated DeltaNet functions, which it binds to fla's kernels when fla imports.
 _DELTANET_MODELING = ("qwen3_5", "qwen3_5_moe")
 _DELTANET_FUNCTIONS = (

@@ -18,7 +18,6 @@ from tiny_models import VOCAB, relative_error, save_tiny_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fastlm import FastModel
-from fastlm.kernels import flash_attention as fa
 from fastlm.models import attention, fused_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,13 +31,6 @@ CONFIGS = {
     "padding_free": dict(padding_free=True, max_length=None),
     "packing": dict(packing=True, max_length=16),
 }
-
-
-@pytest.fixture
-def kernel_on_cpu(monkeypatch):
-    """fastlm's kernels on CPU tensors too (the Triton interpreter), as on a GPU."""
-    monkeypatch.setattr(attention, "use_triton", lambda t: True)
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)
 
 
 def _pair(tmp_path, model_type):

@@ -33,7 +33,6 @@ from fastlm.embeddings.padding_free import (
     pack_texts,
 )
 from fastlm.embeddings.pooling import POOLING_MODES, pool_packed
-from fastlm.kernels import flash_attention as fa
 from fastlm.models import attention, fused_report
 
 RTOL = 1e-4
@@ -47,24 +46,6 @@ ROWS = [
         "rejected_response": [],
     },
 ]
-
-
-@pytest.fixture
-def kernel_on_cpu(monkeypatch) -> list:
-    """fastlm's kernel on CPU tensors too (the Triton interpreter), as on a GPU; returns the
-    list its launches append to: 1 for a fixed-length launch, "varlen" for a packed one."""
-    monkeypatch.setattr(attention, "use_triton", lambda t: True)
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)
-    calls = []
-    for name, mark in (("flash_attention_triton", 1), ("flash_attention_varlen_triton", "varlen")):
-        launch = getattr(fa, name)
-
-        def recorded(*args, _launch=launch, _mark=mark, **kwargs):
-            calls.append(_mark)
-            return _launch(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, recorded)
-    return calls
 
 
 # --------------------------------------------------------------------------- packing, pooling

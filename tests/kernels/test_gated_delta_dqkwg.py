@@ -217,7 +217,8 @@ def test_hopper_function_matches_transformers_on_the_gpu(dtype):
     d_final = torch.randn(batch, value_heads, dim, dim, device="cuda", generator=gen)
 
     def grads(function, cast):
-        leaves = [x.to(cast).requires_grad_() for x in (q, k, v, beta)]
+        # fresh leaves per call: x.to(fp32) is x itself, whose .grad the next call would add to
+        leaves = [x.detach().to(cast).requires_grad_() for x in (q, k, v, beta)]
         leaves.insert(3, gate.clone().requires_grad_())  # fp32, as fastlm computes it
         out, state = function(*leaves[:3], g=leaves[3], beta=leaves[4],
                               output_final_state=True, use_qk_l2norm_in_kernel=True)  # fmt: skip

@@ -22,27 +22,6 @@ from fastlm.models import attention, fused_report, patch_model, spec_for
 TOL = dict(atol=1e-5, rtol=1e-5)  # fp32 kernel vs eager
 
 
-@pytest.fixture
-def kernel_on_cpu(monkeypatch) -> list:
-    """The kernel on CPU tensors too (the interpreter); returns the list its launches append to:
-    1 for a fixed-length launch, "varlen" for a packed one."""
-    monkeypatch.setattr(attention, "use_triton", lambda t: True)
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)
-    calls = []
-    for name, mark in (("flash_attention_triton", 1), ("flash_attention_varlen_triton", "varlen")):
-        launch = getattr(fa, name)
-        monkeypatch.setattr(fa, name, _recorded(launch, calls, mark))
-    return calls
-
-
-def _recorded(launch, calls: list, mark):
-    def recorded(*args, **kwargs):
-        calls.append(mark)
-        return launch(*args, **kwargs)
-
-    return recorded
-
-
 def _inputs(shape, device, q_gain=1.5, seed=0):
     b, hq, hkv, s, d = shape
     gen = torch.Generator().manual_seed(seed)

@@ -29,7 +29,6 @@ from test_architectures import (  # noqa: E402
     _assert_same_loss_curve,
     assert_bf16_as_close_to_fp32_as_hf,
 )
-from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama4 import modeling_llama4  # noqa: E402
@@ -351,30 +350,19 @@ def test_multimodal_llama4_is_refused_with_the_text_model_named():
 
 
 @pytest.fixture
-def kernels_on_cpu(monkeypatch) -> list:
-    """fastlm's flash-attention, RoPE and RMSNorm kernels allowed on CPU tensors (the
-    interpreter), as on a GPU; returns the list each flash launch appends to."""
-    from fastlm.kernels import flash_attention as fa
+def kernels_on_cpu(kernel_on_cpu, monkeypatch) -> list:
+    """``kernel_on_cpu`` with fastlm's RoPE and RMSNorm kernels as well, as on a GPU; returns the
+    list each flash launch appends to."""
     from fastlm.kernels import rms_norm, rope
-    from fastlm.models import attention
 
-    for module in (attention, fa, rope, rms_norm):
+    for module in (rope, rms_norm):
         monkeypatch.setattr(module, "use_triton", lambda t: True)
-    calls = []
-    for name in ("flash_attention_triton", "flash_attention_varlen_triton"):
-        launch = getattr(fa, name)
-
-        def recorded(*args, _launch=launch, _name=name, **kwargs):
-            calls.append(_name)
-            return _launch(*args, **kwargs)
-
-        monkeypatch.setattr(fa, name, recorded)
-    return calls
+    return kernel_on_cpu
 
 
 @pytest.mark.parametrize("seq", [11, 4], ids=["past-a-chunk", "one-chunk"])
 def test_the_kernels_run_where_the_mask_allows_and_the_report_names_the_chunks(
-    tmp_path, kernels_on_cpu, seq
+    tmp_path, kernels_on_cpu, seq, device
 ):
     """Eager attention with the kernels allowed (on CPU here, as on a GPU): the RoPE kernel on
     the reordered heads, the weightless norm through fastlm's RMSNorm kernel; the NoPE layer's
@@ -384,32 +372,32 @@ def test_the_kernels_run_where_the_mask_allows_and_the_report_names_the_chunks(
     one. The loss and every gradient are HF eager's either way."""
     from fastlm.models import attention
 
-    reference, fast = _pair(tmp_path, checkpointing=False, attn_implementation="eager")
+    reference, fast = _pair(tmp_path, False, attn_implementation="eager", device=device)
     batch = {k: v[:, :seq].clone() for k, v in tiny_batch().items()}
     if seq == 4:  # rows of 4, 3 and 2 tokens: padding in every row but the first
         for row, length in ((1, 3), (2, 2)):
             batch["attention_mask"][row, length:] = 0
             batch["input_ids"][row, length:] = 0
             batch["labels"][row, length:] = -100
-    _assert_match(reference, fast, batch)
+    _assert_match(reference, fast, {k: v.to(device) for k, v in batch.items()})
     rows = {row["module"].split(".")[-2]: row for row in fused_report(fast).attention}
     assert rows["2"]["attention"] == attention.FLASH_VARLEN  # padding on the causal pattern
     if seq == 4:
-        assert kernels_on_cpu == ["flash_attention_varlen_triton"] * LAYERS
+        assert kernels_on_cpu == ["varlen"] * LAYERS
         assert all(row["attention"] == attention.FLASH_VARLEN for row in rows.values())
         return
-    assert kernels_on_cpu == ["flash_attention_varlen_triton"] * LAYERS
+    assert kernels_on_cpu == ["varlen"] * LAYERS
     for layer in ("0", "1", "3"):
         assert rows[layer]["attention"] == attention.FLASH_VARLEN and rows[layer]["called"]
         assert rows[layer]["reason"] == attention.CHUNKED, rows[layer]
 
 
-def test_left_padded_rows_are_chunked_from_their_first_token(tmp_path, kernels_on_cpu):
+def test_left_padded_rows_are_chunked_from_their_first_token(tmp_path, kernels_on_cpu, device):
     """Left padding shifts transformers' chunks to each row's first real token; the chunked
     layers' packed launch cuts the rows there too: the loss and every gradient are HF eager's."""
     from fastlm.models import attention
 
-    reference, fast = _pair(tmp_path, checkpointing=False, attn_implementation="eager")
+    reference, fast = _pair(tmp_path, False, attn_implementation="eager", device=device)
     batch = tiny_batch()
     for key in ("input_ids", "attention_mask"):  # right padding moved to the left
         batch[key] = torch.stack([row.roll(int((row_mask == 0).sum())) for row, row_mask in
@@ -420,7 +408,7 @@ def test_left_padded_rows_are_chunked_from_their_first_token(tmp_path, kernels_o
     first = batch["attention_mask"].argmax(-1)
     labels[torch.arange(len(first)), first] = -100
     batch["labels"] = labels
-    _assert_match(reference, fast, batch)
+    _assert_match(reference, fast, {k: v.to(device) for k, v in batch.items()})
     rows = {row["module"].split(".")[-2]: row for row in fused_report(fast).attention}
     assert all(rows[layer]["reason"] == attention.CHUNKED for layer in ("0", "1", "3"))
 
@@ -477,7 +465,7 @@ def test_the_moe_block_matches_llama4s_own():
         assert relative_error(got, want) <= 1e-6, name
 
 
-def test_rope_on_the_interleaved_pairs_is_the_kernels_on_even_then_odd_dims():
+def test_rope_on_the_interleaved_pairs_is_the_kernels_on_even_then_odd_dims(device):
     """Llama 4's complex RoPE on (2i, 2i + 1) equals fastlm's RoPE kernel (Triton, interpreter)
     on each head reordered even-then-odd with cos, sin = Re, Im of freqs_cis, reordered the same
     way; hence the attention scores q·k are the same, and so are the gradients of q and k."""
@@ -486,9 +474,11 @@ def test_rope_on_the_interleaved_pairs_is_the_kernels_on_even_then_odd_dims():
     config = tiny_config(FAMILY)
     rotary = modeling_llama4.Llama4TextRotaryEmbedding(config)
     torch.manual_seed(0)
-    q = torch.randn(2, 9, 4, 24, requires_grad=True)  # (B, S, H, D)
-    k = torch.randn(2, 9, 2, 24, requires_grad=True)
-    freqs = rotary(q, torch.arange(3, 12).expand(2, -1))  # (B, S, D/2) complex, Llama 3 scaled
+    rotary.to(device)
+    q = torch.randn(2, 9, 4, 24).to(device).requires_grad_()  # (B, S, H, D)
+    k = torch.randn(2, 9, 2, 24).to(device).requires_grad_()
+    # (B, S, D/2) complex, Llama 3 scaled
+    freqs = rotary(q, torch.arange(3, 12, device=device).expand(2, -1))
     expected_q, expected_k = modeling_llama4.apply_rotary_emb(q, k, freqs)
     cos, sin = patch._rope_tables(freqs, LLAMA4_TEXT)
     reordered = patch._even_then_odd(q), patch._even_then_odd(k)
@@ -539,7 +529,7 @@ PACKED_LENGTHS = (6, 1, 9)
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "fallback"])
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens", "cu_seq_lens_only"])
-def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, kernel):
+def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, kernel, device):
     """Each packed sequence attends within its own chunks and its NoPE layer scales its queries
     by its own positions: the loss and every LoRA gradient equal each sequence run alone through
     transformers + PEFT (transformers' own packed run differs: it counts both along the row).
@@ -551,7 +541,7 @@ def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, ker
 
     if kernel:
         request.getfixturevalue("kernel_on_cpu")
-    reference, fast = _pair(tmp_path, False)
+    reference, fast = _pair(tmp_path, False, device=device if kernel else "cpu")
     fast.set_attn_implementation("eager")
     sequences = _sequences(PACKED_LENGTHS)
     no_aux = {"output_router_logits": False}  # over the batch, not a sum over the sequences
@@ -567,13 +557,13 @@ def test_packed_batches_match_each_sequence_alone(tmp_path, request, signal, ker
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens", "cu_seq_lens_only"])
-def test_a_packed_sequence_never_sees_another(tmp_path, signal):
+def test_a_packed_sequence_never_sees_another(tmp_path, signal, device):
     """Redraw the middle sequence: no other token's logits change, whichever signal says where
     the sequences are (transformers' eager run fails this with cu_seq_lens: its chunked mask
     spans the row)."""
     from test_packing import _packed_batch, _per_token, _sequences
 
-    _, fast = _pair(tmp_path, False)
+    _, fast = _pair(tmp_path, False, device=device)
     fast.set_attn_implementation("eager")
     sequences = _sequences(PACKED_LENGTHS)
     changed = [sequences[0], _sequences(PACKED_LENGTHS, seed=1)[1], sequences[2]]

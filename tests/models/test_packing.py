@@ -3,16 +3,15 @@ as ``DataCollatorWithFlattening`` builds them, give the loss and every LoRA grad
 sequence run on its own through unpatched transformers + PEFT (the per-sequence losses summed
 over the packed batch's token count), and no sequence sees another.
 
-The packed kernel runs in the interpreter on CPU tensors (``kernel_on_cpu``); without it, the
-CPU's eager fallback must keep the sequences apart too.
+The packed kernel runs on the GPU where there is one, else in the interpreter on CPU tensors
+(``kernel_on_cpu``); without it, the CPU's eager fallback must keep the sequences apart too.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair
-from test_attention import kernel_on_cpu  # noqa: F401  (a fixture)
+from test_architectures import RTOL, TF32_RTOL, _assert_loss_and_lora_grads_match, _pair
 from tiny_models import VOCAB, relative_error, tiny_batch
 from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
@@ -52,7 +51,18 @@ def _packed_batch(sequences, signal: str) -> dict:
 
 
 def _lora_grads(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.grad.detach().cpu() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _on(model, batch: dict) -> dict:
+    """``batch`` with its tensors where ``model`` is."""
+    where = next(model.parameters()).device
+    return {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _rtol(model_type: str, device: str) -> float:
+    """RTOL, or TF32_RTOL where Qwen3.5's linear attention runs fla's kernels (fp32 in TF32)."""
+    return TF32_RTOL if device == "cuda" and model_type.startswith("qwen3_5") else RTOL
 
 
 def _per_sequence_reference(model, sequences, **options):
@@ -62,7 +72,7 @@ def _per_sequence_reference(model, sequences, **options):
     n_items = sum(len(ids) - 1 for ids in sequences)
     total = 0.0
     for ids in sequences:
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=next(model.parameters()).device)
         loss = model(input_ids=ids, labels=ids, num_items_in_batch=n_items, **options).loss
         loss.backward()
         total += loss.item()
@@ -84,7 +94,7 @@ def _source(model, signal: str) -> str:
 
 def _packed_run(model, batch, **options):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch, **options).loss
+    loss = model(**_on(model, batch), **options).loss
     loss.backward()
     return loss.item(), _lora_grads(model)
 
@@ -92,16 +102,17 @@ def _packed_run(model, batch, **options):
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", list(SIGNALS))
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_type, signal):
-    reference, fast = _pair(tmp_path, model_type, checkpointing=False)
+def test_packed_loss_and_lora_grads_match_each_sequence_alone(tmp_path, model_type, signal, device):
+    reference, fast = _pair(tmp_path, model_type, checkpointing=False, device=device)
     fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
     sequences = _sequences()
     want_loss, want = _per_sequence_reference(reference, sequences)
     got_loss, got = _packed_run(fast, _packed_batch(sequences, signal))
-    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    rtol = _rtol(model_type, device)
+    assert abs(got_loss - want_loss) <= rtol * abs(want_loss)
     assert got.keys() == want.keys()
     for name, grad in want.items():
-        assert relative_error(got[name], grad) <= RTOL, name
+        assert relative_error(got[name], grad) <= rtol, name
     ran = {(row["attention"], row["reason"]) for row in _attention_rows(fast)}
     assert ran == {(attention.FLASH_VARLEN, f"packed sequences from {_source(fast, signal)}")}
 
@@ -116,10 +127,10 @@ MOE_FAMILIES = ["qwen3_moe", "gpt_oss"]
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", list(SIGNALS))
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal):
+def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal, device):
     from test_moe import _pair as moe_pair  # lazy: test_moe skips without Qwen3-MoE
 
-    reference, fast = moe_pair(tmp_path, False, family)
+    reference, fast = moe_pair(tmp_path, False, family, device=device)
     fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
     sequences = _sequences()
     without_aux = {"output_router_logits": False}
@@ -135,12 +146,12 @@ def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal):
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
-def test_qwen3_5_full_attention_runs_packed(tmp_path):
+def test_qwen3_5_full_attention_runs_packed(tmp_path, device):
     """Its full-attention layer takes the packed kernel; its linear-attention layers take one
     sequence at a time, and fused_report says so."""
-    _, fast = _pair(tmp_path, "qwen3_5_text", checkpointing=False)
+    _, fast = _pair(tmp_path, "qwen3_5_text", checkpointing=False, device=device)
     fast.set_attn_implementation("eager")
-    fast(**_packed_batch(_sequences(), "position_ids"))
+    fast(**_on(fast, _packed_batch(_sequences(), "position_ids")))
     rows = fused_report(fast).attention
     full = [row["attention"] for row in rows if row["kv"] == "k_proj, v_proj"]
     assert full == [attention.FLASH_VARLEN]
@@ -167,7 +178,7 @@ def test_cpu_eager_fallback_keeps_sequences_apart(tmp_path, signal):
 
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("signal", list(SIGNALS))
-def test_sdpa_model_keeps_packed_sequences_apart(tmp_path, request, signal, kernel):
+def test_sdpa_model_keeps_packed_sequences_apart(tmp_path, request, signal, kernel, device):
     """An SDPA model (transformers' default) runs the packed kernel too; on the CPU's SDPA
     fallback, a mask over the whole row (a KV cache, or cu_seq_lens alone: transformers then
     gives SDPA none) is replaced by the per-sequence one. Seen failing with SDPA given no mask."""
@@ -175,7 +186,7 @@ def test_sdpa_model_keeps_packed_sequences_apart(tmp_path, request, signal, kern
         request.getfixturevalue("kernel_on_cpu")
     elif torch.cuda.is_available():
         pytest.skip("the CPU fallback")
-    reference, fast = _pair(tmp_path, "llama", checkpointing=False)
+    reference, fast = _pair(tmp_path, "llama", checkpointing=False, device=device)
     assert fast.config._attn_implementation == "sdpa"
     sequences = _sequences()
     want_loss, want = _per_sequence_reference(reference, sequences)
@@ -193,9 +204,9 @@ def test_sdpa_model_keeps_packed_sequences_apart(tmp_path, request, signal, kern
 
 def _per_token(model, batch):
     """Per-token logits of the packed row (1, T, V) and its per-token losses (T,)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in _on(model, batch).items() if k != "labels"}
     with torch.no_grad():
-        logits = model(**inputs).logits.float()
+        logits = model(**inputs).logits.float().cpu()
     labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[0, 1:]
     losses = torch.nn.functional.cross_entropy(logits[0], labels, reduction="none")
     return logits, losses
@@ -204,10 +215,10 @@ def _per_token(model, batch):
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_5_text"])
-def test_a_sequence_never_sees_another(tmp_path, model_type, signal):
+def test_a_sequence_never_sees_another(tmp_path, model_type, signal, device):
     """Redraw the middle sequence: every token of the others keeps every bit of its logits and
     its loss. Seen failing with the kernel given one sequence over the whole row."""
-    _, fast = _pair(tmp_path, model_type, checkpointing=False)
+    _, fast = _pair(tmp_path, model_type, checkpointing=False, device=device)
     fast.set_attn_implementation("eager")
     lengths = (5, 4, 7)
     sequences = _sequences(lengths)

@@ -14,7 +14,7 @@ import gc
 import pytest
 import torch
 from test_architectures import RTOL, _pair
-from test_attention import _gemma2_attention, _inputs, kernel_on_cpu  # noqa: F401  (a fixture)
+from test_attention import _gemma2_attention, _inputs
 from tiny_models import VOCAB, relative_error
 
 from fastlm.kernels.flash_attention import keep_pattern

@@ -17,6 +17,7 @@ pytest.importorskip("transformers.models.qwen3_5", reason="transformers without 
 
 from test_architectures import (  # noqa: E402 (after the skip)
     RTOL,
+    TF32_RTOL,
     _assert_loss_and_lora_grads_match,
     _assert_same_loss_curve,
     _loss_and_lora_grads,
@@ -42,7 +43,6 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LINEAR = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 TARGETS = ATTENTION + LINEAR + MLP
-TF32_RTOL = 1e-2  # fla's fp32 matmuls run in TF32 (test_gpu_fp32_matches_hf)
 KINDS = {0: ("linear_attn", LINEAR), 1: ("self_attn", ATTENTION), 2: ("linear_attn", LINEAR)}
 
 

@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the families' HF/fastlm pairs
 sys.path.insert(0, str(Path(__file__).parents[1] / "embeddings"))  # and the embedding bodies
 from test_architectures import RTOL, _assert_loss_and_lora_grads_match, _pair  # noqa: E402
-from test_attention import kernel_on_cpu  # noqa: E402, F401  (a fixture)
 
 from fastlm import FastModel
 from fastlm.offload import checkpoint, layer_graphs

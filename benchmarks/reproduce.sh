@@ -29,7 +29,13 @@ embeddings-varlen  InfoNCE on variable-length pairs, Qwen3-Embedding-0.6B LoRA: 
 graphs-memory  layer CUDA graphs: the pool's reserve for the loss (GPU test), then suite rows 3
                and 5 (Qwen3-4B, Llama-3.2-1B QLoRA) beside Unsloth
 new-families   Qwen3.5 / Gemma 4 (needs .gpu/site-newer.tgz, scripts/gpu_site_newer.sh): their
-               GPU tests, then issue 17's suite rows 1 and 3 (hf, fastlm, unsloth)
+               GPU tests
+issue17        Qwen3.5-9B / Gemma-4 4B LoRA and QLoRA, hf, fastlm, unsloth (site-newer; ROWS=1-4
+               by default, one row a call fits: Unsloth compiles each layer for minutes first)
+issue18        Qwen3-30B-A3B (24 layers) / gpt-oss-20b LoRA and QLoRA, hf, fastlm, unsloth
+               (site-newer; ROWS=1-2, then 3-4 with the checkpoint cache emptied: the two
+               checkpoints, 31 and 42 GB, do not fit a 64 GB disk together)
+moe-streaming  a 48-layer Qwen3-30B-A3B QLoRA step under an 8 GiB cap, and the resident step
 "
 
 if [ $# -ne 1 ] || [ "$1" = "--list" ] || [ "$1" = "-h" ]; then
@@ -50,7 +56,8 @@ if [ -f .gpu/site.tgz ]; then
 else
   export PYTHONPATH=$PWD
 fi
-if [ "$group" = new-families ] && [ -f .gpu/site-newer.tgz ]; then  # transformers 5.23, fla
+newer=$(case $group in new-families | issue17 | issue18 | moe-streaming) echo 1 ;; esac)
+if [ -n "$newer" ] && [ -f .gpu/site-newer.tgz ]; then  # transformers 5.23, fla
   mkdir -p /tmp/site-newer && tar xzf .gpu/site-newer.tgz -C /tmp/site-newer
   export PYTHONPATH=/tmp/site-newer:$PYTHONPATH
 fi
@@ -96,10 +103,14 @@ case $group in
     python benchmarks/suite.py --rows 3,5 --systems fastlm,unsloth --fastlm-graphs \
       --child-timeout 150 --out "$out/suite" ;;
   new-families)
-    OUT=$out bash scripts/gpu_tests.sh tests/models/test_qwen3_5.py \
-      tests/kernels/test_gated_delta_dqkwg.py tests/models/test_gemma4.py
-    python benchmarks/suite.py --suite issue17 --rows 1,3 --systems hf,fastlm,unsloth \
-      --child-timeout 240 --out "$out/suite" ;;
+    OUT=$out bash scripts/gpu_tests.sh tests/kernels/test_gated_delta_dqkwg.py \
+      tests/models/test_gemma4.py tests/models/test_qwen3_5.py ;;
+  issue17 | issue18)
+    python benchmarks/suite.py --suite $group --rows "${ROWS:-1-4}" --systems hf,fastlm,unsloth \
+      --warmup 2 --steps 6 --child-timeout 480 --out "$out" ;;
+  moe-streaming)
+    python benchmarks/offload_capacity.py --parts capacity --capacity-shape qwen3-30b-a3b-24l \
+      --layers 48 --resident --out "$out" ;;
   multi-gpu)
     for mode in lora qlora; do
       for parallel in ddp fsdp2; do

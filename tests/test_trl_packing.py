@@ -1,8 +1,8 @@
 """TRL's padding-free and packed SFT on a model loaded with SDPA (transformers' default): the
 first step's loss and every LoRA gradient the SFTTrainer computes with fastlm equal those of
 unpatched transformers + PEFT run on each of the batch's sequences alone, and the packed batch
-ran fastlm's packed kernel (in the interpreter on CPU tensors here) or, without it, SDPA with a
-mask that keeps the sequences apart.
+ran fastlm's packed kernel (on the GPU, or in the interpreter on CPU tensors without one) or,
+without it, SDPA on the CPU with a mask that keeps the sequences apart.
 
 The reference reads its sequences from the batch the trainer collated (``cu_seq_lens_q``), so
 TRL's shuffling and packing need no re-implementation; the per-sequence losses are summed over
@@ -33,13 +33,14 @@ CONFIGS = {
 }
 
 
-def _pair(tmp_path, model_type):
-    """Unpatched transformers + PEFT and fastlm, both with SDPA, same weights and LoRA (B ≠ 0)."""
+def _pair(tmp_path, model_type, device="cpu"):
+    """Unpatched transformers + PEFT and fastlm, both with SDPA, same weights and LoRA (B ≠ 0),
+    both on ``device``."""
     path = save_tiny_model(model_type, tmp_path / model_type)
     lora = dict(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device)
     reference = get_peft_model(reference, LoraConfig(**lora))
-    fast, tokenizer = FastModel.from_pretrained(str(path), dtype=torch.float32, device_map="cpu")
+    fast, tokenizer = FastModel.from_pretrained(str(path), dtype=torch.float32, device_map=device)
     fast = FastModel.get_peft_model(fast, **lora, use_gradient_checkpointing=False)
     fast.load_state_dict(reference.state_dict())
     assert fast.config._attn_implementation == "sdpa"
@@ -56,7 +57,8 @@ def _dataset(lengths=LENGTHS):
 
 
 def _lora_grads(model) -> dict:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.grad.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+            if "lora_" in n}  # fmt: skip
 
 
 class _GradsBeforeStep(TrainerCallback):
@@ -78,7 +80,7 @@ def _first_step(tmp_path, model, tokenizer, config: dict):
         per_device_train_batch_size=len(LENGTHS),
         max_steps=1,
         max_grad_norm=0.0,  # no clipping: the raw gradients are compared
-        use_cpu=True,
+        use_cpu=not next(model.parameters()).is_cuda,  # the trainer keeps the model where it is
         bf16=False,  # SFTConfig's default is bf16 autocast, on the CPU too: compare in fp32
         report_to=[],
         save_strategy="no",
@@ -132,9 +134,9 @@ def _assert_same_step(reference, fast, tmp_path, tokenizer, config):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_sft_first_step_runs_the_packed_kernel_and_matches_each_sequence(
-    tmp_path, model_type, config
+    tmp_path, model_type, config, device
 ):
-    reference, fast, tokenizer = _pair(tmp_path, model_type)
+    reference, fast, tokenizer = _pair(tmp_path, model_type, device)
     _assert_same_step(reference, fast, tmp_path, tokenizer, CONFIGS[config])
     ran = {(row["attention"], row["reason"]) for row in fused_report(fast).attention}
     reason = "packed sequences from cu_seq_lens, in place of sdpa"

@@ -1,12 +1,12 @@
 """Padding-free embedding batches (``fastlm.embeddings.padding_free``) vs the padded computation.
 
-fp32 on the CPU. A causal body (Qwen3, last-token pooling, left padding) and a bidirectional one
-(Gemma 3 with full-attention layers, mean pooling), texts of very different lengths: the packed
-row's embeddings, the InfoNCE loss and every LoRA gradient equal the patched padded batch's and
+fp32. A causal body (Qwen3, last-token pooling, left padding) and a bidirectional one (Gemma 3
+with full-attention layers, mean pooling), texts of very different lengths: the packed row's
+embeddings, the InfoNCE loss and every LoRA gradient equal the patched padded batch's and
 unpatched transformers + PEFT's (padded) within 1e-4 (embeddings 1e-5). The attention runs SDPA
-with the per-text mask, or the varlen kernel in the interpreter (``kernel_on_cpu``). Changing one
-text leaves the others' vectors bit-identical. Bodies the layout cannot take run padded, and say
-why.
+with the per-text mask (on the CPU), or the varlen kernel (``kernel_on_cpu``: on the GPU where
+there is one, else in the interpreter). Changing one text leaves the others' vectors
+bit-identical. Bodies the layout cannot take run padded, and say why.
 """
 
 from __future__ import annotations
@@ -81,15 +81,15 @@ def test_pool_packed_equals_pool_on_the_padded_states(mode):
 # --------------------------------------------------------------------------- against padded / HF
 
 
-def _models(tmp_path, kind):
+def _models(tmp_path, kind, device="cpu"):
     """(unpatched reference, patched padded, patched padding-free): the same weights and LoRA
-    (B ≠ 0, gradient checkpointing on), in train mode."""
+    (B ≠ 0, gradient checkpointing on), in train mode, on ``device``."""
     path = save_tiny_embedding_model(kind, tmp_path / kind)
     models = []
     for kernels, padding_free in ((False, True), (True, False), (True, True)):
         model, _ = load_embedding_model(
             str(path), max_seq_length=120, use_fastlm_kernels=kernels, padding_free=padding_free,
-            **CPU,
+            **{**CPU, "device_map": device},
         )  # fmt: skip
         model.get_peft_model(r=4, lora_alpha=8, init_lora_weights=False)
         model.load_state_dict(models[0].state_dict()) if models else None
@@ -101,16 +101,23 @@ def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = InfoNCELoss(temperature=0.05).batch_loss(model, batch)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    grads = {n: p.grad.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+             if "lora_" in n}  # fmt: skip
     return loss.detach(), grads
+
+
+def _on(batch: dict, device) -> dict:
+    """A collated batch (its sides are dicts of tensors) on ``device``."""
+    return {k: _on(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "varlen-kernel"])
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3_full"])
-def test_padding_free_equals_padded_and_hf(tmp_path, kind, kernel, request):
+def test_padding_free_equals_padded_and_hf(tmp_path, kind, kernel, request, device):
     calls = request.getfixturevalue("kernel_on_cpu") if kernel else None
-    reference, padded, packed = _models(tmp_path, kind)
-    batch = EmbeddingCollator(packed, prompts={})(ROWS)
+    device = device if kernel else "cpu"  # SDPA: the CPU's path (CUDA would run the kernel)
+    reference, padded, packed = _models(tmp_path, kind, device)
+    batch = _on(EmbeddingCollator(packed, prompts={})(ROWS), device)
     lengths = batch["response"]["attention_mask"].sum(1).tolist()
     assert max(lengths) >= 20 * min(lengths)  # very different lengths: mostly padding
     with torch.no_grad():
@@ -141,11 +148,12 @@ def test_padding_free_equals_padded_and_hf(tmp_path, kind, kernel, request):
 @pytest.mark.parametrize(
     "kind, kernel", [("qwen3", False), ("gemma3_full", False), ("qwen3", True)]
 )
-def test_changing_one_text_leaves_the_others_bit_identical(tmp_path, kind, kernel, request):
+def test_changing_one_text_leaves_the_others_bit_identical(tmp_path, kind, kernel, request, device):
     if kernel:
         request.getfixturevalue("kernel_on_cpu")
+    device = device if kernel else "cpu"  # SDPA: the CPU's path (CUDA would run the kernel)
     path = save_tiny_embedding_model(kind, tmp_path / kind)
-    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **{**CPU, "device_map": device})
     model.eval()
     texts = ["hi", LONG, "the cat sat on the mat", "x"]
     changed = [*texts]
@@ -273,15 +281,16 @@ def _body_calls(model) -> list:
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "varlen-kernel"])
-def test_a_loss_embeds_all_its_sides_in_one_body_call(tmp_path, kernel, request):
+def test_a_loss_embeds_all_its_sides_in_one_body_call(tmp_path, kernel, request, device):
     """Queries, positives and negatives (one side without padding) in one packed row: each
     side's vectors as its own forward gives them, with one body call instead of three."""
     if kernel:
         request.getfixturevalue("kernel_on_cpu")
+    device = device if kernel else "cpu"  # SDPA: the CPU's path (CUDA would run the kernel)
     path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
-    model, _ = load_embedding_model(str(path), max_seq_length=120, **CPU)
+    model, _ = load_embedding_model(str(path), max_seq_length=120, **{**CPU, "device_map": device})
     model.eval()
-    batch = EmbeddingCollator(model, prompts={})(ROWS)
+    batch = _on(EmbeddingCollator(model, prompts={})(ROWS), device)
     unpadded = model.tokenize([LONG, LONG])  # no padding: it packs only to join the others
     sides = [batch["query"], batch["response"], unpadded]
     calls = _body_calls(model)

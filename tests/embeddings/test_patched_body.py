@@ -18,7 +18,6 @@ from nf4_format import run_4bit_layers_from_format
 from tiny_models import copy_lora, relative_error
 
 from fastlm.embeddings import EmbeddingCollator, InfoNCELoss, load_embedding_model
-from fastlm.kernels import flash_attention as fa
 from fastlm.models import attention, fused_report, is_patched
 
 RTOL = 1e-4
@@ -94,15 +93,16 @@ def test_embeddings_and_lora_gradients_match_hf(tmp_path, kind, checkpointing, d
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
-def test_padded_batch_on_the_kernel_matches_hf(tmp_path, kind, monkeypatch):
-    """The kernel in the interpreter: a padded batch of bidirectional rows runs the padded launch
-    (Gemma 3's windowed layers stay on SDPA: the kernel's window is causal only)."""
-    monkeypatch.setattr(attention, "use_triton", lambda t: True)
-    monkeypatch.setattr(fa, "use_triton", lambda t: True)
-    reference, fast = _pair(tmp_path, kind, False, "cpu")
+@pytest.mark.usefixtures("kernel_on_cpu")
+def test_padded_batch_on_the_kernel_matches_hf(tmp_path, kind, device):
+    """The kernel (on a CPU host in the interpreter): a padded batch of bidirectional rows runs
+    the padded launch (Gemma 3's windowed layers stay on SDPA: the kernel's window is causal
+    only)."""
+    reference, fast = _pair(tmp_path, kind, False, device)
     fast.padding_free = False  # the padded launch (test_padding_free.py: the packed one)
     batch = EmbeddingCollator(fast, prompts={})(ROWS)
     assert not batch["response"]["attention_mask"].all()  # padded
+    batch = {k: _to(v, device) for k, v in batch.items()}
     _assert_same_embeddings_loss_and_grads(reference, fast, batch)
     ran = {row["attention"] for row in fused_report(fast.backbone).attention}
     windowed = {"sdpa"} if kind == "gemma3" else set()

@@ -33,14 +33,15 @@ LORA = dict(
 )
 
 
-def _pair(tmp_path):
-    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0)."""
+def _pair(tmp_path, device="cpu"):
+    """(transformers + PEFT with eager experts, fastlm), same weights and LoRA (B != 0), both on
+    ``device``."""
     path = save_tiny_model("gpt_oss", tmp_path / "gpt_oss")
     reference = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, experts_implementation="eager"
+        path, dtype=torch.float32, experts_implementation="eager", device_map=device
     )
     reference = get_peft_model(reference, LoraConfig(**LORA))
-    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map="cpu")
+    fast, _ = FastModel.from_pretrained(path, dtype=torch.float32, device_map=device)
     fast = FastModel.get_peft_model(fast, use_gradient_checkpointing=False, **LORA)
     fast.load_state_dict(reference.state_dict())
     return reference.train(), fast.train()
@@ -58,7 +59,8 @@ def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     loss.backward()
-    return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
 
 
 def _assert_match(reference, fast, batch, n_grads: int = 36) -> dict:
@@ -75,13 +77,13 @@ def _assert_match(reference, fast, batch, n_grads: int = 36) -> dict:
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padded"])
-def test_attention_with_sinks_runs_the_flash_kernel(tmp_path, kernel_on_cpu, padded):
-    """With the kernel allowed (on CPU here, as on a GPU), every layer (sliding window 4, full,
-    sliding) runs it with the sinks: the fixed-length launch, or the padded launch for the
-    padding on the causal and window patterns. The loss, every LoRA gradient and the sinks'
-    gradients (trainable in both models) are HF eager's; the report says which launch ran. The
-    sinks matter on this batch: without them the loss differs."""
-    reference, fast = _pair(tmp_path)
+def test_attention_with_sinks_runs_the_flash_kernel(tmp_path, kernel_on_cpu, padded, device):
+    """With the kernel forced (on the GPU, or in the interpreter without one), every layer
+    (sliding window 4, full, sliding) runs it with the sinks: the fixed-length launch, or the
+    padded launch for the padding on the causal and window patterns. The loss, every LoRA
+    gradient and the sinks' gradients (trainable in both models) are HF eager's; the report says
+    which launch ran. The sinks matter on this batch: without them the loss differs."""
+    reference, fast = _pair(tmp_path, device)
     _train_sinks(reference, fast)
     layers = [m for m in fast.modules() if type(m).__name__ == "GptOssAttention"]
     assert len(layers) == 3 and all(layer.sinks.abs().min() > 1e-2 for layer in layers)
@@ -93,6 +95,7 @@ def test_attention_with_sinks_runs_the_flash_kernel(tmp_path, kernel_on_cpu, pad
     if not padded:
         batch["attention_mask"].fill_(1)
         batch["labels"] = batch["input_ids"]
+    batch = {k: v.to(device) for k, v in batch.items()}
     errors = _assert_match(reference, fast, batch, n_grads=36 + len(layers))
     assert {name for name in errors if name.endswith("sinks")} == {
         f"base_model.model.model.layers.{i}.self_attn.sinks" for i in range(len(layers))

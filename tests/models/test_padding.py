@@ -4,7 +4,8 @@ real tokens alone (unpad -> varlen -> pad) and gives the loss and every LoRA gra
 unpatched transformers + PEFT; a pad token's content never reaches a real token, nor one row's
 another's; masks that are not exactly padding keep eager.
 
-The packed kernel runs in the interpreter on CPU tensors (``kernel_on_cpu``).
+The packed kernel runs on the GPU where there is one, else in the interpreter on CPU tensors
+(``kernel_on_cpu``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 from test_architectures import RTOL, _pair
 from test_attention import _gemma2_attention, _inputs
+from test_packing import _on, _rtol
 from tiny_models import VOCAB, relative_error
 
 from fastlm.kernels.flash_attention import keep_pattern
@@ -50,10 +52,10 @@ def _padded_batch(side: str, lengths=LENGTHS, seed: int = 0) -> dict:
 
 def _loss_and_lora_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = model(**_on(model, batch)).loss
     loss.backward()
-    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                         if "lora_" in n}  # fmt: skip
+    return loss.item(), {n: p.grad.detach().to("cpu", copy=True) for n, p in
+                         model.named_parameters() if "lora_" in n}  # fmt: skip
 
 
 def _paths(model) -> set[tuple[str, str]]:
@@ -63,42 +65,42 @@ def _paths(model) -> set[tuple[str, str]]:
     return {(row["attention"], row["reason"]) for row in rows if not row["kv"].startswith(linear)}
 
 
-def _assert_matches_transformers(reference, fast, batch):
+def _assert_matches_transformers(reference, fast, batch, rtol=RTOL):
     want_loss, want = _loss_and_lora_grads(reference, batch)
     got_loss, got = _loss_and_lora_grads(fast, batch)
-    assert abs(got_loss - want_loss) <= RTOL * abs(want_loss)
+    assert abs(got_loss - want_loss) <= rtol * abs(want_loss)
     assert got.keys() == want.keys() and want
     for name, grad in want.items():
         assert grad.abs().sum() > 0, name
-        assert relative_error(got[name], grad) <= RTOL, name
+        assert relative_error(got[name], grad) <= rtol, name
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_padded_loss_and_lora_grads_match_transformers(tmp_path, model_type, side):
-    reference, fast = _pair(tmp_path, model_type, checkpointing=False)
+def test_padded_loss_and_lora_grads_match_transformers(tmp_path, model_type, side, device):
+    reference, fast = _pair(tmp_path, model_type, checkpointing=False, device=device)
     fast.set_attn_implementation("eager")  # where fastlm's kernels replace transformers'
-    _assert_matches_transformers(reference, fast, _padded_batch(side))
+    _assert_matches_transformers(reference, fast, _padded_batch(side), _rtol(model_type, device))
     assert _paths(fast) == {(attention.FLASH_VARLEN, attention.PADDED)}
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_sdpa_model_runs_the_padded_launch(tmp_path, side):
+def test_sdpa_model_runs_the_padded_launch(tmp_path, side, device):
     """transformers' default attention: the padded call runs the kernel in place of SDPA."""
-    reference, fast = _pair(tmp_path, "llama", checkpointing=True)
+    reference, fast = _pair(tmp_path, "llama", checkpointing=True, device=device)
     assert fast.config._attn_implementation == "sdpa"
     _assert_matches_transformers(reference, fast, _padded_batch(side))
     assert _paths(fast) == {(attention.FLASH_VARLEN, f"{attention.PADDED}, in place of sdpa")}
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
-def test_left_padding_with_generation_positions(tmp_path):
+def test_left_padding_with_generation_positions(tmp_path, device):
     """Left padding with the position_ids generate() makes (1 on the pads, 0.. on the tokens):
     they restart, so packing finds sequences, but the mask is padding and says what eager
     computes; the padded launch runs."""
-    reference, fast = _pair(tmp_path, "gemma2", checkpointing=False)
+    reference, fast = _pair(tmp_path, "gemma2", checkpointing=False, device=device)
     fast.set_attn_implementation("eager")
     batch = _padded_batch("left")
     mask = batch["attention_mask"]
@@ -108,19 +110,20 @@ def test_left_padding_with_generation_positions(tmp_path):
 
 
 def _real_logits(model, batch) -> torch.Tensor:
-    """The logits of the real tokens, (T, V), in row order."""
+    """The logits of the real tokens, (T, V), in row order, on the CPU."""
+    inputs = _on(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits.cpu()
     return logits[batch["attention_mask"] == 1]
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-def test_padding_and_other_rows_never_reach_a_real_token(tmp_path, model_type, side):
+def test_padding_and_other_rows_never_reach_a_real_token(tmp_path, model_type, side, device):
     """Redraw the pad tokens and one row's real tokens: every real token of the other rows keeps
     every bit of its logits. Seen failing with each row's span one token into the next row."""
-    _, fast = _pair(tmp_path, model_type, checkpointing=False)
+    _, fast = _pair(tmp_path, model_type, checkpointing=False, device=device)
     fast.set_attn_implementation("eager")
     batch = _padded_batch(side)
     changed = dict(batch, input_ids=batch["input_ids"].clone())
@@ -136,15 +139,15 @@ def test_padding_and_other_rows_never_reach_a_real_token(tmp_path, model_type, s
 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
-def test_a_forward_reads_each_mask_once(tmp_path, monkeypatch):
+def test_a_forward_reads_each_mask_once(tmp_path, monkeypatch, device):
     """Reading the mask is a host synchronisation: once per mask tensor, not once per layer.
     Gemma 3 text has two masks (sliding, full) over its three layers."""
     reads = []
     original = padding._read
     monkeypatch.setattr(padding, "_read", lambda *a: reads.append(1) or original(*a))
-    _, fast = _pair(tmp_path, "gemma3_text", checkpointing=True)
+    _, fast = _pair(tmp_path, "gemma3_text", checkpointing=True, device=device)
     fast.set_attn_implementation("eager")
-    loss = fast(**_padded_batch("left")).loss
+    loss = fast(**_on(fast, _padded_batch("left"))).loss
     assert reads == [1, 1]
     loss.backward()  # the checkpointed layers' recompute finds the answers
     assert reads == [1, 1]

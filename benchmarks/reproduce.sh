@@ -36,6 +36,9 @@ issue18        Qwen3-30B-A3B (24 layers) / gpt-oss-20b LoRA and QLoRA, hf, fastl
                (site-newer; ROWS=1-2, then 3-4 with the checkpoint cache emptied: the two
                checkpoints, 31 and 42 GB, do not fit a 64 GB disk together)
 moe-streaming  a 48-layer Qwen3-30B-A3B QLoRA step under an 8 GiB cap, and the resident step
+step-8b        where the 8B rows' time and memory go: the bf16 GEMM ceiling of the shape
+               (step_flops), step profiles of LoRA for fastlm and Unsloth, the allocator
+               snapshot of fastlm's QLoRA step
 "
 
 if [ $# -ne 1 ] || [ "$1" = "--list" ] || [ "$1" = "-h" ]; then
@@ -108,6 +111,16 @@ case $group in
   issue17 | issue18)
     python benchmarks/suite.py --suite $group --rows "${ROWS:-1-4}" --systems hf,fastlm,unsloth \
       --warmup 2 --steps 6 --child-timeout 480 --out "$out" ;;
+  step-8b)
+    python benchmarks/step_flops.py --shape llama-3.1-8b --measure-ceiling \
+      --out "$out/step-flops.json"
+    for system in fastlm unsloth; do
+      python benchmarks/profile_step.py --shape llama-3.1-8b --mode lora --system $system \
+        --rows 40 > "$out/profile-lora-$system.txt"
+    done
+    python benchmarks/profile_step.py --shape llama-3.1-8b --mode qlora --system fastlm \
+      --no-graphs --rows 30 --memory-snapshot "$out/snapshot-qlora.pickle" \
+      > "$out/memory-qlora-fastlm.txt" ;;
   moe-streaming)
     python benchmarks/offload_capacity.py --parts capacity --capacity-shape qwen3-30b-a3b-24l \
       --layers 48 --resident --out "$out" ;;

@@ -31,7 +31,8 @@ graphs-memory  layer CUDA graphs: the pool's reserve for the loss (GPU test), th
 new-families   Qwen3.5 / Gemma 4 (needs .gpu/site-newer.tgz, scripts/gpu_site_newer.sh): their
                GPU tests
 issue17        Qwen3.5-9B / Gemma-4 4B LoRA and QLoRA, hf, fastlm, unsloth (site-newer; ROWS=1-4
-               by default, one row a call fits: Unsloth compiles each layer for minutes first)
+               by default; Unsloth compiles each layer for minutes first: where a row does not
+               fit a call, SYSTEMS=hf,fastlm then SYSTEMS=unsloth into the same OUT)
 issue18        Qwen3-30B-A3B (24 layers) / gpt-oss-20b LoRA and QLoRA, hf, fastlm, unsloth
                (site-newer; ROWS=1-2, then 3-4 with the checkpoint cache emptied: the two
                checkpoints, 31 and 42 GB, do not fit a 64 GB disk together)
@@ -109,7 +110,8 @@ case $group in
     OUT=$out bash scripts/gpu_tests.sh tests/kernels/test_gated_delta_dqkwg.py \
       tests/models/test_gemma4.py tests/models/test_qwen3_5.py ;;
   issue17 | issue18)
-    python benchmarks/suite.py --suite $group --rows "${ROWS:-1-4}" --systems hf,fastlm,unsloth \
+    python benchmarks/suite.py --suite $group --rows "${ROWS:-1-4}" \
+      --systems "${SYSTEMS:-hf,fastlm,unsloth}" \
       --warmup 2 --steps 6 --child-timeout 480 --out "$out" ;;
   step-8b)
     python benchmarks/step_flops.py --shape llama-3.1-8b --measure-ceiling \

@@ -52,8 +52,11 @@ def _per_token_products(model, config) -> tuple[int, int, list[tuple[str, int, i
     (name, in, out)): experts' 3-D weights count k of E."""
     import torch
 
+    from fastlm.models import spec_for
+
     text = config.get_text_config()
-    experts_per_token = getattr(text, "num_experts_per_tok", None) or 1
+    moe = spec_for(text).moe  # the family's own name for k (Gemma 4: top_k_experts)
+    experts_per_token = getattr(text, moe.experts_per_token_attr) if moe is not None else 1
     decoder, linears = 0, []
     for name, module in model.named_modules():
         if ".layers." not in f".{name}.":

@@ -688,6 +688,16 @@ def llama_cpp_server(path, n_ctx: int = 256):
     return xllamacpp.Server(params)
 
 
+def on_device(batch: dict, device) -> dict:
+    """``batch`` with its tensors on ``device``, nested dicts too (an embedding batch's sides);
+    other values (flags) as they are."""
+    return {
+        k: on_device(v, device) if isinstance(v, dict)
+        else v.to(device) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }  # fmt: skip
+
+
 def train_step(model: torch.nn.Module, batch: dict, **call_kwargs):
     """One forward + backward from zero gradients: (output, {name: gradient}) of every parameter
     that got one. ``call_kwargs`` go to the forward (e.g. ``output_router_logits=True``)."""

@@ -57,8 +57,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastlm.kernels._dispatch import use_triton
 from fastlm.kernels.flash_attention import flash_attention, flash_attention_varlen, keep_pattern
-from fastlm.models.packing import Packing, _version, chunks_of, packed_sequences, sequence_ids
+from fastlm.models.packing import Packing, chunks_of, packed_sequences, sequence_ids
 from fastlm.models.padding import Padding, keeps_exactly, pad, padded_rows, unpad
+from fastlm.models.tensor_memo import remembered, version_of
 
 __all__ = [
     "CHUNK_KWARG",
@@ -384,16 +385,15 @@ def _packed_chunks(query, mask, packing: Packing | None, kwargs) -> bool:
 def _keeps_every_diagonal(mask: torch.Tensor) -> bool:
     """Every token sees itself: no key is padding (which transformers' masks drop for every
     query, its own included). Read once per mask tensor and content: the layers share it."""
-    seen = _DIAGONALS.get(mask)
-    if seen is not None and seen[0] == _version(mask):
-        return seen[1]
-    diagonal = mask.diagonal(dim1=-2, dim2=-1)
-    verdict = bool((diagonal if diagonal.dtype == torch.bool else diagonal == 0).all())
-    _DIAGONALS[mask] = (_version(mask), verdict)
-    return verdict
+
+    def read() -> bool:
+        diagonal = mask.diagonal(dim1=-2, dim2=-1)
+        return bool((diagonal if diagonal.dtype == torch.bool else diagonal == 0).all())
+
+    return remembered(_DIAGONALS, mask, (), read)
 
 
-_DIAGONALS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (its _version, verdict)
+_DIAGONALS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask -> (its version, (), verdict)
 
 
 def _row_wide(mask, seq_len: int, causal: bool, window: int | None) -> bool:
@@ -425,7 +425,7 @@ def _mask_is(mask, seq_len, causal, window, cu_seqlens, batch) -> bool:
         return False
     key = (seq_len, causal, window, batch)
     version, verdicts = _PLAIN_MASKS.get(mask, (None, []))
-    if version != _version(mask):  # None for an inference tensor: it keeps no version
+    if version != version_of(mask):  # None for an inference tensor: it keeps no version
         verdicts = []
     for seen_key, seen_cu, verdict in verdicts:
         if seen_key == key and seen_cu is cu_seqlens:
@@ -434,7 +434,7 @@ def _mask_is(mask, seq_len, causal, window, cu_seqlens, batch) -> bool:
     if cu_seqlens is not None:  # (B, 1, S, S): and only inside one sequence
         keep = keep & _same_sequence(cu_seqlens, batch, seq_len, mask.device)
     verdict = bool(keeps_exactly(mask, keep))
-    _PLAIN_MASKS[mask] = (_version(mask), [*verdicts, (key, cu_seqlens, verdict)])
+    _PLAIN_MASKS[mask] = (version_of(mask), [*verdicts, (key, cu_seqlens, verdict)])
     return verdict
 
 

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastlm.models.tensor_memo import remember, remembered
+
 __all__ = [
     "MAX_SEQUENCES",
     "Packing",
@@ -54,7 +56,7 @@ class Packing(NamedTuple):
     offsets: tuple[int, ...] = ()  # cu_seqlens as read on the host, where they were read
 
 
-# signal tensor -> (its _version, (batch, seq_len, the other tensor), Packing or None)
+# signal tensor -> (its version, (batch, seq_len, the other tensor), Packing or None)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # Whether the running forward's caller passed position_ids / cu_seq_lens: None when unknown (a
 # body called directly), False when the model made its own positions.
@@ -107,7 +109,7 @@ def assume_packing(kwargs: dict, batch: int, seq_len: int, packed: bool) -> None
     """
     cu_q = kwargs["cu_seq_lens_q"]
     packing = Packing(cu_q, int(kwargs["max_length_q"]), "cu_seq_lens") if packed else None
-    _SEEN[cu_q] = (_version(cu_q), (batch, seq_len, kwargs["cu_seq_lens_k"]), packing)
+    remember(_SEEN, cu_q, (batch, seq_len, kwargs["cu_seq_lens_k"]), packing)
 
 
 def _one_per_row(position_ids: torch.Tensor, batch: int, seq_len: int, _) -> None:
@@ -129,7 +131,7 @@ def as_keywords(packing: Packing, seq_len: int) -> dict:
 
     Usage: ``kwargs.update(as_keywords(packed_sequences(kwargs, 1, seq_len), seq_len))``."""
     cu = packing.cu_seqlens
-    _SEEN[cu] = (_version(cu), (1, seq_len, cu), packing._replace(source="cu_seq_lens"))
+    remember(_SEEN, cu, (1, seq_len, cu), packing._replace(source="cu_seq_lens"))
     return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packing.max_seqlen,
                 max_length_k=packing.max_seqlen)  # fmt: skip
 
@@ -140,19 +142,19 @@ def chunks_of(packing: Packing, chunk: int) -> Packing:
     gives ceil(max_seqlen / chunk) pieces, empty ones kept, so the count needs no host read.
 
     Usage: ``pieces = chunks_of(packing, 8192)``."""
-    key = (chunk, packing.max_seqlen, _version(packing.cu_seqlens))
-    hit = _CHUNKED.get(packing.cu_seqlens)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    key = (chunk, packing.max_seqlen)
+    return remembered(_CHUNKED, packing.cu_seqlens, key, lambda: _cut(packing, chunk))
+
+
+def _cut(packing: Packing, chunk: int) -> Packing:
     cu = packing.cu_seqlens
     pieces = -(-packing.max_seqlen // chunk)
     starts = torch.arange(0, pieces * chunk, chunk, device=cu.device)
     lengths = (cu[1:] - cu[:-1]).long()
     sizes = (lengths[:, None] - starts).clamp(0, chunk).flatten()  # (n * pieces,)
     bounds = torch.cat([cu[:1].long(), cu[:1].long() + sizes.cumsum(0)]).to(torch.int32)
-    cut = packing._replace(cu_seqlens=bounds, max_seqlen=min(chunk, packing.max_seqlen), offsets=())
-    _CHUNKED[packing.cu_seqlens] = (key, cut)
-    return cut
+    longest = min(chunk, packing.max_seqlen)
+    return packing._replace(cu_seqlens=bounds, max_seqlen=longest, offsets=())
 
 
 def positions_in_sequences(packing: Packing, n_tokens: int) -> torch.Tensor:
@@ -167,29 +169,13 @@ def positions_in_sequences(packing: Packing, n_tokens: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- helpers
 
-# cu_seqlens -> ((chunk, max_seqlen, its _version), the sequences cut into chunks): the chunked
+# cu_seqlens -> (its version, (chunk, max_seqlen), the sequences cut into chunks): the chunked
 # layers of one forward share one cut; offsets rewritten in place (a graph's static copy) cut anew.
 _CHUNKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _cached(signal: torch.Tensor, key: tuple, read) -> Packing | None:
-    version = _version(signal)
-    hit = _SEEN.get(signal)
-    if hit is not None and hit[0] == version and _same_key(hit[1], key):
-        return hit[2]
-    packing = read(signal, *key)
-    _SEEN[signal] = (version, key, packing)
-    return packing
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The in-place version of a tensor; None for an inference tensor (``torch.inference_mode``:
-    generation), which keeps none and which nothing changes between the layers of a forward."""
-    return None if tensor.is_inference() else tensor._version
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[:2] == b[:2] and a[2] is b[2]  # identity: == on tensors compares elements
+    return remembered(_SEEN, signal, key, lambda: read(signal, *key))
 
 
 def _from_position_ids(position_ids: torch.Tensor, batch: int, seq_len: int, _) -> Packing | None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.kernels.flash_attention import keep_pattern
-from fastlm.models.packing import _version
+from fastlm.models.tensor_memo import remembered
 
 __all__ = ["Padding", "keeps_exactly", "pad", "padded_rows", "unpad"]
 
@@ -55,8 +55,7 @@ class Padding(NamedTuple):
     problem: str = ""
 
 
-# mask tensor -> (its _version, (batch, seq_len, causal, window), Padding or None). Keyed by the
-# tensor's identity and dropped with it, so a new mask never reads an old one's answer.
+# mask tensor -> (its version, (batch, seq_len, causal, window, chunk), Padding or None)
 _SEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -77,13 +76,7 @@ def padded_rows(
     if mask is None or tuple(mask.shape) != (batch, 1, seq_len, seq_len):
         return None
     key = (batch, seq_len, causal, window, chunk)
-    version = _version(mask)
-    hit = _SEEN.get(mask)
-    if hit is not None and hit[0] == version and hit[1] == key:
-        return hit[2]
-    padding = _read(mask, seq_len, causal, window, chunk)
-    _SEEN[mask] = (version, key, padding)
-    return padding
+    return remembered(_SEEN, mask, key, lambda: _read(mask, seq_len, causal, window, chunk))
 
 
 def keeps_exactly(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import logging
 import pytest
 import torch
 from embedding_helpers import CPU, TEXTS, cpu_training_args, save_tiny_embedding_model
-from tiny_models import relative_error
+from tiny_models import on_device, relative_error
 
 from fastlm.embeddings import (
     EmbeddingCollator,
@@ -106,18 +106,13 @@ def _loss_and_grads(model, batch):
     return loss.detach(), grads
 
 
-def _on(batch: dict, device) -> dict:
-    """A collated batch (its sides are dicts of tensors) on ``device``."""
-    return {k: _on(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
-
-
 @pytest.mark.parametrize("kernel", [False, True], ids=["sdpa", "varlen-kernel"])
 @pytest.mark.parametrize("kind", ["qwen3", "gemma3_full"])
 def test_padding_free_equals_padded_and_hf(tmp_path, kind, kernel, request, device):
     calls = request.getfixturevalue("kernel_on_cpu") if kernel else None
     device = device if kernel else "cpu"  # SDPA: the CPU's path (CUDA would run the kernel)
     reference, padded, packed = _models(tmp_path, kind, device)
-    batch = _on(EmbeddingCollator(packed, prompts={})(ROWS), device)
+    batch = on_device(EmbeddingCollator(packed, prompts={})(ROWS), device)
     lengths = batch["response"]["attention_mask"].sum(1).tolist()
     assert max(lengths) >= 20 * min(lengths)  # very different lengths: mostly padding
     with torch.no_grad():
@@ -290,7 +285,7 @@ def test_a_loss_embeds_all_its_sides_in_one_body_call(tmp_path, kernel, request,
     path = save_tiny_embedding_model("qwen3", tmp_path / "qwen3")
     model, _ = load_embedding_model(str(path), max_seq_length=120, **{**CPU, "device_map": device})
     model.eval()
-    batch = _on(EmbeddingCollator(model, prompts={})(ROWS), device)
+    batch = on_device(EmbeddingCollator(model, prompts={})(ROWS), device)
     unpadded = model.tokenize([LONG, LONG])  # no padding: it packs only to join the others
     sides = [batch["query"], batch["response"], unpadded]
     calls = _body_calls(model)

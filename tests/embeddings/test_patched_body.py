@@ -15,7 +15,7 @@ import pytest
 import torch
 from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model
 from nf4_format import run_4bit_layers_from_format
-from tiny_models import copy_lora, relative_error
+from tiny_models import copy_lora, on_device, relative_error
 
 from fastlm.embeddings import EmbeddingCollator, InfoNCELoss, load_embedding_model
 from fastlm.models import attention, fused_report, is_patched
@@ -88,7 +88,7 @@ def test_embeddings_and_lora_gradients_match_hf(tmp_path, kind, checkpointing, d
     reference, fast = _pair(tmp_path, kind, checkpointing, device)
     # No prompts: the point here is the body; short texts keep the interpreter runs small.
     batch = EmbeddingCollator(fast, prompts={})(ROWS)
-    batch = {k: _to(v, device) for k, v in batch.items()}
+    batch = on_device(batch, device)
     _assert_same_embeddings_loss_and_grads(reference, fast, batch)
 
 
@@ -102,7 +102,7 @@ def test_padded_batch_on_the_kernel_matches_hf(tmp_path, kind, device):
     fast.padding_free = False  # the padded launch (test_padding_free.py: the packed one)
     batch = EmbeddingCollator(fast, prompts={})(ROWS)
     assert not batch["response"]["attention_mask"].all()  # padded
-    batch = {k: _to(v, device) for k, v in batch.items()}
+    batch = on_device(batch, device)
     _assert_same_embeddings_loss_and_grads(reference, fast, batch)
     ran = {row["attention"] for row in fused_report(fast.backbone).attention}
     windowed = {"sdpa"} if kind == "gemma3" else set()
@@ -125,12 +125,6 @@ def test_patched_gemma3_attends_both_ways(tmp_path):
     next_changed = ids.clone()
     next_changed[0, 1] = 20
     assert (hidden(next_changed)[0, 0] - base[0, 0]).abs().max() > 1e-4  # sees the future
-
-
-def _to(value, device):
-    if isinstance(value, dict):
-        return {k: v.to(device) for k, v in value.items()}
-    return value.to(device)
 
 
 def test_4bit_body_embeddings_gradients_and_merged_save(tmp_path):

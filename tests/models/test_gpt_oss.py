@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config
+from tiny_models import on_device, relative_error, save_tiny_model, tiny_batch, tiny_config
 from transformers import AutoModelForCausalLM
 
 from fastlm import FastModel
@@ -95,7 +95,7 @@ def test_attention_with_sinks_runs_the_flash_kernel(tmp_path, kernel_on_cpu, pad
     if not padded:
         batch["attention_mask"].fill_(1)
         batch["labels"] = batch["input_ids"]
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = on_device(batch, device)
     errors = _assert_match(reference, fast, batch, n_grads=36 + len(layers))
     assert {name for name in errors if name.endswith("sinks")} == {
         f"base_model.model.model.layers.{i}.self_attn.sinks" for i in range(len(layers))

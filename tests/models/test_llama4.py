@@ -29,7 +29,14 @@ from test_architectures import (  # noqa: E402
     _assert_same_loss_curve,
     assert_bf16_as_close_to_fp32_as_hf,
 )
-from tiny_models import relative_error, save_tiny_model, tiny_batch, tiny_config, train_step  # noqa: E402
+from tiny_models import (  # noqa: E402
+    on_device,
+    relative_error,
+    save_tiny_model,
+    tiny_batch,
+    tiny_config,
+    train_step,
+)
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.models.llama4 import modeling_llama4  # noqa: E402
 
@@ -379,7 +386,7 @@ def test_the_kernels_run_where_the_mask_allows_and_the_report_names_the_chunks(
             batch["attention_mask"][row, length:] = 0
             batch["input_ids"][row, length:] = 0
             batch["labels"][row, length:] = -100
-    _assert_match(reference, fast, {k: v.to(device) for k, v in batch.items()})
+    _assert_match(reference, fast, on_device(batch, device))
     rows = {row["module"].split(".")[-2]: row for row in fused_report(fast).attention}
     assert rows["2"]["attention"] == attention.FLASH_VARLEN  # padding on the causal pattern
     if seq == 4:
@@ -408,7 +415,7 @@ def test_left_padded_rows_are_chunked_from_their_first_token(tmp_path, kernels_o
     first = batch["attention_mask"].argmax(-1)
     labels[torch.arange(len(first)), first] = -100
     batch["labels"] = labels
-    _assert_match(reference, fast, {k: v.to(device) for k, v in batch.items()})
+    _assert_match(reference, fast, on_device(batch, device))
     rows = {row["module"].split(".")[-2]: row for row in fused_report(fast).attention}
     assert all(rows[layer]["reason"] == attention.CHUNKED for layer in ("0", "1", "3"))
 

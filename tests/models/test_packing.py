@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_architectures import RTOL, TF32_RTOL, _assert_loss_and_lora_grads_match, _pair
-from tiny_models import VOCAB, relative_error, tiny_batch
+from tiny_models import VOCAB, on_device, relative_error, tiny_batch
 from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
 
@@ -56,8 +56,7 @@ def _lora_grads(model) -> dict:
 
 def _on(model, batch: dict) -> dict:
     """``batch`` with its tensors where ``model`` is."""
-    where = next(model.parameters()).device
-    return {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return on_device(batch, next(model.parameters()).device)
 
 
 def _rtol(model_type: str, device: str) -> float:

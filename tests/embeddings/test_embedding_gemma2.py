@@ -18,8 +18,9 @@ import torch
 pytest.importorskip("transformers.models.embedding_gemma2", reason="no EmbeddingGemma 2")
 
 from embedding_helpers import CPU, TEXTS, save_tiny_embedding_model  # noqa: E402
-from test_patched_body import ROWS, _assert_same_embeddings_loss_and_grads, _to  # noqa: E402
+from test_patched_body import ROWS, _assert_same_embeddings_loss_and_grads  # noqa: E402
 from test_patched_body import _pair as _patched_body_pair  # noqa: E402
+from tiny_models import on_device  # noqa: E402
 
 from fastlm import FastModel  # noqa: E402
 from fastlm.embeddings import EmbeddingCollator, load_embedding_model  # noqa: E402
@@ -57,7 +58,7 @@ def test_embeddings_and_lora_gradients_match_hf(tmp_path, checkpointing, device)
     assert all(layer.gradient_checkpointing == bool(checkpointing) for layer in layers)
 
     batch = EmbeddingCollator(fast, prompts={})(ROWS)
-    batch = {k: _to(v, device) for k, v in batch.items()}
+    batch = on_device(batch, device)
     lengths = batch["response"]["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) > 1  # padded, rows of different lengths
     assert lengths.max() > 2 * fast.config.sliding_window + 1  # the window cuts the long rows

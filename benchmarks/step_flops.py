@@ -9,7 +9,11 @@ T = batch x seq tokens:
 
 - every Linear of the decoder layers: 2·T·in·out forward; experts (3-D weights): k of E per token;
 - the LM head (the loss's GEMM): 2·T·hidden·vocab forward;
-- attention scores and values: 4·B·S²·Hq·D / 2 forward (causal: half the square);
+- softmax attention's scores and values, layer by layer (each layer's own head_dim; a sliding
+  window's layer only the pairs within its window): 4·B·pairs·Hq·D forward, where the causal
+  pairs are S(S+1)/2 (W(W+1)/2 + (S-W)·W under a window W < S). Linear-attention layers
+  (Qwen3.5's Gated DeltaNet) have no such term: their chunked products, O(T·C·D) per head, are
+  left out with the other small work;
 - LoRA (``--mode lora``, rank ``--rank`` on the shape's targets): 2·T·r·(in + out) forward.
 
 Backward: frozen weights (LoRA, QLoRA) need dX only, as much as the forward; trained weights
@@ -71,17 +75,35 @@ def _per_token_products(model, config) -> tuple[int, int, list[tuple[str, int, i
     return decoder, head.in_features * head.out_features, linears
 
 
+def _causal_pairs(seq: int, window: int | None) -> int:
+    """(query, key) pairs a causal attention scores over ``seq`` positions, within ``window``."""
+    if window is None or window >= seq:
+        return seq * (seq + 1) // 2
+    return window * (window + 1) // 2 + (seq - window) * window
+
+
+def _attention_forward(model, batch: int, seq: int) -> float:
+    """Forward FLOPs of every softmax attention's scores and values: the modules with q_proj,
+    o_proj and a head_dim, each with its own head_dim and sliding window."""
+    flops = 0.0
+    for module in model.modules():
+        head_dim = getattr(module, "head_dim", None)
+        if not (hasattr(module, "q_proj") and hasattr(module, "o_proj") and head_dim):
+            continue
+        heads = module.o_proj.in_features // head_dim  # q_proj may yield a gate as well
+        pairs = _causal_pairs(seq, getattr(module, "sliding_window", None))
+        flops += 4 * batch * pairs * heads * head_dim
+    return flops
+
+
 def step_flops(shape, mode: str, rank: int, recompute: bool) -> dict:
     """The step's matmul FLOPs by part (see the module docstring)."""
     model, config = _meta_model(shape)
-    text = config.get_text_config()
     tokens = shape.batch * shape.seq
     decoder, head, linears = _per_token_products(model, config)
     targets = set(shape.lora_modules)
     lora = sum(rank * (i + o) for name, i, o in linears if name.rsplit(".", 1)[-1] in targets)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    attention = 4 * shape.batch * shape.seq**2 * text.num_attention_heads * head_dim / 2
-    attention *= text.num_hidden_layers
+    attention = _attention_forward(model, shape.batch, shape.seq)
     forward = 2 * tokens * decoder
     weight_backward = 2 if mode == "full" else 1  # dX, and dW where the weights train
     parts = {

@@ -175,3 +175,30 @@ def test_step_flops_counts_the_shape_s_weights(tmp_path):
     results.write_text(json.dumps({"records": [{**record, "system": "unsloth"}]}))
     assert step_flops.measured_rates(results, "llama-3.1-8b", "lora") == {"unsloth": 1000.0}
     assert step_flops.main(["--shape", "llama-3.1-8b", "--results", str(results)]) == 0
+
+
+def test_step_flops_counts_attention_layer_by_layer():
+    """Softmax attention only where a layer has it, at its own head_dim and window: Qwen3.5-9B's
+    8 full-attention layers of 32 (the other 24 are linear attention), and Gemma-4 4B's sliding
+    layers over their window's pairs, its full ones over the whole causal triangle."""
+    step_flops = _load("step_flops")
+    qwen = step_flops.get_shape("qwen3.5-9b")
+    S, B = qwen.seq, qwen.batch
+    triangle = S * (S + 1) // 2
+    per_layer = 4 * B * triangle * 16 * 256  # 16 query heads of 256 (q_proj also yields a gate)
+    assert step_flops._attention_forward(step_flops._meta_model(qwen)[0], B, S) == 8 * per_layer
+    assert step_flops._causal_pairs(10, None) == step_flops._causal_pairs(10, 10) == 55
+    assert step_flops._causal_pairs(10, 4) == 10 + 6 * 4  # 1+2+3+4, then 4 per position
+    gemma = step_flops.get_shape("gemma4-4b")
+    model, config = step_flops._meta_model(gemma)
+    text = config.get_text_config()
+    window = step_flops._causal_pairs(gemma.seq, text.sliding_window)
+    expected = sum(
+        4 * gemma.batch * (window if kind == "sliding_attention" else triangle) * heads * dim
+        for kind, heads, dim in (
+            (layer.self_attn.layer_type, text.num_attention_heads, layer.self_attn.head_dim)
+            for layer in model.model.layers
+        )
+    )
+    assert text.sliding_window < gemma.seq and "full_attention" in text.layer_types
+    assert step_flops._attention_forward(model, gemma.batch, gemma.seq) == expected

@@ -37,6 +37,10 @@ from fastlm.kernels.gated_delta_dqkwg import gated_delta_dqkwg
 SUPPORTED_FLA = "0.5.2"  # the fla whose backward orchestration the Function repeats
 CHUNK = 64  # fla's default chunk size, the one its forward saved A for
 
+# The packed sequences' keywords of fla's chunked kernels: the bounds, and the (sequence, chunk)
+# pair of every chunk that prepare_chunk_indices derives from them once per call.
+_VARLEN = ("cu_seqlens", "chunk_indices")
+
 # The fla functions the Function calls, with the keywords it passes them.
 _FLA_CALLS = {
     "fla.modules.l2norm": {"l2norm_fwd": ["x"], "l2norm_bwd": ["y", "rstd", "dy"]},
@@ -51,11 +55,12 @@ _FLA_CALLS = {
             "initial_state",
             "output_final_state",
             "chunk_size",
+            *_VARLEN,
         ],
     },  # fmt: skip
     "fla.ops.gated_delta_rule.wy_fast": {
-        "recompute_w_u_fwd": ["k", "v", "beta", "A", "g"],
-        "prepare_wy_repr_bwd": ["k", "v", "beta", "A", "dw", "du", "g"],
+        "recompute_w_u_fwd": ["k", "v", "beta", "A", "g", *_VARLEN],
+        "prepare_wy_repr_bwd": ["k", "v", "beta", "A", "dw", "du", "g", *_VARLEN],
     },
     "fla.ops.common.chunk_delta_h": {
         "chunk_gated_delta_rule_fwd_h": [
@@ -66,6 +71,7 @@ _FLA_CALLS = {
             "initial_state",
             "output_final_state",
             "chunk_size",
+            *_VARLEN,
         ],
         "chunk_gated_delta_rule_bwd_dhu": [
             "q",
@@ -78,12 +84,14 @@ _FLA_CALLS = {
             "dv",
             "scale",
             "chunk_size",
+            *_VARLEN,
         ],
     },  # fmt: skip
     "fla.ops.common.chunk_o": {
-        "chunk_bwd_dv_local": ["q", "k", "g", "do", "scale", "chunk_size"],
+        "chunk_bwd_dv_local": ["q", "k", "g", "do", "scale", "chunk_size", *_VARLEN],
     },
-    "fla.ops.utils": {"chunk_local_cumsum": ["g", "chunk_size", "reverse"]},
+    "fla.ops.utils": {"chunk_local_cumsum": ["g", "chunk_size", "reverse", *_VARLEN]},
+    "fla.ops.utils.index": {"prepare_chunk_indices": ["cu_seqlens", "chunk_size"]},
 }
 
 
@@ -119,37 +127,39 @@ def _fla() -> SimpleNamespace:
 class _HopperGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, q, k, v, g, beta, scale, output_final_state, use_qk_l2norm):
+    def forward(ctx, q, k, v, g, beta, scale, output_final_state, use_qk_l2norm, cu_seqlens):
         fla = _fla()
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype)
         with _device(q):
+            varlen = _varlen(fla, cu_seqlens)
             q_rstd = k_rstd = None
             if use_qk_l2norm:
                 q, q_rstd = fla.l2norm_fwd(q)
                 k, k_rstd = fla.l2norm_fwd(k)
             g, o, A, final_state, _, _ = fla.chunk_gated_delta_rule_fwd(
                 q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None,
-                output_final_state=output_final_state, chunk_size=CHUNK,
+                output_final_state=output_final_state, chunk_size=CHUNK, **varlen,
             )  # fmt: skip
-        ctx.save_for_backward(q, q_rstd, k, k_rstd, v, g, beta, A)
-        ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
+        ctx.save_for_backward(q, q_rstd, k, k_rstd, v, g, beta, A, *varlen.values())
+        ctx.scale, ctx.use_qk_l2norm, ctx.varlen = scale, use_qk_l2norm, tuple(varlen)
         return o.to(q.dtype), final_state
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, do, d_final):
         fla = _fla()
-        q, q_rstd, k, k_rstd, v, g, beta, A = ctx.saved_tensors
+        q, q_rstd, k, k_rstd, v, g, beta, A, *bounds = ctx.saved_tensors
+        varlen = dict(zip(ctx.varlen, bounds))
         do = do.contiguous()
         d_final = d_final.contiguous() if d_final is not None else None
         with _device(q):
-            dq, dk, dv, db, dg = _backward(fla, q, k, v, g, beta, A, ctx.scale, do, d_final)
+            dq, dk, dv, db, dg = _backward(fla, q, k, v, g, beta, A, ctx.scale, do, d_final, varlen)
             if ctx.use_qk_l2norm:
                 dq = fla.l2norm_bwd(q, q_rstd, dq)
                 dk = fla.l2norm_bwd(k, k_rstd, dk)
         grads = (dq, dk, dv, dg, db)
-        return (*(x.to(dtype) for x, dtype in zip(grads, ctx.dtypes)), None, None, None)
+        return (*(x.to(dtype) for x, dtype in zip(grads, ctx.dtypes)), None, None, None, None)
 
 
 def _device(tensor: torch.Tensor):
@@ -158,21 +168,37 @@ def _device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _backward(fla, q, k, v, g, beta, A, scale, do, d_final):
-    """fla 0.5.2's chunk_gated_delta_rule_bwd without initial state or cu_seqlens, with fastlm's
-    dqkwg. g: the chunk-local cumsum (base 2) the forward saved. Returns dq, dk, dv, dβ, dg for
-    the (normalised) q, k and the raw gate."""
-    w, u = fla.recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g)
+def _varlen(fla, cu_seqlens: torch.Tensor | None) -> dict:
+    """The packed sequences' keywords for fla's kernels ({} for a padded batch)."""
+    if cu_seqlens is None:
+        return {}
+    cu_seqlens = cu_seqlens.to(torch.long)
+    chunk_indices = fla.prepare_chunk_indices(cu_seqlens, CHUNK)
+    return {"cu_seqlens": cu_seqlens, "chunk_indices": chunk_indices}
+
+
+def _backward(fla, q, k, v, g, beta, A, scale, do, d_final, varlen):
+    """fla 0.5.2's chunk_gated_delta_rule_bwd without initial state, with fastlm's dqkwg.
+    g: the chunk-local cumsum (base 2) the forward saved; varlen: ``_varlen``'s keywords.
+    Returns dq, dk, dv, dβ, dg for the (normalised) q, k and the raw gate."""
+    w, u = fla.recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=g, **varlen)
     h, v_new, _ = fla.chunk_gated_delta_rule_fwd_h(
-        k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False, chunk_size=CHUNK
-    )
-    dv = fla.chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=CHUNK)
+        k=k, w=w, u=u, g=g, initial_state=None, output_final_state=False, chunk_size=CHUNK,
+        **varlen,
+    )  # fmt: skip
+    dv = fla.chunk_bwd_dv_local(q=q, k=k, g=g, do=do, scale=scale, chunk_size=CHUNK, **varlen)
     dh, _, dv = fla.chunk_gated_delta_rule_bwd_dhu(
-        q=q, k=k, w=w, g=g, h0=None, dht=d_final, do=do, dv=dv, scale=scale, chunk_size=CHUNK
+        q=q, k=k, w=w, g=g, h0=None, dht=d_final, do=do, dv=dv, scale=scale, chunk_size=CHUNK,
+        **varlen,
+    )  # fmt: skip
+    dq, dk, dw, dg = gated_delta_dqkwg(
+        q, k, v_new, g, h, dv, do, dh, scale, cu_seqlens=varlen.get("cu_seqlens"),
+        chunk_size=CHUNK,
+    )  # fmt: skip
+    dk_wy, dv, db, dg_wy = fla.prepare_wy_repr_bwd(
+        k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=g, **varlen
     )
-    dq, dk, dw, dg = gated_delta_dqkwg(q, k, v_new, g, h, dv, do, dh, scale, chunk_size=CHUNK)
-    dk_wy, dv, db, dg_wy = fla.prepare_wy_repr_bwd(k=k, v=v, beta=beta, A=A, dw=dw, du=dv, g=g)
-    dg = fla.chunk_local_cumsum(dg + dg_wy, chunk_size=CHUNK, reverse=True)
+    dg = fla.chunk_local_cumsum(dg + dg_wy, chunk_size=CHUNK, reverse=True, **varlen)
     return dq, dk + dk_wy, dv, db, dg
 
 
@@ -185,9 +211,12 @@ def chunk_gated_delta_rule_hopper(
     scale: float | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fla's ``chunk_gated_delta_rule`` (same arguments and results, CUDA) whose backward is
-    right on Hopper with Triton < 3.7.1. q, k (B, T, H, K); v (B, T, HV, V); g, β (B, T, HV).
+    right on Hopper with Triton < 3.7.1. q, k (B, T, H, K); v (B, T, HV, V); g, β (B, T, HV);
+    ``cu_seqlens`` (N + 1,): N sequences packed end to end in a batch of one (the final state is
+    then one per sequence).
 
     Usage: ``o, state = chunk_gated_delta_rule_hopper(q, k, v, g=g, beta=beta)``.
     """
@@ -197,7 +226,9 @@ def chunk_gated_delta_rule_hopper(
             f"beta {tuple(beta.shape)}: want q, k (B, T, H, K), v (B, T, HV, V), g, beta "
             "(B, T, HV) with HV a multiple of H"
         )
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs sequences in a batch of one, not {q.shape[0]}")
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
     return _HopperGatedDeltaRule.apply(
-        q, k, v, g, beta, scale, output_final_state, use_qk_l2norm_in_kernel
+        q, k, v, g, beta, scale, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens
     )

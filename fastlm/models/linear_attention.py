@@ -26,9 +26,12 @@ Which ops mix the tokens (conv, delta rule, gated norm), decided per call (``Lin
 - otherwise (no fla, decoding): the functions transformers picked for the model (its torch
   fallback, or fla / causal_conv1d where it found them).
 
-Packed sequences in one row (training: no earlier state) run through the chosen functions one
-sequence at a time, so that the conv's left context and the delta rule's state restart with
-each, as when it runs alone; ``fused_report`` says so (``ONE_AT_A_TIME``). The bounds come from
+Packed sequences in one row (training: no earlier state) restart the conv's left context and the
+delta rule's state with each sequence, as when it runs alone. On fla's kernels that is one call
+with the sequences' bounds (``cu_seqlens``, which fla's conv and chunked rule take, and the
+Hopper rule passes on: ``PACKED_IN_ONE_CALL``); through transformers' functions, which have no
+such argument, it is one call per sequence (``ONE_AT_A_TIME``); ``fused_report`` says which.
+The bounds come from
 the caller's cu_seq_lens keywords (position_ids become those: transformers' decoder layer hands
 these layers no position_ids).
 """
@@ -179,12 +182,16 @@ def gated_deltanet_forward(
         kwargs = {k: v for k, v in kwargs.items() if k not in _BOUND_KEYWORDS}
     path = _choose(x, None if bounds else cache_params, self.layer_idx, kwargs)
     if bounds is not None:
-        path = path._replace(reason="; ".join(filter(None, (path.reason, ONE_AT_A_TIME))))
+        packed = PACKED_IN_ONE_CALL if path.implementation == FLA else ONE_AT_A_TIME
+        path = path._replace(reason="; ".join(filter(None, (path.reason, packed))))
     paths[self] = path
     mix = _fla_mix if path.implementation == FLA else _transformers_mix
     functions = _reference_functions(modeling) if path.implementation == REFERENCE else modeling
     if bounds is None:
         core = mix(self, functions, mixed, z, g, beta, cache_params, kwargs)  # (B, S, Hv·Dv)
+    elif path.implementation == FLA:  # fla's conv and rule restart at each sequence's start
+        cu_seqlens = torch.tensor(bounds, dtype=torch.long, device=x.device)
+        core = _fla_mix(self, functions, mixed, z, g, beta, None, kwargs, cu_seqlens)
     else:  # the conv's left context and the delta rule's state restart with each sequence
         pieces = (slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
         core = torch.cat(
@@ -198,6 +205,7 @@ def gated_deltanet_forward(
 # layers as cu_seq_lens: patch._bounds_as_keywords).
 _BOUND_KEYWORDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 ONE_AT_A_TIME = "packed sequences, one at a time (the cache, if any, gets no state)"
+PACKED_IN_ONE_CALL = "packed sequences, in one call by their bounds (the cache gets no state)"
 
 
 def _packed_bounds(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) -> list[int] | None:
@@ -336,9 +344,11 @@ def _transformers_mix(self, functions, mixed, z, g, beta, cache, kwargs):
     return core.reshape(batch, seq, -1)
 
 
-def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
+def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs, cu_seqlens=None):
     """Conv, chunked delta rule and gated norm through flash-linear-attention's Triton kernels
-    (no earlier state: training or a prefill); the cache, if any, gets its states."""
+    (no earlier state: training or a prefill); the cache, if any, gets its states. With
+    ``cu_seqlens`` (a batch of one, no cache): the packed sequences' bounds, where the conv's
+    left context and the rule's state restart."""
     from fla.modules.conv import causal_conv1d  # lazy: optional dependency (CUDA only)
     from fla.modules.fused_norm_gate import rms_norm_gated  # lazy: as above
 
@@ -348,7 +358,9 @@ def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
             mixed.transpose(1, 2), self.layer_idx, conv_kernel_size=self.conv_kernel_size
         )
     weight = self.conv1d.weight.squeeze(1)  # (D, W); fla takes x as (B, S, D)
-    mixed, _ = causal_conv1d(mixed, weight, self.conv1d.bias, activation=self.activation)
+    mixed, _ = causal_conv1d(
+        mixed, weight, self.conv1d.bias, activation=self.activation, cu_seqlens=cu_seqlens
+    )
     query, key, value = _split_heads(self, mixed, batch, seq)
     core, state = _fla_delta_rule(mixed.device)(
         query,
@@ -358,6 +370,7 @@ def _fla_mix(self, functions, mixed, z, g, beta, cache, kwargs):
         beta=beta,
         output_final_state=cache is not None,
         use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu_seqlens,
     )
     if cache is not None:
         cache.update_recurrent_state(state, self.layer_idx)

@@ -244,6 +244,52 @@ def test_hopper_function_matches_transformers_on_the_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla's Triton kernels)")
+def test_hopper_function_takes_packed_sequences_as_separate_runs():
+    """Three sequences packed in one row with cu_seqlens (lengths 70, 1 and 129: a chunk's
+    boundary inside each long one) against the same function on each sequence alone: output,
+    the final state per sequence, and the gradients of q, k, v, g and β."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    from fastlm.kernels.gated_delta_rule import chunk_gated_delta_rule_hopper
+
+    bounds = [0, 70, 71, 200]
+    gen = torch.Generator("cuda").manual_seed(1)
+    seq, heads, value_heads, dim = bounds[-1], 2, 4, 64
+    q, k = (torch.randn(1, seq, heads, dim, device="cuda", generator=gen) for _ in range(2))
+    v = torch.randn(1, seq, value_heads, dim, device="cuda", generator=gen)
+    gate = -torch.rand(1, seq, value_heads, device="cuda", generator=gen) * 0.3
+    beta = torch.rand(1, seq, value_heads, device="cuda", generator=gen)
+    do = torch.randn(1, seq, value_heads, dim, device="cuda", generator=gen)
+    d_final = torch.randn(len(bounds) - 1, value_heads, dim, dim, device="cuda", generator=gen)
+
+    def run(packed: bool):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gate, beta)]
+        if packed:
+            cu_seqlens = torch.tensor(bounds, device="cuda")
+            out, state = chunk_gated_delta_rule_hopper(
+                *leaves[:3], g=leaves[3], beta=leaves[4], output_final_state=True,
+                cu_seqlens=cu_seqlens,
+            )  # fmt: skip
+        else:
+            pieces = [
+                chunk_gated_delta_rule_hopper(
+                    *(x[:, a:b] for x in leaves[:3]),
+                    g=leaves[3][:, a:b],
+                    beta=leaves[4][:, a:b],
+                    output_final_state=True,
+                )  # fmt: skip
+                for a, b in zip(bounds, bounds[1:])
+            ]
+            out, state = torch.cat([o for o, _ in pieces], 1), torch.cat([s for _, s in pieces])
+        ((out * do).sum() + (state * d_final).sum()).backward()
+        return [out, state, *(x.grad for x in leaves)]
+
+    names = ["o", "state", "dq", "dk", "dv", "dg", "dbeta"]
+    errors = {n: _max_relative(a, e) for n, a, e in zip(names, run(True), run(False))}
+    assert max(errors.values()) < 1e-4, errors  # the same kernels, chunks and TF32 roundings
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fla's Triton kernels)")
 def test_on_this_gpu_fla_trains_or_the_hopper_rule_does():
     """fla trains here, or refuses only the kernel fastlm replaces and the Hopper rule trains."""
     pytest.importorskip("fla", reason="flash-linear-attention is not installed")

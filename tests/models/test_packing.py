@@ -17,7 +17,7 @@ from transformers import DataCollatorWithFlattening
 from transformers.masking_utils import find_packed_sequence_indices
 
 from fastlm.models import attention, fused_report, spec_for
-from fastlm.models.linear_attention import ONE_AT_A_TIME
+from fastlm.models.linear_attention import FLA, ONE_AT_A_TIME, PACKED_IN_ONE_CALL
 from fastlm.models.packing import Packing, chunks_of, packed_sequences, positions_in_sequences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,8 +80,9 @@ def _per_sequence_reference(model, sequences, **options):
 
 def _attention_rows(model) -> list[dict]:
     """fused_report's attention rows of the attention layers (not linear-attention layers, which
-    take packed sequences one at a time)."""
-    return [row for row in fused_report(model).attention if ONE_AT_A_TIME not in row["reason"]]
+    take packed sequences by their own rule)."""
+    linear = (ONE_AT_A_TIME, PACKED_IN_ONE_CALL)
+    return [r for r in fused_report(model).attention if not any(m in r["reason"] for m in linear)]
 
 
 def _source(model, signal: str) -> str:
@@ -146,8 +147,9 @@ def test_packed_moe_batches_match_each_sequence_alone(tmp_path, family, signal, 
 
 @pytest.mark.usefixtures("kernel_on_cpu")
 def test_qwen3_5_full_attention_runs_packed(tmp_path, device):
-    """Its full-attention layer takes the packed kernel; its linear-attention layers take one
-    sequence at a time, and fused_report says so."""
+    """Its full-attention layer takes the packed kernel; its linear-attention layers take the
+    sequences in one call by their bounds on fla's kernels (CUDA), else one at a time, and
+    fused_report says so."""
     _, fast = _pair(tmp_path, "qwen3_5_text", checkpointing=False, device=device)
     fast.set_attn_implementation("eager")
     fast(**_on(fast, _packed_batch(_sequences(), "position_ids")))
@@ -155,7 +157,9 @@ def test_qwen3_5_full_attention_runs_packed(tmp_path, device):
     full = [row["attention"] for row in rows if row["kv"] == "k_proj, v_proj"]
     assert full == [attention.FLASH_VARLEN]
     linear = [row for row in rows if row["kv"] != "k_proj, v_proj"]
-    assert linear and all(ONE_AT_A_TIME in row["reason"] for row in linear), linear
+    packed = {row["attention"]: PACKED_IN_ONE_CALL if row["attention"] == FLA else ONE_AT_A_TIME
+              for row in linear}  # fmt: skip
+    assert linear and all(packed[row["attention"]] in row["reason"] for row in linear), linear
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")

@@ -18,6 +18,7 @@ long-context   longest 8B QLoRA step (batch 1) by bisection: hf and fastlm
 attention      soft-capped flash attention vs eager and SDPA, Gemma-2 head shapes
 embeddings     InfoNCE LoRA on Qwen3-Embedding shapes: hf, fastlm, sentence-transformers
 exact-at-scale fastlm bf16 and HF bf16 LoRA gradients vs HF fp32, four families at full size
+exact-at-scale-new  the same for Gemma-4 4B and Qwen3.5-9B (site-newer)
 flash-tiles    flash-attention launch shapes, one kernel at a time (Gemma-2 head_dim 256)
 offload        weight streaming: 8B exactness and cost, 32B shape under an 8 GiB cap
 multi-gpu      DDP and FSDP2 on 2 GPUs, 8B shape, LoRA and QLoRA (needs 2 GPUs)
@@ -60,7 +61,7 @@ if [ -f .gpu/site.tgz ]; then
 else
   export PYTHONPATH=$PWD
 fi
-newer=$(case $group in new-families | issue17 | issue18 | moe-streaming) echo 1 ;; esac)
+newer=$(case $group in new-families | issue17 | issue18 | moe-streaming | exact-at-scale-new) echo 1 ;; esac)
 if [ -n "$newer" ] && [ -f .gpu/site-newer.tgz ]; then  # transformers 5.23, fla
   mkdir -p /tmp/site-newer && tar xzf .gpu/site-newer.tgz -C /tmp/site-newer
   export PYTHONPATH=/tmp/site-newer:$PYTHONPATH
@@ -89,6 +90,11 @@ case $group in
       --systems hf,fastlm,st --child-timeout 240 --out "$out" ;;
   exact-at-scale)
     for shape in llama-3.1-8b mistral-7b qwen3-4b gemma2-2b; do
+      python benchmarks/exactness_at_scale.py --shape $shape --seq 1024 \
+        --out "$out/exact-$shape.json"
+    done ;;
+  exact-at-scale-new)
+    for shape in gemma4-4b qwen3.5-9b; do
       python benchmarks/exactness_at_scale.py --shape $shape --seq 1024 \
         --out "$out/exact-$shape.json"
     done ;;

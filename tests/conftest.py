@@ -32,6 +32,57 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_bf16_like_the_gpu():
+    """Triton's CPU interpreter (3.9) gets bf16 wrong twice: it casts fp32 to bf16 by truncation
+    where a GPU rounds to nearest even (half of its casts differ, with twice the error), and its
+    ``tl.dot`` multiplies bf16 operands' bit patterns as integers (garbage). For the whole session
+    the interpreter's fp32 -> bf16 casts (stores into bf16, ``.to(tl.bfloat16)``) round as the
+    GPU's, and its dots read bf16 operands as the numbers they are (exactly, in fp32), so that a
+    kernel's bf16 results on the CPU are the GPU's up to summation order and its bf16 accuracy can
+    be judged here (tests/kernels/test_interpreter_bf16.py checks both)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import numpy as np  # lazy: the interpreter's arrays
+    import triton.language as tl  # lazy: after TRITON_INTERPRET is set
+    from triton.runtime import interpreter  # lazy: as above
+
+    builder = interpreter.InterpreterBuilder
+    names = ("cast_impl", "create_fp_to_fp", "create_dot")
+    originals = {name: getattr(builder, name) for name in names}
+
+    def to_bf16(src):  # torch's cast rounds to nearest even, as the GPU's does
+        data = np.array(src.data, dtype=np.float32)  # a copy, 0-d kept 0-d
+        bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return interpreter.TensorHandle(bits.reshape(data.shape), tl.bfloat16)
+
+    def to_fp32(handle):  # bf16 bits -> the fp32 numbers they are (exact)
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        bits = np.array(handle.data, dtype=np.uint16).astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def rounded(name):
+        def cast(self, src, dst_type, *rest):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                return to_bf16(src)
+            return originals[name](self, src, dst_type, *rest)
+
+        return cast
+
+    def dot(self, a, b, *rest):
+        return originals["create_dot"](self, to_fp32(a), to_fp32(b), *rest)
+
+    patches = {"cast_impl": rounded("cast_impl"), "create_fp_to_fp": rounded("create_fp_to_fp"),
+               "create_dot": dot}  # fmt: skip
+    for name, patch in patches.items():
+        setattr(builder, name, patch)
+    yield
+    for name, original in originals.items():
+        setattr(builder, name, original)
+
+
 @pytest.fixture
 def kernel_on_cpu(monkeypatch) -> list:
     """fastlm's flash kernel on CPU tensors too (Triton's interpreter, on a host without a GPU)
@@ -44,6 +95,22 @@ def kernel_on_cpu(monkeypatch) -> list:
     monkeypatch.setattr(attention, "use_triton", lambda t: True)
     monkeypatch.setattr(fa, "use_triton", lambda t: True)
     return kernel_launches(monkeypatch)
+
+
+@pytest.fixture
+def every_kernel_on_cpu(kernel_on_cpu, monkeypatch) -> list:
+    """``kernel_on_cpu`` for every fastlm kernel (norms, RoPE, activations, the loss...): each
+    module that dispatches with ``_dispatch.use_triton`` takes its Triton path on CPU tensors,
+    as on a GPU. Returns the flash launches' list."""
+    import sys
+
+    from fastlm.kernels import _dispatch  # lazy: only the tests that ask
+
+    for module in list(sys.modules.values()):
+        dispatches = getattr(module, "use_triton", None) is _dispatch.use_triton
+        if getattr(module, "__name__", "").startswith("fastlm.") and dispatches:
+            monkeypatch.setattr(module, "use_triton", lambda t: True)
+    return kernel_on_cpu
 
 
 def kernel_launches(monkeypatch) -> list:

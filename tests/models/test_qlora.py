@@ -170,12 +170,18 @@ def test_gpu_qlora_fp32_matches_hf(tmp_path, model_type, checkpointing):
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_gpu_qlora_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type):
     """bf16 QLoRA (NF4 base, bf16 compute, fp32 adapters, autocast) vs the fp32-compute NF4
-    model over 16 batches: fastlm's mean error (loss; all LoRA gradients together) is at most
-    1.25× that of HF + PEFT + bitsandbytes in bf16 (+1e-3), as for 16-bit LoRA."""
+    model over 64 batches: fastlm's mean error (loss; all LoRA gradients together) is at most
+    1.25× that of HF + PEFT + bitsandbytes in bf16 (+1e-3), as for 16-bit LoRA. 64, not 16: on
+    the tiny NF4 Gemma 2 a few batches carry most of both errors (per batch 0.04-0.37 for HF),
+    and on the CPU (autocast, the format's NF4) the ratio of the means over consecutive 16-batch
+    windows was 1.26, 0.97, 0.58 and 0.98 for the same code -- 0.92 over all 64, fastlm the
+    closer in 33 of them; an H200 run's 16 batches gave 1.45 (2026-12-06)."""
     truth_model, _ = _qlora_pair(tmp_path / "fp32", model_type, True, device="cuda")
     hf16, fast16 = _qlora_pair(
         tmp_path / "bf16", model_type, True, device="cuda", dtype=torch.bfloat16
     )
     for model in (hf16, fast16):
         copy_lora(truth_model, model)
-    _assert_bf16_as_close_to_fp32_as_hf(truth_model, hf16, fast16, "cuda", f"{model_type} QLoRA")
+    _assert_bf16_as_close_to_fp32_as_hf(
+        truth_model, hf16, fast16, "cuda", f"{model_type} QLoRA", batches=64
+    )

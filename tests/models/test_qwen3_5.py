@@ -272,6 +272,23 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
     assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device, QWEN3_5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's bf16 check runs the kernels")
+def test_bf16_kernels_on_the_cpu_are_as_close_to_fp32_as_hf(tmp_path, every_kernel_on_cpu):
+    """The bf16 check with every fastlm kernel in Triton's interpreter, its bf16 made the GPU's
+    (tests/conftest.py): the full-attention layer's flash kernel (eager's place), partial RoPE,
+    the norms and the loss; the linear-attention layers' mixing is transformers' (fla runs on
+    CUDA only)."""
+
+    def pair(folder, dtype):
+        models = _pair(folder, True, device="cpu", dtype=dtype)
+        for model in models:
+            model.set_attn_implementation("eager")
+        return models
+
+    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, "cpu", QWEN3_5)
+    assert every_kernel_on_cpu  # the flash kernel ran
+
+
 def test_a_refusing_fla_sends_the_layers_to_the_pytorch_functions(tmp_path, monkeypatch):
     """fla installed but refusing the device (fla 0.5.2 refuses Hopper with Triton 3.4–3.7.0):
     transformers' PyTorch functions run, as on the CPU, with fla's reason in fused_report. The

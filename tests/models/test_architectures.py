@@ -242,19 +242,29 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, model_type, device):
 def test_bf16_kernels_on_the_cpu_are_as_close_to_fp32_as_hf(
     tmp_path, model_type, every_kernel_on_cpu
 ):
-    """The bf16 check with every fastlm kernel in Triton's interpreter (eager attention, whose
-    place the flash kernel takes; soft-capped for Gemma 2), its bf16 made the GPU's
-    (tests/conftest.py): the kernels' own bf16 numerics, judged on the CPU. (Measured: fastlm's
-    gradient error 0.73-0.96x HF's over the seven families.)"""
+    """The bf16 check with every fastlm kernel in Triton's interpreter (Gemma 2's soft-capped
+    flash attention included). (Measured: fastlm's gradient error 0.73-0.96x HF's over the seven
+    families.)"""
 
     def pair(folder, dtype):
-        models = _pair(folder, model_type, True, device="cpu", dtype=dtype)
+        return _pair(folder, model_type, True, device="cpu", dtype=dtype)
+
+    assert_bf16_kernels_as_close_to_fp32_as_hf(tmp_path, pair, model_type, every_kernel_on_cpu)
+
+
+def assert_bf16_kernels_as_close_to_fp32_as_hf(tmp_path, pair, label: str, launches: list) -> None:
+    """The bf16 check on the CPU with the kernels in the interpreter (``every_kernel_on_cpu``,
+    whose list is ``launches``), its bf16 made the GPU's (tests/conftest.py): the kernels' own
+    bf16 numerics. Eager attention on both sides, whose place fastlm's flash kernel takes."""
+
+    def eager_pair(folder, dtype):
+        models = pair(folder, dtype)
         for model in models:
             model.set_attn_implementation("eager")
         return models
 
-    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, "cpu", model_type)
-    assert every_kernel_on_cpu  # the flash kernel ran
+    assert_bf16_as_close_to_fp32_as_hf(tmp_path, eager_pair, "cpu", label)
+    assert launches  # the flash kernel ran
 
 
 def assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, device: str, label: str) -> None:

@@ -22,6 +22,7 @@ from test_architectures import (  # noqa: E402 (after the skip)
     _assert_same_loss_curve,
     _pair,
     assert_bf16_as_close_to_fp32_as_hf,
+    assert_bf16_kernels_as_close_to_fp32_as_hf,
 )
 from tiny_models import relative_error, save_tiny_model, tiny_batch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -243,15 +244,9 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's bf16 check runs the kernels")
 def test_bf16_kernels_on_the_cpu_are_as_close_to_fp32_as_hf(tmp_path, every_kernel_on_cpu):
-    """The bf16 check with every fastlm kernel in Triton's interpreter (eager attention, whose
-    place the flash kernel takes), its bf16 casts rounded as a GPU's (tests/conftest.py): the
-    kernels' own bf16 numerics, judged on the CPU."""
+    """The bf16 check with every fastlm kernel in Triton's interpreter (test_architectures')."""
 
     def pair(folder, dtype):
-        models = _pair(folder, GEMMA4, True, device="cpu", dtype=dtype)
-        for model in models:
-            model.set_attn_implementation("eager")
-        return models
+        return _pair(folder, GEMMA4, True, device="cpu", dtype=dtype)
 
-    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, "cpu", GEMMA4)
-    assert every_kernel_on_cpu  # the flash kernel ran
+    assert_bf16_kernels_as_close_to_fp32_as_hf(tmp_path, pair, GEMMA4, every_kernel_on_cpu)

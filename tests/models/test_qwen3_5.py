@@ -22,6 +22,7 @@ from test_architectures import (  # noqa: E402 (after the skip)
     _assert_same_loss_curve,
     _loss_and_lora_grads,
     assert_bf16_as_close_to_fp32_as_hf,  # noqa: E402
+    assert_bf16_kernels_as_close_to_fp32_as_hf,
 )
 from test_architectures import _pair as _architectures_pair  # noqa: E402
 from tiny_models import (  # noqa: E402
@@ -274,19 +275,14 @@ def test_bf16_is_as_close_to_fp32_as_hf(tmp_path, device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU's bf16 check runs the kernels")
 def test_bf16_kernels_on_the_cpu_are_as_close_to_fp32_as_hf(tmp_path, every_kernel_on_cpu):
-    """The bf16 check with every fastlm kernel in Triton's interpreter, its bf16 made the GPU's
-    (tests/conftest.py): the full-attention layer's flash kernel (eager's place), partial RoPE,
-    the norms and the loss; the linear-attention layers' mixing is transformers' (fla runs on
-    CUDA only)."""
+    """The bf16 check with every fastlm kernel in Triton's interpreter (test_architectures'): the
+    full-attention layer's flash kernel, partial RoPE, the norms and the loss; the linear-attention
+    layers' mixing is transformers' (fla runs on CUDA only)."""
 
     def pair(folder, dtype):
-        models = _pair(folder, True, device="cpu", dtype=dtype)
-        for model in models:
-            model.set_attn_implementation("eager")
-        return models
+        return _pair(folder, True, device="cpu", dtype=dtype)
 
-    assert_bf16_as_close_to_fp32_as_hf(tmp_path, pair, "cpu", QWEN3_5)
-    assert every_kernel_on_cpu  # the flash kernel ran
+    assert_bf16_kernels_as_close_to_fp32_as_hf(tmp_path, pair, QWEN3_5, every_kernel_on_cpu)
 
 
 def test_a_refusing_fla_sends_the_layers_to_the_pytorch_functions(tmp_path, monkeypatch):

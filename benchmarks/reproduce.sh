@@ -88,13 +88,10 @@ case $group in
   embeddings)
     python benchmarks/embedding_bench.py --shapes qwen3-embedding-0.6b,qwen3-embedding-4b \
       --systems hf,fastlm,st --child-timeout 240 --out "$out" ;;
-  exact-at-scale)
-    for shape in llama-3.1-8b mistral-7b qwen3-4b gemma2-2b; do
-      python benchmarks/exactness_at_scale.py --shape $shape --seq 1024 \
-        --out "$out/exact-$shape.json"
-    done ;;
-  exact-at-scale-new)
-    for shape in gemma4-4b qwen3.5-9b; do
+  exact-at-scale | exact-at-scale-new)
+    shapes="llama-3.1-8b mistral-7b qwen3-4b gemma2-2b"
+    [ $group = exact-at-scale-new ] && shapes="gemma4-4b qwen3.5-9b"
+    for shape in $shapes; do
       python benchmarks/exactness_at_scale.py --shape $shape --seq 1024 \
         --out "$out/exact-$shape.json"
     done ;;

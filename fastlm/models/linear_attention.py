@@ -48,14 +48,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.autograd import lora_group, lora_linear
 from fastlm.kernels._dispatch import use_triton
 from fastlm.kernels.gated_delta_rule import chunk_gated_delta_rule_hopper
 from fastlm.models.fsdp import gather_linear
 from fastlm.models.lora_layers import linear_weights
-from fastlm.models.packing import packed_sequences
+from fastlm.models.packing import Packing, packed_sequences
 from fastlm.models.spec import LinearAttention
+from fastlm.models.tensor_memo import remembered
 
 FLA = "fla"  # LinearPath.implementation of flash-linear-attention's Triton kernels
 REFERENCE = "torch-reference"  # transformers' PyTorch functions, unwrapped
@@ -177,22 +179,23 @@ def gated_deltanet_forward(
     mixed, z, b, a = _project_inputs(self, x, linear.input_projections)
     beta = b.sigmoid()  # (B, S, Hv)
     g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # fp32: A can overflow
-    bounds = _packed_bounds(kwargs, batch, seq, cache_params, self.layer_idx)
-    if bounds is not None:  # the mixing ops take one sequence at a time, below
+    packing = _packing(kwargs, batch, seq, cache_params, self.layer_idx)
+    if packing is not None:  # the mixing ops take the bounds their own way, below
         kwargs = {k: v for k, v in kwargs.items() if k not in _BOUND_KEYWORDS}
-    path = _choose(x, None if bounds else cache_params, self.layer_idx, kwargs)
-    if bounds is not None:
+    path = _choose(x, None if packing else cache_params, self.layer_idx, kwargs)
+    if packing is not None:
         packed = PACKED_IN_ONE_CALL if path.implementation == FLA else ONE_AT_A_TIME
         path = path._replace(reason="; ".join(filter(None, (path.reason, packed))))
     paths[self] = path
     mix = _fla_mix if path.implementation == FLA else _transformers_mix
     functions = _reference_functions(modeling) if path.implementation == REFERENCE else modeling
-    if bounds is None:
+    if packing is None:
         core = mix(self, functions, mixed, z, g, beta, cache_params, kwargs)  # (B, S, Hv·Dv)
     elif path.implementation == FLA:  # fla's conv and rule restart at each sequence's start
-        cu_seqlens = torch.tensor(bounds, dtype=torch.long, device=x.device)
-        core = _fla_mix(self, functions, mixed, z, g, beta, None, kwargs, cu_seqlens)
+        bounds = _long_bounds(packing.cu_seqlens)
+        core = _fla_mix(self, functions, mixed, z, g, beta, None, kwargs, bounds)
     else:  # the conv's left context and the delta rule's state restart with each sequence
+        bounds = list(packing.offsets) or packing.cu_seqlens.tolist()
         pieces = (slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
         core = torch.cat(
             [mix(self, functions, mixed[:, p], z[:, p], g[:, p], beta[:, p], None, dict(kwargs))
@@ -208,17 +211,26 @@ ONE_AT_A_TIME = "packed sequences, one at a time (the cache, if any, gets no sta
 PACKED_IN_ONE_CALL = "packed sequences, in one call by their bounds (the cache gets no state)"
 
 
-def _packed_bounds(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) -> list[int] | None:
-    """The token offsets of the sequences packed in a one-row batch with no earlier state (a
-    training step, even one that made a cache: the cache then gets no state from this layer,
-    as several sequences leave no one state to continue), else None (then a packed batch keeps
-    transformers' functions, which take its keywords)."""
+def _packing(kwargs: dict, batch: int, seq: int, cache, layer_idx: int) -> Packing | None:
+    """The sequences packed in a one-row batch with no earlier state (a training step, even one
+    that made a cache: the cache then gets no state from this layer, as several sequences leave
+    no one state to continue), else None (then a packed batch keeps transformers' functions,
+    which take its keywords)."""
     if batch != 1 or _earlier_state(cache, layer_idx):
         return None
     packing = packed_sequences(kwargs, batch, seq)
-    if packing is None or packing.problem:
-        return None
-    return list(packing.offsets) or packing.cu_seqlens.tolist()  # read once per batch
+    return None if packing is None or packing.problem else packing
+
+
+def _long_bounds(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The bounds as fla takes them (int64), one tensor for every layer of a forward: fla keeps
+    what it derives from them (its chunk indices) for the same tensor object only."""
+    if cu_seqlens.dtype == torch.long:  # itself: a table entry would keep its own key alive
+        return cu_seqlens
+    return remembered(_LONG_BOUNDS, cu_seqlens, (), lambda: cu_seqlens.to(torch.long))
+
+
+_LONG_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # cu_seqlens -> (version, (), int64)
 
 
 # --------------------------------------------------------------------------- helpers

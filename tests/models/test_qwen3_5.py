@@ -384,3 +384,18 @@ def test_the_hopper_rule_probe_reports_what_stops_it():
     linear_attention._probe_hopper_rule(torch.device("cpu"), outcome)  # no fla, or no GPU
     assert len(outcome) == 1
     assert outcome[0].startswith("fastlm's Hopper delta rule cannot train here: ")
+
+
+def test_fla_gets_one_int64_bounds_tensor_per_batch():
+    """Every linear-attention layer of a forward hands fla the same int64 bounds tensor (fla
+    keeps its chunk indices for that object only); content written in place is cast anew."""
+    from fastlm.models.linear_attention import _long_bounds
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    first = _long_bounds(cu)
+    assert first.dtype == torch.long and first.tolist() == [0, 3, 7]
+    assert _long_bounds(cu) is first
+    cu[2] = 8
+    assert _long_bounds(cu).tolist() == [0, 3, 8]
+    already = torch.tensor([0, 5])
+    assert _long_bounds(already) is already
